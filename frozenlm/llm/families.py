@@ -1,0 +1,58 @@
+"""Language-model families whose transformer layers can be used as frozen visual-encoder blocks.
+
+Each family names transformers' own layer class (never a re-implementation) and how its checkpoints
+lay out the layer stack, keyed by the ``model_type`` of the checkpoint's ``config.json``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch.nn as nn
+from transformers import PretrainedConfig
+
+
+@dataclass(frozen=True)
+class LMFamily:
+    """How to build and address one layer of a language-model family.
+
+    Attributes:
+        layer_class: ``module:ClassName`` of transformers' layer class.
+        container: name of the ``ModuleList`` holding the layers in checkpoint keys
+            (``model.layers.31.mlp...`` -> ``layers``).
+        rotary: the layer takes ``position_embeddings=(cos, sin)``; we pass the identity rotation
+            because the visual tokens carry their own positions.
+    """
+
+    layer_class: str
+    container: str
+    rotary: bool = False
+
+    def build_layer(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
+        module_name, class_name = self.layer_class.split(":")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        return cls(config, layer_idx=layer_idx)
+
+
+_DECODER = "transformers.models.{0}.modeling_{0}:{1}"
+
+FAMILIES: dict[str, LMFamily] = {
+    "llama": LMFamily(_DECODER.format("llama", "LlamaDecoderLayer"), "layers", rotary=True),
+    "mistral": LMFamily(_DECODER.format("mistral", "MistralDecoderLayer"), "layers", rotary=True),
+    "qwen2": LMFamily(_DECODER.format("qwen2", "Qwen2DecoderLayer"), "layers", rotary=True),
+    "opt": LMFamily(_DECODER.format("opt", "OPTDecoderLayer"), "layers"),
+    "gpt2": LMFamily(_DECODER.format("gpt2", "GPT2Block"), "h"),
+    "bert": LMFamily(_DECODER.format("bert", "BertLayer"), "layer"),
+}
+
+
+def get_family(model_type: str) -> LMFamily:
+    """The family for a checkpoint's ``model_type``, or a clear error listing the supported ones."""
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise ValueError(
+            f"Unsupported language-model family model_type={model_type!r} in config.json; "
+            f"supported: {', '.join(sorted(FAMILIES))}."
+        ) from None

@@ -1,0 +1,136 @@
+"""``FrozenLMMixin``: how a task LightningModule owns a frozen LM block, for every modality.
+
+It builds the block from the task's ``llm`` config (``None`` = no block), applies it to a token
+sequence with an optional padding mask (images have none; point groups, agents and lanes do), tells
+the optimizer which parameters train and which get no weight decay, and keeps frozen weights out of
+Lightning checkpoints: by default a checkpoint stores the block's source, layers and a fingerprint,
+and restoring reloads the weights from the source, refusing a different block.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any
+
+import torch
+from timm.optim import param_groups_weight_decay
+from transformers import AutoConfig
+
+from frozenlm.llm.block import FrozenLMBlock, LLMConfig, build_block, build_layers, standalone_config
+
+CHECKPOINT_KEY = "frozen_lm"
+
+# Set while `load_from_checkpoint` restores a self-contained checkpoint: block name -> stored metadata,
+# so the block is built empty (weights come from the checkpoint) instead of read from its source.
+_EMBEDDED_BLOCKS: contextvars.ContextVar[dict[str, dict]] = contextvars.ContextVar("embedded_blocks", default={})
+
+
+class FrozenLMMixin:
+    """Mix into a ``LightningModule`` (before it in the bases) to own frozen LM block(s).
+
+    In ``configure_models``: ``self.llm_block = self.build_llm(llm, in_dim=embed_dim)``; in
+    ``forward``: ``tokens = self.apply_llm(tokens, padding_mask)``; in ``configure_optimizers``:
+    ``self.trainable_parameter_groups(weight_decay)`` (or timm's ``create_optimizer_v2(self, ...)``,
+    which reads :meth:`no_weight_decay`).
+    """
+
+    llm_block: FrozenLMBlock | None = None
+
+    def build_llm(self, llm: LLMConfig | dict | None, in_dim: int, name: str = "llm_block") -> FrozenLMBlock | None:
+        """The block ``llm`` describes (None for none); ``name`` is the attribute it will be stored as."""
+        if llm is None:
+            return None
+        if isinstance(llm, dict):
+            llm = LLMConfig(**llm)
+        embedded = _EMBEDDED_BLOCKS.get().get(name)
+        if embedded is not None:
+            return _empty_block(embedded, llm, in_dim)
+        return build_block(llm, in_dim)
+
+    def apply_llm(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens through the block (unchanged when there is none)."""
+        return tokens if self.llm_block is None else self.llm_block(tokens, padding_mask)
+
+    def frozen_lm_blocks(self) -> dict[str, FrozenLMBlock]:
+        return {name: m for name, m in self.named_modules() if isinstance(m, FrozenLMBlock)}
+
+    # -- optimizer ---------------------------------------------------------------------------
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay that are not 1-d: tokens and position embeddings
+        declared by submodules' own ``no_weight_decay()`` (timm models), with their prefixes."""
+        names: set[str] = set()
+        for prefix, module in self.named_modules():
+            if prefix and module is not self and hasattr(module, "no_weight_decay"):
+                names |= {f"{prefix}.{n}" for n in module.no_weight_decay()}
+        return names
+
+    def trainable_parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Only parameters that require grad (never the frozen block), with no weight decay on norms,
+        biases and tokens."""
+        return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=self.no_weight_decay())
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        checkpoint[CHECKPOINT_KEY] = {}
+        for name, block in self.frozen_lm_blocks().items():
+            if block.layers is None or block.trainable:
+                continue  # nothing frozen: the trained weights are ordinary state
+            if not block.embed_weights:
+                for key in [k for k in state if k.startswith(f"{name}.layers.")]:
+                    del state[key]
+            checkpoint[CHECKPOINT_KEY][name] = {
+                "source": block.source,
+                "revision": block.revision,
+                "layers": block.layer_indices,
+                "init": block.init,
+                "fingerprint": block.fingerprint,
+                "embedded": block.embed_weights,
+                "lm_config": block.lm_config.to_dict(),
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stored = checkpoint.get(CHECKPOINT_KEY, {})
+        state = checkpoint["state_dict"]
+        for name, block in self.frozen_lm_blocks().items():
+            meta = stored.get(name)
+            if meta is None:
+                continue
+            if meta["fingerprint"] != block.fingerprint or meta["layers"] != block.layer_indices:
+                raise ValueError(
+                    f"This checkpoint was trained with the frozen block from {meta['source']!r} layers "
+                    f"{meta['layers']} (init {meta['init']}, fingerprint {meta['fingerprint']}), but the "
+                    f"configured block is {block.source!r} layers {block.layer_indices} (init {block.init}, "
+                    f"fingerprint {block.fingerprint}). Point --model.llm.checkpoint / --model.llm.layers at "
+                    "the weights the run was trained with."
+                )
+            if not meta["embedded"]:
+                # Fill in the frozen weights (identical, by fingerprint) so strict loading still checks the rest.
+                state.update({f"{name}.layers.{k}": v for k, v in block.layers.state_dict().items()})
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's ``load_from_checkpoint``; a self-contained checkpoint (``embed_weights``)
+        restores without reading the LM source."""
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
+        embedded = {name: m for name, m in checkpoint.get(CHECKPOINT_KEY, {}).items() if m["embedded"]}
+        del checkpoint
+        token = _EMBEDDED_BLOCKS.set(embedded)
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        finally:
+            _EMBEDDED_BLOCKS.reset(token)
+
+
+def _empty_block(meta: dict[str, Any], llm: LLMConfig, in_dim: int) -> FrozenLMBlock:
+    """A block of the stored shapes with uninitialised LM weights, to be filled from the checkpoint."""
+    config_dict = dict(meta["lm_config"])
+    config = standalone_config(AutoConfig.for_model(config_dict.pop("model_type"), **config_dict))
+    with torch.device("meta"):
+        layers = build_layers(config, meta["layers"])
+    layers.to_empty(device="cpu").to(getattr(torch, llm.dtype))
+    return FrozenLMBlock(
+        config, in_dim, layers, layer_indices=meta["layers"], post_norm=llm.post_norm,
+        source=meta["source"], revision=meta["revision"], init=meta["init"],
+        weights_fingerprint=meta["fingerprint"], embed_weights=True,
+    )  # fmt: skip

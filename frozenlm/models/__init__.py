@@ -1,0 +1,1 @@
+"""frozenlm.models"""
