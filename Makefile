@@ -31,9 +31,44 @@ test-all: $(BIN)/frozenlm
 
 demo: $(BIN)/frozenlm
 	HF_HUB_OFFLINE=1 $(BIN)/frozenlm fit --config configs/demo.yaml
+	@echo "Next: the paper's setting on CIFAR-100 with a real LLaMA block:"
+	@echo "  $(BIN)/frozenlm fit --config configs/cifar100_deit.yaml --model.llm.checkpoint <LLaMA folder or hub id> --data.root <dir>"
 
 bench: $(BIN)/frozenlm
 	$(BIN)/frozenlm bench
+
+# ---- Paper reproductions (need GPUs and the datasets; not run in CI). -------------------------
+# Point these at your copies; the LLaMA checkpoint may be a local Hugging Face folder or a hub id.
+LLAMA ?= huggyllama/llama-7b
+CIFAR100 ?= data/cifar100
+IMAGENET ?= data/imagenet
+CALTECH256 ?= data/caltech256
+FIT := $(BIN)/frozenlm fit
+RESULTS = @echo "Results: TensorBoard logs and checkpoints under runs/$(1)/ (tensorboard --logdir runs)"
+
+reproduce-cifar100: $(BIN)/frozenlm
+	$(FIT) --config configs/cifar100_deit.yaml --model.llm.checkpoint $(LLAMA) --data.root $(CIFAR100)
+	$(call RESULTS,cifar100_deit)
+
+reproduce-cifar100-baseline: $(BIN)/frozenlm
+	$(FIT) --config configs/cifar100_deit_baseline.yaml --data.root $(CIFAR100)
+	$(call RESULTS,cifar100_deit_baseline)
+
+reproduce-imagenet-vitt reproduce-imagenet-vits reproduce-imagenet-vitb: reproduce-imagenet-vit%: $(BIN)/frozenlm
+	$(FIT) --config configs/imagenet_deit_$(SIZE_$*).yaml --data.root $(IMAGENET)
+	$(call RESULTS,imagenet_deit_$(SIZE_$*))
+
+reproduce-imagenet-vitt-llama reproduce-imagenet-vits-llama reproduce-imagenet-vitb-llama: reproduce-imagenet-vit%-llama: $(BIN)/frozenlm
+	$(FIT) --config configs/imagenet_deit_$(SIZE_$*)_llama.yaml --model.llm.checkpoint $(LLAMA) --data.root $(IMAGENET)
+	$(call RESULTS,imagenet_deit_$(SIZE_$*)_llama)
+
+SIZE_t := tiny
+SIZE_s := small
+SIZE_b := base
+
+reproduce-caltech256: $(BIN)/frozenlm
+	$(FIT) --config configs/caltech256_deit.yaml --model.llm.checkpoint $(LLAMA) --data.root $(CALTECH256)
+	$(call RESULTS,caltech256_deit)
 
 clean:
 	rm -rf $(VENV) lightning_logs runs .pytest_cache *.egg-info

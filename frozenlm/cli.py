@@ -1,2 +1,149 @@
-def main():
-    raise SystemExit("not yet")
+"""The ``frozenlm`` console script: a LightningCLI plus a few analysis commands.
+
+    frozenlm fit --config configs/cifar100_deit.yaml --model.llm.checkpoint PATH_OR_HUB_ID
+    frozenlm validate|test|predict --config ... --ckpt_path ...
+    frozenlm bench --help
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from lightning import LightningDataModule
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+
+from frozenlm.callbacks import PredictionWriter
+from frozenlm.tasks import BaseTask
+
+DESCRIPTION = """Frozen transformer blocks from pretrained language models inside visual encoders.
+
+Trainer commands take YAML configs (class_path/init_args) and dotted overrides, e.g.
+  frozenlm fit --config configs/cifar100_deit.yaml --model.llm.checkpoint PATH --trainer.max_steps 10
+Other commands: `frozenlm bench --help` (frozen-block throughput and memory)."""
+
+# Trainer defaults a config can override: TensorBoard logs, the learning rate per step, checkpoints
+# of the best and the last epoch, and a summary of where they are. (A rich progress bar is added in
+# `instantiate_trainer` unless progress bars are off or a config brings its own.)
+TRAINER_DEFAULTS = {
+    "trainer.logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "frozenlm"},
+    },
+    "trainer.callbacks": [
+        {"class_path": "frozenlm.callbacks.RunSummary"},
+        {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "step"}},
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {
+                "monitor": "val_acc1",
+                "mode": "max",
+                "save_last": True,
+                "filename": "best-epoch{epoch:03d}-acc{val_acc1:.4f}",
+                "auto_insert_metric_name": False,
+            },
+        },
+    ],
+}
+
+
+class FrozenLMCLI(LightningCLI):
+    """LightningCLI with the dataset's class count linked into the model, a predictions writer, and
+    deliberate resumption (see :meth:`_parse_ckpt_path`)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.set_defaults(TRAINER_DEFAULTS)
+
+    def instantiate_trainer(self, **kwargs):
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = list(kwargs.pop("callbacks", None) or config.get("callbacks") or [])
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(RichProgressBar())
+        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last`` and re-apply the checkpoint's hyper-parameters, deliberately.
+
+        ``last`` means the newest ``last.ckpt`` of this config's logger (save_dir/name/version_*), and
+        the resumed run keeps logging into that version. Lightning then re-applies the model
+        hyper-parameters stored in the checkpoint over the config and command line; we keep that (a
+        resumed run must be the same model) but say which given values were overridden, and let the
+        frozen block's source location (``llm.checkpoint``/``llm.revision``) follow the command line,
+        since weights may move between machines; the block's fingerprint still guards its identity.
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        if config.get("ckpt_path") == "last":
+            found = _find_last_checkpoint(config)
+            if found is not None:
+                config.ckpt_path, version = found
+                if config.trainer.logger and "init_args" in config.trainer.logger:
+                    config.trainer.logger.init_args.version = version
+        given = _model_args(config)
+        super()._parse_ckpt_path()
+        init_args = self.config[subcommand].model.init_args
+        if init_args.get("llm") and given.get("llm"):
+            for key in ("checkpoint", "revision"):
+                init_args.llm[key] = given["llm"][key]
+        resumed = _model_args(self.config[subcommand])
+        changed = {k: (given.get(k), v) for k, v in resumed.items() if k in given and given[k] != v and k != "num_classes"}
+        if changed:
+            lines = "\n".join(f"  model.{k}: {new!r} from the checkpoint (given {old!r})" for k, (old, new) in changed.items())
+            warnings.warn(f"Resuming from {config.ckpt_path} keeps the checkpoint's hyper-parameters:\n{lines}", stacklevel=1)
+
+
+def _model_args(config) -> dict:
+    init_args = config.get("model", {}).get("init_args") or {}
+    return init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args)
+
+
+def _find_last_checkpoint(config) -> tuple[str, int | str] | None:
+    """The newest ``last.ckpt`` under the configured TensorBoard/CSV logger's versions, and its version."""
+    logger = config.trainer.get("logger")
+    init_args = logger.get("init_args", {}) if logger and not isinstance(logger, bool) else {}
+    save_dir = init_args.get("save_dir") or config.trainer.get("default_root_dir") or "."
+    root = Path(save_dir) / (init_args.get("name") or "lightning_logs")
+    candidates = sorted(root.glob("version_*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        return None
+    last = candidates[-1]
+    version = last.parent.parent.name.removeprefix("version_")
+    return str(last), int(version) if version.isdigit() else version
+
+
+def _extra_commands() -> dict[str, Callable]:
+    from frozenlm.bench import bench
+
+    return {"bench": bench}
+
+
+def main(args: list[str] | None = None) -> FrozenLMCLI | None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in {"bench"}:
+        from jsonargparse import auto_cli
+
+        command = _extra_commands()[argv[0]]
+        auto_cli(command, args=argv[1:], as_positional=False)
+        return None
+    return FrozenLMCLI(
+        model_class=BaseTask,
+        datamodule_class=LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        parser_kwargs={"description": DESCRIPTION},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -180,10 +180,19 @@ def _hub_call(checkpoint: LMCheckpoint, fn, *args, **kwargs):
     """Call the hub, turning network/offline failures into an error that says what to do."""
     try:
         return fn(*args, **kwargs)
-    except OSError as err:  # huggingface_hub's HTTP, offline and not-found errors are OSErrors
+    except _hub_errors() as err:
         if checkpoint.folder is not None:
             raise
         raise FileNotFoundError(
             f"Could not get {checkpoint.source!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
             "If you are offline, download the model once (`hf download <id>`) and pass its local folder."
         ) from err
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a failed hub call raises: huggingface_hub's HTTP, offline and not-found errors are
+    OSErrors, but from huggingface_hub 1.0 a network failure (no connection, DNS, timeout) is a transport
+    error of its HTTP client (httpx), which is not; HfHubHTTPError's bases name that client's base class."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return (OSError, *(base for base in HfHubHTTPError.__mro__[1:] if base.__name__ == "HTTPError"))

@@ -10,9 +10,12 @@ and restoring reloads the weights from the source, refusing a different block.
 from __future__ import annotations
 
 import contextvars
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.cloud_io import _load as pl_load
 from timm.optim import param_groups_weight_decay
 from transformers import AutoConfig
 
@@ -34,7 +37,9 @@ class FrozenLMMixin:
     which reads :meth:`no_weight_decay`).
     """
 
-    llm_block: FrozenLMBlock | None = None
+    # Annotation only: a class-level default (`= None`) would shadow the submodule that nn.Module keeps in
+    # `_modules`, so `self.llm_block` would stay None after `self.llm_block = block`.
+    llm_block: FrozenLMBlock | None
 
     def build_llm(self, llm: LLMConfig | dict | None, in_dim: int, name: str = "llm_block") -> FrozenLMBlock | None:
         """The block ``llm`` describes (None for none); ``name`` is the attribute it will be stored as."""
@@ -49,7 +54,8 @@ class FrozenLMMixin:
 
     def apply_llm(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens through the block (unchanged when there is none)."""
-        return tokens if self.llm_block is None else self.llm_block(tokens, padding_mask)
+        block = getattr(self, "llm_block", None)
+        return tokens if block is None else block(tokens, padding_mask)
 
     def frozen_lm_blocks(self) -> dict[str, FrozenLMBlock]:
         return {name: m for name, m in self.named_modules() if isinstance(m, FrozenLMBlock)}
@@ -112,14 +118,33 @@ class FrozenLMMixin:
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
         """Lightning's ``load_from_checkpoint``; a self-contained checkpoint (``embed_weights``)
         restores without reading the LM source."""
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
-        embedded = {name: m for name, m in checkpoint.get(CHECKPOINT_KEY, {}).items() if m["embedded"]}
-        del checkpoint
+        weights_only = kwargs.get("weights_only", args[3] if len(args) > 3 else None)
+        stored = _stored_blocks(checkpoint_path, weights_only=weights_only)
+        embedded = {name: m for name, m in stored.items() if m["embedded"]}
         token = _EMBEDDED_BLOCKS.set(embedded)
         try:
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
         finally:
             _EMBEDDED_BLOCKS.reset(token)
+
+
+def _stored_blocks(checkpoint_path, weights_only: bool | None) -> dict[str, dict]:
+    """The ``frozen_lm`` metadata of a Lightning checkpoint given as a local path, URL or file object.
+
+    Honours ``weights_only`` as Lightning's own loading will (a checkpoint the user asked to load safely
+    is never unpickled unsafely here); None means Lightning's default for local files, False.
+    """
+    weights_only = bool(weights_only)
+    if isinstance(checkpoint_path, (str, os.PathLike)) and Path(checkpoint_path).is_file():
+        # mmap: the (possibly embedded) tensors are not read, only the small metadata.
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=weights_only, mmap=True)
+    elif hasattr(checkpoint_path, "read"):  # a file object: read it, then rewind it for Lightning
+        position = checkpoint_path.tell()
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=weights_only)
+        checkpoint_path.seek(position)
+    else:  # URLs and remote filesystems, as Lightning reads them
+        checkpoint = pl_load(checkpoint_path, map_location="cpu", weights_only=weights_only)
+    return dict(checkpoint.get(CHECKPOINT_KEY, {}))
 
 
 def _empty_block(meta: dict[str, Any], llm: LLMConfig, in_dim: int) -> FrozenLMBlock:

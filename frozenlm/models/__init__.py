@@ -1,1 +1,5 @@
-"""frozenlm.models"""
+"""Visual backbones."""
+
+from frozenlm.models.vit import create_vit
+
+__all__ = ["create_vit"]

@@ -1,1 +1,6 @@
-"""frozenlm.tasks"""
+"""Task LightningModules, one per task, on a shared base class and the frozen-block mixin."""
+
+from frozenlm.tasks.base import BaseTask
+from frozenlm.tasks.classification import ImageClassifier
+
+__all__ = ["BaseTask", "ImageClassifier"]

@@ -1,0 +1,29 @@
+"""Analyses of LM4VE and GCR: gradient coherence, linear CKA and per-token activation maps."""
+
+from frozenlm.analysis.activation_maps import (
+    cls_attention_map,
+    frequency_map,
+    magnitude_map,
+    minmax_normalize,
+    overlay,
+    pseudo_mask_iou,
+    to_patch_grid,
+)
+from frozenlm.analysis.callbacks import GradientCoherenceCallback
+from frozenlm.analysis.cka import linear_cka
+from frozenlm.analysis.coherence import m_coherence, mean_pairwise_cosine, per_sample_gradients
+
+__all__ = [
+    "GradientCoherenceCallback",
+    "cls_attention_map",
+    "frequency_map",
+    "linear_cka",
+    "m_coherence",
+    "magnitude_map",
+    "mean_pairwise_cosine",
+    "minmax_normalize",
+    "overlay",
+    "per_sample_gradients",
+    "pseudo_mask_iou",
+    "to_patch_grid",
+]

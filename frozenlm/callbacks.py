@@ -1,0 +1,81 @@
+"""Trainer callbacks every task uses: a predictions writer and an end-of-fit summary."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Collects each rank's predictions and writes one file at the end of ``predict``.
+
+    Args:
+        output: ``.csv`` or ``.json`` file; None writes ``predictions.csv`` in the trainer's log dir.
+            In DDP each rank writes ``<stem>.rank<N><suffix>``.
+    """
+
+    def __init__(self, output: str | None = None) -> None:
+        super().__init__(write_interval="epoch")
+        self.output = output
+
+    def write_on_epoch_end(self, trainer: lightning.Trainer, pl_module, predictions, batch_indices) -> None:
+        path = Path(self.output) if self.output else Path(trainer.log_dir or ".") / "predictions.csv"
+        if path.suffix not in {".csv", ".json"}:
+            raise ValueError(f"predictions.output must end in .csv or .json, got {path}")
+        if trainer.world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        class_names = getattr(trainer.datamodule, "classes", None)
+        rows = [row for batch in predictions for row in _rows(batch, class_names)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".json":
+            path.write_text(json.dumps(rows, indent=1))
+        else:
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["id"])
+                writer.writeheader()
+                writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in rows)
+        print(f"Wrote {len(rows)} predictions to {path}")
+
+
+def _rows(batch: dict[str, Any], class_names: list[str] | None) -> list[dict[str, Any]]:
+    classes = torch.as_tensor(batch["classes"]).tolist()
+    probs = torch.as_tensor(batch["probs"]).float().tolist()
+    rows = []
+    for sample_id, top_classes, top_probs in zip(batch["id"], classes, probs):
+        row = {"id": sample_id, "classes": top_classes, "probs": [round(p, 6) for p in top_probs]}
+        if class_names is not None:
+            row["class_names"] = [class_names[c] for c in top_classes]
+        rows.append(row)
+    return rows
+
+
+class RunSummary(Callback):
+    """Prints, at the end of ``fit``, the best monitored metric and where the logs and checkpoints are."""
+
+    def on_fit_end(self, trainer: lightning.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        lines = ["", "Run summary"]
+        checkpoint = trainer.checkpoint_callback
+        if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_score is not None:
+            lines.append(f"  best {checkpoint.monitor}: {checkpoint.best_model_score.item():.4f}")
+        for name, value in sorted(trainer.callback_metrics.items()):
+            if name.startswith("val_"):
+                lines.append(f"  last {name}: {value.item():.4f}")
+        if trainer.log_dir:
+            lines.append(f"  TensorBoard: tensorboard --logdir {trainer.log_dir}")
+        if isinstance(checkpoint, ModelCheckpoint):
+            for label, path in (("best", checkpoint.best_model_path), ("last", checkpoint.last_model_path)):
+                if path:
+                    size = Path(path).stat().st_size / 2**20
+                    lines.append(f"  {label} checkpoint: {path} ({size:.1f} MiB)")
+        for name, block in getattr(pl_module, "frozen_lm_blocks", dict)().items():
+            stored = "embedded in" if block.embed_weights or block.trainable else "not stored in"
+            lines.append(f"  {name}: weights {stored} checkpoints (source {block.source}, layers {block.layer_indices})")
+        print("\n".join(lines))

@@ -1,0 +1,126 @@
+"""``BaseTask``: the small base class every task LightningModule builds on.
+
+Subclasses implement three hooks, called in this order from ``__init__``: ``configure_models``,
+``configure_losses``, ``configure_metrics``. The base class owns what every task shares: saving
+hyper-parameters, the DeiT-style optimizer and schedule (AdamW, lr scaled by the global batch,
+linear warmup then cosine, per step, with timm's implementations), and per-epoch reseeding so that
+a run resumed from a checkpoint continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+
+import lightning
+import numpy as np
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+
+
+class BaseTask(lightning.LightningModule):
+    """Shared optimisation recipe; the ``optim_*`` arguments of each task are forwarded here.
+
+    Args:
+        lr: base learning rate for a global batch of ``lr_reference_batch`` (DeiT: 5e-4 per 512).
+        lr_reference_batch: the learning rate is ``lr * global_batch / lr_reference_batch``;
+            set it to 0 to use ``lr`` as is.
+        weight_decay: AdamW weight decay (none on norms, biases, tokens and position embeddings).
+        optimizer: any optimizer name timm's ``create_optimizer_v2`` knows.
+        min_lr: cosine floor.
+        warmup_epochs: linear warmup from ``warmup_lr`` (fractional epochs allowed).
+        warmup_lr: learning rate at step 0.
+        layer_decay: layer-wise lr decay (timm); None for none.
+    """
+
+    ignore: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        lr: float = 5e-4,
+        lr_reference_batch: int = 512,
+        weight_decay: float = 0.05,
+        optimizer: str = "adamw",
+        min_lr: float = 1e-5,
+        warmup_epochs: float = 5.0,
+        warmup_lr: float = 1e-6,
+        layer_decay: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=self.ignore)
+        # Checkpoints hold plain containers only: Lightning reads hyper-parameters back with
+        # torch.load(weights_only=True), which refuses arbitrary classes such as dataclasses.
+        for key, value in self.hparams.items():
+            if dataclasses.is_dataclass(value):
+                self.hparams[key] = dataclasses.asdict(value)
+        self.configure_models()
+        self.configure_losses()
+        self.configure_metrics()
+
+    def configure_models(self) -> None:
+        """Build the networks."""
+
+    def configure_losses(self) -> None:
+        """Build the loss functions."""
+
+    def configure_metrics(self) -> None:
+        """Build the torchmetrics collections."""
+
+    # -- optimisation ------------------------------------------------------------------------
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step over all processes."""
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "batch_size"):
+            raise ValueError("Learning-rate scaling needs a datamodule with a `batch_size` attribute.")
+        return datamodule.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def scaled_lr(self) -> float:
+        hp = self.hparams
+        if not hp.lr_reference_batch:
+            return hp.lr
+        return hp.lr * self.global_batch_size() / hp.lr_reference_batch
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        lr = self.scaled_lr()
+        # timm skips parameters that do not require grad (the frozen block) and reads
+        # `no_weight_decay()` (tokens, position embeddings) and, with layer decay, `group_matcher()`.
+        optimizer = create_optimizer_v2(
+            self, opt=hp.optimizer, lr=lr, weight_decay=hp.weight_decay, layer_decay=hp.layer_decay
+        )
+        # Scheduled per optimizer step; estimated_stepping_batches also sets up the train loader.
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
+        warmup_steps = min(int(hp.warmup_epochs * steps_per_epoch), total_steps - 1)
+        scheduler = CosineLRScheduler(
+            optimizer,
+            t_initial=total_steps,
+            lr_min=hp.min_lr,
+            warmup_t=warmup_steps,
+            warmup_lr_init=hp.warmup_lr,
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric=None) -> None:
+        # timm schedulers are stateless in the step count: step_update sets the lr for that update.
+        scheduler.step_update(num_updates=self.global_step)
+
+    # -- exact resumption --------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        """Reseed every RNG from (seed, epoch, rank) at the start of each epoch.
+
+        Lightning does not checkpoint RNG states, so without this a run resumed at an epoch
+        boundary would shuffle, augment, mix and drop paths differently from an uninterrupted run.
+        Seeding here, before the epoch's dataloader iterator (and its worker seeds) is created, makes
+        every epoch a function of the seed alone.
+        """
+        base = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        seed = (base + 1_000_003 * self.current_epoch + 7919 * self.global_rank) % 2**32
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)

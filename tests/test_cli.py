@@ -1,0 +1,136 @@
+"""The `frozenlm` console script: help, configs, reproduce targets, errors, and full runs through it."""
+
+from __future__ import annotations
+
+import csv
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from frozenlm.cli import main
+from tests.cli_helpers import last_checkpoint, load_checkpoint, run_cli
+from tests.conftest import build_tiny_lm, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+REPRODUCE_TARGETS = [
+    "reproduce-cifar100",
+    "reproduce-cifar100-baseline",
+    "reproduce-imagenet-vitt",
+    "reproduce-imagenet-vitt-llama",
+    "reproduce-imagenet-vits",
+    "reproduce-imagenet-vits-llama",
+    "reproduce-imagenet-vitb",
+    "reproduce-imagenet-vitb-llama",
+    "reproduce-caltech256",
+]
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", "bench"):
+        assert command in out
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "class_path: frozenlm.tasks." in capsys.readouterr().out
+
+
+def test_trainer_presets_stack_on_a_config(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "configs/imagenet_deit_small_llama.yaml"),
+              "--config", str(REPO / "configs/trainer/rtx3090x8_ddp.yaml"), "--print_config"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "accumulate_grad_batches: 2" in out and "batch_size: 64" in out
+
+
+@pytest.mark.parametrize("target", REPRODUCE_TARGETS)
+def test_reproduce_target_command_parses(target, capsys):
+    dry_run = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    commands = [line for line in dry_run.splitlines() if "frozenlm fit" in line]
+    assert commands, dry_run
+    for line in commands:
+        args = shlex.split(line.split("frozenlm", 1)[1])
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, "--print_config"])
+        assert exit_info.value.code == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--model.llm.chekpoint", "x"], "chekpoint"),
+        (["--trainer.max_steps", "many"], "max_steps"),
+        (["--model.llm.layers", "last"], "layers"),
+    ],
+)
+def test_bad_arguments_fail_with_a_clear_message(override, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs/demo.yaml"), *override, "--print_config"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_fit_validate_test_predict_through_the_cli(tmp_path, tiny_llama_checkpoint):
+    llm = ["--model.llm.checkpoint", str(tiny_llama_checkpoint)]
+    run_cli("fit", "image_llama", tmp_path, *llm)
+    ckpt = last_checkpoint(tmp_path)
+    state = load_checkpoint(ckpt)
+    assert not [k for k in state["state_dict"] if k.startswith("llm_block.layers.")]
+    assert any(k.startswith("llm_block.adapter_in") for k in state["state_dict"])
+    assert state["frozen_lm"]["llm_block"]["source"] == str(tiny_llama_checkpoint)
+    assert isinstance(state["hyper_parameters"]["llm"], dict)  # loadable with weights_only=True
+
+    validate = run_cli("validate", "image_llama", tmp_path, *llm, "--ckpt_path", str(ckpt))
+    assert 0.0 <= validate.trainer.callback_metrics["val_acc1"].item() <= 1.0
+    test = run_cli("test", "image_llama", tmp_path, *llm, "--ckpt_path", str(ckpt))
+    assert "test_acc5" in test.trainer.callback_metrics
+
+    output = tmp_path / "predictions.csv"
+    run_cli("predict", "image_llama", tmp_path, *llm, "--ckpt_path", str(ckpt), "--predictions.output", str(output))
+    rows = list(csv.DictReader(output.open()))
+    assert len(rows) == 2 * 16  # limit_predict_batches x batch_size
+    assert rows[0]["id"].startswith("digits/") and len(eval(rows[0]["classes"])) == 5
+
+
+def test_baseline_has_no_llm_block(tmp_path):
+    cli = run_cli("fit", "image_baseline", tmp_path)
+    assert cli.model.llm_block is None
+    assert "frozen_lm" not in load_checkpoint(last_checkpoint(tmp_path)) or not load_checkpoint(
+        last_checkpoint(tmp_path)
+    )["frozen_lm"]
+
+
+def test_bf16_mixed_on_cpu(tmp_path, tiny_llama_checkpoint):
+    cli = run_cli(
+        "fit", "image_llama", tmp_path, "--model.llm.checkpoint", str(tiny_llama_checkpoint),
+        "--model.llm.dtype", "bfloat16", "--trainer.precision", "bf16-mixed",
+    )  # fmt: skip
+    block = cli.model.llm_block
+    assert next(block.layers.parameters()).dtype.is_floating_point
+    assert str(next(block.layers.parameters()).dtype) == "torch.bfloat16"
+    assert block.adapter_in.weight.dtype.is_floating_point and str(block.adapter_in.weight.dtype) == "torch.float32"
+    assert cli.trainer.callback_metrics["train_loss"].isfinite()
+
+
+def test_restore_follows_a_moved_source_and_refuses_a_different_block(tmp_path, tiny_llama_checkpoint):
+    run_cli("fit", "image_llama", tmp_path, "--model.llm.checkpoint", str(tiny_llama_checkpoint))
+    ckpt = last_checkpoint(tmp_path)
+    # The same weights saved elsewhere (and in another format): restoring follows the new location.
+    moved = save_checkpoint(build_tiny_lm("llama"), tmp_path / "moved", "safetensors")
+    cli = run_cli("validate", "image_llama", tmp_path, "--model.llm.checkpoint", str(moved), "--ckpt_path", str(ckpt))
+    assert cli.model.llm_block.source == str(moved)
+    # Other weights: a clear refusal instead of silently training on a different block.
+    other = save_checkpoint(build_tiny_lm("llama", seed=1), tmp_path / "other", "sharded")
+    with pytest.raises(ValueError, match="trained with the frozen block"):
+        run_cli("validate", "image_llama", tmp_path, "--model.llm.checkpoint", str(other), "--ckpt_path", str(ckpt))
