@@ -59,22 +59,24 @@ class RunSummary(Callback):
     """Prints, at the end of ``fit``, the best monitored metric and where the logs and checkpoints are."""
 
     def on_fit_end(self, trainer: lightning.Trainer, pl_module) -> None:
+        log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
         if not trainer.is_global_zero:
             return
         lines = ["", "Run summary"]
-        checkpoint = trainer.checkpoint_callback
-        if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_score is not None:
-            lines.append(f"  best {checkpoint.monitor}: {checkpoint.best_model_score.item():.4f}")
+        checkpoints = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+        for checkpoint in checkpoints:
+            if checkpoint.monitor and checkpoint.best_model_score is not None:
+                lines.append(f"  best {checkpoint.monitor}: {checkpoint.best_model_score.item():.4f}")
         for name, value in sorted(trainer.callback_metrics.items()):
             if name.startswith("val_"):
                 lines.append(f"  last {name}: {value.item():.4f}")
-        if trainer.log_dir:
-            lines.append(f"  TensorBoard: tensorboard --logdir {trainer.log_dir}")
-        if isinstance(checkpoint, ModelCheckpoint):
-            for label, path in (("best", checkpoint.best_model_path), ("last", checkpoint.last_model_path)):
-                if path:
-                    size = Path(path).stat().st_size / 2**20
-                    lines.append(f"  {label} checkpoint: {path} ({size:.1f} MiB)")
+        if log_dir:
+            lines.append(f"  TensorBoard: tensorboard --logdir {log_dir}")
+        for checkpoint in checkpoints:
+            label = "best" if checkpoint.monitor else "latest"
+            for path in {checkpoint.best_model_path, checkpoint.last_model_path} - {""}:
+                size = Path(path).stat().st_size / 2**20
+                lines.append(f"  {label if path == checkpoint.best_model_path else 'last'} checkpoint: {path} ({size:.1f} MiB)")
         for name, block in getattr(pl_module, "frozen_lm_blocks", dict)().items():
             stored = "embedded in" if block.embed_weights or block.trainable else "not stored in"
             lines.append(f"  {name}: weights {stored} checkpoints (source {block.source}, layers {block.layer_indices})")

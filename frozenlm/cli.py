@@ -2,7 +2,7 @@
 
     frozenlm fit --config configs/cifar100_deit.yaml --model.llm.checkpoint PATH_OR_HUB_ID
     frozenlm validate|test|predict --config ... --ckpt_path ...
-    frozenlm bench --help
+    frozenlm bench|export|rank-layers --help
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ DESCRIPTION = """Frozen transformer blocks from pretrained language models insid
 
 Trainer commands take YAML configs (class_path/init_args) and dotted overrides, e.g.
   frozenlm fit --config configs/cifar100_deit.yaml --model.llm.checkpoint PATH --trainer.max_steps 10
-Other commands: `frozenlm bench --help` (frozen-block throughput and memory)."""
+Other commands (each with --help): `frozenlm bench` (frozen-block throughput and memory),
+`frozenlm export` (the plain ViT of a baseline or GCR checkpoint as safetensors),
+`frozenlm rank-layers` (candidate LM layers ranked by linear CKA with the adjacent ViT block)."""
 
 # Trainer defaults a config can override: TensorBoard logs, the learning rate per step, checkpoints
 # of the best and the last epoch, and a summary of where they are. (A rich progress bar is added in
@@ -41,10 +43,15 @@ TRAINER_DEFAULTS = {
             "init_args": {
                 "monitor": "val_acc1",
                 "mode": "max",
-                "save_last": True,
                 "filename": "best-epoch{epoch:03d}-acc{val_acc1:.4f}",
                 "auto_insert_metric_name": False,
             },
+        },
+        # Lightning writes last.ckpt only when another checkpoint is written, so the latest epoch
+        # gets its own checkpoint, with last.ckpt linking to it (what `--ckpt_path last` resumes).
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"filename": "epoch{epoch:03d}-step{step}", "save_last": "link", "auto_insert_metric_name": False},
         },
     ],
 }
@@ -119,14 +126,16 @@ def _find_last_checkpoint(config) -> tuple[str, int | str] | None:
 
 
 def _extra_commands() -> dict[str, Callable]:
+    from frozenlm.analysis.rank_layers import rank_layers
     from frozenlm.bench import bench
+    from frozenlm.export import export
 
-    return {"bench": bench}
+    return {"bench": bench, "export": export, "rank-layers": rank_layers}
 
 
 def main(args: list[str] | None = None) -> FrozenLMCLI | None:
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in {"bench"}:
+    if argv and argv[0] in {"bench", "export", "rank-layers"}:
         from jsonargparse import auto_cli
 
         command = _extra_commands()[argv[0]]

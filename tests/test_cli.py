@@ -25,6 +25,15 @@ REPRODUCE_TARGETS = [
     "reproduce-imagenet-vitb",
     "reproduce-imagenet-vitb-llama",
     "reproduce-caltech256",
+    "reproduce-cifar100-gcr",
+    "reproduce-caltech256-gcr",
+    "reproduce-imagenet-vits-gcr",
+    "reproduce-ssv2-small",
+    "reproduce-ssv2-small-llama",
+    "reproduce-ssv2-small-gcr",
+    "reproduce-ssv2-base",
+    "reproduce-ssv2-base-llama",
+    "reproduce-ssv2-base-gcr",
 ]
 
 
@@ -33,7 +42,7 @@ def test_help_lists_commands(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("fit", "validate", "test", "predict", "bench"):
+    for command in ("fit", "validate", "test", "predict", "bench", "export", "rank-layers"):
         assert command in out
 
 

@@ -44,6 +44,14 @@ class LLMConfig:
         post_norm: apply a parameter-free RMSNorm after the layers, as the reference code does.
         embed_weights: store the LM weights in Lightning checkpoints (self-contained checkpoints);
             by default only the source, layers and a fingerprint are stored.
+        mode: ``inline`` (LM4VE: the block sits in the forward path) or ``auxiliary`` (GCR, Bai et
+            al., AAAI 2025: the trunk's tokens also go through the block to an auxiliary head during
+            training only; validation, test and predict run the plain trunk).
+        aux_weight: weight of the auxiliary loss: ``loss_main + aux_weight * loss_aux``. GCR ablates
+            it; 1.0 (an equal-weight auxiliary branch) is our default, not a published value.
+        aux_head: ``separate`` (default: the auxiliary branch gets its own norm + linear classifier,
+            so the trunk's head is trained by the main loss only) or ``shared`` (the branch reuses the
+            trunk's final norm and head).
     """
 
     checkpoint: str | None = None
@@ -56,6 +64,9 @@ class LLMConfig:
     replace_with_mlp: bool = False
     post_norm: bool = True
     embed_weights: bool = False
+    mode: Literal["inline", "auxiliary"] = "inline"
+    aux_weight: float = 1.0
+    aux_head: Literal["separate", "shared"] = "separate"
 
 
 class FrozenLMBlock(nn.Module):

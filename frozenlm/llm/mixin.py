@@ -1,8 +1,9 @@
 """``FrozenLMMixin``: how a task LightningModule owns a frozen LM block, for every modality.
 
-It builds the block from the task's ``llm`` config (``None`` = no block), applies it to a token
-sequence with an optional padding mask (images have none; point groups, agents and lanes do), tells
-the optimizer which parameters train and which get no weight decay, and keeps frozen weights out of
+It builds the block from the task's ``llm`` config (``None`` = no block), applies it at the task's
+chosen point of the token sequence with an optional padding mask (images have none; point groups,
+agents and lanes do) either inline (LM4VE) or as an auxiliary training branch (GCR), tells the
+optimizer which parameters train and which get no weight decay, and keeps frozen weights out of
 Lightning checkpoints: by default a checkpoint stores the block's source, layers and a fingerprint,
 and restoring reloads the weights from the source, refusing a different block.
 """
@@ -31,22 +32,24 @@ _EMBEDDED_BLOCKS: contextvars.ContextVar[dict[str, dict]] = contextvars.ContextV
 class FrozenLMMixin:
     """Mix into a ``LightningModule`` (before it in the bases) to own frozen LM block(s).
 
-    In ``configure_models``: ``self.llm_block = self.build_llm(llm, in_dim=embed_dim)``; in
-    ``forward``: ``tokens = self.apply_llm(tokens, padding_mask)``; in ``configure_optimizers``:
-    ``self.trainable_parameter_groups(weight_decay)`` (or timm's ``create_optimizer_v2(self, ...)``,
-    which reads :meth:`no_weight_decay`).
+    In ``configure_models``: ``self.llm_block = self.build_llm(llm, in_dim=embed_dim)``; where the
+    block goes in ``forward``: ``tokens = self.llm_tap(tokens, padding_mask)``; in ``training_step``:
+    ``self.auxiliary_tokens()`` gives the auxiliary branch's output tokens (GCR) or None; in
+    ``configure_optimizers``: ``self.trainable_parameter_groups(weight_decay)`` (or timm's
+    ``create_optimizer_v2(self, ...)``, which reads :meth:`no_weight_decay`).
     """
 
     # Annotation only: a class-level default (`= None`) would shadow the submodule that nn.Module keeps in
     # `_modules`, so `self.llm_block` would stay None after `self.llm_block = block`.
     llm_block: FrozenLMBlock | None
+    llm_config: LLMConfig | None = None
+    _tapped: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def build_llm(self, llm: LLMConfig | dict | None, in_dim: int, name: str = "llm_block") -> FrozenLMBlock | None:
         """The block ``llm`` describes (None for none); ``name`` is the attribute it will be stored as."""
         if llm is None:
             return None
-        if isinstance(llm, dict):
-            llm = LLMConfig(**llm)
+        self.llm_config = llm = LLMConfig(**llm) if isinstance(llm, dict) else llm
         embedded = _EMBEDDED_BLOCKS.get().get(name)
         if embedded is not None:
             return _empty_block(embedded, llm, in_dim)
@@ -56,6 +59,28 @@ class FrozenLMMixin:
         """Tokens through the block (unchanged when there is none)."""
         block = getattr(self, "llm_block", None)
         return tokens if block is None else block(tokens, padding_mask)
+
+    @property
+    def llm_auxiliary(self) -> bool:
+        """The block is a GCR auxiliary training branch rather than part of the forward path."""
+        return getattr(self, "llm_block", None) is not None and self.llm_config.mode == "auxiliary"
+
+    def llm_tap(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Called with the trunk's tokens where the block goes.
+
+        Inline (LM4VE): the tokens through the block. Auxiliary (GCR): the tokens unchanged; in
+        training only they are kept for :meth:`auxiliary_tokens`, so inference never runs the block.
+        """
+        if not self.llm_auxiliary:
+            return self.apply_llm(tokens, padding_mask)
+        if self.training:
+            self._tapped = (tokens, padding_mask)
+        return tokens
+
+    def auxiliary_tokens(self) -> torch.Tensor | None:
+        """The tokens tapped in this training forward, through the block (None outside GCR training)."""
+        tapped, self._tapped = self._tapped, None
+        return None if tapped is None else self.llm_block(*tapped)
 
     def frozen_lm_blocks(self) -> dict[str, FrozenLMBlock]:
         return {name: m for name, m in self.named_modules() if isinstance(m, FrozenLMBlock)}
@@ -77,6 +102,7 @@ class FrozenLMMixin:
 
     # -- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         checkpoint[CHECKPOINT_KEY] = {}
         for name, block in self.frozen_lm_blocks().items():
@@ -96,6 +122,7 @@ class FrozenLMMixin:
             }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         stored = checkpoint.get(CHECKPOINT_KEY, {})
         state = checkpoint["state_dict"]
         for name, block in self.frozen_lm_blocks().items():

@@ -2,5 +2,6 @@
 
 from frozenlm.tasks.base import BaseTask
 from frozenlm.tasks.classification import ImageClassifier
+from frozenlm.tasks.video import VideoClassifier
 
-__all__ = ["BaseTask", "ImageClassifier"]
+__all__ = ["BaseTask", "ImageClassifier", "VideoClassifier"]

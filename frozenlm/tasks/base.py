@@ -4,7 +4,7 @@ Subclasses implement three hooks, called in this order from ``__init__``: ``conf
 ``configure_losses``, ``configure_metrics``. The base class owns what every task shares: saving
 hyper-parameters, the DeiT-style optimizer and schedule (AdamW, lr scaled by the global batch,
 linear warmup then cosine, per step, with timm's implementations), and per-epoch reseeding so that
-a run resumed from a checkpoint continues exactly as an uninterrupted one.
+a run resumed from an epoch-end checkpoint continues exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -91,7 +91,9 @@ class BaseTask(lightning.LightningModule):
         optimizer = create_optimizer_v2(
             self, opt=hp.optimizer, lr=lr, weight_decay=hp.weight_decay, layer_decay=hp.layer_decay
         )
-        # Scheduled per optimizer step; estimated_stepping_batches also sets up the train loader.
+        # Scheduled per optimizer step; estimated_stepping_batches also creates the train loader's
+        # first iterator, so this is where the first epoch of the fit is seeded (see `_reseed`).
+        self._reseed(self._fit_first_epoch)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
         warmup_steps = min(int(hp.warmup_epochs * steps_per_epoch), total_steps - 1)
@@ -111,16 +113,27 @@ class BaseTask(lightning.LightningModule):
         scheduler.step_update(num_updates=self.global_step)
 
     # -- exact resumption --------------------------------------------------------------------
-    def on_train_epoch_start(self) -> None:
-        """Reseed every RNG from (seed, epoch, rank) at the start of each epoch.
+    # Lightning does not checkpoint RNG states, so a run resumed at an epoch boundary would shuffle,
+    # augment, mix and drop paths differently from an uninterrupted one. Instead every epoch's
+    # randomness is made a function of (seed, epoch, rank): all RNGs are reseeded right before the
+    # epoch's loader iterator is created. For the first epoch of a `fit`, Lightning creates that
+    # iterator (and prefetches a batch) when `configure_optimizers` asks for
+    # `estimated_stepping_batches`, after the checkpoint's modules are restored: that epoch is seeded
+    # there, from the epoch the restored checkpoint resumes at.
+    _fit_first_epoch: int = 0
 
-        Lightning does not checkpoint RNG states, so without this a run resumed at an epoch
-        boundary would shuffle, augment, mix and drop paths differently from an uninterrupted run.
-        Seeding here, before the epoch's dataloader iterator (and its worker seeds) is created, makes
-        every epoch a function of the seed alone.
-        """
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+        self._fit_first_epoch = progress.get("processed", checkpoint.get("epoch", -1) + 1)
+
+    def on_train_epoch_start(self) -> None:
+        if self.current_epoch != self._fit_first_epoch:
+            self._reseed(self.current_epoch)
+
+    def _reseed(self, epoch: int) -> None:
         base = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        seed = (base + 1_000_003 * self.current_epoch + 7919 * self.global_rank) % 2**32
+        seed = (base + 1_000_003 * epoch + 7919 * self.global_rank) % 2**32
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)

@@ -19,8 +19,11 @@ from frozenlm.tasks.base import BaseTask
 class ImageClassifier(FrozenLMMixin, BaseTask):
     """A timm ViT whose token sequence passes through a frozen LM block after ViT block ``llm_position``.
 
-    With the default ``llm_position=-1`` this is the paper's model: ViT blocks -> Linear -> frozen LM
+    With the default ``llm_position=-1`` this is the LM4VE model: ViT blocks -> Linear -> frozen LM
     block -> Linear -> the ViT's final norm -> head, all tokens (CLS + patches) through the block.
+    With ``llm.mode: auxiliary`` it is GCR: the tokens after block ``llm_position`` also go through
+    Linear -> frozen LM block -> Linear -> an auxiliary head during training, the loss is
+    ``loss_main + llm.aux_weight * loss_aux``, and inference is the plain ViT.
     ``llm: null`` gives the plain ViT baseline with the same recipe.
 
     Args:
@@ -75,12 +78,21 @@ class ImageClassifier(FrozenLMMixin, BaseTask):
             raise IndexError(f"llm_position {hp.llm_position} is out of range for a ViT with {depth} blocks.")
         self.llm_block = self.build_llm(hp.llm, in_dim=self.backbone.embed_dim)
         if self.llm_block is not None:
-            # The block runs as a forward hook on ViT block `llm_position`, so the timm model and its
-            # pretrained weights stay unchanged and the final norm and head follow the LM block.
+            # The block is applied by a forward hook on ViT block `llm_position`, so the timm model and
+            # its pretrained weights stay unchanged and the final norm and head follow the LM block.
             self.backbone.blocks[hp.llm_position].register_forward_hook(self._llm_hook)
+        if self.llm_auxiliary and self.llm_config.aux_head == "separate":
+            dim = self.backbone.embed_dim
+            self.aux_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hp.num_classes))
 
     def _llm_hook(self, module: nn.Module, args: tuple, tokens: torch.Tensor) -> torch.Tensor:
-        return self.apply_llm(tokens)
+        return self.llm_tap(tokens)
+
+    def auxiliary_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """GCR's auxiliary head on the LM branch's tokens, pooled as the trunk pools (CLS for DeiT)."""
+        if self.llm_config.aux_head == "shared":
+            return self.backbone.forward_head(self.backbone.norm(tokens))
+        return self.aux_head(self.backbone.pool(tokens))
 
     def configure_losses(self) -> None:
         hp = self.hparams
@@ -113,6 +125,11 @@ class ImageClassifier(FrozenLMMixin, BaseTask):
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
         loss = self.train_criterion(self(images), targets)
+        aux_tokens = self.auxiliary_tokens()
+        if aux_tokens is not None:  # GCR: loss_main + aux_weight * loss_aux
+            aux_loss = self.train_criterion(self.auxiliary_logits(aux_tokens), targets)
+            self.log_dict({"train_loss_main": loss, "train_loss_aux": aux_loss}, batch_size=images.shape[0])
+            loss = loss + self.llm_config.aux_weight * aux_loss
         self.log("train_loss", loss, prog_bar=True, batch_size=images.shape[0])
         return loss
 

@@ -1,0 +1,181 @@
+"""Video classification with VideoMAE and a frozen LM block (LM4VE's SSv2 experiment)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+
+from frozenlm.llm import FrozenLMMixin, LLMConfig
+from frozenlm.models import create_videomae
+from frozenlm.tasks.base import BaseTask
+from frozenlm.tasks.classification import ImageClassifier
+
+
+class VideoClassifier(FrozenLMMixin, BaseTask):
+    """VideoMAE fine-tuning: encoder tokens -> [frozen LM block] -> mean pooling -> fc_norm -> head.
+
+    With an ``llm`` block in the default ``inline`` mode this is LM4VE on video: all 1568 tokens of a
+    16-frame 224 px clip go through Linear -> frozen LM block -> Linear after the last encoder layer,
+    before pooling. With ``llm.mode: auxiliary`` it is GCR: the same tokens also go through the block
+    to an auxiliary head (pooled the same way) during training only; inference is the plain VideoMAE.
+    ``llm: null`` is the VideoMAE baseline. Which LM layer: ``llm.layers`` (the paper says the last,
+    ``[-1]``; its public code used ``[15]``).
+
+    Inputs: ``video [B, 3, T, H, W]``; evaluation batches may carry views, ``[B, V, 3, T, H, W]``
+    (clips x crops), whose softmax outputs are averaged.
+
+    Recipe defaults (VideoMAE on SSv2, ViT-S): lr 1e-3 per 256 clips, layer decay 0.7 (ViT-B: 5e-4,
+    0.75), warmup 5 epochs, wd 0.05, mixup 0.8, cutmix 1.0, label smoothing 0.1.
+
+    Args:
+        backbone: ``small`` (ViT-S) or ``base`` (ViT-B); a pretrained checkpoint must match it.
+        num_classes: number of classes (linked from the datamodule by the CLI).
+        num_frames: frames per clip (tubelet 2: ``num_frames / 2`` temporal tokens).
+        img_size: clip side in pixels.
+        pretrained: MAE-pretrained VideoMAE weights: a local Hugging Face folder or a hub id (see
+            :func:`frozenlm.models.create_videomae`); None = random init.
+        pretrained_revision: hub revision of ``pretrained``.
+        backbone_config: further ``VideoMAEConfig`` fields (e.g. tiny widths, dropout rates).
+        head_init_scale: the head's truncated-normal (std 0.02) weights are scaled by this (VideoMAE: 0.001).
+        llm: the frozen LM block (see :class:`frozenlm.llm.LLMConfig`); None for none.
+        label_smoothing, mixup, cutmix, mixup_switch_prob: as :class:`frozenlm.tasks.ImageClassifier`;
+            mixup and cutmix mix whole clips (one box for all frames).
+        lr, lr_reference_batch, layer_decay, min_lr, warmup_epochs, **kwargs: optimisation recipe, see
+            :class:`frozenlm.tasks.BaseTask`.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "small",
+        num_classes: int = 174,
+        num_frames: int = 16,
+        img_size: int = 224,
+        pretrained: str | None = None,
+        pretrained_revision: str | None = None,
+        backbone_config: dict[str, Any] | None = None,
+        head_init_scale: float = 0.001,
+        llm: LLMConfig | None = None,
+        label_smoothing: float = 0.1,
+        mixup: float = 0.8,
+        cutmix: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        lr: float = 1e-3,
+        lr_reference_batch: int = 256,
+        layer_decay: float | None = 0.7,
+        min_lr: float = 1e-6,
+        warmup_epochs: float = 5.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            lr=lr, lr_reference_batch=lr_reference_batch, layer_decay=layer_decay, min_lr=min_lr,
+            warmup_epochs=warmup_epochs, **kwargs,
+        )  # fmt: skip
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        self.backbone = create_videomae(
+            hp.backbone, num_frames=hp.num_frames, image_size=hp.img_size, pretrained=hp.pretrained,
+            revision=hp.pretrained_revision, **(hp.backbone_config or {}),
+        )  # fmt: skip
+        dim = self.backbone.config.hidden_size
+        self.llm_block = self.build_llm(hp.llm, in_dim=dim)
+        self.fc_norm = nn.LayerNorm(dim, eps=self.backbone.config.layer_norm_eps)
+        self.head = nn.Linear(dim, hp.num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        with torch.no_grad():
+            self.head.weight.mul_(hp.head_init_scale)
+        if self.llm_auxiliary and self.llm_config.aux_head == "separate":
+            self.aux_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hp.num_classes))
+
+    # Mixup/label smoothing and top-1/top-5 metrics are set up exactly as for images, from the same
+    # hyper-parameter names.
+    configure_losses = ImageClassifier.configure_losses
+    configure_metrics = ImageClassifier.configure_metrics
+
+    # -- layer-wise lr decay (timm's create_optimizer_v2 reads these) -------------------------
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter grouping: the cube embedding is group 0, encoder layer ``i`` group ``i + 1``;
+        everything unmatched (fc_norm, head, LM adapters, auxiliary head) falls in the last group, whose
+        lr is not decayed."""
+        return {"stem": r"^backbone\.embeddings", "blocks": [(r"^backbone\.encoder\.layer\.(\d+)", None)]}
+
+    # -- forward -----------------------------------------------------------------------------
+    def tokens(self, video: torch.Tensor) -> torch.Tensor:
+        """The encoder's tokens ``[B, N, D]`` of ``video [B, 3, T, H, W]``, through the LM block inline."""
+        tokens = self.backbone(pixel_values=video.transpose(1, 2)).last_hidden_state  # HF takes [B, T, 3, H, W]
+        return self.llm_tap(tokens)
+
+    def head_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc_norm(tokens.mean(dim=1)))
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.head_logits(self.tokens(video))
+
+    def auxiliary_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """GCR's auxiliary head on the LM branch's tokens, mean-pooled as the trunk pools."""
+        if self.llm_config.aux_head == "shared":
+            return self.head_logits(tokens)
+        return self.aux_head(tokens.mean(dim=1))
+
+    def view_probabilities(self, video: torch.Tensor) -> torch.Tensor:
+        """Class probabilities, averaged over the views of ``[B, V, 3, T, H, W]`` inputs."""
+        if video.ndim == 5:
+            return self(video).softmax(dim=-1)
+        batch, views = video.shape[:2]
+        return self(video.flatten(0, 1)).softmax(dim=-1).view(batch, views, -1).mean(dim=1)
+
+    # -- steps -------------------------------------------------------------------------------
+    def log_skipped(self, batch: dict[str, Any], stage: str) -> None:
+        """Unreadable videos the loader dropped, summed over the epoch."""
+        self.log(f"data/skipped_videos/{stage}", float(batch["skipped"]), reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        self.log_skipped(batch, "train")
+        if "video" not in batch:
+            return None  # every video of the batch was unreadable: skip the step
+        video, targets = batch["video"], batch["label"]
+        if self.mixup is not None:
+            if len(video) % 2:  # a dropped unreadable video made the batch odd; timm's Mixup pairs samples
+                video, targets = video[:-1], targets[:-1]
+            # Frames folded into channels: timm's Mixup cuts boxes from the last two dims of 4-d batches.
+            mixed, targets = self.mixup(video.flatten(1, 2), targets)
+            video = mixed.view_as(video)
+        loss = self.train_criterion(self(video), targets)
+        aux_tokens = self.auxiliary_tokens()
+        if aux_tokens is not None:  # GCR: loss_main + aux_weight * loss_aux
+            aux_loss = self.train_criterion(self.auxiliary_logits(aux_tokens), targets)
+            self.log_dict({"train_loss_main": loss, "train_loss_aux": aux_loss}, batch_size=len(video))
+            loss = loss + self.llm_config.aux_weight * aux_loss
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(video))
+        return loss
+
+    def probe_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The training loss without mixup, for the gradient-coherence probe."""
+        return F.cross_entropy(self(batch["video"]), batch["label"], label_smoothing=self.hparams.label_smoothing)
+
+    def _evaluate(self, batch: dict[str, Any], metrics: MetricCollection, stage: str) -> None:
+        self.log_skipped(batch, stage)
+        if "video" not in batch:
+            return
+        probs = self.view_probabilities(batch["video"])
+        loss = F.nll_loss(probs.clamp_min(1e-12).log(), batch["label"])
+        metrics.update(probs, batch["label"])
+        self.log(f"{stage}_loss", loss, sync_dist=True, batch_size=len(probs))
+        self.log_dict(metrics, prog_bar=stage == "val", batch_size=len(probs))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        if "video" not in batch:
+            return {"id": [], "classes": [], "probs": []}
+        top = self.view_probabilities(batch["video"]).topk(min(5, self.hparams.num_classes), dim=-1)
+        return {"id": batch["id"], "classes": top.indices, "probs": top.values}
