@@ -81,3 +81,67 @@ class RunSummary(Callback):
             stored = "embedded in" if block.embed_weights or block.trainable else "not stored in"
             lines.append(f"  {name}: weights {stored} checkpoints (source {block.source}, layers {block.layer_indices})")
         print("\n".join(lines))
+
+
+class EMA(Callback):
+    """Exponential moving average of the trainable weights only (DeiT's model EMA).
+
+    Lightning's ``EMAWeightAveraging`` deep-copies the whole module and writes the copy into every
+    checkpoint, which would duplicate a frozen LM block (0.8 GB for a LLaMA-7B layer); this keeps an
+    average of the parameters that train and nothing else. Validation (and test) run on the averaged
+    weights when ``evaluate_average`` is on; checkpoints keep the live weights in ``state_dict`` and
+    the average in this callback's state, so a resumed run continues the same average.
+
+    Add it with ``--trainer.callbacks+=frozenlm.callbacks.EMA --trainer.callbacks.decay 0.99996``.
+
+    Args:
+        decay: per-step decay (DeiT: 0.99996).
+        evaluate_average: validate and test with the averaged weights.
+    """
+
+    def __init__(self, decay: float = 0.99996, evaluate_average: bool = True) -> None:
+        self.decay = decay
+        self.evaluate_average = evaluate_average
+        self.average: dict[str, torch.Tensor] | None = None
+
+    def _trainable(self, pl_module) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_fit_start(self, trainer: lightning.Trainer, pl_module) -> None:
+        params = self._trainable(pl_module)
+        if self.average is None:
+            self.average = {name: p.detach().clone() for name, p in params.items()}
+        elif set(self.average) != set(params):
+            raise ValueError("The EMA state in the checkpoint does not match the model's trainable parameters.")
+        self.average = {name: t.to(params[name].device) for name, t in self.average.items()}
+
+    def on_train_batch_end(self, trainer: lightning.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        params = self._trainable(pl_module)
+        names = list(self.average)
+        torch._foreach_lerp_([self.average[n] for n in names], [params[n].detach() for n in names], 1.0 - self.decay)
+
+    def _swap(self, pl_module) -> None:
+        if not self.evaluate_average or self.average is None:
+            return
+        for name, param in self._trainable(pl_module).items():
+            live = param.detach().clone()
+            param.data.copy_(self.average[name])
+            self.average[name].copy_(live)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._swap(pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._swap(pl_module)
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._swap(pl_module)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._swap(pl_module)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "average": self.average}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.average = state_dict["average"]

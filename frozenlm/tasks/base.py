@@ -91,9 +91,11 @@ class BaseTask(lightning.LightningModule):
         optimizer = create_optimizer_v2(
             self, opt=hp.optimizer, lr=lr, weight_decay=hp.weight_decay, layer_decay=hp.layer_decay
         )
-        # Scheduled per optimizer step; estimated_stepping_batches also creates the train loader's
-        # first iterator, so this is where the first epoch of the fit is seeded (see `_reseed`).
+        # Scheduled per optimizer step. Setting up the train loader creates its first iterator, so
+        # this is where the first epoch of the fit is seeded (see `_reseed`). Lightning skips the set-up
+        # when only max_steps bounds the run, but warmup is given in epochs, so it is done here.
         self._reseed(self._fit_first_epoch)
+        self.trainer.fit_loop.setup_data()
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
         warmup_steps = min(int(hp.warmup_epochs * steps_per_epoch), total_steps - 1)
@@ -116,10 +118,10 @@ class BaseTask(lightning.LightningModule):
     # Lightning does not checkpoint RNG states, so a run resumed at an epoch boundary would shuffle,
     # augment, mix and drop paths differently from an uninterrupted one. Instead every epoch's
     # randomness is made a function of (seed, epoch, rank): all RNGs are reseeded right before the
-    # epoch's loader iterator is created. For the first epoch of a `fit`, Lightning creates that
-    # iterator (and prefetches a batch) when `configure_optimizers` asks for
-    # `estimated_stepping_batches`, after the checkpoint's modules are restored: that epoch is seeded
-    # there, from the epoch the restored checkpoint resumes at.
+    # epoch's loader iterator is created. For the first epoch of a `fit`, that iterator is created
+    # (and a batch prefetched) when `configure_optimizers` sets up the train loader, after the
+    # checkpoint's modules are restored: that epoch is seeded there, from the epoch the restored
+    # checkpoint resumes at.
     _fit_first_epoch: int = 0
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
