@@ -10,7 +10,10 @@ PYTEST_ARGS ?=
 	reproduce-imagenet-vitt reproduce-imagenet-vitt-llama \
 	reproduce-imagenet-vits reproduce-imagenet-vits-llama \
 	reproduce-imagenet-vitb reproduce-imagenet-vitb-llama \
-	reproduce-caltech256
+	reproduce-caltech256 \
+	reproduce-cifar100-gcr reproduce-caltech256-gcr reproduce-imagenet-vits-gcr \
+	reproduce-ssv2-small reproduce-ssv2-small-llama reproduce-ssv2-small-gcr \
+	reproduce-ssv2-base reproduce-ssv2-base-llama reproduce-ssv2-base-gcr
 
 $(BIN)/frozenlm: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +46,7 @@ LLAMA ?= huggyllama/llama-7b
 CIFAR100 ?= data/cifar100
 IMAGENET ?= data/imagenet
 CALTECH256 ?= data/caltech256
+SSV2 ?= data/ssv2
 FIT := $(BIN)/frozenlm fit
 RESULTS = @echo "Results: TensorBoard logs and checkpoints under runs/$(1)/ (tensorboard --logdir runs)"
 
@@ -69,6 +73,32 @@ SIZE_b := base
 reproduce-caltech256: $(BIN)/frozenlm
 	$(FIT) --config configs/caltech256_deit.yaml --model.llm.checkpoint $(LLAMA) --data.root $(CALTECH256)
 	$(call RESULTS,caltech256_deit)
+
+# SSv2 video: VideoMAE ViT-S/B fine-tuning, the baseline, + LLaMA block inline (LM4VE), + GCR branch.
+reproduce-ssv2-small reproduce-ssv2-base: reproduce-ssv2-%: $(BIN)/frozenlm
+	$(FIT) --config configs/ssv2_videomae_$*.yaml --data.root $(SSV2)
+	$(call RESULTS,ssv2_videomae_$*)
+
+reproduce-ssv2-small-llama reproduce-ssv2-base-llama: reproduce-ssv2-%-llama: $(BIN)/frozenlm
+	$(FIT) --config configs/ssv2_videomae_$*_llama.yaml --model.llm.checkpoint $(LLAMA) --data.root $(SSV2)
+	$(call RESULTS,ssv2_videomae_$*_llama)
+
+reproduce-ssv2-small-gcr reproduce-ssv2-base-gcr: reproduce-ssv2-%-gcr: $(BIN)/frozenlm
+	$(FIT) --config configs/ssv2_videomae_$*_gcr.yaml --model.llm.checkpoint $(LLAMA) --data.root $(SSV2)
+	$(call RESULTS,ssv2_videomae_$*_gcr)
+
+# GCR (Bai et al., AAAI 2025): the frozen LLaMA block as a training-only auxiliary branch.
+reproduce-cifar100-gcr: $(BIN)/frozenlm
+	$(FIT) --config configs/cifar100_deit_gcr.yaml --model.llm.checkpoint $(LLAMA) --data.root $(CIFAR100)
+	$(call RESULTS,cifar100_deit_gcr)
+
+reproduce-caltech256-gcr: $(BIN)/frozenlm
+	$(FIT) --config configs/caltech256_deit_gcr.yaml --model.llm.checkpoint $(LLAMA) --data.root $(CALTECH256)
+	$(call RESULTS,caltech256_deit_gcr)
+
+reproduce-imagenet-vits-gcr: $(BIN)/frozenlm
+	$(FIT) --config configs/imagenet_deit_small_gcr.yaml --model.llm.checkpoint $(LLAMA) --data.root $(IMAGENET)
+	$(call RESULTS,imagenet_deit_small_gcr)
 
 clean:
 	rm -rf $(VENV) lightning_logs runs .pytest_cache *.egg-info

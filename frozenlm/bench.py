@@ -27,7 +27,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any, Literal
 
@@ -52,7 +52,7 @@ def bench(
     in_dim: int = 384,
     batch: int | None = None,
     tokens: int = 197,
-    dtypes: tuple[DType, ...] = ("float32", "bfloat16"),
+    dtypes: tuple[DType, ...] | None = None,
     device: str | None = None,
     repeats: int | None = None,
     warmup: int | None = None,
@@ -81,6 +81,10 @@ def bench(
         dtypes: dtypes of the frozen LM weights to compare. ``bfloat16``/``float16`` runs under
             ``torch.autocast`` of that dtype (CUDA or CPU), as mixed-precision training does;
             ``float32`` runs without autocast (TF32 stays at PyTorch's setting, the same for the ideal).
+            Default ``[float32, bfloat16]``, except on a CPU without native bf16 matmuls (no
+            AVX512-BF16/AMX, see ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``): ``[float32]``,
+            because there the bf16 backward matmuls take an unvectorised path (minutes per step at
+            the default shape); pass ``--dtypes [float32,bfloat16]`` to time it anyway.
         device: ``cuda``, ``cuda:1``, ``cpu``...; default ``cuda`` when available, else ``cpu``.
         repeats: timed steps per dtype (the median is reported); default 2 on CPU, 10 on GPU.
         warmup: untimed steps before timing; the peak memory is measured over them. Default 1 on
@@ -105,9 +109,21 @@ def bench(
     for name, value in (("batch", batch), ("tokens", tokens), ("repeats", repeats), ("warmup", warmup)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1 (warmup steps also measure the peak memory), got {value}.")
+    notes = []
+    if dtypes is None:
+        dtypes = ("float32", "bfloat16")
+        if not on_gpu and not _cpu_native("bfloat16"):
+            dtypes = ("float32",)
+            notes.append(
+                "bfloat16 skipped: this CPU has no native bf16 matmuls (AVX512-BF16/AMX), so bf16 backward "
+                "matmuls run unvectorised (minutes per step); ask for it with --dtypes [float32,bfloat16]."
+            )
     unknown = [d for d in dtypes if d not in _DTYPES]
     if unknown or not dtypes:
         raise ValueError(f"dtypes must be a non-empty subset of {list(_DTYPES)}, got {list(dtypes)}.")
+    for name in dtypes:
+        if name != "float32" and not on_gpu and not _cpu_native(name):
+            notes.append(f"this CPU has no native {name} matmuls: they run unvectorised (backward above all).")
 
     config = lm_config(model_type, hidden, intermediate, heads, kv_heads=kv_heads, num_layers=lm_layers)
     rows = []
@@ -131,7 +147,7 @@ def bench(
         if on_gpu:
             torch.cuda.empty_cache()
     if not quiet:
-        print_table(rows)
+        print_table(rows, notes)
     return rows
 
 
@@ -153,7 +169,9 @@ def lm_config(
         kv = kv_heads if kv_heads is not None else heads
         if heads % kv:
             raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv}).")
-        shape = dict(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads, num_key_value_heads=kv)
+        shape = dict(
+            hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads, num_key_value_heads=kv
+        )
     elif model_type == "opt":
         shape = dict(hidden_size=hidden, ffn_dim=intermediate, num_attention_heads=heads, word_embed_proj_dim=hidden)
     elif model_type == "gpt2":
@@ -192,7 +210,7 @@ def block_flops(block: FrozenLMBlock, batch: int, tokens: int) -> dict[str, int]
     }  # fmt: skip
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
+def print_table(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> None:
     """Print ``bench`` rows as a rich table, with how the figures were obtained below it."""
     from rich.console import Console
     from rich.markup import escape
@@ -222,13 +240,24 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     console.print(table)
     methods = "; ".join(sorted({row["mem_method"] for row in rows}))
     shapes = ", ".join(f"{row['dtype']} {row['matmul_shape']}" for row in rows)
-    notes = (
+    explained = (
         "GFLOP: matmul FLOPs of forward + backward (input grads only for the frozen weights). "
         f"ideal: one torch.matmul of the same FLOPs and dtype in the same run ({shapes}). "
         "ratio = block ms / ideal ms (medians). "
         f"peak: the step's peak above the memory held before it ({methods})."
     )
-    console.print(escape(notes), style="dim")
+    console.print(escape(explained), style="dim")
+    for note in notes:
+        console.print(escape(f"Note: {note}"), style="yellow")
+
+
+def _cpu_native(dtype_name: str) -> bool:
+    """Whether oneDNN has native CPU matmuls for this reduced-precision dtype (AVX512-BF16/FP16, AMX)."""
+    probe = "_is_mkldnn_bf16_supported" if dtype_name == "bfloat16" else "_is_mkldnn_fp16_supported"
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):  # private ops; assume the fast path when they are missing
+        return True
 
 
 def _sig(value: float) -> str:

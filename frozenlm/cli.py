@@ -139,7 +139,7 @@ def main(args: list[str] | None = None) -> FrozenLMCLI | None:
         from jsonargparse import auto_cli
 
         command = _extra_commands()[argv[0]]
-        auto_cli(command, args=argv[1:], as_positional=False)
+        auto_cli(command, args=argv[1:], as_positional=False, prog=f"frozenlm {argv[0]}")
         return None
     return FrozenLMCLI(
         model_class=BaseTask,

@@ -12,6 +12,8 @@ from frozenlm.analysis.activation_maps import (
 from frozenlm.analysis.callbacks import GradientCoherenceCallback
 from frozenlm.analysis.cka import linear_cka
 from frozenlm.analysis.coherence import m_coherence, mean_pairwise_cosine, per_sample_gradients
+from frozenlm.analysis.model_maps import pseudo_mask_scores, stage_maps, stage_tokens
+from frozenlm.analysis.rank_layers import rank_layers
 
 __all__ = [
     "GradientCoherenceCallback",
@@ -25,5 +27,9 @@ __all__ = [
     "overlay",
     "per_sample_gradients",
     "pseudo_mask_iou",
+    "pseudo_mask_scores",
+    "rank_layers",
+    "stage_maps",
+    "stage_tokens",
     "to_patch_grid",
 ]

@@ -1,7 +1,17 @@
-"""frozenlm.data: LightningDataModules that yield {"image", "label", "id"} sample dicts."""
+"""LightningDataModules: image datasets yield {"image", "label", "id"} samples, SSv2 {"video", "label", "id"}."""
 
 from frozenlm.data.base import ImageDataModule
 from frozenlm.data.caltech256 import Caltech256DataModule
 from frozenlm.data.cifar100 import CIFAR100DataModule
 from frozenlm.data.digits import DigitsDataModule
 from frozenlm.data.imagefolder import ImageFolderDataModule
+from frozenlm.data.ssv2 import SSv2DataModule
+
+__all__ = [
+    "CIFAR100DataModule",
+    "Caltech256DataModule",
+    "DigitsDataModule",
+    "ImageDataModule",
+    "ImageFolderDataModule",
+    "SSv2DataModule",
+]

@@ -1,7 +1,8 @@
 """Task LightningModules, one per task, on a shared base class and the frozen-block mixin."""
 
 from frozenlm.tasks.base import BaseTask
-from frozenlm.tasks.classification import ImageClassifier
+from frozenlm.tasks.classification import ClassificationTask
+from frozenlm.tasks.image import ImageClassifier
 from frozenlm.tasks.video import VideoClassifier
 
-__all__ = ["BaseTask", "ImageClassifier", "VideoClassifier"]
+__all__ = ["BaseTask", "ClassificationTask", "ImageClassifier", "VideoClassifier"]

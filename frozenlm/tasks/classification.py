@@ -1,4 +1,11 @@
-"""Image classification with a ViT and a frozen LM block (LM4VE, Pang et al., ICLR 2024)."""
+"""``ClassificationTask``: what every classifier shares, whatever its input (images, videos).
+
+The task-specific part is the model: ``configure_models``, ``forward`` (logits of a batch of
+inputs, with the frozen LM block applied through ``llm_tap``) and ``auxiliary_logits`` (GCR's
+auxiliary head on the LM branch's tokens). Everything else is here, once: mixup/cutmix with label
+smoothing, the LM4VE/GCR training step, top-1/top-5 evaluation (averaging the softmax over the views
+a test batch may carry), and predictions.
+"""
 
 from __future__ import annotations
 
@@ -11,88 +18,19 @@ from timm.data import Mixup
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from frozenlm.llm import FrozenLMMixin, LLMConfig
-from frozenlm.models import create_vit
+from frozenlm.llm import FrozenLMMixin
 from frozenlm.tasks.base import BaseTask
 
 
-class ImageClassifier(FrozenLMMixin, BaseTask):
-    """A timm ViT whose token sequence passes through a frozen LM block after ViT block ``llm_position``.
+class ClassificationTask(FrozenLMMixin, BaseTask):
+    """Base of the classifiers; subclasses set ``input_key`` (the batch entry holding the inputs).
 
-    With the default ``llm_position=-1`` this is the LM4VE model: ViT blocks -> Linear -> frozen LM
-    block -> Linear -> the ViT's final norm -> head, all tokens (CLS + patches) through the block.
-    With ``llm.mode: auxiliary`` it is GCR: the tokens after block ``llm_position`` also go through
-    Linear -> frozen LM block -> Linear -> an auxiliary head during training, the loss is
-    ``loss_main + llm.aux_weight * loss_aux``, and inference is the plain ViT.
-    ``llm: null`` gives the plain ViT baseline with the same recipe.
-
-    Args:
-        backbone: timm model name (``deit_tiny/small/base_patch16_224`` in the paper).
-        num_classes: number of classes (linked from the datamodule by the CLI).
-        img_size: input size override (e.g. 32 for CIFAR).
-        patch_size: patch size override (e.g. 4 for 32 px images).
-        pretrained: start from timm's pretrained weights (needs the hub or a cache).
-        pretrained_file: start from timm weights in a local file.
-        drop_path_rate: stochastic depth (DeiT: 0.1).
-        backbone_kwargs: further timm ``create_model`` arguments (``depth``, ``embed_dim``, ...).
-        llm: the frozen LM block (see :class:`frozenlm.llm.LLMConfig`); None for none.
-        llm_position: index of the ViT block after which the LM block runs (-1: after the last,
-            before the final norm; 0: the paper's "head" ablation; depth // 2: "middle").
-        label_smoothing: label smoothing (DeiT: 0.1).
-        mixup: mixup alpha (DeiT: 0.8); 0 disables.
-        cutmix: cutmix alpha (DeiT: 1.0); 0 disables.
-        mixup_switch_prob: probability of cutmix instead of mixup when both are on.
-        **kwargs: optimisation recipe, see :class:`frozenlm.tasks.BaseTask` (lr, weight_decay,
-            warmup_epochs, min_lr, ...).
+    Hyper-parameters it reads: ``num_classes``, ``label_smoothing``, ``mixup``, ``cutmix``,
+    ``mixup_switch_prob``. Batches are dicts with ``input_key``, ``label`` and ``id``; a loader that
+    drops unreadable samples adds ``skipped`` (their count), logged as ``data/skipped/<stage>``.
     """
 
-    def __init__(
-        self,
-        backbone: str = "deit_small_patch16_224",
-        num_classes: int = 1000,
-        img_size: int | None = None,
-        patch_size: int | None = None,
-        pretrained: bool = False,
-        pretrained_file: str | None = None,
-        drop_path_rate: float = 0.1,
-        backbone_kwargs: dict[str, Any] | None = None,
-        llm: LLMConfig | None = None,
-        llm_position: int = -1,
-        label_smoothing: float = 0.1,
-        mixup: float = 0.8,
-        cutmix: float = 1.0,
-        mixup_switch_prob: float = 0.5,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-
-    def configure_models(self) -> None:
-        hp = self.hparams
-        self.backbone = create_vit(
-            hp.backbone, hp.num_classes, img_size=hp.img_size, patch_size=hp.patch_size,
-            drop_path_rate=hp.drop_path_rate, pretrained=hp.pretrained, pretrained_file=hp.pretrained_file,
-            **(hp.backbone_kwargs or {}),
-        )  # fmt: skip
-        depth = len(self.backbone.blocks)
-        if not -depth <= hp.llm_position < depth:
-            raise IndexError(f"llm_position {hp.llm_position} is out of range for a ViT with {depth} blocks.")
-        self.llm_block = self.build_llm(hp.llm, in_dim=self.backbone.embed_dim)
-        if self.llm_block is not None:
-            # The block is applied by a forward hook on ViT block `llm_position`, so the timm model and
-            # its pretrained weights stay unchanged and the final norm and head follow the LM block.
-            self.backbone.blocks[hp.llm_position].register_forward_hook(self._llm_hook)
-        if self.llm_auxiliary and self.llm_config.aux_head == "separate":
-            dim = self.backbone.embed_dim
-            self.aux_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hp.num_classes))
-
-    def _llm_hook(self, module: nn.Module, args: tuple, tokens: torch.Tensor) -> torch.Tensor:
-        return self.llm_tap(tokens)
-
-    def auxiliary_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """GCR's auxiliary head on the LM branch's tokens, pooled as the trunk pools (CLS for DeiT)."""
-        if self.llm_config.aux_head == "shared":
-            return self.backbone.forward_head(self.backbone.norm(tokens))
-        return self.aux_head(self.backbone.pool(tokens))
+    input_key: str
 
     def configure_losses(self) -> None:
         hp = self.hparams
@@ -117,33 +55,54 @@ class ImageClassifier(FrozenLMMixin, BaseTask):
         self.val_metrics = metrics.clone(prefix="val_")
         self.test_metrics = metrics.clone(prefix="test_")
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)
+    def auxiliary_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """GCR's auxiliary head on the LM branch's output tokens."""
+        raise NotImplementedError
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        images, targets = batch["image"], batch["label"]
+    def mix(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """timm's mixup/cutmix on ``[B, C, H, W]`` inputs (video tasks fold frames into channels)."""
+        if len(inputs) % 2:  # timm's Mixup pairs samples; a dropped unreadable sample can make a batch odd
+            inputs, targets = inputs[:-1], targets[:-1]
+        return self.mixup(inputs, targets)
+
+    def class_probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Softmax over classes; tasks whose test batches carry several views average over them."""
+        return self(inputs).softmax(dim=-1)
+
+    def _log_skipped(self, batch: dict[str, Any], stage: str) -> bool:
+        """Log unreadable samples the loader dropped; False when the whole batch was dropped."""
+        if "skipped" in batch:
+            skipped = float(batch["skipped"])
+            self.log(f"data/skipped/{stage}", skipped, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
+        return self.input_key in batch
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if not self._log_skipped(batch, "train"):
+            return None  # every sample of the batch was unreadable: skip the step
+        inputs, targets = batch[self.input_key], batch["label"]
         if self.mixup is not None:
-            images, targets = self.mixup(images, targets)
-        loss = self.train_criterion(self(images), targets)
+            inputs, targets = self.mix(inputs, targets)
+        loss = self.train_criterion(self(inputs), targets)
         aux_tokens = self.auxiliary_tokens()
         if aux_tokens is not None:  # GCR: loss_main + aux_weight * loss_aux
             aux_loss = self.train_criterion(self.auxiliary_logits(aux_tokens), targets)
-            self.log_dict({"train_loss_main": loss, "train_loss_aux": aux_loss}, batch_size=images.shape[0])
+            self.log_dict({"train_loss_main": loss, "train_loss_aux": aux_loss}, batch_size=len(inputs))
             loss = loss + self.llm_config.aux_weight * aux_loss
-        self.log("train_loss", loss, prog_bar=True, batch_size=images.shape[0])
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(inputs))
         return loss
 
     def probe_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The training loss without mixup, for the gradient-coherence probe."""
-        return F.cross_entropy(self(batch["image"]), batch["label"], label_smoothing=self.hparams.label_smoothing)
+        return F.cross_entropy(self(batch[self.input_key]), batch["label"], label_smoothing=self.hparams.label_smoothing)
 
     def _evaluate(self, batch: dict[str, Any], metrics: MetricCollection, stage: str) -> None:
-        logits = self(batch["image"])
-        loss = F.cross_entropy(logits, batch["label"])
-        metrics.update(logits, batch["label"])
-        batch_size = logits.shape[0]
-        self.log(f"{stage}_loss", loss, sync_dist=True, batch_size=batch_size)
-        self.log_dict(metrics, prog_bar=stage == "val", batch_size=batch_size)
+        if not self._log_skipped(batch, stage):
+            return
+        probs = self.class_probabilities(batch[self.input_key])
+        loss = F.nll_loss(probs.clamp_min(1e-12).log(), batch["label"])
+        metrics.update(probs, batch["label"])
+        self.log(f"{stage}_loss", loss, sync_dist=True, batch_size=len(probs))
+        self.log_dict(metrics, prog_bar=stage == "val", batch_size=len(probs))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val")
@@ -152,6 +111,7 @@ class ImageClassifier(FrozenLMMixin, BaseTask):
         self._evaluate(batch, self.test_metrics, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        probs = self(batch["image"]).softmax(dim=-1)
-        top = probs.topk(min(5, probs.shape[-1]), dim=-1)
+        if self.input_key not in batch:
+            return {"id": [], "classes": [], "probs": []}
+        top = self.class_probabilities(batch[self.input_key]).topk(min(5, self.hparams.num_classes), dim=-1)
         return {"id": batch["id"], "classes": top.indices, "probs": top.values}

@@ -6,16 +6,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torchmetrics import MetricCollection
 
-from frozenlm.llm import FrozenLMMixin, LLMConfig
+from frozenlm.llm import LLMConfig
 from frozenlm.models import create_videomae
-from frozenlm.tasks.base import BaseTask
-from frozenlm.tasks.classification import ImageClassifier
+from frozenlm.tasks.classification import ClassificationTask
 
 
-class VideoClassifier(FrozenLMMixin, BaseTask):
+class VideoClassifier(ClassificationTask):
     """VideoMAE fine-tuning: encoder tokens -> [frozen LM block] -> mean pooling -> fc_norm -> head.
 
     With an ``llm`` block in the default ``inline`` mode this is LM4VE on video: all 1568 tokens of a
@@ -47,6 +44,8 @@ class VideoClassifier(FrozenLMMixin, BaseTask):
         lr, lr_reference_batch, layer_decay, min_lr, warmup_epochs, **kwargs: optimisation recipe, see
             :class:`frozenlm.tasks.BaseTask`.
     """
+
+    input_key = "video"
 
     def __init__(
         self,
@@ -83,7 +82,7 @@ class VideoClassifier(FrozenLMMixin, BaseTask):
         )  # fmt: skip
         dim = self.backbone.config.hidden_size
         self.llm_block = self.build_llm(hp.llm, in_dim=dim)
-        self.fc_norm = nn.LayerNorm(dim, eps=self.backbone.config.layer_norm_eps)
+        self.fc_norm = nn.LayerNorm(dim, eps=1e-6)  # VideoMAE's norms use eps 1e-6
         self.head = nn.Linear(dim, hp.num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
@@ -91,11 +90,6 @@ class VideoClassifier(FrozenLMMixin, BaseTask):
             self.head.weight.mul_(hp.head_init_scale)
         if self.llm_auxiliary and self.llm_config.aux_head == "separate":
             self.aux_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hp.num_classes))
-
-    # Mixup/label smoothing and top-1/top-5 metrics are set up exactly as for images, from the same
-    # hyper-parameter names.
-    configure_losses = ImageClassifier.configure_losses
-    configure_metrics = ImageClassifier.configure_metrics
 
     # -- layer-wise lr decay (timm's create_optimizer_v2 reads these) -------------------------
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
@@ -122,60 +116,14 @@ class VideoClassifier(FrozenLMMixin, BaseTask):
             return self.head_logits(tokens)
         return self.aux_head(tokens.mean(dim=1))
 
-    def view_probabilities(self, video: torch.Tensor) -> torch.Tensor:
+    def class_probabilities(self, video: torch.Tensor) -> torch.Tensor:
         """Class probabilities, averaged over the views of ``[B, V, 3, T, H, W]`` inputs."""
         if video.ndim == 5:
             return self(video).softmax(dim=-1)
         batch, views = video.shape[:2]
         return self(video.flatten(0, 1)).softmax(dim=-1).view(batch, views, -1).mean(dim=1)
 
-    # -- steps -------------------------------------------------------------------------------
-    def log_skipped(self, batch: dict[str, Any], stage: str) -> None:
-        """Unreadable videos the loader dropped, summed over the epoch."""
-        self.log(f"data/skipped_videos/{stage}", float(batch["skipped"]), reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        self.log_skipped(batch, "train")
-        if "video" not in batch:
-            return None  # every video of the batch was unreadable: skip the step
-        video, targets = batch["video"], batch["label"]
-        if self.mixup is not None:
-            if len(video) % 2:  # a dropped unreadable video made the batch odd; timm's Mixup pairs samples
-                video, targets = video[:-1], targets[:-1]
-            # Frames folded into channels: timm's Mixup cuts boxes from the last two dims of 4-d batches.
-            mixed, targets = self.mixup(video.flatten(1, 2), targets)
-            video = mixed.view_as(video)
-        loss = self.train_criterion(self(video), targets)
-        aux_tokens = self.auxiliary_tokens()
-        if aux_tokens is not None:  # GCR: loss_main + aux_weight * loss_aux
-            aux_loss = self.train_criterion(self.auxiliary_logits(aux_tokens), targets)
-            self.log_dict({"train_loss_main": loss, "train_loss_aux": aux_loss}, batch_size=len(video))
-            loss = loss + self.llm_config.aux_weight * aux_loss
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(video))
-        return loss
-
-    def probe_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The training loss without mixup, for the gradient-coherence probe."""
-        return F.cross_entropy(self(batch["video"]), batch["label"], label_smoothing=self.hparams.label_smoothing)
-
-    def _evaluate(self, batch: dict[str, Any], metrics: MetricCollection, stage: str) -> None:
-        self.log_skipped(batch, stage)
-        if "video" not in batch:
-            return
-        probs = self.view_probabilities(batch["video"])
-        loss = F.nll_loss(probs.clamp_min(1e-12).log(), batch["label"])
-        metrics.update(probs, batch["label"])
-        self.log(f"{stage}_loss", loss, sync_dist=True, batch_size=len(probs))
-        self.log_dict(metrics, prog_bar=stage == "val", batch_size=len(probs))
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics, "test")
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        if "video" not in batch:
-            return {"id": [], "classes": [], "probs": []}
-        top = self.view_probabilities(batch["video"]).topk(min(5, self.hparams.num_classes), dim=-1)
-        return {"id": batch["id"], "classes": top.indices, "probs": top.values}
+    def mix(self, video: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixup/cutmix of whole clips: frames folded into channels, so one box cuts every frame."""
+        mixed, targets = super().mix(video.flatten(1, 2), targets)
+        return mixed.view(len(mixed), *video.shape[1:]), targets

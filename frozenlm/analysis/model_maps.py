@@ -1,0 +1,154 @@
+"""Activation maps of an ImageClassifier at each stage of its frozen LM block (LM4VE's information
+filtering).
+
+:func:`stage_maps` runs the model on images and returns, per stage, the magnitude and frequency maps
+of :mod:`frozenlm.analysis.activation_maps` on the patch grid (prefix tokens dropped), min-max
+normalised per image; :func:`stage_tokens` gives the tokens themselves. Stages, in order (those of
+the block only when the model has one):
+
+* ``vit``: the tokens after ViT block ``llm_position``, where the block takes them;
+* ``adapter_in``: after ``Linear(D -> d_llm)``;
+* ``attention``: the residual stream after the (last) LM layer's attention sub-layer;
+* ``ffn``: after its feed-forward sub-layer, i.e. the LM layer's output;
+* ``adapter_out``: the block's output, after ``Linear(d_llm -> D)``;
+* ``cls_attention`` (kind ``attention``): the CLS-to-patch attention of the last ViT block.
+
+Where the residual stream after attention is read depends on the family (see ``ATTENTION_OUTPUT``):
+pre-norm layers add the attention output to the stream and then normalise it for the FFN, so it is
+the input of that norm; BERT's ``attention`` module already ends with the add & LayerNorm.
+
+timm's fused attention never forms the attention weights, so they are recomputed from the last
+block's ``qkv`` projection (captured by a hook) exactly as timm's ``Attention`` defines them:
+``softmax(q_norm(q) k_norm(k)^T * scale)``.
+
+In GCR (``llm.mode: auxiliary``) models the block is not part of inference; it is run here on the
+tokens the trunk gives at ``llm_position``, as in training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from frozenlm.analysis.activation_maps import (
+    cls_attention_map,
+    frequency_map,
+    magnitude_map,
+    minmax_normalize,
+    pseudo_mask_iou,
+    to_patch_grid,
+)
+from frozenlm.tasks import ImageClassifier
+
+# model_type -> (submodule of an LM layer, "input" or "output" of it) holding the residual stream
+# after the attention sub-layer.
+ATTENTION_OUTPUT: dict[str, tuple[str, str]] = {
+    "llama": ("post_attention_layernorm", "input"),
+    "mistral": ("post_attention_layernorm", "input"),
+    "qwen2": ("post_attention_layernorm", "input"),
+    "gpt2": ("ln_2", "input"),
+    "opt": ("final_layer_norm", "input"),  # pre-norm OPT (do_layer_norm_before, all but OPT-350m)
+    "bert": ("attention", "output"),
+}
+STAGES = ("vit", "adapter_in", "attention", "ffn", "adapter_out")
+MAP_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {"magnitude": magnitude_map, "frequency": frequency_map}
+
+
+def stage_maps(model: ImageClassifier, images: Tensor) -> dict[str, dict[str, Tensor]]:
+    """``maps[stage][kind]``: ``[B, h, w]`` maps in ``[0, 1]`` for ``images [B, 3, H, W]``.
+
+    Kinds are ``magnitude`` and ``frequency`` for token stages and ``attention`` for
+    ``cls_attention`` (see the module docstring). The model runs in eval mode; its mode is restored.
+    """
+    tokens, attention = stage_tokens(model, images)
+    backbone = model.backbone
+    prefix, grid = backbone.num_prefix_tokens, tuple(backbone.patch_embed.grid_size)
+    maps = {
+        stage: {kind: _on_grid(fn(value[:, prefix:]), grid) for kind, fn in MAP_FUNCTIONS.items()}
+        for stage, value in tokens.items()
+    }
+    maps["cls_attention"] = {"attention": _on_grid(cls_attention_map(attention, prefix), grid)}
+    return maps
+
+
+@torch.no_grad()
+def stage_tokens(model: ImageClassifier, images: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """The tokens ``[B, N, C]`` (prefix tokens included) at each stage, in order, and the last ViT
+    block's attention weights ``[B, heads, N, N]``, for ``images [B, 3, H, W]`` in eval mode."""
+    backbone, block = model.backbone, model.llm_block
+    tokens: dict[str, Tensor] = {}
+
+    def keep(stage: str, kind: str = "output") -> Callable:
+        def hook(module, args, output=None):
+            value = args[0] if kind == "input" else output
+            tokens[stage] = value[0] if isinstance(value, tuple) else value  # some layers return tuples
+
+        return hook
+
+    qkv_module = backbone.blocks[-1].attn.qkv
+    handles = [
+        # prepend: see the ViT's tokens before the model's own hook replaces them with the block's output.
+        backbone.blocks[model.hparams.llm_position].register_forward_hook(keep("vit"), prepend=True),
+        qkv_module.register_forward_hook(keep("qkv")),
+    ]
+    if block is not None and block.layers is not None:
+        layer = block.layers[-1]
+        name, kind = _attention_output(block)
+        module = layer.get_submodule(name)
+        attention_hook = module.register_forward_pre_hook(keep("attention", kind)) if kind == "input" else None
+        handles += [
+            block.adapter_in.register_forward_hook(keep("adapter_in")),
+            attention_hook or module.register_forward_hook(keep("attention")),
+            layer.register_forward_hook(keep("ffn")),
+            block.adapter_out.register_forward_hook(keep("adapter_out")),
+        ]
+    training = model.training
+    model.eval()
+    try:
+        model(images)
+        if block is not None and "adapter_out" not in tokens:  # GCR: the branch is training-only
+            block(tokens["vit"])
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+
+    attention = _attention_weights(backbone.blocks[-1].attn, tokens.pop("qkv"))
+    return {stage: tokens[stage] for stage in STAGES if stage in tokens}, attention
+
+
+def pseudo_mask_scores(maps: dict[str, dict[str, Tensor]], masks: Tensor) -> dict[str, dict[str, float]]:
+    """Mean over images of the best pseudo-mask IoU of each map against ``masks [B, H, W]``."""
+    return {
+        stage: {
+            kind: sum(pseudo_mask_iou(m, mask)[0] for m, mask in zip(values, masks)) / len(masks)
+            for kind, values in kinds.items()
+        }
+        for stage, kinds in maps.items()
+    }
+
+
+def _attention_output(block: nn.Module) -> tuple[str, str]:
+    config = block.lm_config
+    if config.model_type == "opt" and not config.do_layer_norm_before:
+        return "self_attn_layer_norm", "output"  # post-norm OPT normalises the stream after the add
+    try:
+        return ATTENTION_OUTPUT[config.model_type]
+    except KeyError:
+        raise ValueError(
+            f"No attention read-out point for model_type {config.model_type!r}; add it to ATTENTION_OUTPUT."
+        ) from None
+
+
+def _attention_weights(attn: nn.Module, qkv: Tensor) -> Tensor:
+    """timm ``Attention``'s weights ``[B, heads, N, N]`` from its ``qkv`` projection's output."""
+    batch, length, _ = qkv.shape
+    q, k, _ = qkv.reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    return (q @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1)
+
+
+def _on_grid(values: Tensor, grid: tuple[int, int]) -> Tensor:
+    return minmax_normalize(to_patch_grid(values, grid))

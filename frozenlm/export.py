@@ -1,0 +1,86 @@
+"""``frozenlm export``: the plain visual trunk of a trained ImageClassifier, for use without frozenlm.
+
+A baseline (``llm: null``) or GCR (``llm.mode: auxiliary``) model is a plain timm ViT at inference:
+the frozen LM block and the auxiliary head only shape training. Export writes that ViT's state dict
+as ``model.safetensors`` and a sibling ``model.json`` with the timm model name and the
+``timm.create_model`` keyword arguments that rebuild it:
+
+    spec = json.load(open("model.json"))
+    vit = timm.create_model(spec["model_name"], **spec["create_model_kwargs"])
+    vit.load_state_dict(safetensors.torch.load_file("model.safetensors"))
+
+Only the Lightning checkpoint is read (its hyper-parameters and tensors); the LM source is never
+opened, so export works on a machine without the LLM. Inline (LM4VE) checkpoints are refused: there
+the frozen block is part of the forward path, and a trunk without it would be a different model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.models import VisionTransformer
+
+TRUNK_PREFIX = "backbone."
+
+
+def read_trunk(checkpoint: str | Path) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+    """``(timm model name, create_model kwargs, state dict)`` of an ImageClassifier checkpoint's ViT.
+
+    Raises ``ValueError`` for checkpoints of other tasks and for inline-mode LM blocks.
+    """
+    # Lightning checkpoints hold plain containers and tensors: no unpickling of arbitrary classes.
+    # mmap: only the trunk's tensors are read, not the optimizer state.
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    hparams = stored.get("hyper_parameters", {})
+    state = {k.removeprefix(TRUNK_PREFIX): v for k, v in stored["state_dict"].items() if k.startswith(TRUNK_PREFIX)}
+    if not isinstance(hparams.get("backbone"), str) or not state:
+        kind = hparams.get("_class_path", "a task without a timm `backbone`")
+        raise ValueError(f"{checkpoint} is a checkpoint of {kind}; export supports frozenlm.tasks.ImageClassifier.")
+    llm = hparams.get("llm")
+    if llm is not None and llm.get("mode", "inline") == "inline":
+        raise ValueError(
+            f"{checkpoint} was trained with the frozen LM block inline (llm.mode: inline, LM4VE): the block "
+            "is part of that model, so the trunk alone would give different outputs. Only baseline "
+            "(llm: null) and GCR (llm.mode: auxiliary) checkpoints export to a plain timm ViT."
+        )
+    # Architecture only: drop-path and pretrained-weight options shape training, not the model.
+    kwargs = {"num_classes": hparams["num_classes"], **(hparams.get("backbone_kwargs") or {})}
+    kwargs.update({k: hparams[k] for k in ("img_size", "patch_size") if hparams.get(k) is not None})
+    return hparams["backbone"], kwargs, state
+
+
+def load_trunk(checkpoint: str | Path) -> VisionTransformer:
+    """The checkpoint's plain timm ViT with its trained weights, in eval mode."""
+    name, kwargs, state = read_trunk(checkpoint)
+    model = timm.create_model(name, **kwargs)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def export(checkpoint: str, output: str = "model.safetensors") -> Path:
+    """Write the plain timm ViT of a baseline or GCR ImageClassifier checkpoint.
+
+    Args:
+        checkpoint: a Lightning ``.ckpt`` of ``frozenlm.tasks.ImageClassifier`` trained with
+            ``llm: null`` or ``llm.mode: auxiliary``.
+        output: the ``.safetensors`` file to write; the timm model name and ``create_model`` kwargs
+            go to the same path with a ``.json`` suffix.
+
+    Returns:
+        The path of the written ``.safetensors`` file.
+    """
+    name, kwargs, state = read_trunk(checkpoint)
+    path = Path(output)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"output must end in .safetensors, got {output}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, path, metadata={"format": "pt"})
+    spec = {"model_name": name, "create_model_kwargs": kwargs, "source_checkpoint": str(checkpoint)}
+    path.with_suffix(".json").write_text(json.dumps(spec, indent=2) + "\n")
+    print(f"Wrote {path} ({len(state)} tensors) and {path.with_suffix('.json')} (timm.create_model arguments).")
+    return path

@@ -1,0 +1,96 @@
+"""Image classification with a ViT and a frozen LM block (LM4VE, Pang et al., ICLR 2024; GCR, AAAI 2025)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from frozenlm.llm import LLMConfig
+from frozenlm.models import create_vit
+from frozenlm.tasks.classification import ClassificationTask
+
+
+class ImageClassifier(ClassificationTask):
+    """A timm ViT whose token sequence passes through a frozen LM block after ViT block ``llm_position``.
+
+    With the default ``llm_position=-1`` this is the LM4VE model: ViT blocks -> Linear -> frozen LM
+    block -> Linear -> the ViT's final norm -> head, all tokens (CLS + patches) through the block.
+    With ``llm.mode: auxiliary`` it is GCR: the tokens after block ``llm_position`` also go through
+    Linear -> frozen LM block -> Linear -> an auxiliary head during training, the loss is
+    ``loss_main + llm.aux_weight * loss_aux``, and inference is the plain ViT.
+    ``llm: null`` gives the plain ViT baseline with the same recipe.
+
+    Args:
+        backbone: timm model name (``deit_tiny/small/base_patch16_224`` in the paper).
+        num_classes: number of classes (linked from the datamodule by the CLI).
+        img_size: input size override (e.g. 32 for CIFAR).
+        patch_size: patch size override (e.g. 4 for 32 px images).
+        pretrained: start from timm's pretrained weights (needs the hub or a cache).
+        pretrained_file: start from timm weights in a local file.
+        drop_path_rate: stochastic depth (DeiT: 0.1).
+        backbone_kwargs: further timm ``create_model`` arguments (``depth``, ``embed_dim``, ...).
+        llm: the frozen LM block (see :class:`frozenlm.llm.LLMConfig`); None for none.
+        llm_position: index of the ViT block after which the LM block runs (-1: after the last,
+            before the final norm; 0: the paper's "head" ablation; depth // 2: "middle").
+        label_smoothing: label smoothing (DeiT: 0.1).
+        mixup: mixup alpha (DeiT: 0.8); 0 disables.
+        cutmix: cutmix alpha (DeiT: 1.0); 0 disables.
+        mixup_switch_prob: probability of cutmix instead of mixup when both are on.
+        **kwargs: optimisation recipe, see :class:`frozenlm.tasks.BaseTask` (lr, weight_decay,
+            warmup_epochs, min_lr, ...).
+    """
+
+    input_key = "image"
+
+    def __init__(
+        self,
+        backbone: str = "deit_small_patch16_224",
+        num_classes: int = 1000,
+        img_size: int | None = None,
+        patch_size: int | None = None,
+        pretrained: bool = False,
+        pretrained_file: str | None = None,
+        drop_path_rate: float = 0.1,
+        backbone_kwargs: dict[str, Any] | None = None,
+        llm: LLMConfig | None = None,
+        llm_position: int = -1,
+        label_smoothing: float = 0.1,
+        mixup: float = 0.8,
+        cutmix: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        self.backbone = create_vit(
+            hp.backbone, hp.num_classes, img_size=hp.img_size, patch_size=hp.patch_size,
+            drop_path_rate=hp.drop_path_rate, pretrained=hp.pretrained, pretrained_file=hp.pretrained_file,
+            **(hp.backbone_kwargs or {}),
+        )  # fmt: skip
+        depth = len(self.backbone.blocks)
+        if not -depth <= hp.llm_position < depth:
+            raise IndexError(f"llm_position {hp.llm_position} is out of range for a ViT with {depth} blocks.")
+        self.llm_block = self.build_llm(hp.llm, in_dim=self.backbone.embed_dim)
+        if self.llm_block is not None:
+            # The block is applied by a forward hook on ViT block `llm_position`, so the timm model and
+            # its pretrained weights stay unchanged and the final norm and head follow the LM block.
+            self.backbone.blocks[hp.llm_position].register_forward_hook(self._llm_hook)
+        if self.llm_auxiliary and self.llm_config.aux_head == "separate":
+            dim = self.backbone.embed_dim
+            self.aux_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hp.num_classes))
+
+    def _llm_hook(self, module: nn.Module, args: tuple, tokens: torch.Tensor) -> torch.Tensor:
+        return self.llm_tap(tokens)
+
+    def auxiliary_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """GCR's auxiliary head on the LM branch's tokens, pooled as the trunk pools (CLS for DeiT)."""
+        if self.llm_config.aux_head == "shared":
+            return self.backbone.forward_head(self.backbone.norm(tokens))
+        return self.aux_head(self.backbone.pool(tokens))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)

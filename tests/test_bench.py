@@ -1,0 +1,122 @@
+"""`frozenlm bench` on tiny layer shapes: row structure, FLOP counts, and the jsonargparse CLI. No timing asserts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from jsonargparse import CLI
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from frozenlm.bench import bench, block_flops, lm_config
+from frozenlm.llm.block import FrozenLMBlock
+
+TINY = dict(hidden=64, intermediate=128, heads=2, in_dim=32, batch=2, tokens=5)
+KEYS = {
+    "model_type", "hidden", "intermediate", "heads", "lm_layers", "in_dim", "batch", "tokens", "dtype", "device",
+    "flops_forward", "flops_backward", "flops", "block_ms", "ideal_ms", "matmul_shape", "block_tflops",
+    "ideal_tflops", "ratio", "peak_mem_mib", "mem_method", "weights_mib",
+}  # fmt: skip
+
+
+def llama_hand_count(hidden, intermediate, heads, in_dim, batch, tokens):
+    """Matmul FLOPs of one LLaMA layer between adapters, written out by hand."""
+    rows = batch * tokens
+    head_dim = hidden // heads
+    q = k = v = o = 2 * rows * hidden * hidden  # multi-head attention: k, v as wide as q
+    gate = up = down = 2 * rows * hidden * intermediate
+    qk = av = 2 * batch * heads * tokens * tokens * head_dim
+    adapter_in = adapter_out = 2 * rows * in_dim * hidden
+    forward = q + k + v + o + gate + up + down + qk + av + adapter_in + adapter_out
+    # frozen linears: dX only; QK^T and PV: grads of both operands; adapters: dX and dW.
+    backward = (q + k + v + o + gate + up + down) + 2 * (qk + av) + 2 * (adapter_in + adapter_out)
+    return forward, backward
+
+
+def test_bench_rows_cpu_fp32_and_bf16(capsys):
+    rows = bench(**TINY, dtypes=("float32", "bfloat16"), device="cpu", repeats=2, warmup=1)
+    assert [row["dtype"] for row in rows] == ["float32", "bfloat16"]
+    forward, backward = llama_hand_count(**TINY)
+    for row in rows:
+        assert set(row) == KEYS
+        assert row["device"] == "cpu" and row["batch"] == 2 and row["tokens"] == 5
+        assert (row["flops_forward"], row["flops_backward"]) == (forward, backward)
+        assert row["flops"] == forward + backward
+        for key in ("block_ms", "ideal_ms", "block_tflops", "ideal_tflops", "ratio", "weights_mib"):
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row[key])
+        assert math.isfinite(row["peak_mem_mib"]) and row["peak_mem_mib"] >= 0
+        assert row["block_tflops"] == pytest.approx(row["flops"] / (row["block_ms"] * 1e-3) / 1e12)
+        assert row["ratio"] == pytest.approx(row["block_ms"] / row["ideal_ms"])
+        assert row["mem_method"].startswith("CPU")
+    # bf16 weights hold half the bytes of fp32 ones (the adapters stay fp32).
+    assert rows[1]["weights_mib"] < rows[0]["weights_mib"]
+    printed = capsys.readouterr().out
+    assert "float32" in printed and "bfloat16" in printed and "ratio" in printed
+
+
+def test_bench_through_jsonargparse_cli():
+    args = ["--hidden=64", "--intermediate=96", "--heads=4", "--in_dim=16", "--batch=1", "--tokens=3",
+            "--dtypes=[float32]", "--device=cpu", "--repeats=1", "--warmup=1", "--quiet=true"]  # fmt: skip
+    rows = CLI(bench, args=args)
+    assert len(rows) == 1 and rows[0]["dtype"] == "float32" and rows[0]["intermediate"] == 96
+    assert rows[0]["flops_forward"] == llama_hand_count(64, 96, 4, 16, 1, 3)[0]
+
+
+@pytest.mark.parametrize(
+    "model_type, kv_heads", [("llama", None), ("llama", 1), ("gpt2", None), ("opt", None), ("bert", None)]
+)
+def test_flop_count_matches_torch_flop_counter(model_type, kv_heads):
+    """The analytic count equals what torch's FlopCounterMode sees in a real forward + backward.
+
+    The math SDPA backend runs attention as plain matmuls (fused kernels are not all counted by
+    FlopCounterMode on CPU, and recompute Q K^T in backward), so the counts must agree exactly.
+    """
+    config = lm_config(model_type, 64, 128, 4, kv_heads=kv_heads, num_layers=2)
+    block = FrozenLMBlock.from_config(config, [0, 1], in_dim=24)
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    with sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as forward_counter:
+            out = block(x)
+        with FlopCounterMode(display=False) as backward_counter:
+            out.backward(torch.randn_like(out))
+    count = block_flops(block, batch=3, tokens=7)
+    assert count["forward"] == forward_counter.get_total_flops()
+    assert count["backward"] == backward_counter.get_total_flops()
+    assert count["total"] == count["forward"] + count["backward"]
+    # frozen weights got no gradient; the trainable adapters did
+    assert all(p.grad is None for p in block.layers.parameters())
+    assert block.adapter_in.weight.grad is not None and x.grad is not None
+
+
+def test_bad_options_say_what_is_wrong():
+    with pytest.raises(ValueError, match="kv_heads"):
+        lm_config("gpt2", 64, 128, 4, kv_heads=2)
+    with pytest.raises(ValueError, match="multiple of heads"):
+        lm_config("llama", 65, 128, 4)
+    with pytest.raises(ValueError, match="repeats"):
+        bench(**TINY, device="cpu", repeats=0, quiet=True)
+    with pytest.raises(ValueError, match="dtypes"):
+        bench(**TINY, device="cpu", dtypes=("int8",), quiet=True)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_cpu_peak_memory_sees_a_transient_allocation(monkeypatch, sampled):
+    """The CPU peak is the RSS high-water mark (or sampled RSS) above the start, so a freed buffer still shows."""
+    import frozenlm.bench as bench_module
+
+    if sampled:  # /proc/self/clear_refs not writable: psutil sampling takes over
+        def no_clear_refs(*args, **kwargs):
+            raise PermissionError("clear_refs")
+
+        monkeypatch.setattr(bench_module, "open", no_clear_refs, raising=False)
+    with bench_module._PeakMemory(torch.device("cpu")) as memory:
+        buffer = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        if sampled:
+            import time
+
+            time.sleep(0.05)
+        del buffer
+    assert memory.method.startswith("CPU: psutil" if sampled else "CPU: RSS high-water")
+    assert 60 * 2**20 <= memory.peak < 200 * 2**20
