@@ -133,7 +133,8 @@ def _extra_commands() -> dict[str, Callable]:
     return {"bench": bench, "export": export, "rank-layers": rank_layers}
 
 
-def main(args: list[str] | None = None) -> FrozenLMCLI | None:
+def run(args: list[str] | None = None) -> FrozenLMCLI | None:
+    """Run a command (``sys.argv`` when ``args`` is None); the LightningCLI of trainer commands."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in {"bench", "export", "rank-layers"}:
         from jsonargparse import auto_cli
@@ -154,5 +155,10 @@ def main(args: list[str] | None = None) -> FrozenLMCLI | None:
     )
 
 
+def main() -> None:
+    """The console script: its return value becomes the exit status, so it returns nothing."""
+    run()
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from frozenlm.cli import main
+from frozenlm.cli import run
 
 CONF = Path(__file__).parent / "conf"
 
 
 def run_cli(subcommand: str, config: str, root: Path, *args: str):
     """``frozenlm <subcommand> --config tests/conf/<config>.yaml`` with logs and checkpoints under ``root``."""
-    return main(
+    return run(
         [
             subcommand,
             "--config", str(CONF / f"{config}.yaml"),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from frozenlm.cli import main
+from frozenlm.cli import run
 from tests.cli_helpers import last_checkpoint, load_checkpoint, run_cli
 from tests.conftest import build_tiny_lm, save_checkpoint
 
@@ -39,7 +39,7 @@ REPRODUCE_TARGETS = [
 
 def test_help_lists_commands(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
+        run(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     for command in ("fit", "validate", "test", "predict", "bench", "export", "rank-layers"):
@@ -49,14 +49,14 @@ def test_help_lists_commands(capsys):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_every_config_parses(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--print_config"])
+        run(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code == 0
     assert "class_path: frozenlm.tasks." in capsys.readouterr().out
 
 
 def test_trainer_presets_stack_on_a_config(capsys):
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(REPO / "configs/imagenet_deit_small_llama.yaml"),
+        run(["fit", "--config", str(REPO / "configs/imagenet_deit_small_llama.yaml"),
               "--config", str(REPO / "configs/trainer/rtx3090x8_ddp.yaml"), "--print_config"])  # fmt: skip
     out = capsys.readouterr().out
     assert "accumulate_grad_batches: 2" in out and "batch_size: 64" in out
@@ -70,7 +70,7 @@ def test_reproduce_target_command_parses(target, capsys):
     for line in commands:
         args = shlex.split(line.split("frozenlm", 1)[1])
         with pytest.raises(SystemExit) as exit_info:
-            main([*args, "--print_config"])
+            run([*args, "--print_config"])
         assert exit_info.value.code == 0, capsys.readouterr().err
 
 
@@ -84,7 +84,7 @@ def test_reproduce_target_command_parses(target, capsys):
 )
 def test_bad_arguments_fail_with_a_clear_message(override, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(REPO / "configs/demo.yaml"), *override, "--print_config"])
+        run(["fit", "--config", str(REPO / "configs/demo.yaml"), *override, "--print_config"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from frozenlm.cli import main
+from frozenlm.cli import run
 from tests.cli_helpers import last_checkpoint, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_demo_config_learns_digits_without_storing_frozen_weights(tmp_path, minilm_checkpoint):
-    cli = main(
+    cli = run(
         [
             "fit", "--config", str(REPO / "configs/demo.yaml"),
             "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),

@@ -10,7 +10,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from frozenlm.cli import main
+from frozenlm.cli import run
 from frozenlm.export import export
 from tests.cli_helpers import last_checkpoint, run_cli
 
@@ -28,7 +28,7 @@ def gcr_run(tmp_path_factory, tiny_llama_checkpoint):
 def test_exported_gcr_trunk_loads_into_timm_and_matches_the_task(gcr_run, tmp_path):
     model, checkpoint = gcr_run
     output = tmp_path / "out" / "model.safetensors"
-    main(["export", "--checkpoint", str(checkpoint), "--output", str(output)])
+    run(["export", "--checkpoint", str(checkpoint), "--output", str(output)])
 
     state = load_file(output)
     assert not [k for k in state if "llm_block" in k or "aux_head" in k]

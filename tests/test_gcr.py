@@ -9,7 +9,7 @@ import timm
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from frozenlm.cli import main
+from frozenlm.cli import run
 from frozenlm.tasks import ImageClassifier
 from tests.cli_helpers import run_cli
 
@@ -27,7 +27,7 @@ TINY_VIT_KWARGS = dict(depth=2, embed_dim=32, num_heads=2)
 @pytest.mark.parametrize("config", GCR_CONFIGS, ids=lambda p: p.name)
 def test_gcr_configs_take_the_coherence_callback_besides_the_defaults(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), *COHERENCE, "--print_config"])
+        run(["fit", "--config", str(config), *COHERENCE, "--print_config"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "mode: auxiliary" in out and "aux_head: separate" in out and "aux_weight: 1.0" in out

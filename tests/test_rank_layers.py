@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from frozenlm.analysis import rank_layers
-from frozenlm.cli import main
+from frozenlm.cli import run
 from frozenlm.llm import FrozenLMBlock
 from tests.cli_helpers import last_checkpoint, run_cli
 
@@ -45,7 +45,7 @@ def test_ranks_every_layer_of_the_tiny_llama_one_at_a_time(tiny_llama_checkpoint
 
 def test_cli_on_a_trained_checkpoint_with_the_real_minilm(tmp_path, minilm_checkpoint, loaded_blocks, capsys):
     run_cli("fit", "image_baseline", tmp_path)
-    main([
+    run([
         "rank-layers", "--lm_checkpoint", minilm_checkpoint, "--checkpoint", str(last_checkpoint(tmp_path)),
         "--layers", "[0, -1]", "--num_images", "6", "--position", "0",
     ])  # fmt: skip
