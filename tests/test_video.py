@@ -208,7 +208,7 @@ def test_fit_test_predict_inline_through_the_cli(tmp_path, ssv2_root, tiny_llama
     output = tmp_path / "predictions.csv"
     run_cli("predict", "video_llama", tmp_path, *args, "--ckpt_path", str(ckpt), "--predictions.output", str(output))
     rows = list(csv.DictReader(output.open()))
-    assert len(rows) == 4 and json.loads(rows[0]["class_names"])[0] in CLASSES
+    assert len(rows) == 8 and json.loads(rows[0]["class_names"])[0] in CLASSES  # every validation video
 
 
 def test_gcr_auxiliary_mode_through_the_cli(tmp_path, ssv2_copy, tiny_llama_checkpoint):

@@ -64,7 +64,49 @@ class LabeledImages(Dataset):
         }
 
 
-class ImageDataModule(L.LightningDataModule):
+class ClassificationDataModule(L.LightningDataModule):
+    """Loader settings every datamodule shares: a per-process batch size, workers and pinned memory
+    that suit the machine, and even training batches (timm's Mixup pairs samples).
+
+    Args:
+        batch_size: samples per batch in each process (DDP multiplies it by the world size).
+        num_workers: loader processes; None = all usable cores but one, at most 8.
+        pin_memory: None = whether CUDA is available.
+    """
+
+    num_classes: int
+    # How samples become a batch; None = torch's default_collate.
+    collate_fn: Callable | None = None
+
+    def __init__(self, batch_size: int, num_workers: int | None = None, pin_memory: bool | None = None) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+
+    def _train_loader(self, dataset: Dataset) -> DataLoader:
+        if len(dataset) < self.batch_size:
+            raise ValueError(
+                f"{type(self).__name__}: the train split has {len(dataset)} samples, fewer than one batch "
+                f"(batch_size {self.batch_size}), and incomplete batches are dropped; lower --data.batch_size."
+            )
+        # Dropping the last incomplete batch keeps batches even, as timm's Mixup requires.
+        return self._loader(dataset, shuffle=True, drop_last=True)
+
+    def _loader(self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn,
+        )
+
+
+class ImageDataModule(ClassificationDataModule):
     """Single-label image classification with the DeiT training recipe's augmentation as defaults.
 
     Subclasses set `num_classes` by the end of `__init__` (the CLI links it to the model) and implement
@@ -73,9 +115,7 @@ class ImageDataModule(L.LightningDataModule):
 
     Args:
         root: dataset directory.
-        batch_size: samples per batch in each process (DDP multiplies it by the world size).
-        num_workers: loader processes; None = all usable cores but one, at most 8.
-        pin_memory: None = whether CUDA is available.
+        batch_size, num_workers, pin_memory: see :class:`ClassificationDataModule`.
         img_size: side of the square images the model receives.
         auto_augment: timm auto-augment recipe (DeiT: RandAugment "rand-m9-mstd0.5-inc1"); None = off.
         re_prob: random-erasing probability.
@@ -86,8 +126,6 @@ class ImageDataModule(L.LightningDataModule):
         mean: per-channel normalization mean.
         std: per-channel normalization std.
     """
-
-    num_classes: int
 
     def __init__(
         self,
@@ -105,11 +143,8 @@ class ImageDataModule(L.LightningDataModule):
         mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
         std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
     ):
-        super().__init__()
+        super().__init__(batch_size, num_workers, pin_memory)
         self.root = None if root is None else Path(root)
-        self.batch_size = batch_size
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.img_size = img_size
         self.train_transform = create_transform(
             input_size=img_size,
@@ -143,13 +178,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        if len(self.train_set) < self.batch_size:
-            raise ValueError(
-                f"{type(self).__name__}: the train split has {len(self.train_set)} samples, fewer than one batch "
-                f"(batch_size {self.batch_size}), and incomplete batches are dropped; lower --data.batch_size."
-            )
-        # Dropping the last incomplete batch keeps batches even, as timm's Mixup requires.
-        return self._loader(self.train_set, shuffle=True, drop_last=True)
+        return self._train_loader(self.train_set)
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")
@@ -162,14 +191,3 @@ class ImageDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         self.setup("predict")
         return self._loader(self.val_set)
-
-    def _loader(self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )

@@ -8,12 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-import lightning as L
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 
-from frozenlm.data.base import DatasetNotFoundError, default_num_workers
+from frozenlm.data.base import ClassificationDataModule, DatasetNotFoundError
 from frozenlm.data.video_transforms import (
     VideoEvalTransform,
     VideoTrainTransform,
@@ -85,7 +84,7 @@ class LabeledVideos(Dataset):
         return views[0] if self.views == "val" else views
 
 
-class SSv2DataModule(L.LightningDataModule):
+class SSv2DataModule(ClassificationDataModule):
     """Something-Something-v2 in its official layout, VideoMAE's fine-tuning data pipeline.
 
     On disk (as the official download extracts)::
@@ -106,8 +105,7 @@ class SSv2DataModule(L.LightningDataModule):
     Args:
         root: dataset directory (see above).
         batch_size: clips per batch in each process.
-        num_workers: loader processes; None = all usable cores but one, at most 8.
-        pin_memory: None = whether CUDA is available.
+        num_workers, pin_memory: see :class:`frozenlm.data.base.ClassificationDataModule`.
         num_frames: frames per clip, one per temporal segment (VideoMAE: 16).
         img_size: side of the square clips.
         test_clips: temporal clips per test video (VideoMAE on SSv2: 2).
@@ -120,6 +118,9 @@ class SSv2DataModule(L.LightningDataModule):
         mean: per-channel normalisation mean.
         std: per-channel normalisation std.
     """
+
+    # Drops unreadable videos from the batch and counts them in `skipped`.
+    collate_fn = staticmethod(collate_readable)
 
     def __init__(
         self,
@@ -138,11 +139,8 @@ class SSv2DataModule(L.LightningDataModule):
         mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
         std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
     ):
-        super().__init__()
+        super().__init__(batch_size, num_workers, pin_memory)
         self.root = Path(root)
-        self.batch_size = batch_size
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.num_frames = num_frames
         self.test_clips = test_clips
         self.video_folder = self.find_video_folder()
@@ -193,13 +191,7 @@ class SSv2DataModule(L.LightningDataModule):
 
     # -- loaders -----------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        dataset = LabeledVideos(self.load_split("train"), "train", self.num_frames, self.train_transform)
-        if len(dataset) < self.batch_size:
-            raise ValueError(
-                f"SSv2DataModule: the train split has {len(dataset)} videos, fewer than one batch (batch_size "
-                f"{self.batch_size}), and incomplete batches are dropped; lower --data.batch_size."
-            )
-        return self._loader(dataset, shuffle=True, drop_last=True)  # even batches for mixup
+        return self._train_loader(LabeledVideos(self.load_split("train"), "train", self.num_frames, self.train_transform))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(LabeledVideos(self.load_split("val"), "val", self.num_frames, self.val_transform))
@@ -210,16 +202,3 @@ class SSv2DataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
-
-    def _loader(self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate_readable,
-        )
-
