@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import pickle
 import re
 import shutil
+import types
 from collections import Counter
 from pathlib import Path
 
@@ -285,3 +287,24 @@ def test_caltech256_download_goes_through_torchvision_in_prepare_data(tmp_path, 
     dm.prepare_data()
     assert calls == [(str(tmp_path), True)]
     assert len(dm.load_split("val").ids) == 12
+
+
+def test_repeated_augmentation_repeats_each_sampled_image_and_follows_the_epoch():
+    dm = DigitsDataModule(batch_size=6, num_workers=0, repeated_augmentation=3, img_size=16)
+    loader = dm.train_dataloader()
+    ids = [i for batch in itertools.islice(loader, 2) for i in batch["id"]]
+    assert ids[0] == ids[1] == ids[2] and ids[3] == ids[4] == ids[5] and ids[0] != ids[3]
+    first = list(loader.sampler)
+    loader.sampler.set_epoch(1)
+    assert list(loader.sampler) != first
+
+
+def test_repeated_augmentation_under_ddp_needs_lightnings_sampler_off():
+    dm = DigitsDataModule(batch_size=6, num_workers=0, repeated_augmentation=3, img_size=16)
+    connector = types.SimpleNamespace(use_distributed_sampler=True)
+    dm.trainer = types.SimpleNamespace(world_size=2, global_rank=1, _accelerator_connector=connector)
+    with pytest.raises(ValueError, match="use_distributed_sampler false"):
+        dm.train_dataloader()
+    connector.use_distributed_sampler = False
+    sampler = dm.train_dataloader().sampler
+    assert (sampler.num_replicas, sampler.rank) == (2, 1)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.cli_helpers import CONF, last_checkpoint, load_checkpoint, run_cli
@@ -25,8 +26,12 @@ def cli_subprocess(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_killed_run_resumes_exactly(tmp_path, tiny_llama_checkpoint):
-    common = ["--model.llm.checkpoint", str(tiny_llama_checkpoint), "--trainer.max_epochs", "3"]
+@pytest.mark.parametrize("repeated_augmentation", [1, 3])
+def test_killed_run_resumes_exactly(tmp_path, tiny_llama_checkpoint, repeated_augmentation):
+    common = [
+        "--model.llm.checkpoint", str(tiny_llama_checkpoint), "--trainer.max_epochs", "3",
+        "--data.repeated_augmentation", str(repeated_augmentation),
+    ]  # fmt: skip
     straight = run_cli("fit", "image_llama", tmp_path / "straight", *common)
 
     killed = cli_subprocess(

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
-from torch.utils.data import DataLoader, Dataset
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 # A file path, a decoded image, or an HxWx3 uint8 array (array datasets stay compact in memory).
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
@@ -72,17 +73,28 @@ class ClassificationDataModule(L.LightningDataModule):
         batch_size: samples per batch in each process (DDP multiplies it by the world size).
         num_workers: loader processes; None = all usable cores but one, at most 8.
         pin_memory: None = whether CUDA is available.
+        repeated_augmentation: DeiT's repeated augmentation (timm's ``RepeatAugSampler``): each
+            sampled image appears this many times per epoch, differently augmented, spread over the
+            processes (DeiT: 3). The sampler does its own sharding, so set
+            ``--trainer.use_distributed_sampler false`` with it under DDP. 1 = off.
     """
 
     num_classes: int
     # How samples become a batch; None = torch's default_collate.
     collate_fn: Callable | None = None
 
-    def __init__(self, batch_size: int, num_workers: int | None = None, pin_memory: bool | None = None) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        num_workers: int | None = None,
+        pin_memory: bool | None = None,
+        repeated_augmentation: int = 1,
+    ) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.repeated_augmentation = repeated_augmentation
 
     def _train_loader(self, dataset: Dataset) -> DataLoader:
         if len(dataset) < self.batch_size:
@@ -91,13 +103,27 @@ class ClassificationDataModule(L.LightningDataModule):
                 f"(batch_size {self.batch_size}), and incomplete batches are dropped; lower --data.batch_size."
             )
         # Dropping the last incomplete batch keeps batches even, as timm's Mixup requires.
-        return self._loader(dataset, shuffle=True, drop_last=True)
+        if self.repeated_augmentation == 1:
+            return self._loader(dataset, shuffle=True, drop_last=True)
+        trainer = self.trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        # Lightning would shard this already-sharded sampler again (its private flag, read defensively).
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if world_size > 1 and getattr(connector, "use_distributed_sampler", False):
+            raise ValueError(
+                "repeated_augmentation shards the data itself: add --trainer.use_distributed_sampler false."
+            )
+        sampler = RepeatAugSampler(dataset, num_replicas=world_size, rank=rank, num_repeats=self.repeated_augmentation)
+        return self._loader(dataset, sampler=sampler, drop_last=True)  # Lightning calls its set_epoch
 
-    def _loader(self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False, sampler: Sampler | None = None
+    ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -115,7 +141,7 @@ class ImageDataModule(ClassificationDataModule):
 
     Args:
         root: dataset directory.
-        batch_size, num_workers, pin_memory: see :class:`ClassificationDataModule`.
+        batch_size, num_workers, pin_memory, repeated_augmentation: see :class:`ClassificationDataModule`.
         img_size: side of the square images the model receives.
         auto_augment: timm auto-augment recipe (DeiT: RandAugment "rand-m9-mstd0.5-inc1"); None = off.
         re_prob: random-erasing probability.
@@ -142,8 +168,9 @@ class ImageDataModule(ClassificationDataModule):
         crop_pct: float = 0.875,
         mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
         std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+        repeated_augmentation: int = 1,
     ):
-        super().__init__(batch_size, num_workers, pin_memory)
+        super().__init__(batch_size, num_workers, pin_memory, repeated_augmentation)
         self.root = None if root is None else Path(root)
         self.img_size = img_size
         self.train_transform = create_transform(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ from transformers import AutoConfig
 from frozenlm.llm.block import FrozenLMBlock, LLMConfig, build_block, build_layers, standalone_config
 
 CHECKPOINT_KEY = "frozen_lm"
+
+# Frozen layers stay in eval mode on purpose (no dropout in them while the rest trains); Lightning
+# warns about every module in eval mode when fit starts, which here would be noise on every run.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 # Set while `load_from_checkpoint` restores a self-contained checkpoint: block name -> stored metadata,
 # so the block is built empty (weights come from the checkpoint) instead of read from its source.
