@@ -232,3 +232,17 @@ def test_gcr_auxiliary_mode_through_the_cli(tmp_path, ssv2_copy, tiny_llama_chec
     with torch.no_grad():
         plain = model.head_logits(model.backbone(pixel_values=video.transpose(1, 2)).last_hidden_state)
         torch.testing.assert_close(model(video), plain)
+
+
+def test_a_batch_of_only_unreadable_videos_gives_a_zero_loss_that_reaches_every_trainable_parameter(
+    tiny_llama_checkpoint,
+):
+    model = VideoClassifier(
+        num_classes=4, num_frames=4, img_size=32, llm=LLMConfig(checkpoint=str(tiny_llama_checkpoint)),
+        backbone_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+    )  # fmt: skip
+    model.log = lambda *args, **kwargs: None  # no trainer attached
+    loss = model.training_step({"skipped": 4}, 0)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters() if p.requires_grad)

@@ -76,9 +76,11 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
             self.log(f"data/skipped/{stage}", skipped, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
         return self.input_key in batch
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if not self._log_skipped(batch, "train"):
-            return None  # every sample of the batch was unreadable: skip the step
+            # Every sample was unreadable. A zero loss over all trainable parameters keeps DDP's gradient
+            # all-reduce in step with the other processes (returning None would leave them waiting).
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         inputs, targets = batch[self.input_key], batch["label"]
         if self.mixup is not None:
             inputs, targets = self.mix(inputs, targets)
