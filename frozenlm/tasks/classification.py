@@ -1,10 +1,10 @@
 """``ClassificationTask``: what every classifier shares, whatever its input (images, videos).
 
 The task-specific part is the model: ``configure_models``, ``forward`` (logits of a batch of
-inputs, with the frozen LM block applied through ``llm_tap``) and ``auxiliary_logits`` (GCR's
-auxiliary head on the LM branch's tokens). Everything else is here, once: mixup/cutmix with label
-smoothing, the LM4VE/GCR training step, top-1/top-5 evaluation (averaging the softmax over the views
-a test batch may carry), and predictions.
+inputs, with the frozen LM block applied through ``llm_tap``), ``pool`` (tokens to one vector) and
+``head_logits`` (the trunk's head on tokens). Everything else is here, once: GCR's auxiliary head,
+mixup/cutmix with label smoothing, the LM4VE/GCR training step, top-1/top-5 evaluation (averaging the
+softmax over the views a test batch may carry), and predictions.
 """
 
 from __future__ import annotations
@@ -55,9 +55,24 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
         self.val_metrics = metrics.clone(prefix="val_")
         self.test_metrics = metrics.clone(prefix="test_")
 
-    def auxiliary_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """GCR's auxiliary head on the LM branch's output tokens."""
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, N, D]`` tokens to ``[B, D]``, as the trunk pools them."""
         raise NotImplementedError
+
+    def head_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The trunk's own head (norm, pooling, classifier) on ``[B, N, D]`` tokens."""
+        raise NotImplementedError
+
+    def configure_auxiliary_head(self, dim: int) -> None:
+        """GCR's separate auxiliary head (``llm.aux_head: separate``): a norm and a classifier of its own."""
+        if self.llm_auxiliary and self.llm_config.aux_head == "separate":
+            self.aux_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, self.hparams.num_classes))
+
+    def auxiliary_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """GCR's auxiliary head on the LM branch's output tokens, pooled as the trunk pools."""
+        if self.llm_config.aux_head == "shared":
+            return self.head_logits(tokens)
+        return self.aux_head(self.pool(tokens))
 
     def mix(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """timm's mixup/cutmix on ``[B, C, H, W]`` inputs (video tasks fold frames into channels)."""

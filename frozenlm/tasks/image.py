@@ -79,18 +79,16 @@ class ImageClassifier(ClassificationTask):
             # The block is applied by a forward hook on ViT block `llm_position`, so the timm model and
             # its pretrained weights stay unchanged and the final norm and head follow the LM block.
             self.backbone.blocks[hp.llm_position].register_forward_hook(self._llm_hook)
-        if self.llm_auxiliary and self.llm_config.aux_head == "separate":
-            dim = self.backbone.embed_dim
-            self.aux_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hp.num_classes))
+        self.configure_auxiliary_head(self.backbone.embed_dim)
 
     def _llm_hook(self, module: nn.Module, args: tuple, tokens: torch.Tensor) -> torch.Tensor:
         return self.llm_tap(tokens)
 
-    def auxiliary_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """GCR's auxiliary head on the LM branch's tokens, pooled as the trunk pools (CLS for DeiT)."""
-        if self.llm_config.aux_head == "shared":
-            return self.backbone.forward_head(self.backbone.norm(tokens))
-        return self.aux_head(self.backbone.pool(tokens))
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.backbone.pool(tokens)  # the CLS token for DeiT
+
+    def head_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_head(self.backbone.norm(tokens))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)

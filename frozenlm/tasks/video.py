@@ -88,8 +88,7 @@ class VideoClassifier(ClassificationTask):
         nn.init.zeros_(self.head.bias)
         with torch.no_grad():
             self.head.weight.mul_(hp.head_init_scale)
-        if self.llm_auxiliary and self.llm_config.aux_head == "separate":
-            self.aux_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hp.num_classes))
+        self.configure_auxiliary_head(dim)
 
     # -- layer-wise lr decay (timm's create_optimizer_v2 reads these) -------------------------
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
@@ -104,17 +103,14 @@ class VideoClassifier(ClassificationTask):
         tokens = self.backbone(pixel_values=video.transpose(1, 2)).last_hidden_state  # HF takes [B, T, 3, H, W]
         return self.llm_tap(tokens)
 
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.mean(dim=1)  # VideoMAE has no CLS token
+
     def head_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.fc_norm(tokens.mean(dim=1)))
+        return self.head(self.fc_norm(self.pool(tokens)))
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         return self.head_logits(self.tokens(video))
-
-    def auxiliary_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """GCR's auxiliary head on the LM branch's tokens, mean-pooled as the trunk pools."""
-        if self.llm_config.aux_head == "shared":
-            return self.head_logits(tokens)
-        return self.aux_head(tokens.mean(dim=1))
 
     def class_probabilities(self, video: torch.Tensor) -> torch.Tensor:
         """Class probabilities, averaged over the views of ``[B, V, 3, T, H, W]`` inputs."""
