@@ -13,9 +13,8 @@ the block only when the model has one):
 * ``adapter_out``: the block's output, after ``Linear(d_llm -> D)``;
 * ``cls_attention`` (kind ``attention``): the CLS-to-patch attention of the last ViT block.
 
-Where the residual stream after attention is read depends on the family (see ``ATTENTION_OUTPUT``):
-pre-norm layers add the attention output to the stream and then normalise it for the FFN, so it is
-the input of that norm; BERT's ``attention`` module already ends with the add & LayerNorm.
+Where the residual stream after attention is read depends on the family
+(:attr:`frozenlm.llm.LMFamily.attention_output`).
 
 timm's fused attention never forms the attention weights, so they are recomputed from the last
 block's ``qkv`` projection (captured by a hook) exactly as timm's ``Attention`` defines them:
@@ -40,18 +39,9 @@ from frozenlm.analysis.activation_maps import (
     pseudo_mask_iou,
     to_patch_grid,
 )
+from frozenlm.llm import FrozenLMBlock
 from frozenlm.tasks import ImageClassifier
 
-# model_type -> (submodule of an LM layer, "input" or "output" of it) holding the residual stream
-# after the attention sub-layer.
-ATTENTION_OUTPUT: dict[str, tuple[str, str]] = {
-    "llama": ("post_attention_layernorm", "input"),
-    "mistral": ("post_attention_layernorm", "input"),
-    "qwen2": ("post_attention_layernorm", "input"),
-    "gpt2": ("ln_2", "input"),
-    "opt": ("final_layer_norm", "input"),  # pre-norm OPT (do_layer_norm_before, all but OPT-350m)
-    "bert": ("attention", "output"),
-}
 STAGES = ("vit", "adapter_in", "attention", "ffn", "adapter_out")
 MAP_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {"magnitude": magnitude_map, "frequency": frequency_map}
 
@@ -130,16 +120,11 @@ def pseudo_mask_scores(maps: dict[str, dict[str, Tensor]], masks: Tensor) -> dic
     }
 
 
-def _attention_output(block: nn.Module) -> tuple[str, str]:
+def _attention_output(block: FrozenLMBlock) -> tuple[str, str]:
     config = block.lm_config
     if config.model_type == "opt" and not config.do_layer_norm_before:
         return "self_attn_layer_norm", "output"  # post-norm OPT normalises the stream after the add
-    try:
-        return ATTENTION_OUTPUT[config.model_type]
-    except KeyError:
-        raise ValueError(
-            f"No attention read-out point for model_type {config.model_type!r}; add it to ATTENTION_OUTPUT."
-        ) from None
+    return block.family.attention_output
 
 
 def _attention_weights(attn: nn.Module, qkv: Tensor) -> Tensor:

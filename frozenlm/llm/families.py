@@ -21,12 +21,17 @@ class LMFamily:
         layer_class: ``module:ClassName`` of transformers' layer class.
         container: name of the ``ModuleList`` holding the layers in checkpoint keys
             (``model.layers.31.mlp...`` -> ``layers``).
+        attention_output: ``(submodule, "input" | "output")`` of a layer where the residual stream
+            after its attention sub-layer can be read (activation maps): pre-norm layers add the
+            attention output to the stream and normalise it for the FFN, so it is that norm's input;
+            BERT's ``attention`` module already ends with the add & LayerNorm.
         rotary: the layer takes ``position_embeddings=(cos, sin)``; we pass the identity rotation
             because the visual tokens carry their own positions.
     """
 
     layer_class: str
     container: str
+    attention_output: tuple[str, str]
     rotary: bool = False
 
     def build_layer(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
@@ -37,13 +42,16 @@ class LMFamily:
 
 _DECODER = "transformers.models.{0}.modeling_{0}:{1}"
 
+_PRE_FFN_NORM = ("post_attention_layernorm", "input")
+
 FAMILIES: dict[str, LMFamily] = {
-    "llama": LMFamily(_DECODER.format("llama", "LlamaDecoderLayer"), "layers", rotary=True),
-    "mistral": LMFamily(_DECODER.format("mistral", "MistralDecoderLayer"), "layers", rotary=True),
-    "qwen2": LMFamily(_DECODER.format("qwen2", "Qwen2DecoderLayer"), "layers", rotary=True),
-    "opt": LMFamily(_DECODER.format("opt", "OPTDecoderLayer"), "layers"),
-    "gpt2": LMFamily(_DECODER.format("gpt2", "GPT2Block"), "h"),
-    "bert": LMFamily(_DECODER.format("bert", "BertLayer"), "layer"),
+    "llama": LMFamily(_DECODER.format("llama", "LlamaDecoderLayer"), "layers", _PRE_FFN_NORM, rotary=True),
+    "mistral": LMFamily(_DECODER.format("mistral", "MistralDecoderLayer"), "layers", _PRE_FFN_NORM, rotary=True),
+    "qwen2": LMFamily(_DECODER.format("qwen2", "Qwen2DecoderLayer"), "layers", _PRE_FFN_NORM, rotary=True),
+    # Pre-norm OPT (do_layer_norm_before: all sizes but 350m); post-norm OPT is handled by the reader.
+    "opt": LMFamily(_DECODER.format("opt", "OPTDecoderLayer"), "layers", ("final_layer_norm", "input")),
+    "gpt2": LMFamily(_DECODER.format("gpt2", "GPT2Block"), "h", ("ln_2", "input")),
+    "bert": LMFamily(_DECODER.format("bert", "BertLayer"), "layer", ("attention", "output")),
 }
 
 
