@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 import torchvision
 from sklearn.datasets import load_digits
@@ -29,7 +30,8 @@ from frozenlm.data import (
     ImageDataModule,
     ImageFolderDataModule,
 )
-from frozenlm.data.base import DatasetNotFoundError
+from frozenlm.data.base import DatasetNotFoundError, TooManyUnreadableSamplesError, Unreadable
+from tests.cli_helpers import run_cli
 
 
 def fake_data_writer(dataset: str):
@@ -47,7 +49,7 @@ write_caltech256 = fake_data_writer("caltech256")
 
 
 def check_batch(batch: dict, batch_size: int, img_size: int, num_classes: int) -> None:
-    assert set(batch) == {"image", "label", "id"}
+    assert set(batch) == {"image", "label", "id", "unreadable"} and batch["unreadable"] == []
     assert batch["image"].shape == (batch_size, 3, img_size, img_size)
     assert batch["image"].dtype == torch.float32
     assert batch["label"].shape == (batch_size,) and batch["label"].dtype == torch.int64
@@ -219,6 +221,48 @@ def test_imagefolder_converts_grayscale_and_cmyk_to_rgb(tmp_path):
         index = ids.index(f"train/n01440764/{name}")
         assert dm.train_set[index]["image"].shape == (3, 32, 32)
         assert dm.train_set[index]["label"] == 0
+
+
+def damage_imagefolder(root: Path) -> list[Path]:
+    """Add a non-image file named .png and a truncated JPEG to train/, and a truncated JPEG to val/."""
+    not_an_image = root / "train" / "n01443537" / "notes.png"
+    not_an_image.write_text("not an image\n" * 20)
+    damaged = [not_an_image]
+    for split in ("train", "val"):
+        whole = root / split / "n01484850" / f"truncated_{split}.JPEG"
+        Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(whole)
+        whole.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+        damaged.append(whole)
+    return damaged
+
+
+def test_unreadable_images_are_dropped_with_their_path(tmp_path):
+    not_an_image, truncated, _ = damage_imagefolder(write_imagefolder(tmp_path))
+    dm = ImageFolderDataModule(tmp_path, batch_size=4, img_size=32, num_workers=0)
+    dm.setup("fit")
+    paths = list(dm.train_set.split.images)
+    for path, reason in ((not_an_image, "UnidentifiedImageError"), (truncated, "image file is truncated")):
+        sample = dm.train_set[paths.index(str(path))]
+        assert isinstance(sample, Unreadable) and sample.path == str(path) and reason in sample.reason
+
+
+def test_a_run_skips_and_counts_unreadable_images_and_names_each_once(tmp_path):
+    root = tmp_path / "data"
+    damaged = damage_imagefolder(write_imagefolder(root))  # 2 of 16 train images, 1 of 7 val images
+    args = [
+        "--data", "frozenlm.data.ImageFolderDataModule", "--data.root", str(root), "--data.batch_size", "4",
+        "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "null", "--trainer.limit_val_batches", "null",
+    ]  # fmt: skip
+    with pytest.warns(UserWarning, match="Skipping unreadable sample") as record:
+        cli = run_cli("fit", "image_baseline", tmp_path / "runs", *args, "--data.max_unreadable_fraction", "0.2")
+    assert cli.trainer.current_epoch == 2  # both epochs ran
+    messages = [str(w.message) for w in record if "Skipping unreadable sample" in str(w.message)]
+    assert [sum(str(path) in m for m in messages) for path in damaged] == [1, 1, 1]  # once each over 2 epochs
+    metrics = cli.trainer.callback_metrics
+    assert metrics["data/unreadable/train"] == 2 and metrics["data/unreadable/val"] == 1
+
+    with pytest.raises(TooManyUnreadableSamplesError, match=r"--data.max_unreadable_fraction 0.01.*(notes.png|truncated)"):
+        run_cli("fit", "image_baseline", tmp_path / "runs", *args)
 
 
 def test_imagefolder_missing_fails_at_init_naming_path(tmp_path):

@@ -11,6 +11,7 @@ import lightning
 import pytest
 import torch
 import torch.nn as nn
+from lightning.fabric.utilities.cloud_io import _load as pl_load
 from torch.utils.data import DataLoader, TensorDataset
 
 from frozenlm.llm.block import FrozenLMBlock
@@ -229,6 +230,35 @@ def test_weights_only_is_honoured(trained, tmp_path):
     assert EXECUTED == []
     torch.load(tmp_path / "unsafe.ckpt", weights_only=False)  # the payload is real
     assert EXECUTED == ["ran"]
+
+
+class WritesMarker:
+    """Unpickling this creates a file: a crafted checkpoint that runs code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_default_loading_is_as_strict_as_lightnings(trained, tmp_path):
+    """`load_from_checkpoint(path)` with no `weights_only` reads the frozen-block metadata no more
+    permissively than Lightning then reads the checkpoint: a crafted pickle never runs."""
+    _, _, path, _ = trained
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    marker = tmp_path / "pwned"
+    checkpoint["extra"] = WritesMarker(marker)
+    torch.save(checkpoint, tmp_path / "crafted.ckpt")
+    with pytest.raises(pickle.UnpicklingError):
+        pl_load(tmp_path / "crafted.ckpt")  # Lightning's own loading refuses it...
+    crafted = tmp_path / "crafted.ckpt"
+    for source in (crafted, str(crafted), io.BytesIO(crafted.read_bytes())):
+        with pytest.raises(pickle.UnpicklingError):
+            TinyTask.load_from_checkpoint(source)  # ...and so does ours, for paths and file objects
+        assert not marker.exists()
+    torch.load(tmp_path / "crafted.ckpt", weights_only=False)  # the payload is real
+    assert marker.exists()
 
 
 def test_restoring_into_a_different_block_is_refused(tmp_path, trained, tiny_lm, tiny_llama_checkpoint):

@@ -14,11 +14,10 @@ from timm.optim import create_optimizer_v2
 from transformers import VideoMAEConfig, VideoMAEForPreTraining, VideoMAEModel
 
 from frozenlm.data import SSv2DataModule
-from frozenlm.data.base import DatasetNotFoundError
+from frozenlm.data.base import DatasetNotFoundError, Unreadable, collate_readable
 from frozenlm.data.ssv2 import class_name
 from frozenlm.data.video_transforms import (
     VideoTrainTransform,
-    collate_readable,
     decode_frames,
     read_clip,
     segment_indices,
@@ -86,7 +85,7 @@ def test_labels_come_from_the_templates(ssv2_root):
 def test_loaders_yield_clips_and_test_views(ssv2_root):
     data = datamodule(ssv2_root)
     train = next(iter(data.train_dataloader()))
-    assert train["video"].shape == (4, 3, FRAMES, SIZE, SIZE) and train["skipped"] == 0
+    assert train["video"].shape == (4, 3, FRAMES, SIZE, SIZE) and train["unreadable"] == []
     val = next(iter(data.val_dataloader()))
     assert val["video"].shape == (4, 3, FRAMES, SIZE, SIZE)
     test = next(iter(data.test_dataloader()))
@@ -108,19 +107,18 @@ def test_augmentation_is_the_same_for_every_frame():
         assert all(torch.equal(clip[:, 0], clip[:, t]) for t in range(1, FRAMES))
 
 
-def test_unreadable_videos_are_skipped_with_a_warning(ssv2_copy):
+def test_unreadable_videos_are_dropped_and_named(ssv2_copy):
     data = datamodule(ssv2_copy)
     split = data.load_split("val")
     split.paths[1].write_bytes(b"\x1a\x45\xdf\xa3 not a webm" * 10)
     split.paths[2].unlink()
     dataset = data.test_dataloader().dataset
-    with pytest.warns(UserWarning, match=rf"Skipping unreadable video .*{split.paths[1].name}"):
-        assert dataset[1] is None
-    with pytest.warns(UserWarning, match=split.paths[2].name):
-        assert dataset[2] is None
-    batch = collate_readable([dataset[0], None, dataset[3], None])
-    assert batch["skipped"] == 2 and batch["video"].shape[0] == 2
-    assert collate_readable([None]) == {"skipped": 1}
+    assert isinstance(dataset[1], Unreadable) and dataset[1].path == str(split.paths[1])
+    assert isinstance(dataset[2], Unreadable) and "No such file" in dataset[2].reason
+    batch = collate_readable([dataset[0], dataset[1], dataset[3], dataset[2]])
+    assert batch["video"].shape[0] == 2
+    assert [entry.split(" (")[0] for entry in batch["unreadable"]] == [str(split.paths[1]), str(split.paths[2])]
+    assert collate_readable([dataset[1]]) == {"unreadable": [f"{split.paths[1]} ({dataset[1].reason})"]}
 
 
 def test_missing_dataset_fails_at_once_with_the_fix(tmp_path, ssv2_copy):
@@ -216,15 +214,15 @@ def test_gcr_auxiliary_mode_through_the_cli(tmp_path, ssv2_copy, tiny_llama_chec
     data = datamodule(ssv2_copy)
     for split in ("train", "val"):
         data.load_split(split).paths[0].write_bytes(b"garbage" * 50)
-    with pytest.warns(UserWarning, match="Skipping unreadable video"):
+    with pytest.warns(UserWarning, match=rf"Skipping unreadable sample .*{data.load_split('train').paths[0]}"):
         cli = run_cli(
             "fit", "video_llama", tmp_path, "--data.root", str(ssv2_copy),
             "--model.llm.checkpoint", str(tiny_llama_checkpoint), "--model.llm.mode", "auxiliary",
-            "--trainer.limit_train_batches", "4",
+            "--trainer.limit_train_batches", "4", "--data.max_unreadable_fraction", "0.2",
         )  # fmt: skip
     metrics = cli.trainer.callback_metrics
     assert metrics["train_loss_aux"].isfinite() and metrics["train_loss_main"].isfinite()
-    assert metrics["data/skipped/train"] == 1 and metrics["data/skipped/val"] == 1
+    assert metrics["data/unreadable/train"] == 1 and metrics["data/unreadable/val"] == 1
 
     model = cli.model.eval()
     model.llm_block.forward = lambda *a, **k: pytest.fail("the LM block ran at inference in auxiliary mode")
@@ -242,7 +240,7 @@ def test_a_batch_of_only_unreadable_videos_gives_a_zero_loss_that_reaches_every_
         backbone_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
     )  # fmt: skip
     model.log = lambda *args, **kwargs: None  # no trainer attached
-    loss = model.training_step({"skipped": 4}, 0)
+    loss = model.training_step({"unreadable": ["a.webm (OSError)"] * 4}, 0)
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters() if p.requires_grad)

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple, Union
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import RunningStage
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from frozenlm.data.augment import with_safe_posterize
 
 # A file path, a decoded image, or an HxWx3 uint8 array (array datasets stay compact in memory).
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
@@ -23,17 +27,48 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset is missing or incomplete on disk; the message names the path and the fix."""
 
 
+class TooManyUnreadableSamplesError(RuntimeError):
+    """More of an epoch's samples could not be decoded than the datamodule's ``max_unreadable_fraction``."""
+
+
+class Unreadable(NamedTuple):
+    """What a dataset returns in place of a sample whose file cannot be decoded (corrupt, truncated,
+    not an image or video, missing): the batch drops it, and the main process reports and counts it."""
+
+    path: str
+    reason: str
+
+    @classmethod
+    def of(cls, path: str | os.PathLike, error: BaseException) -> Unreadable:
+        return cls(str(path), f"{type(error).__name__}: {error}")
+
+
+def collate_readable(samples: list[dict | Unreadable]) -> dict:
+    """``default_collate`` of the samples that were read; ``unreadable`` lists ``"path (reason)"`` of the
+    others, so a corrupt file costs one sample, never the epoch."""
+    kept = [s for s in samples if not isinstance(s, Unreadable)]
+    batch = default_collate(kept) if kept else {}
+    batch["unreadable"] = [f"{s.path} ({s.reason})" for s in samples if isinstance(s, Unreadable)]
+    return batch
+
+
 def default_num_workers() -> int:
     """Loader workers for this machine: all usable cores but one (left to the training process), at most 8."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(0, min(8, cores - 1))
 
 
+# What Pillow raises for a file it cannot decode: missing or not an image (OSError, including
+# UnidentifiedImageError), truncated ("image file is truncated", an OSError), broken chunks (SyntaxError,
+# ValueError), or a decompression bomb.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def to_rgb(source: ImageSource) -> Image.Image:
     """Decode one image source as RGB (grayscale, CMYK and palette images included)."""
     if isinstance(source, (str, os.PathLike)):
         with Image.open(source) as image:
-            return image.convert("RGB")  # decodes now, so the file is closed on return
+            return image.convert("RGB")  # decodes now (the whole file), so the file is closed on return
     if isinstance(source, np.ndarray):
         source = Image.fromarray(source)
     return source.convert("RGB")
@@ -48,7 +83,9 @@ class Split(NamedTuple):
 
 
 class LabeledImages(Dataset):
-    """A split's samples as `{"image": FloatTensor[3,H,W], "label": int, "id": str}` dicts."""
+    """A split's samples as `{"image": FloatTensor[3,H,W], "label": int, "id": str}` dicts, or
+    :class:`Unreadable` for a file that cannot be decoded (only decoding is guarded: an error of the
+    transform is a bug and is raised)."""
 
     def __init__(self, split: Split, transform: Callable[[Image.Image], torch.Tensor]):
         self.split = split
@@ -57,9 +94,14 @@ class LabeledImages(Dataset):
     def __len__(self) -> int:
         return len(self.split.labels)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> dict | Unreadable:
+        source = self.split.images[index]
+        try:
+            image = to_rgb(source)
+        except DECODE_ERRORS as error:
+            return Unreadable.of(source, error)
         return {
-            "image": self.transform(to_rgb(self.split.images[index])),
+            "image": self.transform(image),
             "label": int(self.split.labels[index]),
             "id": self.split.ids[index],
         }
@@ -67,7 +109,12 @@ class LabeledImages(Dataset):
 
 class ClassificationDataModule(L.LightningDataModule):
     """Loader settings every datamodule shares: a per-process batch size, workers and pinned memory
-    that suit the machine, and even training batches (timm's Mixup pairs samples).
+    that suit the machine, even training batches (timm's Mixup pairs samples), and unreadable files.
+
+    A sample whose file cannot be decoded is dropped from its batch (:func:`collate_readable`); the
+    training process warns once per file, naming it, and the task logs the count per epoch
+    (``data/unreadable/<stage>``). Once more than ``max_unreadable_fraction`` of an epoch's samples
+    were unreadable the run stops with :class:`TooManyUnreadableSamplesError`: the data is broken.
 
     Args:
         batch_size: samples per batch in each process (DDP multiplies it by the world size).
@@ -77,11 +124,13 @@ class ClassificationDataModule(L.LightningDataModule):
             sampled image appears this many times per epoch, differently augmented, spread over the
             processes (DeiT: 3). The sampler does its own sharding, so set
             ``--trainer.use_distributed_sampler false`` with it under DDP. 1 = off.
+        max_unreadable_fraction: the largest fraction of an epoch's samples (per process) that may be
+            unreadable before the run stops; 0 stops at the first.
     """
 
     num_classes: int
-    # How samples become a batch; None = torch's default_collate.
-    collate_fn: Callable | None = None
+    # How samples become a batch: drops unreadable samples and lists them.
+    collate_fn: Callable = staticmethod(collate_readable)
 
     def __init__(
         self,
@@ -89,12 +138,44 @@ class ClassificationDataModule(L.LightningDataModule):
         num_workers: int | None = None,
         pin_memory: bool | None = None,
         repeated_augmentation: int = 1,
+        max_unreadable_fraction: float = 0.01,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.repeated_augmentation = repeated_augmentation
+        if not 0 <= max_unreadable_fraction <= 1:
+            raise ValueError(f"max_unreadable_fraction must be in [0, 1], got {max_unreadable_fraction}.")
+        self.max_unreadable_fraction = max_unreadable_fraction
+        self.reported_unreadable: set[str] = set()
+        self._unreadable_count: tuple[tuple, int] = ((), 0)  # (stage, epoch) -> unreadable samples so far
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Runs in the training process for every batch: reports and counts its unreadable samples."""
+        unreadable = batch.get("unreadable") if isinstance(batch, dict) else None
+        if unreadable:
+            self._count_unreadable(unreadable)
+        return batch
+
+    def _count_unreadable(self, unreadable: list[str]) -> None:
+        for entry in unreadable:
+            if entry not in self.reported_unreadable:  # each file once, however many epochs read it
+                self.reported_unreadable.add(entry)
+                warnings.warn(f"Skipping unreadable sample {entry}", stacklevel=2)
+        trainer = self.trainer
+        stage = trainer.state.stage if trainer else None
+        key = (stage, trainer.current_epoch if trainer else 0)
+        count = (self._unreadable_count[1] if self._unreadable_count[0] == key else 0) + len(unreadable)
+        self._unreadable_count = (key, count)
+        samples = _epoch_batches(trainer, stage) * self.batch_size
+        if count > self.max_unreadable_fraction * samples:
+            raise TooManyUnreadableSamplesError(
+                f"{count} unreadable samples in this {stage or 'run'} epoch (of about {samples:.0f}), more than "
+                f"--data.max_unreadable_fraction {self.max_unreadable_fraction}: the dataset looks damaged "
+                f"(first files: {sorted(self.reported_unreadable)[:3]}). Repair or remove the files named in the "
+                "warnings above, or raise --data.max_unreadable_fraction."
+            )
 
     def _train_loader(self, dataset: Dataset) -> DataLoader:
         if len(dataset) < self.batch_size:
@@ -132,6 +213,18 @@ class ClassificationDataModule(L.LightningDataModule):
         )
 
 
+def _epoch_batches(trainer, stage: RunningStage | None) -> float:
+    """Batches in one epoch of ``stage`` (inf when unknown: an iterable dataset, no trainer)."""
+    batches = {
+        RunningStage.TRAINING: lambda: trainer.num_training_batches,
+        RunningStage.SANITY_CHECKING: lambda: sum(trainer.num_sanity_val_batches),
+        RunningStage.VALIDATING: lambda: sum(trainer.num_val_batches),
+        RunningStage.TESTING: lambda: sum(trainer.num_test_batches),
+        RunningStage.PREDICTING: lambda: sum(trainer.num_predict_batches),
+    }.get(stage)
+    return float("inf") if batches is None else float(batches())
+
+
 class ImageDataModule(ClassificationDataModule):
     """Single-label image classification with the DeiT training recipe's augmentation as defaults.
 
@@ -141,7 +234,8 @@ class ImageDataModule(ClassificationDataModule):
 
     Args:
         root: dataset directory.
-        batch_size, num_workers, pin_memory, repeated_augmentation: see :class:`ClassificationDataModule`.
+        batch_size, num_workers, pin_memory, repeated_augmentation, max_unreadable_fraction: see
+            :class:`ClassificationDataModule`.
         img_size: side of the square images the model receives.
         auto_augment: timm auto-augment recipe (DeiT: RandAugment "rand-m9-mstd0.5-inc1"); None = off.
         re_prob: random-erasing probability.
@@ -169,11 +263,12 @@ class ImageDataModule(ClassificationDataModule):
         mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
         std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
         repeated_augmentation: int = 1,
+        max_unreadable_fraction: float = 0.01,
     ):
-        super().__init__(batch_size, num_workers, pin_memory, repeated_augmentation)
+        super().__init__(batch_size, num_workers, pin_memory, repeated_augmentation, max_unreadable_fraction)
         self.root = None if root is None else Path(root)
         self.img_size = img_size
-        self.train_transform = create_transform(
+        self.train_transform = with_safe_posterize(create_transform(
             input_size=img_size,
             is_training=True,
             scale=scale,
@@ -185,7 +280,7 @@ class ImageDataModule(ClassificationDataModule):
             re_mode="pixel",  # DeiT erases with per-pixel noise
             mean=mean,
             std=std,
-        )
+        ))
         self.eval_transform = create_transform(
             input_size=img_size, is_training=False, crop_pct=crop_pct, interpolation="bicubic", mean=mean, std=std
         )

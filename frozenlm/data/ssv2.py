@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -12,11 +11,10 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 
-from frozenlm.data.base import ClassificationDataModule, DatasetNotFoundError
+from frozenlm.data.base import ClassificationDataModule, DatasetNotFoundError, Unreadable
 from frozenlm.data.video_transforms import (
     VideoEvalTransform,
     VideoTrainTransform,
-    collate_readable,
     decode_frames,
     read_clip,
     segment_indices,
@@ -47,12 +45,12 @@ def class_name(template: str) -> str:
 
 
 class LabeledVideos(Dataset):
-    """A split's clips as ``{"video", "label", "id"}`` dicts, or None for an unreadable video.
+    """A split's clips as ``{"video", "label", "id"}`` dicts, or :class:`Unreadable` for an unreadable video.
 
     ``video`` is ``[3, T, H, W]`` for ``views="train"`` (one segment-sampled, augmented clip) and
     ``views="val"`` (the segment centres, centre crop), and ``[V, 3, T, H, W]`` with
-    ``V = num_clips x num_crops`` for ``views="test"``. An unreadable or missing file gives None and a
-    warning naming it; :func:`frozenlm.data.video_transforms.collate_readable` drops and counts it.
+    ``V = num_clips x num_crops`` for ``views="test"``. An unreadable or missing file is dropped from
+    its batch and reported (see :class:`frozenlm.data.base.ClassificationDataModule`).
     """
 
     def __init__(
@@ -67,13 +65,12 @@ class LabeledVideos(Dataset):
     def __len__(self) -> int:
         return len(self.split.labels)
 
-    def __getitem__(self, index: int) -> dict | None:
+    def __getitem__(self, index: int) -> dict | Unreadable:
         path = self.split.paths[index]
         try:
             video = self.read(decode_frames(path))
         except OSError as error:  # unreadable, corrupt or missing file
-            warnings.warn(f"Skipping unreadable video {path}: {type(error).__name__}: {error}", stacklevel=1)
-            return None
+            return Unreadable.of(path, error)
         return {"video": video, "label": int(self.split.labels[index]), "id": self.split.ids[index]}
 
     def read(self, frames: list) -> torch.Tensor:
@@ -98,14 +95,15 @@ class SSv2DataModule(ClassificationDataModule):
     The validation split (24,777 videos) is the val, test and predict split: test.json has no labels.
     Videos are decoded with PyAV (see :mod:`frozenlm.data.video_transforms`).
 
-    Batches: ``{"video", "label", "id", "skipped"}``; ``video`` is ``[B, 3, T, H, W]`` for train and val
+    Batches: ``{"video", "label", "id", "unreadable"}``; ``video`` is ``[B, 3, T, H, W]`` for train and val
     (one clip, val = segment centres, centre crop) and ``[B, V, 3, T, H, W]`` for test and predict
-    with ``V = test_clips x test_crops`` views; ``skipped`` counts unreadable videos dropped from the batch.
+    with ``V = test_clips x test_crops`` views; ``unreadable`` names the videos dropped from the batch.
 
     Args:
         root: dataset directory (see above).
         batch_size: clips per batch in each process.
-        num_workers, pin_memory: see :class:`frozenlm.data.base.ClassificationDataModule`.
+        num_workers, pin_memory, max_unreadable_fraction: see
+            :class:`frozenlm.data.base.ClassificationDataModule`.
         num_frames: frames per clip, one per temporal segment (VideoMAE: 16).
         img_size: side of the square clips.
         test_clips: temporal clips per test video (VideoMAE on SSv2: 2).
@@ -118,9 +116,6 @@ class SSv2DataModule(ClassificationDataModule):
         mean: per-channel normalisation mean.
         std: per-channel normalisation std.
     """
-
-    # Drops unreadable videos from the batch and counts them in `skipped`.
-    collate_fn = staticmethod(collate_readable)
 
     def __init__(
         self,
@@ -138,8 +133,9 @@ class SSv2DataModule(ClassificationDataModule):
         scale: tuple[float, float] = (0.08, 1.0),
         mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
         std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+        max_unreadable_fraction: float = 0.01,
     ):
-        super().__init__(batch_size, num_workers, pin_memory)
+        super().__init__(batch_size, num_workers, pin_memory, max_unreadable_fraction=max_unreadable_fraction)
         self.root = Path(root)
         self.num_frames = num_frames
         self.test_clips = test_clips

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
-from torch.utils.data import default_collate
 from torchvision.transforms import v2
+
+from frozenlm.data.augment import rand_augment_transform
 
 if TYPE_CHECKING:
     import av
@@ -159,13 +159,3 @@ class VideoEvalTransform:
                 top, left = round(spare_h * fraction), spare_w // 2
             views.append(self.normalize(clip[..., top : top + size, left : left + size]).transpose(0, 1))
         return torch.stack(views)
-
-
-def collate_readable(samples: list[dict | None]) -> dict:
-    """``default_collate`` of the samples that were read; ``skipped`` counts the unreadable ones
-    (None), so a corrupt video costs one sample, never the epoch."""
-    kept = [s for s in samples if s is not None]
-    batch = default_collate(kept) if kept else {}
-    batch["skipped"] = len(samples) - len(kept)
-    return batch
-

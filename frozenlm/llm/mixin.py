@@ -163,16 +163,16 @@ class FrozenLMMixin:
 def _stored_blocks(checkpoint_path, weights_only: bool | None) -> dict[str, dict]:
     """The ``frozen_lm`` metadata of a Lightning checkpoint given as a local path, URL or file object.
 
-    Honours ``weights_only`` as Lightning's own loading will (a checkpoint the user asked to load safely
-    is never unpickled unsafely here); None means Lightning's default for local files, False.
+    Reads it exactly as strictly as Lightning's own loading will: ``weights_only`` is passed on as given,
+    so None means Lightning's default (PyTorch's ``weights_only=True`` for local files and file objects),
+    and a checkpoint Lightning would refuse to unpickle is never unpickled here first.
     """
-    weights_only = bool(weights_only)
     if isinstance(checkpoint_path, (str, os.PathLike)) and Path(checkpoint_path).is_file():
         # mmap: the (possibly embedded) tensors are not read, only the small metadata.
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=weights_only, mmap=True)
     elif hasattr(checkpoint_path, "read"):  # a file object: read it, then rewind it for Lightning
         position = checkpoint_path.tell()
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=weights_only)
+        checkpoint = pl_load(checkpoint_path, map_location="cpu", weights_only=weights_only)
         checkpoint_path.seek(position)
     else:  # URLs and remote filesystems, as Lightning reads them
         checkpoint = pl_load(checkpoint_path, map_location="cpu", weights_only=weights_only)

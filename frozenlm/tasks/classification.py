@@ -27,7 +27,7 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
 
     Hyper-parameters it reads: ``num_classes``, ``label_smoothing``, ``mixup``, ``cutmix``,
     ``mixup_switch_prob``. Batches are dicts with ``input_key``, ``label`` and ``id``; a loader that
-    drops unreadable samples adds ``skipped`` (their count), logged as ``data/skipped/<stage>``.
+    drops unreadable samples adds ``unreadable`` (their files), counted as ``data/unreadable/<stage>``.
     """
 
     input_key: str
@@ -84,15 +84,15 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
         """Softmax over classes; tasks whose test batches carry several views average over them."""
         return self(inputs).softmax(dim=-1)
 
-    def _log_skipped(self, batch: dict[str, Any], stage: str) -> bool:
-        """Log unreadable samples the loader dropped; False when the whole batch was dropped."""
-        if "skipped" in batch:
-            skipped = float(batch["skipped"])
-            self.log(f"data/skipped/{stage}", skipped, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
+    def _log_unreadable(self, batch: dict[str, Any], stage: str) -> bool:
+        """Log the count of unreadable samples the loader dropped; False when the whole batch was dropped."""
+        if "unreadable" in batch:
+            count = float(len(batch["unreadable"]))
+            self.log(f"data/unreadable/{stage}", count, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
         return self.input_key in batch
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        if not self._log_skipped(batch, "train"):
+        if not self._log_unreadable(batch, "train"):
             # Every sample was unreadable. A zero loss over all trainable parameters keeps DDP's gradient
             # all-reduce in step with the other processes (returning None would leave them waiting).
             return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
@@ -113,7 +113,7 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
         return F.cross_entropy(self(batch[self.input_key]), batch["label"], label_smoothing=self.hparams.label_smoothing)
 
     def _evaluate(self, batch: dict[str, Any], metrics: MetricCollection, stage: str) -> None:
-        if not self._log_skipped(batch, stage):
+        if not self._log_unreadable(batch, stage):
             return
         probs = self.class_probabilities(batch[self.input_key])
         loss = F.nll_loss(probs.clamp_min(1e-12).log(), batch["label"])
