@@ -7,16 +7,20 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lightning import LightningDataModule
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from frozenlm.callbacks import PredictionWriter
+from frozenlm.checkpoints import AtomicCheckpointIO, CheckpointDirectoryCheck, check_checkpoint
 from frozenlm.tasks import BaseTask
 
 DESCRIPTION = """Frozen transformer blocks from pretrained language models inside visual encoders.
@@ -26,6 +30,15 @@ Trainer commands take YAML configs (class_path/init_args) and dotted overrides, 
 Other commands (each with --help): `frozenlm bench` (frozen-block throughput and memory),
 `frozenlm export` (the plain ViT of a baseline or GCR checkpoint as safetensors),
 `frozenlm rank-layers` (candidate LM layers ranked by linear CKA with the adjacent ViT block)."""
+
+# Set to 1 for the full traceback of a configuration error (bad dataset path, damaged checkpoint, ...).
+DEBUG_ENV = "FROZENLM_DEBUG"
+
+
+class ConfigurationError(Exception):
+    """The configuration cannot be turned into a run (a class raised while being built from it, or the
+    checkpoint to resume is damaged); the message is the underlying reason, the cause is chained."""
+
 
 # Trainer defaults a config can override: TensorBoard logs, the learning rate per step, checkpoints
 # of the best and the last epoch, and a summary of where they are. (A rich progress bar is added in
@@ -66,11 +79,26 @@ class FrozenLMCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.set_defaults(TRAINER_DEFAULTS)
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            raise ConfigurationError(_reason(error)) from error
+
     def instantiate_trainer(self, **kwargs):
+        """The trainer, with a rich progress bar (unless progress bars are off or the config brings one),
+        atomic checkpoint writes (unless the config brings its own CheckpointIO), and a check that the
+        checkpoint directories are writable before the first epoch."""
         config = self._get(self.config_init, "trainer", default={})
         callbacks = list(kwargs.pop("callbacks", None) or config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(RichProgressBar())
+        callbacks.append(CheckpointDirectoryCheck())
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        kwargs["plugins"] = plugins
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
@@ -91,8 +119,14 @@ class FrozenLMCLI(LightningCLI):
             found = _find_last_checkpoint(config)
             if found is not None:
                 config.ckpt_path, version = found
+                print(f"--ckpt_path last: resuming from {config.ckpt_path}")
                 if config.trainer.logger and "init_args" in config.trainer.logger:
                     config.trainer.logger.init_args.version = version
+        if config.get("ckpt_path") and Path(config.ckpt_path).exists():
+            try:
+                check_checkpoint(config.ckpt_path)
+            except ValueError as error:
+                raise ConfigurationError(str(error)) from error
         given = _model_args(config)
         super()._parse_ckpt_path()
         init_args = self.config[subcommand].model.init_args
@@ -100,10 +134,31 @@ class FrozenLMCLI(LightningCLI):
             for key in ("checkpoint", "revision"):
                 init_args.llm[key] = given["llm"][key]
         resumed = _model_args(self.config[subcommand])
-        changed = {k: (given.get(k), v) for k, v in resumed.items() if k in given and given[k] != v and k != "num_classes"}
+        given.pop("num_classes", None)  # linked from the data, not given
+        changed = _differences(given, resumed, "model")
         if changed:
-            lines = "\n".join(f"  model.{k}: {new!r} from the checkpoint (given {old!r})" for k, (old, new) in changed.items())
-            warnings.warn(f"Resuming from {config.ckpt_path} keeps the checkpoint's hyper-parameters:\n{lines}", stacklevel=1)
+            lines = "\n".join(f"  {key}: {used!r} from the checkpoint (given {old!r})" for key, old, used in changed)
+            warnings.warn(
+                f"{config.ckpt_path} was trained with other values than given; the checkpoint's are used:\n{lines}",
+                stacklevel=1,
+            )
+
+
+def _differences(given: Any, used: Any, key: str) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, given, used)`` for each leaf where two nested hyper-parameter dicts differ (keys
+    only in ``used`` were not given, so they are not differences)."""
+    if isinstance(given, dict) and isinstance(used, dict):
+        return [d for k in given if k in used for d in _differences(given[k], used[k], f"{key}.{k}")]
+    return [] if given == used else [(key, given, used)]
+
+
+def _reason(error: BaseException) -> str:
+    """The innermost cause of ``error`` as ``Type: message``: jsonargparse wraps the exception a class
+    raised while being built from the config in a ValueError that lists every type it tried and dumps
+    the whole config."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}"
 
 
 def _model_args(config) -> dict:
@@ -156,8 +211,23 @@ def run(args: list[str] | None = None) -> FrozenLMCLI | None:
 
 
 def main() -> None:
-    """The console script: its return value becomes the exit status, so it returns nothing."""
-    run()
+    """The console script: its return value becomes the exit status, so it returns nothing.
+
+    A configuration error prints its reason alone (exit status 2); ``FROZENLM_DEBUG=1`` adds the full
+    traceback between two copies of it, and ``--print_config`` shows the resolved config.
+    """
+    try:
+        run()
+    except ConfigurationError as error:
+        print(f"frozenlm: error: {error}", file=sys.stderr)
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            import traceback
+
+            traceback.print_exception(error, file=sys.stderr)
+            print(f"frozenlm: error: {error}", file=sys.stderr)
+        else:
+            print(f"(the full traceback: {DEBUG_ENV}=1; the resolved config: add --print_config)", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

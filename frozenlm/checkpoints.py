@@ -1,0 +1,121 @@
+"""Checkpoint files that no failure can damage, and clear words when one is damaged anyway.
+
+Lightning writes a local checkpoint through an fsspec transaction, whose temporary file lives in the
+system temporary directory: committing it moves it across file systems, a copy that a full disk cuts
+short, leaving a truncated file under the checkpoint's name. :class:`AtomicCheckpointIO` writes the
+temporary file beside the target instead and renames it into place, so a checkpoint name only ever
+holds a complete file; :class:`CheckpointDirectoryCheck` tries the checkpoint directories before the
+first epoch, instead of failing after an epoch of work. ``frozenlm`` installs both in every trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file that cannot be read; the message names it and an intact one to use instead."""
+
+
+class CheckpointDirectoryError(OSError):
+    """A checkpoint directory that cannot be written to."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO``, with local files written to a temporary file in the target's
+    directory, flushed to disk, then renamed over the target (an atomic replace on POSIX and Windows).
+    Remote paths (``s3://`` ...) are written by Lightning as before."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
+            raise
+
+
+class CheckpointDirectoryCheck(Callback):
+    """Before fitting starts, writes and removes a small file in each checkpoint directory, so a
+    read-only, missing or full location stops the run at once with the directory named."""
+
+    def on_fit_start(self, trainer: lightning.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero:  # only rank 0 writes checkpoints
+            return
+        for callback in trainer.checkpoint_callbacks:
+            dirpath = getattr(callback, "dirpath", None)
+            if dirpath and isinstance(get_filesystem(dirpath), LocalFileSystem):
+                check_writable(Path(dirpath))
+
+
+def check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-") as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as error:
+        raise CheckpointDirectoryError(
+            f"Checkpoints cannot be written to {directory} ({type(error).__name__}: {error}). Free space or fix the "
+            "permissions there, or write elsewhere: --trainer.default_root_dir DIR and "
+            "--trainer.logger.init_args.save_dir DIR (or the dirpath of your ModelCheckpoint)."
+        ) from error
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Raise :class:`DamagedCheckpointError` when ``path`` is not a readable checkpoint, naming the newest
+    intact checkpoint beside it. Reads the file's structure only (tensors are memory-mapped)."""
+    path = Path(path)
+    try:
+        _read(path)
+    except Exception as error:  # truncated, empty, not a checkpoint: whatever torch.load says
+        intact = newest_intact_checkpoint(path.parent, exclude=path)
+        instead = (
+            f"The newest intact checkpoint beside it is {intact}: resume with --ckpt_path {intact}."
+            if intact
+            else f"No intact checkpoint is beside it in {path.parent}."
+        )
+        name = f"{path} (a link to {path.resolve()})" if path.is_symlink() else str(path)
+        raise DamagedCheckpointError(
+            f"The checkpoint {name} is damaged or not a checkpoint ({type(error).__name__}: {error}). {instead}"
+        ) from error
+
+
+def newest_intact_checkpoint(directory: Path, exclude: Path | None = None) -> Path | None:
+    """The most recently written ``*.ckpt`` in ``directory`` that reads (links to ``exclude`` skipped)."""
+    excluded = exclude.resolve() if exclude is not None else None
+    candidates = [p for p in directory.glob("*.ckpt") if p.is_file() and p.resolve() != excluded]
+    for candidate in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            _read(candidate)
+        except Exception:
+            continue
+        return candidate
+    return None
+
+
+def _read(path: Path) -> None:
+    with open(path, "rb"):  # a missing or unreadable file fails here with its own message
+        pass
+    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
