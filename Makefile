@@ -13,7 +13,8 @@ PYTEST_ARGS ?=
 	reproduce-caltech256 \
 	reproduce-cifar100-gcr reproduce-caltech256-gcr reproduce-imagenet-vits-gcr \
 	reproduce-ssv2-small reproduce-ssv2-small-llama reproduce-ssv2-small-gcr \
-	reproduce-ssv2-base reproduce-ssv2-base-llama reproduce-ssv2-base-gcr
+	reproduce-ssv2-base reproduce-ssv2-base-llama reproduce-ssv2-base-gcr \
+	reproduce-ssv2-small-llama-last reproduce-ssv2-base-llama-last
 
 $(BIN)/frozenlm: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,28 +43,31 @@ bench: $(BIN)/frozenlm
 
 # ---- Paper reproductions (need GPUs and the datasets; not run in CI). -------------------------
 # Point these at your copies; the LLaMA checkpoint may be a local Hugging Face folder or a hub id.
+# ARGS adds CLI overrides (after the config, so they win) to any target, e.g. the reference's fp32 frozen weights under fp16 autocast:
+#   make reproduce-imagenet-vits-llama ARGS="--model.llm.dtype float32 --trainer.precision 16-mixed"
 LLAMA ?= huggyllama/llama-7b
 CIFAR100 ?= data/cifar100
 IMAGENET ?= data/imagenet
 CALTECH256 ?= data/caltech256
 SSV2 ?= data/ssv2
+ARGS ?=
 FIT := $(BIN)/frozenlm fit
 RESULTS = @echo "Results: TensorBoard logs and checkpoints under runs/$(1)/ (tensorboard --logdir runs)"
 
 reproduce-cifar100: $(BIN)/frozenlm
-	$(FIT) --config configs/cifar100_deit.yaml --model.llm.checkpoint $(LLAMA) --data.root $(CIFAR100)
+	$(FIT) --config configs/cifar100_deit.yaml --model.llm.checkpoint $(LLAMA) --data.root $(CIFAR100) $(ARGS)
 	$(call RESULTS,cifar100_deit)
 
 reproduce-cifar100-baseline: $(BIN)/frozenlm
-	$(FIT) --config configs/cifar100_deit_baseline.yaml --data.root $(CIFAR100)
+	$(FIT) --config configs/cifar100_deit_baseline.yaml --data.root $(CIFAR100) $(ARGS)
 	$(call RESULTS,cifar100_deit_baseline)
 
 reproduce-imagenet-vitt reproduce-imagenet-vits reproduce-imagenet-vitb: reproduce-imagenet-vit%: $(BIN)/frozenlm
-	$(FIT) --config configs/imagenet_deit_$(SIZE_$*).yaml --data.root $(IMAGENET)
+	$(FIT) --config configs/imagenet_deit_$(SIZE_$*).yaml --data.root $(IMAGENET) $(ARGS)
 	$(call RESULTS,imagenet_deit_$(SIZE_$*))
 
 reproduce-imagenet-vitt-llama reproduce-imagenet-vits-llama reproduce-imagenet-vitb-llama: reproduce-imagenet-vit%-llama: $(BIN)/frozenlm
-	$(FIT) --config configs/imagenet_deit_$(SIZE_$*)_llama.yaml --model.llm.checkpoint $(LLAMA) --data.root $(IMAGENET)
+	$(FIT) --config configs/imagenet_deit_$(SIZE_$*)_llama.yaml --model.llm.checkpoint $(LLAMA) --data.root $(IMAGENET) $(ARGS)
 	$(call RESULTS,imagenet_deit_$(SIZE_$*)_llama)
 
 SIZE_t := tiny
@@ -71,33 +75,38 @@ SIZE_s := small
 SIZE_b := base
 
 reproduce-caltech256: $(BIN)/frozenlm
-	$(FIT) --config configs/caltech256_deit.yaml --model.llm.checkpoint $(LLAMA) --data.root $(CALTECH256)
+	$(FIT) --config configs/caltech256_deit.yaml --model.llm.checkpoint $(LLAMA) --data.root $(CALTECH256) $(ARGS)
 	$(call RESULTS,caltech256_deit)
 
 # SSv2 video: VideoMAE ViT-S/B fine-tuning, the baseline, + LLaMA block inline (LM4VE), + GCR branch.
 reproduce-ssv2-small reproduce-ssv2-base: reproduce-ssv2-%: $(BIN)/frozenlm
-	$(FIT) --config configs/ssv2_videomae_$*.yaml --data.root $(SSV2)
+	$(FIT) --config configs/ssv2_videomae_$*.yaml --data.root $(SSV2) $(ARGS)
 	$(call RESULTS,ssv2_videomae_$*)
 
 reproduce-ssv2-small-llama reproduce-ssv2-base-llama: reproduce-ssv2-%-llama: $(BIN)/frozenlm
-	$(FIT) --config configs/ssv2_videomae_$*_llama.yaml --model.llm.checkpoint $(LLAMA) --data.root $(SSV2)
+	$(FIT) --config configs/ssv2_videomae_$*_llama.yaml --model.llm.checkpoint $(LLAMA) --data.root $(SSV2) $(ARGS)
+	$(call RESULTS,ssv2_videomae_$*_llama)
+
+# The public LM4VE video code inserts LLaMA layer 15 (the configs' default); the paper's text says the last.
+reproduce-ssv2-small-llama-last reproduce-ssv2-base-llama-last: reproduce-ssv2-%-llama-last: $(BIN)/frozenlm
+	$(FIT) --config configs/ssv2_videomae_$*_llama.yaml --model.llm.layers "[-1]" --model.llm.checkpoint $(LLAMA) --data.root $(SSV2) $(ARGS)
 	$(call RESULTS,ssv2_videomae_$*_llama)
 
 reproduce-ssv2-small-gcr reproduce-ssv2-base-gcr: reproduce-ssv2-%-gcr: $(BIN)/frozenlm
-	$(FIT) --config configs/ssv2_videomae_$*_gcr.yaml --model.llm.checkpoint $(LLAMA) --data.root $(SSV2)
+	$(FIT) --config configs/ssv2_videomae_$*_gcr.yaml --model.llm.checkpoint $(LLAMA) --data.root $(SSV2) $(ARGS)
 	$(call RESULTS,ssv2_videomae_$*_gcr)
 
 # GCR (Bai et al., AAAI 2025): the frozen LLaMA block as a training-only auxiliary branch.
 reproduce-cifar100-gcr: $(BIN)/frozenlm
-	$(FIT) --config configs/cifar100_deit_gcr.yaml --model.llm.checkpoint $(LLAMA) --data.root $(CIFAR100)
+	$(FIT) --config configs/cifar100_deit_gcr.yaml --model.llm.checkpoint $(LLAMA) --data.root $(CIFAR100) $(ARGS)
 	$(call RESULTS,cifar100_deit_gcr)
 
 reproduce-caltech256-gcr: $(BIN)/frozenlm
-	$(FIT) --config configs/caltech256_deit_gcr.yaml --model.llm.checkpoint $(LLAMA) --data.root $(CALTECH256)
+	$(FIT) --config configs/caltech256_deit_gcr.yaml --model.llm.checkpoint $(LLAMA) --data.root $(CALTECH256) $(ARGS)
 	$(call RESULTS,caltech256_deit_gcr)
 
 reproduce-imagenet-vits-gcr: $(BIN)/frozenlm
-	$(FIT) --config configs/imagenet_deit_small_gcr.yaml --model.llm.checkpoint $(LLAMA) --data.root $(IMAGENET)
+	$(FIT) --config configs/imagenet_deit_small_gcr.yaml --model.llm.checkpoint $(LLAMA) --data.root $(IMAGENET) $(ARGS)
 	$(call RESULTS,imagenet_deit_small_gcr)
 
 clean:

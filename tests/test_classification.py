@@ -102,6 +102,23 @@ def test_schedule_warms_up_then_follows_the_cosine_to_min_lr(tiny_llama_checkpoi
     assert seen[-1] < 2e-4
 
 
+@pytest.mark.parametrize("scale_min_lr", [False, True])
+def test_min_and_warmup_lr_scale_with_the_batch_only_when_asked(tiny_llama_checkpoint, scale_min_lr):
+    model = classifier(tiny_llama_checkpoint, lr=1e-3, lr_reference_batch=256, min_lr=1e-6, warmup_lr=2e-6,
+                       scale_min_lr=scale_min_lr)  # fmt: skip
+    trainer = lightning.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(model, DigitsDataModule(batch_size=16, img_size=16, num_workers=0))
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    scale = 16 / 256
+    assert scheduler.base_values == [pytest.approx(1e-3 * scale)] * len(scheduler.base_values)
+    floor = scale if scale_min_lr else 1.0
+    assert scheduler.lr_min == pytest.approx(1e-6 * floor)
+    assert scheduler.warmup_lr_init == pytest.approx(2e-6 * floor)
+
+
 def test_frozen_block_gets_no_gradient_and_stays_in_eval_mode_while_training(tiny_llama_checkpoint):
     model = classifier(tiny_llama_checkpoint)
     before = {k: v.clone() for k, v in model.llm_block.layers.state_dict().items()}

@@ -34,6 +34,8 @@ REPRODUCE_TARGETS = [
     "reproduce-ssv2-base",
     "reproduce-ssv2-base-llama",
     "reproduce-ssv2-base-gcr",
+    "reproduce-ssv2-small-llama-last",
+    "reproduce-ssv2-base-llama-last",
 ]
 
 
@@ -120,14 +122,14 @@ def test_baseline_has_no_llm_block(tmp_path):
     )["frozen_lm"]
 
 
-def test_bf16_mixed_on_cpu(tmp_path, tiny_llama_checkpoint):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])  # the configs' default; the reference's fp32 weights
+def test_bf16_mixed_on_cpu(tmp_path, tiny_llama_checkpoint, dtype):
     cli = run_cli(
         "fit", "image_llama", tmp_path, "--model.llm.checkpoint", str(tiny_llama_checkpoint),
-        "--model.llm.dtype", "bfloat16", "--trainer.precision", "bf16-mixed",
+        "--model.llm.dtype", dtype, "--trainer.precision", "bf16-mixed",
     )  # fmt: skip
     block = cli.model.llm_block
-    assert next(block.layers.parameters()).dtype.is_floating_point
-    assert str(next(block.layers.parameters()).dtype) == "torch.bfloat16"
+    assert str(next(block.layers.parameters()).dtype) == f"torch.{dtype}"
     assert block.adapter_in.weight.dtype.is_floating_point and str(block.adapter_in.weight.dtype) == "torch.float32"
     assert cli.trainer.callback_metrics["train_loss"].isfinite()
 

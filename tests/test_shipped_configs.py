@@ -98,3 +98,24 @@ def test_posterize_to_zero_bits_gives_black_as_pillow_before_13():
     assert not np.asarray(posterize(image.convert("L"), 0)).any()
     assert posterize(image, 8) is image
     assert np.array_equal(np.asarray(posterize(image, 3)), np.asarray(image) & 0b11100000)
+
+
+def recipe(path: Path) -> dict:
+    """A config without what names its run and without the LM block."""
+    config = yaml.safe_load(path.read_text())
+    for key in ("default_root_dir", "logger"):
+        config["trainer"].pop(key, None)
+    config["model"]["init_args"].pop("llm")
+    return config
+
+
+BASELINE_PAIRS = [
+    (path.with_name(path.name.replace("_llama", "")), path) for path in CONFIGS if path.stem.endswith("_llama")
+] + [(CONFIGS[0].parent / "cifar100_deit_baseline.yaml", CONFIGS[0].parent / "cifar100_deit.yaml")]
+
+
+@pytest.mark.parametrize(("baseline", "with_block"), BASELINE_PAIRS, ids=[p[0].stem for p in BASELINE_PAIRS])
+def test_each_baseline_trains_with_the_recipe_of_its_llm_run(baseline, with_block):
+    """Like for like, as the reference trains its baselines (20 warmup epochs for both on ImageNet)."""
+    assert yaml.safe_load(baseline.read_text())["model"]["init_args"]["llm"] is None
+    assert recipe(baseline) == recipe(with_block)

@@ -97,6 +97,33 @@ def test_loaders_yield_clips_and_test_views(ssv2_root):
     assert torch.equal(val["video"][0], one_clip[1])  # val = the segment centres' centre crop
 
 
+def test_train_clips_gives_each_video_several_differently_augmented_clips(ssv2_root):
+    data = datamodule(ssv2_root, train_clips=2)
+    train = next(iter(data.train_dataloader()))
+    assert train["video"].shape == (4 * 2, 3, FRAMES, SIZE, SIZE)  # batch_size videos x 2 clips
+    assert train["id"][0::2] == train["id"][1::2] and torch.equal(train["label"][0::2], train["label"][1::2])
+    assert not torch.equal(train["video"][0], train["video"][1])
+
+
+def test_stochastic_depth_on_both_residual_branches_of_every_layer():
+    model = VideoClassifier(num_classes=4, num_frames=FRAMES, img_size=SIZE, backbone_config=TINY, drop_path_rate=0.2)
+    layers = model.backbone.encoder.layer
+    assert [layer.drop_path.drop_prob for layer in layers] == pytest.approx([0.0, 0.2])
+    plain = VideoClassifier(num_classes=4, num_frames=FRAMES, img_size=SIZE, backbone_config=TINY, drop_path_rate=0.0)
+    assert model.state_dict().keys() == plain.state_dict().keys()  # checkpoints are unchanged
+    video = torch.randn(8, 3, FRAMES, SIZE, SIZE).transpose(1, 2)  # HF layout [B, T, 3, H, W]
+    backbone = model.backbone.eval()
+    with torch.no_grad():
+        tokens = backbone(pixel_values=video).last_hidden_state
+        torch.testing.assert_close(backbone(pixel_values=video).last_hidden_state, tokens)  # no drop path at eval
+        layers[1].drop_path.train()
+        layers[1].drop_path.drop_prob = 1.0  # both branches of layer 1 dropped for every clip
+        skipped = backbone(pixel_values=video).last_hidden_state
+        after_layer0 = layers[0](backbone.embeddings(video, None))
+    torch.testing.assert_close(skipped, after_layer0)  # layer 1 is the identity
+    assert not torch.allclose(tokens, skipped)
+
+
 def test_augmentation_is_the_same_for_every_frame():
     torch.manual_seed(0)
     frame = torch.randint(0, 256, (1, 3, 40, 40), dtype=torch.uint8)

@@ -43,9 +43,11 @@ class Unreadable(NamedTuple):
         return cls(str(path), f"{type(error).__name__}: {error}")
 
 
-def collate_readable(samples: list[dict | Unreadable]) -> dict:
+def collate_readable(samples: list[dict | list[dict] | Unreadable]) -> dict:
     """``default_collate`` of the samples that were read; ``unreadable`` lists ``"path (reason)"`` of the
-    others, so a corrupt file costs one sample, never the epoch."""
+    others, so a corrupt file costs one sample, never the epoch. A list stands for several samples of
+    one file (e.g. differently augmented clips of one video), each its own row of the batch."""
+    samples = [s for item in samples for s in (item if isinstance(item, list) else [item])]
     kept = [s for s in samples if not isinstance(s, Unreadable)]
     batch = default_collate(kept) if kept else {}
     batch["unreadable"] = [f"{s.path} ({s.reason})" for s in samples if isinstance(s, Unreadable)]

@@ -47,8 +47,9 @@ def class_name(template: str) -> str:
 class LabeledVideos(Dataset):
     """A split's clips as ``{"video", "label", "id"}`` dicts, or :class:`Unreadable` for an unreadable video.
 
-    ``video`` is ``[3, T, H, W]`` for ``views="train"`` (one segment-sampled, augmented clip) and
-    ``views="val"`` (the segment centres, centre crop), and ``[V, 3, T, H, W]`` with
+    ``video`` is ``[3, T, H, W]`` for ``views="train"`` (a segment-sampled, augmented clip; with
+    ``num_clips`` > 1 a list of that many dicts, each clip sampled and augmented anew, as VideoMAE's
+    ``num_sample``) and ``views="val"`` (the segment centres, centre crop), and ``[V, 3, T, H, W]`` with
     ``V = num_clips x num_crops`` for ``views="test"``. An unreadable or missing file is dropped from
     its batch and reported (see :class:`frozenlm.data.base.ClassificationDataModule`).
     """
@@ -65,20 +66,23 @@ class LabeledVideos(Dataset):
     def __len__(self) -> int:
         return len(self.split.labels)
 
-    def __getitem__(self, index: int) -> dict | Unreadable:
+    def __getitem__(self, index: int) -> dict | list[dict] | Unreadable:
         path = self.split.paths[index]
         try:
-            video = self.read(decode_frames(path))
+            frames = decode_frames(path)
         except OSError as error:  # unreadable, corrupt or missing file
             return Unreadable.of(path, error)
-        return {"video": video, "label": int(self.split.labels[index]), "id": self.split.ids[index]}
-
-    def read(self, frames: list) -> torch.Tensor:
+        label, sample_id = int(self.split.labels[index]), self.split.ids[index]
         if self.views == "train":
-            return self.transform(read_clip(frames, segment_indices(len(frames), self.num_frames)))
+            samples = [
+                {"video": self.transform(read_clip(frames, segment_indices(len(frames), self.num_frames))),
+                 "label": label, "id": sample_id}
+                for _ in range(self.num_clips)
+            ]  # fmt: skip
+            return samples if self.num_clips > 1 else samples[0]
         clips = uniform_clip_indices(len(frames), self.num_frames, self.num_clips)
         views = torch.cat([self.transform(read_clip(frames, indices)) for indices in clips])
-        return views[0] if self.views == "val" else views
+        return {"video": views[0] if self.views == "val" else views, "label": label, "id": sample_id}
 
 
 class SSv2DataModule(ClassificationDataModule):
@@ -95,17 +99,20 @@ class SSv2DataModule(ClassificationDataModule):
     The validation split (24,777 videos) is the val, test and predict split: test.json has no labels.
     Videos are decoded with PyAV (see :mod:`frozenlm.data.video_transforms`).
 
-    Batches: ``{"video", "label", "id", "unreadable"}``; ``video`` is ``[B, 3, T, H, W]`` for train and val
-    (one clip, val = segment centres, centre crop) and ``[B, V, 3, T, H, W]`` for test and predict
-    with ``V = test_clips x test_crops`` views; ``unreadable`` names the videos dropped from the batch.
+    Batches: ``{"video", "label", "id", "unreadable"}``; ``video`` is ``[B, 3, T, H, W]`` for train
+    (``B = batch_size x train_clips``) and val (one clip, val = segment centres, centre crop) and
+    ``[B, V, 3, T, H, W]`` for test and predict with ``V = test_clips x test_crops`` views; ``unreadable`` names the videos dropped from the batch.
 
     Args:
         root: dataset directory (see above).
-        batch_size: clips per batch in each process.
+        batch_size: videos per batch in each process.
         num_workers, pin_memory, max_unreadable_fraction: see
             :class:`frozenlm.data.base.ClassificationDataModule`.
         num_frames: frames per clip, one per temporal segment (VideoMAE: 16).
         img_size: side of the square clips.
+        train_clips: differently sampled and augmented clips of each training video in a batch, which
+            then holds ``batch_size x train_clips`` clips (VideoMAE's ``num_sample``: 2 on SSv2; its lr
+            scaling counts videos, and so does ``lr_reference_batch`` here).
         test_clips: temporal clips per test video (VideoMAE on SSv2: 2).
         test_crops: spatial crops per test clip (VideoMAE: 3).
         auto_augment: timm RandAugment recipe applied identically to the frames of a clip; None = off.
@@ -125,6 +132,7 @@ class SSv2DataModule(ClassificationDataModule):
         pin_memory: bool | None = None,
         num_frames: int = 16,
         img_size: int = 224,
+        train_clips: int = 1,
         test_clips: int = 2,
         test_crops: int = 3,
         auto_augment: str | None = "rand-m7-n4-mstd0.5-inc1",
@@ -138,6 +146,7 @@ class SSv2DataModule(ClassificationDataModule):
         super().__init__(batch_size, num_workers, pin_memory, max_unreadable_fraction=max_unreadable_fraction)
         self.root = Path(root)
         self.num_frames = num_frames
+        self.train_clips = train_clips
         self.test_clips = test_clips
         self.video_folder = self.find_video_folder()
         self.class_index = self.read_labels()
@@ -187,7 +196,8 @@ class SSv2DataModule(ClassificationDataModule):
 
     # -- loaders -----------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        return self._train_loader(LabeledVideos(self.load_split("train"), "train", self.num_frames, self.train_transform))
+        dataset = LabeledVideos(self.load_split("train"), "train", self.num_frames, self.train_transform, self.train_clips)
+        return self._train_loader(dataset)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(LabeledVideos(self.load_split("val"), "val", self.num_frames, self.val_transform))

@@ -5,14 +5,20 @@ give 8 x 14 x 14 = 1568 tokens), fixed sinusoidal positions, no CLS token. Fine-
 by their mean and normalises the pooled vector (``fc_norm``), so the encoder is always built with
 ``use_mean_pooling=True`` (no final per-token norm); MAE-pretraining checkpoints ship
 ``use_mean_pooling: false`` and their final norm is dropped, as in VideoMAE's own fine-tuning.
+transformers' layers have no stochastic depth, which VideoMAE fine-tunes with (drop path 0.1): it is
+added to each layer's two residual branches by forward hooks (:func:`add_stochastic_depth`), so the
+transformers model and its checkpoints stay as they are.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 import torch
+from timm.layers import DropPath
+from torch import nn
 from transformers import VideoMAEConfig, VideoMAEModel
 
 log = logging.getLogger(__name__)
@@ -36,6 +42,7 @@ def create_videomae(
     image_size: int = 224,
     pretrained: str | None = None,
     revision: str | None = None,
+    drop_path_rate: float = 0.0,
     **overrides: Any,
 ) -> VideoMAEModel:
     """A VideoMAE encoder for fine-tuning, with random or pretrained weights.
@@ -53,6 +60,8 @@ def create_videomae(
             tensors is an error, never a silently random encoder. Checkpoints of VideoMAE's own
             repository (``.pth``) must first be converted with transformers' VideoMAE conversion script.
         revision: hub revision of ``pretrained``.
+        drop_path_rate: stochastic depth of the last layer, rising linearly from 0 at the first
+            (VideoMAE fine-tuning: 0.1).
         **overrides: other ``VideoMAEConfig`` fields (e.g. tiny widths for tests, dropout rates).
     """
     if size not in VIDEOMAE_SIZES:
@@ -62,8 +71,28 @@ def create_videomae(
     if pretrained is None:
         config = VideoMAEConfig(**fields)
         config._attn_implementation = "sdpa"  # memory-efficient attention over 1568 tokens
-        return VideoMAEModel(config)
-    return _load_pretrained(pretrained, revision, fields)
+        model = VideoMAEModel(config)
+    else:
+        model = _load_pretrained(pretrained, revision, fields)
+    if drop_path_rate > 0:
+        add_stochastic_depth(model, drop_path_rate)
+    return model
+
+
+def add_stochastic_depth(model: VideoMAEModel, rate: float) -> None:
+    """timm's ``DropPath`` on the attention and MLP branches of every layer, before their residual sums,
+    with rates ``linspace(0, rate, depth)`` as VideoMAE. Each layer's module is ``layer.drop_path``."""
+    layers = model.encoder.layer
+    for layer, layer_rate in zip(layers, torch.linspace(0, rate, len(layers)).tolist()):
+        layer.drop_path = DropPath(layer_rate)
+        # The attention module returns its branch; the MLP branch ends in `output.dropout`, and
+        # `output` adds the residual after it.
+        layer.attention.register_forward_hook(partial(_drop_branch, layer.drop_path))
+        layer.output.dropout.register_forward_hook(partial(_drop_branch, layer.drop_path))
+
+
+def _drop_branch(drop_path: nn.Module, module: nn.Module, args: tuple, branch: torch.Tensor) -> torch.Tensor:
+    return drop_path(branch)
 
 
 def _load_pretrained(source: str, revision: str | None, fields: dict[str, Any]) -> VideoMAEModel:

@@ -34,6 +34,8 @@ class BaseTask(lightning.LightningModule):
         warmup_epochs: linear warmup from ``warmup_lr`` (fractional epochs allowed).
         warmup_lr: learning rate at step 0.
         layer_decay: layer-wise lr decay (timm); None for none.
+        scale_min_lr: scale ``min_lr`` and ``warmup_lr`` by the global batch too, like ``lr``
+            (VideoMAE's fine-tuning does; DeiT does not).
     """
 
     ignore: tuple[str, ...] = ()
@@ -48,6 +50,7 @@ class BaseTask(lightning.LightningModule):
         warmup_epochs: float = 5.0,
         warmup_lr: float = 1e-6,
         layer_decay: float | None = None,
+        scale_min_lr: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=self.ignore)
@@ -77,15 +80,16 @@ class BaseTask(lightning.LightningModule):
             raise ValueError("Learning-rate scaling needs a datamodule with a `batch_size` attribute.")
         return datamodule.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
-    def scaled_lr(self) -> float:
+    def lr_scale(self) -> float:
+        """``global_batch / lr_reference_batch`` (1 when ``lr_reference_batch`` is 0)."""
         hp = self.hparams
-        if not hp.lr_reference_batch:
-            return hp.lr
-        return hp.lr * self.global_batch_size() / hp.lr_reference_batch
+        return self.global_batch_size() / hp.lr_reference_batch if hp.lr_reference_batch else 1.0
 
     def configure_optimizers(self):
         hp = self.hparams
-        lr = self.scaled_lr()
+        scale = self.lr_scale()
+        lr = hp.lr * scale
+        floor_scale = scale if hp.scale_min_lr else 1.0
         # timm skips parameters that do not require grad (the frozen block) and reads
         # `no_weight_decay()` (tokens, position embeddings) and, with layer decay, `group_matcher()`.
         optimizer = create_optimizer_v2(
@@ -102,9 +106,9 @@ class BaseTask(lightning.LightningModule):
         scheduler = CosineLRScheduler(
             optimizer,
             t_initial=total_steps,
-            lr_min=hp.min_lr,
+            lr_min=hp.min_lr * floor_scale,
             warmup_t=warmup_steps,
-            warmup_lr_init=hp.warmup_lr,
+            warmup_lr_init=hp.warmup_lr * floor_scale,
             warmup_prefix=True,
             t_in_epochs=False,
         )

@@ -38,6 +38,7 @@ class VideoClassifier(ClassificationTask):
         pretrained_revision: hub revision of ``pretrained``.
         backbone_config: further ``VideoMAEConfig`` fields (e.g. tiny widths, dropout rates).
         head_init_scale: the head's truncated-normal (std 0.02) weights are scaled by this (VideoMAE: 0.001).
+        drop_path_rate: stochastic depth of the last encoder layer, linear from 0 (VideoMAE: 0.1).
         llm: the frozen LM block (see :class:`frozenlm.llm.LLMConfig`); None for none.
         label_smoothing, mixup, cutmix, mixup_switch_prob: as :class:`frozenlm.tasks.ImageClassifier`;
             mixup and cutmix mix whole clips (one box for all frames).
@@ -57,6 +58,7 @@ class VideoClassifier(ClassificationTask):
         pretrained_revision: str | None = None,
         backbone_config: dict[str, Any] | None = None,
         head_init_scale: float = 0.001,
+        drop_path_rate: float = 0.1,
         llm: LLMConfig | None = None,
         label_smoothing: float = 0.1,
         mixup: float = 0.8,
@@ -78,7 +80,7 @@ class VideoClassifier(ClassificationTask):
         hp = self.hparams
         self.backbone = create_videomae(
             hp.backbone, num_frames=hp.num_frames, image_size=hp.img_size, pretrained=hp.pretrained,
-            revision=hp.pretrained_revision, **(hp.backbone_config or {}),
+            revision=hp.pretrained_revision, drop_path_rate=hp.drop_path_rate, **(hp.backbone_config or {}),
         )  # fmt: skip
         dim = self.backbone.config.hidden_size
         self.llm_block = self.build_llm(hp.llm, in_dim=dim)
