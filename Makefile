@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= test,demo,video
+EXTRAS ?= test,demo,video,robustness
 PYTEST_ARGS ?=
 
 .PHONY: install test test-slow test-all demo bench lint clean \

@@ -245,7 +245,7 @@ def test_gcr_auxiliary_mode_through_the_cli(tmp_path, ssv2_copy, tiny_llama_chec
         cli = run_cli(
             "fit", "video_llama", tmp_path, "--data.root", str(ssv2_copy),
             "--model.llm.checkpoint", str(tiny_llama_checkpoint), "--model.llm.mode", "auxiliary",
-            "--trainer.limit_train_batches", "4", "--data.max_unreadable_fraction", "0.2",
+            "--trainer.limit_train_batches", "4", "--data.max_unreadable_fraction", "0.3",  # 1 of 4 val videos
         )  # fmt: skip
     metrics = cli.trainer.callback_metrics
     assert metrics["train_loss_aux"].isfinite() and metrics["train_loss_main"].isfinite()

@@ -1,4 +1,4 @@
-"""Analyses of LM4VE and GCR: gradient coherence, linear CKA and per-token activation maps."""
+"""Analyses of LM4VE and GCR: gradient coherence, linear CKA, per-token activation maps, adversarial accuracy."""
 
 from frozenlm.analysis.activation_maps import (
     cls_attention_map,
@@ -14,8 +14,10 @@ from frozenlm.analysis.cka import linear_cka
 from frozenlm.analysis.coherence import m_coherence, mean_pairwise_cosine, per_sample_gradients
 from frozenlm.analysis.model_maps import pseudo_mask_scores, stage_maps, stage_tokens
 from frozenlm.analysis.rank_layers import rank_layers
+from frozenlm.analysis.robustness import AdversarialAccuracy
 
 __all__ = [
+    "AdversarialAccuracy",
     "GradientCoherenceCallback",
     "cls_attention_map",
     "frequency_map",

@@ -5,6 +5,7 @@ from frozenlm.data.caltech256 import Caltech256DataModule
 from frozenlm.data.cifar100 import CIFAR100DataModule
 from frozenlm.data.digits import DigitsDataModule
 from frozenlm.data.imagefolder import ImageFolderDataModule
+from frozenlm.data.imagenet_variants import ImageNetVariantDataModule
 from frozenlm.data.ssv2 import SSv2DataModule
 
 __all__ = [
@@ -13,5 +14,6 @@ __all__ = [
     "DigitsDataModule",
     "ImageDataModule",
     "ImageFolderDataModule",
+    "ImageNetVariantDataModule",
     "SSv2DataModule",
 ]

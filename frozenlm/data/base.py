@@ -173,7 +173,7 @@ class ClassificationDataModule(L.LightningDataModule):
         samples = _epoch_batches(trainer, stage) * self.batch_size
         if count > self.max_unreadable_fraction * samples:
             raise TooManyUnreadableSamplesError(
-                f"{count} unreadable samples in this {stage or 'run'} epoch (of about {samples:.0f}), more than "
+                f"{count} unreadable samples in this {stage.value if stage else ''} epoch (of about {samples:.0f}), more than "
                 f"--data.max_unreadable_fraction {self.max_unreadable_fraction}: the dataset looks damaged "
                 f"(first files: {sorted(self.reported_unreadable)[:3]}). Repair or remove the files named in the "
                 "warnings above, or raise --data.max_unreadable_fraction."
@@ -216,10 +216,10 @@ class ClassificationDataModule(L.LightningDataModule):
 
 
 def _epoch_batches(trainer, stage: RunningStage | None) -> float:
-    """Batches in one epoch of ``stage`` (inf when unknown: an iterable dataset, no trainer)."""
+    """Batches in one epoch of ``stage``; inf when unknown (an iterable dataset, no trainer) and for the
+    sanity check, a peek at a few batches that the validation epoch after it counts again."""
     batches = {
         RunningStage.TRAINING: lambda: trainer.num_training_batches,
-        RunningStage.SANITY_CHECKING: lambda: sum(trainer.num_sanity_val_batches),
         RunningStage.VALIDATING: lambda: sum(trainer.num_val_batches),
         RunningStage.TESTING: lambda: sum(trainer.num_test_batches),
         RunningStage.PREDICTING: lambda: sum(trainer.num_predict_batches),
@@ -270,6 +270,7 @@ class ImageDataModule(ClassificationDataModule):
         super().__init__(batch_size, num_workers, pin_memory, repeated_augmentation, max_unreadable_fraction)
         self.root = None if root is None else Path(root)
         self.img_size = img_size
+        self.mean, self.std = mean, std
         self.train_transform = with_safe_posterize(create_transform(
             input_size=img_size,
             is_training=True,

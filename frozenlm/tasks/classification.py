@@ -84,6 +84,25 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
         """Softmax over classes; tasks whose test batches carry several views average over them."""
         return self(inputs).softmax(dim=-1)
 
+    def evaluated_classes(self) -> torch.Tensor | None:
+        """Bool mask of the classes predictions are restricted to, when the datamodule covers only some
+        (its ``class_subset``, e.g. ImageNet-A/R's 200 of ImageNet's 1000); None for all."""
+        subset = getattr(self.trainer.datamodule, "class_subset", None) if self._trainer is not None else None
+        if subset is None:
+            return None
+        mask = torch.zeros(self.hparams.num_classes, dtype=torch.bool, device=self.device)
+        mask[torch.as_tensor(subset, device=self.device)] = True
+        return mask
+
+    def evaluation_probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
+        """:meth:`class_probabilities`, renormalised over the evaluated classes."""
+        probs = self.class_probabilities(inputs)
+        mask = self.evaluated_classes()
+        if mask is None:
+            return probs
+        probs = probs * mask
+        return probs / probs.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+
     def _log_unreadable(self, batch: dict[str, Any], stage: str) -> bool:
         """Log the count of unreadable samples the loader dropped; False when the whole batch was dropped."""
         if "unreadable" in batch:
@@ -115,7 +134,7 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
     def _evaluate(self, batch: dict[str, Any], metrics: MetricCollection, stage: str) -> None:
         if not self._log_unreadable(batch, stage):
             return
-        probs = self.class_probabilities(batch[self.input_key])
+        probs = self.evaluation_probabilities(batch[self.input_key])
         loss = F.nll_loss(probs.clamp_min(1e-12).log(), batch["label"])
         metrics.update(probs, batch["label"])
         self.log(f"{stage}_loss", loss, sync_dist=True, batch_size=len(probs))
@@ -130,5 +149,5 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         if self.input_key not in batch:
             return {"id": [], "classes": [], "probs": []}
-        top = self.class_probabilities(batch[self.input_key]).topk(min(5, self.hparams.num_classes), dim=-1)
+        top = self.evaluation_probabilities(batch[self.input_key]).topk(min(5, self.hparams.num_classes), dim=-1)
         return {"id": batch["id"], "classes": top.indices, "probs": top.values}
