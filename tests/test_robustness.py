@@ -13,6 +13,7 @@ from timm.data import ImageNetInfo
 
 from frozenlm.data import ImageNetVariantDataModule
 from frozenlm.data.base import DatasetNotFoundError
+from frozenlm.cli import run
 from tests.cli_helpers import run_cli
 from tests.data.imagenet_variants.data import CLASSES, CORRUPTIONS, SEVERITIES, write
 
@@ -93,3 +94,15 @@ def test_adversarial_accuracy_is_clean_accuracy_at_eps_0_and_falls_under_a_stron
     attacked = run_cli("test", "image_baseline", tmp_path, *strong).trainer.callback_metrics
     assert attacked["test_acc1"] == clean["test_acc1"]
     assert attacked["test_pgd_acc1"] < clean["test_acc1"] and attacked["test_fgsm_acc1"] <= clean["test_acc1"]
+
+
+def test_the_readme_commands_parse_with_the_imagenet_config(capsys):
+    config = str(Path(__file__).parents[1] / "configs/imagenet_deit_small_llama.yaml")
+    for extra in (
+        ["--data", "frozenlm.data.ImageNetVariantDataModule", "--data.variant", "r", "--data.root", "/data/imagenet-r"],
+        ["--trainer.callbacks+=frozenlm.analysis.AdversarialAccuracy", "--trainer.callbacks.eps", "0.00392"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            run(["test", "--config", config, "--ckpt_path", "CKPT", *extra, "--print_config"])
+        assert exit_info.value.code == 0, capsys.readouterr().err
+    assert "variant: r" in capsys.readouterr().out
