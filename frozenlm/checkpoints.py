@@ -25,7 +25,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
 class DamagedCheckpointError(ValueError):
-    """A checkpoint file that cannot be read; the message names it and an intact one to use instead."""
+    """A checkpoint file that is missing or cannot be read; the message names it and an intact one to
+    use instead."""
 
 
 class CheckpointDirectoryError(OSError):
@@ -89,16 +90,17 @@ def check_checkpoint(path: str | Path) -> None:
     path = Path(path)
     try:
         _read(path)
-    except Exception as error:  # truncated, empty, not a checkpoint: whatever torch.load says
-        intact = newest_intact_checkpoint(path.parent, exclude=path)
+    except Exception as error:  # missing, truncated, empty, not a checkpoint: whatever torch.load says
+        intact = newest_intact_checkpoint(path.parent, exclude=path) if path.parent.is_dir() else None
         instead = (
             f"The newest intact checkpoint beside it is {intact}: resume with --ckpt_path {intact}."
             if intact
             else f"No intact checkpoint is beside it in {path.parent}."
         )
         name = f"{path} (a link to {path.resolve()})" if path.is_symlink() else str(path)
+        problem = "does not exist" if not path.exists() else "is damaged or not a checkpoint"
         raise DamagedCheckpointError(
-            f"The checkpoint {name} is damaged or not a checkpoint ({type(error).__name__}: {error}). {instead}"
+            f"The checkpoint {name} {problem} ({type(error).__name__}: {error}). {instead}"
         ) from error
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from frozenlm.callbacks import PredictionWriter
-from frozenlm.checkpoints import AtomicCheckpointIO, CheckpointDirectoryCheck, check_checkpoint
+from frozenlm.checkpoints import AtomicCheckpointIO, CheckpointDirectoryCheck, DamagedCheckpointError, check_checkpoint
 from frozenlm.tasks import BaseTask
 
 DESCRIPTION = """Frozen transformer blocks from pretrained language models inside visual encoders.
@@ -122,11 +123,13 @@ class FrozenLMCLI(LightningCLI):
                 print(f"--ckpt_path last: resuming from {config.ckpt_path}")
                 if config.trainer.logger and "init_args" in config.trainer.logger:
                     config.trainer.logger.init_args.version = version
-        if config.get("ckpt_path") and Path(config.ckpt_path).exists():
-            try:
-                check_checkpoint(config.ckpt_path)
-            except ValueError as error:
-                raise ConfigurationError(str(error)) from error
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc") and not ckpt_path.startswith("registry"):
+            if "://" not in ckpt_path:  # local files: say at once if the file is missing or damaged
+                try:
+                    check_checkpoint(ckpt_path)
+                except DamagedCheckpointError as error:
+                    raise ConfigurationError(str(error)) from error
         given = _model_args(config)
         super()._parse_ckpt_path()
         init_args = self.config[subcommand].model.init_args
@@ -221,8 +224,6 @@ def main() -> None:
     except ConfigurationError as error:
         print(f"frozenlm: error: {error}", file=sys.stderr)
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
-            import traceback
-
             traceback.print_exception(error, file=sys.stderr)
             print(f"frozenlm: error: {error}", file=sys.stderr)
         else:

@@ -143,3 +143,10 @@ def test_resuming_with_other_values_names_each_differing_key(tiny_llama_checkpoi
         "  model.lr: 0.0005 from the checkpoint (given 0.1)",
     ]
     assert cli.model.llm_block.layer_indices == [5] and cli.model.llm_block.init == "pretrained"
+
+
+def test_a_missing_checkpoint_is_named_with_the_newest_intact_one(two_epochs):
+    checkpoints = two_epochs / "frozenlm" / "version_0" / "checkpoints"
+    missing = checkpoints / "epoch009-step30.ckpt"
+    with pytest.raises(ConfigurationError, match=rf"{missing} does not exist .*resume with --ckpt_path {checkpoints}"):
+        run_cli("validate", "image_baseline", two_epochs, "--ckpt_path", str(missing))

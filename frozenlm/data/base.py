@@ -173,8 +173,8 @@ class ClassificationDataModule(L.LightningDataModule):
         samples = _epoch_batches(trainer, stage) * self.batch_size
         if count > self.max_unreadable_fraction * samples:
             raise TooManyUnreadableSamplesError(
-                f"{count} unreadable samples in this {stage.value if stage else ''} epoch (of about {samples:.0f}), more than "
-                f"--data.max_unreadable_fraction {self.max_unreadable_fraction}: the dataset looks damaged "
+                f"{count} unreadable samples in this {stage.value if stage else ''} epoch (of about {samples:.0f}), "
+                f"more than --data.max_unreadable_fraction {self.max_unreadable_fraction}: the dataset looks damaged "
                 f"(first files: {sorted(self.reported_unreadable)[:3]}). Repair or remove the files named in the "
                 "warnings above, or raise --data.max_unreadable_fraction."
             )
