@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= test,demo,video,robustness
+EXTRAS ?= test,demo,video,robustness,pointcloud
 PYTEST_ARGS ?=
 
 .PHONY: install test test-slow test-all demo bench lint clean \

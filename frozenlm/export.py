@@ -25,7 +25,28 @@ import torch
 from safetensors.torch import save_file
 from timm.models import VisionTransformer
 
+from frozenlm.models.pointbert import PointBERT
+
 TRUNK_PREFIX = "backbone."
+# PointCloudClassifier hyper-parameters that define its Point-BERT.
+POINTBERT_ARGS = ("num_groups", "group_size", "embed_dim", "depth", "num_heads", "encoder_dims")
+
+
+def _read(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(hyper-parameters, trunk state dict)`` of a baseline or GCR checkpoint; inline ones are refused."""
+    # Lightning checkpoints hold plain containers and tensors: no unpickling of arbitrary classes.
+    # mmap: only the trunk's tensors are read, not the optimizer state.
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    hparams = stored.get("hyper_parameters", {})
+    state = {k.removeprefix(TRUNK_PREFIX): v for k, v in stored["state_dict"].items() if k.startswith(TRUNK_PREFIX)}
+    llm = hparams.get("llm")
+    if llm is not None and llm.get("mode", "inline") == "inline":
+        raise ValueError(
+            f"{checkpoint} was trained with the frozen LM block inline (llm.mode: inline, LM4VE): the block "
+            "is part of that model, so the trunk alone would give different outputs. Only baseline "
+            "(llm: null) and GCR (llm.mode: auxiliary) checkpoints give a plain trunk."
+        )
+    return hparams, state
 
 
 def read_trunk(checkpoint: str | Path) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
@@ -33,31 +54,25 @@ def read_trunk(checkpoint: str | Path) -> tuple[str, dict[str, Any], dict[str, t
 
     Raises ``ValueError`` for checkpoints of other tasks and for inline-mode LM blocks.
     """
-    # Lightning checkpoints hold plain containers and tensors: no unpickling of arbitrary classes.
-    # mmap: only the trunk's tensors are read, not the optimizer state.
-    stored = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    hparams = stored.get("hyper_parameters", {})
-    state = {k.removeprefix(TRUNK_PREFIX): v for k, v in stored["state_dict"].items() if k.startswith(TRUNK_PREFIX)}
+    hparams, state = _read(checkpoint)
     if not isinstance(hparams.get("backbone"), str) or not state:
         kind = hparams.get("_class_path", "a task without a timm `backbone`")
         raise ValueError(f"{checkpoint} is a checkpoint of {kind}; export supports frozenlm.tasks.ImageClassifier.")
-    llm = hparams.get("llm")
-    if llm is not None and llm.get("mode", "inline") == "inline":
-        raise ValueError(
-            f"{checkpoint} was trained with the frozen LM block inline (llm.mode: inline, LM4VE): the block "
-            "is part of that model, so the trunk alone would give different outputs. Only baseline "
-            "(llm: null) and GCR (llm.mode: auxiliary) checkpoints export to a plain timm ViT."
-        )
     # Architecture only: drop-path and pretrained-weight options shape training, not the model.
     kwargs = {"num_classes": hparams["num_classes"], **(hparams.get("backbone_kwargs") or {})}
     kwargs.update({k: hparams[k] for k in ("img_size", "patch_size") if hparams.get(k) is not None})
     return hparams["backbone"], kwargs, state
 
 
-def load_trunk(checkpoint: str | Path) -> VisionTransformer:
-    """The checkpoint's plain timm ViT with its trained weights, in eval mode."""
-    name, kwargs, state = read_trunk(checkpoint)
-    model = timm.create_model(name, **kwargs)
+def load_trunk(checkpoint: str | Path) -> VisionTransformer | PointBERT:
+    """The checkpoint's plain trunk with its trained weights, in eval mode: the timm ViT of an
+    ImageClassifier, or the Point-BERT of a PointCloudClassifier (without its head)."""
+    hparams, state = _read(checkpoint)
+    if all(k in hparams for k in POINTBERT_ARGS):  # a PointCloudClassifier
+        model = PointBERT(**{k: hparams[k] for k in POINTBERT_ARGS})
+    else:
+        name, kwargs, state = read_trunk(checkpoint)
+        model = timm.create_model(name, **kwargs)
     model.load_state_dict(state)
     return model.eval()
 

@@ -23,6 +23,8 @@ from frozenlm.data.base import collate_readable
 from tests.data.caltech256.data import write as write_caltech256
 from tests.data.cifar100.data import write as write_cifar100
 from tests.data.imagefolder.data import write as write_imagefolder
+from tests.data.modelnet40.data import write as write_modelnet40
+from tests.data.scanobjectnn.data import write as write_scanobjectnn
 from tests.data.ssv2.data import write as write_ssv2
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
@@ -32,10 +34,14 @@ FAKE_DATA = {
     "frozenlm.data.ImageFolderDataModule": write_imagefolder,
     "frozenlm.data.SSv2DataModule": write_ssv2,
     "frozenlm.data.DigitsDataModule": None,  # ships with scikit-learn
+    "frozenlm.data.ScanObjectNNDataModule": write_scanobjectnn,
+    # 10,000 points per shape, as the real files (the configs cache 8,192).
+    "frozenlm.data.ModelNet40DataModule": lambda root: write_modelnet40(root, 1, 1, points=10_000),
 }
 # Samples per distinct pipeline. DeiT's RandAugment posterized to 0 bits about once in 650 images; a
-# clip draws its RandAugment ops once for all of its 16 frames (6,400 augmented frames).
-IMAGE_SAMPLES, VIDEO_SAMPLES = 4000, 400
+# clip draws its RandAugment ops once for all of its 16 frames (SSv2: 2 clips a video, 8,000 frames); a point cloud's
+# sampling and augmentation are a few tensor ops on the batch (FPS is the cost).
+IMAGE_SAMPLES, VIDEO_SAMPLES, CLOUD_SAMPLES = 4000, 250, 128
 
 
 def data_config(path: Path) -> dict:
@@ -76,20 +82,25 @@ def test_training_pipeline_survives_thousands_of_samples(configs, tmp_path):
     data = data_config(Path(CONFIGS[0].parent / f"{configs[0]}.yaml"))
     datamodule = build_datamodule(data, tmp_path)
     dataset = datamodule.train_dataloader().dataset  # the real train dataset: files + config augmentation
-    is_video = data["class_path"].endswith("SSv2DataModule")
-    samples = VIDEO_SAMPLES if is_video else IMAGE_SAMPLES
-    key = "video" if is_video else "image"
+    kind = "video" if data["class_path"].endswith("SSv2DataModule") else "image"
+    kind = "points" if hasattr(datamodule, "random_views") else kind
+    samples, batch_size = {"video": (VIDEO_SAMPLES, 4), "image": (IMAGE_SAMPLES, 64), "points": (CLOUD_SAMPLES, 32)}[kind]
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
-    batch, batch_size = [], 4 if is_video else 64
+    batch = []
     for i in range(samples):
         batch.append(dataset[i % len(dataset)])
         if len(batch) == batch_size or i == samples - 1:
             collated = collate_readable(batch)
             assert collated["unreadable"] == [], collated["unreadable"]
-            assert collated[key].dtype == torch.float32 and collated[key].isfinite().all()
+            if kind == "points":  # sampled and augmented on the device, per batch
+                collated["points"] = datamodule.random_views(collated["points"], 1)[:, 0]
+            assert collated[kind].dtype == torch.float32 and collated[kind].isfinite().all()
             batch = []
-    size = data["init_args"].get("img_size", 224)
-    assert collated[key].shape[-2:] == (size, size)
+    if kind == "points":
+        assert collated["points"].shape[1:] == (data["init_args"]["num_points"], 3)
+    else:
+        size = data["init_args"].get("img_size", 224)
+        assert collated[kind].shape[-2:] == (size, size)
 
 
 def test_posterize_to_zero_bits_gives_black_as_pillow_before_13():

@@ -1,17 +1,18 @@
-"""Activation maps of an ImageClassifier at each stage of its frozen LM block (LM4VE's information
-filtering).
+"""Activation maps of an ImageClassifier or a PointCloudClassifier at each stage of its frozen LM
+block (LM4VE's information filtering).
 
-:func:`stage_maps` runs the model on images and returns, per stage, the magnitude and frequency maps
-of :mod:`frozenlm.analysis.activation_maps` on the patch grid (prefix tokens dropped), min-max
-normalised per image; :func:`stage_tokens` gives the tokens themselves. Stages, in order (those of
+:func:`stage_maps` runs the model on images (or point clouds) and returns, per stage, the magnitude and
+frequency maps of :mod:`frozenlm.analysis.activation_maps` on the patch grid (one value per point group
+for clouds; prefix tokens dropped), min-max normalised per input; :func:`stage_tokens` gives the tokens
+themselves. Stages, in order (those of
 the block only when the model has one):
 
-* ``vit``: the tokens after ViT block ``llm_position``, where the block takes them;
+* ``vit``: the tokens after ViT (or Point-BERT) block ``llm_position``, where the block takes them;
 * ``adapter_in``: after ``Linear(D -> d_llm)``;
 * ``attention``: the residual stream after the (last) LM layer's attention sub-layer;
 * ``ffn``: after its feed-forward sub-layer, i.e. the LM layer's output;
 * ``adapter_out``: the block's output, after ``Linear(d_llm -> D)``;
-* ``cls_attention`` (kind ``attention``): the CLS-to-patch attention of the last ViT block.
+* ``cls_attention`` (kind ``attention``): the CLS-to-patch (-group) attention of the last block.
 
 Where the residual stream after attention is read depends on the family
 (:attr:`frozenlm.llm.LMFamily.attention_output`).
@@ -40,21 +41,24 @@ from frozenlm.analysis.activation_maps import (
     to_patch_grid,
 )
 from frozenlm.llm import FrozenLMBlock
-from frozenlm.tasks import ImageClassifier
+from frozenlm.tasks import ImageClassifier, PointCloudClassifier
 
 STAGES = ("vit", "adapter_in", "attention", "ffn", "adapter_out")
 MAP_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {"magnitude": magnitude_map, "frequency": frequency_map}
 
 
-def stage_maps(model: ImageClassifier, images: Tensor) -> dict[str, dict[str, Tensor]]:
-    """``maps[stage][kind]``: ``[B, h, w]`` maps in ``[0, 1]`` for ``images [B, 3, H, W]``.
+def stage_maps(model: ImageClassifier | PointCloudClassifier, inputs: Tensor) -> dict[str, dict[str, Tensor]]:
+    """``maps[stage][kind]``: ``[B, h, w]`` maps in ``[0, 1]`` for ``images [B, 3, H, W]``, or ``[B, G]``
+    (one value per point group, in the order of the groups' centres) for ``points [B, N, 3]``.
 
     Kinds are ``magnitude`` and ``frequency`` for token stages and ``attention`` for
     ``cls_attention`` (see the module docstring). The model runs in eval mode; its mode is restored.
     """
-    tokens, attention = stage_tokens(model, images)
+    tokens, attention = stage_tokens(model, inputs)
     backbone = model.backbone
-    prefix, grid = backbone.num_prefix_tokens, tuple(backbone.patch_embed.grid_size)
+    prefix = backbone.num_prefix_tokens
+    patch_embed = getattr(backbone, "patch_embed", None)
+    grid = tuple(patch_embed.grid_size) if patch_embed is not None else None
     maps = {
         stage: {kind: _on_grid(fn(value[:, prefix:]), grid) for kind, fn in MAP_FUNCTIONS.items()}
         for stage, value in tokens.items()
@@ -64,9 +68,9 @@ def stage_maps(model: ImageClassifier, images: Tensor) -> dict[str, dict[str, Te
 
 
 @torch.no_grad()
-def stage_tokens(model: ImageClassifier, images: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-    """The tokens ``[B, N, C]`` (prefix tokens included) at each stage, in order, and the last ViT
-    block's attention weights ``[B, heads, N, N]``, for ``images [B, 3, H, W]`` in eval mode."""
+def stage_tokens(model: ImageClassifier | PointCloudClassifier, inputs: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """The tokens ``[B, N, C]`` (prefix tokens included) at each stage, in order, and the last
+    block's attention weights ``[B, heads, N, N]``, for a batch of inputs in eval mode."""
     backbone, block = model.backbone, model.llm_block
     tokens: dict[str, Tensor] = {}
 
@@ -97,7 +101,7 @@ def stage_tokens(model: ImageClassifier, images: Tensor) -> tuple[dict[str, Tens
     training = model.training
     model.eval()
     try:
-        model(images)
+        model(inputs)
         if block is not None and "adapter_out" not in tokens:  # GCR: the branch is training-only
             block(tokens["vit"])
     finally:
@@ -135,5 +139,6 @@ def _attention_weights(attn: nn.Module, qkv: Tensor) -> Tensor:
     return (q @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1)
 
 
-def _on_grid(values: Tensor, grid: tuple[int, int]) -> Tensor:
-    return minmax_normalize(to_patch_grid(values, grid))
+def _on_grid(values: Tensor, grid: tuple[int, int] | None) -> Tensor:
+    """Min-max normalised maps, on the patch grid for images (``grid``) and per token for point groups."""
+    return minmax_normalize(values if grid is None else to_patch_grid(values, grid))

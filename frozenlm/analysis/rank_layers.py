@@ -1,4 +1,4 @@
-"""``frozenlm rank-layers``: rank a language model's layers by linear CKA with a ViT block (GCR).
+"""``frozenlm rank-layers``: rank a language model's layers by linear CKA with a ViT (or Point-BERT) block (GCR).
 
 GCR (Bai et al., AAAI 2025) finds that a frozen LM block helps more the more its output resembles
 the output of the adjacent ViT block, measured by linear CKA. This ranks candidate LM layers for one
@@ -27,11 +27,11 @@ from rich.table import Table
 from timm.models import VisionTransformer
 
 from frozenlm.analysis.cka import linear_cka
-from frozenlm.data import DigitsDataModule, ImageDataModule
+from frozenlm.data import DigitsDataModule, ImageDataModule, PointCloudDataModule
 from frozenlm.export import load_trunk
 from frozenlm.llm.block import DType, FrozenLMBlock, resolve_layer_indices
 from frozenlm.llm.checkpoint import LMCheckpoint
-from frozenlm.models import create_vit
+from frozenlm.models import PointBERT, create_vit
 
 
 def rank_layers(
@@ -44,7 +44,7 @@ def rank_layers(
     backbone_kwargs: dict[str, Any] | None = None,
     position: int = -1,
     layers: list[int] | None = None,
-    data: ImageDataModule | None = None,
+    data: ImageDataModule | PointCloudDataModule | None = None,
     num_images: int = 32,
     batch_size: int = 16,
     revision: str | None = None,
@@ -55,23 +55,24 @@ def rank_layers(
 ) -> list[dict[str, Any]]:
     """Rank the LM layers by linear CKA between their output and the adjacent ViT block's output.
 
-    The visual encoder is the trunk of an ImageClassifier ``checkpoint`` (baseline or GCR, as
-    ``frozenlm export`` reads it), or, without one, a timm ViT built from ``backbone``,
-    ``img_size``, ``patch_size`` and ``backbone_kwargs`` with seeded random weights. See the module
-    docstring for the method.
+    The visual encoder is the trunk of an ImageClassifier or PointCloudClassifier ``checkpoint``
+    (baseline or GCR), or, without one, a timm ViT built from ``backbone``, ``img_size``,
+    ``patch_size`` and ``backbone_kwargs`` with seeded random weights. See the module docstring for
+    the method.
 
     Args:
         lm_checkpoint: the LM, as ``llm.checkpoint`` (local folder, hub id or ``pkg:package/subdir``).
-        checkpoint: a Lightning ``.ckpt`` of ``frozenlm.tasks.ImageClassifier``.
+        checkpoint: a Lightning ``.ckpt`` of ``frozenlm.tasks.ImageClassifier`` or ``PointCloudClassifier``.
         backbone: timm ViT name, when there is no ``checkpoint``.
         img_size: image size of that ViT.
         patch_size: patch size of that ViT.
         backbone_kwargs: further ``timm.create_model`` arguments of that ViT (``depth``, ...).
         position: ViT block index after which the LM layer would go (``llm_position``).
         layers: candidate LM layer indices (negative from the end); default all.
-        data: datamodule whose first ``num_images`` validation images are used; default Digits
-            (offline) at the ViT's image size.
-        num_images: number of images (every token of every image is one CKA sample).
+        data: datamodule whose first ``num_images`` validation images (or test clouds, sampled as
+            for evaluation) are used; default Digits (offline) at the ViT's image size. A Point-BERT
+            trunk needs a point-cloud datamodule.
+        num_images: number of images or clouds (every token of each is one CKA sample).
         batch_size: images per forward pass through an LM layer.
         revision: hub revision of ``lm_checkpoint``.
         dtype: dtype the LM layer runs in (``bfloat16`` halves memory).
@@ -85,11 +86,9 @@ def rank_layers(
     trunk = _trunk(checkpoint, backbone, img_size, patch_size, backbone_kwargs, seed).to(device)
     depth = len(trunk.blocks)
     if not -depth <= position < depth:
-        raise IndexError(f"position {position} is out of range for a ViT with {depth} blocks.")
+        raise IndexError(f"position {position} is out of range for a trunk with {depth} blocks.")
     position %= depth
-    if data is None:
-        data = DigitsDataModule(img_size=trunk.patch_embed.img_size[0], num_workers=0)
-    inputs, target = _vit_tokens(trunk, data, position, num_images, device)
+    inputs, target = _trunk_tokens(trunk, _inputs(trunk, data, num_images).to(device), position)
 
     num_layers = LMCheckpoint(lm_checkpoint, revision).config.num_hidden_layers
     candidates = resolve_layer_indices(layers if layers is not None else list(range(num_layers)), num_layers)
@@ -107,7 +106,8 @@ def rank_layers(
     ranked = sorted(scores, key=scores.__getitem__, reverse=True)
     rows = [{"rank": rank, "layer": index, "cka": scores[index]} for rank, index in enumerate(ranked, start=1)]
     if not quiet:
-        _print_table(rows, lm_checkpoint, position, depth, len(inputs))
+        trunk_name = "Point-BERT" if isinstance(trunk, PointBERT) else "ViT"
+        _print_table(rows, lm_checkpoint, position, depth, len(inputs), trunk_name)
     return rows
 
 
@@ -118,7 +118,7 @@ def _trunk(
     patch_size: int | None,
     backbone_kwargs: dict[str, Any] | None,
     seed: int,
-) -> VisionTransformer:
+) -> VisionTransformer | PointBERT:
     if checkpoint is not None:
         return load_trunk(checkpoint)
     with torch.random.fork_rng(devices=[]):
@@ -129,14 +129,27 @@ def _trunk(
     return model.eval()
 
 
-@torch.inference_mode()
-def _vit_tokens(
-    trunk: VisionTransformer, data: ImageDataModule, position: int, num_images: int, device: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens after ViT block ``position`` and after the next block (or the same at the last one)."""
+def _inputs(
+    trunk: VisionTransformer | PointBERT, data: ImageDataModule | PointCloudDataModule | None, count: int
+) -> torch.Tensor:
+    """The first ``count`` validation images, or test clouds sampled as the datamodule evaluates them."""
+    if isinstance(trunk, PointBERT):
+        if not isinstance(data, PointCloudDataModule):
+            raise ValueError("A Point-BERT trunk needs point clouds: pass --data frozenlm.data.ScanObjectNNDataModule ...")
+        dataset = data.dataset("test")
+        clouds = torch.stack([dataset[i]["points"] for i in range(min(count, len(dataset)))])
+        return data.on_after_batch_transfer({"points": clouds}, 0)["points"]
+    if data is None:
+        data = DigitsDataModule(img_size=trunk.patch_embed.img_size[0], num_workers=0)
     data.setup("validate")
-    count = min(num_images, len(data.val_set))
-    images = torch.stack([data.val_set[i]["image"] for i in range(count)]).to(device)
+    return torch.stack([data.val_set[i]["image"] for i in range(min(count, len(data.val_set)))])
+
+
+@torch.inference_mode()
+def _trunk_tokens(
+    trunk: VisionTransformer | PointBERT, inputs: torch.Tensor, position: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens after block ``position`` and after the next block (or the same at the last one)."""
     adjacent = min(position + 1, len(trunk.blocks) - 1)
     captured: dict[int, torch.Tensor] = {}
     handles = [
@@ -144,17 +157,17 @@ def _vit_tokens(
         for i in {position, adjacent}
     ]
     try:
-        trunk.forward_features(images)
+        trunk.forward_features(inputs)
     finally:
         for handle in handles:
             handle.remove()
     return captured[position], captured[adjacent]
 
 
-def _print_table(rows: list[dict[str, Any]], source: str, position: int, depth: int, count: int) -> None:
+def _print_table(rows: list[dict[str, Any]], source: str, position: int, depth: int, count: int, trunk: str) -> None:
     last = position + 1 == depth
-    target = f"ViT block {position} (the last: its own output)" if last else f"ViT block {position + 1}"
-    title = f"LM layers of {source} by linear CKA with {target}, after ViT block {position}, {count} images"
+    target = f"{trunk} block {position} (the last: its own output)" if last else f"{trunk} block {position + 1}"
+    title = f"LM layers of {source} by linear CKA with {target}, after {trunk} block {position}, {count} inputs"
     table = Table(title=title)
     for column in ("rank", "LM layer", "linear CKA"):
         table.add_column(column, justify="right")

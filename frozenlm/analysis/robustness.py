@@ -22,16 +22,15 @@ ATTACKS = ("fgsm", "pgd")
 
 
 class _EvaluatedLogits(nn.Module):
-    """The task's logits with the classes outside its evaluated subset (ImageNet-A/R) pushed to the
-    lowest value, so attacks and predictions see the same classes."""
+    """The task's logits restricted to its evaluated classes (ImageNet-A/R: 200), so attacks and
+    predictions see the same classes."""
 
-    def __init__(self, task: L.LightningModule, mask: torch.Tensor | None) -> None:
+    def __init__(self, task: L.LightningModule) -> None:
         super().__init__()
-        self.task, self.mask = task, mask
+        self.task = task
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.task(images)
-        return logits if self.mask is None else logits.masked_fill(~self.mask, torch.finfo(logits.dtype).min)
+        return self.task.restrict_logits(self.task(images))
 
 
 class AdversarialAccuracy(L.Callback):
@@ -67,7 +66,7 @@ class AdversarialAccuracy(L.Callback):
         import torchattacks  # the optional `robustness` extra
 
         datamodule = trainer.datamodule
-        model = _EvaluatedLogits(pl_module, pl_module.evaluated_classes())
+        model = _EvaluatedLogits(pl_module)
         # Lightning tests under inference mode; the attacks need input gradients (clones of the batch
         # made here are ordinary tensors).
         with torch.inference_mode(False), torch.enable_grad():

@@ -1,4 +1,5 @@
-"""LightningDataModules: image datasets yield {"image", "label", "id"} samples, SSv2 {"video", "label", "id"}."""
+"""LightningDataModules: image datasets yield {"image", "label", "id"} samples, SSv2 {"video", "label", "id"},
+point clouds {"points", "label", "id"}."""
 
 from frozenlm.data.base import ImageDataModule
 from frozenlm.data.caltech256 import Caltech256DataModule
@@ -6,6 +7,9 @@ from frozenlm.data.cifar100 import CIFAR100DataModule
 from frozenlm.data.digits import DigitsDataModule
 from frozenlm.data.imagefolder import ImageFolderDataModule
 from frozenlm.data.imagenet_variants import ImageNetVariantDataModule
+from frozenlm.data.modelnet40 import ModelNet40DataModule
+from frozenlm.data.pointcloud import PointCloudDataModule
+from frozenlm.data.scanobjectnn import ScanObjectNNDataModule
 from frozenlm.data.ssv2 import SSv2DataModule
 
 __all__ = [
@@ -15,5 +19,8 @@ __all__ = [
     "ImageDataModule",
     "ImageFolderDataModule",
     "ImageNetVariantDataModule",
+    "ModelNet40DataModule",
+    "PointCloudDataModule",
+    "ScanObjectNNDataModule",
     "SSv2DataModule",
 ]

@@ -1,6 +1,7 @@
 """Visual backbones."""
 
+from frozenlm.models.pointbert import PointBERT
 from frozenlm.models.videomae import create_videomae
 from frozenlm.models.vit import create_vit
 
-__all__ = ["create_videomae", "create_vit"]
+__all__ = ["PointBERT", "create_videomae", "create_vit"]

@@ -3,6 +3,7 @@
 from frozenlm.tasks.base import BaseTask
 from frozenlm.tasks.classification import ClassificationTask
 from frozenlm.tasks.image import ImageClassifier
+from frozenlm.tasks.pointcloud import PointCloudClassifier
 from frozenlm.tasks.video import VideoClassifier
 
-__all__ = ["BaseTask", "ClassificationTask", "ImageClassifier", "VideoClassifier"]
+__all__ = ["BaseTask", "ClassificationTask", "ImageClassifier", "PointCloudClassifier", "VideoClassifier"]

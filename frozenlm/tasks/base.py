@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from torch import nn
 
 
 class BaseTask(lightning.LightningModule):
@@ -36,6 +37,8 @@ class BaseTask(lightning.LightningModule):
         layer_decay: layer-wise lr decay (timm); None for none.
         scale_min_lr: scale ``min_lr`` and ``warmup_lr`` by the global batch too, like ``lr``
             (VideoMAE's fine-tuning does; DeiT does not).
+        schedule_interval: ``step``: warmup and cosine advance every optimizer step (DeiT here);
+            ``epoch``: once per epoch, warmup in whole epochs (Point-BERT's recipe).
     """
 
     ignore: tuple[str, ...] = ()
@@ -51,8 +54,11 @@ class BaseTask(lightning.LightningModule):
         warmup_lr: float = 1e-6,
         layer_decay: float | None = None,
         scale_min_lr: bool = False,
+        schedule_interval: str = "step",
     ) -> None:
         super().__init__()
+        if schedule_interval not in ("step", "epoch"):
+            raise ValueError(f"schedule_interval must be 'step' or 'epoch', got {schedule_interval!r}.")
         self.save_hyperparameters(ignore=self.ignore)
         # Checkpoints hold plain containers only: Lightning reads hyper-parameters back with
         # torch.load(weights_only=True), which refuses arbitrary classes such as dataclasses.
@@ -85,16 +91,21 @@ class BaseTask(lightning.LightningModule):
         hp = self.hparams
         return self.global_batch_size() / hp.lr_reference_batch if hp.lr_reference_batch else 1.0
 
+    def optimizer_parameters(self, lr: float, weight_decay: float) -> nn.Module | list[dict]:
+        """What the optimizer gets: the module itself (timm then skips parameters that do not require
+        grad, the frozen block, and reads ``no_weight_decay()`` and, with layer decay,
+        ``group_matcher()``), or explicit parameter groups of a task's own recipe."""
+        return self
+
     def configure_optimizers(self):
         hp = self.hparams
         scale = self.lr_scale()
         lr = hp.lr * scale
         floor_scale = scale if hp.scale_min_lr else 1.0
-        # timm skips parameters that do not require grad (the frozen block) and reads
-        # `no_weight_decay()` (tokens, position embeddings) and, with layer decay, `group_matcher()`.
         optimizer = create_optimizer_v2(
-            self, opt=hp.optimizer, lr=lr, weight_decay=hp.weight_decay, layer_decay=hp.layer_decay
-        )
+            self.optimizer_parameters(lr, hp.weight_decay), opt=hp.optimizer, lr=lr, weight_decay=hp.weight_decay,
+            layer_decay=hp.layer_decay,
+        )  # fmt: skip
         # Scheduled per optimizer step. Setting up the train loader creates its first iterator, so
         # this is where the first epoch of the fit is seeded (see `_reseed`). Lightning skips the set-up
         # when only max_steps bounds the run, but warmup is given in epochs, so it is done here.
@@ -102,21 +113,28 @@ class BaseTask(lightning.LightningModule):
         self.trainer.fit_loop.setup_data()
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
-        warmup_steps = min(int(hp.warmup_epochs * steps_per_epoch), total_steps - 1)
+        if hp.schedule_interval == "epoch":
+            total, warmup = max(1, math.ceil(total_steps / steps_per_epoch)), int(hp.warmup_epochs)
+        else:
+            total, warmup = total_steps, int(hp.warmup_epochs * steps_per_epoch)
         scheduler = CosineLRScheduler(
             optimizer,
-            t_initial=total_steps,
+            t_initial=total,
             lr_min=hp.min_lr * floor_scale,
-            warmup_t=warmup_steps,
+            warmup_t=min(warmup, total - 1),
             warmup_lr_init=hp.warmup_lr * floor_scale,
             warmup_prefix=True,
-            t_in_epochs=False,
+            t_in_epochs=hp.schedule_interval == "epoch",
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": hp.schedule_interval}}
 
     def lr_scheduler_step(self, scheduler, metric=None) -> None:
-        # timm schedulers are stateless in the step count: step_update sets the lr for that update.
-        scheduler.step_update(num_updates=self.global_step)
+        # timm schedulers are stateless in the step count: each call sets the lr of the coming update
+        # (per step) or of the coming epoch (per epoch; Lightning calls this at the end of an epoch).
+        if self.hparams.schedule_interval == "epoch":
+            scheduler.step(epoch=self.current_epoch + 1)
+        else:
+            scheduler.step_update(num_updates=self.global_step)
 
     # -- exact resumption --------------------------------------------------------------------
     # Lightning does not checkpoint RNG states, so a run resumed at an epoch boundary would shuffle,

@@ -35,7 +35,7 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
     def configure_losses(self) -> None:
         hp = self.hparams
         self.mixup = None
-        if hp.mixup > 0 or hp.cutmix > 0:
+        if hp.get("mixup", 0.0) > 0 or hp.get("cutmix", 0.0) > 0:  # tasks without image-like inputs have none
             # timm's Mixup also applies the label smoothing, to the mixed soft targets.
             self.mixup = Mixup(
                 mixup_alpha=hp.mixup, cutmix_alpha=hp.cutmix, switch_prob=hp.mixup_switch_prob,
@@ -93,6 +93,12 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
         mask = torch.zeros(self.hparams.num_classes, dtype=torch.bool, device=self.device)
         mask[torch.as_tensor(subset, device=self.device)] = True
         return mask
+
+    def restrict_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` with the classes outside the evaluated ones (:meth:`evaluated_classes`) at the
+        lowest value, so that no prediction, vote or attack picks them."""
+        mask = self.evaluated_classes()
+        return logits if mask is None else logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
 
     def evaluation_probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
         """:meth:`class_probabilities`, renormalised over the evaluated classes."""

@@ -1,0 +1,141 @@
+"""What every point-cloud classification datamodule shares: clouds held in memory, and Point-BERT's
+sampling and augmentation, done on the training device on whole batches (as Point-BERT does on the GPU).
+
+Training (per batch): FPS to ``sample_points`` (Point-BERT: 1,200 for 1,024 input points, 4,800 for
+4,096, all of 8,192), then one random ``num_points`` of those for the whole batch, then each cloud scaled
+per axis by U[2/3, 3/2] and translated by U[-0.2, 0.2] (``PointcloudScaleAndTranslate``). Evaluation:
+FPS to ``num_points``. Test with ``test_votes`` V > 0 adds V training-style views of each cloud
+(``vote_points``), whose logits the task averages: Point-BERT's voting, run once (its reported numbers
+are the best of 9 such runs, chosen on the test set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from lightning.pytorch.trainer.states import RunningStage
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from frozenlm.data.base import ClassificationDataModule
+from frozenlm.models.point_ops import farthest_point_sample, gather_points
+
+
+class PointClouds(Dataset):
+    """A split's clouds ``[M, P, 3]`` as ``{"points": [P, 3], "label", "id"}`` dicts; ``shuffle`` permutes
+    each cloud's points (in training, as Point-BERT: then FPS starts from a random point of the cloud)."""
+
+    def __init__(self, points: Tensor, labels: Sequence[int], ids: Sequence[str], shuffle: bool = False):
+        self.points, self.labels, self.ids, self.shuffle = points, list(labels), list(ids), shuffle
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        points = self.points[index]
+        if self.shuffle:
+            points = points[torch.randperm(len(points))]
+        return {"points": points, "label": self.labels[index], "id": self.ids[index]}
+
+
+def sample_count(num_points: int, cloud_size: int) -> int:
+    """Point-BERT's FPS size before the random subset: ``num_points x 75/64`` (1,024 -> 1,200), at most the cloud."""
+    return min(cloud_size, round(num_points * 75 / 64))
+
+
+def scale_and_translate(points: Tensor, scale: tuple[float, float] = (2 / 3, 3 / 2), shift: float = 0.2) -> Tensor:
+    """Each cloud of ``[B, N, 3]`` scaled per axis by U[scale] and translated by U[-shift, shift]."""
+    batch = len(points)
+    factors = torch.empty(batch, 1, 3, device=points.device).uniform_(*scale)
+    offsets = torch.empty(batch, 1, 3, device=points.device).uniform_(-shift, shift)
+    return points * factors + offsets
+
+
+class PointCloudDataModule(ClassificationDataModule):
+    """Base of the point-cloud datamodules: subclasses set ``classes`` and ``num_classes`` in
+    ``__init__`` and implement ``load_split("train" | "test") -> (points [M, P, 3], labels, ids)``.
+    The test split is also the val and predict split (both datasets have no other).
+
+    Args:
+        batch_size, num_workers, pin_memory, max_unreadable_fraction: see
+            :class:`frozenlm.data.base.ClassificationDataModule`.
+        num_points: points per cloud the model receives (Point-BERT: 1,024; ModelNet40 also 4,096, 8,192).
+        sample_points: FPS size before training's random subset; None = Point-BERT's
+            ``num_points x 75/64``, at most the cloud's size.
+        scale: range of the per-axis training scale.
+        shift: range of the training translation, ``[-shift, shift]``.
+        test_votes: views per cloud voted at test time (Point-BERT: 10); 0 = single view only.
+    """
+
+    classes: list[str]
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        pin_memory: bool | None = None,
+        num_points: int = 1024,
+        sample_points: int | None = None,
+        scale: tuple[float, float] = (2 / 3, 3 / 2),
+        shift: float = 0.2,
+        test_votes: int = 10,
+        max_unreadable_fraction: float = 0.01,
+    ) -> None:
+        super().__init__(batch_size, num_workers, pin_memory, max_unreadable_fraction=max_unreadable_fraction)
+        self.num_points, self.sample_points = num_points, sample_points
+        self.scale, self.shift, self.test_votes = tuple(scale), shift, test_votes
+        self.datasets: dict[str, PointClouds] = {}
+
+    def load_split(self, split: str) -> tuple[Tensor, list[int], list[str]]:
+        raise NotImplementedError
+
+    def dataset(self, split: str) -> PointClouds:
+        if split not in self.datasets:
+            points, labels, ids = self.load_split(split)
+            if points.shape[1] < self.num_points:
+                raise ValueError(
+                    f"{type(self).__name__}: the {split} clouds have {points.shape[1]} points, fewer than "
+                    f"--data.num_points {self.num_points}."
+                )
+            self.datasets[split] = PointClouds(points, labels, ids, shuffle=split == "train")
+        return self.datasets[split]
+
+    def train_dataloader(self) -> DataLoader:
+        return self._train_loader(self.dataset("train"))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"))
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"))
+
+    # -- sampling and augmentation, on the device --------------------------------------------------
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        points = batch.get("points")
+        if points is None:
+            return batch
+        stage = self.trainer.state.stage if self.trainer is not None else None
+        if stage == RunningStage.TRAINING:
+            batch["points"] = self.random_views(points, 1)[:, 0]
+            return batch
+        if stage == RunningStage.TESTING and self.test_votes > 0:
+            batch["vote_points"] = self.random_views(points, self.test_votes)
+        batch["points"] = gather_points(points, farthest_point_sample(points, self.num_points).to(points.device))
+        return batch
+
+    def random_views(self, points: Tensor, count: int) -> Tensor:
+        """``[B, count, num_points, 3]``: Point-BERT's training sampling and augmentation, ``count`` times
+        from one FPS of each cloud (its test-time voting)."""
+        total = self.sample_points or sample_count(self.num_points, points.shape[1])
+        if total < points.shape[1]:
+            points = gather_points(points, farthest_point_sample(points, total).to(points.device))
+        views = [
+            scale_and_translate(points[:, torch.randperm(points.shape[1], device=points.device)[: self.num_points]],
+                                self.scale, self.shift)
+            for _ in range(count)
+        ]  # fmt: skip
+        return torch.stack(views, dim=1)

@@ -1,0 +1,161 @@
+"""Point-BERT's point-cloud transformer as fine-tuned for classification (Yu et al., CVPR 2022).
+
+A cloud is cut into ``num_groups`` groups: farthest-point-sampled centres and each centre's
+``group_size`` nearest points, re-centred (:mod:`frozenlm.models.point_ops`). A mini-PointNet embeds
+each group (Conv1d 3->128, BN, ReLU, Conv1d 128->256, max-pool; the pooled feature concatenated to
+every point's; Conv1d 512->512, BN, ReLU, Conv1d 512->``encoder_dims``, max-pool), a Linear maps it to
+the width, a CLS token (zeros) and its position (random normal) lead the sequence, and an MLP of the
+centres gives the position embedding, added before every block: ``x = block(x + pos)``. The blocks
+are timm's (pre-norm, ``qkv_bias`` False as Point-BERT's), then a final LayerNorm. Parameter names
+follow Point-BERT's, so its checkpoints load by name (:func:`load_pretrained`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from frozenlm.models.point_ops import group_points
+
+
+class PointGroupEncoder(nn.Module):
+    """Point-BERT's mini-PointNet: ``[B, G, K, 3]`` re-centred groups -> ``[B, G, out_dim]``."""
+
+    def __init__(self, out_dim: int = 256) -> None:
+        super().__init__()
+        self.first_conv = nn.Sequential(
+            nn.Conv1d(3, 128, 1), nn.BatchNorm1d(128), nn.ReLU(inplace=True), nn.Conv1d(128, 256, 1)
+        )
+        self.second_conv = nn.Sequential(
+            nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Conv1d(512, out_dim, 1)
+        )
+
+    def forward(self, groups: Tensor) -> Tensor:
+        batch, num_groups, size, _ = groups.shape
+        local = self.first_conv(groups.reshape(batch * num_groups, size, 3).transpose(1, 2))  # [BG, 256, K]
+        pooled = local.max(dim=2, keepdim=True).values
+        features = self.second_conv(torch.cat([pooled.expand(-1, -1, size), local], dim=1))
+        return features.max(dim=2).values.reshape(batch, num_groups, -1)
+
+
+class PointBERT(nn.Module):
+    """Point-BERT's transformer over point groups; ``forward_features(points [B, N, 3])`` gives the
+    normalised tokens ``[B, 1 + G, D]`` (CLS first). ``blocks`` is a ``ModuleList``: a hook on block
+    ``i`` sees (and may replace) the tokens after it, before the next block adds the positions.
+
+    Args:
+        num_groups: FPS centres per cloud (Point-BERT: 64 for 1,024 points, 256 for 4,096, 512 for 8,192).
+        group_size: points per group.
+        embed_dim: transformer width.
+        depth: number of blocks.
+        num_heads: attention heads.
+        encoder_dims: width of the group encoder's output, mapped to ``embed_dim`` by ``reduce_dim``
+            (Point-BERT: 256; Point-MAE: ``embed_dim``, where ``reduce_dim`` is the identity).
+        drop_path_rate: stochastic depth of the last block, linear from 0.
+    """
+
+    num_prefix_tokens = 1  # the CLS token
+
+    def __init__(
+        self,
+        num_groups: int = 64,
+        group_size: int = 32,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        encoder_dims: int = 256,
+        drop_path_rate: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.num_groups, self.group_size, self.embed_dim = num_groups, group_size, embed_dim
+        self.encoder = PointGroupEncoder(encoder_dims)
+        self.reduce_dim = nn.Linear(encoder_dims, embed_dim) if encoder_dims != embed_dim else nn.Identity()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.cls_pos = nn.Parameter(torch.randn(1, 1, embed_dim))
+        self.pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, embed_dim))
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio=4.0, qkv_bias=False, drop_path=rate) for rate in rates
+        )
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "cls_pos"}
+
+    def group(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """``(neighbourhoods [B, G, K, 3], centres [B, G, 3])`` of ``points [B, N, 3]``."""
+        if points.ndim != 3 or points.shape[-1] != 3:
+            raise ValueError(f"Point clouds must be [batch, points, 3] (x, y, z), got {tuple(points.shape)}.")
+        if points.shape[1] < max(self.group_size, self.num_groups):
+            raise ValueError(
+                f"Clouds of {points.shape[1]} points are too small for {self.num_groups} groups of "
+                f"{self.group_size} points: give more points (--data.num_points) or smaller groups."
+            )
+        return group_points(points, self.num_groups, self.group_size)
+
+    def forward_features(self, points: Tensor) -> Tensor:
+        groups, centres = self.group(points)
+        tokens = self.reduce_dim(self.encoder(groups))
+        batch = len(tokens)
+        x = torch.cat([self.cls_token.expand(batch, -1, -1), tokens], dim=1)
+        pos = torch.cat([self.cls_pos.expand(batch, -1, -1), self.pos_embed(centres)], dim=1)
+        for block in self.blocks:
+            x = block(x + pos)
+        return self.norm(x)
+
+
+# The prefix of the fine-tuned transformer's tensors in each pretraining checkpoint's `base_model`.
+PRETRAINED_PREFIXES = {"transformer_q.": "Point-BERT (Point-BERT.pth)", "MAE_encoder.": "Point-MAE (pretrain.pth)"}
+
+
+def load_pretrained(model: PointBERT, path: str | Path) -> dict[str, list[str]]:
+    """Load the official Point-BERT (``Point-BERT.pth``) or Point-MAE (``pretrain.pth``) pretraining
+    checkpoint into ``model``, as their fine-tuning does: ``ckpt["base_model"]``, ``module.`` stripped,
+    the transformer's tensors (Point-BERT's contrastive ``cls_head`` dropped) by name. Read with
+    ``weights_only=True``. Logs and returns the loaded / missing / unexpected keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No pretrained point-cloud checkpoint at {path}: download Point-BERT.pth from the Point-BERT "
+            "repository (github.com/lulutang0608/Point-BERT) or pretrain.pth from Point-MAE's."
+        )
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    base = stored.get("base_model") if isinstance(stored, dict) else None
+    if not isinstance(base, dict):
+        raise ValueError(f"{path} has no `base_model` state dict: it is not a Point-BERT or Point-MAE checkpoint.")
+    base = {k.removeprefix("module."): v for k, v in base.items()}
+    prefix = next((p for p in PRETRAINED_PREFIXES if any(k.startswith(p) for k in base)), None)
+    if prefix is None:
+        raise ValueError(
+            f"{path} holds neither Point-BERT's `transformer_q.*` nor Point-MAE's `MAE_encoder.*` tensors "
+            f"(first keys: {list(base)[:3]}): it is not a supported pretraining checkpoint."
+        )
+    state = {
+        k.removeprefix(prefix).replace("blocks.blocks.", "blocks."): v
+        for k, v in base.items()
+        if k.startswith(prefix) and not k.startswith(f"{prefix}cls_head")
+    }
+    own = model.state_dict()
+    mismatched = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape}  # noqa: E501
+    if mismatched:
+        raise ValueError(
+            f"{path} ({PRETRAINED_PREFIXES[prefix]}) does not fit the configured backbone: "
+            + ", ".join(f"{k} {have} vs {want}" for k, (have, want) in list(mismatched.items())[:3])
+            + ". Point-MAE's encoder outputs the width directly: set encoder_dims to embed_dim (384)."
+        )
+    result = model.load_state_dict(state, strict=False)
+    summary = {
+        "loaded": sorted(set(state) - set(result.unexpected_keys)),
+        "missing": sorted(result.missing_keys),
+        "unexpected": sorted(result.unexpected_keys),
+    }
+    rank_zero_info(
+        f"Pretrained {PRETRAINED_PREFIXES[prefix]} from {path}: {len(summary['loaded'])} tensors loaded, "
+        f"{len(summary['missing'])} missing (trained from scratch: {summary['missing'][:6]}), "
+        f"{len(summary['unexpected'])} unexpected ({summary['unexpected'][:6]})."
+    )
+    return summary

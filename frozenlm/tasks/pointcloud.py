@@ -1,0 +1,142 @@
+"""Point-cloud classification with Point-BERT and a frozen LM block (LM4VE's ScanObjectNN / ModelNet40)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from frozenlm.llm import LLMConfig
+from frozenlm.models.pointbert import PointBERT, load_pretrained
+from frozenlm.tasks.classification import ClassificationTask
+
+
+class PointCloudClassifier(ClassificationTask):
+    """Point-BERT whose tokens (CLS + point groups) pass through a frozen LM block after block
+    ``llm_position``, before the final LayerNorm (LM4VE); the head reads concat(CLS, max over groups).
+
+    ``llm: null`` is the Point-BERT baseline; ``llm.mode: auxiliary`` is GCR (the block and its own
+    head as a training-only branch). Batches hold ``points [B, N, 3]`` (sampled and augmented by the
+    datamodule) and, at test time with voting, ``vote_points [B, V, N, 3]``: then ``test_vote_acc1``
+    (logits averaged over the V views, as Point-BERT votes) is logged beside the single-view ``test_acc1``.
+
+    Recipe defaults (Point-BERT fine-tuning, kept by LM4VE): AdamW lr 5e-4 (not scaled by the batch),
+    wd 0.05, cosine per epoch to 1e-6 after 10 warmup epochs from 1e-6, plain cross-entropy, no mixup;
+    with ``param_groups: reference``, LM4VE's three groups: 1-d parameters, biases and tokens at lr x 0.1
+    without weight decay, the LM block's adapters at lr x 0.5 without weight decay, the rest at lr.
+
+    Args:
+        num_classes: number of classes (linked from the datamodule by the CLI).
+        num_groups, group_size, embed_dim, depth, num_heads, encoder_dims, drop_path_rate: the backbone,
+            see :class:`frozenlm.models.pointbert.PointBERT`.
+        head_dropout: dropout of the head's hidden layer (Point-BERT: 0.5).
+        pretrained_file: Point-BERT's ``Point-BERT.pth`` or Point-MAE's ``pretrain.pth`` to start from.
+        llm: the frozen LM block (see :class:`frozenlm.llm.LLMConfig`); None for none.
+        llm_position: index of the block after which the LM block runs (-1: after the last).
+        param_groups: ``reference`` (LM4VE's groups above) or ``default`` (timm's: no weight decay on
+            1-d parameters and tokens, one lr).
+        label_smoothing: label smoothing of the cross-entropy (Point-BERT: none).
+        **kwargs: optimisation recipe, see :class:`frozenlm.tasks.BaseTask`.
+    """
+
+    input_key = "points"
+
+    def __init__(
+        self,
+        num_classes: int = 40,
+        num_groups: int = 64,
+        group_size: int = 32,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        encoder_dims: int = 256,
+        drop_path_rate: float = 0.1,
+        head_dropout: float = 0.5,
+        pretrained_file: str | None = None,
+        llm: LLMConfig | None = None,
+        llm_position: int = -1,
+        param_groups: str = "reference",
+        label_smoothing: float = 0.0,
+        lr: float = 5e-4,
+        lr_reference_batch: int = 0,
+        weight_decay: float = 0.05,
+        min_lr: float = 1e-6,
+        warmup_epochs: float = 10,
+        warmup_lr: float = 1e-6,
+        schedule_interval: str = "epoch",
+        **kwargs: Any,
+    ) -> None:
+        if param_groups not in ("reference", "default"):
+            raise ValueError(f"param_groups must be 'reference' or 'default', got {param_groups!r}.")
+        super().__init__(
+            lr=lr, lr_reference_batch=lr_reference_batch, weight_decay=weight_decay, min_lr=min_lr,
+            warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, schedule_interval=schedule_interval, **kwargs,
+        )  # fmt: skip
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        self.backbone = PointBERT(
+            num_groups=hp.num_groups, group_size=hp.group_size, embed_dim=hp.embed_dim, depth=hp.depth,
+            num_heads=hp.num_heads, encoder_dims=hp.encoder_dims, drop_path_rate=hp.drop_path_rate,
+        )  # fmt: skip
+        if hp.pretrained_file:
+            load_pretrained(self.backbone, hp.pretrained_file)
+        depth = len(self.backbone.blocks)
+        if not -depth <= hp.llm_position < depth:
+            raise IndexError(f"llm_position {hp.llm_position} is out of range for a Point-BERT with {depth} blocks.")
+        dim = hp.embed_dim
+        self.llm_block = self.build_llm(hp.llm, in_dim=dim)
+        if self.llm_block is not None:
+            # A hook on block `llm_position`: the block's output goes through the LM block, before the next
+            # Point-BERT block adds the positions again (or before the final norm).
+            self.backbone.blocks[hp.llm_position].register_forward_hook(self._llm_hook)
+        self.head = nn.Sequential(
+            nn.Linear(2 * dim, 256), nn.ReLU(inplace=True), nn.Dropout(hp.head_dropout), nn.Linear(256, hp.num_classes)
+        )
+        self.configure_auxiliary_head(2 * dim)  # pooled features are concat(CLS, max)
+
+    def configure_metrics(self) -> None:
+        super().configure_metrics()
+        self.vote_accuracy = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
+
+    def _llm_hook(self, module: nn.Module, args: tuple, tokens: torch.Tensor) -> torch.Tensor:
+        return self.llm_tap(tokens)
+
+    def optimizer_parameters(self, lr: float, weight_decay: float) -> nn.Module | list[dict]:
+        if self.hparams.param_groups == "default":
+            return super().optimizer_parameters(lr, weight_decay)
+        no_decay, adapters, decay = [], [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.startswith("llm_block."):  # the reference's "llama" parameters: the trainable adapters
+                adapters.append(param)
+            elif param.ndim == 1 or name.endswith(".bias") or "token" in name:
+                no_decay.append(param)
+            else:
+                decay.append(param)
+        groups = [
+            {"params": no_decay, "lr": lr * 0.1, "weight_decay": 0.0},
+            {"params": adapters, "lr": lr * 0.5, "weight_decay": 0.0},
+            {"params": decay, "lr": lr, "weight_decay": weight_decay},
+        ]
+        return [group for group in groups if group["params"]]
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tokens[:, 0], tokens[:, 1:].max(dim=1).values], dim=-1)
+
+    def head_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.backbone.norm(tokens)))
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.backbone.forward_features(points)))
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        super().test_step(batch, batch_idx)
+        if "vote_points" in batch:
+            views = batch["vote_points"]
+            logits = self(views.flatten(0, 1)).view(*views.shape[:2], -1).mean(dim=1)
+            self.vote_accuracy.update(self.restrict_logits(logits), batch["label"])
+            self.log("test_vote_acc1", self.vote_accuracy, batch_size=len(views))
