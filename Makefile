@@ -14,7 +14,12 @@ PYTEST_ARGS ?=
 	reproduce-cifar100-gcr reproduce-caltech256-gcr reproduce-imagenet-vits-gcr \
 	reproduce-ssv2-small reproduce-ssv2-small-llama reproduce-ssv2-small-gcr \
 	reproduce-ssv2-base reproduce-ssv2-base-llama reproduce-ssv2-base-gcr \
-	reproduce-ssv2-small-llama-last reproduce-ssv2-base-llama-last
+	reproduce-ssv2-small-llama-last reproduce-ssv2-base-llama-last \
+	reproduce-scanobjectnn-objbg reproduce-scanobjectnn-objonly reproduce-scanobjectnn-hardest \
+	reproduce-scanobjectnn-objbg-llama reproduce-scanobjectnn-objonly-llama reproduce-scanobjectnn-hardest-llama \
+	reproduce-scanobjectnn-objbg-gcr reproduce-scanobjectnn-objonly-gcr reproduce-scanobjectnn-hardest-gcr \
+	reproduce-modelnet40-1k reproduce-modelnet40-4k reproduce-modelnet40-8k \
+	reproduce-modelnet40-1k-llama reproduce-modelnet40-4k-llama reproduce-modelnet40-8k-llama
 
 $(BIN)/frozenlm: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +55,9 @@ CIFAR100 ?= data/cifar100
 IMAGENET ?= data/imagenet
 CALTECH256 ?= data/caltech256
 SSV2 ?= data/ssv2
+SCANOBJECTNN ?= data/scanobjectnn/h5_files
+MODELNET40 ?= data/modelnet40_normal_resampled
+POINTBERT ?= data/Point-BERT.pth
 ARGS ?=
 FIT := $(BIN)/frozenlm fit
 RESULTS = @echo "Results: TensorBoard logs and checkpoints under runs/$(1)/ (tensorboard --logdir runs)"
@@ -108,6 +116,25 @@ reproduce-caltech256-gcr: $(BIN)/frozenlm
 reproduce-imagenet-vits-gcr: $(BIN)/frozenlm
 	$(FIT) --config configs/imagenet_deit_small_gcr.yaml --model.llm.checkpoint $(LLAMA) --data.root $(IMAGENET) $(ARGS)
 	$(call RESULTS,imagenet_deit_small_gcr)
+
+# Point clouds (LM4VE's Point-BERT fine-tuning, from Point-BERT's pretraining checkpoint POINTBERT).
+reproduce-scanobjectnn-objbg reproduce-scanobjectnn-objonly reproduce-scanobjectnn-hardest: reproduce-scanobjectnn-%: $(BIN)/frozenlm
+	$(FIT) --config configs/scanobjectnn_$*_pointbert.yaml --model.pretrained_file $(POINTBERT) --data.root $(SCANOBJECTNN) $(ARGS)
+	$(call RESULTS,scanobjectnn_$*_pointbert)
+
+reproduce-scanobjectnn-objbg-llama reproduce-scanobjectnn-objonly-llama reproduce-scanobjectnn-hardest-llama \
+reproduce-scanobjectnn-objbg-gcr reproduce-scanobjectnn-objonly-gcr reproduce-scanobjectnn-hardest-gcr: \
+reproduce-scanobjectnn-%: $(BIN)/frozenlm
+	$(FIT) --config configs/scanobjectnn_$(subst -,_pointbert_,$*).yaml --model.pretrained_file $(POINTBERT) --model.llm.checkpoint $(LLAMA) --data.root $(SCANOBJECTNN) $(ARGS)
+	$(call RESULTS,scanobjectnn_$(subst -,_pointbert_,$*))
+
+reproduce-modelnet40-1k reproduce-modelnet40-4k reproduce-modelnet40-8k: reproduce-modelnet40-%: $(BIN)/frozenlm
+	$(FIT) --config configs/modelnet40_$*_pointbert.yaml --model.pretrained_file $(POINTBERT) --data.root $(MODELNET40) $(ARGS)
+	$(call RESULTS,modelnet40_$*_pointbert)
+
+reproduce-modelnet40-1k-llama reproduce-modelnet40-4k-llama reproduce-modelnet40-8k-llama: reproduce-modelnet40-%-llama: $(BIN)/frozenlm
+	$(FIT) --config configs/modelnet40_$*_pointbert_llama.yaml --model.pretrained_file $(POINTBERT) --model.llm.checkpoint $(LLAMA) --data.root $(MODELNET40) $(ARGS)
+	$(call RESULTS,modelnet40_$*_pointbert_llama)
 
 clean:
 	rm -rf $(VENV) lightning_logs runs .pytest_cache *.egg-info

@@ -36,6 +36,8 @@ REPRODUCE_TARGETS = [
     "reproduce-ssv2-base-gcr",
     "reproduce-ssv2-small-llama-last",
     "reproduce-ssv2-base-llama-last",
+    *[f"reproduce-scanobjectnn-{v}{s}" for v in ("objbg", "objonly", "hardest") for s in ("", "-llama", "-gcr")],
+    *[f"reproduce-modelnet40-{n}{s}" for n in ("1k", "4k", "8k") for s in ("", "-llama")],
 ]
 
 

@@ -1,0 +1,114 @@
+"""Point-cloud training step: grouping (FPS + kNN) and sampling as a fraction of the step, and the step
+against its FLOP ideal.
+
+For each setting (default: batch 32 at 1,024 points / 64 groups and at 8,192 points / 512 groups, as
+Point-BERT's ModelNet40 configs), all in one run and one process, interleaved:
+
+* ``fps_loop`` / ``fps_fpsample``: FPS of the group centres with the plain-PyTorch loop and with the
+  ``fpsample`` package (same indices), side by side;
+* ``grouping``: FPS + kNN + gathering, as the model runs it (``fpsample`` on the CPU when installed);
+* ``sampling``: the datamodule's training sampling of the batch (FPS to ``num_points x 75/64``, random
+  subset, scale and translate), done on the device before the step;
+* ``step``: the full-size Point-BERT classifier's forward + backward (grouping included), and
+  ``ideal``: one ``torch.matmul`` of the step's matmul/conv FLOPs (counted by PyTorch's
+  ``FlopCounterMode``), timed in the same run. ``--llm`` adds a frozen LLaMA-7B-shaped layer (random
+  weights, fp32) inline, as LM4VE.
+
+Ratios are the point: absolute times depend on the machine. Run with one thread for stable numbers::
+
+    OMP_NUM_THREADS=1 python benchmarks/pointcloud_step.py [--device cpu|cuda] [--llm] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from frozenlm.bench import lm_config
+from frozenlm.data.pointcloud import PointCloudDataModule
+from frozenlm.llm import FrozenLMBlock, LLMConfig
+from frozenlm.models import point_ops
+from frozenlm.tasks import PointCloudClassifier
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up call."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(points: int, groups: int, batch: int, device: torch.device, llm: bool, repeats: int) -> dict[str, float]:
+    generator = torch.Generator().manual_seed(0)
+    cloud = torch.randn(batch, points, 3, generator=generator).to(device)
+    raw = torch.randn(batch, max(points, 2048), 3, generator=generator).to(device)  # a dataset's stored clouds
+    model = PointCloudClassifier(num_classes=40, num_groups=groups, group_size=32).to(device).train()
+    if llm:  # as `llm` in a config would build it, with random weights of LLaMA-7B's layer shape
+        model.llm_config = LLMConfig()
+        model.llm_block = FrozenLMBlock.from_config(lm_config("llama", 4096, 11008, 32), in_dim=384).to(device)
+        model.backbone.blocks[-1].register_forward_hook(model._llm_hook)
+    labels = torch.randint(0, 40, (batch,), generator=generator).to(device)
+    datamodule = PointCloudDataModule(batch_size=batch, num_points=points, num_workers=0)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(cloud), labels).backward()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    n = max(1, round((flops / 2) ** (1 / 3)))
+    m = max(1, round(flops / (2 * n * n)))
+    a, w = torch.randn(m, n, device=device), torch.randn(n, n, device=device)
+    results = {
+        "fps_loop": timed(lambda: point_ops.farthest_point_sample(cloud, groups, use_fpsample=False), device, repeats),
+        "grouping": timed(lambda: point_ops.group_points(cloud, groups, 32), device, repeats),
+        "sampling": timed(lambda: datamodule.random_views(raw, 1), device, repeats),
+        "step": timed(step, device, repeats),
+        "ideal": timed(lambda: torch.matmul(a, w.mT), device, repeats) * flops / (2 * m * n * n),
+        "gflop": flops / 1e9,
+    }
+    if point_ops.fpsample is not None and device.type == "cpu":
+        results["fps_fpsample"] = timed(lambda: point_ops.farthest_point_sample(cloud, groups, use_fpsample=True), device, repeats)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--settings", default="1024:64,8192:512", help="points:groups pairs")
+    parser.add_argument("--llm", action="store_true", help="a frozen LLaMA-7B-shaped layer inline")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(f"device {device}, batch {args.batch}, threads {torch.get_num_threads()}, fpsample "
+          f"{'installed' if point_ops.fpsample else 'not installed'}, LLM block {'yes' if args.llm else 'no'}")
+    header = ("points", "groups", "GFLOP", "step ms", "ideal ms", "step/ideal", "grouping ms", "grouping/step",
+              "sampling ms", "sampling/step", "FPS loop ms", "FPS fpsample ms")  # fmt: skip
+    print(" | ".join(header))
+    for setting in args.settings.split(","):
+        points, groups = map(int, setting.split(":"))
+        r = measure(points, groups, args.batch, device, args.llm, args.repeats)
+        fpsample_ms = f"{r['fps_fpsample'] * 1e3:.0f}" if "fps_fpsample" in r else "-"
+        print(" | ".join([
+            str(points), str(groups), f"{r['gflop']:.0f}", f"{r['step'] * 1e3:.0f}", f"{r['ideal'] * 1e3:.0f}",
+            f"{r['step'] / r['ideal']:.2f}", f"{r['grouping'] * 1e3:.0f}", f"{r['grouping'] / r['step']:.3f}",
+            f"{r['sampling'] * 1e3:.0f}", f"{r['sampling'] / r['step']:.3f}", f"{r['fps_loop'] * 1e3:.0f}", fpsample_ms,
+        ]))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
