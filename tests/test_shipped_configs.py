@@ -39,8 +39,8 @@ FAKE_DATA = {
     "frozenlm.data.ModelNet40DataModule": lambda root: write_modelnet40(root, 1, 1, points=10_000),
 }
 # Samples per distinct pipeline. DeiT's RandAugment posterized to 0 bits about once in 650 images; a
-# clip draws its RandAugment ops once for all of its 16 frames (SSv2: 2 clips a video, 8,000 frames); a point cloud's
-# sampling and augmentation are a few tensor ops on the batch (FPS is the cost).
+# clip draws its RandAugment ops once for all of its 16 frames (SSv2: 2 clips a video, 8,000 frames);
+# a point cloud's sampling and augmentation are a few tensor ops on the batch (FPS is the cost).
 IMAGE_SAMPLES, VIDEO_SAMPLES, CLOUD_SAMPLES = 4000, 250, 128
 
 
