@@ -58,7 +58,7 @@ def measure(points: int, groups: int, batch: int, device: torch.device, llm: boo
     if llm:  # as `llm` in a config would build it, with random weights of LLaMA-7B's layer shape
         model.llm_config = LLMConfig()
         model.llm_block = FrozenLMBlock.from_config(lm_config("llama", 4096, 11008, 32), in_dim=384).to(device)
-        model.backbone.blocks[-1].register_forward_hook(model._llm_hook)
+        model.backbone.blocks[-1].register_forward_hook(model.llm_hook)
     labels = torch.randint(0, 40, (batch,), generator=generator).to(device)
     datamodule = PointCloudDataModule(batch_size=batch, num_points=points, num_workers=0)
 

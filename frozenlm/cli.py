@@ -198,7 +198,12 @@ def run(args: list[str] | None = None) -> FrozenLMCLI | None:
         from jsonargparse import auto_cli
 
         command = _extra_commands()[argv[0]]
-        auto_cli(command, args=argv[1:], as_positional=False, prog=f"frozenlm {argv[0]}")
+        try:
+            auto_cli(command, args=argv[1:], as_positional=False, prog=f"frozenlm {argv[0]}")
+        except ValueError as error:
+            if error.__cause__ is None:  # raised by the command itself, with its own message
+                raise
+            raise ConfigurationError(_reason(error)) from error  # a class built from the arguments failed
         return None
     return FrozenLMCLI(
         model_class=BaseTask,

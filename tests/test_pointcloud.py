@@ -18,6 +18,7 @@ import torch
 
 import frozenlm.models.point_ops as point_ops
 from frozenlm.analysis import rank_layers, stage_maps
+from frozenlm.cli import run
 from frozenlm.data import ModelNet40DataModule, ScanObjectNNDataModule
 from frozenlm.data.base import DatasetNotFoundError
 from frozenlm.data.pointcloud import sample_count
@@ -292,7 +293,9 @@ def test_fit_validate_test_with_votes_and_predict_through_the_cli(tmp_path, scan
     assert len(rows) == 15 and json.loads(rows[0]["class_names"])[0] in ScanObjectNNDataModule.classes
 
 
-def test_gcr_and_baseline_through_the_cli_and_analyses_on_group_tokens(tmp_path, scanobjectnn_root, tiny_llama_checkpoint):
+def test_gcr_and_baseline_through_the_cli_and_analyses_on_group_tokens(
+    tmp_path, scanobjectnn_root, tiny_llama_checkpoint, capsys
+):
     args = ["--data.root", str(scanobjectnn_root), "--model.llm.checkpoint", str(tiny_llama_checkpoint)]
     gcr = run_cli("fit", "pointcloud_llama", tmp_path / "gcr", *args, "--model.llm.mode", "auxiliary")
     metrics = gcr.trainer.callback_metrics
@@ -317,6 +320,12 @@ def test_gcr_and_baseline_through_the_cli_and_analyses_on_group_tokens(tmp_path,
     )  # fmt: skip
     assert [r["layer"] for r in sorted(rows, key=lambda r: r["layer"])] == [0, 5]
     assert all(0 <= r["cka"] <= 1 for r in rows)
+    run([
+        "rank-layers", "--lm_checkpoint", str(tiny_llama_checkpoint), "--checkpoint", str(last_checkpoint(tmp_path / "gcr")),
+        "--data", "frozenlm.data.ScanObjectNNDataModule", "--data.root", str(scanobjectnn_root),
+        "--data.num_points", "128", "--data.num_workers", "0", "--layers", "[0, 5]", "--num_images", "4",
+    ])  # fmt: skip
+    assert "Point-BERT block 1 (the last: its own output)" in " ".join(capsys.readouterr().out.split())
 
     baseline = run_cli("fit", "pointcloud_llama", tmp_path / "baseline", *args[:2], "--model.llm", "null")
     assert baseline.model.llm_block is None and baseline.trainer.callback_metrics["train_loss"].isfinite()

@@ -27,7 +27,8 @@ from rich.table import Table
 from timm.models import VisionTransformer
 
 from frozenlm.analysis.cka import linear_cka
-from frozenlm.data import DigitsDataModule, ImageDataModule, PointCloudDataModule
+from frozenlm.data import DigitsDataModule, PointCloudDataModule
+from frozenlm.data.base import ClassificationDataModule
 from frozenlm.export import load_trunk
 from frozenlm.llm.block import DType, FrozenLMBlock, resolve_layer_indices
 from frozenlm.llm.checkpoint import LMCheckpoint
@@ -44,7 +45,7 @@ def rank_layers(
     backbone_kwargs: dict[str, Any] | None = None,
     position: int = -1,
     layers: list[int] | None = None,
-    data: ImageDataModule | PointCloudDataModule | None = None,
+    data: ClassificationDataModule | None = None,
     num_images: int = 32,
     batch_size: int = 16,
     revision: str | None = None,
@@ -129,9 +130,7 @@ def _trunk(
     return model.eval()
 
 
-def _inputs(
-    trunk: VisionTransformer | PointBERT, data: ImageDataModule | PointCloudDataModule | None, count: int
-) -> torch.Tensor:
+def _inputs(trunk: VisionTransformer | PointBERT, data: ClassificationDataModule | None, count: int) -> torch.Tensor:
     """The first ``count`` validation images, or test clouds sampled as the datamodule evaluates them."""
     if isinstance(trunk, PointBERT):
         if not isinstance(data, PointCloudDataModule):

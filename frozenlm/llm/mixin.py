@@ -82,6 +82,11 @@ class FrozenLMMixin:
             self._tapped = (tokens, padding_mask)
         return tokens
 
+    def llm_hook(self, module: torch.nn.Module, args: tuple, tokens: torch.Tensor) -> torch.Tensor:
+        """A forward hook that passes a trunk block's output through :meth:`llm_tap`: registered on the
+        block the LM block follows, it inserts the LM block without changing the trunk's code or weights."""
+        return self.llm_tap(tokens)
+
     def auxiliary_tokens(self) -> torch.Tensor | None:
         """The tokens tapped in this training forward, through the block (None outside GCR training)."""
         tapped, self._tapped = self._tapped, None

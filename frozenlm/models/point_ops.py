@@ -3,7 +3,7 @@
 Point-BERT groups a cloud with a CUDA extension (pointnet2's FPS, KNN_CUDA); these run on any device.
 FPS starts at index 0, like that kernel, so a cloud's grouping is deterministic. On the CPU the FPS of
 the ``fpsample`` package (compiled; extra ``pointcloud``) is used when it is installed: it selects the
-same points in the same order as the loop below, about 8x faster at 8,192 points on one core
+same points in the same order as the loop below, 3-4x faster at 8,192 points on one core
 (``python benchmarks/pointcloud_step.py`` measures both side by side). Its faster bucket variants
 neither start at a given point nor select the same points, so they are not used.
 """

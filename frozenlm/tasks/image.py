@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from frozenlm.llm import LLMConfig
 from frozenlm.models import create_vit
@@ -78,11 +77,8 @@ class ImageClassifier(ClassificationTask):
         if self.llm_block is not None:
             # The block is applied by a forward hook on ViT block `llm_position`, so the timm model and
             # its pretrained weights stay unchanged and the final norm and head follow the LM block.
-            self.backbone.blocks[hp.llm_position].register_forward_hook(self._llm_hook)
+            self.backbone.blocks[hp.llm_position].register_forward_hook(self.llm_hook)
         self.configure_auxiliary_head(self.backbone.embed_dim)
-
-    def _llm_hook(self, module: nn.Module, args: tuple, tokens: torch.Tensor) -> torch.Tensor:
-        return self.llm_tap(tokens)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.backbone.pool(tokens)  # the CLS token for DeiT

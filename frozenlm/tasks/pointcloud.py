@@ -91,7 +91,7 @@ class PointCloudClassifier(ClassificationTask):
         if self.llm_block is not None:
             # A hook on block `llm_position`: the block's output goes through the LM block, before the next
             # Point-BERT block adds the positions again (or before the final norm).
-            self.backbone.blocks[hp.llm_position].register_forward_hook(self._llm_hook)
+            self.backbone.blocks[hp.llm_position].register_forward_hook(self.llm_hook)
         self.head = nn.Sequential(
             nn.Linear(2 * dim, 256), nn.ReLU(inplace=True), nn.Dropout(hp.head_dropout), nn.Linear(256, hp.num_classes)
         )
@@ -100,9 +100,6 @@ class PointCloudClassifier(ClassificationTask):
     def configure_metrics(self) -> None:
         super().configure_metrics()
         self.vote_accuracy = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
-
-    def _llm_hook(self, module: nn.Module, args: tuple, tokens: torch.Tensor) -> torch.Tensor:
-        return self.llm_tap(tokens)
 
     def optimizer_parameters(self, lr: float, weight_decay: float) -> nn.Module | list[dict]:
         if self.hparams.param_groups == "default":
