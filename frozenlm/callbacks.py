@@ -15,9 +15,12 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelChe
 class PredictionWriter(BasePredictionWriter):
     """Collects each rank's predictions and writes one file at the end of ``predict``.
 
+    Tasks with their own prediction files (motion forecasting: CSV, or Argoverse 2's submission
+    ``.parquet``) write them through their ``write_predictions(predictions, path)``.
+
     Args:
-        output: ``.csv`` or ``.json`` file; None writes ``predictions.csv`` in the trainer's log dir.
-            In DDP each rank writes ``<stem>.rank<N><suffix>``.
+        output: ``.csv`` or ``.json`` file (``.parquet`` for Argoverse 2 submissions); None writes
+            ``predictions.csv`` in the trainer's log dir. In DDP each rank writes ``<stem>.rank<N><suffix>``.
     """
 
     def __init__(self, output: str | None = None) -> None:
@@ -26,13 +29,16 @@ class PredictionWriter(BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer: lightning.Trainer, pl_module, predictions, batch_indices) -> None:
         path = Path(self.output) if self.output else Path(trainer.log_dir or ".") / "predictions.csv"
-        if path.suffix not in {".csv", ".json"}:
-            raise ValueError(f"predictions.output must end in .csv or .json, got {path}")
         if trainer.world_size > 1:
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if hasattr(pl_module, "write_predictions"):
+            print(f"Wrote predictions of {pl_module.write_predictions(predictions, path)} scenes to {path}")
+            return
+        if path.suffix not in {".csv", ".json"}:
+            raise ValueError(f"predictions.output must end in .csv or .json, got {path}")
         class_names = getattr(trainer.datamodule, "classes", None)
         rows = [row for batch in predictions for row in _rows(batch, class_names)]
-        path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".json":
             path.write_text(json.dumps(rows, indent=1))
         else:

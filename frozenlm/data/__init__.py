@@ -1,6 +1,8 @@
 """LightningDataModules: image datasets yield {"image", "label", "id"} samples, SSv2 {"video", "label", "id"},
 point clouds {"points", "label", "id"}."""
 
+from frozenlm.data.argoverse1 import Argoverse1DataModule
+from frozenlm.data.argoverse2 import Argoverse2DataModule
 from frozenlm.data.base import ImageDataModule
 from frozenlm.data.caltech256 import Caltech256DataModule
 from frozenlm.data.cifar100 import CIFAR100DataModule
@@ -8,11 +10,14 @@ from frozenlm.data.digits import DigitsDataModule
 from frozenlm.data.imagefolder import ImageFolderDataModule
 from frozenlm.data.imagenet_variants import ImageNetVariantDataModule
 from frozenlm.data.modelnet40 import ModelNet40DataModule
+from frozenlm.data.motion import MotionDataModule
 from frozenlm.data.pointcloud import PointCloudDataModule
 from frozenlm.data.scanobjectnn import ScanObjectNNDataModule
 from frozenlm.data.ssv2 import SSv2DataModule
 
 __all__ = [
+    "Argoverse1DataModule",
+    "Argoverse2DataModule",
     "CIFAR100DataModule",
     "Caltech256DataModule",
     "DigitsDataModule",
@@ -20,6 +25,7 @@ __all__ = [
     "ImageFolderDataModule",
     "ImageNetVariantDataModule",
     "ModelNet40DataModule",
+    "MotionDataModule",
     "PointCloudDataModule",
     "ScanObjectNNDataModule",
     "SSv2DataModule",

@@ -3,7 +3,8 @@
 from frozenlm.tasks.base import BaseTask
 from frozenlm.tasks.classification import ClassificationTask
 from frozenlm.tasks.image import ImageClassifier
+from frozenlm.tasks.motion import MotionForecaster
 from frozenlm.tasks.pointcloud import PointCloudClassifier
 from frozenlm.tasks.video import VideoClassifier
 
-__all__ = ["BaseTask", "ClassificationTask", "ImageClassifier", "PointCloudClassifier", "VideoClassifier"]
+__all__ = ["BaseTask", "ClassificationTask", "ImageClassifier", "MotionForecaster", "PointCloudClassifier", "VideoClassifier"]

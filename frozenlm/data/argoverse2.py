@@ -1,0 +1,115 @@
+"""Argoverse 2 motion forecasting (Wilson et al., NeurIPS 2021 Datasets), read with the ``av2`` package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from frozenlm.data.base import DatasetNotFoundError
+from frozenlm.data.motion import MotionDataModule, Scene, scene_predictions
+
+DOWNLOAD_HINT = (
+    "Download the Argoverse 2 motion forecasting dataset (https://www.argoverse.org/av2.html#download-link) "
+    "and pass --data.root <folder holding train/, val/, test/>."
+)
+VEHICLES = {"vehicle", "bus"}
+VULNERABLE = {"pedestrian", "cyclist", "motorcyclist"}
+LANE_TYPES = ("VEHICLE", "BIKE", "BUS")
+
+
+def _av2():
+    try:
+        from av2.datasets.motion_forecasting import scenario_serialization
+        from av2.map.map_api import ArgoverseStaticMap
+    except ImportError as error:
+        raise ImportError("Argoverse 2 needs the av2 package: pip install 'frozenlm[motion]'.") from error
+    return scenario_serialization, ArgoverseStaticMap
+
+
+class Argoverse2DataModule(MotionDataModule):
+    """Argoverse 2: 10 Hz scenarios of 50 observed + 60 future steps; the focal track is the target.
+
+    On disk (the official layout)::
+
+        root/{train,val,test}/<scenario_id>/scenario_<scenario_id>.parquet
+        root/{train,val,test}/<scenario_id>/log_map_archive_<...>.json
+
+    Lanes: the lane segments of the scenario's map within ``radius`` (av2's ``get_nearby_lane_segments``),
+    as 10-point centrelines (``get_lane_segment_centerline``) with attributes ``(is_intersection,
+    is_vehicle_lane, is_bike_lane, is_bus_lane)``. ``predict`` writes the challenge's submission parquet
+    (``av2``'s ``ChallengeSubmission``). Needs ``av2`` (extra ``motion``). See
+    :class:`frozenlm.data.motion.MotionDataModule` for the arguments and the cache.
+    """
+
+    history, horizon = 50, 60
+    splits = {"train": "train", "val": "val", "test": "test"}
+
+    def scene_sources(self, split: str) -> list[Path]:
+        folder = self.root / self.splits[split]
+        if not folder.is_dir():
+            raise DatasetNotFoundError(f"Argoverse2DataModule: no {folder}. {DOWNLOAD_HINT}")
+        sources = sorted(folder.glob("*/scenario_*.parquet"))
+        if not sources:
+            raise DatasetNotFoundError(
+                f"Argoverse2DataModule: no {self.splits[split]}/<id>/scenario_<id>.parquet under {self.root}. {DOWNLOAD_HINT}"
+            )
+        return sources
+
+    def scene_id(self, source: Path) -> str:
+        return source.parent.name
+
+    def read_scene(self, source: Path) -> Scene:
+        serialization, static_map_class = _av2()
+        scenario = serialization.load_argoverse_scenario_parquet(source)
+        maps = sorted(source.parent.glob("log_map_archive_*.json"))
+        if not maps:
+            raise FileNotFoundError(f"no log_map_archive_*.json beside {source}")
+        tracks = {track.track_id: track for track in scenario.tracks}
+        if scenario.focal_track_id not in tracks:
+            raise KeyError(f"the focal track {scenario.focal_track_id} is not among the scenario's tracks")
+        order = [scenario.focal_track_id] + [t for t in tracks if t != scenario.focal_track_id]
+        positions = np.full((len(order), self.history, 2), np.nan)
+        kinds = np.full(len(order), 2)
+        future = np.full((self.horizon, 2), np.nan)
+        heading = None
+        for row, track_id in enumerate(order):
+            track = tracks[track_id]
+            kind = track.object_type.value
+            kinds[row] = 0 if kind in VEHICLES else 1 if kind in VULNERABLE else 2
+            for state in track.object_states:
+                if state.timestep < self.history:
+                    positions[row, state.timestep] = state.position
+                    if row == 0 and state.timestep == self.history - 1:
+                        heading = float(state.heading)
+                elif row == 0 and state.timestep < self.history + self.horizon:
+                    future[state.timestep - self.history] = state.position
+        static_map = static_map_class.from_json(maps[0])
+        focal = positions[0][~np.isnan(positions[0]).any(axis=1)]
+        centre = focal[-1] if len(focal) else np.zeros(2)
+        lanes, attributes = [], []
+        for lane in static_map.get_nearby_lane_segments(centre, self.radius):
+            lanes.append(static_map.get_lane_segment_centerline(lane.id)[:, :2])
+            lane_type = lane.lane_type.value
+            attributes.append([float(lane.is_intersection), *(float(lane_type == t) for t in LANE_TYPES)])
+        return Scene(
+            scenario_id=scenario.scenario_id, focal_track_id=scenario.focal_track_id, agent_positions=positions,
+            agent_kinds=kinds, future=None if np.isnan(future).all() else future, lanes=lanes,
+            lane_attributes=np.asarray(attributes, dtype=np.float32).reshape(-1, 4), focal_heading=heading,
+        )  # fmt: skip
+
+    def write_predictions(self, predictions: list[dict[str, Any]], path: Path) -> int:
+        """``.parquet``: the Argoverse 2 challenge submission (``ChallengeSubmission.to_parquet``); ``.csv``:
+        the CSV of :class:`MotionDataModule`."""
+        if path.suffix != ".parquet":
+            return super().write_predictions(predictions, path)
+        from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
+
+        scenes = {
+            scenario: (probs / probs.sum(), {track_id: modes})
+            for batch in predictions
+            for scenario, track_id, modes, probs in scene_predictions(batch)
+        }
+        ChallengeSubmission(scenes).to_parquet(path)
+        return len(scenes)

@@ -1,0 +1,193 @@
+"""Motion forecasting with VectorNet and a frozen LM block over agent and lane tokens (LM4VE's Argoverse).
+
+LM4VE reports that a frozen LLaMA block between VectorNet's global graph and its decoder improves
+minADE / minFDE / miss rate on Argoverse; its code for this was never released, so this module is our
+reading of the paper: the block sees every polyline token (agents and lanes) with the padding mask of
+the scene, and the decoder reads the focal agent's token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+
+from frozenlm.llm import FrozenLMMixin, LLMConfig
+from frozenlm.models.vectornet import TrajectoryDecoder, VectorNet
+from frozenlm.tasks.base import BaseTask
+from frozenlm.tasks.motion_metrics import BrierMinFDE, MinADE, MinFDE, MissRate
+
+
+def to_world(trajectories: Tensor, origin: Tensor, heading: Tensor) -> Tensor:
+    """Agent-frame ``[B, ..., 2]`` points to world coordinates: rotate by ``heading [B]``, then add
+    ``origin [B, 2]`` (the inverse of the datamodules' agent-centric transform)."""
+    cos, sin = heading.cos(), heading.sin()
+    rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # [B, 2, 2]
+    shape = (len(origin),) + (1,) * (trajectories.ndim - 2) + (2, 2)
+    world = (rotation.view(shape) @ trajectories[..., None]).squeeze(-1)
+    return world + origin.view((len(origin),) + (1,) * (trajectories.ndim - 2) + (2,))
+
+
+class MotionForecaster(FrozenLMMixin, BaseTask):
+    """VectorNet -> [frozen LM block over all polyline tokens, padded ones masked] -> K-mode decoder.
+
+    Loss: winner-takes-all regression (smooth L1) on the mode with the smallest summed L2 error to the
+    ground truth, plus cross-entropy of the mode scores towards that mode (as K = 6 VectorNet variants,
+    e.g. HiVT); optionally VectorNet's node completion (a random polyline's feature masked and
+    regressed from the global graph, Huber loss). ``llm: null`` is plain VectorNet; ``llm.mode:
+    auxiliary`` is GCR: the block and a decoder of its own as a training-only branch.
+
+    Batches (see :class:`frozenlm.data.motion.MotionDataModule`): ``polylines``, ``vector_mask``,
+    ``polyline_mask``, ``target [B, T, 2]`` (agent frame), ``origin``, ``heading``, ``scenario_id``,
+    ``track_id``. Metrics at K = 6 and K = 1: minADE, minFDE, miss rate (2 m), and brier-minFDE.
+
+    Args:
+        vector_dim: width of an input vector (linked from the datamodule by the CLI).
+        horizon: future steps to predict (linked from the datamodule: Argoverse 1: 30, 2: 60).
+        hidden: VectorNet's hidden size (64); tokens are twice as wide.
+        modes: trajectories per scene (K).
+        node_completion: weight of the node-completion loss; 0 = off.
+        llm: the frozen LM block (see :class:`frozenlm.llm.LLMConfig`); None for none.
+        miss_threshold: metres beyond which a final position is a miss.
+        **kwargs: optimisation recipe, see :class:`frozenlm.tasks.BaseTask` (defaults: AdamW 5e-4, wd
+            1e-4, cosine per step, as VectorNet re-implementations train).
+    """
+
+    def __init__(
+        self,
+        vector_dim: int = 10,
+        horizon: int = 60,
+        hidden: int = 64,
+        modes: int = 6,
+        node_completion: float = 0.0,
+        llm: LLMConfig | None = None,
+        miss_threshold: float = 2.0,
+        lr: float = 5e-4,
+        lr_reference_batch: int = 0,
+        weight_decay: float = 1e-4,
+        min_lr: float = 1e-6,
+        warmup_epochs: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            lr=lr, lr_reference_batch=lr_reference_batch, weight_decay=weight_decay, min_lr=min_lr,
+            warmup_epochs=warmup_epochs, **kwargs,
+        )  # fmt: skip
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        self.backbone = VectorNet(hp.vector_dim, hp.hidden)
+        self.llm_block = self.build_llm(hp.llm, in_dim=self.backbone.dim)
+        self.decoder = TrajectoryDecoder(self.backbone.dim, hp.horizon, hp.modes)
+        if self.llm_auxiliary:
+            self.aux_decoder = TrajectoryDecoder(self.backbone.dim, hp.horizon, hp.modes)
+        if hp.node_completion > 0:
+            self.node_decoder = nn.Sequential(nn.Linear(self.backbone.dim, self.backbone.dim), nn.ReLU(),
+                                              nn.Linear(self.backbone.dim, self.backbone.dim))  # fmt: skip
+
+    def configure_metrics(self) -> None:
+        threshold = self.hparams.miss_threshold
+        metrics = MetricCollection({
+            "minADE_6": MinADE(6), "minFDE_6": MinFDE(6), "MR_6": MissRate(6, threshold),
+            "brier_minFDE_6": BrierMinFDE(6), "minADE_1": MinADE(1), "minFDE_1": MinFDE(1),
+            "MR_1": MissRate(1, threshold),
+        })  # fmt: skip
+        self.val_metrics = metrics.clone(prefix="val_")
+        self.test_metrics = metrics.clone(prefix="test_")
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        horizon = getattr(datamodule, "horizon", self.hparams.horizon)
+        if horizon != self.hparams.horizon:
+            raise ValueError(
+                f"model.horizon {self.hparams.horizon} does not match the data: {type(datamodule).__name__} predicts "
+                f"{horizon} steps; set --model.horizon {horizon}."
+            )
+
+    # -- model --------------------------------------------------------------------------------
+    def tokens(self, batch: dict[str, Tensor], features: Tensor | None = None) -> Tensor:
+        """The polyline tokens after the global graph (and the LM block inline)."""
+        if features is None:
+            features = self.backbone.polyline_features(batch["polylines"], batch["vector_mask"])
+        tokens = self.backbone.interact(features, batch["polylines"], batch["polyline_mask"])
+        return self.llm_tap(tokens, ~batch["polyline_mask"])
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(trajectories [B, K, T, 2] in the agent frame, mode logits [B, K])``."""
+        return self.decoder(self.tokens(batch)[:, 0])
+
+    # -- training -----------------------------------------------------------------------------
+    def forecast_loss(self, trajectories: Tensor, logits: Tensor, target: Tensor) -> Tensor:
+        """Winner-takes-all smooth-L1 on the best mode (smallest summed L2 error) + cross-entropy to it."""
+        best = (trajectories - target[:, None]).norm(dim=-1).sum(dim=-1).argmin(dim=1)
+        chosen = trajectories[torch.arange(len(best), device=best.device), best]
+        return F.smooth_l1_loss(chosen, target) + F.cross_entropy(logits, best)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        features = self.backbone.polyline_features(batch["polylines"], batch["vector_mask"])
+        masked = None
+        if self.hparams.node_completion > 0:
+            features, masked = self._mask_one_polyline(features, batch["polyline_mask"])
+        tokens = self.tokens(batch, features)
+        loss = self.forecast_loss(*self.decoder(tokens[:, 0]), batch["target"])
+        logs = {"train_loss_forecast": loss.detach()}
+        aux_tokens = self.auxiliary_tokens()
+        if aux_tokens is not None:  # GCR
+            aux_loss = self.forecast_loss(*self.aux_decoder(aux_tokens[:, 0]), batch["target"])
+            loss = loss + self.llm_config.aux_weight * aux_loss
+            logs["train_loss_aux"] = aux_loss.detach()
+        if masked is not None:
+            index, original = masked
+            rows = torch.arange(len(index), device=index.device)
+            completion = F.huber_loss(self.node_decoder(tokens[rows, index]), original)
+            loss = loss + self.hparams.node_completion * completion
+            logs["train_loss_node_completion"] = completion.detach()
+        batch_size = len(batch["target"])
+        self.log_dict(logs, batch_size=batch_size)
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def _mask_one_polyline(self, features: Tensor, polyline_mask: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Zero the feature of one random real polyline per scene other than the focal agent's (index 0);
+        a scene with no other polyline keeps index 0 unmasked (its completion target is then itself)."""
+        candidates = polyline_mask.clone()
+        candidates[:, 0] = False
+        index = torch.rand(candidates.shape, device=features.device).masked_fill(~candidates, -1.0).argmax(dim=1)
+        rows = torch.arange(len(index), device=index.device)
+        original = features[rows, index].detach()
+        features = features.clone()
+        features[rows[candidates.any(dim=1)], index[candidates.any(dim=1)]] = 0.0
+        return features, (index, original)
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def predict_modes(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(trajectories [B, K, T, 2] in world coordinates, probabilities [B, K])``."""
+        trajectories, logits = self(batch)
+        return to_world(trajectories, batch["origin"], batch["heading"]), logits.softmax(dim=-1)
+
+    def _evaluate(self, batch: dict[str, Any], metrics: MetricCollection, stage: str) -> None:
+        trajectories, logits = self(batch)
+        batch_size = len(batch["target"])
+        self.log(f"{stage}_loss", self.forecast_loss(trajectories, logits, batch["target"]), batch_size=batch_size, sync_dist=True)
+        metrics.update(trajectories, logits.softmax(dim=-1), batch["target"])  # displacements are frame-invariant
+        self.log_dict(metrics, prog_bar=stage == "val", batch_size=batch_size)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        trajectories, probabilities = self.predict_modes(batch)
+        return {"scenario_id": batch["scenario_id"], "track_id": batch["track_id"], "trajectories": trajectories,
+                "probabilities": probabilities}  # fmt: skip
+
+    def write_predictions(self, predictions: list[dict[str, Any]], path: Path) -> int:
+        """Write the K trajectories and probabilities of every scene; ``.parquet`` for Argoverse 2 is the
+        challenge's submission file (the ``av2`` package's ``ChallengeSubmission``). Returns the count."""
+        return self.trainer.datamodule.write_predictions(predictions, path)

@@ -1,0 +1,248 @@
+"""Motion forecasting: metrics against av2's, agent-centric vectorisation (padding invariance, rotation
+and translation equivariance), the resumable scene cache and unusable scenes, Argoverse 1 and 2 in their
+official layouts, and MotionForecaster through the CLI (inline, GCR, baseline, submissions)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from av2.datasets.motion_forecasting.eval import metrics as av2_metrics
+from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
+
+from frozenlm.data import Argoverse1DataModule, Argoverse2DataModule
+from frozenlm.data.base import DatasetNotFoundError
+from frozenlm.data.motion import Scene, collate_scenes, vectorize
+from frozenlm.llm import LLMConfig
+from frozenlm.tasks import MotionForecaster
+from frozenlm.tasks.motion import to_world
+from frozenlm.tasks.motion_metrics import BrierMinFDE, MinADE, MinFDE, MissRate
+from tests.cli_helpers import last_checkpoint, run_cli
+from tests.data.argoverse1.data import write as write_argoverse1
+from tests.data.argoverse2.data import write as write_argoverse2
+
+
+@pytest.fixture(scope="module")
+def av2_root(tmp_path_factory) -> Path:
+    return write_argoverse2(tmp_path_factory.mktemp("argoverse2"))
+
+
+@pytest.fixture(scope="module")
+def av1_root(tmp_path_factory) -> Path:
+    return write_argoverse1(tmp_path_factory.mktemp("argoverse1"))
+
+
+# -- metrics --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [6, 1])
+def test_metrics_match_av2(k):
+    rng = np.random.default_rng(0)
+    trajectories = rng.normal(size=(20, 6, 60, 2)).cumsum(axis=2)
+    probabilities = rng.dirichlet(np.ones(6), size=20)
+    target = rng.normal(size=(20, 60, 2)).cumsum(axis=1) * 0.5
+    expected = {"ade": [], "fde": [], "mr": [], "brier": []}
+    for modes, probs, truth in zip(trajectories, probabilities, target):
+        top = np.argsort(-probs)[:k]
+        fde = av2_metrics.compute_fde(modes[top], truth)
+        best = int(np.argmin(fde))
+        expected["fde"].append(fde[best])
+        expected["ade"].append(av2_metrics.compute_ade(modes[top], truth)[best])
+        expected["mr"].append(av2_metrics.compute_is_missed_prediction(modes[top], truth, 2.0)[best])
+        expected["brier"].append(av2_metrics.compute_brier_fde(modes[top], truth, probs[top])[best])
+    args = (torch.from_numpy(trajectories), torch.from_numpy(probabilities), torch.from_numpy(target))
+    for metric, key in ((MinADE(k), "ade"), (MinFDE(k), "fde"), (MissRate(k, 2.0), "mr"), (BrierMinFDE(k), "brier")):
+        metric.update(*(a[:12] for a in args))
+        metric.update(*(a[12:] for a in args))  # accumulated over batches
+        assert metric.compute().item() == pytest.approx(float(np.mean(expected[key])), rel=1e-5), key
+
+
+# -- vectorisation --------------------------------------------------------------------------------
+def synthetic_scene(rotation: float = 0.0, shift: tuple[float, float] = (0.0, 0.0), seed: int = 0) -> Scene:
+    """A scene in world coordinates, optionally rotated about the world origin and shifted."""
+    rng = np.random.default_rng(seed)
+    steps = np.arange(20 + 30)[:, None] * 0.1
+    focal = np.concatenate([8 * steps, 0.5 * steps**2], axis=1) + [300.0, -120.0]
+    other = focal[::-1] + rng.normal(size=2) * 5
+    lanes = [np.stack([np.linspace(250, 380, 10), np.full(10, y)], 1) for y in (-125.0, -118.0, -110.0)]
+    cos, sin = math.cos(rotation), math.sin(rotation)
+
+    def move(points: np.ndarray) -> np.ndarray:
+        return points @ np.array([[cos, sin], [-sin, cos]]) + shift
+
+    positions = np.stack([move(focal[:20]), move(other[:20])])
+    positions[1, :5] = np.nan  # a track that appears late
+    return Scene(
+        scenario_id="s", focal_track_id="focal", agent_positions=positions, agent_kinds=np.array([0, 1]),
+        future=move(focal[20:]), lanes=[move(lane) for lane in lanes],
+        lane_attributes=np.eye(4, dtype=np.float32)[:3],
+    )  # fmt: skip
+
+
+def scene_sample(scene: Scene) -> dict:
+    result = vectorize(scene, history=20, horizon=30, radius=50.0, needs_future=True)
+    return {**result["tensors"], **result["metadata"]}
+
+
+def tiny_model(checkpoint=None, **kwargs) -> MotionForecaster:
+    llm = LLMConfig(checkpoint=str(checkpoint)) if checkpoint else None
+    return MotionForecaster(horizon=30, hidden=16, llm=llm, **kwargs).eval()
+
+
+def test_vectors_are_in_the_focal_agents_frame():
+    sample = scene_sample(synthetic_scene())
+    focal = sample["agent_vectors"][0]
+    last = focal[focal[:, -1] > 0][-1]
+    torch.testing.assert_close(last[2:4], torch.zeros(2), atol=1e-5, rtol=0)  # ends at the origin
+    assert last[0] < 0 and abs(last[1]) < 0.1  # came from behind, along +x
+    assert sample["target"][:, 0].min() > 0  # drives on along +x
+    assert (sample["agent_vectors"][1, :, -1].sum(), sample["lane_vectors"].shape[0]) == (14, 3)  # 15 observed, 14 vectors
+
+
+def test_rotating_and_translating_the_scene_moves_the_predictions_with_it(tiny_llama_checkpoint):
+    model = tiny_model(tiny_llama_checkpoint)
+    angle, shift = 1.1, (-4000.0, 2500.0)
+    plain = collate_scenes([scene_sample(synthetic_scene())])
+    moved = collate_scenes([scene_sample(synthetic_scene(angle, shift))])
+    torch.testing.assert_close(moved["polylines"], plain["polylines"], atol=1e-3, rtol=0)  # the same agent frame
+    with torch.no_grad():
+        world, probabilities = model.predict_modes(plain)
+        moved_world, moved_probabilities = model.predict_modes(moved)
+    cos, sin = math.cos(angle), math.sin(angle)
+    expected = world.double() @ torch.tensor([[cos, sin], [-sin, cos]], dtype=torch.float64) + torch.tensor(shift)
+    torch.testing.assert_close(moved_world.double(), expected, atol=2e-2, rtol=0)
+    torch.testing.assert_close(moved_probabilities, probabilities, atol=1e-4, rtol=0)
+    torch.testing.assert_close(to_world(plain["target"], plain["origin"], plain["heading"]).double(),
+                               torch.from_numpy(synthetic_scene().future)[None], atol=1e-3, rtol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["inline", "auxiliary"])
+def test_padding_never_changes_a_prediction(tiny_llama_checkpoint, mode):
+    model = MotionForecaster(horizon=30, hidden=16, llm=LLMConfig(checkpoint=str(tiny_llama_checkpoint), mode=mode)).eval()
+    small, large = scene_sample(synthetic_scene(seed=1)), scene_sample(synthetic_scene(seed=2))
+    large["lane_vectors"] = torch.cat([large["lane_vectors"]] * 4)  # more lanes, more padding for `small`
+    alone = collate_scenes([small])
+    together = collate_scenes([small, large])
+    assert together["polylines"].shape[1] > alone["polylines"].shape[1]
+    with torch.no_grad():
+        for a, b in zip(model(alone), model(together)):
+            torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-5)
+
+
+# -- data ------------------------------------------------------------------------------------------
+def test_argoverse2_scenes_read_with_av2_and_cached(av2_root):
+    data = Argoverse2DataModule(av2_root, num_workers=0, batch_size=4)
+    train = data.dataset("train")
+    assert len(train) == 8 and data.cache_folder("train").parent == av2_root / "frozenlm_cache"
+    sample = train[0]
+    assert sample["target"].shape == (60, 2) and sample["agent_vectors"].shape[1] == 49
+    assert sample["scenario_id"] == "train-0000" and sample["track_id"] == "focal"
+    assert sample["lane_vectors"][..., 4:8].sum() > 0  # lane attributes from the map JSON
+    assert data.dataset("test")[0]["has_target"] == "False"
+    other = Argoverse2DataModule(av2_root, num_workers=0, radius=20.0)
+    assert other.cache_folder("train") != data.cache_folder("train")  # other parameters, other cache
+
+
+def test_preprocessing_resumes_after_a_kill(av2_root, tmp_path, monkeypatch):
+    root = Path(shutil.copytree(av2_root, tmp_path / "av2", ignore=shutil.ignore_patterns("frozenlm_cache")))
+    read = []
+    original = Argoverse2DataModule.read_scene
+
+    def killed_after_three(self, source):
+        if len(read) == 3:
+            raise KeyboardInterrupt  # the process dies here
+        read.append(source.parent.name)
+        return original(self, source)
+
+    monkeypatch.setattr(Argoverse2DataModule, "read_scene", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        Argoverse2DataModule(root, num_workers=0).dataset("train")
+    folder = Argoverse2DataModule(root, num_workers=0).cache_folder("train")
+    assert sorted(p.stem for p in folder.glob("*.safetensors")) == read and not list(folder.glob(".*"))
+    read.clear()
+    monkeypatch.setattr(Argoverse2DataModule, "read_scene", lambda self, source: read.append(1) or original(self, source))
+    assert len(Argoverse2DataModule(root, num_workers=0).dataset("train")) == 8
+    assert len(read) == 5  # only the scenes not done before the kill
+
+
+def test_unusable_scenes_are_skipped_counted_and_named(av2_root, tmp_path, capsys):
+    root = Path(shutil.copytree(av2_root, tmp_path / "av2", ignore=shutil.ignore_patterns("frozenlm_cache")))
+    scenes = sorted((root / "train").iterdir())
+    (scenes[0] / f"scenario_{scenes[0].name}.parquet").write_bytes(b"not parquet")
+    for path in scenes[1].glob("log_map_archive_*.json"):
+        path.unlink()
+    data = Argoverse2DataModule(root, num_workers=0)
+    assert len(data.dataset("train")) == 6
+    reasons = data.skipped["train"]
+    assert len(reasons) == 2 and scenes[0].name in reasons[0] and "log_map_archive" in reasons[1]
+    assert "2 of 8 scenes skipped as unusable" in capsys.readouterr().out
+    short = synthetic_scene()
+    short.agent_positions[0, -1] = np.nan
+    with pytest.raises(ValueError, match="not at the last"):
+        vectorize(short, 20, 30, 50.0, needs_future=True)
+    truncated = synthetic_scene()
+    truncated.future = truncated.future[:10]
+    with pytest.raises(ValueError, match="future is not 30 finite positions"):
+        vectorize(truncated, 20, 30, 50.0, needs_future=True)
+
+
+def test_argoverse1_reads_csv_and_vector_map(av1_root, tmp_path):
+    data = Argoverse1DataModule(av1_root, num_workers=0, batch_size=4)
+    train = data.dataset("train")
+    assert len(train) == 8
+    sample = train[0]
+    assert sample["target"].shape == (30, 2) and sample["agent_vectors"].shape == (3, 19, 11)
+    assert sample["track_id"].endswith("agent") and sample["lane_vectors"].shape[1] == 9  # 10-point centrelines
+    assert data.dataset("test")[0]["has_target"] == "False" and len(data.dataset("test")) == 2
+    with pytest.raises(DatasetNotFoundError, match="pruned_argoverse_<CITY>_<id>_vector_map.xml"):
+        Argoverse1DataModule(tmp_path)
+
+
+# -- through the CLI ---------------------------------------------------------------------------------
+def test_fit_test_and_submit_argoverse2_through_the_cli(tmp_path, av2_root, tiny_llama_checkpoint):
+    args = ["--data.root", str(av2_root), "--model.llm.checkpoint", str(tiny_llama_checkpoint)]
+    fit = run_cli("fit", "motion_llama", tmp_path, *args)
+    metrics = fit.trainer.callback_metrics
+    assert {"val_minADE_6", "val_minFDE_6", "val_MR_6", "val_brier_minFDE_6", "val_minFDE_1"} <= set(metrics)
+    assert metrics["val_minFDE_6"] <= metrics["val_minFDE_1"] and metrics["train_loss_node_completion"].isfinite()
+    ckpt = last_checkpoint(tmp_path)
+    test = run_cli("test", "motion_llama", tmp_path, *args, "--ckpt_path", str(ckpt))
+    assert test.trainer.callback_metrics["test_minADE_6"] > 0
+    submission = tmp_path / "submission.parquet"
+    run_cli("predict", "motion_llama", tmp_path, *args, "--ckpt_path", str(ckpt), "--predictions.output", str(submission))
+    predictions = ChallengeSubmission.from_parquet(submission).predictions
+    assert sorted(predictions) == ["test-0000", "test-0001"]
+    probabilities, trajectories = predictions["test-0000"]
+    assert trajectories["focal"].shape == (6, 60, 2) and probabilities.sum() == pytest.approx(1.0)
+    assert np.abs(trajectories["focal"][:, 0] - np.array([2500.0, -1300.0])).max() < 200  # world coordinates
+
+
+def test_gcr_and_baseline_argoverse2_and_argoverse1_predictions(tmp_path, av2_root, av1_root, tiny_llama_checkpoint):
+    args = ["--data.root", str(av2_root), "--model.llm.checkpoint", str(tiny_llama_checkpoint)]
+    gcr = run_cli("fit", "motion_llama", tmp_path / "gcr", *args, "--model.llm.mode", "auxiliary")
+    assert gcr.trainer.callback_metrics["train_loss_aux"].isfinite()
+    model = gcr.model.eval()
+    batch = collate_scenes([model.trainer.datamodule.dataset("val")[0]])
+    model.llm_block.forward = lambda *a, **k: pytest.fail("the LM block ran at inference in auxiliary mode")
+    with torch.no_grad():
+        model(batch)
+    del model.llm_block.forward
+
+    baseline = run_cli("fit", "motion_llama", tmp_path / "baseline", *args[:2], "--model.llm", "null")
+    assert baseline.model.llm_block is None
+
+    av1 = ["--data", "frozenlm.data.Argoverse1DataModule", "--data.root", str(av1_root), "--model.horizon", "30",
+           "--model.llm", "null", "--data.batch_size", "4", "--data.num_workers", "0"]  # fmt: skip
+    run_cli("fit", "motion_llama", tmp_path / "av1", *av1)
+    output = tmp_path / "av1.csv"
+    run_cli("predict", "motion_llama", tmp_path / "av1", *av1, "--ckpt_path", str(last_checkpoint(tmp_path / "av1")),
+            "--predictions.output", str(output))  # fmt: skip
+    rows = list(csv.DictReader(output.open()))
+    assert len(rows) == 2 * 6 and {r["scenario_id"] for r in rows} == {"13", "14"}
+    assert len(json.loads(rows[0]["x"])) == 30
+    with pytest.raises(ValueError, match=r"horizon 60 .* Argoverse1DataModule predicts 30"):
+        run_cli("fit", "motion_llama", tmp_path / "av1", *[a for a in av1 if a not in ("--model.horizon", "30")])
