@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= test,demo,video,robustness,pointcloud
+EXTRAS ?= test,demo,video,robustness,pointcloud,motion
 PYTEST_ARGS ?=
 
 .PHONY: install test test-slow test-all demo bench lint clean \
@@ -19,7 +19,9 @@ PYTEST_ARGS ?=
 	reproduce-scanobjectnn-objbg-llama reproduce-scanobjectnn-objonly-llama reproduce-scanobjectnn-hardest-llama \
 	reproduce-scanobjectnn-objbg-gcr reproduce-scanobjectnn-objonly-gcr reproduce-scanobjectnn-hardest-gcr \
 	reproduce-modelnet40-1k reproduce-modelnet40-4k reproduce-modelnet40-8k \
-	reproduce-modelnet40-1k-llama reproduce-modelnet40-4k-llama reproduce-modelnet40-8k-llama
+	reproduce-modelnet40-1k-llama reproduce-modelnet40-4k-llama reproduce-modelnet40-8k-llama \
+	reproduce-argoverse1-vectornet reproduce-argoverse1-vectornet-llama reproduce-argoverse1-vectornet-gcr \
+	reproduce-argoverse2-vectornet reproduce-argoverse2-vectornet-llama
 
 $(BIN)/frozenlm: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +60,8 @@ SSV2 ?= data/ssv2
 SCANOBJECTNN ?= data/scanobjectnn/h5_files
 MODELNET40 ?= data/modelnet40_normal_resampled
 POINTBERT ?= data/Point-BERT.pth
+ARGOVERSE1 ?= data/argoverse1
+ARGOVERSE2 ?= data/argoverse2
 ARGS ?=
 FIT := $(BIN)/frozenlm fit
 RESULTS = @echo "Results: TensorBoard logs and checkpoints under runs/$(1)/ (tensorboard --logdir runs)"
@@ -135,6 +139,16 @@ reproduce-modelnet40-1k reproduce-modelnet40-4k reproduce-modelnet40-8k: reprodu
 reproduce-modelnet40-1k-llama reproduce-modelnet40-4k-llama reproduce-modelnet40-8k-llama: reproduce-modelnet40-%-llama: $(BIN)/frozenlm
 	$(FIT) --config configs/modelnet40_$*_pointbert_llama.yaml --model.pretrained_file $(POINTBERT) --model.llm.checkpoint $(LLAMA) --data.root $(MODELNET40) $(ARGS)
 	$(call RESULTS,modelnet40_$*_pointbert_llama)
+
+# Motion forecasting (VectorNet; LM4VE released no code for it): minADE / minFDE / miss rate on val.
+reproduce-argoverse1-vectornet reproduce-argoverse2-vectornet: reproduce-%-vectornet: $(BIN)/frozenlm
+	$(FIT) --config configs/$*_vectornet.yaml --data.root $(if $(filter argoverse1,$*),$(ARGOVERSE1),$(ARGOVERSE2)) $(ARGS)
+	$(call RESULTS,$*_vectornet)
+
+reproduce-argoverse1-vectornet-llama reproduce-argoverse1-vectornet-gcr reproduce-argoverse2-vectornet-llama: \
+reproduce-%: $(BIN)/frozenlm
+	$(FIT) --config configs/$(subst -,_,$*).yaml --model.llm.checkpoint $(LLAMA) --data.root $(if $(findstring argoverse1,$*),$(ARGOVERSE1),$(ARGOVERSE2)) $(ARGS)
+	$(call RESULTS,$(subst -,_,$*))
 
 clean:
 	rm -rf $(VENV) lightning_logs runs .pytest_cache *.egg-info

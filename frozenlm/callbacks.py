@@ -89,6 +89,29 @@ class RunSummary(Callback):
         print("\n".join(lines))
 
 
+class ScenePlots(Callback):
+    """Draws the first ``count`` scenes of the first validation batch each epoch, with the model's K
+    forecasts shaded by score and the ground truth, to TensorBoard (``val_scenes``), for motion
+    forecasting (see :func:`frozenlm.analysis.scenes.draw_scene`).
+
+    Args:
+        count: scenes per figure.
+    """
+
+    def __init__(self, count: int = 4) -> None:
+        self.count = count
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        experiment = getattr(trainer.logger, "experiment", None)
+        if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero or not hasattr(experiment, "add_figure"):
+            return
+        from frozenlm.analysis.scenes import scenes_figure
+
+        trajectories, logits = pl_module(batch)
+        figure = scenes_figure(batch, trajectories, logits.softmax(dim=-1), self.count)
+        experiment.add_figure("val_scenes", figure, global_step=trainer.global_step, close=True)
+
+
 class EMA(Callback):
     """Exponential moving average of the trainable weights only (DeiT's model EMA).
 

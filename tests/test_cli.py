@@ -38,6 +38,9 @@ REPRODUCE_TARGETS = [
     "reproduce-ssv2-base-llama-last",
     *[f"reproduce-scanobjectnn-{v}{s}" for v in ("objbg", "objonly", "hardest") for s in ("", "-llama", "-gcr")],
     *[f"reproduce-modelnet40-{n}{s}" for n in ("1k", "4k", "8k") for s in ("", "-llama")],
+    *[f"reproduce-argoverse1-vectornet{s}" for s in ("", "-llama", "-gcr")],
+    "reproduce-argoverse2-vectornet",
+    "reproduce-argoverse2-vectornet-llama",
 ]
 
 

@@ -209,6 +209,11 @@ def test_fit_test_and_submit_argoverse2_through_the_cli(tmp_path, av2_root, tiny
     metrics = fit.trainer.callback_metrics
     assert {"val_minADE_6", "val_minFDE_6", "val_MR_6", "val_brier_minFDE_6", "val_minFDE_1"} <= set(metrics)
     assert metrics["val_minFDE_6"] <= metrics["val_minFDE_1"] and metrics["train_loss_node_completion"].isfinite()
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set().union(*(EventAccumulator(str(e)).Reload().Tags()["images"] for e in events))
+    assert "val_scenes" in tags  # validation scenes drawn to TensorBoard
     ckpt = last_checkpoint(tmp_path)
     test = run_cli("test", "motion_llama", tmp_path, *args, "--ckpt_path", str(ckpt))
     assert test.trainer.callback_metrics["test_minADE_6"] > 0

@@ -20,6 +20,9 @@ from PIL import Image
 
 from frozenlm.data.augment import posterize
 from frozenlm.data.base import collate_readable
+from frozenlm.data.motion import collate_scenes
+from tests.data.argoverse1.data import write as write_argoverse1
+from tests.data.argoverse2.data import write as write_argoverse2
 from tests.data.caltech256.data import write as write_caltech256
 from tests.data.cifar100.data import write as write_cifar100
 from tests.data.imagefolder.data import write as write_imagefolder
@@ -37,11 +40,13 @@ FAKE_DATA = {
     "frozenlm.data.ScanObjectNNDataModule": write_scanobjectnn,
     # 10,000 points per shape, as the real files (the configs cache 8,192).
     "frozenlm.data.ModelNet40DataModule": lambda root: write_modelnet40(root, 1, 1, points=10_000),
+    "frozenlm.data.Argoverse1DataModule": write_argoverse1,
+    "frozenlm.data.Argoverse2DataModule": write_argoverse2,
 }
 # Samples per distinct pipeline. DeiT's RandAugment posterized to 0 bits about once in 650 images; a
 # clip draws its RandAugment ops once for all of its 16 frames (SSv2: 2 clips a video, 8,000 frames);
 # a point cloud's sampling and augmentation are a few tensor ops on the batch (FPS is the cost).
-IMAGE_SAMPLES, VIDEO_SAMPLES, CLOUD_SAMPLES = 4000, 250, 128
+IMAGE_SAMPLES, VIDEO_SAMPLES, CLOUD_SAMPLES, SCENE_SAMPLES = 4000, 250, 128, 256
 
 
 def data_config(path: Path) -> dict:
@@ -84,13 +89,18 @@ def test_training_pipeline_survives_thousands_of_samples(configs, tmp_path):
     dataset = datamodule.train_dataloader().dataset  # the real train dataset: files + config augmentation
     kind = "video" if data["class_path"].endswith("SSv2DataModule") else "image"
     kind = "points" if hasattr(datamodule, "random_views") else kind
-    samples, batch_size = {"video": (VIDEO_SAMPLES, 4), "image": (IMAGE_SAMPLES, 64), "points": (CLOUD_SAMPLES, 32)}[kind]
+    kind = "polylines" if hasattr(datamodule, "horizon") else kind  # motion: scenes preprocessed into the cache
+    samples, batch_size = {
+        "video": (VIDEO_SAMPLES, 4), "image": (IMAGE_SAMPLES, 64), "points": (CLOUD_SAMPLES, 32),
+        "polylines": (SCENE_SAMPLES, 32),
+    }[kind]  # fmt: skip
+    collate = collate_scenes if kind == "polylines" else collate_readable
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
     batch = []
     for i in range(samples):
         batch.append(dataset[i % len(dataset)])
         if len(batch) == batch_size or i == samples - 1:
-            collated = collate_readable(batch)
+            collated = collate(batch)
             assert collated["unreadable"] == [], collated["unreadable"]
             if kind == "points":  # sampled and augmented on the device, per batch
                 collated["points"] = datamodule.random_views(collated["points"], 1)[:, 0]
@@ -98,6 +108,8 @@ def test_training_pipeline_survives_thousands_of_samples(configs, tmp_path):
             batch = []
     if kind == "points":
         assert collated["points"].shape[1:] == (data["init_args"]["num_points"], 3)
+    elif kind == "polylines":
+        assert collated["target"].shape[1:] == (datamodule.horizon, 2) and collated["polyline_mask"][:, 0].all()
     else:
         size = data["init_args"].get("img_size", 224)
         assert collated[kind].shape[-2:] == (size, size)

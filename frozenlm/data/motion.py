@@ -160,6 +160,7 @@ def collate_scenes(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "heading": torch.stack([s["heading"] for s in samples]).float(),
         "scenario_id": [s["scenario_id"] for s in samples],
         "track_id": [s["track_id"] for s in samples],
+        "has_target": [s["has_target"] for s in samples],
         "unreadable": [],
     }
     return batch

@@ -50,9 +50,9 @@ def write(root: Path, sequences: dict[str, int] | None = None, seed: int = 0) ->
         for _ in range(count):
             city = list(CITIES)[number % 2]
             origin = np.array([2000.0, 1500.0] if city == "PIT" else [-500.0, 3000.0]) + rng.normal(size=2) * 100
-            heading, turn = rng.uniform(-np.pi, np.pi), rng.uniform(-0.1, 0.1)
-            agent = drive(origin, heading, rng.uniform(5, 12), turn, 50)
-            roads[city].append(drive(agent[0] - 30 * np.array([np.cos(heading), np.sin(heading)]), heading, 10.0, turn, 120))
+            heading, turn, speed = rng.uniform(-np.pi, np.pi), rng.uniform(-0.1, 0.1), rng.uniform(5, 12)
+            agent = drive(origin, heading, speed, turn, 50)
+            roads[city].append(drive(origin, heading, speed, turn, 120))  # the lane the agent follows
             tracks = {
                 "00000000-0000-0000-0000-00000000agent": ("AGENT", agent),
                 "00000000-0000-0000-0000-0000000000av": ("AV", drive(origin + rng.normal(size=2) * 6, heading, 9.0, 0.0, 50)),

@@ -60,8 +60,8 @@ def lane_map(points: np.ndarray) -> dict:
 
 def scenario(scenario_id: str, rng: np.random.Generator, steps: int) -> tuple[ArgoverseScenario, dict]:
     origin = np.array([2500.0, -1300.0]) + rng.normal(size=2) * 50  # city coordinates, far from 0
-    heading, turn = rng.uniform(-np.pi, np.pi), rng.uniform(-0.15, 0.15)
-    focal = path_of(origin, heading, rng.uniform(6, 12), turn, TOTAL)
+    heading, turn, speed = rng.uniform(-np.pi, np.pi), rng.uniform(-0.15, 0.15), rng.uniform(6, 12)
+    focal = path_of(origin, heading, speed, turn, TOTAL)
     av = path_of(origin + rng.normal(size=2) * 8, heading, 8.0, 0.0, TOTAL)
     walker = origin + rng.normal(size=2) * 10 + np.cumsum(rng.normal(size=(TOTAL, 2)) * 0.1, axis=0)
     tracks = [
@@ -69,7 +69,7 @@ def scenario(scenario_id: str, rng: np.random.Generator, steps: int) -> tuple[Ar
         track("AV", av, ObjectType.VEHICLE, TrackCategory.UNSCORED_TRACK, steps),
         track("walker", walker, ObjectType.PEDESTRIAN, TrackCategory.TRACK_FRAGMENT, min(steps, 40)),
     ]
-    road = path_of(focal[0] - 40 * np.array([np.cos(heading), np.sin(heading)]), heading, 10.0, turn, 200)
+    road = path_of(origin, heading, speed, turn, 2 * TOTAL)  # the lane the focal vehicle follows
     data = ArgoverseScenario(
         scenario_id=scenario_id, timestamps_ns=np.arange(steps, dtype=np.int64) * 100_000_000, tracks=tracks,
         focal_track_id="focal", city_name="austin", map_id=None, slice_id=None,
