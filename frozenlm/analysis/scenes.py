@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import matplotlib
+from matplotlib.figure import Figure
+from torch import Tensor
 
-matplotlib.use("Agg")  # callbacks draw in training processes without a display
-import matplotlib.pyplot as plt  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from frozenlm.data.motion import VECTOR_DIM  # noqa: E402
+from frozenlm.data.motion import VECTOR_DIM
 
 AGENT_FLAG, LANE_FLAG = VECTOR_DIM - 2, VECTOR_DIM - 1
 
@@ -41,9 +38,11 @@ def draw_scene(ax, batch: dict, index: int, trajectories: Tensor, probabilities:
 
 
 def scenes_figure(batch: dict, trajectories: Tensor, probabilities: Tensor, count: int = 4):
-    """A row of :func:`draw_scene` panels for the first ``count`` scenes of a batch."""
+    """A row of :func:`draw_scene` panels for the first ``count`` scenes of a batch (a pyplot-free
+    ``Figure``, so training processes draw without touching the user's backend)."""
     count = min(count, len(batch["scenario_id"]))
-    figure, axes = plt.subplots(1, count, figsize=(4 * count, 4), squeeze=False)
+    figure = Figure(figsize=(4 * count, 4))
+    axes = figure.subplots(1, count, squeeze=False)
     for i, ax in enumerate(axes[0]):
         draw_scene(ax, batch, i, trajectories[i], probabilities[i])
     figure.tight_layout()

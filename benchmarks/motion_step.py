@@ -1,0 +1,119 @@
+"""Motion forecasting: preprocessing throughput, data loading against the training step, and the step
+against its FLOP ideal.
+
+All in one run and one process:
+
+* ``preprocess``: scenes per second turned from Argoverse 2 files (parquet + map JSON, read with av2)
+  into cached tensors, by ``--workers`` loader processes (the datamodule's own preprocessing);
+* ``load``: ms per batch of ``--batch`` cached scenes through the DataLoader and collation (what a
+  training step waits for when the loader does not keep up);
+* ``step``: MotionForecaster's forward + backward on that batch (``--llm``: with a frozen
+  LLaMA-7B-shaped layer over all tokens, random weights), and ``ideal``: one ``torch.matmul`` of the
+  step's FLOPs (PyTorch's ``FlopCounterMode``), timed in the same run.
+
+Without ``--root`` it writes ``--scenes`` synthetic scenarios in the official layout (the test suite's
+writer: 3 agents and ~15 lanes per scene, smaller than real Argoverse 2 scenes, which hold tens of
+agents and lanes); point ``--root`` at real data for real figures::
+
+    OMP_NUM_THREADS=1 python benchmarks/motion_step.py [--root <argoverse2>] [--device cuda] [--llm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from frozenlm.bench import lm_config
+from frozenlm.data import Argoverse2DataModule
+from frozenlm.llm import FrozenLMBlock, LLMConfig
+from frozenlm.tasks import MotionForecaster
+
+
+def median_seconds(fn, repeats: int, sync) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, help="an Argoverse 2 folder; default: synthetic scenes")
+    parser.add_argument("--scenes", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--llm", action="store_true", help="a frozen LLaMA-7B-shaped layer inline")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    work = Path(tempfile.mkdtemp())
+    try:
+        root = args.root
+        if root is None:
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+            from tests.data.argoverse2.data import write
+
+            root = write(work / "argoverse2", {"train": args.scenes})
+        data = Argoverse2DataModule(root, cache_dir=work / "cache", batch_size=args.batch, num_workers=args.workers)
+        count = len(data.scene_sources("train"))
+        start = time.perf_counter()
+        dataset = data.dataset("train")
+        preprocess = count / (time.perf_counter() - start)
+
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=True, collate_fn=data.collate_fn)
+        iterator = iter(loader)
+
+        def load():
+            nonlocal iterator
+            try:
+                return next(iterator)
+            except StopIteration:
+                iterator = iter(loader)
+                return next(iterator)
+
+        load_s = median_seconds(load, args.repeats, lambda: None)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in load().items()}
+        model = MotionForecaster(horizon=data.horizon).to(device).train()
+        if args.llm:  # as `llm` in a config would build it, with random weights of LLaMA-7B's layer shape
+            model.llm_config = LLMConfig()
+            model.llm_block = FrozenLMBlock.from_config(lm_config("llama", 4096, 11008, 32), in_dim=model.backbone.dim).to(device)
+
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            model.forecast_loss(*model(batch), batch["target"]).backward()
+
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()
+        n = max(1, round((flops / 2) ** (1 / 3)))
+        m = max(1, round(flops / (2 * n * n)))
+        a, w = torch.randn(m, n, device=device), torch.randn(n, n, device=device)
+        step_s = median_seconds(step, args.repeats, sync)
+        ideal_s = median_seconds(lambda: torch.matmul(a, w.mT), args.repeats, sync) * flops / (2 * m * n * n)
+        tokens = batch["polyline_mask"].shape[1]
+        print(f"device {device}, threads {torch.get_num_threads()}, {count} scenes ({'real' if args.root else 'synthetic'}), "
+              f"batch {args.batch} ({tokens} polyline tokens), LLM block {'yes' if args.llm else 'no'}")  # fmt: skip
+        print("preprocess scenes/s | load ms/batch | GFLOP | step ms | ideal ms | step/ideal | load/step")
+        print(f"{preprocess:.1f} | {load_s * 1e3:.1f} | {flops / 1e9:.2f} | {step_s * 1e3:.1f} | {ideal_s * 1e3:.1f} | "
+              f"{step_s / ideal_s:.2f} | {load_s / step_s:.2f}")  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
