@@ -200,6 +200,11 @@ def test_argoverse1_reads_csv_and_vector_map(av1_root, tmp_path):
     assert data.dataset("test")[0]["has_target"] == "False" and len(data.dataset("test")) == 2
     with pytest.raises(DatasetNotFoundError, match="pruned_argoverse_<CITY>_<id>_vector_map.xml"):
         Argoverse1DataModule(tmp_path)
+    with pytest.raises(DatasetNotFoundError, match=r"no dataset folder .*nowhere; pass --data.root"):
+        Argoverse2DataModule(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetNotFoundError, match=r"no train/<id>/scenario_<id>.parquet .*argoverse.org"):
+        Argoverse2DataModule(tmp_path / "empty").dataset("train")
 
 
 # -- through the CLI ---------------------------------------------------------------------------------

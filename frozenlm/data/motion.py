@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from frozenlm.data.base import ClassificationDataModule
+from frozenlm.data.base import ClassificationDataModule, DatasetNotFoundError
 
 VECTOR_DIM = 10
 CACHE_VERSION = 1
@@ -249,6 +249,8 @@ class MotionDataModule(ClassificationDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory)
         self.root, self.radius = Path(root), radius
+        if not self.root.is_dir():
+            raise DatasetNotFoundError(f"{type(self).__name__}: no dataset folder {self.root}; pass --data.root DIR.")
         self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / "frozenlm_cache"
         if predict_split not in ("val", "test"):
             raise ValueError(f"predict_split must be 'val' or 'test', got {predict_split!r}.")
