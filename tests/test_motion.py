@@ -203,7 +203,7 @@ def test_argoverse1_reads_csv_and_vector_map(av1_root, tmp_path):
     with pytest.raises(DatasetNotFoundError, match=r"no dataset folder .*nowhere; pass --data.root"):
         Argoverse2DataModule(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetNotFoundError, match=r"no train/<id>/scenario_<id>.parquet .*argoverse.org"):
+    with pytest.raises(DatasetNotFoundError, match=r"no .*empty/train\. Download the Argoverse 2 .*argoverse.org"):
         Argoverse2DataModule(tmp_path / "empty").dataset("train")
 
 
