@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 EXTRAS ?= test,demo,video,robustness,pointcloud,motion
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow test-all demo bench lint clean \
+.PHONY: install test test-slow test-all demo sweep-demo bench lint clean \
 	reproduce-cifar100 reproduce-cifar100-baseline \
 	reproduce-imagenet-vitt reproduce-imagenet-vitt-llama \
 	reproduce-imagenet-vits reproduce-imagenet-vits-llama \
@@ -44,6 +44,11 @@ demo: $(BIN)/frozenlm
 	HF_HUB_OFFLINE=1 $(BIN)/frozenlm fit --config configs/demo.yaml
 	@echo "Next: the paper's setting on CIFAR-100 with a real LLaMA block:"
 	@echo "  $(BIN)/frozenlm fit --config configs/cifar100_deit.yaml --model.llm.checkpoint <LLaMA folder or hub id> --data.root <dir>"
+
+# The offline demo sweep (~30 min on 2 CPU cores); its table and plot are the README's.
+sweep-demo: $(BIN)/frozenlm
+	HF_HUB_OFFLINE=1 $(BIN)/frozenlm sweep --preset configs/sweeps/demo.yaml --output runs/sweeps/demo
+	mkdir -p docs/sweep_demo && cp runs/sweeps/demo/results.md runs/sweeps/demo/results.csv runs/sweeps/demo/results.png docs/sweep_demo/
 
 bench: $(BIN)/frozenlm
 	$(BIN)/frozenlm bench

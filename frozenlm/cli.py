@@ -2,7 +2,7 @@
 
     frozenlm fit --config configs/cifar100_deit.yaml --model.llm.checkpoint PATH_OR_HUB_ID
     frozenlm validate|test|predict --config ... --ckpt_path ...
-    frozenlm bench|export|rank-layers --help
+    frozenlm bench|export|rank-layers|sweep --help
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ Trainer commands take YAML configs (class_path/init_args) and dotted overrides, 
   frozenlm fit --config configs/cifar100_deit.yaml --model.llm.checkpoint PATH --trainer.max_steps 10
 Other commands (each with --help): `frozenlm bench` (frozen-block throughput and memory),
 `frozenlm export` (the plain ViT of a baseline or GCR checkpoint as safetensors),
-`frozenlm rank-layers` (candidate LM layers ranked by linear CKA with the adjacent ViT block)."""
+`frozenlm rank-layers` (candidate LM layers ranked by linear CKA with the adjacent ViT block),
+`frozenlm sweep` (variants x seeds of a config, resumable, with a table of means, paired differences
+and gradient coherence)."""
 
 # Set to 1 for the full traceback of a configuration error (bad dataset path, damaged checkpoint, ...).
 DEBUG_ENV = "FROZENLM_DEBUG"
@@ -187,14 +189,15 @@ def _extra_commands() -> dict[str, Callable]:
     from frozenlm.analysis.rank_layers import rank_layers
     from frozenlm.bench import bench
     from frozenlm.export import export
+    from frozenlm.sweep import sweep
 
-    return {"bench": bench, "export": export, "rank-layers": rank_layers}
+    return {"bench": bench, "export": export, "rank-layers": rank_layers, "sweep": sweep}
 
 
 def run(args: list[str] | None = None) -> FrozenLMCLI | None:
     """Run a command (``sys.argv`` when ``args`` is None); the LightningCLI of trainer commands."""
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in {"bench", "export", "rank-layers"}:
+    if argv and argv[0] in {"bench", "export", "rank-layers", "sweep"}:
         from jsonargparse import auto_cli
 
         command = _extra_commands()[argv[0]]

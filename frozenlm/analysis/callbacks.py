@@ -104,6 +104,7 @@ class GradientCoherenceCallback(L.Callback):
         self.max_params = max_params
         self._probe: dict[str, Tensor] | None = None
         self._last_measured_step: int | None = None
+        self.history: dict[int, dict[str, float]] = {}  # global step -> the measures logged there
 
     def select_parameters(self, pl_module: L.LightningModule) -> dict[str, Tensor]:
         """The parameters measured, by name, as chosen by ``parameters`` and bounded by ``max_params``."""
@@ -171,6 +172,7 @@ class GradientCoherenceCallback(L.Callback):
         if not trainer.is_global_zero or not trainer.loggers:
             return
         metrics = self.measure(pl_module)
+        self.history[step] = metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 

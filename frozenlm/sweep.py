@@ -1,0 +1,296 @@
+"""``frozenlm sweep``: a grid of named variants x seeds over one base config, resumable, with one table.
+
+A sweep preset (``configs/sweeps/*.yaml``)::
+
+    config: configs/demo.yaml          # the base config every run starts from
+    args: [--trainer.max_epochs, "20"] # overrides for every run
+    seeds: [0, 1, 2]
+    metric: val_acc1                   # the validation metric compared, and whether higher is better
+    mode: max
+    baseline: baseline                 # the variant the others are paired against, seed by seed
+    coherence_every: 50                # gradient coherence measured every this many steps (0: off)
+    variants:                          # name -> CLI overrides
+      baseline: [--model.llm, "null"]
+      pretrained: []
+      random: [--model.llm.init, random]
+
+Each run is ``frozenlm fit --config <config> <args> <variant overrides> --seed_everything <seed>``,
+logged under ``<output>/<variant>/seed<seed>/`` (TensorBoard, checkpoints and the run's resolved
+``config.yaml``) and summarised in its ``result.json`` when it finishes. A run's seed also seeds a
+random frozen block (``llm.seed``) unless the preset sets one; the data split stays the datamodule's
+own (fixed) and is reported. Runs already holding a ``result.json`` are never redone, so a killed
+sweep resumes. Runs go one after another in this process (no start-up per run), or, with
+``gpus``, one process per GPU. The report (``results.csv``, ``results.md``, ``results.png``) is rebuilt
+from the run folders alone: ``frozenlm sweep --report <output>``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from scipy import stats
+from torch.utils.flop_counter import FlopCounterMode
+
+
+class SweepRecorder(L.Callback):
+    """Records what a sweep reports of a run: the monitored metric after each validation, and the
+    wall time of each training step."""
+
+    def __init__(self, metric: str = "val_acc1") -> None:
+        self.metric = metric
+        self.history: list[float] = []
+        self.step_seconds: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.step_seconds.append(time.perf_counter() - self._start)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and self.metric in trainer.callback_metrics:
+            self.history.append(float(trainer.callback_metrics[self.metric]))
+
+
+def load_preset(path: str | Path) -> dict[str, Any]:
+    preset = yaml.safe_load(Path(path).read_text())
+    missing = {"config", "seeds", "variants"} - set(preset)
+    if missing:
+        raise ValueError(f"Sweep preset {path} lacks {sorted(missing)}; see `frozenlm sweep --help`.")
+    preset.setdefault("args", [])
+    preset.setdefault("metric", "val_acc1")
+    preset.setdefault("mode", "max")
+    preset.setdefault("coherence_every", 0)
+    preset.setdefault("baseline", next(iter(preset["variants"])))
+    if preset["baseline"] not in preset["variants"]:
+        raise ValueError(f"Sweep preset {path}: baseline {preset['baseline']!r} is not one of its variants.")
+    return preset
+
+
+def run_arguments(preset: dict[str, Any], variant: str, seed: int, output: Path) -> list[str]:
+    """The ``frozenlm fit`` arguments of one run."""
+    overrides = [str(a) for a in preset["variants"][variant]]
+    args = ["fit", "--config", str(preset["config"]), *map(str, preset["args"]), *overrides]
+    args += ["--seed_everything", str(seed), "--trainer.logger.init_args.save_dir", str(output),
+             "--trainer.logger.init_args.name", variant, "--trainer.logger.init_args.version", f"seed{seed}",
+             "--trainer.default_root_dir", str(output / variant / f"seed{seed}")]  # fmt: skip
+    has_block = not any(a == "--model.llm" and b == "null" for a, b in zip(overrides, overrides[1:]))
+    pinned = any(str(a).startswith("--model.llm.seed") for a in [*preset["args"], *overrides])
+    if has_block and not pinned:
+        args += ["--model.llm.seed", str(seed)]  # a random block differs with the seed too
+    if preset["coherence_every"]:
+        args += ["--trainer.callbacks+=frozenlm.analysis.GradientCoherenceCallback",
+                 "--trainer.callbacks.every_n_steps", str(preset["coherence_every"])]  # fmt: skip
+    return args + ["--trainer.callbacks+=frozenlm.sweep.SweepRecorder", "--trainer.callbacks.metric", preset["metric"]]
+
+
+def run_one(preset: dict[str, Any], variant: str, seed: int, output: Path) -> dict[str, Any]:
+    """Train one run in this process and write its ``result.json``."""
+    from frozenlm.analysis import GradientCoherenceCallback
+    from frozenlm.cli import run
+
+    folder = output / variant / f"seed{seed}"
+    start = time.perf_counter()
+    cli = run(run_arguments(preset, variant, seed, output))
+    seconds = time.perf_counter() - start
+    model, trainer = cli.model, cli.trainer
+    recorder = next(c for c in trainer.callbacks if isinstance(c, SweepRecorder))
+    best = getattr(trainer.checkpoint_callback, "best_model_score", None)
+    coherence = next((c.history for c in trainer.callbacks if isinstance(c, GradientCoherenceCallback)), {})
+    datamodule = trainer.datamodule
+    result = {
+        "variant": variant, "seed": seed, "metric": preset["metric"],
+        "final": recorder.history[-1] if recorder.history else None,
+        "best": (max if preset["mode"] == "max" else min)(recorder.history) if recorder.history else None,
+        "best_checkpoint_score": float(best) if best is not None else None,
+        "history": recorder.history,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "frozen_params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+        "flops_per_sample": flops_per_sample(model, datamodule),
+        "seconds_per_step": statistics.median(recorder.step_seconds[1:] or recorder.step_seconds or [math.nan]),
+        "run_seconds": seconds,
+        "coherence": {str(step): values for step, values in coherence.items()},
+        "data_split": {k: getattr(datamodule, k) for k in ("val_fraction", "seed") if hasattr(datamodule, k)},
+        "config": str(folder / "config.yaml"),
+    }  # fmt: skip
+    (folder / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+@torch.no_grad()
+def flops_per_sample(model: L.LightningModule, datamodule: L.LightningDataModule) -> int | None:
+    """The model's forward FLOPs on one validation sample (matmuls and convolutions, eval mode)."""
+    key = getattr(model, "input_key", None)
+    if key is None:
+        return None
+    batch = next(iter(datamodule.val_dataloader()))
+    training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(batch[key][:1].to(model.device))
+    finally:
+        model.train(training)
+    return counter.get_total_flops()
+
+
+def sweep(
+    preset: str | None = None,
+    output: str | None = None,
+    gpus: list[int] | None = None,
+    report: str | None = None,
+) -> Path:
+    """Run a sweep preset (see the module docstring), then write its report; or only rebuild a report.
+
+    Args:
+        preset: the sweep preset (``configs/sweeps/*.yaml``); not needed with ``report``.
+        output: where runs go; default ``runs/sweeps/<preset name>``.
+        gpus: GPU indices to spread runs over, one process each; default: one run after another here.
+        report: rebuild the report of this sweep folder from its runs, and run nothing.
+    """
+    if report is not None:
+        return write_report(Path(report))
+    if preset is None:
+        raise ValueError("Give a sweep preset (--preset configs/sweeps/<name>.yaml) or --report <sweep folder>.")
+    config, preset = preset, load_preset(preset)
+    folder = Path(output) if output else Path("runs/sweeps") / Path(config).stem
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sweep.yaml").write_text(yaml.safe_dump(preset, sort_keys=False))
+    pending = [(v, s) for v in preset["variants"] for s in preset["seeds"]
+               if not (folder / v / f"seed{s}" / "result.json").is_file()]  # fmt: skip
+    total = len(preset["variants"]) * len(preset["seeds"])
+    print(f"Sweep {config}: {total - len(pending)} of {total} runs done, {len(pending)} to run, in {folder}")
+    if gpus:
+        def launch(job: tuple[int, tuple[str, int]]) -> None:
+            gpu, (variant, seed) = job
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpus[gpu % len(gpus)])}
+            command = [sys.executable, "-m", "frozenlm.sweep", str(config), str(folder), variant, str(seed)]
+            subprocess.run(command, env=env, check=True)
+
+        with ThreadPoolExecutor(max_workers=len(gpus)) as pool:
+            list(pool.map(launch, enumerate(pending)))
+    else:
+        for variant, seed in pending:
+            run_one(preset, variant, seed, folder)
+    return write_report(folder)
+
+
+def summarize(results: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
+    """One row per variant: mean and sample sd over seeds of the final and best metric, the paired
+    difference of the final metric to ``baseline`` (seeds both have) with a 95 % t interval, sizes, time
+    per step, and the mean gradient coherence at each measured step."""
+    by_variant: dict[str, dict[int, dict[str, Any]]] = {}
+    for result in results:
+        by_variant.setdefault(result["variant"], {})[result["seed"]] = result
+    rows = []
+    for variant, runs in by_variant.items():
+        finals = [r["final"] for r in runs.values()]
+        bests = [r["best"] for r in runs.values()]
+        paired = [r["final"] - by_variant[baseline][s]["final"] for s, r in runs.items() if s in by_variant.get(baseline, {})]
+        row = {
+            "variant": variant, "seeds": len(runs),
+            "final_mean": statistics.mean(finals), "final_sd": _sd(finals),
+            "best_mean": statistics.mean(bests), "best_sd": _sd(bests),
+            "diff_mean": statistics.mean(paired) if paired else math.nan,
+            "diff_ci95": _half_interval(paired),
+            "trainable_params": next(iter(runs.values()))["trainable_params"],
+            "frozen_params": next(iter(runs.values()))["frozen_params"],
+            "flops_per_sample": next(iter(runs.values()))["flops_per_sample"],
+            "ms_per_step": 1e3 * statistics.mean(r["seconds_per_step"] for r in runs.values()),
+        }  # fmt: skip
+        steps = sorted({int(step) for r in runs.values() for step in r["coherence"]})
+        for step in steps:
+            for name in ("m_coherence", "mean_cosine"):
+                values = [v for r in runs.values() for k, v in r["coherence"].get(str(step), {}).items() if k.endswith(f"/{name}")]
+                if values:
+                    row[f"{name}@{step}"] = statistics.mean(values)
+        rows.append(row)
+    return rows
+
+
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def _half_interval(values: list[float]) -> float:
+    """Half-width of the 95 % Student-t interval of the mean of ``values``."""
+    if len(values) < 2:
+        return math.nan
+    return float(stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
+
+
+def write_report(folder: Path) -> Path:
+    """``results.csv``, ``results.md`` and ``results.png`` of the runs under ``folder``."""
+    preset = yaml.safe_load((folder / "sweep.yaml").read_text())
+    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*/seed*/result.json"))]
+    if not results:
+        raise FileNotFoundError(f"No finished run (*/seed*/result.json) under {folder}.")
+    order = list(preset["variants"])
+    rows = sorted(summarize(results, preset["baseline"]), key=lambda r: order.index(r["variant"]) if r["variant"] in order else 99)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with (folder / "results.csv").open("w") as file:
+        file.write(",".join(columns) + "\n")
+        for row in rows:
+            file.write(",".join(_csv(row.get(c)) for c in columns) + "\n")
+    metric = preset.get("metric", "val_acc1")
+    lines = [
+        f"| variant | seeds | final {metric} | best {metric} | vs {preset['baseline']} (paired, 95 % CI) | trainable | frozen | GFLOP/sample | ms/step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for r in rows:
+        diff = "-" if r["variant"] == preset["baseline"] else f"{r['diff_mean']:+.4f} ± {r['diff_ci95']:.4f}"
+        flops = f"{r['flops_per_sample'] / 1e9:.3f}" if r["flops_per_sample"] else "-"
+        lines.append(
+            f"| {r['variant']} | {r['seeds']} | {r['final_mean']:.4f} ± {r['final_sd']:.4f} | "
+            f"{r['best_mean']:.4f} ± {r['best_sd']:.4f} | {diff} | {r['trainable_params']:,} | "
+            f"{r['frozen_params']:,} | {flops} | {r['ms_per_step']:.1f} |"
+        )
+    coherence = [c for c in columns if "@" in c]
+    if coherence:
+        lines += ["", "Gradient coherence (mean over seeds) at training steps:", "",
+                  "| variant | " + " | ".join(coherence) + " |", "|---|" + "---:|" * len(coherence)]  # fmt: skip
+        lines += [f"| {r['variant']} | " + " | ".join(_csv(r.get(c)) for c in coherence) + " |" for r in rows]
+    (folder / "results.md").write_text("\n".join(lines) + "\n")
+    _plot(results, rows, order, metric, folder / "results.png")
+    print("\n".join(lines) + f"\n\nWrote {folder}/results.csv, results.md and results.png")
+    return folder
+
+
+def _csv(value: Any) -> str:
+    return "" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _plot(results: list[dict[str, Any]], rows: list[dict[str, Any]], order: list[str], metric: str, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(1.4 * len(rows) + 2, 3.5))
+    ax = figure.subplots()
+    names = [r["variant"] for r in rows]
+    ax.errorbar(range(len(rows)), [r["final_mean"] for r in rows], yerr=[r["final_sd"] for r in rows],
+                fmt="o", capsize=6, color="black", label="mean ± sd over seeds")  # fmt: skip
+    for result in results:
+        x = names.index(result["variant"]) + 0.12
+        ax.plot(x, result["final"], ".", color="tab:blue", alpha=0.6)
+    ax.set_xticks(range(len(rows)), names)
+    ax.set_ylabel(f"final {metric}")
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":  # one run of a sweep, in its own process (see `gpus`)
+    preset_path, output_dir, variant_name, seed_value = sys.argv[1:5]
+    run_one(load_preset(preset_path), variant_name, int(seed_value), Path(output_dir))
