@@ -52,10 +52,13 @@ class SweepRecorder(L.Callback):
         self.metric = metric
         self.history: list[float] = []
         self.step_seconds: list[float] = []
+        self.first_step_at: float | None = None  # time.perf_counter() when training began
         self._start = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start = time.perf_counter()
+        if self.first_step_at is None:
+            self.first_step_at = self._start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.step_seconds.append(time.perf_counter() - self._start)
@@ -122,6 +125,9 @@ def run_one(preset: dict[str, Any], variant: str, seed: int, output: Path) -> di
         "flops_per_sample": flops_per_sample(model, datamodule),
         "seconds_per_step": statistics.median(recorder.step_seconds[1:] or recorder.step_seconds or [math.nan]),
         "run_seconds": seconds,
+        # Parsing, building the model (loading the LM layer), the data and the sanity check: what each
+        # run pays before its first step, in this process (a separate process adds Python's start-up).
+        "setup_seconds": recorder.first_step_at - start if recorder.first_step_at is not None else None,
         "coherence": {str(step): values for step, values in coherence.items()},
         "data_split": {k: getattr(datamodule, k) for k in ("val_fraction", "seed") if hasattr(datamodule, k)},
         "config": str(folder / "config.yaml"),
@@ -210,6 +216,7 @@ def summarize(results: list[dict[str, Any]], baseline: str) -> list[dict[str, An
             "frozen_params": next(iter(runs.values()))["frozen_params"],
             "flops_per_sample": next(iter(runs.values()))["flops_per_sample"],
             "ms_per_step": 1e3 * statistics.mean(r["seconds_per_step"] for r in runs.values()),
+            "setup_s": statistics.mean(r.get("setup_seconds") or math.nan for r in runs.values()),
         }  # fmt: skip
         steps = sorted({int(step) for r in runs.values() for step in r["coherence"]})
         for step in steps:
@@ -263,6 +270,9 @@ def write_report(folder: Path) -> Path:
         lines += ["", "Gradient coherence (mean over seeds) at training steps:", "",
                   "| variant | " + " | ".join(coherence) + " |", "|---|" + "---:|" * len(coherence)]  # fmt: skip
         lines += [f"| {r['variant']} | " + " | ".join(_csv(r.get(c)) for c in coherence) + " |" for r in rows]
+    splits = {json.dumps(r.get("data_split", {}), sort_keys=True) for r in results}
+    lines += ["", f"Data split of every run: {', '.join(sorted(splits))}. Set-up before the first step, per run: "
+              + ", ".join(f"{r['variant']} {r['setup_s']:.1f} s" for r in rows) + "."]  # fmt: skip
     (folder / "results.md").write_text("\n".join(lines) + "\n")
     _plot(results, rows, order, metric, folder / "results.png")
     print("\n".join(lines) + f"\n\nWrote {folder}/results.csv, results.md and results.png")

@@ -55,11 +55,13 @@ def test_sweep_runs_resumes_after_a_kill_and_reports(tmp_path, tiny_llama_checkp
     assert len(result["history"]) == 2 and result["final"] == result["history"][-1]
     assert result["frozen_params"] > 0 and result["trainable_params"] > 0 and result["flops_per_sample"] > 0
     assert {"0", "2", "4"} <= set(result["coherence"])  # measured every 2 steps
+    assert 0 < result["setup_seconds"] < result["run_seconds"]
     assert (output / "random" / "seed1" / "config.yaml").is_file()  # the run's resolved config
     baseline = json.loads((output / "baseline" / "seed0" / "result.json").read_text())
     assert baseline["frozen_params"] == 0 and baseline["data_split"] == {"val_fraction": 0.2, "seed": 0}
     markdown = (output / "results.md").read_text()
     assert "| random | 2 |" in markdown and "m_coherence@2" in markdown
+    assert 'Data split of every run: {"seed": 0, "val_fraction": 0.2}' in markdown
     assert (output / "results.png").stat().st_size > 0
     csv_before = (output / "results.csv").read_text()
     (output / "results.csv").unlink()
