@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -31,22 +30,10 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from frozenlm.bench import lm_config
+from frozenlm.bench import ideal_seconds, lm_config, median_seconds
 from frozenlm.data import Argoverse2DataModule
 from frozenlm.llm import FrozenLMBlock, LLMConfig
 from frozenlm.tasks import MotionForecaster
-
-
-def median_seconds(fn, repeats: int, sync) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -60,7 +47,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     device = torch.device(args.device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     work = Path(tempfile.mkdtemp())
     try:
         root = args.root
@@ -86,7 +72,7 @@ def main() -> None:
                 iterator = iter(loader)
                 return next(iterator)
 
-        load_s = median_seconds(load, args.repeats, lambda: None)
+        load_s = median_seconds(load, torch.device("cpu"), args.repeats)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in load().items()}
         model = MotionForecaster(horizon=data.horizon).to(device).train()
         if args.llm:  # as `llm` in a config would build it, with random weights of LLaMA-7B's layer shape
@@ -100,11 +86,8 @@ def main() -> None:
         with FlopCounterMode(display=False) as counter:
             step()
         flops = counter.get_total_flops()
-        n = max(1, round((flops / 2) ** (1 / 3)))
-        m = max(1, round(flops / (2 * n * n)))
-        a, w = torch.randn(m, n, device=device), torch.randn(n, n, device=device)
-        step_s = median_seconds(step, args.repeats, sync)
-        ideal_s = median_seconds(lambda: torch.matmul(a, w.mT), args.repeats, sync) * flops / (2 * m * n * n)
+        step_s = median_seconds(step, device, args.repeats)
+        ideal_s = ideal_seconds(flops, device, args.repeats)
         tokens = batch["polyline_mask"].shape[1]
         print(f"device {device}, threads {torch.get_num_threads()}, {count} scenes ({'real' if args.root else 'synthetic'}), "
               f"batch {args.batch} ({tokens} polyline tokens), LLM block {'yes' if args.llm else 'no'}")  # fmt: skip

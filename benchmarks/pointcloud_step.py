@@ -22,32 +22,15 @@ Ratios are the point: absolute times depend on the machine. Run with one thread 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from frozenlm.bench import lm_config
+from frozenlm.bench import ideal_seconds, lm_config, median_seconds
 from frozenlm.data.pointcloud import PointCloudDataModule
 from frozenlm.llm import FrozenLMBlock, LLMConfig
 from frozenlm.models import point_ops
 from frozenlm.tasks import PointCloudClassifier
-
-
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure(points: int, groups: int, batch: int, device: torch.device, llm: bool, repeats: int) -> dict[str, float]:
@@ -69,19 +52,16 @@ def measure(points: int, groups: int, batch: int, device: torch.device, llm: boo
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
-    n = max(1, round((flops / 2) ** (1 / 3)))
-    m = max(1, round(flops / (2 * n * n)))
-    a, w = torch.randn(m, n, device=device), torch.randn(n, n, device=device)
     results = {
-        "fps_loop": timed(lambda: point_ops.farthest_point_sample(cloud, groups, use_fpsample=False), device, repeats),
-        "grouping": timed(lambda: point_ops.group_points(cloud, groups, 32), device, repeats),
-        "sampling": timed(lambda: datamodule.random_views(raw, 1), device, repeats),
-        "step": timed(step, device, repeats),
-        "ideal": timed(lambda: torch.matmul(a, w.mT), device, repeats) * flops / (2 * m * n * n),
+        "fps_loop": median_seconds(lambda: point_ops.farthest_point_sample(cloud, groups, use_fpsample=False), device, repeats),
+        "grouping": median_seconds(lambda: point_ops.group_points(cloud, groups, 32), device, repeats),
+        "sampling": median_seconds(lambda: datamodule.random_views(raw, 1), device, repeats),
+        "step": median_seconds(step, device, repeats),
+        "ideal": ideal_seconds(flops, device, repeats),
         "gflop": flops / 1e9,
     }
     if point_ops.fpsample is not None and device.type == "cpu":
-        results["fps_fpsample"] = timed(lambda: point_ops.farthest_point_sample(cloud, groups, use_fpsample=True), device, repeats)
+        results["fps_fpsample"] = median_seconds(lambda: point_ops.farthest_point_sample(cloud, groups, use_fpsample=True), device, repeats)
     return results
 
 

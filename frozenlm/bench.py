@@ -318,6 +318,21 @@ def _time_one(
     }  # fmt: skip
 
 
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` after one warm-up call (CUDA synchronised)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    fn()
+    return statistics.median(_timed(fn, sync) for _ in range(repeats))
+
+
+def ideal_seconds(flops: int, device: torch.device, repeats: int) -> float:
+    """The FLOP ideal: the time of one fp32 ``torch.matmul`` ``[m, n] @ [n, n].T`` scaled to ``flops``."""
+    n = max(1, round((flops / 2) ** (1 / 3)))
+    m = max(1, round(flops / (2 * n * n)))
+    a, w = torch.randn(m, n, device=device), torch.randn(n, n, device=device)
+    return median_seconds(lambda: torch.matmul(a, w.mT), device, repeats) * flops / (2 * m * n * n)
+
+
 def _timed(fn: Callable[[], None], sync: Callable[[], None]) -> float:
     sync()
     start = time.perf_counter()
