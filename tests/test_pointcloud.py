@@ -136,12 +136,15 @@ def test_files_that_are_not_pretraining_checkpoints_are_refused(tmp_path):
 
 
 # -- data -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("variant", "sizes"), [("obj_bg", (30, 15)), ("obj_only", (30, 15)), ("hardest", (30, 15))])
-def test_scanobjectnn_variants_read_the_official_files(scanobjectnn_root, variant, sizes):
+@pytest.mark.parametrize("variant", ["obj_bg", "obj_only", "hardest"])
+def test_scanobjectnn_variants_read_the_official_files(scanobjectnn_root, variant):
     data = ScanObjectNNDataModule(scanobjectnn_root, variant, batch_size=4, num_workers=0, num_points=256)
     assert data.num_classes == 15 and data.classes[0] == "bag" and data.classes[-1] == "toilet"
-    train, test = data.dataset("train"), data.dataset("test")
-    assert (len(train), len(test)) == sizes
+    train, val, test = data.dataset("train"), data.dataset("val"), data.dataset("test")
+    assert (len(train), len(val), len(test)) == (27, 3, 15)  # 10 % of train held out to validate
+    assert not set(train.ids) & set(val.ids) and val.ids[0].startswith(f"{variant}/train/")
+    everything = ScanObjectNNDataModule(scanobjectnn_root, variant, num_workers=0, val_fraction=0.0)
+    assert len(everything.dataset("train")) == 30 and everything.dataset("val") is everything.dataset("test")
     assert train[0]["points"].shape == (2048, 3) and test.ids[0] == f"{variant}/test/0"
     assert sorted(set(train.labels)) == list(range(15))
     assert not torch.equal(train[0]["points"], train[0]["points"])  # training permutes the points
@@ -165,7 +168,9 @@ def test_scanobjectnn_bad_input_is_a_clear_error(scanobjectnn_root, tmp_path):
 
 
 def test_modelnet40_is_resampled_once_into_a_safe_cache(modelnet40_root, monkeypatch):
-    data = ModelNet40DataModule(modelnet40_root, cache_points=256, num_points=128, batch_size=2, num_workers=0)
+    data = ModelNet40DataModule(
+        modelnet40_root, cache_points=256, num_points=128, batch_size=2, num_workers=0, val_fraction=0.0
+    )
     assert data.num_classes == 40
     train = data.dataset("train")
     cache = modelnet40_root / "modelnet40_train_256pts_fps.safetensors"
@@ -180,7 +185,8 @@ def test_modelnet40_is_resampled_once_into_a_safe_cache(modelnet40_root, monkeyp
     np.testing.assert_allclose(train.points[0].numpy(), chosen, atol=1e-5)
 
     monkeypatch.setattr(ModelNet40DataModule, "build_cache", lambda *a: pytest.fail("rebuilt the cache"))
-    again = ModelNet40DataModule(modelnet40_root, cache_points=256, num_points=128, num_workers=0).dataset("train")
+    again = ModelNet40DataModule(modelnet40_root, cache_points=256, num_points=128, num_workers=0, val_fraction=0.0)
+    again = again.dataset("train")
     assert torch.equal(again.points, train.points) and again.ids == train.ids
     assert not (modelnet40_root / "modelnet40_train_512pts_fps.safetensors").exists()  # other count, other key
 

@@ -11,10 +11,13 @@ are the best of 9 such runs, chosen on the test set).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from lightning.pytorch.trainer.states import RunningStage
+from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -39,6 +42,19 @@ class PointClouds(Dataset):
         return {"points": points, "label": self.labels[index], "id": self.ids[index]}
 
 
+def held_out(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices ``(kept, held out)`` with ``fraction`` held out, stratified by label when every class
+    can give one (else at random), reproducibly for ``seed``."""
+    indices = np.arange(len(labels))
+    if fraction == 0:
+        return indices.tolist(), []
+    present = np.bincount(labels)
+    present = present[present > 0]
+    stratified = present.min() >= 2 and math.ceil(fraction * len(labels)) >= len(present)
+    kept, held = train_test_split(indices, test_size=fraction, stratify=labels if stratified else None, random_state=seed)
+    return sorted(kept.tolist()), sorted(held.tolist())
+
+
 def sample_count(num_points: int, cloud_size: int) -> int:
     """Point-BERT's FPS size before the random subset: ``num_points x 75/64`` (1,024 -> 1,200), at most the cloud."""
     return min(cloud_size, round(num_points * 75 / 64))
@@ -55,7 +71,12 @@ def scale_and_translate(points: Tensor, scale: tuple[float, float] = (2 / 3, 3 /
 class PointCloudDataModule(ClassificationDataModule):
     """Base of the point-cloud datamodules: subclasses set ``classes`` and ``num_classes`` in
     ``__init__`` and implement ``load_split("train" | "test") -> (points [M, P, 3], labels, ids)``.
-    The test split is also the val and predict split (both datasets have no other).
+
+    Neither ScanObjectNN nor ModelNet40 has a validation split, and Point-BERT (and LM4VE after it)
+    validated on the test split, so its best checkpoints were chosen on the test set. Here
+    ``val_fraction`` of the training clouds (stratified by class, seeded) are held out instead: the
+    val split picks checkpoints, the test split is only tested. ``val_fraction: 0`` trains on all of
+    the training split and validates on the test split, as the reference did. Predict runs on test.
 
     Args:
         batch_size, num_workers, pin_memory, max_unreadable_fraction: see
@@ -66,6 +87,8 @@ class PointCloudDataModule(ClassificationDataModule):
         scale: range of the per-axis training scale.
         shift: range of the training translation, ``[-shift, shift]``.
         test_votes: views per cloud voted at test time (Point-BERT: 10); 0 = single view only.
+        val_fraction: fraction of the training clouds held out as the val split; 0 = validate on test.
+        split_seed: seed of that hold-out.
     """
 
     classes: list[str]
@@ -80,32 +103,47 @@ class PointCloudDataModule(ClassificationDataModule):
         scale: tuple[float, float] = (2 / 3, 3 / 2),
         shift: float = 0.2,
         test_votes: int = 10,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
         max_unreadable_fraction: float = 0.01,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, max_unreadable_fraction=max_unreadable_fraction)
         self.num_points, self.sample_points = num_points, sample_points
         self.scale, self.shift, self.test_votes = tuple(scale), shift, test_votes
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        self.val_fraction, self.split_seed = val_fraction, split_seed
         self.datasets: dict[str, PointClouds] = {}
 
     def load_split(self, split: str) -> tuple[Tensor, list[int], list[str]]:
         raise NotImplementedError
 
     def dataset(self, split: str) -> PointClouds:
+        """The ``train``, ``val`` (held out from train, or test when ``val_fraction`` is 0) or ``test`` clouds."""
+        if split == "val" and self.val_fraction == 0:
+            split = "test"
         if split not in self.datasets:
-            points, labels, ids = self.load_split(split)
+            points, labels, ids = self.load_split("test" if split == "test" else "train")
             if points.shape[1] < self.num_points:
                 raise ValueError(
-                    f"{type(self).__name__}: the {split} clouds have {points.shape[1]} points, fewer than "
+                    f"{type(self).__name__}: the clouds have {points.shape[1]} points, fewer than "
                     f"--data.num_points {self.num_points}."
                 )
-            self.datasets[split] = PointClouds(points, labels, ids, shuffle=split == "train")
+            if split == "test":
+                self.datasets["test"] = PointClouds(points, labels, ids)
+            else:
+                train, val = held_out(labels, self.val_fraction, self.split_seed)
+                for name, rows in (("train", train), ("val", val)):
+                    self.datasets[name] = PointClouds(
+                        points[rows], [labels[i] for i in rows], [ids[i] for i in rows], shuffle=name == "train"
+                    )
         return self.datasets[split]
 
     def train_dataloader(self) -> DataLoader:
         return self._train_loader(self.dataset("train"))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"))
+        return self._loader(self.dataset("val"))
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("test"))
