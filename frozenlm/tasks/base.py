@@ -106,9 +106,9 @@ class BaseTask(lightning.LightningModule):
             self.optimizer_parameters(lr, hp.weight_decay), opt=hp.optimizer, lr=lr, weight_decay=hp.weight_decay,
             layer_decay=hp.layer_decay,
         )  # fmt: skip
-        # Scheduled per optimizer step. Setting up the train loader creates its first iterator, so
-        # this is where the first epoch of the fit is seeded (see `_reseed`). Lightning skips the set-up
-        # when only max_steps bounds the run, but warmup is given in epochs, so it is done here.
+        # Scheduled per optimizer step or per epoch. Setting up the train loader creates its first
+        # iterator, so this is where the first epoch of the fit is seeded (see `_reseed`). Lightning skips
+        # the set-up when only max_steps bounds the run, but warmup is given in epochs, so it is done here.
         self._reseed(self._fit_first_epoch)
         self.trainer.fit_loop.setup_data()
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
