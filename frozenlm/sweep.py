@@ -271,8 +271,12 @@ def write_report(folder: Path) -> Path:
                   "| variant | " + " | ".join(coherence) + " |", "|---|" + "---:|" * len(coherence)]  # fmt: skip
         lines += [f"| {r['variant']} | " + " | ".join(_csv(r.get(c)) for c in coherence) + " |" for r in rows]
     splits = {json.dumps(r.get("data_split", {}), sort_keys=True) for r in results}
-    lines += ["", f"Data split of every run: {', '.join(sorted(splits))}. Set-up before the first step, per run: "
-              + ", ".join(f"{r['variant']} {r['setup_s']:.1f} s" for r in rows) + "."]  # fmt: skip
+    footer = f"Data split of every run: {', '.join(sorted(splits))}."
+    if any(math.isfinite(r["setup_s"]) for r in rows):
+        footer += " Set-up before the first step, per run: " + ", ".join(
+            f"{r['variant']} {r['setup_s']:.1f} s" for r in rows if math.isfinite(r["setup_s"])
+        ) + "."  # fmt: skip
+    lines += ["", footer]
     (folder / "results.md").write_text("\n".join(lines) + "\n")
     _plot(results, rows, order, metric, folder / "results.png")
     print("\n".join(lines) + f"\n\nWrote {folder}/results.csv, results.md and results.png")
