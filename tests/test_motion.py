@@ -190,6 +190,16 @@ def test_unusable_scenes_are_skipped_counted_and_named(av2_root, tmp_path, capsy
         vectorize(truncated, 20, 30, 50.0, needs_future=True)
 
 
+def test_damaged_argoverse1_sequences_are_skipped_with_the_reason(av1_root, tmp_path):
+    root = Path(shutil.copytree(av1_root, tmp_path / "av1", ignore=shutil.ignore_patterns("frozenlm_cache")))
+    (root / "train" / "data" / "1.csv").write_text("TIMESTAMP,TRACK_ID\n1.0,x\n")  # columns missing
+    (root / "train" / "data" / "2.csv").write_text((root / "train" / "data" / "2.csv").read_text().replace("AGENT", "OTHERS"))
+    data = Argoverse1DataModule(root, num_workers=0)
+    assert len(data.dataset("train")) == 6
+    assert [reason.split(": ")[1] for reason in data.skipped["train"]] == ["KeyError", "KeyError"]
+    assert "no AGENT track" in data.skipped["train"][1]
+
+
 def test_argoverse1_reads_csv_and_vector_map(av1_root, tmp_path):
     data = Argoverse1DataModule(av1_root, num_workers=0, batch_size=4)
     train = data.dataset("train")

@@ -191,6 +191,15 @@ def test_modelnet40_is_resampled_once_into_a_safe_cache(modelnet40_root, monkeyp
     assert not (modelnet40_root / "modelnet40_train_512pts_fps.safetensors").exists()  # other count, other key
 
 
+def test_a_malformed_modelnet40_shape_file_is_named(modelnet40_root):
+    broken = modelnet40_root / "night_stand" / "night_stand_0004.txt"
+    broken.write_text("0.1,0.2,0.3\n")  # 3 columns, not 6
+    data = ModelNet40DataModule(modelnet40_root, cache_points=256, num_points=128, num_workers=0)
+    with pytest.raises(ValueError, match=rf"{broken} is not a ModelNet40 shape"):
+        data.dataset("train")
+    assert not list(modelnet40_root.glob("*.safetensors"))  # no cache is written from a partial build
+
+
 def test_modelnet40_refuses_pickled_caches_unless_trusted(modelnet40_root):
     clouds = [np.random.default_rng(0).normal(size=(300, 6)).astype(np.float32) for _ in range(6)]
     with open(modelnet40_root / "modelnet40_test_8192pts_fps.dat", "wb") as file:
