@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-import frozenlm.models.point_ops as point_ops
 from frozenlm.analysis import rank_layers, stage_maps
 from frozenlm.cli import run
 from frozenlm.data import ModelNet40DataModule, ScanObjectNNDataModule

@@ -88,15 +88,15 @@ def vectorize(scene: Scene, history: int, horizon: int, radius: float, needs_fut
         return (points - origin) @ rotation.T
 
     agents = []
-    for index, (track, kind) in enumerate(zip(positions, scene.agent_kinds)):
-        valid = ~np.isnan(track).any(axis=1)
-        near = valid.any() and np.linalg.norm(track[valid] - origin, axis=1).min() <= radius
+    for index, (history_xy, kind) in enumerate(zip(positions, scene.agent_kinds)):
+        valid = ~np.isnan(history_xy).any(axis=1)
+        near = valid.any() and np.linalg.norm(history_xy[valid] - origin, axis=1).min() <= radius
         if index > 0 and not near:
             continue
         steps = np.flatnonzero(valid[:-1] & valid[1:])
         if len(steps) == 0:
             continue
-        points = local(track)
+        points = local(history_xy)
         attributes = np.stack([steps / history, np.full(len(steps), index == 0), np.full(len(steps), kind == 0),
                                np.full(len(steps), kind == 1)], axis=1)  # fmt: skip
         flags = np.tile([1.0, 0.0], (len(steps), 1))
