@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= test,demo,video,robustness,pointcloud,motion
+EXTRAS ?= test,demo,video,robustness,pointcloud,motion,lora
 PYTEST_ARGS ?=
 
 .PHONY: install test test-slow test-all demo sweep-demo bench lint clean \

@@ -85,7 +85,10 @@ class RunSummary(Callback):
                 lines.append(f"  {label if path == checkpoint.best_model_path else 'last'} checkpoint: {path} ({size:.1f} MiB)")
         for name, block in getattr(pl_module, "frozen_lm_blocks", dict)().items():
             stored = "embedded in" if block.embed_weights or block.trainable else "not stored in"
-            lines.append(f"  {name}: weights {stored} checkpoints (source {block.source}, layers {block.layer_indices})")
+            lora = "; its LoRA adapters are stored" if block.lora is not None else ""
+            lines.append(
+                f"  {name}: weights {stored} checkpoints (source {block.source}, layers {block.layer_indices}){lora}"
+            )
         print("\n".join(lines))
 
 

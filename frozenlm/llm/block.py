@@ -20,6 +20,7 @@ from transformers import PretrainedConfig
 
 from frozenlm.llm.checkpoint import LMCheckpoint, fingerprint
 from frozenlm.llm.families import get_family
+from frozenlm.llm.lora import LoRAConfig, add_lora
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -39,6 +40,8 @@ class LLMConfig:
             frozen) for the ablation that isolates the pretrained weights' effect.
         seed: seed of the ``random`` init (so a run can be restored without embedding weights).
         trainable: fine-tune the LM layers instead of freezing them (ablation).
+        lora: low-rank adapters on the frozen layers (see :class:`frozenlm.llm.lora.LoRAConfig`):
+            only they and the two linear maps train; None (default) for none.
         replace_with_mlp: replace the LM layers with a GELU between the two adapters: an MLP with
             exactly the trainable parameters of the adapters (the paper's "same trainable size" ablation).
         post_norm: apply a parameter-free RMSNorm after the layers, as the reference code does.
@@ -61,12 +64,20 @@ class LLMConfig:
     init: Literal["pretrained", "random"] = "pretrained"
     seed: int = 0
     trainable: bool = False
+    lora: LoRAConfig | None = None
     replace_with_mlp: bool = False
     post_norm: bool = True
     embed_weights: bool = False
     mode: Literal["inline", "auxiliary"] = "inline"
     aux_weight: float = 1.0
     aux_head: Literal["separate", "shared"] = "separate"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):  # as stored in a checkpoint's hyper-parameters
+            self.lora = LoRAConfig(**self.lora)
+        if self.lora is not None and (self.trainable or self.replace_with_mlp):
+            which = "trainable" if self.trainable else "replace_with_mlp"
+            raise ValueError(f"llm.lora adapts frozen LM layers; it cannot be combined with llm.{which}.")
 
 
 class FrozenLMBlock(nn.Module):
@@ -86,6 +97,7 @@ class FrozenLMBlock(nn.Module):
         layer_indices: Sequence[int] = (),
         post_norm: bool = True,
         trainable: bool = False,
+        lora: LoRAConfig | None = None,
         source: str | None = None,
         revision: str | None = None,
         init: str = "pretrained",
@@ -102,6 +114,7 @@ class FrozenLMBlock(nn.Module):
         self.fingerprint = weights_fingerprint
         self.embed_weights = embed_weights
         self.trainable = trainable or layers is None
+        self.lora = lora
 
         self.adapter_in = nn.Linear(in_dim, self.d_llm, bias=False)
         self.layers = layers
@@ -115,6 +128,10 @@ class FrozenLMBlock(nn.Module):
         if layers is not None:
             _make_bidirectional(layers)
             layers.requires_grad_(trainable)
+            if lora is not None:
+                if trainable:
+                    raise ValueError("LoRA adapts frozen layers: it cannot be combined with trainable=True.")
+                add_lora(layers, self.family, lora)
             self.train(self.training)
 
     # -- construction ------------------------------------------------------------------------
@@ -130,6 +147,7 @@ class FrozenLMBlock(nn.Module):
         init: Literal["pretrained", "random"] = "pretrained",
         seed: int = 0,
         trainable: bool = False,
+        lora: LoRAConfig | None = None,
         replace_with_mlp: bool = False,
         post_norm: bool = True,
         embed_weights: bool = False,
@@ -138,7 +156,7 @@ class FrozenLMBlock(nn.Module):
         checkpoint = LMCheckpoint(source, revision)
         if init == "random" or replace_with_mlp:
             block = cls.from_config(
-                checkpoint.config, layers, in_dim, dtype=dtype, seed=seed, trainable=trainable,
+                checkpoint.config, layers, in_dim, dtype=dtype, seed=seed, trainable=trainable, lora=lora,
                 replace_with_mlp=replace_with_mlp, post_norm=post_norm,
             )  # fmt: skip
             block.source, block.revision = checkpoint.source, revision
@@ -176,7 +194,7 @@ class FrozenLMBlock(nn.Module):
         target = _as_dtype(dtype)
         modules.load_state_dict({k: v.to(target) for k, v in state.items()}, assign=True, strict=True)
         return cls(
-            config, in_dim, modules, layer_indices=indices, post_norm=post_norm, trainable=trainable,
+            config, in_dim, modules, layer_indices=indices, post_norm=post_norm, trainable=trainable, lora=lora,
             source=checkpoint.source, revision=revision, init="pretrained",
             weights_fingerprint=weights_fingerprint, embed_weights=embed_weights,
         )  # fmt: skip
@@ -191,6 +209,7 @@ class FrozenLMBlock(nn.Module):
         dtype: DType | torch.dtype = "float32",
         seed: int = 0,
         trainable: bool = False,
+        lora: LoRAConfig | None = None,
         replace_with_mlp: bool = False,
         post_norm: bool = True,
     ) -> FrozenLMBlock:
@@ -208,20 +227,28 @@ class FrozenLMBlock(nn.Module):
             modules.to(_as_dtype(dtype))
         return cls(
             config, in_dim, modules, layer_indices=indices, post_norm=post_norm, trainable=trainable,
-            init="random", weights_fingerprint=weights_fingerprint,
+            lora=None if replace_with_mlp else lora, init="random", weights_fingerprint=weights_fingerprint,
         )  # fmt: skip
 
     # -- behaviour ---------------------------------------------------------------------------
     def train(self, mode: bool = True) -> FrozenLMBlock:
-        """Frozen layers stay in eval mode (no dropout) while the model around them trains."""
+        """Frozen layers stay in eval mode (no dropout) while the model around them trains; LoRA's
+        own dropout follows ``mode``."""
         super().train(mode)
         if self.layers is not None and not self.trainable:
             self.layers.eval()
+            for name, module in self.layers.named_modules():
+                if name.endswith("lora_dropout"):
+                    module.train(mode)
         return self
 
     @property
     def lm_dtype(self) -> torch.dtype:
-        return self.adapter_in.weight.dtype if self.layers is None else next(self.layers.parameters()).dtype
+        if self.layers is None:
+            return self.adapter_in.weight.dtype
+        # The layers' own weights: LoRA adapters beside bf16 weights are float32.
+        frozen = [p for p in self.layers.parameters() if not p.requires_grad]
+        return (frozen or list(self.layers.parameters()))[0].dtype
 
     def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``tokens [B, N, in_dim]``, ``padding_mask [B, N]`` (True = padded) -> ``[B, N, in_dim]``."""
@@ -252,6 +279,8 @@ class FrozenLMBlock(nn.Module):
     def extra_repr(self) -> str:
         what = "mlp (ablation)" if self.layers is None else f"{self.lm_config.model_type} layers {self.layer_indices}"
         frozen = "trainable" if self.trainable else "frozen"
+        if self.lora is not None:
+            frozen += f" + LoRA r={self.lora.r}"
         return f"in_dim={self.in_dim}, d_llm={self.d_llm}, {what}, {frozen}, source={self.source!r}"
 
 
@@ -264,7 +293,7 @@ def build_block(config: LLMConfig, in_dim: int) -> FrozenLMBlock:
         )
     return FrozenLMBlock.from_pretrained(
         config.checkpoint, config.layers, in_dim, revision=config.revision, dtype=config.dtype,
-        init=config.init, seed=config.seed, trainable=config.trainable,
+        init=config.init, seed=config.seed, trainable=config.trainable, lora=config.lora,
         replace_with_mlp=config.replace_with_mlp, post_norm=config.post_norm,
         embed_weights=config.embed_weights,
     )  # fmt: skip

@@ -25,6 +25,9 @@ class LMFamily:
             after its attention sub-layer can be read (activation maps): pre-norm layers add the
             attention output to the stream and normalise it for the FFN, so it is that norm's input;
             BERT's ``attention`` module already ends with the add & LayerNorm.
+        lora_attention: the attention maps LoRA adapts by default (query and value, as Hu et al.),
+            as paths inside one layer.
+        lora_mlp: the MLP maps LoRA also adapts with ``llm.lora.mlp``.
         rotary: the layer takes ``position_embeddings=(cos, sin)``; we pass the identity rotation
             because the visual tokens carry their own positions.
     """
@@ -32,6 +35,8 @@ class LMFamily:
     layer_class: str
     container: str
     attention_output: tuple[str, str]
+    lora_attention: tuple[str, ...]
+    lora_mlp: tuple[str, ...]
     rotary: bool = False
 
     def build_layer(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
@@ -44,14 +49,23 @@ _DECODER = "transformers.models.{0}.modeling_{0}:{1}"
 
 _PRE_FFN_NORM = ("post_attention_layernorm", "input")
 
+_QV = ("self_attn.q_proj", "self_attn.v_proj")
+_GATED_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
 FAMILIES: dict[str, LMFamily] = {
-    "llama": LMFamily(_DECODER.format("llama", "LlamaDecoderLayer"), "layers", _PRE_FFN_NORM, rotary=True),
-    "mistral": LMFamily(_DECODER.format("mistral", "MistralDecoderLayer"), "layers", _PRE_FFN_NORM, rotary=True),
-    "qwen2": LMFamily(_DECODER.format("qwen2", "Qwen2DecoderLayer"), "layers", _PRE_FFN_NORM, rotary=True),
+    "llama": LMFamily(_DECODER.format("llama", "LlamaDecoderLayer"), "layers", _PRE_FFN_NORM, _QV, _GATED_MLP, rotary=True),
+    "mistral": LMFamily(
+        _DECODER.format("mistral", "MistralDecoderLayer"), "layers", _PRE_FFN_NORM, _QV, _GATED_MLP, rotary=True
+    ),
+    "qwen2": LMFamily(_DECODER.format("qwen2", "Qwen2DecoderLayer"), "layers", _PRE_FFN_NORM, _QV, _GATED_MLP, rotary=True),
     # Pre-norm OPT (do_layer_norm_before: all sizes but 350m); post-norm OPT is handled by the reader.
-    "opt": LMFamily(_DECODER.format("opt", "OPTDecoderLayer"), "layers", ("final_layer_norm", "input")),
-    "gpt2": LMFamily(_DECODER.format("gpt2", "GPT2Block"), "h", ("ln_2", "input")),
-    "bert": LMFamily(_DECODER.format("bert", "BertLayer"), "layer", ("attention", "output")),
+    "opt": LMFamily(_DECODER.format("opt", "OPTDecoderLayer"), "layers", ("final_layer_norm", "input"), _QV, ("fc1", "fc2")),
+    # GPT-2 computes query, key and value with one fused map.
+    "gpt2": LMFamily(_DECODER.format("gpt2", "GPT2Block"), "h", ("ln_2", "input"), ("attn.c_attn",), ("mlp.c_fc", "mlp.c_proj")),
+    "bert": LMFamily(
+        _DECODER.format("bert", "BertLayer"), "layer", ("attention", "output"),
+        ("attention.self.query", "attention.self.value"), ("intermediate.dense", "output.dense"),
+    ),  # fmt: skip
 }
 
 

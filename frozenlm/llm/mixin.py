@@ -11,6 +11,7 @@ and restoring reloads the weights from the source, refusing a different block.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import os
 import warnings
 from pathlib import Path
@@ -119,8 +120,8 @@ class FrozenLMMixin:
             if block.layers is None or block.trainable:
                 continue  # nothing frozen: the trained weights are ordinary state
             if not block.embed_weights:
-                for key in [k for k in state if k.startswith(f"{name}.layers.")]:
-                    del state[key]
+                for key in _frozen_keys(block):  # LoRA adapters train, so they stay
+                    del state[f"{name}.layers.{key}"]
             checkpoint[CHECKPOINT_KEY][name] = {
                 "source": block.source,
                 "revision": block.revision,
@@ -129,6 +130,7 @@ class FrozenLMMixin:
                 "fingerprint": block.fingerprint,
                 "embedded": block.embed_weights,
                 "lm_config": block.lm_config.to_dict(),
+                "lora": _lora_dict(block),
             }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -147,9 +149,15 @@ class FrozenLMMixin:
                     f"fingerprint {block.fingerprint}). Point --model.llm.checkpoint / --model.llm.layers at "
                     "the weights the run was trained with."
                 )
+            if meta.get("lora") != _lora_dict(block):
+                raise ValueError(
+                    f"This checkpoint's frozen block {name} was trained with llm.lora {meta.get('lora')}, but the "
+                    f"configured block has llm.lora {_lora_dict(block)}: set --model.llm.lora as in the run."
+                )
             if not meta["embedded"]:
                 # Fill in the frozen weights (identical, by fingerprint) so strict loading still checks the rest.
-                state.update({f"{name}.layers.{k}": v for k, v in block.layers.state_dict().items()})
+                layers = block.layers.state_dict()
+                state.update({f"{name}.layers.{k}": layers[k] for k in _frozen_keys(block)})
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
@@ -184,6 +192,16 @@ def _stored_blocks(checkpoint_path, weights_only: bool | None) -> dict[str, dict
     return dict(checkpoint.get(CHECKPOINT_KEY, {}))
 
 
+def _frozen_keys(block: FrozenLMBlock) -> list[str]:
+    """State-dict keys of the block's layers that do not train: all but LoRA adapters."""
+    trained = {name for name, p in block.layers.named_parameters() if p.requires_grad}
+    return [key for key in block.layers.state_dict() if key not in trained]
+
+
+def _lora_dict(block: FrozenLMBlock) -> dict[str, Any] | None:
+    return None if block.lora is None else dataclasses.asdict(block.lora)
+
+
 def _empty_block(meta: dict[str, Any], llm: LLMConfig, in_dim: int) -> FrozenLMBlock:
     """A block of the stored shapes with uninitialised LM weights, to be filled from the checkpoint."""
     config_dict = dict(meta["lm_config"])
@@ -192,7 +210,7 @@ def _empty_block(meta: dict[str, Any], llm: LLMConfig, in_dim: int) -> FrozenLMB
         layers = build_layers(config, meta["layers"])
     layers.to_empty(device="cpu").to(getattr(torch, llm.dtype))
     return FrozenLMBlock(
-        config, in_dim, layers, layer_indices=meta["layers"], post_norm=llm.post_norm,
+        config, in_dim, layers, layer_indices=meta["layers"], post_norm=llm.post_norm, lora=llm.lora,
         source=meta["source"], revision=meta["revision"], init=meta["init"],
         weights_fingerprint=meta["fingerprint"], embed_weights=True,
     )  # fmt: skip
