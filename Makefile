@@ -12,6 +12,9 @@ PYTEST_ARGS ?=
 	reproduce-imagenet-vitb reproduce-imagenet-vitb-llama \
 	reproduce-caltech256 \
 	reproduce-cifar100-gcr reproduce-caltech256-gcr reproduce-imagenet-vits-gcr \
+	reproduce-cifar100-convstem reproduce-cifar100-convstem-llama reproduce-cifar100-lora \
+	reproduce-imagenet-vits-convstem reproduce-imagenet-vits-convstem-llama \
+	reproduce-imagenet-vits-cape reproduce-imagenet-vits-cape-llama \
 	reproduce-ssv2-small reproduce-ssv2-small-llama reproduce-ssv2-small-gcr \
 	reproduce-ssv2-base reproduce-ssv2-base-llama reproduce-ssv2-base-gcr \
 	reproduce-ssv2-small-llama-last reproduce-ssv2-base-llama-last \
@@ -45,7 +48,7 @@ demo: $(BIN)/frozenlm
 	@echo "Next: the paper's setting on CIFAR-100 with a real LLaMA block:"
 	@echo "  $(BIN)/frozenlm fit --config configs/cifar100_deit.yaml --model.llm.checkpoint <LLaMA folder or hub id> --data.root <dir>"
 
-# The offline demo sweep (~30 min on 2 CPU cores); its table and plot are the README's.
+# The offline demo sweep (~45 min on 2 CPU cores); its table and plot are the README's.
 sweep-demo: $(BIN)/frozenlm
 	HF_HUB_OFFLINE=1 $(BIN)/frozenlm sweep --preset configs/sweeps/demo.yaml --output runs/sweeps/demo
 	mkdir -p docs/sweep_demo && cp runs/sweeps/demo/results.md runs/sweeps/demo/results.csv runs/sweeps/demo/results.png docs/sweep_demo/
@@ -125,6 +128,23 @@ reproduce-caltech256-gcr: $(BIN)/frozenlm
 reproduce-imagenet-vits-gcr: $(BIN)/frozenlm
 	$(FIT) --config configs/imagenet_deit_small_gcr.yaml --model.llm.checkpoint $(LLAMA) --data.root $(IMAGENET) $(ARGS)
 	$(call RESULTS,imagenet_deit_small_gcr)
+
+# Backbone options: convolutional stem, CAPE positions, LoRA on the LM block.
+reproduce-cifar100-convstem: $(BIN)/frozenlm
+	$(FIT) --config configs/cifar100_deit_convstem.yaml --data.root $(CIFAR100) $(ARGS)
+	$(call RESULTS,cifar100_deit_convstem)
+
+reproduce-cifar100-convstem-llama reproduce-cifar100-lora: reproduce-cifar100-%: $(BIN)/frozenlm
+	$(FIT) --config configs/cifar100_deit_$(subst -,_,$*).yaml --model.llm.checkpoint $(LLAMA) --data.root $(CIFAR100) $(ARGS)
+	$(call RESULTS,cifar100_deit_$(subst -,_,$*))
+
+reproduce-imagenet-vits-convstem reproduce-imagenet-vits-cape: reproduce-imagenet-vits-%: $(BIN)/frozenlm
+	$(FIT) --config configs/imagenet_deit_small_$*.yaml --data.root $(IMAGENET) $(ARGS)
+	$(call RESULTS,imagenet_deit_small_$*)
+
+reproduce-imagenet-vits-convstem-llama reproduce-imagenet-vits-cape-llama: reproduce-imagenet-vits-%-llama: $(BIN)/frozenlm
+	$(FIT) --config configs/imagenet_deit_small_$*_llama.yaml --model.llm.checkpoint $(LLAMA) --data.root $(IMAGENET) $(ARGS)
+	$(call RESULTS,imagenet_deit_small_$*_llama)
 
 # Point clouds (LM4VE's Point-BERT fine-tuning, from Point-BERT's pretraining checkpoint POINTBERT).
 reproduce-scanobjectnn-objbg reproduce-scanobjectnn-objonly reproduce-scanobjectnn-hardest: reproduce-scanobjectnn-%: $(BIN)/frozenlm

@@ -20,6 +20,10 @@ same dtype, interleaved with the block's steps so both see the same machine load
 with ``w [n, n]`` stored like an ``nn.Linear`` weight (the layout the block's linears use; CPUs
 without native bf16 run the other layout on a much slower path), ``m, n`` chosen so ``2 m n^2`` is
 the step's FLOPs (the small rounding is scaled out). ``ratio`` = block time / ideal time.
+
+A second table (:func:`trunk_flops`) gives the parameters and forward FLOPs of the visual trunks the
+block sits in: DeiT-T/S/B with the patchify stem, with the convolutional stem (one block fewer) and
+with CAPE positions, counted by PyTorch's ``FlopCounterMode`` on the meta device (not timed).
 """
 
 from __future__ import annotations
@@ -32,13 +36,18 @@ from contextlib import nullcontext
 from typing import Any, Literal
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, PretrainedConfig
 
 from frozenlm.llm.block import DType, FrozenLMBlock
+from frozenlm.models import create_vit
 
 ModelType = Literal["llama", "mistral", "qwen2", "opt", "gpt2", "bert"]
 _ROTARY = ("llama", "mistral", "qwen2")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# (stem, pos_embed) of the trunks compared by `trunk_flops`.
+TRUNK_VARIANTS = (("patch", "learn"), ("conv", "learn"), ("patch", "cape"))
+DEIT = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224")
 
 
 def bench(
@@ -57,6 +66,7 @@ def bench(
     repeats: int | None = None,
     warmup: int | None = None,
     seed: int = 0,
+    trunks: bool = True,
     quiet: bool = False,
 ) -> list[dict[str, Any]]:
     """Time a frozen LM block's forward + input-gradient backward against a plain matmul of the same FLOPs.
@@ -90,7 +100,9 @@ def bench(
         warmup: untimed steps before timing; the peak memory is measured over them. Default 1 on
             CPU, 3 on GPU.
         seed: seed of the random LM weights and inputs.
-        quiet: do not print the table.
+        trunks: also print :func:`trunk_flops`' table: parameters and FLOPs of DeiT-T/S/B with the
+            patchify stem, the convolutional stem and CAPE positions (counted, not timed).
+        quiet: do not print the tables.
 
     Returns:
         One dict per dtype with the keys ``model_type, hidden, intermediate, heads, lm_layers,
@@ -148,7 +160,58 @@ def bench(
             torch.cuda.empty_cache()
     if not quiet:
         print_table(rows, notes)
+        if trunks:
+            print_trunk_table(trunk_flops())
     return rows
+
+
+def trunk_flops(backbones: Sequence[str] = DEIT, img_size: int = 224) -> list[dict[str, Any]]:
+    """Parameters and forward FLOPs per image of each timm ViT in ``backbones`` in the variants of
+    ``TRUNK_VARIANTS``: patchify stem (as timm builds it), convolutional stem (Xiao et al.; one block
+    fewer) and CAPE positions (no position table).
+
+    FLOPs are those of matmuls and convolutions (a multiply-add counts 2) of a 1000-class model's
+    eval forward on one ``img_size`` image, counted by ``FlopCounterMode`` on the meta device.
+    Returns one row per (backbone, variant): ``backbone, stem, pos_embed, depth, params, flops,
+    embed_flops`` (the patch embedding's part).
+    """
+    rows = []
+    for name in backbones:
+        for stem, pos_embed in TRUNK_VARIANTS:
+            with torch.device("meta"):
+                model = create_vit(name, 1000, img_size=img_size, stem=stem, pos_embed=pos_embed).eval()
+                images = torch.empty(1, 3, img_size, img_size)
+                with FlopCounterMode(display=False) as whole:
+                    model(images)
+                with FlopCounterMode(display=False) as embed:
+                    model.patch_embed(images)
+            rows.append(
+                {
+                    "backbone": name, "stem": stem, "pos_embed": pos_embed, "depth": len(model.blocks),
+                    "params": sum(p.numel() for p in model.parameters()), "flops": whole.get_total_flops(),
+                    "embed_flops": embed.get_total_flops(),
+                }
+            )  # fmt: skip
+    return rows
+
+
+def print_trunk_table(rows: list[dict[str, Any]]) -> None:
+    """Print :func:`trunk_flops` rows, each with its change against the backbone's patchify row."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Visual trunks: forward FLOPs per 224 px image and parameters (1000 classes)")
+    for column in ("backbone", "stem", "positions", "blocks", "params (M)", "vs patchify", "GFLOP", "vs patchify", "stem GFLOP"):
+        table.add_column(column, justify="left" if column in ("backbone", "stem", "positions") else "right")
+    reference = {}
+    for row in rows:
+        base = reference.setdefault(row["backbone"], row)
+        table.add_row(
+            row["backbone"], row["stem"], row["pos_embed"], str(row["depth"]), f"{row['params'] / 1e6:.2f}",
+            f"{row['params'] / base['params'] - 1:+.1%}", f"{row['flops'] / 1e9:.2f}",
+            f"{row['flops'] / base['flops'] - 1:+.1%}", f"{row['embed_flops'] / 1e9:.3f}",
+        )  # fmt: skip
+    Console(width=140).print(table)
 
 
 def lm_config(

@@ -9,6 +9,11 @@ as ``model.safetensors`` and a sibling ``model.json`` with the timm model name a
     vit = timm.create_model(spec["model_name"], **spec["create_model_kwargs"])
     vit.load_state_dict(safetensors.torch.load_file("model.safetensors"))
 
+A ViT with a convolutional stem or CAPE positions has frozenlm's patch embedding, so its spec says
+``"builder": "frozenlm.models.create_vit"`` and it is rebuilt by
+``frozenlm.models.create_vit(spec["model_name"], **spec["create_model_kwargs"])``; plain ViTs say
+``"builder": "timm.create_model"``.
+
 Only the Lightning checkpoint is read (its hyper-parameters and tensors); the LM source is never
 opened, so export works on a machine without the LLM. Inline (LM4VE) checkpoints are refused: there
 the frozen block is part of the forward path, and a trunk without it would be a different model.
@@ -20,12 +25,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from safetensors.torch import save_file
 from timm.models import VisionTransformer
 
 from frozenlm.models.pointbert import PointBERT
+from frozenlm.models.vit import create_vit, trunk_options
 
 TRUNK_PREFIX = "backbone."
 # PointCloudClassifier hyper-parameters that define its Point-BERT.
@@ -52,6 +57,9 @@ def _read(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
 def read_trunk(checkpoint: str | Path) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
     """``(timm model name, create_model kwargs, state dict)`` of an ImageClassifier checkpoint's ViT.
 
+    The kwargs include frozenlm's stem and position options when the ViT has them (then
+    ``frozenlm.models.create_vit``, not ``timm.create_model``, builds it).
+
     Raises ``ValueError`` for checkpoints of other tasks and for inline-mode LM blocks.
     """
     hparams, state = _read(checkpoint)
@@ -61,6 +69,7 @@ def read_trunk(checkpoint: str | Path) -> tuple[str, dict[str, Any], dict[str, t
     # Architecture only: drop-path and pretrained-weight options shape training, not the model.
     kwargs = {"num_classes": hparams["num_classes"], **(hparams.get("backbone_kwargs") or {})}
     kwargs.update({k: hparams[k] for k in ("img_size", "patch_size") if hparams.get(k) is not None})
+    kwargs.update(trunk_options(hparams))
     return hparams["backbone"], kwargs, state
 
 
@@ -72,7 +81,7 @@ def load_trunk(checkpoint: str | Path) -> VisionTransformer | PointBERT:
         model = PointBERT(**{k: hparams[k] for k in POINTBERT_ARGS})
     else:
         name, kwargs, state = read_trunk(checkpoint)
-        model = timm.create_model(name, **kwargs)
+        model = create_vit(name, drop_path_rate=0.0, **kwargs)
     model.load_state_dict(state)
     return model.eval()
 
@@ -95,7 +104,8 @@ def export(checkpoint: str, output: str = "model.safetensors") -> Path:
         raise ValueError(f"output must end in .safetensors, got {output}")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, path, metadata={"format": "pt"})
-    spec = {"model_name": name, "create_model_kwargs": kwargs, "source_checkpoint": str(checkpoint)}
+    builder = "frozenlm.models.create_vit" if trunk_options(kwargs) else "timm.create_model"
+    spec = {"model_name": name, "builder": builder, "create_model_kwargs": kwargs, "source_checkpoint": str(checkpoint)}
     path.with_suffix(".json").write_text(json.dumps(spec, indent=2) + "\n")
-    print(f"Wrote {path} ({len(state)} tensors) and {path.with_suffix('.json')} (timm.create_model arguments).")
+    print(f"Wrote {path} ({len(state)} tensors) and {path.with_suffix('.json')} ({builder} arguments).")
     return path

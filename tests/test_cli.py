@@ -28,6 +28,8 @@ REPRODUCE_TARGETS = [
     "reproduce-cifar100-gcr",
     "reproduce-caltech256-gcr",
     "reproduce-imagenet-vits-gcr",
+    *[f"reproduce-cifar100-{v}" for v in ("convstem", "convstem-llama", "lora")],
+    *[f"reproduce-imagenet-vits-{v}{s}" for v in ("convstem", "cape") for s in ("", "-llama")],
     "reproduce-ssv2-small",
     "reproduce-ssv2-small-llama",
     "reproduce-ssv2-small-gcr",

@@ -58,7 +58,8 @@ def stage_maps(model: ImageClassifier | PointCloudClassifier, inputs: Tensor) ->
     backbone = model.backbone
     prefix = backbone.num_prefix_tokens
     patch_embed = getattr(backbone, "patch_embed", None)
-    grid = tuple(patch_embed.grid_size) if patch_embed is not None else None
+    # From the input, not the configured size: CAPE models take any resolution.
+    grid = tuple(patch_embed.dynamic_feat_size(tuple(inputs.shape[-2:]))) if patch_embed is not None else None
     maps = {
         stage: {kind: _on_grid(fn(value[:, prefix:]), grid) for kind, fn in MAP_FUNCTIONS.items()}
         for stage, value in tokens.items()

@@ -8,6 +8,8 @@ import torch
 
 from frozenlm.llm import LLMConfig
 from frozenlm.models import create_vit
+from frozenlm.models.patch_embed import CAPEConfig, Stem
+from frozenlm.models.vit import PosEmbed, trunk_options
 from frozenlm.tasks.classification import ClassificationTask
 
 
@@ -30,6 +32,15 @@ class ImageClassifier(ClassificationTask):
         pretrained_file: start from timm weights in a local file.
         drop_path_rate: stochastic depth (DeiT: 0.1).
         backbone_kwargs: further timm ``create_model`` arguments (``depth``, ``embed_dim``, ...).
+        stem: ``patch`` (the ViT's patchify convolution) or ``conv``: a convolutional stem (Xiao et
+            al., NeurIPS 2021) of 3x3 convolutions + BatchNorm + ReLU and a 1x1 convolution, with
+            ``stem_removed_blocks`` fewer transformer blocks (see :func:`frozenlm.models.create_vit`).
+        stem_channels: the conv stem's 3x3 convolution widths (default: the paper's plan for the width).
+        stem_strides: their strides, multiplying to the patch size (default: the paper's plan).
+        stem_removed_blocks: transformer blocks the conv stem replaces (the paper: 1).
+        pos_embed: ``learn`` (the ViT's learned table) or ``cape``: continuous augmented positions
+            (Likhomanenko et al., NeurIPS 2021), augmented in training only, any input resolution.
+        cape: CAPE's augmentation maxima (see :class:`frozenlm.models.patch_embed.CAPEConfig`).
         llm: the frozen LM block (see :class:`frozenlm.llm.LLMConfig`); None for none.
         llm_position: index of the ViT block after which the LM block runs (-1: after the last,
             before the final norm; 0: the paper's "head" ablation; depth // 2: "middle").
@@ -53,6 +64,12 @@ class ImageClassifier(ClassificationTask):
         pretrained_file: str | None = None,
         drop_path_rate: float = 0.1,
         backbone_kwargs: dict[str, Any] | None = None,
+        stem: Stem = "patch",
+        stem_channels: list[int] | None = None,
+        stem_strides: list[int] | None = None,
+        stem_removed_blocks: int = 1,
+        pos_embed: PosEmbed = "learn",
+        cape: CAPEConfig | None = None,
         llm: LLMConfig | None = None,
         llm_position: int = -1,
         label_smoothing: float = 0.1,
@@ -68,7 +85,7 @@ class ImageClassifier(ClassificationTask):
         self.backbone = create_vit(
             hp.backbone, hp.num_classes, img_size=hp.img_size, patch_size=hp.patch_size,
             drop_path_rate=hp.drop_path_rate, pretrained=hp.pretrained, pretrained_file=hp.pretrained_file,
-            **(hp.backbone_kwargs or {}),
+            **trunk_options(hp), **(hp.backbone_kwargs or {}),
         )  # fmt: skip
         depth = len(self.backbone.blocks)
         if not -depth <= hp.llm_position < depth:
@@ -88,3 +105,4 @@ class ImageClassifier(ClassificationTask):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
+
