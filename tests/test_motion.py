@@ -23,7 +23,7 @@ from frozenlm.llm import LLMConfig
 from frozenlm.tasks import MotionForecaster
 from frozenlm.tasks.motion import to_world
 from frozenlm.tasks.motion_metrics import BrierMinFDE, MinADE, MinFDE, MissRate
-from tests.cli_helpers import last_checkpoint, run_cli
+from tests.cli_helpers import check_lora_round_trip, last_checkpoint, run_cli
 from tests.data.argoverse1.data import write as write_argoverse1
 from tests.data.argoverse2.data import write as write_argoverse2
 
@@ -266,3 +266,7 @@ def test_gcr_and_baseline_argoverse2_and_argoverse1_predictions(tmp_path, av2_ro
     assert len(json.loads(rows[0]["x"])) == 30
     with pytest.raises(ValueError, match=r"horizon 60 .* Argoverse1DataModule predicts 30"):
         run_cli("fit", "motion_llama", tmp_path / "av1", *[a for a in av1 if a not in ("--model.horizon", "30")])
+
+
+def test_lora_block_on_agent_and_lane_tokens_through_the_cli(tmp_path, av2_root, tiny_llama_checkpoint):
+    check_lora_round_trip("motion_llama", tmp_path, "--data.root", str(av2_root), "--model.llm.checkpoint", str(tiny_llama_checkpoint))

@@ -25,7 +25,7 @@ from frozenlm.llm import LLMConfig
 from frozenlm.models.point_ops import farthest_point_sample, gather_points, group_points, knn_indices
 from frozenlm.models.pointbert import PointBERT, load_pretrained
 from frozenlm.tasks import PointCloudClassifier
-from tests.cli_helpers import last_checkpoint, run_cli
+from tests.cli_helpers import check_lora_round_trip, last_checkpoint, run_cli
 from tests.data.modelnet40.data import WITH_SHAPES
 from tests.data.modelnet40.data import write as write_modelnet40
 from tests.data.scanobjectnn.data import write as write_scanobjectnn
@@ -343,3 +343,7 @@ def test_gcr_and_baseline_through_the_cli_and_analyses_on_group_tokens(
 
     baseline = run_cli("fit", "pointcloud_llama", tmp_path / "baseline", *args[:2], "--model.llm", "null")
     assert baseline.model.llm_block is None and baseline.trainer.callback_metrics["train_loss"].isfinite()
+
+
+def test_lora_block_through_the_cli(tmp_path, scanobjectnn_root, tiny_llama_checkpoint):
+    check_lora_round_trip("pointcloud_llama", tmp_path, "--data.root", str(scanobjectnn_root), "--model.llm.checkpoint", str(tiny_llama_checkpoint))

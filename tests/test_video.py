@@ -25,7 +25,7 @@ from frozenlm.data.video_transforms import (
 )
 from frozenlm.llm import LLMConfig
 from frozenlm.tasks import VideoClassifier
-from tests.cli_helpers import last_checkpoint, load_checkpoint, run_cli
+from tests.cli_helpers import check_lora_round_trip, last_checkpoint, load_checkpoint, run_cli
 from tests.data.ssv2.data import CLASSES, HEIGHT, WIDTH, write
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
@@ -271,3 +271,7 @@ def test_a_batch_of_only_unreadable_videos_gives_a_zero_loss_that_reaches_every_
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters() if p.requires_grad)
+
+
+def test_lora_block_through_the_cli(tmp_path, ssv2_root, tiny_llama_checkpoint):
+    check_lora_round_trip("video_llama", tmp_path, "--data.root", str(ssv2_root), "--model.llm.checkpoint", str(tiny_llama_checkpoint))
