@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 EXTRAS ?= test,demo,video,robustness,pointcloud,motion,lora
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow test-all demo sweep-demo bench lint clean \
+.PHONY: install test test-slow test-all demo sweep-demo bench clean \
 	reproduce-cifar100 reproduce-cifar100-baseline \
 	reproduce-imagenet-vitt reproduce-imagenet-vitt-llama \
 	reproduce-imagenet-vits reproduce-imagenet-vits-llama \

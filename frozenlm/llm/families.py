@@ -52,19 +52,29 @@ _PRE_FFN_NORM = ("post_attention_layernorm", "input")
 _QV = ("self_attn.q_proj", "self_attn.v_proj")
 _GATED_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
+def _family(family: str, layer_class: str, container: str = "layers", **kwargs) -> LMFamily:
+    """A layer class of ``transformers.models.<family>``; LLaMA-like (pre-norm, rotary, gated MLP) unless overridden."""
+    defaults = {"attention_output": _PRE_FFN_NORM, "lora_attention": _QV, "lora_mlp": _GATED_MLP, "rotary": True}
+    return LMFamily(_DECODER.format(family, layer_class), container, **{**defaults, **kwargs})
+
+
 FAMILIES: dict[str, LMFamily] = {
-    "llama": LMFamily(_DECODER.format("llama", "LlamaDecoderLayer"), "layers", _PRE_FFN_NORM, _QV, _GATED_MLP, rotary=True),
-    "mistral": LMFamily(
-        _DECODER.format("mistral", "MistralDecoderLayer"), "layers", _PRE_FFN_NORM, _QV, _GATED_MLP, rotary=True
-    ),
-    "qwen2": LMFamily(_DECODER.format("qwen2", "Qwen2DecoderLayer"), "layers", _PRE_FFN_NORM, _QV, _GATED_MLP, rotary=True),
+    "llama": _family("llama", "LlamaDecoderLayer"),
+    "mistral": _family("mistral", "MistralDecoderLayer"),
+    "qwen2": _family("qwen2", "Qwen2DecoderLayer"),
     # Pre-norm OPT (do_layer_norm_before: all sizes but 350m); post-norm OPT is handled by the reader.
-    "opt": LMFamily(_DECODER.format("opt", "OPTDecoderLayer"), "layers", ("final_layer_norm", "input"), _QV, ("fc1", "fc2")),
+    "opt": _family(
+        "opt", "OPTDecoderLayer", attention_output=("final_layer_norm", "input"), lora_mlp=("fc1", "fc2"), rotary=False
+    ),
     # GPT-2 computes query, key and value with one fused map.
-    "gpt2": LMFamily(_DECODER.format("gpt2", "GPT2Block"), "h", ("ln_2", "input"), ("attn.c_attn",), ("mlp.c_fc", "mlp.c_proj")),
-    "bert": LMFamily(
-        _DECODER.format("bert", "BertLayer"), "layer", ("attention", "output"),
-        ("attention.self.query", "attention.self.value"), ("intermediate.dense", "output.dense"),
+    "gpt2": _family(
+        "gpt2", "GPT2Block", "h", attention_output=("ln_2", "input"), lora_attention=("attn.c_attn",),
+        lora_mlp=("mlp.c_fc", "mlp.c_proj"), rotary=False,
+    ),  # fmt: skip
+    "bert": _family(
+        "bert", "BertLayer", "layer", attention_output=("attention", "output"),
+        lora_attention=("attention.self.query", "attention.self.value"),
+        lora_mlp=("intermediate.dense", "output.dense"), rotary=False,
     ),  # fmt: skip
 }
 

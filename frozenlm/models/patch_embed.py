@@ -49,7 +49,8 @@ def conv_stem_plan(embed_dim: int, patch_size: int) -> tuple[list[int], list[int
     if halvings != int(halvings) or halvings > paper_strides.count(2):
         raise ValueError(
             f"The built-in convolutional stems reach patch sizes 1, 2, 4, 8 or 16, not {patch_size}: pass "
-            "--model.stem_strides (3x3 convolution strides whose product is the patch size) and --model.stem_channels."
+            "--model.stem_strides (3x3 convolution strides whose product is the patch size) and "
+            "--model.stem_channels."
         )
     strides, left = [], int(halvings)
     for stride in paper_strides:
@@ -59,7 +60,9 @@ def conv_stem_plan(embed_dim: int, patch_size: int) -> tuple[list[int], list[int
     return channels, strides
 
 
-def conv_stem(in_chans: int, embed_dim: int, channels: list[int], strides: list[int], bias: bool = True) -> nn.Sequential:
+def conv_stem(
+    in_chans: int, embed_dim: int, channels: list[int], strides: list[int], bias: bool = True
+) -> nn.Sequential:
     """3x3 convolution (no bias) + BatchNorm + ReLU per entry of ``channels``/``strides``, then a 1x1
     convolution (with bias) to ``embed_dim``: ``[B, in_chans, H, W] -> [B, embed_dim, H/p, W/p]``."""
     layers: list[nn.Module] = []
@@ -110,6 +113,7 @@ class CAPE2d(nn.Module):
 
     def grid(self, height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
         """Unaugmented positions ``[H, W, 2]`` (x, y) of the patch centres on ``[-1, 1]``."""
+        # One patch sits at the centre; more span [-1, 1] end to end.
         y, x = (torch.linspace(-1, 1, n, device=device) if n > 1 else torch.zeros(1, device=device) for n in (height, width))
         return torch.stack(torch.meshgrid(x, y, indexing="xy"), dim=-1)
 
@@ -171,15 +175,17 @@ class PatchEmbedding(PatchEmbed):
                 stem_channels, stem_strides = conv_stem_plan(embed_dim, patch)
             if stem_channels is None or stem_strides is None or len(stem_channels) != len(stem_strides):
                 raise ValueError(
-                    f"stem_channels {stem_channels} and stem_strides {stem_strides} must both be given, one stride per convolution."
+                    f"stem_channels {stem_channels} and stem_strides {stem_strides} must both be given, one "
+                    "stride per convolution."
                 )
             if math.prod(stem_strides) != patch:
                 raise ValueError(
                     f"stem_strides {stem_strides} multiply to {math.prod(stem_strides)}, not the patch size {patch}."
                 )
-            self.proj = conv_stem(self.proj.in_channels, embed_dim, stem_channels, stem_strides, bias=self.proj.bias is not None)
+            bias = self.proj.bias is not None
+            self.proj = conv_stem(self.proj.in_channels, embed_dim, stem_channels, stem_strides, bias=bias)
         elif stem != "patch" or stem_channels is not None or stem_strides is not None:
-            raise ValueError(f"stem is {stem!r}: stem_channels/stem_strides need stem 'conv'; stem is 'patch' or 'conv'.")
+            raise ValueError(f"stem is 'patch' or 'conv' (stem_channels/stem_strides need 'conv'), got {stem!r}.")
         self.cape = None if cape is None else CAPE2d(embed_dim, cape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,7 @@ def create_vit(
         if stem == "conv" and stem_removed_blocks:
             depth = kwargs.get("depth") or _default_depth(name, **overrides, **kwargs)
             if not 0 <= stem_removed_blocks < depth:
-                raise ValueError(f"stem_removed_blocks {stem_removed_blocks} must be in [0, {depth}) for a depth-{depth} ViT.")
+                raise ValueError(f"stem_removed_blocks {stem_removed_blocks} must be in [0, {depth}) for {depth} blocks.")
             kwargs["depth"] = depth - stem_removed_blocks
     if pretrained_file is not None:
         if not Path(pretrained_file).is_file():
