@@ -212,6 +212,26 @@ def test_options_export_and_rebuild(gcr_run, tmp_path):
         torch.testing.assert_close(vit(torch.zeros(1, 3, 32, 32)), load_trunk(path)(torch.zeros(1, 3, 32, 32)))
 
 
+def test_options_checkpoint_validates_at_another_resolution(gcr_run, tiny_llama_checkpoint, tmp_path):
+    """Trained at 16 px (2x2 patches), validated at 32 px (4x4): CAPE has no table to resample."""
+    _, path = gcr_run
+    validate = run_cli(
+        "validate", "image_llama", tmp_path, "--model.llm.checkpoint", str(tiny_llama_checkpoint),
+        "--model.backbone_kwargs", json.dumps(TINY_VIT), *OPTIONS, "--model.llm.mode", "auxiliary",
+        "--data.img_size", "32", "--ckpt_path", str(path),
+    )  # fmt: skip
+    assert 0 <= validate.trainer.callback_metrics["val_acc1"] <= 1
+    assert validate.model.hparams.img_size == 16  # the model as trained
+
+
+def test_cape_options_parse_from_the_cli(tiny_llama_checkpoint, tmp_path):
+    cli = run_cli(
+        "fit", "image_llama", tmp_path, "--model.llm", "null", "--model.pos_embed", "cape",
+        "--model.cape", "{max_global_shift: 0.25, max_global_scaling: 1.1}", "--trainer.max_steps", "1",
+    )  # fmt: skip
+    assert cli.model.backbone.patch_embed.cape.config == CAPEConfig(max_global_shift=0.25, max_global_scaling=1.1)
+
+
 def test_rank_layers_on_an_options_checkpoint(gcr_run, tiny_llama_checkpoint):
     _, path = gcr_run
     rows = rank_layers(str(tiny_llama_checkpoint), checkpoint=str(path), layers=[0, -1], num_images=8, quiet=True)
