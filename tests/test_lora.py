@@ -161,3 +161,10 @@ def test_embedded_weights_with_lora_restore_without_the_source(tmp_path, tiny_ll
     assert restored.llm_block.lm_dtype == getattr(torch, dtype)
     assert adapted(restored.llm_block) == ATTENTION["llama"] | MLP["llama"]
     torch.testing.assert_close(outputs(restored), outputs(model), atol=0, rtol=0)
+
+
+def test_block_level_combinations_are_refused(tiny_llama_checkpoint):
+    folder = str(tiny_llama_checkpoint)
+    for kwargs in ({"trainable": True}, {"replace_with_mlp": True}):
+        with pytest.raises(ValueError, match="not with trainable layers or the MLP ablation"):
+            FrozenLMBlock.from_pretrained(folder, [-1], IN_DIM, lora=LoRAConfig(), **kwargs)

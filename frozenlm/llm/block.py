@@ -114,6 +114,8 @@ class FrozenLMBlock(nn.Module):
         self.fingerprint = weights_fingerprint
         self.embed_weights = embed_weights
         self.trainable = trainable or layers is None
+        if lora is not None and self.trainable:
+            raise ValueError("LoRA adapts frozen LM layers: not with trainable layers or the MLP ablation.")
         self.lora = lora
 
         self.adapter_in = nn.Linear(in_dim, self.d_llm, bias=False)
@@ -129,8 +131,6 @@ class FrozenLMBlock(nn.Module):
             _make_bidirectional(layers)
             layers.requires_grad_(trainable)
             if lora is not None:
-                if trainable:
-                    raise ValueError("LoRA adapts frozen layers: it cannot be combined with trainable=True.")
                 add_lora(layers, self.family, lora)
             self.train(self.training)
 
@@ -227,7 +227,7 @@ class FrozenLMBlock(nn.Module):
             modules.to(_as_dtype(dtype))
         return cls(
             config, in_dim, modules, layer_indices=indices, post_norm=post_norm, trainable=trainable,
-            lora=None if replace_with_mlp else lora, init="random", weights_fingerprint=weights_fingerprint,
+            lora=lora, init="random", weights_fingerprint=weights_fingerprint,
         )  # fmt: skip
 
     # -- behaviour ---------------------------------------------------------------------------
