@@ -64,6 +64,8 @@ def test_conv_stem_errors():
         create_vit("deit_tiny_patch16_224", 10, stem="conv", patch_size=14)
     with pytest.raises(ValueError, match="train from scratch"):
         create_vit("deit_tiny_patch16_224", 10, stem="conv", pretrained=True)
+    with pytest.raises(ValueError, match="stem_channels/stem_strides need 'conv'"):
+        create_vit("deit_tiny_patch16_224", 10, stem_channels=[8, 16, 32, 64], stem_strides=[2, 2, 2, 2])
     with pytest.raises(ValueError, match=r"stem_removed_blocks 3 must be in \[0, 3\)"):
         create_vit("deit_tiny_patch16_224", 10, stem="conv", stem_removed_blocks=3, depth=3)
 

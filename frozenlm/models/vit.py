@@ -55,7 +55,7 @@ def create_vit(
     overrides = {k: v for k, v in {"img_size": img_size, "patch_size": patch_size}.items() if v is not None}
     if pos_embed not in ("learn", "cape"):
         raise ValueError(f"pos_embed is 'learn' (the ViT's table) or 'cape', got {pos_embed!r}.")
-    if stem != "patch" or pos_embed == "cape":
+    if stem != "patch" or pos_embed == "cape" or stem_channels or stem_strides:  # PatchEmbedding checks them
         if pretrained or pretrained_file is not None:
             raise ValueError(
                 "Pretrained timm weights are for the patchify stem and learned positions; stem 'conv' and "

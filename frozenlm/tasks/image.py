@@ -105,4 +105,3 @@ class ImageClassifier(ClassificationTask):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
-
