@@ -11,7 +11,8 @@ FLOP count (multiply-adds count 2; elementwise ops, norms, softmax and activatio
   ``2 * B * N^2 * heads * head_dim`` for each of the two attention matmuls ``Q K^T`` and ``P V``.
 * backward: a frozen linear needs only its input gradient ``dX = dY W`` (1x its forward). The
   attention matmuls multiply two activations that both depend on the input, so both operands need a
-  gradient (2x their forward). The trainable adapters need the input and the weight gradient (2x).
+  gradient (2x their forward). The trainable adapters, and LoRA's ``A`` and ``B`` with ``--lora``,
+  need the input and the weight gradient (2x).
   Recomputation (e.g. a fused attention kernel recomputing ``Q K^T`` in backward) is not counted: the
   count is the minimum work, so the ratio below includes such overheads.
 
@@ -28,6 +29,7 @@ with CAPE positions, counted by PyTorch's ``FlopCounterMode`` on the meta device
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import threading
 import time
@@ -40,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, PretrainedConfig
 
 from frozenlm.llm.block import DType, FrozenLMBlock
+from frozenlm.llm.lora import LoRAConfig
 from frozenlm.models import create_vit
 
 ModelType = Literal["llama", "mistral", "qwen2", "opt", "gpt2", "bert"]
@@ -58,6 +61,7 @@ def bench(
     heads: int = 32,
     kv_heads: int | None = None,
     lm_layers: int = 1,
+    lora: LoRAConfig | None = None,
     in_dim: int = 384,
     batch: int | None = None,
     tokens: int = 197,
@@ -85,6 +89,8 @@ def bench(
         kv_heads: key/value heads for grouped-query attention (llama, mistral, qwen2 only); default
             ``heads`` (plain multi-head attention, as LLaMA-7B).
         lm_layers: number of consecutive frozen LM layers in the block (the paper's best ablation uses 2).
+        lora: LoRA adapters on the LM layers (``"{r: 8, alpha: 16}"``, see
+            :class:`frozenlm.llm.lora.LoRAConfig`); they train, so their weights get gradients.
         in_dim: width of the visual tokens the adapters map from and back to (ViT-S: 384).
         batch: images per step; default 1 on CPU (keeps the default CPU run to a few minutes), 64 on GPU.
         tokens: tokens per image (ViT/16 at 224 px with CLS: 197).
@@ -106,7 +112,7 @@ def bench(
 
     Returns:
         One dict per dtype with the keys ``model_type, hidden, intermediate, heads, lm_layers,
-        in_dim, batch, tokens, dtype, device, flops_forward, flops_backward, flops, block_ms,
+        lora, in_dim, batch, tokens, dtype, device, flops_forward, flops_backward, flops, block_ms,
         ideal_ms, matmul_shape, block_tflops, ideal_tflops, ratio, peak_mem_mib, mem_method,
         weights_mib``. ``peak_mem_mib`` is the step's peak above the memory held before it (weights,
         inputs): ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process's resident-set
@@ -141,7 +147,9 @@ def bench(
     rows = []
     for dtype_name in dtypes:
         dtype = _DTYPES[dtype_name]
-        block = FrozenLMBlock.from_config(config, list(range(lm_layers)), in_dim, dtype=dtype_name, seed=seed)
+        block = FrozenLMBlock.from_config(
+            config, list(range(lm_layers)), in_dim, dtype=dtype_name, seed=seed, lora=lora
+        )
         block.to(dev).train()
         flops = block_flops(block, batch, tokens)
         row = _time_one(block, dev, dtype, batch, tokens, flops["total"], repeats, warmup, seed)
@@ -149,8 +157,8 @@ def bench(
         rows.append(
             {
                 "model_type": model_type, "hidden": hidden, "intermediate": intermediate, "heads": heads,
-                "lm_layers": lm_layers, "in_dim": in_dim, "batch": batch, "tokens": tokens,
-                "dtype": dtype_name, "device": str(dev), "flops_forward": flops["forward"],
+                "lm_layers": lm_layers, "lora": lora and dataclasses.asdict(lora), "in_dim": in_dim, "batch": batch,
+                "tokens": tokens, "dtype": dtype_name, "device": str(dev), "flops_forward": flops["forward"],
                 "flops_backward": flops["backward"], "flops": flops["total"], **row,
                 "weights_mib": weights / 2**20,
             }
@@ -249,27 +257,33 @@ def lm_config(
 def block_flops(block: FrozenLMBlock, batch: int, tokens: int) -> dict[str, int]:
     """Matmul FLOPs of one forward + input-gradient backward of ``block`` on ``[batch, tokens, in_dim]``.
 
-    Returns ``forward``, ``backward``, ``total`` and the parts ``lm_linear``, ``attention`` and
-    ``adapters`` (forward FLOPs of each). Counting rule in the module docstring: backward = 1x forward
-    for the frozen linears, 2x for the attention matmuls and 2x for the trainable adapters.
+    Returns ``forward``, ``backward``, ``total`` and the parts ``lm_linear``, ``attention``,
+    ``adapters`` and ``lora`` (forward FLOPs of each). Counting rule in the module docstring: backward
+    = 1x forward for the frozen linears, 2x for the attention matmuls and 2x for the trainable
+    adapters and LoRA maps.
     """
     rows = batch * tokens
     adapters = 2 * rows * (block.adapter_in.weight.numel() + block.adapter_out.weight.numel())
-    lm_linear = attention = 0
+    lm_linear = attention = lora = 0
     if block.layers is not None:
         for module in block.layers.modules():
-            # nn.Linear and GPT-2's Conv1D (a linear with a transposed [in, out] weight).
+            # nn.Linear and GPT-2's Conv1D (a linear with a transposed [in, out] weight); peft's LoRA
+            # wrappers are neither, their base map and A, B are (A and B train).
             if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
-                lm_linear += 2 * rows * module.weight.numel()
+                flops = 2 * rows * module.weight.numel()
+                if module.weight.requires_grad:
+                    lora += flops
+                else:
+                    lm_linear += flops
         config = block.lm_config
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or block.d_llm // heads
         attention = len(block.layers) * 2 * (2 * batch * tokens * tokens * heads * head_dim)
-    forward = lm_linear + attention + adapters
-    backward = lm_linear + 2 * attention + 2 * adapters
+    forward = lm_linear + attention + adapters + lora
+    backward = lm_linear + 2 * attention + 2 * (adapters + lora)
     return {
         "forward": forward, "backward": backward, "total": forward + backward,
-        "lm_linear": lm_linear, "attention": attention, "adapters": adapters,
+        "lm_linear": lm_linear, "attention": attention, "adapters": adapters, "lora": lora,
     }  # fmt: skip
 
 
@@ -282,9 +296,10 @@ def print_table(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> None:
     if not rows:
         return
     first = rows[0]
+    lora = f", LoRA r={first['lora']['r']}" if first["lora"] else ""
     title = (
         f"{first['model_type']} layer x{first['lm_layers']} (hidden {first['hidden']}, ffn {first['intermediate']}, "
-        f"{first['heads']} heads), adapters from {first['in_dim']}, "
+        f"{first['heads']} heads{lora}), adapters from {first['in_dim']}, "
         f"batch {first['batch']} x {first['tokens']} tokens, {first['device']}"
     )
     table = Table(title=escape(title))

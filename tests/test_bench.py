@@ -16,11 +16,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from frozenlm.bench import bench, block_flops, lm_config
 from frozenlm.llm.block import FrozenLMBlock
+from frozenlm.llm.lora import LoRAConfig
 
 TINY = dict(hidden=64, intermediate=128, heads=2, in_dim=32, batch=2, tokens=5)
 KEYS = {
-    "model_type", "hidden", "intermediate", "heads", "lm_layers", "in_dim", "batch", "tokens", "dtype", "device",
-    "flops_forward", "flops_backward", "flops", "block_ms", "ideal_ms", "matmul_shape", "block_tflops",
+    "model_type", "hidden", "intermediate", "heads", "lm_layers", "lora", "in_dim", "batch", "tokens", "dtype",
+    "device", "flops_forward", "flops_backward", "flops", "block_ms", "ideal_ms", "matmul_shape", "block_tflops",
     "ideal_tflops", "ratio", "peak_mem_mib", "mem_method", "weights_mib",
 }  # fmt: skip
 
@@ -69,16 +70,21 @@ def test_bench_through_jsonargparse_cli():
 
 
 @pytest.mark.parametrize(
-    "model_type, kv_heads", [("llama", None), ("llama", 1), ("gpt2", None), ("opt", None), ("bert", None)]
-)
-def test_flop_count_matches_torch_flop_counter(model_type, kv_heads):
+    "model_type, kv_heads, lora",
+    [
+        ("llama", None, None), ("llama", 1, None), ("gpt2", None, None), ("opt", None, None), ("bert", None, None),
+        ("llama", 1, LoRAConfig(r=4, mlp=True)), ("gpt2", None, LoRAConfig(r=4, mlp=True)),
+        ("bert", None, LoRAConfig(r=2)),
+    ],
+)  # fmt: skip
+def test_flop_count_matches_torch_flop_counter(model_type, kv_heads, lora):
     """The analytic count equals what torch's FlopCounterMode sees in a real forward + backward.
 
     The math SDPA backend runs attention as plain matmuls (fused kernels are not all counted by
     FlopCounterMode on CPU, and recompute Q K^T in backward), so the counts must agree exactly.
     """
     config = lm_config(model_type, 64, 128, 4, kv_heads=kv_heads, num_layers=2)
-    block = FrozenLMBlock.from_config(config, [0, 1], in_dim=24)
+    block = FrozenLMBlock.from_config(config, [0, 1], in_dim=24, lora=lora)
     x = torch.randn(3, 7, 24, requires_grad=True)
     with sdpa_kernel(SDPBackend.MATH):
         with FlopCounterMode(display=False) as forward_counter:
@@ -89,8 +95,9 @@ def test_flop_count_matches_torch_flop_counter(model_type, kv_heads):
     assert count["forward"] == forward_counter.get_total_flops()
     assert count["backward"] == backward_counter.get_total_flops()
     assert count["total"] == count["forward"] + count["backward"]
-    # frozen weights got no gradient; the trainable adapters did
-    assert all(p.grad is None for p in block.layers.parameters())
+    assert (count["lora"] > 0) == (lora is not None)
+    # frozen weights got no gradient; the trainable adapters (and LoRA's) did
+    assert all((p.grad is None) != ("lora_" in name) for name, p in block.layers.named_parameters())
     assert block.adapter_in.weight.grad is not None and x.grad is not None
 
 
