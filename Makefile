@@ -48,7 +48,7 @@ demo: $(BIN)/frozenlm
 	@echo "Next: the paper's setting on CIFAR-100 with a real LLaMA block:"
 	@echo "  $(BIN)/frozenlm fit --config configs/cifar100_deit.yaml --model.llm.checkpoint <LLaMA folder or hub id> --data.root <dir>"
 
-# The offline demo sweep (~45 min on 2 CPU cores); its table and plot are the README's.
+# The offline demo sweep (~40 min on 2 CPU cores); its table and plot are the README's.
 sweep-demo: $(BIN)/frozenlm
 	HF_HUB_OFFLINE=1 $(BIN)/frozenlm sweep --preset configs/sweeps/demo.yaml --output runs/sweeps/demo
 	mkdir -p docs/sweep_demo && cp runs/sweeps/demo/results.md runs/sweeps/demo/results.csv runs/sweeps/demo/results.png docs/sweep_demo/
