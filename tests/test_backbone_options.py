@@ -100,6 +100,15 @@ def test_cape_frequencies_and_eval_positions():
     assert not dict(cape.state_dict())  # nothing to store or resample
 
 
+def test_cape_phases_stay_float32_under_bf16_autocast():
+    cape = CAPE2d(384).eval()
+    reference = cape(1, 14, 14)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = cape(1, 14, 14)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, reference, atol=0, rtol=0)
+
+
 def augmented(config: CAPEConfig, batch: int = 512, height: int = 5, width: int = 9):
     cape = CAPE2d(4, config).train()
     base = cape.grid(height, width)

@@ -130,8 +130,10 @@ class CAPE2d(nn.Module):
         return (grid + global_shift + local_shift) * log_scale.exp()
 
     def embed(self, positions: torch.Tensor) -> torch.Tensor:
-        """``[..., 2]`` positions -> ``[..., dim]`` embeddings (cosines, then sines)."""
-        phase = math.pi * positions @ self.frequencies.T
+        """``[..., 2]`` positions -> ``[..., dim]`` embeddings (cosines, then sines), in float32."""
+        # Phases reach ~100 rad: a bf16 matmul under autocast would round them by ~0.5 rad.
+        with torch.autocast(positions.device.type, enabled=False):
+            phase = math.pi * positions.float() @ self.frequencies.float().T
         return torch.cat([phase.cos(), phase.sin()], dim=-1)
 
     def forward(self, batch: int, height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
