@@ -246,9 +246,10 @@ class FrozenLMBlock(nn.Module):
     def lm_dtype(self) -> torch.dtype:
         if self.layers is None:
             return self.adapter_in.weight.dtype
-        # The layers' own weights: LoRA adapters beside bf16 weights are float32.
-        frozen = [p for p in self.layers.parameters() if not p.requires_grad]
-        return (frozen or list(self.layers.parameters()))[0].dtype
+        if self.trainable:
+            return next(self.layers.parameters()).dtype
+        # The frozen weights' dtype: LoRA adapters beside bf16 weights are float32.
+        return next(p.dtype for p in self.layers.parameters() if not p.requires_grad)
 
     def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``tokens [B, N, in_dim]``, ``padding_mask [B, N]`` (True = padded) -> ``[B, N, in_dim]``."""
