@@ -131,9 +131,10 @@ class CAPE2d(nn.Module):
 
     def embed(self, positions: torch.Tensor) -> torch.Tensor:
         """``[..., 2]`` positions -> ``[..., dim]`` embeddings (cosines, then sines), in float32."""
-        # Phases reach ~100 rad: a bf16 matmul under autocast would round them by ~0.5 rad.
-        with torch.autocast(positions.device.type, enabled=False):
-            phase = math.pi * positions.float() @ self.frequencies.float().T
+        # Elementwise, not a matmul: autocast would run that in bf16 and round phases of ~100 rad by ~0.5.
+        x, y = positions.float().unsqueeze(-1).unbind(-2)
+        frequencies = self.frequencies.float()
+        phase = math.pi * (x * frequencies[:, 0] + y * frequencies[:, 1])
         return torch.cat([phase.cos(), phase.sin()], dim=-1)
 
     def forward(self, batch: int, height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
