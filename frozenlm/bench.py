@@ -117,7 +117,8 @@ def bench(
         weights_mib``. ``peak_mem_mib`` is the step's peak above the memory held before it (weights,
         inputs): ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process's resident-set
         high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``, or else ``psutil`` RSS
-        sampled every millisecond), as ``mem_method`` says.
+        sampled every millisecond), as ``mem_method`` says. In a long-lived process (a notebook) the CPU
+        figure can read low: memory freed earlier and still resident is reused without raising RSS.
     """
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = dev.type == "cuda"
