@@ -120,7 +120,7 @@ class FrozenLMMixin:
             if block.layers is None or block.trainable:
                 continue  # nothing frozen: the trained weights are ordinary state
             if not block.embed_weights:
-                for key in _frozen_keys(block):  # LoRA adapters train, so they stay
+                for key in _frozen_state(block):  # LoRA adapters train, so they stay
                     del state[f"{name}.layers.{key}"]
             checkpoint[CHECKPOINT_KEY][name] = {
                 "source": block.source,
@@ -156,8 +156,7 @@ class FrozenLMMixin:
                 )
             if not meta["embedded"]:
                 # Fill in the frozen weights (identical, by fingerprint) so strict loading still checks the rest.
-                layers = block.layers.state_dict()
-                state.update({f"{name}.layers.{k}": layers[k] for k in _frozen_keys(block)})
+                state.update({f"{name}.layers.{k}": v for k, v in _frozen_state(block).items()})
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
@@ -192,10 +191,10 @@ def _stored_blocks(checkpoint_path, weights_only: bool | None) -> dict[str, dict
     return dict(checkpoint.get(CHECKPOINT_KEY, {}))
 
 
-def _frozen_keys(block: FrozenLMBlock) -> list[str]:
-    """State-dict keys of the block's layers that do not train: all but LoRA adapters."""
+def _frozen_state(block: FrozenLMBlock) -> dict[str, torch.Tensor]:
+    """The state of the block's layers that does not train: all but LoRA adapters."""
     trained = {name for name, p in block.layers.named_parameters() if p.requires_grad}
-    return [key for key in block.layers.state_dict() if key not in trained]
+    return {key: value for key, value in block.layers.state_dict().items() if key not in trained}
 
 
 def _lora_dict(block: FrozenLMBlock) -> dict[str, Any] | None:
