@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
-from typing import Any
 
 import lightning
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 
+from frozenlm.predictions import ClassPredictionsCSV, ClassPredictionsJSON, PredictionFile
+
 
 class PredictionWriter(BasePredictionWriter):
-    """Collects each rank's predictions and writes one file at the end of ``predict``.
+    """Writes each rank's predictions to one file as batches finish (:mod:`frozenlm.predictions`).
 
-    Tasks with their own prediction files (motion forecasting: CSV, or Argoverse 2's submission
-    ``.parquet``) write them through their ``write_predictions(predictions, path)``.
+    The file is opened before the first batch, so a path that cannot be written (no permission, a
+    parent that is a file, an unknown suffix) stops ``predict`` before any work; an interrupted pass
+    leaves every finished batch in it. Tasks with their own formats (motion forecasting: CSV, or
+    Argoverse 2's submission ``.parquet``) provide ``prediction_file(path)``.
 
     Args:
         output: ``.csv`` or ``.json`` file (``.parquet`` for Argoverse 2 submissions); None writes
@@ -24,41 +25,27 @@ class PredictionWriter(BasePredictionWriter):
     """
 
     def __init__(self, output: str | None = None) -> None:
-        super().__init__(write_interval="epoch")
+        super().__init__(write_interval="batch")
         self.output = output
+        self.file: PredictionFile | None = None
 
-    def write_on_epoch_end(self, trainer: lightning.Trainer, pl_module, predictions, batch_indices) -> None:
+    def on_predict_start(self, trainer: lightning.Trainer, pl_module) -> None:
         path = Path(self.output) if self.output else Path(trainer.log_dir or ".") / "predictions.csv"
         if trainer.world_size > 1:
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if hasattr(pl_module, "write_predictions"):
-            print(f"Wrote predictions of {pl_module.write_predictions(predictions, path)} scenes to {path}")
-            return
-        if path.suffix not in {".csv", ".json"}:
-            raise ValueError(f"predictions.output must end in .csv or .json, got {path}")
-        class_names = getattr(trainer.datamodule, "classes", None)
-        rows = [row for batch in predictions for row in _rows(batch, class_names)]
-        if path.suffix == ".json":
-            path.write_text(json.dumps(rows, indent=1))
+        if hasattr(pl_module, "prediction_file"):
+            self.file = pl_module.prediction_file(path)
         else:
-            with path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["id"])
-                writer.writeheader()
-                writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in rows)
-        print(f"Wrote {len(rows)} predictions to {path}")
+            class_names = getattr(trainer.datamodule, "classes", None)
+            self.file = (ClassPredictionsJSON if path.suffix == ".json" else ClassPredictionsCSV)(path, class_names)
 
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
+        self.file.write(prediction)
 
-def _rows(batch: dict[str, Any], class_names: list[str] | None) -> list[dict[str, Any]]:
-    classes = torch.as_tensor(batch["classes"]).tolist()
-    probs = torch.as_tensor(batch["probs"]).float().tolist()
-    rows = []
-    for sample_id, top_classes, top_probs in zip(batch["id"], classes, probs):
-        row = {"id": sample_id, "classes": top_classes, "probs": [round(p, 6) for p in top_probs]}
-        if class_names is not None:
-            row["class_names"] = [class_names[c] for c in top_classes]
-        rows.append(row)
-    return rows
+    def on_predict_end(self, trainer: lightning.Trainer, pl_module) -> None:
+        count, path = self.file.close(), self.file.path
+        self.file = None
+        print(f"Wrote {count} predictions to {path}")
 
 
 class RunSummary(Callback):

@@ -4,13 +4,14 @@ Lightning writes a local checkpoint through an fsspec transaction, whose tempora
 system temporary directory: committing it moves it across file systems, a copy that a full disk cuts
 short, leaving a truncated file under the checkpoint's name. :class:`AtomicCheckpointIO` writes the
 temporary file beside the target instead and renames it into place, so a checkpoint name only ever
-holds a complete file; :class:`CheckpointDirectoryCheck` tries the checkpoint directories before the
-first epoch, instead of failing after an epoch of work. ``frozenlm`` installs both in every trainer.
+holds a complete file, and refuses to write weights that are NaN or infinite, so neither the best nor
+the last checkpoint is ever one that cannot be resumed; :class:`CheckpointDirectoryCheck` tries the
+checkpoint directories before the first epoch, instead of failing after an epoch of work. ``frozenlm``
+installs both in every trainer.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -23,6 +24,9 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from frozenlm.errors import FrozenLMError
+from frozenlm.files import atomic_path
+
 
 class DamagedCheckpointError(ValueError):
     """A checkpoint file that is missing or cannot be read; the message names it and an intact one to
@@ -33,27 +37,34 @@ class CheckpointDirectoryError(OSError):
     """A checkpoint directory that cannot be written to."""
 
 
+class NonFiniteWeightsError(FrozenLMError, FloatingPointError):
+    """A checkpoint whose weights hold NaN or infinite values was about to be written; it was not."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``TorchCheckpointIO``, with local files written to a temporary file in the target's
-    directory, flushed to disk, then renamed over the target (an atomic replace on POSIX and Windows).
-    Remote paths (``s3://`` ...) are written by Lightning as before."""
+    directory, flushed to disk, then renamed over the target (an atomic replace on POSIX and Windows),
+    and no checkpoint written whose ``state_dict`` holds a NaN or infinite value
+    (:class:`NonFiniteWeightsError`, naming the tensors; the checkpoints already written stay as they
+    are). Remote paths (``s3://`` ...) are written by Lightning as before."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        check_finite_weights(checkpoint.get("state_dict", {}), path)
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        try:
-            with os.fdopen(descriptor, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(partial, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(partial)
-            raise
+        with atomic_path(path, fsync=True) as partial, open(partial, "wb") as file:
+            torch.save(checkpoint, file)
+
+
+def check_finite_weights(state_dict: dict[str, Any], path) -> None:
+    """Raise :class:`NonFiniteWeightsError` when a floating-point tensor of ``state_dict`` is not finite."""
+    bad = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise NonFiniteWeightsError(
+            f"Not writing the checkpoint {path}: {len(bad)} of {len(state_dict)} tensors hold NaN or infinite values "
+            f"({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}). The checkpoints written before are intact: resume "
+            "from one with a lower learning rate, or look for NaN or infinite values in the data."
+        )
 
 
 class CheckpointDirectoryCheck(Callback):

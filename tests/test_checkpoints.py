@@ -150,3 +150,13 @@ def test_a_missing_checkpoint_is_named_with_the_newest_intact_one(two_epochs):
     missing = checkpoints / "epoch009-step30.ckpt"
     with pytest.raises(ConfigurationError, match=rf"{missing} does not exist .*resume with --ckpt_path {checkpoints}"):
         run_cli("validate", "image_baseline", two_epochs, "--ckpt_path", str(missing))
+
+
+def test_last_passes_over_a_link_to_a_deleted_checkpoint(two_epochs, capsys):
+    checkpoints = two_epochs / "frozenlm" / "version_0" / "checkpoints"
+    dangling = checkpoints / "last-v1.ckpt"
+    dangling.symlink_to("epoch007-step24.ckpt")  # what a resumed run with other settings left behind
+    resumed = run_cli("fit", "image_baseline", two_epochs, *EPOCHS, "--trainer.max_epochs", "3", "--ckpt_path", "last")
+    out = capsys.readouterr().out
+    assert f"--ckpt_path last: ignoring 1 link(s) to deleted checkpoints: {dangling}" in out
+    assert f"resuming from {checkpoints / 'last.ckpt'}" in out and resumed.trainer.current_epoch == 3

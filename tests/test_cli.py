@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import csv
+import json
 import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.callbacks import Callback
 
-from frozenlm.cli import run
+from frozenlm.cli import main, run
+from frozenlm.predictions import PredictionOutputError
 from tests.cli_helpers import last_checkpoint, load_checkpoint, run_cli
 from tests.conftest import build_tiny_lm, save_checkpoint
 
@@ -43,6 +46,8 @@ REPRODUCE_TARGETS = [
     *[f"reproduce-argoverse1-vectornet{s}" for s in ("", "-llama", "-gcr")],
     "reproduce-argoverse2-vectornet",
     "reproduce-argoverse2-vectornet-llama",
+    "reproduce-argoverse2-vectornet-fullmap",
+    "reproduce-argoverse2-vectornet-fullmap-llama",
 ]
 
 
@@ -152,3 +157,71 @@ def test_restore_follows_a_moved_source_and_refuses_a_different_block(tmp_path, 
     other = save_checkpoint(build_tiny_lm("llama", seed=1), tmp_path / "other", "sharded")
     with pytest.raises(ValueError, match="trained with the frozen block"):
         run_cli("validate", "image_llama", tmp_path, "--model.llm.checkpoint", str(other), "--ckpt_path", str(ckpt))
+
+
+@pytest.fixture(scope="module")
+def baseline_checkpoint(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("baseline")
+    run_cli("fit", "image_baseline", root)
+    return last_checkpoint(root)
+
+
+class PredictSteps(Callback):
+    """Counts predict batches; fails (like a lost machine) when ``interrupt_at`` is reached."""
+
+    count = 0
+
+    def __init__(self, interrupt_at: int = -1) -> None:
+        self.interrupt_at = interrupt_at
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == self.interrupt_at:
+            raise RuntimeError("the machine went away")
+        PredictSteps.count += 1
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [("parent_is_a_file/predictions.csv", "Cannot write predictions to .*NotADirectoryError|FileExistsError"),
+     ("predictions.txt", r"writes \.csv files, not \.txt")],
+    ids=["parent-is-a-file", "unknown-suffix"],
+)
+def test_an_unwritable_prediction_output_fails_before_the_first_batch(tmp_path, baseline_checkpoint, output, message):
+    (tmp_path / "parent_is_a_file").write_text("")
+    PredictSteps.count = 0
+    with pytest.raises(PredictionOutputError, match=message):
+        run_cli("predict", "image_baseline", tmp_path, "--ckpt_path", str(baseline_checkpoint),
+                "--predictions.output", str(tmp_path / output), "--trainer.callbacks+=tests.test_cli.PredictSteps")  # fmt: skip
+    assert PredictSteps.count == 0
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_an_interrupted_predict_keeps_the_batches_it_finished(tmp_path, baseline_checkpoint, suffix):
+    output = tmp_path / f"predictions{suffix}"
+    with pytest.raises(RuntimeError, match="went away"):
+        run_cli("predict", "image_baseline", tmp_path, "--ckpt_path", str(baseline_checkpoint), "--predictions.output",
+                str(output), "--trainer.limit_predict_batches", "3", "--trainer.callbacks+=tests.test_cli.PredictSteps",
+                "--trainer.callbacks.interrupt_at", "2")  # fmt: skip
+    rows = json.loads(output.read_text()) if suffix == ".json" else list(csv.DictReader(output.open()))
+    assert len(rows) == 2 * 16 and rows[0]["id"].startswith("digits/")
+    complete = tmp_path / f"complete{suffix}"
+    run_cli("predict", "image_baseline", tmp_path, "--ckpt_path", str(baseline_checkpoint), "--predictions.output", str(complete))
+    full = json.loads(complete.read_text()) if suffix == ".json" else list(csv.DictReader(complete.open()))
+    assert full == rows  # the same rows as an uninterrupted pass of those batches
+
+
+def test_the_console_script_prints_a_data_error_as_one_line(tmp_path, monkeypatch, capsys):
+    """A data error raised in `setup` (here a ModelNet40 listing with no shapes) prints one line, exit 2."""
+    from tests.data.modelnet40.data import write
+
+    root = write(tmp_path)
+    (root / "modelnet40_train.txt").write_text("\n")
+    monkeypatch.setattr("sys.argv", ["frozenlm", "fit", "--config", str(REPO / "tests/conf/pointcloud_llama.yaml"),
+                                     "--data", "frozenlm.data.ModelNet40DataModule", "--data.root", str(root),
+                                     "--model.llm", "null", "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert err[0].startswith(f"frozenlm: error: DatasetFileError: {root / 'modelnet40_train.txt'} lists no shape ids")
+    assert len(err) == 2 and "FROZENLM_DEBUG=1" in err[1]

@@ -18,16 +18,27 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from frozenlm.data.augment import with_safe_posterize
+from frozenlm.errors import FrozenLMError
 
 # A file path, a decoded image, or an HxWx3 uint8 array (array datasets stay compact in memory).
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetError(FrozenLMError):
+    """A dataset that cannot be used as it is on disk. The message names the file and the fix; the
+    console script prints it as one line (exit status 2), wherever the run raised it."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
     """A dataset is missing or incomplete on disk; the message names the path and the fix."""
 
 
-class TooManyUnreadableSamplesError(RuntimeError):
+class DatasetFileError(DatasetError, ValueError):
+    """A dataset file that is damaged or malformed (unparsable, truncated, non-finite values, an empty
+    listing); the message names the file (and the line or key where it helps) and the fix."""
+
+
+class TooManyUnreadableSamplesError(DatasetError, RuntimeError):
     """More of an epoch's samples could not be decoded than the datamodule's ``max_unreadable_fraction``."""
 
 
@@ -181,7 +192,7 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def _train_loader(self, dataset: Dataset) -> DataLoader:
         if len(dataset) < self.batch_size:
-            raise ValueError(
+            raise DatasetError(
                 f"{type(self).__name__}: the train split has {len(dataset)} samples, fewer than one batch "
                 f"(batch_size {self.batch_size}), and incomplete batches are dropped; lower --data.batch_size."
             )

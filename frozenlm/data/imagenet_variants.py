@@ -17,7 +17,7 @@ from typing import Literal
 from timm.data import ImageNetInfo
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from frozenlm.data.base import DatasetNotFoundError, ImageDataModule, Split
+from frozenlm.data.base import DatasetError, DatasetNotFoundError, ImageDataModule, Split
 
 # The 15 corruptions of the ImageNet-C benchmark (the 4 extra ones of its download are opt-in).
 IMAGENET_C_CORRUPTIONS = (
@@ -111,7 +111,7 @@ class ImageNetVariantDataModule(ImageDataModule):
 
     def load_split(self, split: str) -> Split:
         if split == "train":
-            raise ValueError(
+            raise DatasetError(
                 f"ImageNet-{self.variant} is an evaluation set: use it with `frozenlm validate|test|predict "
                 "--ckpt_path ...`, not `fit`."
             )

@@ -11,7 +11,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 
-from frozenlm.data.base import ClassificationDataModule, DatasetNotFoundError, Unreadable
+from frozenlm.data.base import ClassificationDataModule, DatasetFileError, DatasetNotFoundError, Unreadable
 from frozenlm.data.video_transforms import (
     VideoEvalTransform,
     VideoTrainTransform,
@@ -29,6 +29,14 @@ DOWNLOAD_HINT = (
     "`cat 20bn-something-something-v2-?? | tar -xz` and the labels into DIR/labels/, and pass --data.root DIR."
 )
 
+
+
+def read_json(path: Path):
+    """A JSON annotation file; a damaged one raises :class:`DatasetFileError` naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatasetFileError(f"{path} is not valid JSON ({error}). {DOWNLOAD_HINT}") from None
 
 class VideoSplit(NamedTuple):
     """One split as parallel lists: video files, class indices and ids."""
@@ -176,18 +184,18 @@ class SSv2DataModule(ClassificationDataModule):
             raise DatasetNotFoundError(
                 f"SSv2DataModule: missing label file(s) {', '.join(map(str, missing))}. " + DOWNLOAD_HINT
             )
-        return {name: int(index) for name, index in json.loads((labels / "labels.json").read_text()).items()}
+        return {name: int(index) for name, index in read_json(labels / "labels.json").items()}
 
     def load_split(self, split: str) -> VideoSplit:
         """Files, classes and ids of the "train" or the "val" split, from its annotation file."""
         if split not in self.splits:
             path = self.root / "labels" / SPLIT_FILES[split]
             paths, labels, ids = [], [], []
-            for entry in json.loads(path.read_text()):
+            for entry in read_json(path):
                 template = entry["template"]
                 name = class_name(template)
                 if name not in self.class_index:
-                    raise KeyError(f"{path}: the template {template!r} of video {entry['id']} is not in labels.json")
+                    raise DatasetFileError(f"{path}: the template {template!r} of video {entry['id']} is not in labels.json")
                 paths.append(self.video_folder / f"{entry['id']}.webm")
                 labels.append(self.class_index[name])
                 ids.append(str(entry["id"]))

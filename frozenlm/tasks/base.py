@@ -3,8 +3,10 @@
 Subclasses implement three hooks, called in this order from ``__init__``: ``configure_models``,
 ``configure_losses``, ``configure_metrics``. The base class owns what every task shares: saving
 hyper-parameters, the DeiT-style optimizer and schedule (AdamW, lr scaled by the global batch,
-linear warmup then cosine, per step, with timm's implementations), and per-epoch reseeding so that
-a run resumed from an epoch-end checkpoint continues exactly as an uninterrupted one.
+linear warmup then cosine, per step, with timm's implementations), per-epoch reseeding so that
+a run resumed from an epoch-end checkpoint continues exactly as an uninterrupted one, and the guard
+against non-finite training losses (:meth:`BaseTask.finite_loss`, which every ``training_step``
+returns through).
 """
 
 from __future__ import annotations
@@ -14,12 +16,22 @@ import math
 import os
 import random
 
+import warnings
+from typing import Any
+
 import lightning
 import numpy as np
 import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
+
+from frozenlm.errors import FrozenLMError
+
+
+class NonFiniteLossError(FrozenLMError, FloatingPointError):
+    """A training loss was NaN or infinite (more often than ``max_nonfinite_steps`` allows): the message
+    names the step and the batch's samples."""
 
 
 class BaseTask(lightning.LightningModule):
@@ -39,9 +51,15 @@ class BaseTask(lightning.LightningModule):
             (VideoMAE's fine-tuning does; DeiT does not).
         schedule_interval: ``step``: warmup and cosine advance every optimizer step (DeiT here);
             ``epoch``: once per epoch, warmup in whole epochs (Point-BERT's recipe).
+        max_nonfinite_steps: training steps whose loss is NaN or infinite that are skipped (no update;
+            counted as ``train/nonfinite_steps_skipped``) before the run stops with
+            :class:`NonFiniteLossError`; 0 stops at the first. The weights are never updated from such
+            a loss, so every checkpoint stays finite.
     """
 
     ignore: tuple[str, ...] = ()
+    # The batch entry naming each sample, for the error of a non-finite loss.
+    sample_id_key: str = "id"
 
     def __init__(
         self,
@@ -55,10 +73,15 @@ class BaseTask(lightning.LightningModule):
         layer_decay: float | None = None,
         scale_min_lr: bool = False,
         schedule_interval: str = "step",
+        max_nonfinite_steps: int = 0,
     ) -> None:
         super().__init__()
         if schedule_interval not in ("step", "epoch"):
             raise ValueError(f"schedule_interval must be 'step' or 'epoch', got {schedule_interval!r}.")
+        if max_nonfinite_steps < 0:
+            raise ValueError(f"max_nonfinite_steps must be 0 or more, got {max_nonfinite_steps}.")
+        self.nonfinite_steps_skipped = 0
+        self._skip_this_step = False
         self.save_hyperparameters(ignore=self.ignore)
         # Checkpoints hold plain containers only: Lightning reads hyper-parameters back with
         # torch.load(weights_only=True), which refuses arbitrary classes such as dataclasses.
@@ -135,6 +158,47 @@ class BaseTask(lightning.LightningModule):
             scheduler.step(epoch=self.current_epoch + 1)
         else:
             scheduler.step_update(num_updates=self.global_step)
+
+    # -- non-finite losses -------------------------------------------------------------------
+    def finite_loss(self, loss: torch.Tensor, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """What ``training_step`` returns: ``loss`` when it is finite in every process.
+
+        A NaN or infinite loss (in any process) is never back-propagated into the weights: while fewer
+        than ``max_nonfinite_steps`` steps were skipped, every process skips this one (a zero loss keeps
+        DDP's gradient all-reduce in step, then the gradients are dropped before the optimizer, so
+        neither the weights nor the optimizer state move); past that, the run stops with
+        :class:`NonFiniteLossError` naming the batch's samples. Costs one host sync per step (and, under
+        DDP, the all-reduce of one number).
+        """
+        finite = torch.isfinite(loss.detach()).all().float()
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+        if finite.item():
+            return loss
+        ids = batch.get(self.sample_id_key, [])
+        where = (f"epoch {self.current_epoch}, step {self.global_step} (batch {batch_idx}); this process's batch: "
+                 f"loss {loss.detach().float().item()}, samples {list(ids)[:8]}{' ...' if len(ids) > 8 else ''}")  # fmt: skip
+        limit = self.hparams.get("max_nonfinite_steps", 0)
+        if self.nonfinite_steps_skipped >= limit:
+            raise NonFiniteLossError(
+                f"The training loss is not finite at {where}. Check those samples' files for NaN or infinite "
+                "values, or lower the learning rate; --model.max_nonfinite_steps N skips up to N such steps "
+                f"instead ({self.nonfinite_steps_skipped} skipped so far)."
+            )
+        self.nonfinite_steps_skipped += 1
+        warnings.warn(f"Skipping a training step with a non-finite loss ({self.nonfinite_steps_skipped} of at most "
+                      f"{limit}) at {where}", stacklevel=2)  # fmt: skip
+        self._skip_this_step = True
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._skip_this_step:  # no gradient, no update: AdamW leaves a parameter without one untouched
+            optimizer.zero_grad(set_to_none=True)
+            self._skip_this_step = False
+
+    def on_train_epoch_end(self) -> None:
+        if self.hparams.get("max_nonfinite_steps", 0):
+            self.log("train/nonfinite_steps_skipped", float(self.nonfinite_steps_skipped), on_epoch=True)
 
     # -- exact resumption --------------------------------------------------------------------
     # Lightning does not checkpoint RNG states, so a run resumed at an epoch boundary would shuffle,

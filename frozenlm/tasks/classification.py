@@ -131,7 +131,7 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
             self.log_dict({"train_loss_main": loss, "train_loss_aux": aux_loss}, batch_size=len(inputs))
             loss = loss + self.llm_config.aux_weight * aux_loss
         self.log("train_loss", loss, prog_bar=True, batch_size=len(inputs))
-        return loss
+        return self.finite_loss(loss, batch, batch_idx)
 
     def probe_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The training loss without mixup, for the gradient-coherence probe."""

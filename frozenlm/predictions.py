@@ -1,0 +1,127 @@
+"""Prediction files written while ``predict`` runs: opened (and so checked) before the first batch, and
+written as each batch finishes, so an unwritable path costs no work and an interrupted pass keeps
+every batch it finished.
+
+A task (or its datamodule) chooses the format by the path's suffix through ``prediction_file(path)``;
+classifiers write :class:`ClassPredictionsCSV` or :class:`ClassPredictionsJSON`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from frozenlm.errors import FrozenLMError
+
+
+class PredictionOutputError(FrozenLMError, ValueError):
+    """The predictions cannot be written where ``--predictions.output`` says (checked before the first batch)."""
+
+
+class PredictionFile:
+    """One predictions file: ``write(prediction)`` per batch (the dict a ``predict_step`` returns),
+    ``close()`` at the end, returning how many predictions were written.
+
+    The constructor checks the suffix against ``suffixes`` and opens the file for writing, so a path
+    whose parent is a file, a directory without write permission or a wrong suffix fails at once.
+    ``streamed`` False keeps the file closed until ``close`` writes it whole (formats that cannot be
+    appended to); the directory is still checked up front.
+    """
+
+    suffixes: tuple[str, ...]
+    streamed: bool = True
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path, self.count = Path(path), 0
+        if self.path.suffix not in self.suffixes:
+            raise PredictionOutputError(
+                f"--predictions.output {self.path}: {type(self).__name__} writes {' or '.join(self.suffixes)} files, "
+                f"not {self.path.suffix or 'files without a suffix'} (the formats: frozenlm predict --help)."
+            )
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.streamed:
+                self.file = self.path.open("w", newline="")
+            elif not os.access(self.path.parent, os.W_OK) or self.path.is_dir():
+                raise PermissionError(f"cannot create a file in {self.path.parent}")
+        except OSError as error:
+            raise PredictionOutputError(
+                f"Cannot write predictions to {self.path} ({type(error).__name__}: {error}); choose another "
+                "--predictions.output."
+            ) from error
+        self.start()
+
+    def start(self) -> None:
+        """Write what precedes the first prediction (a header)."""
+
+    def write(self, prediction: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> int:
+        if self.streamed:
+            self.file.close()
+        return self.count
+
+
+def class_rows(prediction: dict[str, Any], class_names: list[str] | None) -> list[dict[str, Any]]:
+    """One row per sample of a classifier's predict batch: its id, top classes and probabilities."""
+    classes = torch.as_tensor(prediction["classes"]).tolist()
+    probs = torch.as_tensor(prediction["probs"]).float().tolist()
+    rows = []
+    for sample_id, top_classes, top_probs in zip(prediction["id"], classes, probs):
+        row = {"id": sample_id, "classes": top_classes, "probs": [round(p, 6) for p in top_probs]}
+        if class_names is not None:
+            row["class_names"] = [class_names[c] for c in top_classes]
+        rows.append(row)
+    return rows
+
+
+class ClassPredictionsCSV(PredictionFile):
+    """``id, classes, probs[, class_names]`` per sample; the lists as JSON. Valid CSV after every batch."""
+
+    suffixes = (".csv",)
+
+    def __init__(self, path: str | os.PathLike, class_names: list[str] | None = None) -> None:
+        self.class_names = class_names
+        super().__init__(path)
+
+    def start(self) -> None:
+        columns = ["id", "classes", "probs"] + (["class_names"] if self.class_names is not None else [])
+        self.writer = csv.DictWriter(self.file, fieldnames=columns)
+        self.writer.writeheader()
+
+    def write(self, prediction: dict[str, Any]) -> None:
+        rows = class_rows(prediction, self.class_names)
+        self.writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in rows)
+        self.file.flush()
+        self.count += len(rows)
+
+
+class ClassPredictionsJSON(ClassPredictionsCSV):
+    """A JSON array of ``{"id", "classes", "probs"[, "class_names"]}``, one sample a line; the closing
+    bracket is rewritten after every batch, so the file is valid JSON whenever a batch has finished."""
+
+    suffixes = (".json",)
+
+    def start(self) -> None:
+        self.file.write("[")
+        self._end = self.file.tell()
+        self.file.write("\n]\n")
+        self.file.flush()
+
+    def write(self, prediction: dict[str, Any]) -> None:
+        rows = class_rows(prediction, self.class_names)
+        if not rows:
+            return
+        self.file.seek(self._end)
+        self.file.write(("," if self.count else "") + "\n" + ",\n".join(json.dumps(row) for row in rows))
+        self._end = self.file.tell()
+        self.file.write("\n]\n")
+        self.file.truncate()
+        self.file.flush()
+        self.count += len(rows)
