@@ -24,9 +24,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from frozenlm.bench import ideal_seconds, lm_config, median_seconds
+from frozenlm.bench import flop_counter, ideal_seconds, lm_config, median_seconds
 from frozenlm.data.pointcloud import PointCloudDataModule
 from frozenlm.llm import FrozenLMBlock, LLMConfig
 from frozenlm.models import point_ops
@@ -49,7 +48,7 @@ def measure(points: int, groups: int, batch: int, device: torch.device, llm: boo
         model.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(model(cloud), labels).backward()
 
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         step()
     flops = counter.get_total_flops()
     results = {

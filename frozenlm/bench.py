@@ -38,7 +38,7 @@ from contextlib import nullcontext
 from typing import Any, Literal
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from transformers import AutoConfig, PretrainedConfig
 
 from frozenlm.llm.block import DType, FrozenLMBlock
@@ -174,6 +174,28 @@ def bench(
     return rows
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def flop_counter() -> FlopCounterMode:
+    """PyTorch's ``FlopCounterMode`` that also counts attention on CPU tensors. Its table knows the CUDA
+    attention kernels only, so the CPU's fused kernel, what ``scaled_dot_product_attention`` runs there,
+    counted 0; it gets the same closed form (``Q K^T`` and ``P V``: 2 x 2 B H N M d, backward twice that)."""
+    aten = torch.ops.aten
+    return FlopCounterMode(
+        display=False,
+        custom_mapping={
+            aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+        },
+    )
+
+
 def trunk_flops(backbones: Sequence[str] = DEIT, img_size: int = 224) -> list[dict[str, Any]]:
     """Parameters and forward FLOPs per image of each timm ViT in ``backbones`` in the variants of
     ``TRUNK_VARIANTS``: patchify stem (as timm builds it), convolutional stem (Xiao et al.; one block
@@ -190,9 +212,9 @@ def trunk_flops(backbones: Sequence[str] = DEIT, img_size: int = 224) -> list[di
             with torch.device("meta"):
                 model = create_vit(name, 1000, img_size=img_size, stem=stem, pos_embed=pos_embed).eval()
                 images = torch.empty(1, 3, img_size, img_size)
-                with FlopCounterMode(display=False) as whole:
+                with flop_counter() as whole:
                     model(images)
-                with FlopCounterMode(display=False) as embed:
+                with flop_counter() as embed:
                     model.patch_embed(images)
             rows.append(
                 {

@@ -16,12 +16,17 @@ A sweep preset (``configs/sweeps/*.yaml``)::
 
 Each run is ``frozenlm fit --config <config> <args> <variant overrides> --seed_everything <seed>``,
 logged under ``<output>/<variant>/seed<seed>/`` (TensorBoard, checkpoints and the run's resolved
-``config.yaml``) and summarised in its ``result.json`` when it finishes. A run's seed also seeds a
-random frozen block (``llm.seed``) unless the preset sets one; the data split stays the datamodule's
-own (fixed) and is reported. Runs already holding a ``result.json`` are never redone, so a killed
-sweep resumes. Runs go one after another in this process (no start-up per run), or, with
-``gpus``, one process per GPU. The report (``results.csv``, ``results.md``, ``results.png``) is rebuilt
-from the run folders alone: ``frozenlm sweep --report <output>``.
+``config.yaml``) and summarised in its ``result.json`` (written atomically) when it finishes. A run's
+seed also seeds a random frozen block (``llm.seed``) unless the preset sets one; the data split stays
+the datamodule's own (fixed) and is reported. Runs holding a readable ``result.json`` are never redone,
+so a killed sweep resumes; a damaged one (truncated, empty, a key missing) is named and redone. Runs go
+one after another in this process (no start-up per run), or, with ``gpus``, one process per GPU.
+
+The report (``results.csv``, ``results.md``, ``results.png``) is rebuilt from the run folders alone
+(``frozenlm sweep --report <output>``). Each variant is compared with the baseline seed by seed: the mean
+difference, its 95 % t interval, the paired t-test's p-value and that p-value Holm-corrected for the
+number of variants compared (a difference "survives" when the corrected p is below 0.05). Runs that are
+missing, damaged or that never validated are listed by name under the table, not averaged.
 """
 
 from __future__ import annotations
@@ -41,7 +46,13 @@ import lightning as L
 import torch
 import yaml
 from scipy import stats
-from torch.utils.flop_counter import FlopCounterMode
+
+from frozenlm.bench import flop_counter
+from frozenlm.files import write_atomically
+
+# What a finished run's result.json must hold for the report.
+RESULT_KEYS = ("variant", "seed", "final", "best", "history", "trainable_params", "frozen_params",
+               "flops_per_sample", "seconds_per_step", "coherence")  # fmt: skip
 
 
 class SweepRecorder(L.Callback):
@@ -103,11 +114,11 @@ def run_arguments(preset: dict[str, Any], variant: str, seed: int, output: Path)
 def run_one(preset: dict[str, Any], variant: str, seed: int, output: Path) -> dict[str, Any]:
     """Train one run in this process and write its ``result.json``."""
     from frozenlm.analysis import GradientCoherenceCallback
-    from frozenlm.cli import run
+    from frozenlm.trainer_cli import run_trainer
 
-    folder = output / variant / f"seed{seed}"
+    folder = run_folder(output, variant, seed)
     start = time.perf_counter()
-    cli = run(run_arguments(preset, variant, seed, output))
+    cli = run_trainer(run_arguments(preset, variant, seed, output))
     seconds = time.perf_counter() - start
     model, trainer = cli.model, cli.trainer
     recorder = next(c for c in trainer.callbacks if isinstance(c, SweepRecorder))
@@ -132,13 +143,32 @@ def run_one(preset: dict[str, Any], variant: str, seed: int, output: Path) -> di
         "data_split": {k: getattr(datamodule, k) for k in ("val_fraction", "seed") if hasattr(datamodule, k)},
         "config": str(folder / "config.yaml"),
     }  # fmt: skip
-    (folder / "result.json").write_text(json.dumps(result, indent=1))
+    write_atomically(folder / "result.json", json.dumps(result, indent=1))
     return result
+
+
+def run_folder(output: Path, variant: str, seed: int) -> Path:
+    return output / variant / f"seed{seed}"
+
+
+def read_result(folder: Path) -> dict[str, Any] | str:
+    """The run's ``result.json``, or why there is none to use: ``"missing"`` or ``"damaged: <reason>"``."""
+    path = folder / "result.json"
+    if not path.is_file():
+        return "missing"
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"damaged: {type(error).__name__}: {error}"
+    if not isinstance(result, dict):
+        return f"damaged: holds a {type(result).__name__}, not a JSON object"
+    absent = [key for key in RESULT_KEYS if key not in result]
+    return f"damaged: no {', '.join(absent)}" if absent else result
 
 
 @torch.no_grad()
 def flops_per_sample(model: L.LightningModule, datamodule: L.LightningDataModule) -> int | None:
-    """The model's forward FLOPs on one validation sample (matmuls and convolutions, eval mode)."""
+    """The model's forward FLOPs on one validation sample (matmuls, convolutions and attention, eval mode)."""
     key = getattr(model, "input_key", None)
     if key is None:
         return None
@@ -146,7 +176,7 @@ def flops_per_sample(model: L.LightningModule, datamodule: L.LightningDataModule
     training = model.training
     model.eval()
     try:
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             model(batch[key][:1].to(model.device))
     finally:
         model.train(training)
@@ -175,9 +205,14 @@ def sweep(
     folder = Path(output) if output else Path("runs/sweeps") / Path(config).stem
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sweep.yaml").write_text(yaml.safe_dump(preset, sort_keys=False))
-    pending = [(v, s) for v in preset["variants"] for s in preset["seeds"]
-               if not (folder / v / f"seed{s}" / "result.json").is_file()]  # fmt: skip
-    total = len(preset["variants"]) * len(preset["seeds"])
+    pending = []
+    for variant, seed in expected_runs(preset):
+        status = read_result(run_folder(folder, variant, seed))
+        if isinstance(status, str):
+            pending.append((variant, seed))
+            if status != "missing":
+                print(f"Redoing {variant}/seed{seed}: its result.json is {status}")
+    total = len(expected_runs(preset))
     print(f"Sweep {config}: {total - len(pending)} of {total} runs done, {len(pending)} to run, in {folder}")
     if gpus:
         def launch(job: tuple[int, tuple[str, int]]) -> None:
@@ -190,14 +225,25 @@ def sweep(
             list(pool.map(launch, enumerate(pending)))
     else:
         for variant, seed in pending:
-            run_one(preset, variant, seed, folder)
+            try:
+                run_one(preset, variant, seed, folder)
+            except BaseException:
+                print(f"Sweep run {variant}/seed{seed} failed ({run_folder(folder, variant, seed)}); the sweep "
+                      "stops here, and running it again resumes with that run.", file=sys.stderr)  # fmt: skip
+                raise
     return write_report(folder)
 
 
+def expected_runs(preset: dict[str, Any]) -> list[tuple[str, int]]:
+    """Every (variant, seed) of the preset, in its order."""
+    return [(variant, seed) for variant in preset["variants"] for seed in preset["seeds"]]
+
+
 def summarize(results: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
-    """One row per variant: mean and sample sd over seeds of the final and best metric, the paired
-    difference of the final metric to ``baseline`` (seeds both have) with a 95 % t interval, sizes, time
-    per step, and the mean gradient coherence at each measured step."""
+    """One row per variant: mean and sample sd over seeds of the final and best metric; the paired
+    difference of the final metric to ``baseline`` (seeds both have) with its 95 % t interval, the paired
+    t-test's two-sided p-value and that p Holm-corrected over the variants compared; sizes, time per step,
+    and the mean gradient coherence at each measured step. ``results`` are runs with a metric."""
     by_variant: dict[str, dict[int, dict[str, Any]]] = {}
     for result in results:
         by_variant.setdefault(result["variant"], {})[result["seed"]] = result
@@ -206,12 +252,13 @@ def summarize(results: list[dict[str, Any]], baseline: str) -> list[dict[str, An
         finals = [r["final"] for r in runs.values()]
         bests = [r["best"] for r in runs.values()]
         paired = [r["final"] - by_variant[baseline][s]["final"] for s, r in runs.items() if s in by_variant.get(baseline, {})]
+        diff_mean, half = statistics.mean(paired) if paired else math.nan, _half_interval(paired)
         row = {
             "variant": variant, "seeds": len(runs),
             "final_mean": statistics.mean(finals), "final_sd": _sd(finals),
             "best_mean": statistics.mean(bests), "best_sd": _sd(bests),
-            "diff_mean": statistics.mean(paired) if paired else math.nan,
-            "diff_ci95": _half_interval(paired),
+            "diff_mean": diff_mean, "diff_ci95": half, "diff_low": diff_mean - half, "diff_high": diff_mean + half,
+            "p_value": _paired_p(paired) if variant != baseline else math.nan,
             "trainable_params": next(iter(runs.values()))["trainable_params"],
             "frozen_params": next(iter(runs.values()))["frozen_params"],
             "flops_per_sample": next(iter(runs.values()))["flops_per_sample"],
@@ -225,6 +272,13 @@ def summarize(results: list[dict[str, Any]], baseline: str) -> list[dict[str, An
                 if values:
                     row[f"{name}@{step}"] = statistics.mean(values)
         rows.append(row)
+    tested = sorted((r for r in rows if math.isfinite(r["p_value"])), key=lambda r: r["p_value"])
+    running = 0.0
+    for rank, row in enumerate(tested):  # Holm's step-down: (m - rank) x p, kept monotone, at most 1
+        running = max(running, min(1.0, (len(tested) - rank) * row["p_value"]))
+        row["p_holm"] = running
+    for row in rows:
+        row.setdefault("p_holm", math.nan)
     return rows
 
 
@@ -239,12 +293,33 @@ def _half_interval(values: list[float]) -> float:
     return float(stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
 
 
+def _paired_p(differences: list[float]) -> float:
+    """Two-sided p-value of the paired t-test that the mean of ``differences`` is 0."""
+    if len(differences) < 2:
+        return math.nan
+    mean, sd = statistics.mean(differences), statistics.stdev(differences)
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    t = mean / (sd / math.sqrt(len(differences)))
+    return float(2 * stats.t.sf(abs(t), len(differences) - 1))
+
+
 def write_report(folder: Path) -> Path:
-    """``results.csv``, ``results.md`` and ``results.png`` of the runs under ``folder``."""
+    """``results.csv``, ``results.md`` and ``results.png`` of the runs under ``folder``; runs that are
+    missing, damaged or without the metric are listed by name instead of averaged."""
     preset = yaml.safe_load((folder / "sweep.yaml").read_text())
-    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*/seed*/result.json"))]
+    metric = preset.get("metric", "val_acc1")
+    results, left_out = [], []
+    for variant, seed in expected_runs(preset):
+        status = read_result(run_folder(folder, variant, seed))
+        if isinstance(status, dict) and status["final"] is None:
+            status = f"no {metric}: it never validated"
+        if isinstance(status, dict):
+            results.append(status)
+        else:
+            left_out.append(f"{variant}/seed{seed} ({status})")
     if not results:
-        raise FileNotFoundError(f"No finished run (*/seed*/result.json) under {folder}.")
+        raise FileNotFoundError(f"No finished run with a {metric} under {folder}: " + "; ".join(left_out) + ".")
     order = list(preset["variants"])
     rows = sorted(summarize(results, preset["baseline"]), key=lambda r: order.index(r["variant"]) if r["variant"] in order else 99)
     columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -252,19 +327,27 @@ def write_report(folder: Path) -> Path:
         file.write(",".join(columns) + "\n")
         for row in rows:
             file.write(",".join(_csv(row.get(c)) for c in columns) + "\n")
-    metric = preset.get("metric", "val_acc1")
+    compared = sum(math.isfinite(r["p_value"]) for r in rows)
     lines = [
-        f"| variant | seeds | final {metric} | best {metric} | vs {preset['baseline']} (paired, 95 % CI) | trainable | frozen | GFLOP/sample | ms/step |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| variant | seeds | final {metric} | best {metric} | vs {preset['baseline']} (paired mean [95 % CI]) | "
+        f"p | Holm p ({compared}) | trainable | frozen | GFLOP/sample | ms/step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for r in rows:
-        diff = "-" if r["variant"] == preset["baseline"] else f"{r['diff_mean']:+.4f} ± {r['diff_ci95']:.4f}"
+        diff = "-" if r["variant"] == preset["baseline"] else (
+            f"{r['diff_mean']:+.4f} [{r['diff_low']:+.4f}, {r['diff_high']:+.4f}]")  # fmt: skip
         flops = f"{r['flops_per_sample'] / 1e9:.3f}" if r["flops_per_sample"] else "-"
+        survives = "*" if r["p_holm"] < 0.05 else ""
         lines.append(
             f"| {r['variant']} | {r['seeds']} | {r['final_mean']:.4f} ± {r['final_sd']:.4f} | "
-            f"{r['best_mean']:.4f} ± {r['best_sd']:.4f} | {diff} | {r['trainable_params']:,} | "
-            f"{r['frozen_params']:,} | {flops} | {r['ms_per_step']:.1f} |"
+            f"{r['best_mean']:.4f} ± {r['best_sd']:.4f} | {diff} | {_p(r['p_value'])} | {_p(r['p_holm'])}{survives} | "
+            f"{r['trainable_params']:,} | {r['frozen_params']:,} | {flops} | {r['ms_per_step']:.1f} |"
         )
+    lines += ["", f"Accuracies: mean ± sd over seeds. The paired column pairs each variant's seed with the "
+              f"baseline's; p is the paired t-test's, Holm p that p corrected for the {compared} variants compared "
+              "(* = below 0.05 after correction)."]  # fmt: skip
+    if left_out:
+        lines += ["", f"Runs not in the table ({len(left_out)}): " + "; ".join(left_out) + "."]
     coherence = [c for c in columns if "@" in c]
     if coherence:
         lines += ["", "Gradient coherence (mean over seeds) at training steps:", "",
@@ -281,6 +364,10 @@ def write_report(folder: Path) -> Path:
     _plot(results, rows, order, metric, folder / "results.png")
     print("\n".join(lines) + f"\n\nWrote {folder}/results.csv, results.md and results.png")
     return folder
+
+
+def _p(value: float) -> str:
+    return "-" if not math.isfinite(value) else f"{value:.3f}" if value >= 0.001 else "<0.001"
 
 
 def _csv(value: Any) -> str:

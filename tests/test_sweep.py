@@ -105,3 +105,122 @@ def test_every_preset_variant_parses(path, tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             run([*run_arguments(preset, variant, 0, tmp_path), "--print_config"])
         assert exit_info.value.code == 0, (variant, capsys.readouterr().err[-2000:])
+
+
+def fake_sweep(output: Path, finals: dict[tuple[str, int], float | None]) -> None:
+    """A sweep folder as `frozenlm sweep` leaves it: sweep.yaml and one result.json per (variant, seed)."""
+    preset = {"config": "c.yaml", "seeds": [0, 1, 2], "metric": "val_acc1", "mode": "max", "baseline": "baseline",
+              "variants": {"baseline": [], "block": [], "other": []}}  # fmt: skip
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "sweep.yaml").write_text(yaml.safe_dump(preset))
+    for (variant, seed), final in finals.items():
+        folder = output / variant / f"seed{seed}"
+        folder.mkdir(parents=True, exist_ok=True)
+        result = {"variant": variant, "seed": seed, "metric": "val_acc1", "final": final, "best": final,
+                  "history": [] if final is None else [final], "trainable_params": 10, "frozen_params": 0,
+                  "flops_per_sample": 5, "seconds_per_step": 0.01, "coherence": {}}  # fmt: skip
+        (folder / "result.json").write_text(json.dumps(result))
+
+
+ALL_RUNS = {(v, s): 0.5 + 0.1 * i + 0.01 * s for i, v in enumerate(("baseline", "block", "other")) for s in (0, 1, 2)}
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda p: p.write_text(p.read_text()[:40]), "damaged: JSONDecodeError"),
+        (lambda p: p.write_text(""), "damaged: JSONDecodeError"),
+        (lambda p: p.write_text(json.dumps({k: v for k, v in json.loads(p.read_text()).items() if k != "final"})),
+         "damaged: no final"),
+        (lambda p: p.unlink(), "missing"),
+    ],
+    ids=["truncated", "empty", "key-missing", "deleted"],
+)
+def test_a_damaged_or_missing_result_is_named_in_the_report_and_redone(tmp_path, monkeypatch, capsys, damage, reason):
+    output = tmp_path / "sweep"
+    fake_sweep(output, ALL_RUNS)
+    damage(output / "block" / "seed1" / "result.json")
+    sweep(report=str(output))
+    markdown = (output / "results.md").read_text()
+    assert f"Runs not in the table (1): block/seed1 ({reason}" in markdown
+    assert "| block | 2 |" in markdown and "| other | 3 |" in markdown  # averaged over the usable runs only
+
+    redone = []
+    monkeypatch.setattr(frozenlm.sweep, "run_one", lambda preset, variant, seed, folder: redone.append((variant, seed)))
+    monkeypatch.setattr(frozenlm.sweep, "load_preset", lambda path: yaml.safe_load((output / "sweep.yaml").read_text()))
+    sweep("preset.yaml", output=str(output))
+    assert redone == [("block", 1)]
+    if reason != "missing":
+        assert f"Redoing block/seed1: its result.json is {reason}" in capsys.readouterr().out
+
+
+def test_a_run_that_never_validated_is_listed_not_averaged(tmp_path):
+    output = tmp_path / "sweep"
+    fake_sweep(output, {**ALL_RUNS, ("other", 0): None, ("other", 1): None, ("other", 2): None})
+    sweep(report=str(output))
+    markdown = (output / "results.md").read_text()
+    assert "other/seed0 (no val_acc1: it never validated)" in markdown and "| other |" not in markdown
+    for run in ALL_RUNS:
+        (output / run[0] / f"seed{run[1]}" / "result.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"No finished run with a val_acc1 .*baseline/seed0 \(missing\)"):
+        sweep(report=str(output))
+
+
+def test_results_are_written_atomically(tmp_path, monkeypatch):
+    from frozenlm.files import write_atomically
+
+    path = tmp_path / "result.json"
+    write_atomically(path, '{"final": 1}')
+
+    def disk_full(self, data):
+        Path.write_text(self, "{")  # half written, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        write_atomically(path, '{"final": 2}')
+    assert json.loads(path.read_text()) == {"final": 1} and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_holm_correction_against_hand_computed_values():
+    def result(variant, seed, final):
+        return {"variant": variant, "seed": seed, "final": final, "best": final, "trainable_params": 1,
+                "frozen_params": 0, "flops_per_sample": 1, "seconds_per_step": 0.01, "coherence": {}}  # fmt: skip
+
+    base = [0.50, 0.60, 0.70]
+    runs = [result("baseline", s, f) for s, f in enumerate(base)]
+    runs += [result("a", s, f + d) for s, (f, d) in enumerate(zip(base, (0.10, 0.12, 0.14)))]  # diffs 0.10, 0.12, 0.14
+    runs += [result("b", s, f + d) for s, (f, d) in enumerate(zip(base, (0.01, -0.02, 0.04)))]
+    rows = {r["variant"]: r for r in summarize(runs, "baseline")}
+    # a: mean 0.12, sd 0.02, t = 0.12 / (0.02 / sqrt 3) = 10.3923, 2 dof -> p = 0.0091325
+    # b: mean 0.01, sd 0.03, t = 0.57735 -> p = 0.62200. Holm over 2: a 2 x 0.0091325, b max(that, 0.622).
+    assert rows["a"]["p_value"] == pytest.approx(0.0091325, rel=1e-4)
+    assert rows["b"]["p_value"] == pytest.approx(0.62200, rel=1e-4)
+    assert rows["a"]["p_holm"] == pytest.approx(2 * 0.0091325, rel=1e-4)
+    assert rows["b"]["p_holm"] == pytest.approx(0.62200, rel=1e-4)
+    assert rows["a"]["diff_low"] == pytest.approx(0.12 - 4.302653 * 0.02 / math.sqrt(3), rel=1e-5)
+    assert math.isnan(rows["baseline"]["p_value"]) and math.isnan(rows["baseline"]["p_holm"])
+
+
+def test_flops_count_attention_on_cpu_tensors_as_on_the_meta_device():
+    """On the meta device attention decomposes into counted matmuls; on the CPU it is one fused kernel
+    that PyTorch's table leaves out. frozenlm's counter gives both the same total."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from frozenlm.bench import flop_counter
+    from frozenlm.models import create_vit
+
+    counts = {}
+    for device in ("cpu", "meta"):
+        with torch.device(device):
+            model = create_vit("vit_tiny_patch16_224", 10, img_size=32, depth=2).eval()
+            images = torch.zeros(1, 3, 32, 32)
+            with flop_counter() as counter, torch.no_grad():
+                model(images)
+            with FlopCounterMode(display=False) as plain, torch.no_grad():
+                model(images)
+        counts[device] = (counter.get_total_flops(), plain.get_total_flops())
+    # 2 blocks x (Q K^T + P V) = 2 x 2 x (2 x 1 x 3 heads x 5 x 5 tokens x 64)
+    attention = 2 * 2 * 2 * 3 * 5 * 5 * 64
+    assert counts["cpu"][0] == counts["meta"][0] == counts["cpu"][1] + attention
