@@ -19,7 +19,7 @@ import torch
 from frozenlm.analysis import rank_layers, stage_maps
 from frozenlm.cli import run
 from frozenlm.data import ModelNet40DataModule, ScanObjectNNDataModule
-from frozenlm.data.base import DatasetNotFoundError
+from frozenlm.data.base import DatasetFileError, DatasetNotFoundError
 from frozenlm.data.pointcloud import sample_count
 from frozenlm.llm import LLMConfig
 from frozenlm.models.point_ops import farthest_point_sample, gather_points, group_points, knn_indices
@@ -347,3 +347,97 @@ def test_gcr_and_baseline_through_the_cli_and_analyses_on_group_tokens(
 
 def test_lora_block_through_the_cli(tmp_path, scanobjectnn_root, tiny_llama_checkpoint):
     check_lora_round_trip("pointcloud_llama", tmp_path, "--data.root", str(scanobjectnn_root), "--model.llm.checkpoint", str(tiny_llama_checkpoint))
+
+
+@pytest.mark.parametrize("row", ["nan,0.1,0.2,0,0,1", "0.1,inf,0.2,0,0,1", "0.1,-inf,nan,0,0,1"])
+def test_a_modelnet40_shape_with_nonfinite_coordinates_is_named_and_never_trained_on(modelnet40_root, row):
+    broken = modelnet40_root / "airplane" / "airplane_0002.txt"
+    lines = broken.read_text().splitlines()
+    broken.write_text("\n".join(lines[:7] + [row] + lines[8:]) + "\n")
+    data = ModelNet40DataModule(modelnet40_root, cache_points=256, num_points=128, num_workers=0)
+    with pytest.raises(DatasetFileError, match=rf"{broken}, line 8: NaN or infinite coordinates \(1 rows\)"):
+        data.dataset("train")
+    assert not list(modelnet40_root.glob("*.safetensors"))
+
+
+def test_a_modelnet40_token_that_is_not_a_number_is_named_with_its_line(modelnet40_root):
+    broken = modelnet40_root / "night_stand" / "night_stand_0005.txt"
+    lines = broken.read_text().splitlines()
+    broken.write_text("\n".join(lines[:2] + ["0.1,0.2,abc,0,0,1"] + lines[3:]) + "\n")
+    with pytest.raises(DatasetFileError, match=rf"{broken}, line 3: 'abc' is not a number"):
+        ModelNet40DataModule(modelnet40_root, cache_points=256, num_points=128, num_workers=2).dataset("train")
+
+
+def test_modelnet40_cache_follows_its_shape_files(modelnet40_root, capsys):
+    def load():
+        data = ModelNet40DataModule(modelnet40_root, cache_points=256, num_points=128, num_workers=0, val_fraction=0.0)
+        return data.dataset("train")
+
+    first = load()
+    shape = modelnet40_root / "airplane" / f"{first.ids[1]}.txt"
+    rows = np.loadtxt(shape, delimiter=",")
+    rows[:, :3] *= 2.0  # the shape is replaced (normalisation is scale-free, so move one point too)
+    rows[0, :3] += 5.0
+    np.savetxt(shape, rows, fmt="%.6f", delimiter=",")
+    second = load()
+    assert "1 of 9 train shapes changed since" in capsys.readouterr().out
+    assert not torch.equal(second.points[1], first.points[1])
+    assert torch.equal(second.points[[0, *range(2, 9)]], first.points[[0, *range(2, 9)]])  # only that shape redone
+
+    cache = modelnet40_root / "modelnet40_train_256pts_fps.safetensors"
+    cache.write_bytes(cache.read_bytes()[:500])  # truncated by a full disk or a copy cut short
+    third = load()
+    assert f"the cache {cache} is damaged" in capsys.readouterr().out and torch.equal(third.points, second.points)
+
+
+def test_empty_modelnet40_and_scanobjectnn_splits_are_named(modelnet40_root, scanobjectnn_root, tmp_path):
+    (modelnet40_root / "modelnet40_test.txt").write_text("\n")
+    with pytest.raises(DatasetFileError, match=rf"{modelnet40_root / 'modelnet40_test.txt'} lists no shape ids"):
+        ModelNet40DataModule(modelnet40_root, cache_points=256, num_points=128, num_workers=0).dataset("test")
+    (modelnet40_root / "modelnet40_train.txt").write_text("airplane_0001\nhelicopter_0001\n")
+    with pytest.raises(DatasetFileError, match=r"modelnet40_train.txt, entry 2: shape 'helicopter_0001' has class"):
+        ModelNet40DataModule(modelnet40_root, cache_points=256, num_points=128, num_workers=0).dataset("train")
+
+    root = Path(shutil.copytree(scanobjectnn_root, tmp_path / "empty"))
+    with h5py.File(root / "main_split" / "test_objectdataset.h5", "w") as file:
+        file.create_dataset("data", data=np.zeros((0, 2048, 3), dtype=np.float32))
+        file.create_dataset("label", data=np.zeros(0, dtype=np.int64))
+    with pytest.raises(DatasetFileError, match=r"test_objectdataset.h5 holds no clouds"):
+        ScanObjectNNDataModule(root, "obj_bg", num_workers=0).dataset("test")
+
+
+def reference_point_bert_transformer(model: PointBERT, points: torch.Tensor) -> torch.Tensor:
+    """Point-BERT's transformer written from its definition (``models/Point_BERT.py``: ``Block``, ``Attention``,
+    ``Mlp`` with ``norm_layer=nn.LayerNorm``), in plain tensor ops on ``model``'s weights: what its
+    ``forward`` computes after the group encoder, ``x = block(x + pos)`` then the final norm."""
+    state = model.state_dict()
+    groups, centres = model.group(points)
+    tokens = model.reduce_dim(model.encoder(groups))
+    batch, width, heads = len(tokens), model.embed_dim, model.blocks[0].attn.num_heads
+    x = torch.cat([state["cls_token"].expand(batch, -1, -1), tokens], dim=1)
+    pos = torch.cat([state["cls_pos"].expand(batch, -1, -1), model.pos_embed(centres)], dim=1)
+
+    def norm(t, name):
+        return torch.nn.functional.layer_norm(t, (width,), state[f"{name}.weight"], state[f"{name}.bias"], eps=1e-5)
+
+    for i in range(len(model.blocks)):
+        b = f"blocks.{i}"
+        x = x + pos
+        q, k, v = (norm(x, f"{b}.norm1") @ state[f"{b}.attn.qkv.weight"].T).reshape(batch, -1, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * (width // heads) ** -0.5).softmax(dim=-1)
+        x = x + (attn @ v).transpose(1, 2).reshape(batch, -1, width) @ state[f"{b}.attn.proj.weight"].T + state[f"{b}.attn.proj.bias"]
+        hidden = torch.nn.functional.gelu(norm(x, f"{b}.norm2") @ state[f"{b}.mlp.fc1.weight"].T + state[f"{b}.mlp.fc1.bias"])
+        x = x + hidden @ state[f"{b}.mlp.fc2.weight"].T + state[f"{b}.mlp.fc2.bias"]
+    return norm(x, "norm")
+
+
+def test_point_bert_matches_its_reference_definition_to_float64_precision():
+    torch.manual_seed(0)
+    model = PointBERT(**TINY).double().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:  # LayerNorm weights away from 1 and 0, so a changed eps shows
+                param.copy_(torch.rand_like(param) + 0.5)
+        points = torch.randn(2, 128, 3, dtype=torch.float64) * 0.01  # small inputs: variances near eps
+        ours, reference = model.forward_features(points), reference_point_bert_transformer(model, points)
+    assert (ours - reference).abs().max() < 1e-12  # timm's default eps (1e-6) is off by ~1e-4 here

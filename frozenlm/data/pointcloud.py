@@ -21,7 +21,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from frozenlm.data.base import ClassificationDataModule
+from frozenlm.data.base import ClassificationDataModule, DatasetFileError
 from frozenlm.models.point_ops import farthest_point_sample, gather_points
 
 
@@ -125,7 +125,7 @@ class PointCloudDataModule(ClassificationDataModule):
         if split not in self.datasets:
             points, labels, ids = self.load_split("test" if split == "test" else "train")
             if points.shape[1] < self.num_points:
-                raise ValueError(
+                raise DatasetFileError(
                     f"{type(self).__name__}: the clouds have {points.shape[1]} points, fewer than "
                     f"--data.num_points {self.num_points}."
                 )

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from frozenlm.data.base import DatasetNotFoundError
+from frozenlm.data.base import DatasetFileError, DatasetNotFoundError
 from frozenlm.data.pointcloud import PointCloudDataModule
 
 CLASSES = (
@@ -76,15 +76,21 @@ class ScanObjectNNDataModule(PointCloudDataModule):
                     raise ValueError(f"has the datasets {sorted(file)}, not `data` and `label`")
                 points, labels = np.asarray(file["data"], dtype=np.float32), np.asarray(file["label"]).reshape(-1)
         except (OSError, ValueError) as error:
-            raise ValueError(f"{path} is not a ScanObjectNN h5 file: {error}. {DOWNLOAD_HINT}") from error
+            raise DatasetFileError(f"{path} is not a ScanObjectNN h5 file: {error}. {DOWNLOAD_HINT}") from error
         if points.ndim != 3 or points.shape[2] != 3 or len(points) != len(labels):
-            raise ValueError(
+            raise DatasetFileError(
                 f"{path}: `data` must be [N, points, 3] with one `label` per cloud, got data {points.shape} "
                 f"and label {labels.shape}."
             )
-        if len(labels) and not (0 <= labels.min() and labels.max() < self.num_classes):
-            raise ValueError(f"{path}: labels span {labels.min()}..{labels.max()}, ScanObjectNN has 0..14.")
-        if not np.isfinite(points).all():
-            raise ValueError(f"{path}: `data` holds NaN or infinite coordinates.")
+        if len(labels) == 0:
+            raise DatasetFileError(f"{path} holds no clouds (`data` is empty). {DOWNLOAD_HINT}")
+        if not (0 <= labels.min() and labels.max() < self.num_classes):
+            raise DatasetFileError(f"{path}: labels span {labels.min()}..{labels.max()}, ScanObjectNN has 0..14.")
+        finite = np.isfinite(points).all(axis=(1, 2))
+        if not finite.all():
+            raise DatasetFileError(
+                f"{path}: `data` holds NaN or infinite coordinates in {(~finite).sum()} clouds (first: index "
+                f"{np.flatnonzero(~finite)[0]}). {DOWNLOAD_HINT}"
+            )
         ids = [f"{self.variant}/{split}/{i}" for i in range(len(labels))]
         return torch.from_numpy(points), labels.astype(np.int64).tolist(), ids

@@ -2,10 +2,13 @@
 
 Point-BERT groups a cloud with a CUDA extension (pointnet2's FPS, KNN_CUDA); these run on any device.
 FPS starts at index 0, like that kernel, so a cloud's grouping is deterministic. On the CPU the FPS of
-the ``fpsample`` package (compiled; extra ``pointcloud``) is used when it is installed: it selects the
-same points in the same order as the loop below, 3-4x faster at 8,192 points on one core
-(``python benchmarks/pointcloud_step.py`` measures both side by side). Its faster bucket variants
-neither start at a given point nor select the same points, so they are not used.
+the ``fpsample`` package (compiled; extra ``pointcloud``) is used when it is installed, 3-4x faster at
+8,192 points on one core (``python benchmarks/pointcloud_step.py`` measures both side by side). On
+clouds whose farthest point is unique at every step it selects the same points in the same order as
+the loop below (the tests check this on random clouds); where two points tie for farthest (duplicate
+points, or distances equal up to float rounding, which the two compute in different orders) either may
+be chosen, so the two can part ways from there, as the CUDA kernel of Point-BERT could. Its faster
+bucket variants neither start at a given point nor select the same points, so they are not used.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ each group (Conv1d 3->128, BN, ReLU, Conv1d 128->256, max-pool; the pooled featu
 every point's; Conv1d 512->512, BN, ReLU, Conv1d 512->``encoder_dims``, max-pool), a Linear maps it to
 the width, a CLS token (zeros) and its position (random normal) lead the sequence, and an MLP of the
 centres gives the position embedding, added before every block: ``x = block(x + pos)``. The blocks
-are timm's (pre-norm, ``qkv_bias`` False as Point-BERT's), then a final LayerNorm. Parameter names
+are timm's (pre-norm, ``qkv_bias`` False and ``nn.LayerNorm``'s eps 1e-5 as Point-BERT's), then a final
+LayerNorm. Parameter names
 follow Point-BERT's, so its checkpoints load by name (:func:`load_pretrained`).
 """
 
@@ -78,8 +79,9 @@ class PointBERT(nn.Module):
         self.cls_pos = nn.Parameter(torch.randn(1, 1, embed_dim))
         self.pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, embed_dim))
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio=4.0, qkv_bias=False, drop_path=rate) for rate in rates
+        self.blocks = nn.ModuleList(  # Point-BERT's blocks use nn.LayerNorm (eps 1e-5), not timm's default 1e-6
+            Block(embed_dim, num_heads, mlp_ratio=4.0, qkv_bias=False, drop_path=rate, norm_layer=nn.LayerNorm)
+            for rate in rates
         )
         self.norm = nn.LayerNorm(embed_dim)
 
