@@ -24,19 +24,21 @@ from timm.layers import ConvNormAct, Format, PatchEmbed
 
 Stem = Literal["patch", "conv"]
 
-# Xiao et al.'s 3x3 convolutions for 16 px patches: the ViT-B-like stem. Their smaller stems have
-# widths d/8, d/4, d/2, d for width d (ViT-T-like 24..192, ViT-S-like 48..384), all with stride 2.
+# Xiao et al.'s 3x3 convolutions for 16 px patches: the stem of their 18 GF model (width 768), which
+# their 36 GF model (width 1024) reuses. Their smaller stems have widths d/8, d/4, d/2, d for width d
+# (ViT-T-like 24..192, ViT-S-like 48..384), all with stride 2.
 BASE_PLAN = ((64, 128, 128, 256, 256, 512), (2, 2, 1, 2, 1, 2))
 
 
 def conv_stem_plan(embed_dim: int, patch_size: int) -> tuple[list[int], list[int]]:
     """Default ``(channels, strides)`` of the 3x3 convolutions for a ViT of this width and patch size.
 
-    Width 768 gets the paper's ViT-B stem, other widths ``d/8, d/4, d/2, d``. For patches other than
+    Widths 768 and 1024 get the paper's 18 GF stem (its 36 GF model reuses it), other widths ``d/8,
+    d/4, d/2, d``. For patches other than
     16 px (e.g. 4 px on 32 px CIFAR images) the first ``log2(patch_size)`` stride-2 convolutions keep
     stride 2 and the others get stride 1.
     """
-    if embed_dim == 768:
+    if embed_dim in (768, 1024):
         channels, paper_strides = map(list, BASE_PLAN)
     elif embed_dim % 8 == 0:
         channels, paper_strides = [embed_dim // 8, embed_dim // 4, embed_dim // 2, embed_dim], [2, 2, 2, 2]
@@ -98,6 +100,12 @@ class CAPE2d(nn.Module):
     Patch centres lie on a ``[-1, 1] x [-1, 1]`` grid whatever the grid size. Channel ``k`` of the
     ``dim / 2`` cosine and sine pairs has the frequency vector ``10^((k+1)/(dim/2)) * (cos k, sin k)``
     (the paper's 2-d embedding), so each pair sees the positions along a different direction.
+
+    Which magnitudes: versions of the reference code differ, ``10^((k+1)/(dim/2))`` (magnitudes from
+    ``10^(2/dim)`` to 10, used here) or ``10^linspace(0, 1, dim/2)`` (from 1 to 10). Both span one
+    decade and differ by at most a factor ``10^(2/dim)`` (1.2 % at width 384). We keep the first: the
+    frequencies are not stored in checkpoints, so changing them would move the positions of every
+    CAPE model already trained.
     """
 
     def __init__(self, dim: int, config: CAPEConfig | None = None) -> None:
