@@ -24,7 +24,8 @@ PYTEST_ARGS ?=
 	reproduce-modelnet40-1k reproduce-modelnet40-4k reproduce-modelnet40-8k \
 	reproduce-modelnet40-1k-llama reproduce-modelnet40-4k-llama reproduce-modelnet40-8k-llama \
 	reproduce-argoverse1-vectornet reproduce-argoverse1-vectornet-llama reproduce-argoverse1-vectornet-gcr \
-	reproduce-argoverse2-vectornet reproduce-argoverse2-vectornet-llama
+	reproduce-argoverse2-vectornet reproduce-argoverse2-vectornet-llama \
+	reproduce-argoverse2-vectornet-fullmap reproduce-argoverse2-vectornet-fullmap-llama
 
 $(BIN)/frozenlm: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -170,7 +171,13 @@ reproduce-argoverse1-vectornet reproduce-argoverse2-vectornet: reproduce-%-vecto
 	$(FIT) --config configs/$*_vectornet.yaml --data.root $(if $(filter argoverse1,$*),$(ARGOVERSE1),$(ARGOVERSE2)) $(ARGS)
 	$(call RESULTS,$*_vectornet)
 
-reproduce-argoverse1-vectornet-llama reproduce-argoverse1-vectornet-gcr reproduce-argoverse2-vectornet-llama: \
+reproduce-argoverse2-vectornet-fullmap: $(BIN)/frozenlm
+	$(FIT) --config configs/argoverse2_vectornet_fullmap.yaml --data.root $(ARGOVERSE2) $(ARGS)
+	$(call RESULTS,argoverse2_vectornet_fullmap)
+
+# `-fullmap`: Argoverse 2 with lane boundaries and crosswalks as polylines beside the centrelines.
+reproduce-argoverse1-vectornet-llama reproduce-argoverse1-vectornet-gcr reproduce-argoverse2-vectornet-llama \
+reproduce-argoverse2-vectornet-fullmap-llama: \
 reproduce-%: $(BIN)/frozenlm
 	$(FIT) --config configs/$(subst -,_,$*).yaml --model.llm.checkpoint $(LLAMA) --data.root $(if $(findstring argoverse1,$*),$(ARGOVERSE1),$(ARGOVERSE2)) $(ARGS)
 	$(call RESULTS,$(subst -,_,$*))

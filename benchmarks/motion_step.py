@@ -6,7 +6,8 @@ All in one run and one process:
 * ``preprocess``: scenes per second turned from Argoverse 2 files (parquet + map JSON, read with av2)
   into cached tensors, by ``--workers`` loader processes (the datamodule's own preprocessing);
 * ``load``: ms per batch of ``--batch`` cached scenes through the DataLoader and collation (what a
-  training step waits for when the loader does not keep up);
+  training step waits for when the loader does not keep up), and the fraction of the batch's vector
+  slots that hold real vectors (agents and map polylines are padded apart, each to its own longest);
 * ``step``: MotionForecaster's forward + backward on that batch (``--llm``: with a frozen
   LLaMA-7B-shaped layer over all tokens, random weights), and ``ideal``: one ``torch.matmul`` of the
   step's FLOPs (PyTorch's ``FlopCounterMode``), timed in the same run.
@@ -28,9 +29,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from frozenlm.bench import ideal_seconds, lm_config, median_seconds
+from frozenlm.bench import flop_counter, ideal_seconds, lm_config, median_seconds
 from frozenlm.data import Argoverse2DataModule
 from frozenlm.llm import FrozenLMBlock, LLMConfig
 from frozenlm.tasks import MotionForecaster
@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--llm", action="store_true", help="a frozen LLaMA-7B-shaped layer inline")
+    parser.add_argument("--full-map", action="store_true", help="lane boundaries and crosswalks too")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -55,7 +56,8 @@ def main() -> None:
             from tests.data.argoverse2.data import write
 
             root = write(work / "argoverse2", {"train": args.scenes})
-        data = Argoverse2DataModule(root, cache_dir=work / "cache", batch_size=args.batch, num_workers=args.workers)
+        data = Argoverse2DataModule(root, cache_dir=work / "cache", batch_size=args.batch, num_workers=args.workers,
+                                    lane_boundaries=args.full_map, crosswalks=args.full_map)  # fmt: skip
         count = len(data.scene_sources("train"))
         start = time.perf_counter()
         dataset = data.dataset("train")
@@ -83,17 +85,19 @@ def main() -> None:
             model.zero_grad(set_to_none=True)
             model.forecast_loss(*model(batch), batch["target"]).backward()
 
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             step()
         flops = counter.get_total_flops()
         step_s = median_seconds(step, device, args.repeats)
         ideal_s = ideal_seconds(flops, device, args.repeats)
         tokens = batch["polyline_mask"].shape[1]
+        masks = [batch["agent_mask"], batch["map_mask"]]  # each group padded to its own longest polyline
+        real = float(sum(m.sum() for m in masks) / sum(m.numel() for m in masks))
         print(f"device {device}, threads {torch.get_num_threads()}, {count} scenes ({'real' if args.root else 'synthetic'}), "
               f"batch {args.batch} ({tokens} polyline tokens), LLM block {'yes' if args.llm else 'no'}")  # fmt: skip
-        print("preprocess scenes/s | load ms/batch | GFLOP | step ms | ideal ms | step/ideal | load/step")
-        print(f"{preprocess:.1f} | {load_s * 1e3:.1f} | {flops / 1e9:.2f} | {step_s * 1e3:.1f} | {ideal_s * 1e3:.1f} | "
-              f"{step_s / ideal_s:.2f} | {load_s / step_s:.2f}")  # fmt: skip
+        print("preprocess scenes/s | load ms/batch | real vector slots | GFLOP | step ms | ideal ms | step/ideal | load/step")
+        print(f"{preprocess:.1f} | {load_s * 1e3:.1f} | {real:.0%} | {flops / 1e9:.2f} | {step_s * 1e3:.1f} | "
+              f"{ideal_s * 1e3:.1f} | {step_s / ideal_s:.2f} | {load_s / step_s:.2f}")  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -30,7 +30,7 @@ from frozenlm.data import (
     ImageDataModule,
     ImageFolderDataModule,
 )
-from frozenlm.data.base import DatasetNotFoundError, TooManyUnreadableSamplesError, Unreadable
+from frozenlm.data.base import DatasetError, DatasetNotFoundError, TooManyUnreadableSamplesError, Unreadable
 from tests.cli_helpers import run_cli
 
 
@@ -94,7 +94,7 @@ def test_default_pin_memory_follows_cuda_and_persistent_workers_follow_num_worke
 
 def test_train_loader_refuses_a_batch_size_larger_than_the_train_split(tmp_path):
     dm = CIFAR100DataModule(write_cifar100(tmp_path), batch_size=64, num_workers=0)
-    with pytest.raises(ValueError, match="fewer than one batch"):
+    with pytest.raises(DatasetError, match="fewer than one batch"):
         dm.train_dataloader()
 
 

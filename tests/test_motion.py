@@ -17,8 +17,9 @@ from av2.datasets.motion_forecasting.eval import metrics as av2_metrics
 from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
 
 from frozenlm.data import Argoverse1DataModule, Argoverse2DataModule
-from frozenlm.data.base import DatasetNotFoundError
-from frozenlm.data.motion import Scene, collate_scenes, vectorize
+from frozenlm.data.base import DatasetFileError, DatasetNotFoundError
+from frozenlm.data.motion import VECTOR_DIM, Scene, TooManySkippedScenesError, collate_scenes, vectorize
+from frozenlm.models.vectornet import VectorNet
 from frozenlm.llm import LLMConfig
 from frozenlm.tasks import MotionForecaster
 from frozenlm.tasks.motion import to_world
@@ -78,8 +79,8 @@ def synthetic_scene(rotation: float = 0.0, shift: tuple[float, float] = (0.0, 0.
     positions[1, :5] = np.nan  # a track that appears late
     return Scene(
         scenario_id="s", focal_track_id="focal", agent_positions=positions, agent_kinds=np.array([0, 1]),
-        future=move(focal[20:]), lanes=[move(lane) for lane in lanes],
-        lane_attributes=np.eye(4, dtype=np.float32)[:3],
+        future=move(focal[20:]), map_polylines=[move(lane) for lane in lanes],
+        map_attributes=np.eye(4, dtype=np.float32)[:3],
     )  # fmt: skip
 
 
@@ -100,7 +101,7 @@ def test_vectors_are_in_the_focal_agents_frame():
     torch.testing.assert_close(last[2:4], torch.zeros(2), atol=1e-5, rtol=0)  # ends at the origin
     assert last[0] < 0 and abs(last[1]) < 0.1  # came from behind, along +x
     assert sample["target"][:, 0].min() > 0  # drives on along +x
-    assert (sample["agent_vectors"][1, :, -1].sum(), sample["lane_vectors"].shape[0]) == (14, 3)  # 15 observed, 14 vectors
+    assert (sample["agent_vectors"][1, :, -1].sum(), sample["map_vectors"].shape[0]) == (14, 3)  # 15 observed, 14 vectors
 
 
 def test_rotating_and_translating_the_scene_moves_the_predictions_with_it(tiny_llama_checkpoint):
@@ -108,7 +109,8 @@ def test_rotating_and_translating_the_scene_moves_the_predictions_with_it(tiny_l
     angle, shift = 1.1, (-4000.0, 2500.0)
     plain = collate_scenes([scene_sample(synthetic_scene())])
     moved = collate_scenes([scene_sample(synthetic_scene(angle, shift))])
-    torch.testing.assert_close(moved["polylines"], plain["polylines"], atol=1e-3, rtol=0)  # the same agent frame
+    for group in ("agent_vectors", "map_vectors"):  # the same agent frame
+        torch.testing.assert_close(moved[group], plain[group], atol=1e-3, rtol=0)
     with torch.no_grad():
         world, probabilities = model.predict_modes(plain)
         moved_world, moved_probabilities = model.predict_modes(moved)
@@ -124,10 +126,11 @@ def test_rotating_and_translating_the_scene_moves_the_predictions_with_it(tiny_l
 def test_padding_never_changes_a_prediction(tiny_llama_checkpoint, mode):
     model = MotionForecaster(horizon=30, hidden=16, llm=LLMConfig(checkpoint=str(tiny_llama_checkpoint), mode=mode)).eval()
     small, large = scene_sample(synthetic_scene(seed=1)), scene_sample(synthetic_scene(seed=2))
-    large["lane_vectors"] = torch.cat([large["lane_vectors"]] * 4)  # more lanes, more padding for `small`
+    large["map_vectors"] = torch.cat([large["map_vectors"]] * 4)  # more lanes, more padding for `small`
+    large["agent_vectors"] = torch.cat([large["agent_vectors"]] * 3)  # and more agents
     alone = collate_scenes([small])
     together = collate_scenes([small, large])
-    assert together["polylines"].shape[1] > alone["polylines"].shape[1]
+    assert together["polyline_mask"].shape[1] > alone["polyline_mask"].shape[1]
     with torch.no_grad():
         for a, b in zip(model(alone), model(together)):
             torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-5)
@@ -141,7 +144,7 @@ def test_argoverse2_scenes_read_with_av2_and_cached(av2_root):
     sample = train[0]
     assert sample["target"].shape == (60, 2) and sample["agent_vectors"].shape[1] == 49
     assert sample["scenario_id"] == "train-0000" and sample["track_id"] == "focal"
-    assert sample["lane_vectors"][..., 4:8].sum() > 0  # lane attributes from the map JSON
+    assert sample["map_vectors"][..., 4:8].sum() > 0  # lane attributes from the map JSON
     assert data.dataset("test")[0]["has_target"] == "False"
     other = Argoverse2DataModule(av2_root, num_workers=0, radius=20.0)
     assert other.cache_folder("train") != data.cache_folder("train")  # other parameters, other cache
@@ -162,7 +165,7 @@ def test_preprocessing_resumes_after_a_kill(av2_root, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         Argoverse2DataModule(root, num_workers=0).dataset("train")
     folder = Argoverse2DataModule(root, num_workers=0).cache_folder("train")
-    assert sorted(p.stem for p in folder.glob("*.safetensors")) == read and not list(folder.glob(".*"))
+    assert sorted(p.name.split(".")[0] for p in folder.glob("*.safetensors")) == read and not list(folder.glob(".*"))
     read.clear()
     monkeypatch.setattr(Argoverse2DataModule, "read_scene", lambda self, source: read.append(1) or original(self, source))
     assert len(Argoverse2DataModule(root, num_workers=0).dataset("train")) == 8
@@ -175,7 +178,7 @@ def test_unusable_scenes_are_skipped_counted_and_named(av2_root, tmp_path, capsy
     (scenes[0] / f"scenario_{scenes[0].name}.parquet").write_bytes(b"not parquet")
     for path in scenes[1].glob("log_map_archive_*.json"):
         path.unlink()
-    data = Argoverse2DataModule(root, num_workers=0)
+    data = Argoverse2DataModule(root, num_workers=0, max_skipped_fraction=0.25)
     assert len(data.dataset("train")) == 6
     reasons = data.skipped["train"]
     assert len(reasons) == 2 and scenes[0].name in reasons[0] and "log_map_archive" in reasons[1]
@@ -194,10 +197,45 @@ def test_damaged_argoverse1_sequences_are_skipped_with_the_reason(av1_root, tmp_
     root = Path(shutil.copytree(av1_root, tmp_path / "av1", ignore=shutil.ignore_patterns("frozenlm_cache")))
     (root / "train" / "data" / "1.csv").write_text("TIMESTAMP,TRACK_ID\n1.0,x\n")  # columns missing
     (root / "train" / "data" / "2.csv").write_text((root / "train" / "data" / "2.csv").read_text().replace("AGENT", "OTHERS"))
-    data = Argoverse1DataModule(root, num_workers=0)
+    data = Argoverse1DataModule(root, num_workers=0, max_skipped_fraction=0.25)
     assert len(data.dataset("train")) == 6
     assert [reason.split(": ")[1] for reason in data.skipped["train"]] == ["KeyError", "KeyError"]
     assert "no AGENT track" in data.skipped["train"][1]
+
+
+def test_a_repaired_scene_is_read_again_and_too_many_skips_stop_the_run(av2_root, tmp_path):
+    root = Path(shutil.copytree(av2_root, tmp_path / "av2", ignore=shutil.ignore_patterns("frozenlm_cache")))
+    scene = sorted((root / "train").iterdir())[2]
+    parquet = scene / f"scenario_{scene.name}.parquet"
+    original = parquet.read_bytes()
+    parquet.write_bytes(original[: len(original) // 2])  # truncated by an interrupted copy
+    with pytest.raises(TooManySkippedScenesError, match=rf"1 of 8 train scenes are unusable.*{scene.name}.*max_skipped_fraction"):
+        Argoverse2DataModule(root, num_workers=0).dataset("train")  # default: at most 1 %
+    assert len(Argoverse2DataModule(root, num_workers=0, max_skipped_fraction=0.2).dataset("train")) == 7
+
+    parquet.write_bytes(original)  # repaired: read again, no longer skipped
+    data = Argoverse2DataModule(root, num_workers=0)
+    assert len(data.dataset("train")) == 8 and data.skipped["train"] == []
+    folder = data.cache_folder("train")
+    assert len(list(folder.glob("*.safetensors"))) == 8 and not list(folder.glob("*.skipped"))  # stale entry gone
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_damaged_argoverse1_map_stops_the_run_naming_it(av1_root, tmp_path, workers):
+    root = Path(shutil.copytree(av1_root, tmp_path / "av1", ignore=shutil.ignore_patterns("frozenlm_cache")))
+    city_map = sorted((root / "map_files").glob("*.xml"))[0]
+    city_map.write_text(city_map.read_text()[:300])  # cut mid-element
+    with pytest.raises(DatasetFileError, match=rf"^{city_map} is not a readable Argoverse vector map \(ParseError") as error:
+        Argoverse1DataModule(root, num_workers=workers, max_skipped_fraction=1.0).dataset("train")
+    assert "Traceback" not in str(error.value)  # raised as it is, not wrapped by the loader worker
+
+
+def test_scenes_with_nonfinite_map_points_are_skipped_with_the_reason():
+    scene = synthetic_scene()
+    scene.map_polylines[0] = scene.map_polylines[0].copy()
+    scene.map_polylines[0][3, 1] = np.inf
+    with pytest.raises(ValueError, match=r"map polyline 0 \(centreline\) has NaN or infinite points"):
+        vectorize(scene, 20, 30, 50.0, needs_future=True)
 
 
 def test_argoverse1_reads_csv_and_vector_map(av1_root, tmp_path):
@@ -205,8 +243,8 @@ def test_argoverse1_reads_csv_and_vector_map(av1_root, tmp_path):
     train = data.dataset("train")
     assert len(train) == 8
     sample = train[0]
-    assert sample["target"].shape == (30, 2) and sample["agent_vectors"].shape == (3, 19, 11)
-    assert sample["track_id"].endswith("agent") and sample["lane_vectors"].shape[1] == 9  # 10-point centrelines
+    assert sample["target"].shape == (30, 2) and sample["agent_vectors"].shape == (3, 19, 13)
+    assert sample["track_id"].endswith("agent") and sample["map_vectors"].shape[1] == 9  # 10-point centrelines
     assert data.dataset("test")[0]["has_target"] == "False" and len(data.dataset("test")) == 2
     with pytest.raises(DatasetNotFoundError, match="pruned_argoverse_<CITY>_<id>_vector_map.xml"):
         Argoverse1DataModule(tmp_path)
@@ -270,3 +308,36 @@ def test_gcr_and_baseline_argoverse2_and_argoverse1_predictions(tmp_path, av2_ro
 
 def test_lora_block_on_agent_and_lane_tokens_through_the_cli(tmp_path, av2_root, tiny_llama_checkpoint):
     check_lora_round_trip("motion_llama", tmp_path, "--data.root", str(av2_root), "--model.llm.checkpoint", str(tiny_llama_checkpoint))
+
+
+def test_vectornet_identifier_is_the_minimum_start_and_the_paper_global_graph():
+    vectors = torch.zeros(1, 2, 3, VECTOR_DIM)
+    vectors[0, 0, :, :2] = torch.tensor([[3.0, -1.0], [1.0, 2.0], [-9.0, -9.0]])  # the last vector is padding
+    vectors[0, 1, :1, :2] = torch.tensor([[5.0, 4.0]])
+    mask = torch.tensor([[[True, True, False], [True, False, False]]])
+    torch.testing.assert_close(VectorNet.identifiers([(vectors, mask)]), torch.tensor([[[1.0, -1.0], [5.0, 4.0]]]))
+
+    torch.manual_seed(0)
+    net = VectorNet(VECTOR_DIM, hidden=8)
+    nodes, polyline_mask = torch.randn(2, 5, 16), torch.tensor([[True] * 5, [True, True, True, False, False]])
+    graph = net.global_graph
+    q, k, v = graph.query(nodes), graph.key(nodes), graph.value(nodes)
+    scores = (q @ k.transpose(1, 2)).masked_fill(~polyline_mask[:, None], float("-inf"))  # no 1/sqrt(d), no out-proj
+    torch.testing.assert_close(graph(nodes, polyline_mask), scores.softmax(-1) @ v)
+    assert not any("out_proj" in name for name, _ in net.named_parameters())
+    assert any("out_proj" in name for name, _ in VectorNet(VECTOR_DIM, hidden=8, global_graph="multihead").named_parameters())
+
+
+def test_argoverse2_lane_boundaries_and_crosswalks_as_polylines(av2_root):
+    plain = Argoverse2DataModule(av2_root, num_workers=0)
+    full = Argoverse2DataModule(av2_root, num_workers=0, lane_boundaries=True, crosswalks=True)
+    assert plain.cache_folder("train") != full.cache_folder("train")
+    lanes, everything = plain.dataset("train")[0]["map_vectors"], full.dataset("train")[0]["map_vectors"]
+    kinds = everything[:, 0, VECTOR_DIM - 3 : VECTOR_DIM].argmax(dim=1)  # centreline, boundary, crosswalk
+    centrelines = int((kinds == 0).sum())
+    assert centrelines == len(lanes) and int((kinds == 1).sum()) == 2 * centrelines and (kinds == 2).sum() > 0
+    assert everything.shape[1] == lanes.shape[1] == 9  # every map polyline resampled to 10 points
+    torch.testing.assert_close(everything[kinds == 0], lanes)  # the centrelines are unchanged
+    batch = collate_scenes([full.dataset("train")[i] for i in range(4)])
+    assert batch["map_vectors"].shape[2] == 9 and batch["agent_vectors"].shape[2] == 49  # padded per type
+    assert batch["agent_mask"].float().mean() > 0.5  # most agent slots are real vectors

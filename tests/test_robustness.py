@@ -12,7 +12,7 @@ import pytest
 from timm.data import ImageNetInfo
 
 from frozenlm.data import ImageNetVariantDataModule
-from frozenlm.data.base import DatasetNotFoundError
+from frozenlm.data.base import DatasetError, DatasetNotFoundError
 from frozenlm.cli import run
 from tests.cli_helpers import run_cli
 from tests.data.imagenet_variants.data import CLASSES, CORRUPTIONS, SEVERITIES, write
@@ -62,7 +62,7 @@ def test_bad_roots_and_fit_are_clear_errors(variants_root, tmp_path):
     (tmp_path / "a" / CLASSES["a"][0]).rename(tmp_path / "a" / "cats")
     with pytest.raises(ValueError, match=r"not among the model's 1000 classes \(e.g. \['cats'\]\)"):
         ImageNetVariantDataModule(tmp_path / "a", "a")
-    with pytest.raises(ValueError, match="evaluation set"):
+    with pytest.raises(DatasetError, match="evaluation set"):
         datamodule(variants_root, "a").load_split("train")
 
 

@@ -89,12 +89,12 @@ def test_training_pipeline_survives_thousands_of_samples(configs, tmp_path):
     dataset = datamodule.train_dataloader().dataset  # the real train dataset: files + config augmentation
     kind = "video" if data["class_path"].endswith("SSv2DataModule") else "image"
     kind = "points" if hasattr(datamodule, "random_views") else kind
-    kind = "polylines" if hasattr(datamodule, "horizon") else kind  # motion: scenes preprocessed into the cache
+    kind = "map_vectors" if hasattr(datamodule, "horizon") else kind  # motion: scenes preprocessed into the cache
     samples, batch_size = {
         "video": (VIDEO_SAMPLES, 4), "image": (IMAGE_SAMPLES, 64), "points": (CLOUD_SAMPLES, 32),
-        "polylines": (SCENE_SAMPLES, 32),
+        "map_vectors": (SCENE_SAMPLES, 32),
     }[kind]  # fmt: skip
-    collate = collate_scenes if kind == "polylines" else collate_readable
+    collate = collate_scenes if kind == "map_vectors" else collate_readable
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
     batch = []
     for i in range(samples):
@@ -105,10 +105,12 @@ def test_training_pipeline_survives_thousands_of_samples(configs, tmp_path):
             if kind == "points":  # sampled and augmented on the device, per batch
                 collated["points"] = datamodule.random_views(collated["points"], 1)[:, 0]
             assert collated[kind].dtype == torch.float32 and collated[kind].isfinite().all()
+            if kind == "map_vectors":
+                assert collated["agent_vectors"].isfinite().all() and collated["polyline_mask"][:, 0].all()
             batch = []
     if kind == "points":
         assert collated["points"].shape[1:] == (data["init_args"]["num_points"], 3)
-    elif kind == "polylines":
+    elif kind == "map_vectors":
         assert collated["target"].shape[1:] == (datamodule.horizon, 2) and collated["polyline_mask"][:, 0].all()
     else:
         size = data["init_args"].get("img_size", 224)

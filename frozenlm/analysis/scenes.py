@@ -5,26 +5,30 @@ from __future__ import annotations
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from frozenlm.data.motion import VECTOR_DIM
+from frozenlm.data.motion import MAP_KINDS, VECTOR_DIM
 
-AGENT_FLAG, LANE_FLAG = VECTOR_DIM - 2, VECTOR_DIM - 1
+AGENT_FLAG = VECTOR_DIM - 1 - len(MAP_KINDS)
+MAP_COLOURS = {"centreline": "0.75", "boundary": "0.45", "crosswalk": "tab:olive"}
 
 
 def draw_scene(ax, batch: dict, index: int, trajectories: Tensor, probabilities: Tensor) -> None:
-    """Scene ``index`` of a collated batch in the focal agent's frame (metres): lanes grey, other agents'
-    histories blue, the focal history black, the K forecasts ``[K, T, 2]`` orange with opacity by their
-    ``probabilities [K]``, the ground truth green when the batch has it."""
-    polylines, mask = batch["polylines"][index].cpu().float(), batch["vector_mask"][index].cpu()
-    for p, (vectors, valid) in enumerate(zip(polylines, mask)):
-        vectors = vectors[valid]
-        if len(vectors) == 0:
-            continue
-        xs = [vectors[0, 0].item(), *vectors[:, 2].tolist()]
-        ys = [vectors[0, 1].item(), *vectors[:, 3].tolist()]
-        if vectors[0, LANE_FLAG] > 0:
-            ax.plot(xs, ys, color="0.75", lw=1, zorder=1)
-        else:
-            ax.plot(xs, ys, color="black" if p == 0 else "tab:blue", lw=2 if p == 0 else 1, zorder=3)
+    """Scene ``index`` of a collated batch in the focal agent's frame (metres): centrelines light grey,
+    lane boundaries dark grey, crosswalks olive, other agents' histories blue, the focal history black,
+    the K forecasts ``[K, T, 2]`` orange with opacity by their ``probabilities [K]``, the ground truth
+    green when the batch has it."""
+    for group in ("agent", "map"):
+        polylines, mask = batch[f"{group}_vectors"][index].cpu().float(), batch[f"{group}_mask"][index].cpu()
+        for p, (vectors, valid) in enumerate(zip(polylines, mask)):
+            vectors = vectors[valid]
+            if len(vectors) == 0:
+                continue
+            xs = [vectors[0, 0].item(), *vectors[:, 2].tolist()]
+            ys = [vectors[0, 1].item(), *vectors[:, 3].tolist()]
+            if group == "map":
+                kind = MAP_KINDS[int(vectors[0, AGENT_FLAG + 1 :].argmax())]
+                ax.plot(xs, ys, color=MAP_COLOURS[kind], lw=1, zorder=1)
+            else:
+                ax.plot(xs, ys, color="black" if p == 0 else "tab:blue", lw=2 if p == 0 else 1, zorder=3)
     strongest = probabilities.max().item()
     for trajectory, probability in zip(trajectories.cpu().float(), probabilities.cpu().float()):
         alpha = 0.15 + 0.85 * probability.item() / strongest

@@ -13,41 +13,38 @@ from pathlib import Path
 
 import numpy as np
 
-from frozenlm.data.base import DatasetNotFoundError
-from frozenlm.data.motion import MotionDataModule, Scene
+from frozenlm.data.base import DatasetFileError, DatasetNotFoundError
+from frozenlm.data.motion import MAP_POINTS, MotionDataModule, Scene, resample
 
 DOWNLOAD_HINT = (
     "Download the Argoverse 1.1 motion forecasting data and HD maps (https://www.argoverse.org/av1.html) and pass "
     "--data.root <folder holding train/data, val/data, test_obs/data and map_files>."
 )
-CENTRELINE_POINTS = 10  # centrelines are resampled to this many points, as Argoverse 2 interpolates them
-
-
 @lru_cache(maxsize=4)
 def read_vector_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A city's lanes from ``pruned_argoverse_<CITY>_<id>_vector_map.xml``: centrelines ``[L, 10, 2]``
     (resampled by arc length) and attributes ``[L, 4]`` = (is_intersection, turns left, turns right,
     has_traffic_control)."""
-    root = ElementTree.parse(path).getroot()
-    nodes = {node.get("id"): (float(node.get("x")), float(node.get("y"))) for node in root.iter("node")}
+    try:
+        root = ElementTree.parse(path).getroot()
+        nodes = {node.get("id"): (float(node.get("x")), float(node.get("y"))) for node in root.iter("node")}
+        ways = [(way, [nodes[nd.get("ref")] for nd in way.iter("nd")]) for way in root.iter("way")]
+    except (ElementTree.ParseError, OSError, KeyError, TypeError, ValueError) as error:
+        raise DatasetFileError(
+            f"{path} is not a readable Argoverse vector map ({type(error).__name__}: {error}); every scene of its "
+            f"city needs it. Re-extract it from the HD map download. {DOWNLOAD_HINT}"
+        ) from None
     centrelines, attributes = [], []
-    for way in root.iter("way"):
+    for way, points in ways:
         tags = {tag.get("k"): tag.get("v") for tag in way.iter("tag")}
-        points = np.array([nodes[nd.get("ref")] for nd in way.iter("nd")])
+        points = np.array(points)
         if len(points) < 2:
             continue
-        centrelines.append(resample(points, CENTRELINE_POINTS))
+        centrelines.append(resample(points))
         turn = tags.get("turn_direction", "NONE")
         attributes.append([tags.get("is_intersection") == "True", turn == "LEFT", turn == "RIGHT",
                            tags.get("has_traffic_control") == "True"])  # fmt: skip
-    return np.asarray(centrelines).reshape(-1, CENTRELINE_POINTS, 2), np.asarray(attributes, np.float32).reshape(-1, 4)
-
-
-def resample(points: np.ndarray, count: int) -> np.ndarray:
-    """``count`` points evenly spaced by arc length along a polyline."""
-    lengths = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))])
-    targets = np.linspace(0.0, lengths[-1], count)
-    return np.stack([np.interp(targets, lengths, points[:, i]) for i in range(2)], axis=1)
+    return np.asarray(centrelines).reshape(-1, MAP_POINTS, 2), np.asarray(attributes, np.float32).reshape(-1, 4)
 
 
 class Argoverse1DataModule(MotionDataModule):
@@ -126,5 +123,5 @@ class Argoverse1DataModule(MotionDataModule):
         return Scene(
             scenario_id=source.stem, focal_track_id=focal, agent_positions=positions[:, : self.history],
             agent_kinds=kinds, future=future if len(timestamps) > self.history else None,
-            lanes=list(centrelines), lane_attributes=attributes,
+            map_polylines=list(centrelines), map_attributes=attributes,
         )  # fmt: skip

@@ -4,14 +4,21 @@ preprocessed scenes, padding collation, and prediction files.
 Each scene is read once (by the dataset's reader, in loader worker processes, with a progress bar),
 turned into VectorNet's vectors in the focal agent's frame (origin at its last observed position, its
 heading along +x) and written as ``<scenario_id>.safetensors`` in a cache folder named after the
-preprocessing parameters. A scene already there is never redone, so a killed preprocessing run
-resumes. A scene that cannot be used (unreadable file, no focal track, NaN positions, too few observed
-steps, incomplete future) gets a ``<scenario_id>.skipped`` file with the reason instead: counted,
-reported once, never trained on.
+preprocessing parameters. Each cache entry is keyed to the files it was read from (their sizes and
+modification times): ``<scenario_id>.<key>.safetensors``. An entry whose files are unchanged is never
+redone, so a killed preprocessing run resumes; a scene whose file was replaced or repaired is read
+again. A scene that cannot be used (unreadable file, no focal track, NaN positions, too few observed
+steps, incomplete future, non-finite lane points) gets a ``<scenario_id>.<key>.skipped`` file with the
+reason instead: counted, reported once, never trained on, and retried once its files change. More
+than ``max_skipped_fraction`` of a split skipped stops the run (:class:`TooManySkippedScenesError`); a
+damaged file that every scene needs (a city's map) stops it at once, named.
 
-Vectors are ``[x_start, y_start, x_end, y_end, a1, a2, a3, a4, is_agent, is_lane]``: for agents, between
-consecutive observed positions, with ``a = (timestep / history, is_focal, is_vehicle, is_vulnerable)``;
-for lanes, between consecutive centreline points, with the dataset's four lane attributes.
+Vectors are ``[x_start, y_start, x_end, y_end, a1, a2, a3, a4, is_agent, is_centreline, is_boundary,
+is_crosswalk]``: for agents, between consecutive observed positions, with ``a = (timestep / history,
+is_focal, is_vehicle, is_vulnerable)``; for map polylines, between consecutive points, with the dataset's
+four lane attributes (a lane's boundaries carry its lane's; crosswalks none). A batch keeps agents and
+map polylines apart, each padded to its own longest polyline (agents: ``history - 1`` vectors; map
+polylines: 9), so that padding stays a small part of the vectors VectorNet's subgraph runs over.
 """
 
 from __future__ import annotations
@@ -20,8 +27,6 @@ import csv
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,14 +39,22 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from frozenlm.data.base import ClassificationDataModule, DatasetNotFoundError
+from frozenlm.data.base import ClassificationDataModule, DatasetError, DatasetFileError, DatasetNotFoundError
+from frozenlm.files import atomic_path, source_stamp, write_atomically
+from frozenlm.predictions import PredictionFile
 
-VECTOR_DIM = 10
-CACHE_VERSION = 1
+VECTOR_DIM = 12
+CACHE_VERSION = 2  # 2: entries keyed to their source files; 12-wide vectors, map polylines of three kinds
+MAP_KINDS = ("centreline", "boundary", "crosswalk")  # the one-hot after is_agent, in this order
+MAP_POINTS = 10  # map polylines are resampled to this many points (Argoverse 2 interpolates centrelines so)
 
 
 class UnusableSceneError(ValueError):
     """A scene that cannot be trained or evaluated on; the message says why."""
+
+
+class TooManySkippedScenesError(DatasetError):
+    """More of a split's scenes were unusable than the datamodule's ``max_skipped_fraction``."""
 
 
 @dataclass
@@ -50,9 +63,10 @@ class Scene:
 
     ``agent_positions [A, history, 2]`` (NaN where unobserved) has the focal agent first;
     ``agent_kinds [A]`` is 0 vehicle, 1 vulnerable road user, 2 other; ``future [horizon, 2]`` is the
-    focal agent's (None in a test split); ``lanes`` are centrelines ``[P, 2]`` with
-    ``lane_attributes [L, 4]``; ``focal_heading`` (radians) when the dataset records it, else it is
-    taken from the focal agent's last motion.
+    focal agent's (None in a test split); ``map_polylines`` are ``[P, 2]`` points with
+    ``map_attributes [M, 4]`` and ``map_kinds [M]`` (indices into :data:`MAP_KINDS`; None: all
+    centrelines); ``focal_heading`` (radians) when the dataset records it, else it is taken from the
+    focal agent's last motion.
     """
 
     scenario_id: str
@@ -60,9 +74,17 @@ class Scene:
     agent_positions: np.ndarray
     agent_kinds: np.ndarray
     future: np.ndarray | None
-    lanes: list[np.ndarray] = field(default_factory=list)
-    lane_attributes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    map_polylines: list[np.ndarray] = field(default_factory=list)
+    map_attributes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    map_kinds: np.ndarray | None = None
     focal_heading: float | None = None
+
+
+def resample(points: np.ndarray, count: int = MAP_POINTS) -> np.ndarray:
+    """``count`` points evenly spaced by arc length along a polyline ``[P, 2]``."""
+    lengths = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))])
+    targets = np.linspace(0.0, lengths[-1], count)
+    return np.stack([np.interp(targets, lengths, points[:, i]) for i in range(2)], axis=1)
 
 
 def vectorize(scene: Scene, history: int, horizon: int, radius: float, needs_future: bool) -> dict[str, Any]:
@@ -99,20 +121,23 @@ def vectorize(scene: Scene, history: int, horizon: int, radius: float, needs_fut
         points = local(history_xy)
         attributes = np.stack([steps / history, np.full(len(steps), index == 0), np.full(len(steps), kind == 0),
                                np.full(len(steps), kind == 1)], axis=1)  # fmt: skip
-        flags = np.tile([1.0, 0.0], (len(steps), 1))
+        flags = np.tile(np.eye(1 + len(MAP_KINDS))[0], (len(steps), 1))
         agents.append(np.concatenate([points[steps], points[steps + 1], attributes, flags], axis=1))
-    lanes = []
-    for centreline, attributes in zip(scene.lanes, scene.lane_attributes):
-        centreline = np.asarray(centreline, dtype=np.float64)[:, :2]
-        if len(centreline) < 2 or np.linalg.norm(centreline - origin, axis=1).min() > radius:
+    kinds = np.zeros(len(scene.map_polylines), int) if scene.map_kinds is None else scene.map_kinds
+    polylines = []
+    for index, (polyline, attributes, kind) in enumerate(zip(scene.map_polylines, scene.map_attributes, kinds)):
+        polyline = np.asarray(polyline, dtype=np.float64)[:, :2]
+        if not np.isfinite(polyline).all():
+            raise UnusableSceneError(f"map polyline {index} ({MAP_KINDS[kind]}) has NaN or infinite points")
+        if len(polyline) < 2 or np.linalg.norm(polyline - origin, axis=1).min() > radius:
             continue
-        points = local(centreline)
+        points = local(polyline)
         count = len(points) - 1
-        lanes.append(np.concatenate([points[:-1], points[1:], np.tile(attributes, (count, 1)),
-                                     np.tile([0.0, 1.0], (count, 1))], axis=1))  # fmt: skip
+        polylines.append(np.concatenate([points[:-1], points[1:], np.tile(attributes, (count, 1)),
+                                         np.tile(np.eye(1 + len(MAP_KINDS))[1 + kind], (count, 1))], axis=1))  # fmt: skip
     tensors = {
         "agent_vectors": _pad(agents, history - 1),
-        "lane_vectors": _pad(lanes, max([len(lane) for lane in lanes], default=1)),
+        "map_vectors": _pad(polylines, max([len(polyline) for polyline in polylines], default=1)),
         "target": torch.from_numpy(local(future) if future is not None else np.zeros((horizon, 2))).float(),
         "origin": torch.tensor(origin, dtype=torch.float64),
         "heading": torch.tensor(heading, dtype=torch.float64),
@@ -140,29 +165,27 @@ def _pad(polylines: list[np.ndarray], length: int) -> Tensor:
 
 
 def collate_scenes(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Scenes of different agent, lane and vector counts padded into one batch: ``polylines [B, N, V,
-    10]`` (agents, the focal one first, then lanes), ``vector_mask [B, N, V]``, ``polyline_mask [B, N]``."""
-    agents = max(len(s["agent_vectors"]) for s in samples)
-    lanes = max(len(s["lane_vectors"]) for s in samples)
-    length = max(max(s["agent_vectors"].shape[1], s["lane_vectors"].shape[1]) for s in samples)
-    padded = torch.zeros(len(samples), agents + lanes, length, VECTOR_DIM + 1)
-    for i, sample in enumerate(samples):
-        a, l = sample["agent_vectors"], sample["lane_vectors"]
-        padded[i, : len(a), : a.shape[1]] = a
-        padded[i, agents : agents + len(l), : l.shape[1]] = l
-    vector_mask = padded[..., VECTOR_DIM] > 0
-    batch = {
-        "polylines": padded[..., :VECTOR_DIM],
-        "vector_mask": vector_mask,
-        "polyline_mask": vector_mask.any(dim=2),
-        "target": torch.stack([s["target"] for s in samples]),
-        "origin": torch.stack([s["origin"] for s in samples]).float(),
-        "heading": torch.stack([s["heading"] for s in samples]).float(),
-        "scenario_id": [s["scenario_id"] for s in samples],
-        "track_id": [s["track_id"] for s in samples],
-        "has_target": [s["has_target"] for s in samples],
-        "unreadable": [],
-    }
+    """Scenes of different agent, map-polyline and vector counts padded into one batch, agents and map
+    polylines apart, each to its own longest polyline: ``agent_vectors [B, A, Va, 12]`` (the focal agent
+    first) with ``agent_mask [B, A, Va]``, ``map_vectors [B, M, Vm, 12]`` with ``map_mask [B, M, Vm]``,
+    and ``polyline_mask [B, A + M]`` (True for a real polyline: the tokens' order, agents first)."""
+    batch: dict[str, Any] = {}
+    for group in ("agent", "map"):
+        tensors = [s[f"{group}_vectors"] for s in samples]
+        padded = torch.zeros(len(samples), max(len(t) for t in tensors), max(t.shape[1] for t in tensors), VECTOR_DIM + 1)
+        for i, t in enumerate(tensors):
+            padded[i, : len(t), : t.shape[1]] = t
+        batch[f"{group}_vectors"], batch[f"{group}_mask"] = padded[..., :VECTOR_DIM], padded[..., VECTOR_DIM] > 0
+    batch["polyline_mask"] = torch.cat([batch["agent_mask"].any(dim=2), batch["map_mask"].any(dim=2)], dim=1)
+    batch.update(
+        target=torch.stack([s["target"] for s in samples]),
+        origin=torch.stack([s["origin"] for s in samples]).float(),
+        heading=torch.stack([s["heading"] for s in samples]).float(),
+        scenario_id=[s["scenario_id"] for s in samples],
+        track_id=[s["track_id"] for s in samples],
+        has_target=[s["has_target"] for s in samples],
+        unreadable=[],
+    )
     return batch
 
 
@@ -183,38 +206,31 @@ class CachedScenes(Dataset):
 
 
 class _Preprocess(Dataset):
-    """Reads, vectorises and caches one scene per item, in loader workers; returns its status."""
+    """Reads, vectorises and caches one scene per item, in loader workers; returns its status, or the
+    :class:`DatasetFileError` of a damaged file every scene needs (raised by the main process)."""
 
-    def __init__(self, module: MotionDataModule, split: str, sources: list[Path], folder: Path) -> None:
+    def __init__(self, module: MotionDataModule, split: str, sources: list[tuple[Path, str]], folder: Path) -> None:
         self.module, self.split, self.sources, self.folder = module, split, sources, folder
 
     def __len__(self) -> int:
         return len(self.sources)
 
-    def __getitem__(self, index: int) -> str:
+    def __getitem__(self, index: int) -> str | DatasetFileError:
         torch.set_num_threads(1)
-        source = self.sources[index]
-        scene_id = self.module.scene_id(source)
+        source, key = self.sources[index]
+        entry = self.folder / f"{self.module.scene_id(source)}.{key}"
         try:
             scene = self.module.read_scene(source)
             result = vectorize(scene, self.module.history, self.module.horizon, self.module.radius,
                                needs_future=self.split != self.module.test_split)  # fmt: skip
+        except DatasetFileError as error:
+            return error
         except (UnusableSceneError, OSError, ValueError, KeyError, IndexError) as error:
-            _write_atomically(self.folder / f"{scene_id}.skipped", f"{source}: {type(error).__name__}: {error}\n".encode())
+            write_atomically(entry.with_name(entry.name + ".skipped"), f"{source}: {type(error).__name__}: {error}\n")
             return "skipped"
-        path = self.folder / f"{scene_id}.safetensors"
-        descriptor, partial = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.folder)
-        os.close(descriptor)
-        save_file({k: v.contiguous() for k, v in result["tensors"].items()}, partial, metadata=result["metadata"])
-        os.replace(partial, path)
+        with atomic_path(entry.with_name(entry.name + ".safetensors")) as partial:
+            save_file({k: v.contiguous() for k, v in result["tensors"].items()}, partial, metadata=result["metadata"])
         return "cached"
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    descriptor, partial = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(data)
-    os.replace(partial, path)
 
 
 class MotionDataModule(ClassificationDataModule):
@@ -225,10 +241,12 @@ class MotionDataModule(ClassificationDataModule):
     Args:
         root: the dataset folder.
         cache_dir: where preprocessed scenes go (default ``root/frozenlm_cache``).
-        radius: agents and lanes within this many metres of the focal agent's last position are kept.
+        radius: agents and map polylines within this many metres of the focal agent's last position are kept.
         batch_size, num_workers, pin_memory: see :class:`frozenlm.data.base.ClassificationDataModule`
             (workers also preprocess).
         predict_split: the split ``predict`` runs on (``val`` or ``test``).
+        max_skipped_fraction: the largest fraction of a split's scenes that may be unusable (skipped,
+            named in ``*.skipped`` files) before the run stops; 0 stops at the first.
     """
 
     history: int
@@ -246,8 +264,12 @@ class MotionDataModule(ClassificationDataModule):
         num_workers: int | None = None,
         pin_memory: bool | None = None,
         predict_split: str = "test",
+        max_skipped_fraction: float = 0.01,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory)
+        if not 0 <= max_skipped_fraction <= 1:
+            raise ValueError(f"max_skipped_fraction must be in [0, 1], got {max_skipped_fraction}.")
+        self.max_skipped_fraction = max_skipped_fraction
         self.root, self.radius = Path(root), radius
         if not self.root.is_dir():
             raise DatasetNotFoundError(f"{type(self).__name__}: no dataset folder {self.root}; pass --data.root DIR.")
@@ -267,34 +289,65 @@ class MotionDataModule(ClassificationDataModule):
     def read_scene(self, source: Path) -> Scene:
         raise NotImplementedError
 
+    def scene_files(self, source: Path) -> list[Path]:
+        """Every file ``read_scene(source)`` reads for this scene alone (shared files, such as a city's
+        map, are not keyed: a damaged one stops the run)."""
+        return [source]
+
+    def entry_key(self, source: Path) -> str:
+        """The cache key of a scene: a hash of its files' sizes and modification times."""
+        stamps = "|".join(f"{path.name}:{source_stamp(path)}" for path in self.scene_files(source))
+        return hashlib.sha1(stamps.encode()).hexdigest()[:12]
+
+    def cache_parameters(self) -> list:
+        """What, beyond the base class's, shapes a cached scene (subclasses' reading options)."""
+        return []
+
     def cache_folder(self, split: str) -> Path:
         """Named after everything that shapes a cached scene, so other settings never reuse it."""
-        key = json.dumps([CACHE_VERSION, type(self).__name__, self.history, self.horizon, self.radius])
+        key = json.dumps([CACHE_VERSION, type(self).__name__, self.history, self.horizon, self.radius,
+                          *self.cache_parameters()])  # fmt: skip
         return self.cache_dir / f"{self.splits[split]}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
     def dataset(self, split: str) -> CachedScenes:
         if split not in self.datasets:
             folder = self.cache_folder(split)
             folder.mkdir(parents=True, exist_ok=True)
-            sources = self.scene_sources(split)
-            done = {p.stem for p in folder.glob("*.safetensors")} | {p.stem for p in folder.glob("*.skipped")}
-            todo = [s for s in sources if self.scene_id(s) not in done]
+            entries = {f"{self.scene_id(s)}.{self.entry_key(s)}": s for s in self.scene_sources(split)}
+            done = {p.name.rsplit(".", 1)[0] for pattern in ("*.safetensors", "*.skipped") for p in folder.glob(pattern)}
+            todo = [(source, name.rsplit(".", 1)[1]) for name, source in entries.items() if name not in done]
             if todo:
                 loader = DataLoader(_Preprocess(self, split, todo, folder), batch_size=None, num_workers=self.num_workers)
-                description = f"{type(self).__name__} {split}: preprocessing {len(todo)} of {len(sources)} scenes"
-                for _ in track(loader, total=len(todo), description=description):
-                    pass
-            ids = {self.scene_id(s) for s in sources}
-            skipped = sorted(p for p in folder.glob("*.skipped") if p.stem in ids)
+                description = f"{type(self).__name__} {split}: preprocessing {len(todo)} of {len(entries)} scenes"
+                for status in track(loader, total=len(todo), description=description):
+                    if isinstance(status, DatasetFileError):
+                        raise status
+            self._remove_stale_entries(folder, set(entries))
+            skipped = sorted(folder / f"{name}.skipped" for name in entries if (folder / f"{name}.skipped").is_file())
             self.skipped[split] = [p.read_text().strip() for p in skipped]
             if skipped:
-                print(f"{type(self).__name__} {split}: {len(skipped)} of {len(sources)} scenes skipped as unusable "
+                print(f"{type(self).__name__} {split}: {len(skipped)} of {len(entries)} scenes skipped as unusable "
                       f"(reasons in {folder}/*.skipped), e.g. {self.skipped[split][0]}")  # fmt: skip
-            files = sorted(p for p in folder.glob("*.safetensors") if p.stem in ids)
+            if len(skipped) > self.max_skipped_fraction * len(entries):
+                raise TooManySkippedScenesError(
+                    f"{len(skipped)} of {len(entries)} {split} scenes are unusable, more than --data.max_skipped_fraction "
+                    f"{self.max_skipped_fraction}: the dataset looks damaged (first: {self.skipped[split][0]}; all reasons "
+                    f"in {folder}/*.skipped). Repair those files (a changed file is read again on the next run), or "
+                    "raise --data.max_skipped_fraction."
+                )
+            files = sorted(folder / f"{name}.safetensors" for name in entries if (folder / f"{name}.safetensors").is_file())
             if not files:
-                raise ValueError(f"{type(self).__name__}: no usable scene in the {split} split ({len(sources)} read).")
+                raise DatasetFileError(f"{type(self).__name__}: no usable scene in the {split} split ({len(entries)} read).")
             self.datasets[split] = CachedScenes(files)
         return self.datasets[split]
+
+    @staticmethod
+    def _remove_stale_entries(folder: Path, current: set[str]) -> None:
+        """Entries of scenes whose files changed since (another key) or that left the split."""
+        for pattern in ("*.safetensors", "*.skipped"):
+            for path in folder.glob(pattern):
+                if path.name.rsplit(".", 1)[0] not in current:
+                    path.unlink(missing_ok=True)
 
     def train_dataloader(self) -> DataLoader:
         return self._train_loader(self.dataset("train"))
@@ -310,22 +363,29 @@ class MotionDataModule(ClassificationDataModule):
 
     collate_fn = staticmethod(collate_scenes)
 
-    def write_predictions(self, predictions: list[dict[str, Any]], path: Path) -> int:
-        """One CSV row per scene and mode: scenario_id, track_id, mode, probability, x and y (JSON lists)."""
-        if path.suffix != ".csv":
-            raise ValueError(f"{type(self).__name__} writes predictions as .csv, got {path}")
-        rows = 0
-        with path.open("w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(["scenario_id", "track_id", "mode", "probability", "x", "y"])
-            for batch in predictions:
-                for scenario, track_id, modes, probabilities in scene_predictions(batch):
-                    for mode, (trajectory, probability) in enumerate(zip(modes, probabilities)):
-                        writer.writerow([scenario, track_id, mode, f"{probability:.6f}",
-                                         json.dumps(np.round(trajectory[:, 0], 3).tolist()),
-                                         json.dumps(np.round(trajectory[:, 1], 3).tolist())])  # fmt: skip
-                    rows += 1
-        return rows
+    def prediction_file(self, path: Path) -> PredictionFile:
+        """Where ``predict`` writes: :class:`MotionPredictionsCSV` (``.csv``)."""
+        return MotionPredictionsCSV(path)
+
+
+class MotionPredictionsCSV(PredictionFile):
+    """One CSV row per scene and mode: scenario_id, track_id, mode, probability, x and y (JSON lists of the
+    world-frame positions); written as batches finish. ``count`` is in scenes."""
+
+    suffixes = (".csv",)
+
+    def start(self) -> None:
+        self.writer = csv.writer(self.file)
+        self.writer.writerow(["scenario_id", "track_id", "mode", "probability", "x", "y"])
+
+    def write(self, prediction: dict[str, Any]) -> None:
+        for scenario, track_id, modes, probabilities in scene_predictions(prediction):
+            for mode, (trajectory, probability) in enumerate(zip(modes, probabilities)):
+                self.writer.writerow([scenario, track_id, mode, f"{probability:.6f}",
+                                      json.dumps(np.round(trajectory[:, 0], 3).tolist()),
+                                      json.dumps(np.round(trajectory[:, 1], 3).tolist())])  # fmt: skip
+            self.count += 1
+        self.file.flush()
 
 
 def scene_predictions(batch: dict[str, Any]):

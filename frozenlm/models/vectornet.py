@@ -1,15 +1,19 @@
 """VectorNet (Gao et al., CVPR 2020): a scene as polylines of vectors, a subgraph per polyline, a global graph.
 
-Input: ``polylines [B, N, V, C]``, N polylines (agents' histories first, the focal agent at index 0,
-then lane centrelines) of up to V vectors ``[x_start, y_start, x_end, y_end, attributes...]`` in the
-focal agent's frame, with ``vector_mask [B, N, V]`` and ``polyline_mask [B, N]`` (True = real).
+Input: groups of polylines, each ``(vectors [B, N_g, V_g, C], vector_mask [B, N_g, V_g])`` padded to its
+own longest polyline (the datamodules' agents, the focal one first, then map polylines), of vectors
+``[x_start, y_start, x_end, y_end, attributes...]`` in the focal agent's frame, and ``polyline_mask
+[B, N]`` over all of them in order (True = real).
 
 * Polyline subgraph: 3 layers of (shared Linear, LayerNorm, ReLU), each followed by a max-pool over the
   polyline's vectors concatenated to every vector; the polyline's feature is the max-pool of the last
   layer, L2-normalised. Padded vectors never win a max-pool.
-* Identifier: each polyline's first start point, embedded and added, so that a node whose features are
-  masked (node completion) can still be located (VectorNet concatenates such an identifier).
-* Global interaction graph: one self-attention layer over the polylines, padded ones masked as keys.
+* Identifier: as the paper, the minimum of each polyline's start coordinates (x and y apart), embedded and
+  added, so that a node whose features are masked (node completion) can still be located.
+* Global interaction graph: the paper's ``softmax(P_Q P_K^T) P_V`` (``global_graph="paper"``: one head,
+  linear Q, K, V, no scaling and no output projection), or PyTorch's ``nn.MultiheadAttention`` with one
+  head (``"multihead"``: scaled by ``1/sqrt(d)``, with an output projection; frozenlm's earlier form);
+  padded polylines masked as keys.
 
 The output tokens ``[B, N, 2 * hidden]`` are what a frozen LM block sees (with the padding mask) before
 the trajectory decoder reads the focal agent's token.
@@ -33,44 +37,80 @@ class PolylineSubgraph(nn.Module):
         x = vectors
         for layer in self.layers:
             nodes = layer(x)
-            x = torch.cat([nodes, self._max_pool(nodes, vector_mask)[:, :, None].expand_as(nodes)], dim=-1)
-        return F.normalize(self._max_pool(x, vector_mask), dim=-1)
+            x = torch.cat([nodes, masked_max(nodes, vector_mask)[:, :, None].expand_as(nodes)], dim=-1)
+        return F.normalize(masked_max(x, vector_mask), dim=-1)
 
-    @staticmethod
-    def _max_pool(nodes: Tensor, vector_mask: Tensor) -> Tensor:
-        """Max over a polyline's real vectors; 0 for an empty (padded) polyline, never -inf (whose
-        gradient would be NaN)."""
-        pooled = nodes.masked_fill(~vector_mask[..., None], float("-inf")).amax(dim=2)
-        return torch.where(vector_mask.any(dim=2, keepdim=True), pooled, torch.zeros_like(pooled))
+
+def masked_max(nodes: Tensor, vector_mask: Tensor) -> Tensor:
+    """``[B, N, V, D] -> [B, N, D]``: the max over each polyline's real vectors; 0 for an empty (padded)
+    polyline, never -inf (whose gradient would be NaN)."""
+    pooled = nodes.masked_fill(~vector_mask[..., None], float("-inf")).amax(dim=2)
+    return torch.where(vector_mask.any(dim=2, keepdim=True), pooled, torch.zeros_like(pooled))
+
+
+PolylineGroup = tuple[Tensor, Tensor]  # (vectors [B, N, V, C], vector_mask [B, N, V])
+GLOBAL_GRAPHS = ("paper", "multihead")
+
+
+class PaperGlobalGraph(nn.Module):
+    """VectorNet's global graph as the paper writes it (eq. 3): ``softmax(P_Q P_K^T) P_V``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, nodes: Tensor, polyline_mask: Tensor) -> Tensor:
+        return F.scaled_dot_product_attention(
+            self.query(nodes), self.key(nodes), self.value(nodes), attn_mask=polyline_mask[:, None, :], scale=1.0
+        )
+
+
+class MultiheadGlobalGraph(nn.MultiheadAttention):
+    """One-head ``nn.MultiheadAttention`` over the polylines (scaled, with an output projection)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, num_heads=1, batch_first=True)
+
+    def forward(self, nodes: Tensor, polyline_mask: Tensor) -> Tensor:
+        return super().forward(nodes, nodes, nodes, key_padding_mask=~polyline_mask, need_weights=False)[0]
 
 
 class VectorNet(nn.Module):
-    """Subgraphs + global graph; ``forward`` gives the polyline tokens ``[B, N, 2 * hidden]``.
+    """Subgraphs + global graph; ``forward(groups, polyline_mask)`` gives the polyline tokens ``[B, N, 2 * hidden]``.
 
     Args:
         in_dim: width of a vector (4 coordinates + attributes).
         hidden: width of the subgraph layers (VectorNet: 64); tokens are ``2 * hidden`` wide.
         subgraph_layers: number of subgraph layers (VectorNet: 3).
+        global_graph: ``paper`` or ``multihead`` (see the module docstring).
     """
 
-    def __init__(self, in_dim: int, hidden: int = 64, subgraph_layers: int = 3) -> None:
+    def __init__(self, in_dim: int, hidden: int = 64, subgraph_layers: int = 3, global_graph: str = "paper") -> None:
         super().__init__()
+        if global_graph not in GLOBAL_GRAPHS:
+            raise ValueError(f"global_graph must be one of {GLOBAL_GRAPHS}, got {global_graph!r}.")
         self.dim = 2 * hidden
         self.subgraph = PolylineSubgraph(in_dim, hidden, subgraph_layers)
         self.identifier = nn.Linear(2, self.dim)
-        self.global_graph = nn.MultiheadAttention(self.dim, num_heads=1, batch_first=True)
+        self.global_graph = (PaperGlobalGraph if global_graph == "paper" else MultiheadGlobalGraph)(self.dim)
 
-    def polyline_features(self, polylines: Tensor, vector_mask: Tensor) -> Tensor:
-        return self.subgraph(polylines, vector_mask)
+    def polyline_features(self, groups: list[PolylineGroup]) -> Tensor:
+        """``[B, N, 2 * hidden]``: each group's polylines through the subgraph, concatenated in order."""
+        return torch.cat([self.subgraph(vectors, mask) for vectors, mask in groups], dim=1)
 
-    def interact(self, features: Tensor, polylines: Tensor, polyline_mask: Tensor) -> Tensor:
-        """The global graph over polyline ``features`` plus their identifiers (first start points)."""
-        nodes = features + self.identifier(polylines[:, :, 0, :2])
-        tokens, _ = self.global_graph(nodes, nodes, nodes, key_padding_mask=~polyline_mask, need_weights=False)
+    @staticmethod
+    def identifiers(groups: list[PolylineGroup]) -> Tensor:
+        """``[B, N, 2]``: the minimum start coordinates of each polyline's real vectors (0 for padding)."""
+        starts = [masked_max(-vectors[..., :2], mask).neg() for vectors, mask in groups]
+        return torch.cat(starts, dim=1)
+
+    def interact(self, features: Tensor, identifiers: Tensor, polyline_mask: Tensor) -> Tensor:
+        """The global graph over polyline ``features`` plus their embedded ``identifiers``."""
+        tokens = self.global_graph(features + self.identifier(identifiers), polyline_mask)
         return tokens.masked_fill(~polyline_mask[..., None], 0.0)
 
-    def forward(self, polylines: Tensor, vector_mask: Tensor, polyline_mask: Tensor) -> Tensor:
-        return self.interact(self.polyline_features(polylines, vector_mask), polylines, polyline_mask)
+    def forward(self, groups: list[PolylineGroup], polyline_mask: Tensor) -> Tensor:
+        return self.interact(self.polyline_features(groups), self.identifiers(groups), polyline_mask)
 
 
 class TrajectoryDecoder(nn.Module):

@@ -171,7 +171,7 @@ class BaseTask(lightning.LightningModule):
         DDP, the all-reduce of one number).
         """
         finite = torch.isfinite(loss.detach()).all().float()
-        if self.trainer.world_size > 1:
+        if self._trainer is not None and self.trainer.world_size > 1:
             finite = self.trainer.strategy.reduce(finite, reduce_op="min")
         if finite.item():
             return loss

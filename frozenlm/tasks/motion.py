@@ -17,7 +17,9 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from frozenlm.llm import FrozenLMMixin, LLMConfig
-from frozenlm.models.vectornet import TrajectoryDecoder, VectorNet
+from frozenlm.data.motion import VECTOR_DIM
+from frozenlm.models.vectornet import PolylineGroup, TrajectoryDecoder, VectorNet
+from frozenlm.predictions import PredictionFile
 from frozenlm.tasks.base import BaseTask
 from frozenlm.tasks.motion_metrics import BrierMinFDE, MinADE, MinFDE, MissRate
 
@@ -41,14 +43,16 @@ class MotionForecaster(FrozenLMMixin, BaseTask):
     regressed from the global graph, Huber loss). ``llm: null`` is plain VectorNet; ``llm.mode:
     auxiliary`` is GCR: the block and a decoder of its own as a training-only branch.
 
-    Batches (see :class:`frozenlm.data.motion.MotionDataModule`): ``polylines``, ``vector_mask``,
-    ``polyline_mask``, ``target [B, T, 2]`` (agent frame), ``origin``, ``heading``, ``scenario_id``,
-    ``track_id``. Metrics at K = 6 and K = 1: minADE, minFDE, miss rate (2 m), and brier-minFDE.
+    Batches (see :class:`frozenlm.data.motion.collate_scenes`): ``agent_vectors``, ``agent_mask``,
+    ``map_vectors``, ``map_mask``, ``polyline_mask``, ``target [B, T, 2]`` (agent frame), ``origin``,
+    ``heading``, ``scenario_id``, ``track_id``. Metrics at K = 6 and K = 1: minADE, minFDE, miss rate (2 m), and brier-minFDE.
 
     Args:
-        vector_dim: width of an input vector (linked from the datamodule by the CLI).
-        horizon: future steps to predict (linked from the datamodule: Argoverse 1: 30, 2: 60).
+        vector_dim: width of an input vector (the datamodules': 12).
+        horizon: future steps to predict (Argoverse 1: 30, 2: 60; checked against the datamodule).
         hidden: VectorNet's hidden size (64); tokens are twice as wide.
+        global_graph: ``paper`` (VectorNet's softmax(Q K^T) V, one head, unscaled, no output projection)
+            or ``multihead`` (``nn.MultiheadAttention``, one head); see :mod:`frozenlm.models.vectornet`.
         modes: trajectories per scene (K).
         node_completion: weight of the node-completion loss; 0 = off.
         llm: the frozen LM block (see :class:`frozenlm.llm.LLMConfig`); None for none.
@@ -57,11 +61,14 @@ class MotionForecaster(FrozenLMMixin, BaseTask):
             1e-4, cosine per step, as VectorNet re-implementations train).
     """
 
+    sample_id_key = "scenario_id"
+
     def __init__(
         self,
-        vector_dim: int = 10,
+        vector_dim: int = VECTOR_DIM,
         horizon: int = 60,
         hidden: int = 64,
+        global_graph: str = "paper",
         modes: int = 6,
         node_completion: float = 0.0,
         llm: LLMConfig | None = None,
@@ -80,7 +87,7 @@ class MotionForecaster(FrozenLMMixin, BaseTask):
 
     def configure_models(self) -> None:
         hp = self.hparams
-        self.backbone = VectorNet(hp.vector_dim, hp.hidden)
+        self.backbone = VectorNet(hp.vector_dim, hp.hidden, global_graph=hp.get("global_graph", "multihead"))
         self.llm_block = self.build_llm(hp.llm, in_dim=self.backbone.dim)
         self.decoder = TrajectoryDecoder(self.backbone.dim, hp.horizon, hp.modes)
         if self.llm_auxiliary:
@@ -107,13 +114,25 @@ class MotionForecaster(FrozenLMMixin, BaseTask):
                 f"model.horizon {self.hparams.horizon} does not match the data: {type(datamodule).__name__} predicts "
                 f"{horizon} steps; set --model.horizon {horizon}."
             )
+        vector_dim = getattr(datamodule, "vector_dim", self.hparams.vector_dim)
+        if vector_dim != self.hparams.vector_dim:
+            raise ValueError(
+                f"model.vector_dim {self.hparams.vector_dim} does not match the data's {vector_dim}-wide vectors "
+                f"({type(datamodule).__name__}); a checkpoint of an older frozenlm needs its own version."
+            )
 
     # -- model --------------------------------------------------------------------------------
+    @staticmethod
+    def polyline_groups(batch: dict[str, Tensor]) -> list[PolylineGroup]:
+        """The batch's agents and map polylines, each padded to its own length, in token order."""
+        return [(batch["agent_vectors"], batch["agent_mask"]), (batch["map_vectors"], batch["map_mask"])]
+
     def tokens(self, batch: dict[str, Tensor], features: Tensor | None = None) -> Tensor:
         """The polyline tokens after the global graph (and the LM block inline)."""
+        groups = self.polyline_groups(batch)
         if features is None:
-            features = self.backbone.polyline_features(batch["polylines"], batch["vector_mask"])
-        tokens = self.backbone.interact(features, batch["polylines"], batch["polyline_mask"])
+            features = self.backbone.polyline_features(groups)
+        tokens = self.backbone.interact(features, self.backbone.identifiers(groups), batch["polyline_mask"])
         return self.llm_tap(tokens, ~batch["polyline_mask"])
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -128,7 +147,7 @@ class MotionForecaster(FrozenLMMixin, BaseTask):
         return F.smooth_l1_loss(chosen, target) + F.cross_entropy(logits, best)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        features = self.backbone.polyline_features(batch["polylines"], batch["vector_mask"])
+        features = self.backbone.polyline_features(self.polyline_groups(batch))
         masked = None
         if self.hparams.node_completion > 0:
             features, masked = self._mask_one_polyline(features, batch["polyline_mask"])
@@ -149,7 +168,7 @@ class MotionForecaster(FrozenLMMixin, BaseTask):
         batch_size = len(batch["target"])
         self.log_dict(logs, batch_size=batch_size)
         self.log("train_loss", loss, prog_bar=True, batch_size=batch_size)
-        return loss
+        return self.finite_loss(loss, batch, batch_idx)
 
     def _mask_one_polyline(self, features: Tensor, polyline_mask: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Zero the feature of one random real polyline per scene other than the focal agent's (index 0);
@@ -187,7 +206,7 @@ class MotionForecaster(FrozenLMMixin, BaseTask):
         return {"scenario_id": batch["scenario_id"], "track_id": batch["track_id"], "trajectories": trajectories,
                 "probabilities": probabilities}  # fmt: skip
 
-    def write_predictions(self, predictions: list[dict[str, Any]], path: Path) -> int:
-        """Write the K trajectories and probabilities of every scene; ``.parquet`` for Argoverse 2 is the
-        challenge's submission file (the ``av2`` package's ``ChallengeSubmission``). Returns the count."""
-        return self.trainer.datamodule.write_predictions(predictions, path)
+    def prediction_file(self, path: Path) -> PredictionFile:
+        """Where ``predict`` writes the K trajectories and probabilities of every scene (the datamodule's
+        format: CSV, or for Argoverse 2 ``.parquet``, the challenge's submission file)."""
+        return self.trainer.datamodule.prediction_file(path)

@@ -39,7 +39,8 @@ def track(track_id: str, positions: np.ndarray, kind: ObjectType, category: Trac
 
 
 def lane_map(points: np.ndarray) -> dict:
-    """The map JSON: lane segments of 10 m along ``points``, boundaries 1.8 m either side."""
+    """The map JSON: lane segments of 10 m along ``points``, boundaries 1.8 m either side, and a crosswalk
+    (two 12 m edges, 3 m apart) across them every 30 m."""
     lanes = {}
     for i in range(0, len(points) - 10, 10):
         centre = points[i : i + 11]
@@ -55,7 +56,16 @@ def lane_map(points: np.ndarray) -> dict:
             "left_lane_mark_type": "NONE", "right_lane_mark_type": "NONE",
             "left_neighbor_id": None, "right_neighbor_id": None, "predecessors": [], "successors": [],
         }  # fmt: skip
-    return {"drivable_areas": {}, "lane_segments": lanes, "pedestrian_crossings": {}}
+    crossings = {}
+    for i in range(5, len(points) - 1, 30):  # a crosswalk across the road every 30 m, 3 m wide
+        direction = (points[i + 1] - points[i]) / np.linalg.norm(points[i + 1] - points[i])
+        normal = np.array([-direction[1], direction[0]])
+
+        def edge(offset: float) -> list[dict]:
+            return [{"x": float(x), "y": float(y), "z": 0.0} for x, y in (points[i] + offset * direction + s * 6 * normal for s in (-1, 1))]
+
+        crossings[str(1000 + i)] = {"id": 1000 + i, "edge1": edge(-1.5), "edge2": edge(1.5)}
+    return {"drivable_areas": {}, "lane_segments": lanes, "pedestrian_crossings": crossings}
 
 
 def scenario(scenario_id: str, rng: np.random.Generator, steps: int) -> tuple[ArgoverseScenario, dict]:
