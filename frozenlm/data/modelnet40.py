@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import closing
 from pathlib import Path
 from typing import NamedTuple
 
@@ -225,10 +226,11 @@ class ModelNet40DataModule(PointCloudDataModule):
         loader = DataLoader(_ShapeFiles([paths[i] for i in todo], self.cache_points), batch_size=None,
                             num_workers=self.num_workers)  # fmt: skip
         progress = track(loader, total=len(todo), description=f"ModelNet40 {split}: FPS to {self.cache_points} points")
-        for i, cloud in zip(todo, progress):
-            if isinstance(cloud, DatasetFileError):
-                raise cloud
-            clouds[i] = cloud
+        with closing(progress):  # an error leaves no live progress display behind
+            for i, cloud in zip(todo, progress):
+                if isinstance(cloud, DatasetFileError):
+                    raise cloud
+                clouds[i] = cloud
         self._write(split, torch.stack(clouds), labels, ids, sources)
 
     def _convert_pickled(self, pickled: Path, split: str, ids: list[str], labels: list[int], sources: list[str]) -> None:

@@ -27,6 +27,7 @@ import csv
 import hashlib
 import json
 import math
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,7 @@ def collate_scenes(samples: list[dict[str, Any]]) -> dict[str, Any]:
         scenario_id=[s["scenario_id"] for s in samples],
         track_id=[s["track_id"] for s in samples],
         has_target=[s["has_target"] for s in samples],
+        padding=torch.tensor([s.get("padding", False) for s in samples]),
         unreadable=[],
     )
     return batch
@@ -319,9 +321,10 @@ class MotionDataModule(ClassificationDataModule):
             if todo:
                 loader = DataLoader(_Preprocess(self, split, todo, folder), batch_size=None, num_workers=self.num_workers)
                 description = f"{type(self).__name__} {split}: preprocessing {len(todo)} of {len(entries)} scenes"
-                for status in track(loader, total=len(todo), description=description):
-                    if isinstance(status, DatasetFileError):
-                        raise status
+                with closing(track(loader, total=len(todo), description=description)) as progress:
+                    for status in progress:  # closed on an error, so no live progress display is left behind
+                        if isinstance(status, DatasetFileError):
+                            raise status
             self._remove_stale_entries(folder, set(entries))
             skipped = sorted(folder / f"{name}.skipped" for name in entries if (folder / f"{name}.skipped").is_file())
             self.skipped[split] = [p.read_text().strip() for p in skipped]
@@ -353,13 +356,13 @@ class MotionDataModule(ClassificationDataModule):
         return self._train_loader(self.dataset("train"))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"))
+        return self._eval_loader(self.dataset("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"))  # the test split has no futures to score
+        return self._eval_loader(self.dataset("val"))  # the test split has no futures to score
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset(self.predict_split))
+        return self._eval_loader(self.dataset(self.predict_split))
 
     collate_fn = staticmethod(collate_scenes)
 
