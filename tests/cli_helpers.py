@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -11,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from frozenlm.cli import run
 
 CONF = Path(__file__).parent / "conf"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(subcommand: str, config: str, root: Path, *args: str):
@@ -24,6 +29,37 @@ def run_cli(subcommand: str, config: str, root: Path, *args: str):
             *args,
         ]
     )  # fmt: skip
+
+
+def run_cli_subprocess(subcommand: str, config: str, root: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``run_cli`` in a fresh process (``python -m frozenlm.cli``), e.g. to launch DDP ranks. It runs in its
+    own process group, so a time-out kills the DDP ranks it started too (they hold its output pipes)."""
+    command = [
+        sys.executable, "-m", "frozenlm.cli", subcommand, "--config", str(CONF / f"{config}.yaml"),
+        "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root), *args,
+    ]  # fmt: skip
+    # One thread, like the in-process runs (conftest), so float reductions match bit for bit.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:  # fmt: skip
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            out, err = process.communicate()
+            raise AssertionError(f"{' '.join(command)} ran past {timeout} s:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+class DumpMetrics(Callback):
+    """Writes the metrics of a ``test`` run (rank 0's, synced over the processes) to the JSON file ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            Path(self.path).write_text(json.dumps({k: float(v) for k, v in trainer.callback_metrics.items()}))
 
 
 def last_checkpoint(root: Path) -> Path:

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.cli_helpers import CONF, last_checkpoint, load_checkpoint, run_cli
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.cli_helpers import last_checkpoint, load_checkpoint, run_cli, run_cli_subprocess
 
 
 def cli_subprocess(root: Path, *args: str) -> subprocess.CompletedProcess:
     """``python -m frozenlm.cli fit --config tests/conf/image_llama.yaml ...`` in a fresh process."""
-    command = [
-        sys.executable, "-m", "frozenlm.cli", "fit", "--config", str(CONF / "image_llama.yaml"),
-        "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root), *args,
-    ]  # fmt: skip
-    # One thread, like the in-process runs (conftest), so float reductions match bit for bit.
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return run_cli_subprocess("fit", "image_llama", root, *args)
 
 
 @pytest.mark.parametrize("repeated_augmentation", [1, 3])

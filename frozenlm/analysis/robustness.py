@@ -57,11 +57,18 @@ class AdversarialAccuracy(L.Callback):
         if getattr(pl_module, "input_key", None) != "image":
             raise TypeError("AdversarialAccuracy attacks image classifiers (ImageClassifier) only.")
 
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.correct = dict.fromkeys(self.attacks, 0)
+        self.total = 0
+
     def on_test_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
         if "image" not in batch:  # every sample of the batch was unreadable
+            return
+        images, labels = pl_module.scored(batch, batch["image"], batch["label"])  # each sample once
+        if not len(labels):
             return
         import torchattacks  # the optional `robustness` extra
 
@@ -70,7 +77,8 @@ class AdversarialAccuracy(L.Callback):
         # Lightning tests under inference mode; the attacks need input gradients (clones of the batch
         # made here are ordinary tensors).
         with torch.inference_mode(False), torch.enable_grad():
-            images, labels = batch["image"].clone(), batch["label"].clone()
+            images, labels = images.clone(), labels.clone()
+            self.total += len(labels)
             for name in self.attacks:
                 if name == "fgsm":
                     attack = torchattacks.FGSM(model, eps=self.eps)
@@ -79,6 +87,11 @@ class AdversarialAccuracy(L.Callback):
                 attack.set_normalization_used(mean=list(datamodule.mean), std=list(datamodule.std))
                 adversarial = attack(images, labels)
                 with torch.no_grad():
-                    correct = (model(adversarial).argmax(dim=-1) == labels).float().mean()
-                # Averaged over the epoch weighted by batch size, and over processes: the exact accuracy.
-                pl_module.log(f"test_{name}_acc1", correct, batch_size=len(labels), sync_dist=True)
+                    self.correct[name] += int((model(adversarial).argmax(dim=-1) == labels).sum())
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Counts summed over the processes: the exact accuracy, whatever each process's share.
+        total = trainer.strategy.reduce(torch.tensor(float(self.total), device=pl_module.device), reduce_op="sum")
+        for name in self.attacks:
+            correct = trainer.strategy.reduce(torch.tensor(float(self.correct[name]), device=pl_module.device), reduce_op="sum")
+            pl_module.log(f"test_{name}_acc1", correct / total.clamp_min(1))

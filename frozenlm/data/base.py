@@ -18,6 +18,7 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from frozenlm.data.augment import with_safe_posterize
+from frozenlm.data.distributed import EvaluationSampler, MarkedPadding
 from frozenlm.errors import FrozenLMError
 
 # A file path, a decoded image, or an HxWx3 uint8 array (array datasets stay compact in memory).
@@ -210,6 +211,15 @@ class ClassificationDataModule(L.LightningDataModule):
         sampler = RepeatAugSampler(dataset, num_replicas=world_size, rank=rank, num_repeats=self.repeated_augmentation)
         return self._loader(dataset, sampler=sampler, drop_last=True)  # Lightning calls its set_epoch
 
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        """An evaluation (validate, test, predict) loader: under several processes, each gets its share of
+        the split and every sample is scored exactly once (:mod:`frozenlm.data.distributed`)."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return self._loader(dataset)
+        sampler = EvaluationSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank)
+        return self._loader(MarkedPadding(dataset), sampler=sampler)
+
     def _loader(
         self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False, sampler: Sampler | None = None
     ) -> DataLoader:
@@ -318,12 +328,12 @@ class ImageDataModule(ClassificationDataModule):
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")
-        return self._loader(self.val_set)
+        return self._eval_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
         self.setup("test")
-        return self._loader(self.val_set)
+        return self._eval_loader(self.val_set)
 
     def predict_dataloader(self) -> DataLoader:
         self.setup("predict")
-        return self._loader(self.val_set)
+        return self._eval_loader(self.val_set)

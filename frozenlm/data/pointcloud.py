@@ -6,12 +6,15 @@ Training (per batch): FPS to ``sample_points`` (Point-BERT: 1,200 for 1,024 inpu
 per axis by U[2/3, 3/2] and translated by U[-0.2, 0.2] (``PointcloudScaleAndTranslate``). Evaluation:
 FPS to ``num_points``. Test with ``test_votes`` V > 0 adds V training-style views of each cloud
 (``vote_points``), whose logits the task averages: Point-BERT's voting, run once (its reported numbers
-are the best of 9 such runs, chosen on the test set).
+are the best of 9 such runs, chosen on the test set). Each cloud's views come from a random stream of
+its own, so the voted accuracy is the same on any number of processes and any batch size.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -60,11 +63,13 @@ def sample_count(num_points: int, cloud_size: int) -> int:
     return min(cloud_size, round(num_points * 75 / 64))
 
 
-def scale_and_translate(points: Tensor, scale: tuple[float, float] = (2 / 3, 3 / 2), shift: float = 0.2) -> Tensor:
+def scale_and_translate(
+    points: Tensor, scale: tuple[float, float] = (2 / 3, 3 / 2), shift: float = 0.2, generator: torch.Generator | None = None
+) -> Tensor:  # fmt: skip
     """Each cloud of ``[B, N, 3]`` scaled per axis by U[scale] and translated by U[-shift, shift]."""
     batch = len(points)
-    factors = torch.empty(batch, 1, 3, device=points.device).uniform_(*scale)
-    offsets = torch.empty(batch, 1, 3, device=points.device).uniform_(-shift, shift)
+    factors = torch.empty(batch, 1, 3, device=points.device).uniform_(*scale, generator=generator)
+    offsets = torch.empty(batch, 1, 3, device=points.device).uniform_(-shift, shift, generator=generator)
     return points * factors + offsets
 
 
@@ -143,13 +148,13 @@ class PointCloudDataModule(ClassificationDataModule):
         return self._train_loader(self.dataset("train"))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"))
+        return self._eval_loader(self.dataset("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"))
+        return self._eval_loader(self.dataset("test"))
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"))
+        return self._eval_loader(self.dataset("test"))
 
     # -- sampling and augmentation, on the device --------------------------------------------------
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
@@ -161,19 +166,29 @@ class PointCloudDataModule(ClassificationDataModule):
             batch["points"] = self.random_views(points, 1)[:, 0]
             return batch
         if stage == RunningStage.TESTING and self.test_votes > 0:
-            batch["vote_points"] = self.random_views(points, self.test_votes)
+            batch["vote_points"] = self.vote_views(points, batch["id"])
         batch["points"] = gather_points(points, farthest_point_sample(points, self.num_points).to(points.device))
         return batch
 
-    def random_views(self, points: Tensor, count: int) -> Tensor:
+    def random_views(self, points: Tensor, count: int, generator: torch.Generator | None = None) -> Tensor:
         """``[B, count, num_points, 3]``: Point-BERT's training sampling and augmentation, ``count`` times
         from one FPS of each cloud (its test-time voting)."""
         total = self.sample_points or sample_count(self.num_points, points.shape[1])
         if total < points.shape[1]:
             points = gather_points(points, farthest_point_sample(points, total).to(points.device))
-        views = [
-            scale_and_translate(points[:, torch.randperm(points.shape[1], device=points.device)[: self.num_points]],
-                                self.scale, self.shift)
-            for _ in range(count)
-        ]  # fmt: skip
+        views = []
+        for _ in range(count):
+            chosen = torch.randperm(points.shape[1], device=points.device, generator=generator)[: self.num_points]
+            views.append(scale_and_translate(points[:, chosen], self.scale, self.shift, generator))
         return torch.stack(views, dim=1)
+
+    def vote_views(self, points: Tensor, ids: Sequence[str]) -> Tensor:
+        """``[B, test_votes, num_points, 3]``: each cloud's voting views, drawn from a random stream of its
+        own (seeded by ``--seed_everything`` and the cloud's id), so that a cloud's votes do not depend on
+        the batch it is in or on the number of processes."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        views = []
+        for cloud, sample_id in zip(points, ids):
+            generator = torch.Generator(device=points.device).manual_seed(seed * 1_000_003 + zlib.crc32(str(sample_id).encode()))
+            views.append(self.random_views(cloud[None], self.test_votes, generator)[0])
+        return torch.stack(views)

@@ -208,11 +208,11 @@ class SSv2DataModule(ClassificationDataModule):
         return self._train_loader(dataset)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(LabeledVideos(self.load_split("val"), "val", self.num_frames, self.val_transform))
+        return self._eval_loader(LabeledVideos(self.load_split("val"), "val", self.num_frames, self.val_transform))
 
     def test_dataloader(self) -> DataLoader:
         dataset = LabeledVideos(self.load_split("val"), "test", self.num_frames, self.test_transform, self.test_clips)
-        return self._loader(dataset)
+        return self._eval_loader(dataset)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

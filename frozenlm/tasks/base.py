@@ -159,6 +159,20 @@ class BaseTask(lightning.LightningModule):
         else:
             scheduler.step_update(num_updates=self.global_step)
 
+    # -- exact evaluation on any number of processes -------------------------------------------
+    @staticmethod
+    def scored(batch: dict[str, Any], *values: Any) -> tuple[Any, ...]:
+        """``values`` (tensors or lists with one row per sample of ``batch``) without the rows that only
+        even out the processes' shares of an evaluation split (``batch["padding"]``, see
+        :mod:`frozenlm.data.distributed`), so that every sample is scored exactly once."""
+        padding = batch.get("padding")
+        if padding is None or not bool(padding.any()):
+            return values
+        keep = ~padding.bool()
+        return tuple(
+            v[keep.to(v.device)] if torch.is_tensor(v) else [x for x, k in zip(v, keep.tolist()) if k] for v in values
+        )
+
     # -- non-finite losses -------------------------------------------------------------------
     def finite_loss(self, loss: torch.Tensor, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """What ``training_step`` returns: ``loss`` when it is finite in every process.

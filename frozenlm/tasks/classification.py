@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import Mixup
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from frozenlm.llm import FrozenLMMixin
@@ -54,6 +54,9 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
         )
         self.val_metrics = metrics.clone(prefix="val_")
         self.test_metrics = metrics.clone(prefix="test_")
+        # Losses averaged by torchmetrics, exactly over processes with unequal shares (Lightning's synced
+        # epoch mean divides by an integer mean of the batch sizes: (7 + 6) / 2 samples count as 6).
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[B, N, D]`` tokens to ``[B, D]``, as the trunk pools them."""
@@ -140,10 +143,15 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
     def _evaluate(self, batch: dict[str, Any], metrics: MetricCollection, stage: str) -> None:
         if not self._log_unreadable(batch, stage):
             return
-        probs = self.evaluation_probabilities(batch[self.input_key])
-        loss = F.nll_loss(probs.clamp_min(1e-12).log(), batch["label"])
-        metrics.update(probs, batch["label"])
-        self.log(f"{stage}_loss", loss, sync_dist=True, batch_size=len(probs))
+        # The forward runs on the whole batch (every process runs the same steps); repeats that only even
+        # out the processes' shares are dropped before scoring.
+        probs, labels = self.scored(batch, self.evaluation_probabilities(batch[self.input_key]), batch["label"])
+        if not len(labels):
+            return
+        loss = getattr(self, f"{stage}_loss")
+        loss.update(F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="none"))
+        metrics.update(probs, labels)
+        self.log(f"{stage}_loss", loss, batch_size=len(probs))
         self.log_dict(metrics, prog_bar=stage == "val", batch_size=len(probs))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -156,4 +164,5 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
         if self.input_key not in batch:
             return {"id": [], "classes": [], "probs": []}
         top = self.evaluation_probabilities(batch[self.input_key]).topk(min(5, self.hparams.num_classes), dim=-1)
-        return {"id": batch["id"], "classes": top.indices, "probs": top.values}
+        ids, classes, probs = self.scored(batch, batch["id"], top.indices, top.values)
+        return {"id": ids, "classes": classes, "probs": probs}

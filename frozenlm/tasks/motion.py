@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 
 from frozenlm.llm import FrozenLMMixin, LLMConfig
 from frozenlm.data.motion import VECTOR_DIM
@@ -105,6 +105,7 @@ class MotionForecaster(FrozenLMMixin, BaseTask):
         })  # fmt: skip
         self.val_metrics = metrics.clone(prefix="val_")
         self.test_metrics = metrics.clone(prefix="test_")
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()  # exact over unequal shares (see ClassificationTask)
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
@@ -189,11 +190,14 @@ class MotionForecaster(FrozenLMMixin, BaseTask):
         return to_world(trajectories, batch["origin"], batch["heading"]), logits.softmax(dim=-1)
 
     def _evaluate(self, batch: dict[str, Any], metrics: MetricCollection, stage: str) -> None:
-        trajectories, logits = self(batch)
-        batch_size = len(batch["target"])
-        self.log(f"{stage}_loss", self.forecast_loss(trajectories, logits, batch["target"]), batch_size=batch_size, sync_dist=True)
-        metrics.update(trajectories, logits.softmax(dim=-1), batch["target"])  # displacements are frame-invariant
-        self.log_dict(metrics, prog_bar=stage == "val", batch_size=batch_size)
+        trajectories, logits, target = self.scored(batch, *self(batch), batch["target"])  # each scene once
+        if not len(target):
+            return
+        loss = getattr(self, f"{stage}_loss")
+        loss.update(self.forecast_loss(trajectories, logits, target), weight=len(target))
+        self.log(f"{stage}_loss", loss, batch_size=len(target))
+        metrics.update(trajectories, logits.softmax(dim=-1), target)  # displacements are frame-invariant
+        self.log_dict(metrics, prog_bar=stage == "val", batch_size=len(target))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val")
@@ -202,9 +206,10 @@ class MotionForecaster(FrozenLMMixin, BaseTask):
         self._evaluate(batch, self.test_metrics, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        trajectories, probabilities = self.predict_modes(batch)
-        return {"scenario_id": batch["scenario_id"], "track_id": batch["track_id"], "trajectories": trajectories,
-                "probabilities": probabilities}  # fmt: skip
+        scenarios, tracks, trajectories, probabilities = self.scored(
+            batch, batch["scenario_id"], batch["track_id"], *self.predict_modes(batch)
+        )
+        return {"scenario_id": scenarios, "track_id": tracks, "trajectories": trajectories, "probabilities": probabilities}
 
     def prediction_file(self, path: Path) -> PredictionFile:
         """Where ``predict`` writes the K trajectories and probabilities of every scene (the datamodule's

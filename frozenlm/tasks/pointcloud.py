@@ -135,5 +135,7 @@ class PointCloudClassifier(ClassificationTask):
         if "vote_points" in batch:
             views = batch["vote_points"]
             logits = self(views.flatten(0, 1)).view(*views.shape[:2], -1).mean(dim=1)
-            self.vote_accuracy.update(self.restrict_logits(logits), batch["label"])
-            self.log("test_vote_acc1", self.vote_accuracy, batch_size=len(views))
+            logits, labels = self.scored(batch, self.restrict_logits(logits), batch["label"])
+            if len(labels):
+                self.vote_accuracy.update(logits, labels)
+                self.log("test_vote_acc1", self.vote_accuracy, batch_size=len(labels))

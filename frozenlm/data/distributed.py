@@ -1,0 +1,50 @@
+"""Evaluation that scores every sample exactly once on any number of processes.
+
+PyTorch's ``DistributedSampler`` (Lightning's default under DDP) pads a split whose size does not divide
+by the world size with repeated samples, so that every process runs the same number of batches; the
+repeats are then scored twice (a test split of 15 clouds on 2 processes scored 16). Skipping them
+outright would leave processes with different numbers of batches, which hangs any collective of an
+evaluation step (DDP's buffer broadcast during ``fit``'s validation, a synced log). Instead
+:class:`EvaluationSampler` keeps the padding, so the batch counts stay equal, but marks each repeat;
+:class:`MarkedPadding` gives every sample a ``padding`` flag, and the tasks drop the flagged rows (after
+the forward, which every process still runs on its whole batch) before any metric, loss or prediction
+(:meth:`frozenlm.tasks.BaseTask.scored`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.utils.data import Dataset, DistributedSampler
+
+
+class EvaluationSampler(DistributedSampler):
+    """The split in order, dealt round-robin to ``num_replicas`` processes as ``DistributedSampler``
+    deals it, padded to an equal share with repeats of the first samples that are marked: a repeat of
+    sample ``i`` is yielded as ``-(i + 1)``, which :class:`MarkedPadding` turns back into sample ``i``
+    flagged as padding. Every non-negative index appears exactly once over all processes."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self):
+        size = len(self.dataset)
+        indices = list(range(size)) + [-(i % size) - 1 for i in range(self.total_size - size)]
+        return iter(indices[self.rank : self.total_size : self.num_replicas])
+
+
+class MarkedPadding(Dataset):
+    """``dataset`` whose samples (dicts) carry ``padding``: True for the repeats :class:`EvaluationSampler`
+    marks (index ``-(i + 1)``), False otherwise. Anything that is not a dict (an unreadable file's
+    marker) passes unchanged."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        padding = index < 0
+        sample = self.dataset[-index - 1 if padding else index]
+        return {**sample, "padding": padding} if isinstance(sample, dict) else sample

@@ -1,0 +1,91 @@
+"""Every evaluation sample is scored exactly once on any number of processes: the same metrics on 1, 2
+and 3 processes (gloo DDP on CPU) for splits whose size divides by neither, and predictions with no
+repeated sample."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+
+from frozenlm.data.distributed import EvaluationSampler, MarkedPadding
+from tests.cli_helpers import last_checkpoint, run_cli, run_cli_subprocess
+from tests.data.argoverse2.data import write as write_argoverse2
+from tests.data.scanobjectnn.data import write as write_scanobjectnn
+
+DDP = ["--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
+
+
+@pytest.mark.parametrize("size", [1, 13, 15, 16])
+@pytest.mark.parametrize("processes", [1, 2, 3, 4])
+def test_the_sampler_deals_every_sample_once_and_marks_the_padding(size, processes):
+    shares = [list(EvaluationSampler(range(size), processes, rank)) for rank in range(processes)]
+    assert len({len(share) for share in shares}) == 1  # equal shares: every process runs the same steps
+    real = sorted(i for share in shares for i in share if i >= 0)
+    assert real == list(range(size))  # each sample exactly once
+    padding = [i for share in shares for i in share if i < 0]
+    assert len(padding) == -size % processes and all(0 <= -i - 1 < size for i in padding)
+    samples = MarkedPadding([{"x": i} for i in range(size)])
+    assert samples[-1] == {"x": 0, "padding": True} and samples[size - 1] == {"x": size - 1, "padding": False}
+
+
+def metrics_on(root: Path, subcommand: str, config: str, processes: int, *args: str) -> dict[str, float]:
+    """``frozenlm <subcommand>`` on ``processes`` processes; the synced metrics rank 0 saw."""
+    path = root / f"metrics-{processes}.json"
+    dump = ["--trainer.callbacks+=tests.cli_helpers.DumpMetrics", "--trainer.callbacks.path", str(path)]
+    result = run_cli_subprocess(subcommand, config, root / f"p{processes}", *args, *DDP, "--trainer.devices",
+                                str(processes), "--trainer.limit_test_batches", "1.0", *dump)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(path.read_text())
+
+
+def assert_same(metrics: list[dict[str, float]], exact: tuple[str, ...]) -> None:
+    for name in exact:  # counts: identical
+        assert len({m[name] for m in metrics}) == 1, (name, [m[name] for m in metrics])
+    for name in metrics[0]:  # means of floats: equal up to the order of the sums
+        assert all(m[name] == pytest.approx(metrics[0][name], rel=1e-5, abs=1e-6) for m in metrics), name
+
+
+def test_point_clouds_with_voting_score_each_cloud_once_on_1_2_and_3_processes(tmp_path):
+    root = write_scanobjectnn(tmp_path / "scanobjectnn")
+    test_file = root / "main_split" / "test_objectdataset.h5"
+    with h5py.File(test_file, "r") as file:
+        data, labels = file["data"][:13], file["label"][:13]  # 13 clouds: divisible by neither 2 nor 3
+    with h5py.File(test_file, "w") as file:
+        file.create_dataset("data", data=data)
+        file.create_dataset("label", data=labels)
+    common = ["--model.llm", "null", "--data.root", str(root), "--data.batch_size", "4"]
+    run_cli("fit", "pointcloud_llama", tmp_path / "fit", *common, "--trainer.max_epochs", "1")
+    ckpt = ["--ckpt_path", str(last_checkpoint(tmp_path / "fit"))]
+    metrics = [metrics_on(tmp_path, "test", "pointcloud_llama", n, *common, *ckpt) for n in (1, 2, 3)]
+    assert_same(metrics, ("test_acc1", "test_vote_acc1", "test_acc5"))
+    assert round(metrics[0]["test_acc1"] * 13) == pytest.approx(metrics[0]["test_acc1"] * 13, abs=1e-4)  # k / 13
+
+
+def test_images_score_each_sample_once_and_predict_writes_each_once(tmp_path):
+    odd = ["--data.val_fraction", "0.1007"]  # 181 validation digits, a prime
+    run_cli("fit", "image_baseline", tmp_path / "fit", *odd)
+    ckpt = ["--ckpt_path", str(last_checkpoint(tmp_path / "fit"))]
+    metrics = [metrics_on(tmp_path, "test", "image_baseline", n, *odd, *ckpt) for n in (1, 2, 3)]
+    assert_same(metrics, ("test_acc1", "test_acc5"))
+
+    output = tmp_path / "predictions.csv"
+    result = run_cli_subprocess("predict", "image_baseline", tmp_path / "predict", *odd, *ckpt, *DDP, "--trainer.devices",
+                                "2", "--trainer.limit_predict_batches", "1.0", "--predictions.output", str(output))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ids = [row["id"] for rank in (0, 1) for row in csv.DictReader(output.with_name(f"predictions.rank{rank}.csv").open())]
+    assert len(ids) == len(set(ids)) == 181
+
+
+def test_motion_metrics_score_each_scene_once_on_1_2_and_3_processes(tmp_path):
+    root = write_argoverse2(tmp_path / "av2", {"train": 8, "val": 5, "test": 2})  # 5 val scenes
+    common = ["--model.llm", "null", "--data.root", str(root), "--data.batch_size", "2"]
+    run_cli("fit", "motion_llama", tmp_path / "fit", *common, "--trainer.max_epochs", "1")
+    ckpt = ["--ckpt_path", str(last_checkpoint(tmp_path / "fit"))]
+    metrics = [metrics_on(tmp_path, "test", "motion_llama", n, *common, *ckpt) for n in (1, 2, 3)]
+    assert_same(metrics, ("test_MR_6", "test_MR_1"))
+    assert torch.isfinite(torch.tensor(metrics[0]["test_minFDE_6"]))
