@@ -30,6 +30,7 @@ Other commands (each with --help): `frozenlm bench` (frozen-block throughput and
 `frozenlm sweep` (variants x seeds of a config, resumable, with a table of means, paired differences
 and gradient coherence)."""
 
+
 class ConfigurationError(FrozenLMError):
     """The configuration cannot be turned into a run (a class raised while being built from it, or the
     checkpoint to resume is damaged); the message is the underlying reason, the cause is chained."""

@@ -19,8 +19,8 @@ from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
 from frozenlm.data import Argoverse1DataModule, Argoverse2DataModule
 from frozenlm.data.base import DatasetFileError, DatasetNotFoundError
 from frozenlm.data.motion import VECTOR_DIM, Scene, TooManySkippedScenesError, collate_scenes, vectorize
-from frozenlm.models.vectornet import VectorNet
 from frozenlm.llm import LLMConfig
+from frozenlm.models.vectornet import VectorNet
 from frozenlm.tasks import MotionForecaster
 from frozenlm.tasks.motion import to_world
 from frozenlm.tasks.motion_metrics import BrierMinFDE, MinADE, MinFDE, MissRate

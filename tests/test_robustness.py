@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from timm.data import ImageNetInfo
 
+from frozenlm.cli import run
 from frozenlm.data import ImageNetVariantDataModule
 from frozenlm.data.base import DatasetError, DatasetNotFoundError
-from frozenlm.cli import run
 from tests.cli_helpers import run_cli
 from tests.data.imagenet_variants.data import CLASSES, CORRUPTIONS, SEVERITIES, write
 

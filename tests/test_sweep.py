@@ -160,8 +160,8 @@ def test_a_run_that_never_validated_is_listed_not_averaged(tmp_path):
     sweep(report=str(output))
     markdown = (output / "results.md").read_text()
     assert "other/seed0 (no val_acc1: it never validated)" in markdown and "| other |" not in markdown
-    for run in ALL_RUNS:
-        (output / run[0] / f"seed{run[1]}" / "result.json").unlink()
+    for variant, seed in ALL_RUNS:
+        (output / variant / f"seed{seed}" / "result.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"No finished run with a val_acc1 .*baseline/seed0 \(missing\)"):
         sweep(report=str(output))
 

@@ -165,6 +165,12 @@ class ClassificationDataModule(L.LightningDataModule):
         self.reported_unreadable: set[str] = set()
         self._unreadable_count: tuple[tuple, int] = ((), 0)  # (stage, epoch) -> unreadable samples so far
 
+    def __str__(self) -> str:
+        # Lightning's __str__ builds every dataloader to report its size: it would list, decode or
+        # preprocess every split (jsonargparse calls it while instantiating the CLI's classes), in every
+        # process and before DDP starts.
+        return f"{type(self).__name__}(batch_size={self.batch_size}, num_workers={self.num_workers})"
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Runs in the training process for every batch: reports and counts its unreadable samples."""
         unreadable = batch.get("unreadable") if isinstance(batch, dict) else None

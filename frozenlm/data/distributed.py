@@ -1,4 +1,5 @@
-"""Evaluation that scores every sample exactly once on any number of processes.
+"""Data work on several processes: evaluation that scores every sample exactly once, and preprocessing
+shared between the processes instead of repeated by each (:func:`share_work`).
 
 PyTorch's ``DistributedSampler`` (Lightning's default under DDP) pads a split whose size does not divide
 by the world size with repeated samples, so that every process runs the same number of batches; the
@@ -13,9 +14,13 @@ the forward, which every process still runs on its whole batch) before any metri
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset, DistributedSampler
+
+from frozenlm.errors import FrozenLMError
 
 
 class EvaluationSampler(DistributedSampler):
@@ -48,3 +53,28 @@ class MarkedPadding(Dataset):
         padding = index < 0
         sample = self.dataset[-index - 1 if padding else index]
         return {**sample, "padding": padding} if isinstance(sample, dict) else sample
+
+
+class DataPreparationError(FrozenLMError, RuntimeError):
+    """Another process failed while preparing the data (its own error is in its output)."""
+
+
+def share_work(trainer: Any, work: Callable[[int, int], None]) -> None:
+    """``work(rank, world_size)`` on every process, then wait for all of them: each process does its part
+    of a preprocessing job (e.g. every ``world_size``-th scene from ``rank``) and none reads the result
+    before all are done. An error in one process stops every process (that one with its own error), where
+    a plain barrier would leave the others waiting. Without a trainer (or with one process), just
+    ``work(0, 1)``."""
+    world = trainer.world_size if trainer is not None else 1
+    if world == 1:
+        return work(0, 1)
+    failure = None
+    try:
+        work(trainer.global_rank, world)
+    except Exception as error:  # stopped below, once every process knows
+        failure = error
+    flag = torch.tensor(float(failure is not None), device=trainer.strategy.root_device)
+    if trainer.strategy.reduce(flag, reduce_op="max") > 0:  # the all-reduce is the barrier too
+        if failure is not None:
+            raise failure
+        raise DataPreparationError("Another process failed while preparing the data; its error is printed above.")

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from frozenlm.data.base import DatasetFileError, DatasetNotFoundError
+from frozenlm.data.distributed import share_work
 from frozenlm.data.pointcloud import PointCloudDataModule
 from frozenlm.files import atomic_path, source_stamp
 from frozenlm.models.point_ops import farthest_point_sample
@@ -158,20 +159,24 @@ class ModelNet40DataModule(PointCloudDataModule):
             return cached.points, cached.labels, cached.ids
         ids, paths, labels = self.shapes(split)
         missing = [p for p in paths if not p.is_file()]
-        if missing:
-            pickled = self.root / f"modelnet40_{split}_8192pts_fps.dat"
-            if not pickled.is_file():
-                raise DatasetNotFoundError(
-                    f"ModelNet40DataModule: {len(missing)} shape file(s) listed in modelnet40_{split}.txt are "
-                    f"missing, e.g. {missing[0].relative_to(self.root)}. {DOWNLOAD_HINT}"
-                )
-            sources = [f"pickle:{source_stamp(pickled)}"] * len(ids)
-            if cached is None or cached.ids != ids or cached.sources != sources:
-                self._convert_pickled(pickled, split, ids, labels, sources)
-        else:
-            sources = [source_stamp(p) for p in paths]
-            if cached is None or cached.ids != ids or cached.sources != sources:
-                self.build_cache(split, paths, labels, ids, sources, cached)
+        pickled = self.root / f"modelnet40_{split}_8192pts_fps.dat"
+        if missing and not pickled.is_file():
+            raise DatasetNotFoundError(
+                f"ModelNet40DataModule: {len(missing)} shape file(s) listed in modelnet40_{split}.txt are "
+                f"missing, e.g. {missing[0].relative_to(self.root)}. {DOWNLOAD_HINT}"
+            )
+        sources = [f"pickle:{source_stamp(pickled)}"] * len(ids) if missing else [source_stamp(p) for p in paths]
+        if cached is None or cached.ids != ids or cached.sources != sources:
+
+            def build(rank: int, world: int) -> None:  # one process (of all nodes) builds; the others wait
+                if rank > 0:
+                    return
+                if missing:
+                    self._convert_pickled(pickled, split, ids, labels, sources)
+                else:
+                    self.build_cache(split, paths, labels, ids, sources, cached)
+
+            share_work(self.trainer, build)
         stored = self.read_cache(cache)
         return stored.points, stored.labels, stored.ids
 

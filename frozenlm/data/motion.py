@@ -3,12 +3,12 @@ preprocessed scenes, padding collation, and prediction files.
 
 Each scene is read once (by the dataset's reader, in loader worker processes, with a progress bar),
 turned into VectorNet's vectors in the focal agent's frame (origin at its last observed position, its
-heading along +x) and written as ``<scenario_id>.safetensors`` in a cache folder named after the
-preprocessing parameters. Each cache entry is keyed to the files it was read from (their sizes and
-modification times): ``<scenario_id>.<key>.safetensors``. An entry whose files are unchanged is never
+heading along +x) and written as one safetensors file in a cache folder named after the
+preprocessing parameters, keyed to the files it was read from (their sizes and modification times):
+``<scenario_id>.<key>.safetensors``. An entry whose files are unchanged is never
 redone, so a killed preprocessing run resumes; a scene whose file was replaced or repaired is read
 again. A scene that cannot be used (unreadable file, no focal track, NaN positions, too few observed
-steps, incomplete future, non-finite lane points) gets a ``<scenario_id>.<key>.skipped`` file with the
+steps, incomplete future, non-finite map points) gets a ``<scenario_id>.<key>.skipped`` file with the
 reason instead: counted, reported once, never trained on, and retried once its files change. More
 than ``max_skipped_fraction`` of a split skipped stops the run (:class:`TooManySkippedScenesError`); a
 damaged file that every scene needs (a city's map) stops it at once, named.
@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from frozenlm.data.base import ClassificationDataModule, DatasetError, DatasetFileError, DatasetNotFoundError
+from frozenlm.data.distributed import share_work
 from frozenlm.files import atomic_path, source_stamp, write_atomically
 from frozenlm.predictions import PredictionFile
 
@@ -318,13 +319,9 @@ class MotionDataModule(ClassificationDataModule):
             entries = {f"{self.scene_id(s)}.{self.entry_key(s)}": s for s in self.scene_sources(split)}
             done = {p.name.rsplit(".", 1)[0] for pattern in ("*.safetensors", "*.skipped") for p in folder.glob(pattern)}
             todo = [(source, name.rsplit(".", 1)[1]) for name, source in entries.items() if name not in done]
-            if todo:
-                loader = DataLoader(_Preprocess(self, split, todo, folder), batch_size=None, num_workers=self.num_workers)
-                description = f"{type(self).__name__} {split}: preprocessing {len(todo)} of {len(entries)} scenes"
-                with closing(track(loader, total=len(todo), description=description)) as progress:
-                    for status in progress:  # closed on an error, so no live progress display is left behind
-                        if isinstance(status, DatasetFileError):
-                            raise status
+            # Each process preprocesses every world_size-th missing scene (on any number of nodes sharing the
+            # cache folder), and all wait for the others before reading.
+            share_work(self.trainer, lambda rank, world: self._preprocess(split, todo[rank::world], folder, len(entries), rank, world))
             self._remove_stale_entries(folder, set(entries))
             skipped = sorted(folder / f"{name}.skipped" for name in entries if (folder / f"{name}.skipped").is_file())
             self.skipped[split] = [p.read_text().strip() for p in skipped]
@@ -343,6 +340,19 @@ class MotionDataModule(ClassificationDataModule):
                 raise DatasetFileError(f"{type(self).__name__}: no usable scene in the {split} split ({len(entries)} read).")
             self.datasets[split] = CachedScenes(files)
         return self.datasets[split]
+
+    def _preprocess(self, split: str, todo: list[tuple[Path, str]], folder: Path, total: int, rank: int, world: int) -> None:
+        """Read, vectorise and cache the scenes ``todo`` (with their entry keys), in loader workers."""
+        if not todo:
+            return
+        where = f" (process {rank} of {world})" if world > 1 else ""
+        print(f"{type(self).__name__} {split}: preprocessing {len(todo)} of {total} scenes{where}", flush=True)
+        loader = DataLoader(_Preprocess(self, split, todo, folder), batch_size=None, num_workers=self.num_workers)
+        description = f"{type(self).__name__} {split}: preprocessing{where}"
+        with closing(track(loader, total=len(todo), description=description)) as progress:
+            for status in progress:  # closed on an error, so no live progress display is left behind
+                if isinstance(status, DatasetFileError):
+                    raise status
 
     @staticmethod
     def _remove_stale_entries(folder: Path, current: set[str]) -> None:

@@ -15,7 +15,6 @@ import dataclasses
 import math
 import os
 import random
-
 import warnings
 from typing import Any
 
@@ -203,6 +202,12 @@ class BaseTask(lightning.LightningModule):
         warnings.warn(f"Skipping a training step with a non-finite loss ({self.nonfinite_steps_skipped} of at most "
                       f"{limit}) at {where}", stacklevel=2)  # fmt: skip
         self._skip_this_step = True
+        return self.zero_loss()
+
+    def zero_loss(self) -> torch.Tensor:
+        """A loss of 0 over every trainable parameter: a step that learns nothing but still runs the
+        backward, so DDP's gradient all-reduce stays in step with the other processes (returning None
+        would leave them waiting)."""
         return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
     def on_before_optimizer_step(self, optimizer) -> None:

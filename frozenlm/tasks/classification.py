@@ -121,9 +121,7 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if not self._log_unreadable(batch, "train"):
-            # Every sample was unreadable. A zero loss over all trainable parameters keeps DDP's gradient
-            # all-reduce in step with the other processes (returning None would leave them waiting).
-            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            return self.zero_loss()  # every sample was unreadable
         inputs, targets = batch[self.input_key], batch["label"]
         if self.mixup is not None:
             inputs, targets = self.mix(inputs, targets)

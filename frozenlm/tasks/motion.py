@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 
-from frozenlm.llm import FrozenLMMixin, LLMConfig
 from frozenlm.data.motion import VECTOR_DIM
+from frozenlm.llm import FrozenLMMixin, LLMConfig
 from frozenlm.models.vectornet import PolylineGroup, TrajectoryDecoder, VectorNet
 from frozenlm.predictions import PredictionFile
 from frozenlm.tasks.base import BaseTask
