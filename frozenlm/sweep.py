@@ -205,14 +205,14 @@ def sweep(
     folder = Path(output) if output else Path("runs/sweeps") / Path(config).stem
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sweep.yaml").write_text(yaml.safe_dump(preset, sort_keys=False))
-    pending = []
-    for variant, seed in expected_runs(preset):
+    pending, runs = [], expected_runs(preset)
+    for variant, seed in runs:
         status = read_result(run_folder(folder, variant, seed))
         if isinstance(status, str):
             pending.append((variant, seed))
             if status != "missing":
                 print(f"Redoing {variant}/seed{seed}: its result.json is {status}")
-    total = len(expected_runs(preset))
+    total = len(runs)
     print(f"Sweep {config}: {total - len(pending)} of {total} runs done, {len(pending)} to run, in {folder}")
     if gpus:
         def launch(job: tuple[int, tuple[str, int]]) -> None:
@@ -294,14 +294,11 @@ def _half_interval(values: list[float]) -> float:
 
 
 def _paired_p(differences: list[float]) -> float:
-    """Two-sided p-value of the paired t-test that the mean of ``differences`` is 0."""
-    if len(differences) < 2:
+    """Two-sided p-value of the paired t-test that the mean of ``differences`` is 0 (nan below 2 pairs, or
+    when every difference is the same)."""
+    if len(differences) < 2 or len(set(differences)) == 1:
         return math.nan
-    mean, sd = statistics.mean(differences), statistics.stdev(differences)
-    if sd == 0:
-        return 1.0 if mean == 0 else 0.0
-    t = mean / (sd / math.sqrt(len(differences)))
-    return float(2 * stats.t.sf(abs(t), len(differences) - 1))
+    return float(stats.ttest_1samp(differences, 0.0).pvalue)
 
 
 def write_report(folder: Path) -> Path:
