@@ -81,7 +81,7 @@ class Argoverse2DataModule(MotionDataModule):
     def read_scene(self, source: Path) -> Scene:
         serialization, static_map_class = _av2()
         scenario = serialization.load_argoverse_scenario_parquet(source)
-        maps = sorted(source.parent.glob("log_map_archive_*.json"))
+        maps = self.scene_files(source)[1:]
         if not maps:
             raise FileNotFoundError(f"no log_map_archive_*.json beside {source}")
         tracks = {track.track_id: track for track in scenario.tracks}
