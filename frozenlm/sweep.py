@@ -19,8 +19,15 @@ logged under ``<output>/<variant>/seed<seed>/`` (TensorBoard, checkpoints and th
 ``config.yaml``) and summarised in its ``result.json`` (written atomically) when it finishes. A run's
 seed also seeds a random frozen block (``llm.seed``) unless the preset sets one; the data split stays
 the datamodule's own (fixed) and is reported. Runs holding a readable ``result.json`` are never redone,
-so a killed sweep resumes; a damaged one (truncated, empty, a key missing) is named and redone. Runs go
-one after another in this process (no start-up per run), or, with ``gpus``, one process per GPU.
+so a killed sweep resumes; a damaged one (truncated, empty, a key missing) is named and redone.
+
+Where runs go (``launcher``): ``inline``, one after another in this process (no start-up per run), or
+with ``gpus`` one process per GPU; ``slurm``, one job per run in a SLURM job array through ``submitit``
+(``--slurm.partition``, ``--slurm.gpus_per_node``, ... :class:`SlurmOptions`), each job one process per
+GPU; ``local``, the same job objects as local processes (submitit's local executor). A job that times
+out or is preempted is resubmitted by submitit and resumes from the run's ``last.ckpt``
+(:class:`SweepJob`). Each submitted run's ``job.json`` names its job and log files, and the report says
+of every run whether it is done, pending, running or failed (with its log), whatever launched it.
 
 The report (``results.csv``, ``results.md``, ``results.png``) is rebuilt from the run folders alone
 (``frozenlm sweep --report <output>``). Each variant is compared with the baseline seed by seed: the mean
@@ -31,24 +38,34 @@ missing, damaged or that never validated are listed by name under the table, not
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import pickle
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
+import submitit
 import torch
 import yaml
 from scipy import stats
+from submitit.core.utils import JobPaths
 
 from frozenlm.bench import flop_counter
+from frozenlm.errors import FrozenLMError
 from frozenlm.files import write_atomically
+
+class SweepNotReadyError(FrozenLMError, FileNotFoundError):
+    """No run of a sweep has finished yet; the message says where each one stands."""
+
 
 # What a finished run's result.json must hold for the report.
 RESULT_KEYS = ("variant", "seed", "final", "best", "history", "trainable_params", "frozen_params",
@@ -77,6 +94,13 @@ class SweepRecorder(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking and self.metric in trainer.callback_metrics:
             self.history.append(float(trainer.callback_metrics[self.metric]))
+
+    # Kept in checkpoints, so that a run resumed after a preemption reports its whole history.
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "step_seconds": self.step_seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history, self.step_seconds = list(state_dict["history"]), list(state_dict["step_seconds"])
 
 
 def load_preset(path: str | Path) -> dict[str, Any]:
@@ -111,14 +135,17 @@ def run_arguments(preset: dict[str, Any], variant: str, seed: int, output: Path)
     return args + ["--trainer.callbacks+=frozenlm.sweep.SweepRecorder", "--trainer.callbacks.metric", preset["metric"]]
 
 
-def run_one(preset: dict[str, Any], variant: str, seed: int, output: Path) -> dict[str, Any]:
-    """Train one run in this process and write its ``result.json``."""
+def run_one(
+    preset: dict[str, Any], variant: str, seed: int, output: Path, extra_args: Sequence[str] = (), write: bool = True
+) -> dict[str, Any]:
+    """Train one run in this process (``extra_args`` after its own) and write its ``result.json``
+    (unless ``write`` is False: a process other than the first of a multi-process job)."""
     from frozenlm.analysis import GradientCoherenceCallback
     from frozenlm.trainer_cli import run_trainer
 
     folder = run_folder(output, variant, seed)
     start = time.perf_counter()
-    cli = run_trainer(run_arguments(preset, variant, seed, output))
+    cli = run_trainer([*run_arguments(preset, variant, seed, output), *extra_args])
     seconds = time.perf_counter() - start
     model, trainer = cli.model, cli.trainer
     recorder = next(c for c in trainer.callbacks if isinstance(c, SweepRecorder))
@@ -143,7 +170,8 @@ def run_one(preset: dict[str, Any], variant: str, seed: int, output: Path) -> di
         "data_split": {k: getattr(datamodule, k) for k in ("val_fraction", "seed") if hasattr(datamodule, k)},
         "config": str(folder / "config.yaml"),
     }  # fmt: skip
-    write_atomically(folder / "result.json", json.dumps(result, indent=1))
+    if write:
+        write_atomically(folder / "result.json", json.dumps(result, indent=1))
     return result
 
 
@@ -183,10 +211,161 @@ def flops_per_sample(model: L.LightningModule, datamodule: L.LightningDataModule
     return counter.get_total_flops()
 
 
+@dataclasses.dataclass
+class SlurmOptions:
+    """How ``--launcher slurm`` submits runs (submitit's SLURM parameters); each run is one job of a job
+    array, with one process per GPU (``srun``; Lightning reads the SLURM environment).
+
+    Args:
+        partition, account, qos, constraint: SLURM's own (None: the cluster's default).
+        nodes: nodes per run (``--trainer.num_nodes``).
+        gpus_per_node: GPUs per node and run, one process each (``--trainer.devices``).
+        cpus_per_task: CPU cores per process, for its loader workers (see docs/many_gpus.md).
+        mem_gb: memory per node; None = the partition's default.
+        timeout_min: time limit of one job; a run that needs longer is resubmitted and resumes.
+        max_requeues: resubmissions after a timeout or a preemption before the run counts as failed.
+        array_parallelism: at most this many runs of the sweep at once.
+        setup: shell lines run before each job (``module load ...``, ``source .venv/bin/activate``).
+    """
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 1
+    cpus_per_task: int = 10
+    mem_gb: int | None = None
+    timeout_min: int = 24 * 60
+    max_requeues: int = 3
+    array_parallelism: int = 64
+    setup: list[str] = dataclasses.field(default_factory=list)
+
+    def executor(self, folder: Path) -> submitit.AutoExecutor:
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=self.max_requeues)
+        named = {"partition": self.partition, "account": self.account, "qos": self.qos, "constraint": self.constraint,
+                 "mem": f"{self.mem_gb}GB" if self.mem_gb else None}  # fmt: skip
+        executor.update_parameters(
+            name="frozenlm-sweep", nodes=self.nodes, tasks_per_node=self.gpus_per_node, gpus_per_node=self.gpus_per_node,
+            cpus_per_task=self.cpus_per_task, timeout_min=self.timeout_min, slurm_array_parallelism=self.array_parallelism,
+            slurm_setup=self.setup, **{f"slurm_{key}": value for key, value in named.items() if value is not None},
+        )  # fmt: skip
+        return executor
+
+    def trainer_args(self) -> list[str]:
+        return ["--trainer.devices", str(self.gpus_per_node), "--trainer.num_nodes", str(self.nodes)]
+
+
+class SweepJob(submitit.helpers.Checkpointable):
+    """One run of a sweep as a submitit job. It starts from the run's ``last.ckpt`` when there is one:
+    when a job times out or is preempted, submitit calls :meth:`checkpoint` (a resubmission of this same
+    job) and requeues it, and the next attempt resumes from the last epoch-end checkpoint."""
+
+    def __init__(self, preset: dict[str, Any], output: Path, variant: str, seed: int, trainer_args: Sequence[str] = ()):
+        self.preset, self.output, self.variant, self.seed = preset, Path(output), variant, seed
+        self.trainer_args = list(trainer_args)
+
+    def __call__(self) -> str:
+        folder = run_folder(self.output, self.variant, self.seed)
+        args = list(self.trainer_args)
+        last = latest_checkpoint(folder)
+        if last is not None:
+            print(f"Resuming {self.variant}/seed{self.seed} from {last}", flush=True)
+            args += ["--ckpt_path", str(last)]
+        run_one(self.preset, self.variant, self.seed, self.output, args, write=submitit.JobEnvironment().global_rank == 0)
+        return str(folder / "result.json")
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest ``last*.ckpt`` under a run folder that exists (a link may point at a deleted file)."""
+    found = [path for path in folder.rglob("last*.ckpt") if path.exists()]
+    return max(found, key=lambda path: path.stat().st_mtime) if found else None
+
+
+def submit(preset: dict[str, Any], folder: Path, runs: list[tuple[str, int]], launcher: str,
+           slurm: SlurmOptions, parallel: int) -> list[submitit.Job]:  # fmt: skip
+    """Submit each run as a :class:`SweepJob` (SLURM: one job array), recording its ``job.json``; with the
+    local executor, at most ``parallel`` at once, waiting for them all."""
+    jobs_folder = folder / "jobs"
+    if not runs:
+        return []
+    if launcher == "slurm":
+        executor, trainer_args = slurm.executor(jobs_folder), slurm.trainer_args()
+        with executor.batch():
+            pending = [(run, executor.submit(SweepJob(preset, folder, *run, trainer_args))) for run in runs]
+        for run, job in pending:
+            record_job(folder, run, job, launcher)
+        return [job for _, job in pending]
+    executor = submitit.AutoExecutor(folder=jobs_folder, cluster="local")
+    executor.update_parameters(timeout_min=slurm.timeout_min, gpus_per_node=0)
+    running: list[submitit.Job] = []
+    done: list[submitit.Job] = []
+    for run in runs:
+        while len(running) >= parallel:
+            time.sleep(0.5)
+            finished = [job for job in running if job.done()]
+            done += finished
+            running = [job for job in running if job not in finished]
+        job = executor.submit(SweepJob(preset, folder, *run))
+        record_job(folder, run, job, launcher)
+        running.append(job)
+    for job in running:
+        job.wait()
+    return done + running
+
+
+def record_job(folder: Path, run: tuple[str, int], job: submitit.Job, launcher: str) -> None:
+    paths = JobPaths(job.paths.folder, job.job_id)
+    record = {"launcher": launcher, "job_id": job.job_id, "folder": str(job.paths.folder),
+              "stdout": str(paths.stdout), "stderr": str(paths.stderr), "submitted": time.time()}  # fmt: skip
+    run_dir = run_folder(folder, *run)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(run_dir / "job.json", json.dumps(record, indent=1))
+
+
+# SLURM job states (sacct) -> the report's words.
+_SLURM_STATES = {"PENDING": "pending", "REQUEUED": "pending", "CONFIGURING": "pending", "RESIZING": "pending",
+                 "RUNNING": "running", "COMPLETING": "running", "SUSPENDED": "running"}  # fmt: skip
+
+
+def job_status(folder: Path) -> str | None:
+    """Where a run without a usable ``result.json`` stands, from its ``job.json``: ``pending (...)``,
+    ``running (...)`` or ``failed (...; log: <path>)``; None when it was never submitted."""
+    try:
+        record = json.loads((folder / "job.json").read_text())
+    except (OSError, ValueError):
+        return None
+    job_id, log = record["job_id"], record["stderr"]
+    result = JobPaths(record["folder"], job_id).result_pickle
+    if result.exists():
+        try:
+            outcome, value = pickle.loads(result.read_bytes())
+        except Exception as error:  # a damaged result pickle says no more than a failure
+            outcome, value = "error", f"{type(error).__name__}: {error}"
+        if outcome != "success":
+            reason = str(value).strip().splitlines()[-1] if str(value).strip() else "error"
+            return f"failed ({record['launcher']} job {job_id}: {reason}; log: {log})"
+        return None
+    if record["launcher"] == "local":
+        try:
+            os.kill(int(job_id), 0)
+        except (ProcessLookupError, ValueError):
+            return f"failed (local job {job_id}: its process ended without a result; log: {log})"
+        except PermissionError:
+            pass
+        return f"running (local job {job_id}; log: {log})"
+    state = submitit.SlurmJob(record["folder"], job_id).state.split()[0]
+    word = _SLURM_STATES.get(state, "failed")
+    return f"{word} (slurm job {job_id}, {state}" + (f"; log: {log})" if word != "pending" else ")")
+
+
 def sweep(
     preset: str | None = None,
     output: str | None = None,
+    launcher: Literal["inline", "local", "slurm"] = "inline",
     gpus: list[int] | None = None,
+    slurm: SlurmOptions = SlurmOptions(),  # noqa: B008 (read only)
+    parallel: int = 1,
     report: str | None = None,
 ) -> Path:
     """Run a sweep preset (see the module docstring), then write its report; or only rebuild a report.
@@ -194,13 +373,23 @@ def sweep(
     Args:
         preset: the sweep preset (``configs/sweeps/*.yaml``); not needed with ``report``.
         output: where runs go; default ``runs/sweeps/<preset name>``.
-        gpus: GPU indices to spread runs over, one process each; default: one run after another here.
+        launcher: ``inline`` (this process, or one process per GPU with ``gpus``), ``slurm`` (a submitit
+            job array, returns once submitted; ``--report`` later) or ``local`` (the same jobs as local
+            processes, waited for).
+        gpus: with ``inline``: GPU indices to spread runs over, one process each.
+        slurm: the SLURM resources of each run (``--slurm.partition``, ``--slurm.gpus_per_node``, ...);
+            ``timeout_min`` also limits each ``local`` job.
+        parallel: with ``local``: runs at once.
         report: rebuild the report of this sweep folder from its runs, and run nothing.
     """
     if report is not None:
         return write_report(Path(report))
     if preset is None:
         raise ValueError("Give a sweep preset (--preset configs/sweeps/<name>.yaml) or --report <sweep folder>.")
+    if launcher not in ("inline", "local", "slurm"):
+        raise ValueError(f"launcher must be inline, local or slurm, got {launcher!r}.")
+    if gpus and launcher != "inline":
+        raise ValueError(f"--gpus spreads inline runs; with --launcher {launcher} give --slurm.gpus_per_node.")
     config, preset = preset, load_preset(preset)
     folder = Path(output) if output else Path("runs/sweeps") / Path(config).stem
     folder.mkdir(parents=True, exist_ok=True)
@@ -209,12 +398,22 @@ def sweep(
     for variant, seed in runs:
         status = read_result(run_folder(folder, variant, seed))
         if isinstance(status, str):
+            job = job_status(run_folder(folder, variant, seed)) if launcher == "slurm" else None
+            if job is not None and not job.startswith("failed"):
+                print(f"Not resubmitting {variant}/seed{seed}: {job}")
+                continue
             pending.append((variant, seed))
             if status != "missing":
                 print(f"Redoing {variant}/seed{seed}: its result.json is {status}")
     total = len(runs)
-    print(f"Sweep {config}: {total - len(pending)} of {total} runs done, {len(pending)} to run, in {folder}")
-    if gpus:
+    print(f"Sweep {config}: {total - len(pending)} of {total} runs done or under way, {len(pending)} to run, in {folder}")
+    if launcher != "inline":
+        jobs = submit(preset, folder, pending, launcher, slurm, parallel)
+        if launcher == "slurm":
+            print(f"Submitted {len(jobs)} SLURM jobs (logs in {folder / 'jobs'}); `frozenlm sweep --report {folder}` "
+                  "says which are pending, running, failed or done.")  # fmt: skip
+            return folder
+    elif gpus:
         def launch(job: tuple[int, tuple[str, int]]) -> None:
             gpu, (variant, seed) = job
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpus[gpu % len(gpus)])}
@@ -314,9 +513,9 @@ def write_report(folder: Path) -> Path:
         if isinstance(status, dict):
             results.append(status)
         else:
-            left_out.append(f"{variant}/seed{seed} ({status})")
+            left_out.append(f"{variant}/seed{seed} ({job_status(run_folder(folder, variant, seed)) or status})")
     if not results:
-        raise FileNotFoundError(f"No finished run with a {metric} under {folder}: " + "; ".join(left_out) + ".")
+        raise SweepNotReadyError(f"No finished run with a {metric} under {folder} yet: " + "; ".join(left_out) + ".")
     order = list(preset["variants"])
     rows = sorted(summarize(results, preset["baseline"]), key=lambda r: order.index(r["variant"]) if r["variant"] in order else 99)
     columns = list(dict.fromkeys(k for row in rows for k in row))

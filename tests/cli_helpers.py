@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
+import random
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -31,24 +36,44 @@ def run_cli(subcommand: str, config: str, root: Path, *args: str):
     )  # fmt: skip
 
 
-def run_cli_subprocess(subcommand: str, config: str, root: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``run_cli`` in a fresh process (``python -m frozenlm.cli``), e.g. to launch DDP ranks. It runs in its
-    own process group, so a time-out kills the DDP ranks it started too (they hold its output pipes)."""
-    command = [
+def cli_command(subcommand: str, config: str, root: Path, *args: str) -> list[str]:
+    """The command line of ``run_cli`` in a fresh process (``python -m frozenlm.cli``)."""
+    return [
         sys.executable, "-m", "frozenlm.cli", subcommand, "--config", str(CONF / f"{config}.yaml"),
         "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root), *args,
     ]  # fmt: skip
+
+
+def start_cli_subprocess(command: list[str], **env: str) -> subprocess.Popen:
+    """Start ``command`` with ``env`` added, in its own process group, so that a time-out can kill the
+    DDP processes it starts too (they hold its output pipes)."""
     # One thread, like the in-process runs (conftest), so float reductions match bit for bit.
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as process:  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def finish(process: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Wait for a started process; kill its process group and fail after ``timeout`` seconds."""
+    with process:
         try:
             out, err = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             out, err = process.communicate()
-            raise AssertionError(f"{' '.join(command)} ran past {timeout} s:\n{err[-3000:]}") from None
-    return subprocess.CompletedProcess(command, process.returncode, out, err)
+            raise AssertionError(f"{' '.join(process.args)} ran past {timeout} s:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def run_cli_subprocess(subcommand: str, config: str, root: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``run_cli`` in a fresh process, e.g. to launch DDP processes."""
+    return finish(start_cli_subprocess(cli_command(subcommand, config, root, *args)), timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class DumpMetrics(Callback):
@@ -91,3 +116,37 @@ def check_lora_round_trip(config: str, root: Path, *args: str) -> None:
     assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys), keys
     validate = run_cli("validate", config, root, *args, "--ckpt_path", str(checkpoint))
     assert torch.equal(validate.trainer.callback_metrics["val_loss"], fit.trainer.callback_metrics["val_loss"])
+
+
+class RecordRandomStreams(Callback):
+    """Appends, for every training step, a fingerprint of this process's random states (Python, NumPy and
+    torch: what augmentation, mixup and stochastic depth draw from) to ``<path>.rank<N>``, one per line."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        states = pickle.dumps((random.getstate(), np.random.get_state(), torch.random.get_rng_state().numpy()))
+        with open(f"{self.path}.rank{trainer.global_rank}", "a") as file:
+            file.write(f"{trainer.global_step} {hashlib.sha256(states).hexdigest()}\n")
+
+
+class InitialWeights(Callback):
+    """Keeps a copy of the model's state dict as training starts (``.state``), for in-process runs."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.state = {key: value.detach().clone() for key, value in pl_module.state_dict().items()}
+
+
+class PreemptOnce(Callback):
+    """Sends this process the signal a cluster sends before a time limit or a preemption (submitit's
+    SIGUSR2) at the start of training epoch ``epoch``, on the first attempt only (a marker file at
+    ``path`` remembers it)."""
+
+    def __init__(self, path: str, epoch: int = 2) -> None:
+        self.path, self.epoch = Path(path), epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch and not self.path.exists():
+            self.path.touch()
+            os.kill(os.getpid(), signal.SIGUSR2)

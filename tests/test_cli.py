@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from lightning.pytorch.callbacks import Callback
 
 from frozenlm.cli import main, run
@@ -68,12 +69,14 @@ def test_every_config_parses(config, capsys):
     assert "class_path: frozenlm.tasks." in capsys.readouterr().out
 
 
-def test_trainer_presets_stack_on_a_config(capsys):
+@pytest.mark.parametrize("preset", sorted((REPO / "configs/trainer").glob("*.yaml")), ids=lambda p: p.name)
+def test_trainer_presets_stack_on_a_config(preset, capsys):
     with pytest.raises(SystemExit):
-        run(["fit", "--config", str(REPO / "configs/imagenet_deit_small_llama.yaml"),
-              "--config", str(REPO / "configs/trainer/rtx3090x8_ddp.yaml"), "--print_config"])  # fmt: skip
+        run(["fit", "--config", str(REPO / "configs/imagenet_deit_small_llama.yaml"), "--config", str(preset), "--print_config"])
     out = capsys.readouterr().out
-    assert "accumulate_grad_batches: 2" in out and "batch_size: 64" in out
+    settings = yaml.safe_load(preset.read_text())
+    for key, value in {**settings["trainer"], **settings.get("data", {}).get("init_args", {})}.items():
+        assert f"  {key}: {value}\n" in out, key
 
 
 @pytest.mark.parametrize("target", REPRODUCE_TARGETS)

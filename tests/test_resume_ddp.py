@@ -42,14 +42,34 @@ def test_killed_run_resumes_exactly(tmp_path, tiny_llama_checkpoint, repeated_au
         assert torch.equal(value, expected[key]), key
 
 
-def test_ddp_two_processes_on_cpu(tmp_path, tiny_llama_checkpoint):
-    run = cli_subprocess(
-        tmp_path, "--model.llm.checkpoint", str(tiny_llama_checkpoint),
+def test_killed_ddp_run_resumes_exactly_with_a_random_stream_per_process(tmp_path, tiny_llama_checkpoint):
+    """2 gloo processes with the config's augmentation (RandAugment, random erasing, mixup/cutmix,
+    stochastic depth): each process draws from its own random streams, and a run killed after 2 epochs
+    and resumed from `last` ends bit-identical to an uninterrupted one."""
+    common = [
+        "--model.llm.checkpoint", str(tiny_llama_checkpoint), "--trainer.max_epochs", "3",
         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    state = load_checkpoint(last_checkpoint(tmp_path))
-    assert state["global_step"] == 3
+    ]  # fmt: skip
+    streams = tmp_path / "streams"
+    record = ["--trainer.callbacks+=tests.cli_helpers.RecordRandomStreams", "--trainer.callbacks.path", str(streams)]
+    straight = cli_subprocess(tmp_path / "straight", *common, *record)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = cli_subprocess(
+        tmp_path / "killed", *common, "--trainer.callbacks+=tests.cli_helpers.ExitAtEpoch", "--trainer.callbacks.epoch", "2"
+    )
+    assert killed.returncode == 17, killed.stderr[-3000:]
+    resumed = cli_subprocess(tmp_path / "killed", *common, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    expected, state = (load_checkpoint(last_checkpoint(tmp_path / run)) for run in ("straight", "killed"))
+    assert state["global_step"] == expected["global_step"] == 9
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(state["state_dict"][key], value), key
     assert not [k for k in state["state_dict"] if k.startswith("llm_block.layers.")]
     # lr = 5e-4 x global batch / 512, global batch = 16 per process x 2 processes.
     assert state["optimizer_states"][0]["param_groups"][0]["initial_lr"] == 5e-4 * 32 / 512
+
+    rank0, rank1 = (dict(line.split() for line in streams.with_name(f"streams.rank{r}").read_text().splitlines()) for r in (0, 1))
+    assert rank0.keys() == rank1.keys() == {str(step) for step in range(9)}
+    assert all(rank0[step] != rank1[step] for step in rank0)  # no step where both processes drew alike
+    assert len(set(rank0.values()) | set(rank1.values())) == 18

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import yaml
 
 import frozenlm.sweep
 from frozenlm.cli import run
-from frozenlm.sweep import run_arguments, summarize, sweep
+from frozenlm.sweep import SlurmOptions, SweepJob, SweepNotReadyError, run_arguments, summarize, sweep
 
 CONF = Path(__file__).parent / "conf"
 
@@ -224,3 +225,68 @@ def test_flops_count_attention_on_cpu_tensors_as_on_the_meta_device():
     # 2 blocks x (Q K^T + P V) = 2 x 2 x (2 x 1 x 3 heads x 5 x 5 tokens x 64)
     attention = 2 * 2 * 2 * 3 * 5 * 5 * 64
     assert counts["cpu"][0] == counts["meta"][0] == counts["cpu"][1] + attention
+
+
+def test_local_launcher_runs_jobs_resumes_a_preempted_one_and_reports_a_failed_one(tmp_path, tiny_llama_checkpoint):
+    """`--launcher local`: each run a submitit job in its own process. A job preempted after 2 of 3
+    epochs (the cluster's SIGUSR2) is requeued and resumes from its last.ckpt, ending with the history
+    and metrics of an uninterrupted run; a job that fails is reported with its log."""
+    args = ["--trainer.max_epochs", "3"]
+    plain = ["--model.llm", "null"]
+    preempt = [*plain, "--trainer.callbacks+=tests.cli_helpers.PreemptOnce", "--trainer.callbacks.path", str(tmp_path / "preempted")]
+    preset = {"config": str(CONF / "image_llama.yaml"), "args": args, "seeds": [0], "baseline": "plain",
+              "variants": {"plain": preempt, "broken": ["--model.backbone", "no_such_vit"]}}  # fmt: skip
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump(preset))
+    output = tmp_path / "local"
+    sweep(str(tmp_path / "local.yaml"), output=str(output), launcher="local", parallel=2)
+
+    assert (tmp_path / "preempted").exists()  # the signal was sent
+    job = json.loads((output / "plain" / "seed0" / "job.json").read_text())
+    assert "Resuming plain/seed0 from" in Path(job["stdout"]).read_text()
+    result = json.loads((output / "plain" / "seed0" / "result.json").read_text())
+    straight = {**preset, "variants": {"plain": plain}}
+    (tmp_path / "inline.yaml").write_text(yaml.safe_dump(straight))
+    sweep(str(tmp_path / "inline.yaml"), output=str(tmp_path / "inline"))
+    expected = json.loads((tmp_path / "inline" / "plain" / "seed0" / "result.json").read_text())
+    assert len(result["history"]) == 3 and result["history"] == expected["history"]
+
+    report = (output / "results.md").read_text()
+    failed = json.loads((output / "broken" / "seed0" / "job.json").read_text())
+    assert f"broken/seed0 (failed (local job {failed['job_id']}: " in report and failed["stderr"] in report
+    assert "no_such_vit" in Path(failed["stderr"]).read_text()
+
+
+def test_slurm_launcher_submits_a_job_array_and_reports_job_states(tmp_path, tiny_llama_checkpoint, monkeypatch):
+    """`--launcher slurm` against stand-ins for `sbatch` and `sacct` on PATH (no cluster here): one job
+    array with the requested resources and the preemption signal, a job.json per run, and the report's
+    pending / running / failed from SLURM's job states."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/submitted.sh\necho "Submitted batch job 4242"\n')
+    states = "JobID|State|NodeList\\n4242_0|PENDING|\\n4242_1|RUNNING|node7\\n4242_2|TIMEOUT|node7\\n"
+    (bin_dir / "sacct").write_text(f'#!/bin/sh\nprintf "{states}"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # only looked for
+    for tool in ("sbatch", "sacct", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    preset = tiny_preset(tmp_path, tiny_llama_checkpoint)
+    output = tmp_path / "slurm"
+    run(["sweep", "--preset", str(preset), "--output", str(output), "--launcher", "slurm", "--slurm.partition", "gpu",
+         "--slurm.gpus_per_node", "4", "--slurm.nodes", "2", "--slurm.timeout_min", "120"])  # fmt: skip
+
+    script = (tmp_path / "submitted.sh").read_text()
+    for line in ("--array=0-3%4", "--partition=gpu", "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4",
+                 "--signal=USR2@90", "--time=120"):  # fmt: skip
+        assert f"#SBATCH {line}" in script, line
+    jobs = {f"{v}/seed{s}": json.loads((output / v / f"seed{s}" / "job.json").read_text())["job_id"]
+            for v in ("baseline", "random") for s in (0, 1)}  # fmt: skip
+    assert sorted(jobs.values()) == ["4242_0", "4242_1", "4242_2", "4242_3"]
+    job = SweepJob(yaml.safe_load((output / "sweep.yaml").read_text()), output, "random", 0, SlurmOptions(nodes=2, gpus_per_node=4).trainer_args())
+    assert job.trainer_args == ["--trainer.devices", "4", "--trainer.num_nodes", "2"]
+
+    with pytest.raises(SweepNotReadyError) as error:
+        run(["sweep", "--report", str(output)])
+    message = str(error.value)
+    assert "baseline/seed0 (pending (slurm job 4242_0, PENDING))" in message
+    assert "baseline/seed1 (running (slurm job 4242_1, RUNNING; log: " in message
+    assert "random/seed0 (failed (slurm job 4242_2, TIMEOUT; log: " in message

@@ -18,7 +18,7 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from frozenlm.data.augment import with_safe_posterize
-from frozenlm.data.distributed import EvaluationSampler, MarkedPadding
+from frozenlm.data.distributed import EvaluationSampler, MarkedPadding, TrainingSampler
 from frozenlm.errors import FrozenLMError
 
 # A file path, a decoded image, or an HxWx3 uint8 array (array datasets stay compact in memory).
@@ -198,16 +198,18 @@ class ClassificationDataModule(L.LightningDataModule):
             )
 
     def _train_loader(self, dataset: Dataset) -> DataLoader:
-        if len(dataset) < self.batch_size:
+        trainer = self.trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        if len(dataset) // world_size < self.batch_size:
             raise DatasetError(
                 f"{type(self).__name__}: the train split has {len(dataset)} samples, fewer than one batch "
-                f"(batch_size {self.batch_size}), and incomplete batches are dropped; lower --data.batch_size."
+                f"(batch_size {self.batch_size}) per process ({world_size}), and incomplete batches are dropped; "
+                "lower --data.batch_size."
             )
         # Dropping the last incomplete batch keeps batches even, as timm's Mixup requires.
         if self.repeated_augmentation == 1:
-            return self._loader(dataset, shuffle=True, drop_last=True)
-        trainer = self.trainer
-        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+            sampler = TrainingSampler(dataset, world_size, rank, self.batch_size)
+            return self._loader(dataset, sampler=sampler, drop_last=True)
         # Lightning would shard this already-sharded sampler again (its private flag, read defensively).
         connector = getattr(trainer, "_accelerator_connector", None)
         if world_size > 1 and getattr(connector, "use_distributed_sampler", False):
@@ -226,13 +228,10 @@ class ClassificationDataModule(L.LightningDataModule):
         sampler = EvaluationSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank)
         return self._loader(MarkedPadding(dataset), sampler=sampler)
 
-    def _loader(
-        self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False, sampler: Sampler | None = None
-    ) -> DataLoader:
+    def _loader(self, dataset: Dataset, drop_last: bool = False, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
             sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,

@@ -1,4 +1,5 @@
-"""Data work on several processes: evaluation that scores every sample exactly once, and preprocessing
+"""Data work on several processes: training batches that do not depend on how many processes share
+them (:class:`TrainingSampler`), evaluation that scores every sample exactly once, and preprocessing
 shared between the processes instead of repeated by each (:func:`share_work`).
 
 PyTorch's ``DistributedSampler`` (Lightning's default under DDP) pads a split whose size does not divide
@@ -14,6 +15,7 @@ the forward, which every process still runs on its whole batch) before any metri
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +23,30 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from frozenlm.errors import FrozenLMError
+
+
+class TrainingSampler(DistributedSampler):
+    """The training order: one permutation of the split per epoch, drawn from ``(seed, epoch)`` alone
+    (``--seed_everything``; Lightning calls :meth:`set_epoch`), cut into global batches of
+    ``num_replicas x batch_size`` samples, of which process ``r`` takes the ``r``-th ``batch_size``.
+    So the samples of a step do not depend on how they are shared: ``n`` processes with batches of
+    ``b`` train on the same samples as one process with batches of ``n b``, and each process's batch is
+    the micro-batch one process accumulating ``n`` batches of ``b`` would see (the same batch-norm
+    statistics, too). The samples that do not fill a global batch are left out of the epoch. (A plain
+    ``RandomSampler`` on one process and Lightning's ``DistributedSampler`` on several shuffle
+    differently, and the latter deals samples round-robin.)"""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, batch_size: int) -> None:
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.batch_size = batch_size
+        self.num_samples = len(dataset) // (num_replicas * batch_size) * batch_size
+        self.total_size = self.num_samples * num_replicas
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=generator)[: self.total_size].view(-1, self.batch_size)
+        return iter(order[self.rank :: self.num_replicas].flatten().tolist())
 
 
 class EvaluationSampler(DistributedSampler):

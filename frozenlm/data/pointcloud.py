@@ -92,6 +92,8 @@ class PointCloudDataModule(ClassificationDataModule):
         scale: range of the per-axis training scale.
         shift: range of the training translation, ``[-shift, shift]``.
         test_votes: views per cloud voted at test time (Point-BERT: 10); 0 = single view only.
+        augment: False trains on the evaluation view (FPS to ``num_points`` from the cloud's first point,
+            no random subset, scale or shift), for ablations and for runs that must be deterministic.
         val_fraction: fraction of the training clouds held out as the val split; 0 = validate on test.
         split_seed: seed of that hold-out.
     """
@@ -108,13 +110,14 @@ class PointCloudDataModule(ClassificationDataModule):
         scale: tuple[float, float] = (2 / 3, 3 / 2),
         shift: float = 0.2,
         test_votes: int = 10,
+        augment: bool = True,
         val_fraction: float = 0.1,
         split_seed: int = 0,
         max_unreadable_fraction: float = 0.01,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, max_unreadable_fraction=max_unreadable_fraction)
         self.num_points, self.sample_points = num_points, sample_points
-        self.scale, self.shift, self.test_votes = tuple(scale), shift, test_votes
+        self.scale, self.shift, self.test_votes, self.augment = tuple(scale), shift, test_votes, augment
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
         self.val_fraction, self.split_seed = val_fraction, split_seed
@@ -139,8 +142,9 @@ class PointCloudDataModule(ClassificationDataModule):
             else:
                 train, val = held_out(labels, self.val_fraction, self.split_seed)
                 for name, rows in (("train", train), ("val", val)):
+                    shuffle = name == "train" and self.augment
                     self.datasets[name] = PointClouds(
-                        points[rows], [labels[i] for i in rows], [ids[i] for i in rows], shuffle=name == "train"
+                        points[rows], [labels[i] for i in rows], [ids[i] for i in rows], shuffle=shuffle
                     )
         return self.datasets[split]
 
@@ -162,7 +166,7 @@ class PointCloudDataModule(ClassificationDataModule):
         if points is None:
             return batch
         stage = self.trainer.state.stage if self.trainer is not None else None
-        if stage == RunningStage.TRAINING:
+        if stage == RunningStage.TRAINING and self.augment:
             batch["points"] = self.random_views(points, 1)[:, 0]
             return batch
         if stage == RunningStage.TESTING and self.test_votes > 0:

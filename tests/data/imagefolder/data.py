@@ -11,15 +11,18 @@ from PIL import Image
 CLASSES = ("n01440764", "n01443537", "n01484850")
 
 
-def write(root: Path, train_per_class: int = 4, val_per_class: int = 2, seed: int = 0) -> Path:
-    """Write small random RGB JPEGs, plus one grayscale and one CMYK JPEG (real ImageNet has both); returns root."""
+def write(
+    root: Path, train_per_class: int = 4, val_per_class: int = 2, seed: int = 0, size: tuple[int, int] = (30, 40)
+) -> Path:
+    """Write random RGB JPEGs of ``size`` (height, width; ImageNet's are ~400 x 350), plus one grayscale and
+    one CMYK JPEG (real ImageNet has both); returns root."""
     rng = np.random.default_rng(seed)
     for split, count in (("train", train_per_class), ("val", val_per_class)):
         for name in CLASSES:
             folder = Path(root) / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)  # not square, as real photos
+                pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)  # not square, as real photos
                 Image.fromarray(pixels).save(folder / f"{name}_{split}_{i}.JPEG")
     first_train = Path(root) / "train" / CLASSES[0]
     Image.fromarray(rng.integers(0, 256, (30, 40), dtype=np.uint8)).save(first_train / "grayscale.JPEG")

@@ -20,13 +20,16 @@ CLASSES = {
 HEIGHT, WIDTH, SQUARE, STEP = 32, 48, 10, 3
 
 
-def moving_square(direction: tuple[int, int], frames: int, rng: np.random.Generator) -> np.ndarray:
+def moving_square(
+    direction: tuple[int, int], frames: int, rng: np.random.Generator, size: tuple[int, int] = (HEIGHT, WIDTH)
+) -> np.ndarray:
     """``[frames, H, W, 3]`` uint8: a coloured square crossing a dark background in ``direction``."""
-    video = np.full((frames, HEIGHT, WIDTH, 3), 20, dtype=np.uint8)
+    height, width = size
+    video = np.full((frames, height, width, 3), 20, dtype=np.uint8)
     colour = rng.integers(120, 256, 3)
     travel = STEP * (frames - 1)
-    y0 = HEIGHT // 2 - SQUARE // 2 - direction[0] * travel // 2
-    x0 = WIDTH // 2 - SQUARE // 2 - direction[1] * travel // 2
+    y0 = height // 2 - SQUARE // 2 - direction[0] * travel // 2
+    x0 = width // 2 - SQUARE // 2 - direction[1] * travel // 2
     for t in range(frames):
         y, x = y0 + direction[0] * STEP * t, x0 + direction[1] * STEP * t
         video[t, max(y, 0) : max(y + SQUARE, 0), max(x, 0) : max(x + SQUARE, 0)] = colour
@@ -45,8 +48,11 @@ def write_webm(path: Path, video: np.ndarray, fps: int = 12) -> Path:
     return path
 
 
-def write(root: Path, per_class: dict[str, int] | None = None, frames: int = 8, seed: int = 0) -> Path:
-    """Write the dataset under ``root`` (``per_class``: videos per class of each split); returns root."""
+def write(
+    root: Path, per_class: dict[str, int] | None = None, frames: int = 8, seed: int = 0, size: tuple[int, int] = (HEIGHT, WIDTH)
+) -> Path:
+    """Write the dataset under ``root`` (``per_class``: videos per class of each split; ``size``: frame
+    height and width, SSv2's own are 240 px high); returns root."""
     per_class = per_class or {"train": 4, "validation": 2}
     rng = np.random.default_rng(seed)
     root = Path(root)
@@ -59,7 +65,7 @@ def write(root: Path, per_class: dict[str, int] | None = None, frames: int = 8, 
         entries = []
         for _ in range(count):
             for template, direction in CLASSES.values():
-                write_webm(videos / f"{next_id}.webm", moving_square(direction, frames, rng))
+                write_webm(videos / f"{next_id}.webm", moving_square(direction, frames, rng, size))
                 placeholder = "a box"
                 entries.append({
                     "id": str(next_id),
