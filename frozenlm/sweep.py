@@ -147,6 +147,8 @@ def run_one(
     start = time.perf_counter()
     cli = run_trainer([*run_arguments(preset, variant, seed, output), *extra_args])
     seconds = time.perf_counter() - start
+    if not write:  # the job's first process reports the run
+        return {}
     model, trainer = cli.model, cli.trainer
     recorder = next(c for c in trainer.callbacks if isinstance(c, SweepRecorder))
     best = getattr(trainer.checkpoint_callback, "best_model_score", None)
@@ -170,8 +172,7 @@ def run_one(
         "data_split": {k: getattr(datamodule, k) for k in ("val_fraction", "seed") if hasattr(datamodule, k)},
         "config": str(folder / "config.yaml"),
     }  # fmt: skip
-    if write:
-        write_atomically(folder / "result.json", json.dumps(result, indent=1))
+    write_atomically(folder / "result.json", json.dumps(result, indent=1))
     return result
 
 
