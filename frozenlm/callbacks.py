@@ -21,7 +21,9 @@ class PredictionWriter(BasePredictionWriter):
 
     Args:
         output: ``.csv`` or ``.json`` file (``.parquet`` for Argoverse 2 submissions); None writes
-            ``predictions.csv`` in the trainer's log dir. In DDP each rank writes ``<stem>.rank<N><suffix>``.
+            ``predictions.csv`` in the trainer's log dir. Under DDP each process writes
+            ``<stem>.rank<N><suffix>`` as it goes, and process 0 joins them into ``output`` at the end (in
+            dataset order: the file one process writes); an interrupted pass leaves the per-process files.
     """
 
     def __init__(self, output: str | None = None) -> None:
@@ -43,9 +45,20 @@ class PredictionWriter(BasePredictionWriter):
         self.file.write(prediction)
 
     def on_predict_end(self, trainer: lightning.Trainer, pl_module) -> None:
-        count, path = self.file.close(), self.file.path
+        count, path, kind = self.file.close(), self.file.path, type(self.file)
         self.file = None
-        print(f"Wrote {count} predictions to {path}")
+        if trainer.world_size == 1:
+            print(f"Wrote {count} predictions to {path}")
+            return
+        trainer.strategy.barrier()  # every process's file is complete
+        if trainer.is_global_zero:
+            output = path.with_name(path.name.replace(".rank0", "", 1))
+            parts = [path.with_name(path.name.replace(".rank0", f".rank{rank}", 1)) for rank in range(trainer.world_size)]
+            count = kind.merge(parts, output)
+            for part in parts:
+                part.unlink()
+            print(f"Wrote {count} predictions to {output} (from {trainer.world_size} processes)")
+        trainer.strategy.barrier()
 
 
 class RunSummary(Callback):

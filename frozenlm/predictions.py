@@ -3,7 +3,9 @@ written as each batch finishes, so an unwritable path costs no work and an inter
 every batch it finished.
 
 A task (or its datamodule) chooses the format by the path's suffix through ``prediction_file(path)``;
-classifiers write :class:`ClassPredictionsCSV` or :class:`ClassPredictionsJSON`.
+classifiers write :class:`ClassPredictionsCSV` or :class:`ClassPredictionsJSON`. Under DDP each process
+writes its own file, and at the end process 0 joins them into the requested one with the format's
+``merge``, samples back in dataset order: the file a single process would have written.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 
 from frozenlm.errors import FrozenLMError
+from frozenlm.files import atomic_path
 
 
 class PredictionOutputError(FrozenLMError, ValueError):
@@ -67,6 +70,41 @@ class PredictionFile:
             self.file.close()
         return self.count
 
+    @classmethod
+    def merge(cls, parts: list[Path], path: Path) -> int:
+        """Join the files ``parts`` (process ``r`` wrote ``parts[r]``) into ``path``, written atomically, with
+        the samples in dataset order; returns how many samples it holds."""
+        raise NotImplementedError
+
+
+def dataset_order(shares: list[list[Any]]) -> list[Any]:
+    """The samples of an evaluation split back in dataset order from each process's share, which
+    :class:`frozenlm.data.distributed.EvaluationSampler` dealt round-robin (sample ``i`` to process
+    ``i % n``); the padding was never written, so shares differ in length by at most one."""
+    return [share[k] for k in range(max(map(len, shares), default=0)) for share in shares if k < len(share)]
+
+
+def merge_csv(parts: list[Path], path: Path, key: str) -> int:
+    """:meth:`PredictionFile.merge` of CSV files whose consecutive rows with the same ``key`` are one sample."""
+    shares, header = [], None
+    for part in parts:
+        with part.open(newline="") as file:
+            reader = csv.reader(file)
+            header = next(reader)
+            samples: list[list[list[str]]] = []
+            for row in reader:
+                if samples and samples[-1][0][header.index(key)] == row[header.index(key)]:
+                    samples[-1].append(row)
+                else:
+                    samples.append([row])
+        shares.append(samples)
+    samples = dataset_order(shares)
+    with atomic_path(path) as partial, open(partial, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(header)
+        writer.writerows(row for sample in samples for row in sample)
+    return len(samples)
+
 
 def class_rows(prediction: dict[str, Any], class_names: list[str] | None) -> list[dict[str, Any]]:
     """One row per sample of a classifier's predict batch: its id, top classes and probabilities."""
@@ -101,6 +139,10 @@ class ClassPredictionsCSV(PredictionFile):
         self.file.flush()
         self.count += len(rows)
 
+    @classmethod
+    def merge(cls, parts: list[Path], path: Path) -> int:
+        return merge_csv(parts, path, "id")
+
 
 class ClassPredictionsJSON(ClassPredictionsCSV):
     """A JSON array of ``{"id", "classes", "probs"[, "class_names"]}``, one sample a line; the closing
@@ -125,3 +167,10 @@ class ClassPredictionsJSON(ClassPredictionsCSV):
         self.file.truncate()
         self.file.flush()
         self.count += len(rows)
+
+    @classmethod
+    def merge(cls, parts: list[Path], path: Path) -> int:
+        rows = dataset_order([json.loads(part.read_text()) for part in parts])
+        with atomic_path(path) as partial:
+            partial.write_text("[" + "".join(("," if i else "") + "\n" + json.dumps(row) for i, row in enumerate(rows)) + "\n]\n")
+        return len(rows)

@@ -17,6 +17,7 @@ from frozenlm.data.distributed import EvaluationSampler, MarkedPadding
 from tests.cli_helpers import last_checkpoint, run_cli, run_cli_subprocess
 from tests.data.argoverse2.data import write as write_argoverse2
 from tests.data.scanobjectnn.data import write as write_scanobjectnn
+from tests.data.ssv2.data import write as write_ssv2
 
 DDP = ["--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
 
@@ -85,12 +86,18 @@ def test_images_score_each_sample_once_and_predict_writes_each_once(tmp_path, pr
     if processes > 2:
         return
 
-    output = tmp_path / "predictions.csv"
-    result = run_cli_subprocess("predict", "image_baseline", tmp_path / "predict", *odd, *ckpt, *DDP, "--trainer.devices",
-                                "2", "--trainer.limit_predict_batches", "1.0", "--predictions.output", str(output))  # fmt: skip
+    # predict on 2 processes: one file, the samples in the order and with the predictions of 1 process
+    args = [*odd, *ckpt, "--trainer.limit_predict_batches", "1.0", "--predictions.output"]
+    run_cli("predict", "image_baseline", tmp_path / "predict1", *args, str(tmp_path / "one.csv"))
+    result = run_cli_subprocess("predict", "image_baseline", tmp_path / "predict2", *args, str(tmp_path / "two.csv"), *DDP,
+                                "--trainer.devices", "2")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    ids = [row["id"] for rank in (0, 1) for row in csv.DictReader(output.with_name(f"predictions.rank{rank}.csv").open())]
-    assert len(ids) == len(set(ids)) == 181
+    assert not list(tmp_path.glob("two.rank*"))  # the processes' own files are joined, then removed
+    one, two = (list(csv.DictReader((tmp_path / name).open())) for name in ("one.csv", "two.csv"))
+    assert [row["id"] for row in two] == [row["id"] for row in one] and len({row["id"] for row in one}) == 181
+    assert [row["classes"] for row in two] == [row["classes"] for row in one]
+    for a, b in zip(one, two):
+        assert json.loads(a["probs"]) == pytest.approx(json.loads(b["probs"]), abs=2e-6)
 
 
 @pytest.mark.parametrize("processes", SECOND)
@@ -102,3 +109,36 @@ def test_motion_metrics_score_each_scene_once_on_2_and_3_processes(tmp_path, pro
     metrics = [metrics_on(tmp_path, "test", "motion_llama", n, *common, *ckpt) for n in (1, processes)]
     assert_same(metrics, ("test_MR_6", "test_MR_1"))
     assert torch.isfinite(torch.tensor(metrics[0]["test_minFDE_6"]))
+    if processes > 2:
+        return
+
+    # The Argoverse 2 submission on 2 processes: one parquet, the scenes and forecasts of 1 process.
+    from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
+
+    args = [*common, *ckpt, "--data.predict_split", "val", "--predictions.output"]
+    run_cli("predict", "motion_llama", tmp_path / "predict1", *args, str(tmp_path / "one.parquet"))
+    result = run_cli_subprocess("predict", "motion_llama", tmp_path / "predict2", *args, str(tmp_path / "two.parquet"),
+                                *DDP, "--trainer.devices", "2")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (ChallengeSubmission.from_parquet(tmp_path / name).predictions for name in ("one.parquet", "two.parquet"))
+    assert list(two) == list(one) and len(one) == 5
+    for scenario, (probs, tracks) in one.items():
+        assert two[scenario][0] == pytest.approx(probs, abs=1e-5)
+        for track, modes in tracks.items():
+            assert two[scenario][1][track] == pytest.approx(modes, abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [2, 3])
+def test_video_views_score_each_video_once_on_2_and_3_processes(tmp_path, processes):
+    """7 validation videos, each scored as the mean of 2 clips x 3 crops."""
+    root = write_ssv2(tmp_path / "ssv2")
+    labels = root / "labels" / "validation.json"
+    labels.write_text(json.dumps(json.loads(labels.read_text())[:7]))
+    common = ["--model.llm", "null", "--data.root", str(root), "--data.batch_size", "2", "--data.test_clips", "2",
+              "--data.test_crops", "3"]  # fmt: skip
+    run_cli("fit", "video_llama", tmp_path / "fit", *common)
+    ckpt = ["--ckpt_path", str(last_checkpoint(tmp_path / "fit"))]
+    metrics = [metrics_on(tmp_path, "test", "video_llama", n, *common, *ckpt) for n in (1, processes)]
+    assert_same(metrics, ("test_acc1", "test_acc5"))
+    assert round(metrics[0]["test_acc1"] * 7) == pytest.approx(metrics[0]["test_acc1"] * 7, abs=1e-4)  # k / 7

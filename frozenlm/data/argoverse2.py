@@ -10,7 +10,7 @@ import numpy as np
 from frozenlm.data.base import DatasetNotFoundError
 from frozenlm.data.motion import MAP_KINDS, MotionDataModule, Scene, resample, scene_predictions
 from frozenlm.files import atomic_path
-from frozenlm.predictions import PredictionFile
+from frozenlm.predictions import PredictionFile, dataset_order
 
 DOWNLOAD_HINT = (
     "Download the Argoverse 2 motion forecasting dataset (https://www.argoverse.org/av2.html#download-link) "
@@ -153,3 +153,13 @@ class AV2Submission(PredictionFile):
         with atomic_path(self.path) as partial:
             ChallengeSubmission(self.scenes).to_parquet(partial)
         return self.count
+
+    @classmethod
+    def merge(cls, parts: list[Path], path: Path) -> int:
+        from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
+
+        shares = [list(ChallengeSubmission.from_parquet(part).predictions.items()) for part in parts]
+        scenes = dict(dataset_order(shares))
+        with atomic_path(path) as partial:
+            ChallengeSubmission(scenes).to_parquet(partial)
+        return len(scenes)

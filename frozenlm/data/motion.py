@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from frozenlm.data.base import ClassificationDataModule, DatasetError, DatasetFileError, DatasetNotFoundError
 from frozenlm.data.distributed import share_work
 from frozenlm.files import atomic_path, source_stamp, write_atomically
-from frozenlm.predictions import PredictionFile
+from frozenlm.predictions import PredictionFile, merge_csv
 
 VECTOR_DIM = 12
 CACHE_VERSION = 2  # 2: entries keyed to their source files; 12-wide vectors, map polylines of three kinds
@@ -398,6 +398,10 @@ class MotionPredictionsCSV(PredictionFile):
                                       json.dumps(np.round(trajectory[:, 0], 3).tolist()),
                                       json.dumps(np.round(trajectory[:, 1], 3).tolist())])  # fmt: skip
             self.count += 1
+
+    @classmethod
+    def merge(cls, parts: list[Path], path: Path) -> int:
+        return merge_csv(parts, path, "scenario_id")
         self.file.flush()
 
 
