@@ -25,7 +25,8 @@ PYTEST_ARGS ?=
 	reproduce-modelnet40-1k-llama reproduce-modelnet40-4k-llama reproduce-modelnet40-8k-llama \
 	reproduce-argoverse1-vectornet reproduce-argoverse1-vectornet-llama reproduce-argoverse1-vectornet-gcr \
 	reproduce-argoverse2-vectornet reproduce-argoverse2-vectornet-llama \
-	reproduce-argoverse2-vectornet-fullmap reproduce-argoverse2-vectornet-fullmap-llama
+	reproduce-argoverse2-vectornet-fullmap reproduce-argoverse2-vectornet-fullmap-llama \
+	reproduce-imagenet-learngene reproduce-imagenet-learngene-ict reproduce-imagenet-tleg-auxs
 
 $(BIN)/frozenlm: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -181,6 +182,33 @@ reproduce-argoverse2-vectornet-fullmap-llama: \
 reproduce-%: $(BIN)/frozenlm
 	$(FIT) --config configs/$(subst -,_,$*).yaml --model.llm.checkpoint $(LLAMA) --data.root $(if $(findstring argoverse1,$*),$(ARGOVERSE1),$(ARGOVERSE2)) $(ARGS)
 	$(call RESULTS,$(subst -,_,$*))
+
+# Learngenes (Lin et al., NeurIPS 2024): a DeiT-B-shaped ViT as 12 Chebyshev genes, all trained at once,
+# or incrementally (ICT): phases of 1, 2, 4, 8, 12 genes, 100 epochs each, only the new genes training,
+# each phase starting from the last and resumable (rerun the target). TLEG's Aux-S: 2 genes, linear.
+reproduce-imagenet-learngene reproduce-imagenet-tleg-auxs: reproduce-imagenet-%: $(BIN)/frozenlm
+	$(FIT) --config configs/imagenet_$(subst -,_,$(if $(filter learngene,$*),learngene_deitb,$*)).yaml --data.root $(IMAGENET) $(ARGS)
+	$(call RESULTS,imagenet_$(subst -,_,$(if $(filter learngene,$*),learngene_deitb,$*)))
+
+ICT := runs/imagenet_learngene_ict
+ICT_PREVIOUS_1 := 0
+ICT_PREVIOUS_2 := 1
+ICT_PREVIOUS_4 := 2
+ICT_PREVIOUS_8 := 4
+ICT_PREVIOUS_12 := 8
+# A phase starts from the previous phase's weights, and resumes from its own last checkpoint.
+$(ICT)/genes%/done: ICT_FROM = $(if $(filter-out 0,$(ICT_PREVIOUS_$*)),--model.init_from $(ICT)/genes$(ICT_PREVIOUS_$*)/checkpoints/last.ckpt)
+$(ICT)/genes%/done: ICT_RESUME = $(if $(wildcard $(ICT)/genes$*/checkpoints/last.ckpt),--ckpt_path $(ICT)/genes$*/checkpoints/last.ckpt)
+$(ICT)/genes2/done: $(ICT)/genes1/done
+$(ICT)/genes4/done: $(ICT)/genes2/done
+$(ICT)/genes8/done: $(ICT)/genes4/done
+$(ICT)/genes12/done: $(ICT)/genes8/done
+$(ICT)/genes%/done: | $(BIN)/frozenlm
+	$(FIT) --config configs/imagenet_learngene_deitb.yaml --model.learngene "{genes: $*, frozen_genes: $(ICT_PREVIOUS_$*)}" $(ICT_FROM) $(ICT_RESUME) --trainer.logger.init_args.name imagenet_learngene_ict --trainer.logger.init_args.version genes$* --trainer.default_root_dir $(ICT)/genes$* --data.root $(IMAGENET) $(ARGS)
+	touch $@
+
+reproduce-imagenet-learngene-ict: $(ICT)/genes12/done
+	$(call RESULTS,imagenet_learngene_ict)
 
 clean:
 	rm -rf $(VENV) lightning_logs runs .pytest_cache *.egg-info

@@ -132,3 +132,43 @@ def _read(path: Path) -> None:
     with open(path, "rb"):  # a missing or unreadable file fails here with its own message
         pass
     torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+class InitialWeightsError(FrozenLMError, ValueError):
+    """``--model.init_from`` names weights that do not fit the model (the message says which and the fix)."""
+
+
+def load_initial_weights(module: torch.nn.Module, path: str | Path, optional_prefixes: tuple[str, ...] = ()) -> list[str]:
+    """Start ``module`` from the weights in ``path``: a Lightning ``.ckpt`` of a frozenlm task, or a
+    ``.safetensors`` state dict in the task's names (``backbone.``, ``learngenes.``, ...) or in a plain timm
+    ViT's (as ``frozenlm export`` and ``frozenlm recompose`` write them; read as the task's ``backbone.``).
+
+    Every tensor of the file must fit the module. The module's tensors the file lacks keep their own
+    initialisation only under ``optional_prefixes`` (e.g. a frozen LM block's adapters, genes added in a
+    later phase); any other gap is an error. Returns the keys left at their initialisation."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise InitialWeightsError(f"--model.init_from {path}: no such file; pass a .ckpt or .safetensors file.")
+    if path.suffix == ".safetensors":
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    own = module.state_dict()
+    if not any(key in own for key in state):  # a plain timm ViT: the task's backbone
+        state = {f"backbone.{key}": value for key, value in state.items()}
+    unexpected = [key for key in state if key not in own]
+    mismatched = [f"{key} {tuple(state[key].shape)} vs {tuple(own[key].shape)}"
+                  for key in state if key in own and state[key].shape != own[key].shape]  # fmt: skip
+    missing = [key for key in own if key not in state]
+    required = [key for key in missing if not key.startswith(optional_prefixes)]
+    for problem, keys in (("holds tensors the model does not have", unexpected), ("has tensors of other shapes", mismatched),
+                          ("lacks tensors of the model", required)):  # fmt: skip
+        if keys:
+            raise InitialWeightsError(
+                f"--model.init_from {path} {problem}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} "
+                f"({len(keys)}); build the model the weights came from (depth, width, genes, num_classes)."
+            )
+    module.load_state_dict(state, strict=False)
+    return missing

@@ -3,7 +3,7 @@ plus a few analysis commands.
 
     frozenlm fit --config configs/cifar100_deit.yaml --model.llm.checkpoint PATH_OR_HUB_ID
     frozenlm validate|test|predict --config ... --ckpt_path ...
-    frozenlm bench|export|rank-layers|sweep --help
+    frozenlm bench|export|recompose|rank-layers|sweep --help
 """
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ from frozenlm.trainer_cli import ConfigurationError, FrozenLMCLI, error_reason, 
 
 # Set to 1 for the full traceback of a configuration or data error (bad dataset path, damaged file, ...).
 DEBUG_ENV = "FROZENLM_DEBUG"
-EXTRA_COMMANDS = ("bench", "export", "rank-layers", "sweep")
+EXTRA_COMMANDS = ("bench", "export", "recompose", "rank-layers", "sweep")
 
 
 def _extra_commands() -> dict[str, Callable]:
     from frozenlm.analysis.rank_layers import rank_layers
     from frozenlm.bench import bench
-    from frozenlm.export import export
+    from frozenlm.export import export, recompose
     from frozenlm.sweep import sweep
 
-    return {"bench": bench, "export": export, "rank-layers": rank_layers, "sweep": sweep}
+    return {"bench": bench, "export": export, "recompose": recompose, "rank-layers": rank_layers, "sweep": sweep}
 
 
 def run(args: list[str] | None = None) -> FrozenLMCLI | None:

@@ -34,6 +34,7 @@ REPRODUCE_TARGETS = [
     "reproduce-imagenet-vits-gcr",
     *[f"reproduce-cifar100-{v}" for v in ("convstem", "convstem-llama", "lora")],
     *[f"reproduce-imagenet-vits-{v}{s}" for v in ("convstem", "cape") for s in ("", "-llama")],
+    "reproduce-imagenet-learngene", "reproduce-imagenet-learngene-ict", "reproduce-imagenet-tleg-auxs",
     "reproduce-ssv2-small",
     "reproduce-ssv2-small-llama",
     "reproduce-ssv2-small-gcr",

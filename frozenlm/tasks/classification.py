@@ -20,13 +20,14 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from frozenlm.llm import FrozenLMMixin
 from frozenlm.tasks.base import BaseTask
+from frozenlm.tasks.distillation import DistillConfig, build_teacher, distillation_loss
 
 
 class ClassificationTask(FrozenLMMixin, BaseTask):
     """Base of the classifiers; subclasses set ``input_key`` (the batch entry holding the inputs).
 
     Hyper-parameters it reads: ``num_classes``, ``label_smoothing``, ``mixup``, ``cutmix``,
-    ``mixup_switch_prob``. Batches are dicts with ``input_key``, ``label`` and ``id``; a loader that
+    ``mixup_switch_prob``, ``distill`` (a teacher, :mod:`frozenlm.tasks.distillation`). Batches are dicts with ``input_key``, ``label`` and ``id``; a loader that
     drops unreadable samples adds ``unreadable`` (their files), counted as ``data/unreadable/<stage>``.
     """
 
@@ -43,6 +44,11 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
             )  # fmt: skip
         # cross_entropy takes the soft targets of mixup as they are; hard labels get the smoothing.
         self.train_criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if self.mixup else hp.label_smoothing)
+        distill = hp.get("distill")
+        self.distill_config = DistillConfig(**distill) if isinstance(distill, dict) else distill
+        # Kept out of the module tree: not in the student's state dict, checkpoints or optimizer.
+        teacher = build_teacher(self.distill_config, hp.num_classes) if distill is not None else None
+        object.__setattr__(self, "teacher", teacher)
 
     def configure_metrics(self) -> None:
         num_classes = self.hparams.num_classes
@@ -125,7 +131,15 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
         inputs, targets = batch[self.input_key], batch["label"]
         if self.mixup is not None:
             inputs, targets = self.mix(inputs, targets)
-        loss = self.train_criterion(self(inputs), targets)
+        logits = self(inputs)
+        loss = self.train_criterion(logits, targets)
+        if self.teacher is not None:  # distillation: (1 - alpha) CE + alpha T^2 KL
+            with torch.no_grad():
+                teacher_logits = self.teacher.to(inputs.device)(inputs)
+            distill = self.distill_config
+            kd = distillation_loss(logits, teacher_logits, distill.temperature)
+            self.log_dict({"train_loss_ce": loss, "train_loss_kd": kd}, batch_size=len(inputs))
+            loss = (1 - distill.alpha) * loss + distill.alpha * kd
         aux_tokens = self.auxiliary_tokens()
         if aux_tokens is not None:  # GCR: loss_main + aux_weight * loss_aux
             aux_loss = self.train_criterion(self.auxiliary_logits(aux_tokens), targets)

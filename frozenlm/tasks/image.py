@@ -6,11 +6,14 @@ from typing import Any
 
 import torch
 
+from frozenlm.checkpoints import load_initial_weights
 from frozenlm.llm import LLMConfig
 from frozenlm.models import create_vit
+from frozenlm.models.learngene import LearngeneConfig, Learngenes
 from frozenlm.models.patch_embed import CAPEConfig, Stem
 from frozenlm.models.vit import PosEmbed, trunk_options
 from frozenlm.tasks.classification import ClassificationTask
+from frozenlm.tasks.distillation import DistillConfig
 
 
 class ImageClassifier(ClassificationTask):
@@ -41,6 +44,14 @@ class ImageClassifier(ClassificationTask):
         pos_embed: ``learn`` (the ViT's learned table) or ``cape``: continuous augmented positions
             (Likhomanenko et al., NeurIPS 2021), augmented in training only, any input resolution.
         cape: CAPE's augmentation maxima (see :class:`frozenlm.models.patch_embed.CAPEConfig`).
+        learngene: decompose the ViT's blocks into learngenes (Lin et al., NeurIPS 2024; TLEG): every
+            block's parameters are fixed combinations of ``genes`` shared components (see
+            :class:`frozenlm.models.learngene.LearngeneConfig`); None for an ordinary ViT.
+        init_from: start from these weights (a frozenlm ``.ckpt``, or a ``.safetensors`` from ``frozenlm
+            recompose`` / ``frozenlm export``); the LM block's adapters, the auxiliary head and genes
+            the file lacks keep their initialisation. Not stored in checkpoints (their weights are).
+        distill: train against a frozen teacher's logits too (see
+            :class:`frozenlm.tasks.distillation.DistillConfig`); None for none.
         llm: the frozen LM block (see :class:`frozenlm.llm.LLMConfig`); None for none.
         llm_position: index of the ViT block after which the LM block runs (-1: after the last,
             before the final norm; 0: the paper's "head" ablation; depth // 2: "middle").
@@ -53,6 +64,7 @@ class ImageClassifier(ClassificationTask):
     """
 
     input_key = "image"
+    ignore = ("init_from",)
 
     def __init__(
         self,
@@ -70,6 +82,9 @@ class ImageClassifier(ClassificationTask):
         stem_removed_blocks: int = 1,
         pos_embed: PosEmbed = "learn",
         cape: CAPEConfig | None = None,
+        learngene: LearngeneConfig | None = None,
+        init_from: str | None = None,
+        distill: DistillConfig | None = None,
         llm: LLMConfig | None = None,
         llm_position: int = -1,
         label_smoothing: float = 0.1,
@@ -79,6 +94,9 @@ class ImageClassifier(ClassificationTask):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if init_from is not None:
+            optional = ("llm_block.", "aux_", "learngenes.genes.")
+            load_initial_weights(self, init_from, optional_prefixes=optional)
 
     def configure_models(self) -> None:
         hp = self.hparams
@@ -87,6 +105,10 @@ class ImageClassifier(ClassificationTask):
             drop_path_rate=hp.drop_path_rate, pretrained=hp.pretrained, pretrained_file=hp.pretrained_file,
             **trunk_options(hp), **(hp.backbone_kwargs or {}),
         )  # fmt: skip
+        self.learngenes = None
+        if hp.learngene is not None:
+            config = hp.learngene if isinstance(hp.learngene, LearngeneConfig) else LearngeneConfig(**hp.learngene)
+            self.learngenes = Learngenes(self.backbone.blocks, config)
         depth = len(self.backbone.blocks)
         if not -depth <= hp.llm_position < depth:
             raise IndexError(f"llm_position {hp.llm_position} is out of range for a ViT with {depth} blocks.")

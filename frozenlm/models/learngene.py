@@ -1,0 +1,163 @@
+"""Learngenes: a ViT whose blocks are fixed combinations of a few shared components.
+
+Lin et al. (NeurIPS 2024) write every parameter of block ``l`` (attention, MLP and LayerNorms) as
+``W_l = sum_n a(l, n) A_n`` over ``K`` learngenes ``A_n`` with fixed coefficients; TLEG (Xia et al., AAAI
+2024) is the two-gene case ``W_l = W_base + (l / L) W_ilayer``. Trained once, the genes build a ViT of
+any depth ``L'`` from its first ``k`` genes (:func:`recompose_blocks`, ``frozenlm recompose``). The patch
+embedding, tokens, positions, final norm and head stay ordinary shared parameters.
+
+The coefficients are functions of ``x = l / L`` for the block index ``l = 0 .. L-1`` of a depth-``L`` ViT
+(:func:`coefficients`):
+
+* ``chebyshev`` (the paper's default): ``T_n(x)``, first kind, ``T_0 = 1``, ``T_1 = x``,
+  ``T_{n+1} = 2 x T_n - T_{n-1}``. The paper writes ``T_n((l - 1) / L)`` with blocks counted from 1 and
+  genes from 1; read literally, gene 1 gets ``T_1``, which is 0 for the first block, so a one-gene ViT
+  would have an all-zero first block. Genes are indexed from ``T_0`` here: gene 0 is shared by every
+  block with coefficient 1, and two genes are TLEG's form.
+* ``taylor``: ``x^n``; ``legendre``: ``P_n(x)``; ``fourier``: ``1, sin 2 pi x, cos 2 pi x, sin 4 pi x, ...``
+* ``linear``: TLEG, ``1`` and ``l / L`` (two genes).
+
+Gene 0 starts as timm's initialisation of block 0 and the other genes at zero, so every block starts
+equal and a gene added in a later phase of incremental training leaves the model's function unchanged
+until it trains. ``frozen_genes`` keeps the first genes fixed (incremental training's earlier phases):
+they get no gradient and stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+Basis = Literal["chebyshev", "taylor", "legendre", "fourier", "linear"]
+BASES = ("chebyshev", "taylor", "legendre", "fourier", "linear")
+
+
+@dataclasses.dataclass
+class LearngeneConfig:
+    """A decomposed ViT (``--model.learngene '{genes: 12, basis: chebyshev}'``).
+
+    Args:
+        genes: number of learngenes ``K`` (``linear``: 2).
+        basis: the coefficient functions (see :mod:`frozenlm.models.learngene`).
+        frozen_genes: the first this many genes get no gradient (incremental training: the genes of
+            earlier phases).
+    """
+
+    genes: int
+    basis: Basis = "chebyshev"
+    frozen_genes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.basis not in BASES:
+            raise ValueError(f"learngene.basis must be one of {', '.join(BASES)}, got {self.basis!r}.")
+        if self.genes < 1 or (self.basis == "linear" and self.genes != 2):
+            raise ValueError(f"learngene.genes must be at least 1 (2 for the linear basis), got {self.genes}.")
+        if not 0 <= self.frozen_genes < self.genes:
+            raise ValueError(f"learngene.frozen_genes must be in [0, {self.genes}), got {self.frozen_genes}.")
+
+
+def coefficients(basis: Basis, depth: int, genes: int) -> torch.Tensor:
+    """``a(l, n)`` as a ``[depth, genes]`` float64 tensor, for blocks ``l`` and genes ``n``."""
+    if basis not in BASES:
+        raise ValueError(f"basis must be one of {', '.join(BASES)}, got {basis!r}.")
+    x = torch.arange(depth, dtype=torch.float64) / depth
+    columns = [torch.ones_like(x)]
+    for n in range(1, genes):
+        if basis in ("taylor", "linear"):
+            columns.append(x**n)
+        elif basis == "chebyshev":
+            columns.append(x if n == 1 else 2 * x * columns[-1] - columns[-2])
+        elif basis == "legendre":  # Bonnet: n P_n = (2n - 1) x P_{n-1} - (n - 1) P_{n-2}
+            columns.append(x if n == 1 else ((2 * n - 1) * x * columns[-1] - (n - 1) * columns[-2]) / n)
+        else:  # fourier
+            frequency = 2 * math.pi * ((n + 1) // 2)
+            columns.append(torch.sin(frequency * x) if n % 2 else torch.cos(frequency * x))
+    return torch.stack(columns, dim=1)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")  # ParameterDict keys cannot hold dots
+
+
+class Learngenes(nn.Module):
+    """The genes of a stack of identical blocks (a timm ViT's ``blocks``), composing each block's
+    parameters from them before the block runs.
+
+    The blocks' own parameters are removed; a forward pre-hook on block ``l`` sets each of them to
+    ``sum_n a(l, n) A_n`` (a tensor, differentiable in the genes). State: ``genes.<n>.<name>``.
+    """
+
+    def __init__(self, blocks: nn.ModuleList, config: LearngeneConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.names = [name for name, _ in blocks[0].named_parameters()]
+        for index, block in enumerate(blocks):
+            shapes = [(name, p.shape) for name, p in block.named_parameters()]
+            if shapes != [(name, p.shape) for name, p in blocks[0].named_parameters()]:
+                raise ValueError(f"Learngenes need identical blocks; block {index} differs from block 0.")
+        first = dict(blocks[0].named_parameters())
+        self.genes = nn.ModuleList(
+            nn.ParameterDict({_key(name): nn.Parameter(first[name].detach().clone() if n == 0 else torch.zeros_like(first[name]))
+                              for name in self.names})
+            for n in range(config.genes)
+        )  # fmt: skip
+        for gene in self.genes[: config.frozen_genes]:
+            gene.requires_grad_(False)
+        self.register_buffer("coefficients", coefficients(config.basis, len(blocks), config.genes).float(), persistent=False)
+        for index, block in enumerate(blocks):
+            for name in self.names:
+                owner, attribute = _owner(block, name)
+                del owner._parameters[attribute]
+                setattr(owner, attribute, None)
+            block.register_forward_pre_hook(self._compose_hook(index))
+
+    def _compose_hook(self, index: int):
+        def compose(block: nn.Module, args):
+            for name, value in self.block_parameters(self.coefficients[index]).items():
+                owner, attribute = _owner(block, name)
+                setattr(owner, attribute, value)
+
+        return compose
+
+    def block_parameters(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One block's parameters, ``{name: sum_n weights[n] A_n}``."""
+        return {name: combine(weights, [gene[_key(name)] for gene in self.genes]) for name in self.names}
+
+    def per_block_parameters(self) -> int:
+        """Parameters of one block (= of one gene)."""
+        return sum(p.numel() for p in self.genes[0].values())
+
+
+def combine(weights: torch.Tensor, genes: list[torch.Tensor]) -> torch.Tensor:
+    """``sum_n weights[n] genes[n]`` over the first ``len(genes)`` weights, in one fixed order (so a
+    recomposed block equals the trained one bit for bit)."""
+    return sum(weight * gene for weight, gene in zip(weights, genes))
+
+
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, attribute = name.rpartition(".")
+    return (module.get_submodule(path) if path else module), attribute
+
+
+def recompose_blocks(genes: list[dict[str, torch.Tensor]], basis: Basis, depth: int) -> dict[str, torch.Tensor]:
+    """A plain ViT's block parameters ``blocks.<l>.<name>`` for ``depth`` blocks from ``genes`` (the first
+    ``k`` genes, each ``{parameter name: tensor}``), with the depth-``depth`` coefficients."""
+    weights = coefficients(basis, depth, len(genes)).float()
+    return {
+        f"blocks.{layer}.{name}": combine(weights[layer], [gene[name] for gene in genes])
+        for layer in range(depth) for name in genes[0]
+    }  # fmt: skip
+
+
+def genes_in(state: dict[str, torch.Tensor], prefix: str = "learngenes.genes.") -> list[dict[str, torch.Tensor]]:
+    """The genes of a decomposed model's state dict, as ``[{parameter name: tensor}]`` by gene index."""
+    genes: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        if key.startswith(prefix):
+            index, name = key[len(prefix) :].split(".", 1)
+            genes.setdefault(int(index), {})[name.replace("__", ".")] = value
+    return [genes[n] for n in sorted(genes)]
