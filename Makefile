@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 EXTRAS ?= test,demo,video,robustness,pointcloud,motion,lora
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow test-all demo sweep-demo bench clean \
+.PHONY: install test test-slow test-all demo sweep-demo sweep-learngene-demo bench clean \
 	reproduce-cifar100 reproduce-cifar100-baseline \
 	reproduce-imagenet-vitt reproduce-imagenet-vitt-llama \
 	reproduce-imagenet-vits reproduce-imagenet-vits-llama \
@@ -54,6 +54,11 @@ demo: $(BIN)/frozenlm
 sweep-demo: $(BIN)/frozenlm
 	HF_HUB_OFFLINE=1 $(BIN)/frozenlm sweep --preset configs/sweeps/demo.yaml --output runs/sweeps/demo
 	mkdir -p docs/sweep_demo && cp runs/sweeps/demo/results.md runs/sweeps/demo/results.csv runs/sweeps/demo/results.png docs/sweep_demo/
+
+# The learngene miniature (~20 min on 2 CPU cores); its table and plots are docs/learngenes.md's.
+sweep-learngene-demo: $(BIN)/frozenlm
+	HF_HUB_OFFLINE=1 $(BIN)/frozenlm sweep --preset configs/sweeps/learngene_demo.yaml --output runs/sweeps/learngene_demo
+	mkdir -p docs/learngene_demo && cp runs/sweeps/learngene_demo/results.md runs/sweeps/learngene_demo/results.csv runs/sweeps/learngene_demo/results.png docs/learngene_demo/
 
 bench: $(BIN)/frozenlm
 	$(BIN)/frozenlm bench

@@ -138,23 +138,33 @@ class InitialWeightsError(FrozenLMError, ValueError):
     """``--model.init_from`` names weights that do not fit the model (the message says which and the fix)."""
 
 
-def load_initial_weights(module: torch.nn.Module, path: str | Path, optional_prefixes: tuple[str, ...] = ()) -> list[str]:
-    """Start ``module`` from the weights in ``path``: a Lightning ``.ckpt`` of a frozenlm task, or a
-    ``.safetensors`` state dict in the task's names (``backbone.``, ``learngenes.``, ...) or in a plain timm
-    ViT's (as ``frozenlm export`` and ``frozenlm recompose`` write them; read as the task's ``backbone.``).
-
-    Every tensor of the file must fit the module. The module's tensors the file lacks keep their own
-    initialisation only under ``optional_prefixes`` (e.g. a frozen LM block's adapters, genes added in a
-    later phase); any other gap is an error. Returns the keys left at their initialisation."""
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state dict, hyper-parameters)`` of ``--model.init_from``: a Lightning ``.ckpt`` of a frozenlm task,
+    or a ``.safetensors`` (its metadata as the hyper-parameters)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise InitialWeightsError(f"--model.init_from {path}: no such file; pass a .ckpt or .safetensors file.")
     if path.suffix == ".safetensors":
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        with safe_open(path, "pt") as file:
+            metadata = file.metadata() or {}
+        return load_file(path), metadata
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    return stored["state_dict"], stored.get("hyper_parameters", {})
+
+
+def load_initial_weights(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path, optional_prefixes: tuple[str, ...] = ()
+) -> list[str]:
+    """Start ``module`` from ``state`` (read from ``source`` by :func:`read_weights`), in the task's names
+    (``backbone.``, ``learngenes.``, ...) or a plain timm ViT's (as ``frozenlm export`` and ``frozenlm
+    recompose`` write them; read as the task's ``backbone.``).
+
+    Every tensor of ``state`` must fit the module. The module's tensors it lacks keep their own
+    initialisation only under ``optional_prefixes`` (e.g. a frozen LM block's adapters, genes added in a
+    later phase); any other gap is an error. Returns the keys left at their initialisation."""
     own = module.state_dict()
     if not any(key in own for key in state):  # a plain timm ViT: the task's backbone
         state = {f"backbone.{key}": value for key, value in state.items()}
@@ -167,7 +177,7 @@ def load_initial_weights(module: torch.nn.Module, path: str | Path, optional_pre
                           ("lacks tensors of the model", required)):  # fmt: skip
         if keys:
             raise InitialWeightsError(
-                f"--model.init_from {path} {problem}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} "
+                f"--model.init_from {source} {problem}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} "
                 f"({len(keys)}); build the model the weights came from (depth, width, genes, num_classes)."
             )
     module.load_state_dict(state, strict=False)

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save_file
 from timm.models import VisionTransformer
 
-from frozenlm.models.learngene import genes_in, recompose_blocks
+from frozenlm.models.learngene import gene_state, genes_in, recompose_blocks
 from frozenlm.models.pointbert import PointBERT
 from frozenlm.models.vit import create_vit, trunk_options
 
@@ -155,11 +155,11 @@ def recompose(checkpoint: str, depth: int, genes: int | None = None, output: str
         raise ValueError(f"--depth must be at least 1, got {depth}.")
     if tied:
         kept = {k: v for k, v in state.items() if k.startswith(TRUNK_PREFIX)}
-        kept.update({f"learngenes.genes.{n}.{name.replace('.', '__')}": value
-                     for n, gene in enumerate(all_genes[:genes]) for name, value in gene.items()})  # fmt: skip
+        kept.update(gene_state(all_genes[:genes]))
         path = Path(output)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in kept.items()}, path, metadata={"format": "pt"})
+        metadata = {"format": "pt", "learngene_basis": learngene["basis"]}  # read back by --model.init_from
+        save_file({k: v.contiguous() for k, v in kept.items()}, path, metadata=metadata)
         backbone_kwargs = {**(hparams.get("backbone_kwargs") or {}), "depth": depth + _removed_blocks(hparams)}
         print(f"Wrote {path}: {genes} learngenes and the shared parts. Fine-tune with the blocks tied:\n  frozenlm fit "
               f"--config <config> --model.learngene '{{genes: {genes}, basis: {learngene['basis']}}}' "

@@ -7,14 +7,17 @@ A sweep preset (``configs/sweeps/*.yaml``)::
     seeds: [0, 1, 2]
     metric: val_acc1                   # the validation metric compared, and whether higher is better
     mode: max
-    baseline: baseline                 # the variant the others are paired against, seed by seed
+    baseline: baseline                 # the variant the others are paired against, seed by seed (or a
+                                       # mapping variant -> its own baseline)
     coherence_every: 50                # gradient coherence measured every this many steps (0: off)
     variants:                          # name -> CLI overrides
       baseline: [--model.llm, "null"]
       pretrained: []
       random: [--model.llm.init, random]
 
-Each run is ``frozenlm fit --config <config> <args> <variant overrides> --seed_everything <seed>``,
+Each run is ``frozenlm fit --config <config> <args> <variant overrides> --seed_everything <seed>``
+(``{seed}`` and ``{output}`` in the arguments become the run's seed and the sweep's folder, e.g. to
+start from an earlier variant's checkpoint of the same seed: variants run in the preset's order),
 logged under ``<output>/<variant>/seed<seed>/`` (TensorBoard, checkpoints and the run's resolved
 ``config.yaml``) and summarised in its ``result.json`` (written atomically) when it finishes. A run's
 seed also seeds a random frozen block (``llm.seed``) unless the preset sets one; the data split stays
@@ -113,20 +116,29 @@ def load_preset(path: str | Path) -> dict[str, Any]:
     preset.setdefault("mode", "max")
     preset.setdefault("coherence_every", 0)
     preset.setdefault("baseline", next(iter(preset["variants"])))
-    if preset["baseline"] not in preset["variants"]:
-        raise ValueError(f"Sweep preset {path}: baseline {preset['baseline']!r} is not one of its variants.")
+    baselines = preset["baseline"].values() if isinstance(preset["baseline"], dict) else [preset["baseline"]]
+    unknown = [name for name in baselines if name not in preset["variants"]]
+    if unknown:
+        raise ValueError(f"Sweep preset {path}: baseline {unknown[0]!r} is not one of its variants.")
     return preset
 
 
 def run_arguments(preset: dict[str, Any], variant: str, seed: int, output: Path) -> list[str]:
     """The ``frozenlm fit`` arguments of one run."""
-    overrides = [str(a) for a in preset["variants"][variant]]
-    args = ["fit", "--config", str(preset["config"]), *map(str, preset["args"]), *overrides]
+    def filled(arguments: list[Any]) -> list[str]:
+        return [str(a).replace("{seed}", str(seed)).replace("{output}", str(output)) for a in arguments]
+
+    overrides = filled(preset["variants"][variant])
+    args = ["fit", "--config", str(preset["config"]), *filled(preset["args"]), *overrides]
     args += ["--seed_everything", str(seed), "--trainer.logger.init_args.save_dir", str(output),
              "--trainer.logger.init_args.name", variant, "--trainer.logger.init_args.version", f"seed{seed}",
              "--trainer.default_root_dir", str(output / variant / f"seed{seed}")]  # fmt: skip
-    has_block = not any(a == "--model.llm" and b == "null" for a, b in zip(overrides, overrides[1:]))
-    pinned = any(str(a).startswith("--model.llm.seed") for a in [*preset["args"], *overrides])
+    given = [*filled(preset["args"]), *overrides]
+    has_block = True  # the last word on `--model.llm` among the preset's and the variant's arguments
+    for name, value in zip(given, [*given[1:], ""]):
+        if name == "--model.llm" or name.startswith("--model.llm."):
+            has_block = not (name == "--model.llm" and value == "null")
+    pinned = any(a.startswith("--model.llm.seed") for a in given)
     if has_block and not pinned:
         args += ["--model.llm.seed", str(seed)]  # a random block differs with the seed too
     if preset["coherence_every"]:
@@ -439,9 +451,9 @@ def expected_runs(preset: dict[str, Any]) -> list[tuple[str, int]]:
     return [(variant, seed) for variant in preset["variants"] for seed in preset["seeds"]]
 
 
-def summarize(results: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
+def summarize(results: list[dict[str, Any]], baseline: str | dict[str, str]) -> list[dict[str, Any]]:
     """One row per variant: mean and sample sd over seeds of the final and best metric; the paired
-    difference of the final metric to ``baseline`` (seeds both have) with its 95 % t interval, the paired
+    difference of the final metric to ``baseline`` (or to the variant's own, a mapping; seeds both have) with its 95 % t interval, the paired
     t-test's two-sided p-value and that p Holm-corrected over the variants compared; sizes, time per step,
     and the mean gradient coherence at each measured step. ``results`` are runs with a metric."""
     by_variant: dict[str, dict[int, dict[str, Any]]] = {}
@@ -451,14 +463,16 @@ def summarize(results: list[dict[str, Any]], baseline: str) -> list[dict[str, An
     for variant, runs in by_variant.items():
         finals = [r["final"] for r in runs.values()]
         bests = [r["best"] for r in runs.values()]
-        paired = [r["final"] - by_variant[baseline][s]["final"] for s, r in runs.items() if s in by_variant.get(baseline, {})]
+        base = baseline.get(variant) if isinstance(baseline, dict) else baseline
+        paired = [r["final"] - by_variant[base][s]["final"] for s, r in runs.items() if s in by_variant.get(base, {})]
+        compared = bool(paired) and base != variant
         diff_mean, half = statistics.mean(paired) if paired else math.nan, _half_interval(paired)
         row = {
-            "variant": variant, "seeds": len(runs),
+            "variant": variant, "baseline": base if compared else None, "seeds": len(runs),
             "final_mean": statistics.mean(finals), "final_sd": _sd(finals),
             "best_mean": statistics.mean(bests), "best_sd": _sd(bests),
             "diff_mean": diff_mean, "diff_ci95": half, "diff_low": diff_mean - half, "diff_high": diff_mean + half,
-            "p_value": _paired_p(paired) if variant != baseline else math.nan,
+            "p_value": _paired_p(paired) if compared else math.nan,
             "trainable_params": next(iter(runs.values()))["trainable_params"],
             "frozen_params": next(iter(runs.values()))["frozen_params"],
             "flops_per_sample": next(iter(runs.values()))["flops_per_sample"],
@@ -520,19 +534,21 @@ def write_report(folder: Path) -> Path:
     order = list(preset["variants"])
     rows = sorted(summarize(results, preset["baseline"]), key=lambda r: order.index(r["variant"]) if r["variant"] in order else 99)
     columns = list(dict.fromkeys(k for row in rows for k in row))
+    baseline_name = "its baseline" if isinstance(preset["baseline"], dict) else preset["baseline"]
     with (folder / "results.csv").open("w") as file:
         file.write(",".join(columns) + "\n")
         for row in rows:
             file.write(",".join(_csv(row.get(c)) for c in columns) + "\n")
     compared = sum(math.isfinite(r["p_value"]) for r in rows)
     lines = [
-        f"| variant | seeds | final {metric} | best {metric} | vs {preset['baseline']} (paired mean [95 % CI]) | "
+        f"| variant | seeds | final {metric} | best {metric} | vs {baseline_name} (paired mean [95 % CI]) | "
         f"p | Holm p ({compared}) | trainable | frozen | GFLOP/sample | ms/step |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for r in rows:
-        diff = "-" if r["variant"] == preset["baseline"] else (
-            f"{r['diff_mean']:+.4f} [{r['diff_low']:+.4f}, {r['diff_high']:+.4f}]")  # fmt: skip
+        diff = "-" if r["baseline"] is None else (
+            f"{r['diff_mean']:+.4f} [{r['diff_low']:+.4f}, {r['diff_high']:+.4f}]"
+            + (f" vs {r['baseline']}" if isinstance(preset["baseline"], dict) else ""))  # fmt: skip
         flops = f"{r['flops_per_sample'] / 1e9:.3f}" if r["flops_per_sample"] else "-"
         survives = "*" if r["p_holm"] < 0.05 else ""
         lines.append(

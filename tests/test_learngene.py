@@ -163,3 +163,17 @@ def test_incremental_phases_train_only_the_new_genes(tmp_path):
     assert old and all(torch.equal(second[k], first[k]) for k in old)
     assert any(second[k].abs().sum() > 0 for k in new)  # started at zero, trained
     assert not torch.equal(second["backbone.head.weight"], first["backbone.head.weight"])  # shared parts train on
+
+
+def test_a_decomposed_checkpoint_starts_a_plain_vit_of_any_depth_as_recompose_would(tmp_path):
+    run_cli("fit", "image_baseline", tmp_path / "fit", *FIT, "--model.learngene", "{genes: 3, basis: legendre}")
+    checkpoint = last_checkpoint(tmp_path / "fit")
+    run(["recompose", "--checkpoint", str(checkpoint), "--depth", "3", "--genes", "2", "--output", str(tmp_path / "d3.safetensors")])
+    depth3 = {**VIT, "backbone_kwargs": {**VIT["backbone_kwargs"], "depth": 3}}
+    direct = ImageClassifier(**depth3, llm=None, init_from=str(checkpoint), init_genes=2)
+    via_file = ImageClassifier(**depth3, llm=None, init_from=str(tmp_path / "d3.safetensors"))
+    assert all(torch.equal(value, via_file.state_dict()[key]) for key, value in direct.state_dict().items())
+    tied = ImageClassifier(**depth3, llm=None, learngene={"genes": 2, "basis": "legendre"}, init_from=str(checkpoint), init_genes=2)
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(tied.eval()(images), direct.eval()(images), rtol=1e-5, atol=1e-6)

@@ -290,3 +290,18 @@ def test_slurm_launcher_submits_a_job_array_and_reports_job_states(tmp_path, tin
     assert "baseline/seed0 (pending (slurm job 4242_0, PENDING))" in message
     assert "baseline/seed1 (running (slurm job 4242_1, RUNNING; log: " in message
     assert "random/seed0 (failed (slurm job 4242_2, TIMEOUT; log: " in message
+
+
+def test_placeholders_and_a_baseline_per_variant(tmp_path):
+    preset = {"config": "c.yaml", "args": ["--model.llm", "null"], "seeds": [3], "metric": "val_acc1", "coherence_every": 0,
+              "variants": {"from": ["--model.init_from", "{output}/first/seed{seed}/last.ckpt"]}}  # fmt: skip
+    args = run_arguments(preset, "from", 3, tmp_path)
+    assert f"{tmp_path}/first/seed3/last.ckpt" in args
+    assert "--model.llm.seed" not in args  # the preset's `--model.llm null` holds for every variant
+    runs = [{"variant": v, "seed": s, "final": f, "best": f, "trainable_params": 1, "frozen_params": 0,
+             "flops_per_sample": None, "seconds_per_step": 0.1, "coherence": {}}
+            for v, s, f in [("a", 0, 0.5), ("a", 1, 0.6), ("b", 0, 0.7), ("b", 1, 0.9), ("c", 0, 0.1), ("c", 1, 0.2)]]  # fmt: skip
+    rows = {r["variant"]: r for r in summarize(runs, {"b": "a", "c": "b"})}
+    assert rows["b"]["baseline"] == "a" and rows["b"]["diff_mean"] == pytest.approx(0.25)
+    assert rows["c"]["baseline"] == "b" and rows["c"]["diff_mean"] == pytest.approx(-0.65)
+    assert rows["a"]["baseline"] is None and math.isnan(rows["a"]["p_value"])

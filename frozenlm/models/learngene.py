@@ -159,5 +159,10 @@ def genes_in(state: dict[str, torch.Tensor], prefix: str = "learngenes.genes.") 
     for key, value in state.items():
         if key.startswith(prefix):
             index, name = key[len(prefix) :].split(".", 1)
-            genes.setdefault(int(index), {})[name.replace("__", ".")] = value
+            genes.setdefault(int(index), {})[name.replace("__", ".")] = value  # see _key
     return [genes[n] for n in sorted(genes)]
+
+
+def gene_state(genes: list[dict[str, torch.Tensor]], prefix: str = "learngenes.genes.") -> dict[str, torch.Tensor]:
+    """The state-dict entries of ``genes`` (the inverse of :func:`genes_in`)."""
+    return {f"{prefix}{n}.{_key(name)}": value for n, gene in enumerate(genes) for name, value in gene.items()}

@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from frozenlm.checkpoints import load_initial_weights
+from frozenlm.checkpoints import InitialWeightsError, load_initial_weights, read_weights
 from frozenlm.llm import LLMConfig
 from frozenlm.models import create_vit
-from frozenlm.models.learngene import LearngeneConfig, Learngenes
+from frozenlm.models.learngene import LearngeneConfig, Learngenes, gene_state, genes_in, recompose_blocks
 from frozenlm.models.patch_embed import CAPEConfig, Stem
 from frozenlm.models.vit import PosEmbed, trunk_options
 from frozenlm.tasks.classification import ClassificationTask
@@ -50,6 +50,9 @@ class ImageClassifier(ClassificationTask):
         init_from: start from these weights (a frozenlm ``.ckpt``, or a ``.safetensors`` from ``frozenlm
             recompose`` / ``frozenlm export``); the LM block's adapters, the auxiliary head and genes
             the file lacks keep their initialisation. Not stored in checkpoints (their weights are).
+            A decomposed model's weights start a plain ViT of this model's depth from its genes (as
+            ``frozenlm recompose`` would), or a decomposed one with its first genes.
+        init_genes: with a decomposed ``init_from``: use its first this many genes (None: all).
         distill: train against a frozen teacher's logits too (see
             :class:`frozenlm.tasks.distillation.DistillConfig`); None for none.
         llm: the frozen LM block (see :class:`frozenlm.llm.LLMConfig`); None for none.
@@ -64,7 +67,7 @@ class ImageClassifier(ClassificationTask):
     """
 
     input_key = "image"
-    ignore = ("init_from",)
+    ignore = ("init_from", "init_genes")
 
     def __init__(
         self,
@@ -84,6 +87,7 @@ class ImageClassifier(ClassificationTask):
         cape: CAPEConfig | None = None,
         learngene: LearngeneConfig | None = None,
         init_from: str | None = None,
+        init_genes: int | None = None,
         distill: DistillConfig | None = None,
         llm: LLMConfig | None = None,
         llm_position: int = -1,
@@ -95,8 +99,25 @@ class ImageClassifier(ClassificationTask):
     ) -> None:
         super().__init__(**kwargs)
         if init_from is not None:
+            state, stored = read_weights(init_from)
             optional = ("llm_block.", "aux_", "learngenes.genes.")
-            load_initial_weights(self, init_from, optional_prefixes=optional)
+            load_initial_weights(self, self.from_genes(state, stored, init_genes, init_from), init_from, optional)
+
+    def from_genes(self, state: dict[str, torch.Tensor], stored: dict[str, Any], count: int | None, source: str) -> dict:
+        """``state`` with a decomposed model's genes turned into what this model takes: its first ``count``
+        genes, recomposed into this ViT's blocks when this model is not decomposed."""
+        genes = genes_in(state)
+        if not genes:
+            return state
+        count = len(genes) if count is None else count
+        if not 1 <= count <= len(genes):
+            raise InitialWeightsError(f"--model.init_genes must be in [1, {len(genes)}] for {source}, got {count}.")
+        kept = {k: v for k, v in state.items() if not k.startswith("learngenes.")}
+        if self.learngenes is not None:
+            return kept | gene_state(genes[:count])
+        learngene = stored.get("learngene") or {"basis": stored.get("learngene_basis")}
+        blocks = recompose_blocks(genes[:count], learngene["basis"], len(self.backbone.blocks))
+        return kept | {f"backbone.{key}": value for key, value in blocks.items()}
 
     def configure_models(self) -> None:
         hp = self.hparams
