@@ -59,6 +59,7 @@ sweep-demo: $(BIN)/frozenlm
 sweep-learngene-demo: $(BIN)/frozenlm
 	HF_HUB_OFFLINE=1 $(BIN)/frozenlm sweep --preset configs/sweeps/learngene_demo.yaml --output runs/sweeps/learngene_demo
 	mkdir -p docs/learngene_demo && cp runs/sweeps/learngene_demo/results.md runs/sweeps/learngene_demo/results.csv runs/sweeps/learngene_demo/results.png docs/learngene_demo/
+	$(BIN)/python -c "from frozenlm.analysis import plot_accuracy_vs_depth as plot; plot('docs/learngene_demo/results.csv').savefig('docs/learngene_demo/accuracy_vs_depth.png', dpi=120)"
 
 bench: $(BIN)/frozenlm
 	$(BIN)/frozenlm bench

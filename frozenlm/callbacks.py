@@ -12,7 +12,7 @@ from frozenlm.predictions import ClassPredictionsCSV, ClassPredictionsJSON, Pred
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes each rank's predictions to one file as batches finish (:mod:`frozenlm.predictions`).
+    """Writes the predictions to one file as batches finish (:mod:`frozenlm.predictions`).
 
     The file is opened before the first batch, so a path that cannot be written (no permission, a
     parent that is a file, an unknown suffix) stops ``predict`` before any work; an interrupted pass
@@ -30,34 +30,38 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output = output
         self.file: PredictionFile | None = None
+        self.path = Path()  # the requested file, set when predict starts
 
     def on_predict_start(self, trainer: lightning.Trainer, pl_module) -> None:
-        path = Path(self.output) if self.output else Path(trainer.log_dir or ".") / "predictions.csv"
+        self.path = path = Path(self.output) if self.output else Path(trainer.log_dir or ".") / "predictions.csv"
         if trainer.world_size > 1:
-            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+            path = self.part(trainer.global_rank)
         if hasattr(pl_module, "prediction_file"):
             self.file = pl_module.prediction_file(path)
         else:
             class_names = getattr(trainer.datamodule, "classes", None)
             self.file = (ClassPredictionsJSON if path.suffix == ".json" else ClassPredictionsCSV)(path, class_names)
 
+    def part(self, rank: int) -> Path:
+        """The file process ``rank`` writes under DDP."""
+        return self.path.with_name(f"{self.path.stem}.rank{rank}{self.path.suffix}")
+
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
         self.file.write(prediction)
 
     def on_predict_end(self, trainer: lightning.Trainer, pl_module) -> None:
-        count, path, kind = self.file.close(), self.file.path, type(self.file)
+        count, kind = self.file.close(), type(self.file)
         self.file = None
         if trainer.world_size == 1:
-            print(f"Wrote {count} predictions to {path}")
+            print(f"Wrote {count} predictions to {self.path}")
             return
         trainer.strategy.barrier()  # every process's file is complete
         if trainer.is_global_zero:
-            output = path.with_name(path.name.replace(".rank0", "", 1))
-            parts = [path.with_name(path.name.replace(".rank0", f".rank{rank}", 1)) for rank in range(trainer.world_size)]
-            count = kind.merge(parts, output)
+            parts = [self.part(rank) for rank in range(trainer.world_size)]
+            count = kind.merge(parts, self.path)
             for part in parts:
                 part.unlink()
-            print(f"Wrote {count} predictions to {output} (from {trainer.world_size} processes)")
+            print(f"Wrote {count} predictions to {self.path} (from {trainer.world_size} processes)")
         trainer.strategy.barrier()
 
 

@@ -134,7 +134,9 @@ def run_arguments(preset: dict[str, Any], variant: str, seed: int, output: Path)
              "--trainer.logger.init_args.name", variant, "--trainer.logger.init_args.version", f"seed{seed}",
              "--trainer.default_root_dir", str(output / variant / f"seed{seed}")]  # fmt: skip
     given = [*filled(preset["args"]), *overrides]
-    has_block = True  # the last word on `--model.llm` among the preset's and the variant's arguments
+    # Whether the run has a frozen block: the config's `llm`, then the last word on it in the arguments.
+    config = yaml.safe_load(Path(preset["config"]).read_text()) if Path(preset["config"]).is_file() else {}
+    has_block = ((config.get("model") or {}).get("init_args") or {}).get("llm") is not None
     for name, value in zip(given, [*given[1:], ""]):
         if name == "--model.llm" or name.startswith("--model.llm."):
             has_block = not (name == "--model.llm" and value == "null")

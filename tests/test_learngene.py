@@ -177,3 +177,20 @@ def test_a_decomposed_checkpoint_starts_a_plain_vit_of_any_depth_as_recompose_wo
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(tied.eval()(images), direct.eval()(images), rtol=1e-5, atol=1e-6)
+
+
+def test_a_deep_copy_composes_its_blocks_from_its_own_genes():
+    """EMA keeps a deep copy of the model: its blocks must follow the copy's genes, not the original's."""
+    import copy
+
+    model = ImageClassifier(**VIT, llm=None, learngene={"genes": 2}).eval()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for value in twin.learngenes.genes[1].values():
+            value.add_(0.1)
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert not torch.equal(twin(images), model(images))
+        fresh = ImageClassifier(**VIT, llm=None, learngene={"genes": 2}).eval()
+        fresh.load_state_dict(twin.state_dict())
+        assert torch.equal(fresh(images), twin(images))

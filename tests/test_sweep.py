@@ -305,3 +305,10 @@ def test_placeholders_and_a_baseline_per_variant(tmp_path):
     assert rows["b"]["baseline"] == "a" and rows["b"]["diff_mean"] == pytest.approx(0.25)
     assert rows["c"]["baseline"] == "b" and rows["c"]["diff_mean"] == pytest.approx(-0.65)
     assert rows["a"]["baseline"] is None and math.isnan(rows["a"]["p_value"])
+
+
+def test_no_block_seed_is_added_when_the_config_has_no_block(tmp_path):
+    preset = {"config": "configs/cifar100_deit_baseline.yaml", "args": [], "seeds": [0], "metric": "val_acc1",
+              "coherence_every": 0, "variants": {"plain": [], "with_block": ["--model.llm.checkpoint", "x"]}}  # fmt: skip
+    assert "--model.llm.seed" not in run_arguments(preset, "plain", 0, tmp_path)
+    assert "--model.llm.seed" in run_arguments(preset, "with_block", 0, tmp_path)

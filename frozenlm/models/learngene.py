@@ -26,6 +26,7 @@ they get no gradient and stay bit-identical.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Literal
 
@@ -113,15 +114,14 @@ class Learngenes(nn.Module):
                 owner, attribute = _owner(block, name)
                 del owner._parameters[attribute]
                 setattr(owner, attribute, None)
-            block.register_forward_pre_hook(self._compose_hook(index))
+            # A partial of a bound method, not a closure: a deep copy of the model (EMA) rebinds it to
+            # the copy's genes.
+            block.register_forward_pre_hook(functools.partial(self._compose, index))
 
-    def _compose_hook(self, index: int):
-        def compose(block: nn.Module, args):
-            for name, value in self.block_parameters(self.coefficients[index]).items():
-                owner, attribute = _owner(block, name)
-                setattr(owner, attribute, value)
-
-        return compose
+    def _compose(self, index: int, block: nn.Module, args: tuple) -> None:
+        for name, value in self.block_parameters(self.coefficients[index]).items():
+            owner, attribute = _owner(block, name)
+            setattr(owner, attribute, value)
 
     def block_parameters(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """One block's parameters, ``{name: sum_n weights[n] A_n}``."""
