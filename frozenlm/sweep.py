@@ -63,6 +63,7 @@ from scipy import stats
 from submitit.core.utils import JobPaths
 
 from frozenlm.bench import flop_counter
+from frozenlm.checkpoints import newest_intact_checkpoint
 from frozenlm.errors import FrozenLMError
 from frozenlm.files import write_atomically
 
@@ -283,18 +284,12 @@ class SweepJob(submitit.helpers.Checkpointable):
     def __call__(self) -> str:
         folder = run_folder(self.output, self.variant, self.seed)
         args = list(self.trainer_args)
-        last = latest_checkpoint(folder)
+        last = newest_intact_checkpoint(folder / "checkpoints")
         if last is not None:
             print(f"Resuming {self.variant}/seed{self.seed} from {last}", flush=True)
             args += ["--ckpt_path", str(last)]
         run_one(self.preset, self.variant, self.seed, self.output, args, write=submitit.JobEnvironment().global_rank == 0)
         return str(folder / "result.json")
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest ``last*.ckpt`` under a run folder that exists (a link may point at a deleted file)."""
-    found = [path for path in folder.rglob("last*.ckpt") if path.exists()]
-    return max(found, key=lambda path: path.stat().st_mtime) if found else None
 
 
 def submit(preset: dict[str, Any], folder: Path, runs: list[tuple[str, int]], launcher: str,

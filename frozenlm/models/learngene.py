@@ -94,7 +94,6 @@ class Learngenes(nn.Module):
 
     def __init__(self, blocks: nn.ModuleList, config: LearngeneConfig) -> None:
         super().__init__()
-        self.config = config
         self.names = [name for name, _ in blocks[0].named_parameters()]
         for index, block in enumerate(blocks):
             shapes = [(name, p.shape) for name, p in block.named_parameters()]
