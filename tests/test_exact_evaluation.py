@@ -109,12 +109,17 @@ def test_motion_metrics_score_each_scene_once_on_2_and_3_processes(tmp_path, pro
     metrics = [metrics_on(tmp_path, "test", "motion_llama", n, *common, *ckpt) for n in (1, processes)]
     assert_same(metrics, ("test_MR_6", "test_MR_1"))
     assert torch.isfinite(torch.tensor(metrics[0]["test_minFDE_6"]))
-    if processes > 2:
-        return
 
-    # The Argoverse 2 submission on 2 processes: one parquet, the scenes and forecasts of 1 process.
+
+@pytest.mark.slow
+def test_the_argoverse2_submission_of_2_processes_is_the_one_of_1(tmp_path):
+    """One parquet, the scenes (in order) and forecasts of 1 process."""
     from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
 
+    root = write_argoverse2(tmp_path / "av2", {"train": 8, "val": 5, "test": 2})
+    common = ["--model.llm", "null", "--data.root", str(root), "--data.batch_size", "2"]
+    run_cli("fit", "motion_llama", tmp_path / "fit", *common, "--trainer.max_epochs", "1")
+    ckpt = ["--ckpt_path", str(last_checkpoint(tmp_path / "fit"))]
     args = [*common, *ckpt, "--data.predict_split", "val", "--predictions.output"]
     run_cli("predict", "motion_llama", tmp_path / "predict1", *args, str(tmp_path / "one.parquet"))
     result = run_cli_subprocess("predict", "motion_llama", tmp_path / "predict2", *args, str(tmp_path / "two.parquet"),

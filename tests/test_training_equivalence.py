@@ -4,8 +4,8 @@ off, so that both runs see the same inputs; for Point-BERT, whose batch norms se
 1 process accumulating 2 half batches); with augmentation on, no two processes share a random
 stream, and a killed and resumed 2-process run ends bit-identical to an uninterrupted one.
 
-Each 2-process run is a fresh Python per process (~15 s): images and motion run in `make test`, GCR,
-point clouds, video and LoRA in `make test-slow`."""
+Each 2-process run is a fresh Python per process (~15 s): images run in `make test`, GCR, point clouds,
+motion, video and LoRA in `make test-slow`."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ FAMILIES = {
     "image-gcr": pytest.param(lambda tmp_path, llama: image(tmp_path, llama, "--model.llm.mode", "auxiliary"),
                               marks=pytest.mark.slow),  # fmt: skip
     "point-cloud": pytest.param(point_cloud, marks=pytest.mark.slow),
-    "motion": motion,
+    "motion": pytest.param(motion, marks=pytest.mark.slow),
     "video": pytest.param(video, marks=pytest.mark.slow),
     "image-lora": pytest.param(lambda tmp_path, llama: image(tmp_path, llama, "--model.llm.lora", "{r: 4, alpha: 8}"),
                                marks=pytest.mark.slow),  # fmt: skip
