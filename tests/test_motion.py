@@ -18,7 +18,7 @@ from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
 
 from frozenlm.data import Argoverse1DataModule, Argoverse2DataModule
 from frozenlm.data.base import DatasetFileError, DatasetNotFoundError
-from frozenlm.data.motion import VECTOR_DIM, Scene, TooManySkippedScenesError, collate_scenes, vectorize
+from frozenlm.data.motion import VECTOR_DIM, MotionPredictionsCSV, Scene, TooManySkippedScenesError, collate_scenes, vectorize
 from frozenlm.llm import LLMConfig
 from frozenlm.models.vectornet import VectorNet
 from frozenlm.tasks import MotionForecaster
@@ -341,3 +341,14 @@ def test_argoverse2_lane_boundaries_and_crosswalks_as_polylines(av2_root):
     batch = collate_scenes([full.dataset("train")[i] for i in range(4)])
     assert batch["map_vectors"].shape[2] == 9 and batch["agent_vectors"].shape[2] == 49  # padded per type
     assert batch["agent_mask"].float().mean() > 0.5  # most agent slots are real vectors
+
+
+def test_motion_predictions_csv_holds_each_batch_as_soon_as_it_is_written(tmp_path):
+    """Streamed like the classifiers' files: a pass that dies later keeps the batches written so far."""
+    file = MotionPredictionsCSV(tmp_path / "forecasts.csv")
+    batch = {"scenario_id": ["s0", "s1"], "track_id": ["a", "b"], "trajectories": torch.zeros(2, 6, 60, 2),
+             "probabilities": torch.full((2, 6), 1 / 6)}  # fmt: skip
+    file.write(batch)
+    rows = (tmp_path / "forecasts.csv").read_text().splitlines()  # read before close()
+    assert len(rows) == 1 + 2 * 6 and rows[1].startswith("s0,a,0,")
+    assert file.close() == 2

@@ -398,11 +398,11 @@ class MotionPredictionsCSV(PredictionFile):
                                       json.dumps(np.round(trajectory[:, 0], 3).tolist()),
                                       json.dumps(np.round(trajectory[:, 1], 3).tolist())])  # fmt: skip
             self.count += 1
+        self.file.flush()
 
     @classmethod
     def merge(cls, parts: list[Path], path: Path) -> int:
         return merge_csv(parts, path, "scenario_id")
-        self.file.flush()
 
 
 def scene_predictions(batch: dict[str, Any]):

@@ -27,8 +27,9 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
     """Base of the classifiers; subclasses set ``input_key`` (the batch entry holding the inputs).
 
     Hyper-parameters it reads: ``num_classes``, ``label_smoothing``, ``mixup``, ``cutmix``,
-    ``mixup_switch_prob``, ``distill`` (a teacher, :mod:`frozenlm.tasks.distillation`). Batches are dicts with ``input_key``, ``label`` and ``id``; a loader that
-    drops unreadable samples adds ``unreadable`` (their files), counted as ``data/unreadable/<stage>``.
+    ``mixup_switch_prob``, ``distill`` (a teacher, :mod:`frozenlm.tasks.distillation`). Batches are
+    dicts with ``input_key``, ``label`` and ``id``; a loader that drops unreadable samples adds
+    ``unreadable`` (their files), counted as ``data/unreadable/<stage>``.
     """
 
     input_key: str
