@@ -26,7 +26,8 @@ PYTEST_ARGS ?=
 	reproduce-argoverse1-vectornet reproduce-argoverse1-vectornet-llama reproduce-argoverse1-vectornet-gcr \
 	reproduce-argoverse2-vectornet reproduce-argoverse2-vectornet-llama \
 	reproduce-argoverse2-vectornet-fullmap reproduce-argoverse2-vectornet-fullmap-llama \
-	reproduce-imagenet-learngene reproduce-imagenet-learngene-ict reproduce-imagenet-tleg-auxs
+	reproduce-imagenet-learngene reproduce-imagenet-learngene-ict reproduce-imagenet-tleg-auxs \
+	reproduce-vqav2 reproduce-vqav2-llama reproduce-flickr30k reproduce-flickr30k-llama
 
 $(BIN)/frozenlm: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +79,8 @@ MODELNET40 ?= data/modelnet40_normal_resampled
 POINTBERT ?= data/Point-BERT.pth
 ARGOVERSE1 ?= data/argoverse1
 ARGOVERSE2 ?= data/argoverse2
+VQAV2 ?= data/vqav2
+FLICKR30K ?= data/flickr30k
 ARGS ?=
 FIT := $(BIN)/frozenlm fit
 RESULTS = @echo "Results: TensorBoard logs and checkpoints under runs/$(1)/ (tensorboard --logdir runs)"
@@ -215,6 +218,16 @@ $(ICT)/genes%/done: | $(BIN)/frozenlm
 
 reproduce-imagenet-learngene-ict: $(ICT)/genes12/done
 	$(call RESULTS,imagenet_learngene_ict)
+
+# Vision-language (METER from CLIP ViT-B/32 and RoBERTa-base; LM4VE released no code for it). VQAv2's
+# test-dev score comes from the evaluation server: `frozenlm predict ... --predictions.output results.json`.
+reproduce-vqav2 reproduce-flickr30k: reproduce-%: $(BIN)/frozenlm
+	$(FIT) --config configs/$*_meter.yaml --data.root $(if $(filter vqav2,$*),$(VQAV2),$(FLICKR30K)) $(ARGS)
+	$(call RESULTS,$*_meter)
+
+reproduce-vqav2-llama reproduce-flickr30k-llama: reproduce-%-llama: $(BIN)/frozenlm
+	$(FIT) --config configs/$*_meter_llama.yaml --model.llm.checkpoint $(LLAMA) --data.root $(if $(filter vqav2,$*),$(VQAV2),$(FLICKR30K)) $(ARGS)
+	$(call RESULTS,$*_meter_llama)
 
 clean:
 	rm -rf $(VENV) lightning_logs runs .pytest_cache *.egg-info

@@ -144,11 +144,15 @@ class ClassPredictionsCSV(PredictionFile):
         return merge_csv(parts, path, "id")
 
 
-class ClassPredictionsJSON(ClassPredictionsCSV):
-    """A JSON array of ``{"id", "classes", "probs"[, "class_names"]}``, one sample a line; the closing
-    bracket is rewritten after every batch, so the file is valid JSON whenever a batch has finished."""
+class JSONRows(PredictionFile):
+    """A JSON array of objects, one sample a line; the closing bracket is rewritten after every batch, so
+    the file is valid JSON whenever a batch has finished. A predict batch's rows are ``prediction["rows"]``
+    unless a subclass says otherwise (:meth:`rows`)."""
 
     suffixes = (".json",)
+
+    def rows(self, prediction: dict[str, Any]) -> list[dict[str, Any]]:
+        return prediction["rows"]
 
     def start(self) -> None:
         self.file.write("[")
@@ -157,7 +161,7 @@ class ClassPredictionsJSON(ClassPredictionsCSV):
         self.file.flush()
 
     def write(self, prediction: dict[str, Any]) -> None:
-        rows = class_rows(prediction, self.class_names)
+        rows = self.rows(prediction)
         if not rows:
             return
         self.file.seek(self._end)
@@ -174,3 +178,14 @@ class ClassPredictionsJSON(ClassPredictionsCSV):
         with atomic_path(path) as partial:
             partial.write_text("[" + "".join(("," if i else "") + "\n" + json.dumps(row) for i, row in enumerate(rows)) + "\n]\n")
         return len(rows)
+
+
+class ClassPredictionsJSON(JSONRows):
+    """``{"id", "classes", "probs"[, "class_names"]}`` per sample, as :class:`JSONRows`."""
+
+    def __init__(self, path: str | os.PathLike, class_names: list[str] | None = None) -> None:
+        self.class_names = class_names
+        super().__init__(path)
+
+    def rows(self, prediction: dict[str, Any]) -> list[dict[str, Any]]:
+        return class_rows(prediction, self.class_names)

@@ -50,6 +50,7 @@ REPRODUCE_TARGETS = [
     "reproduce-argoverse2-vectornet-llama",
     "reproduce-argoverse2-vectornet-fullmap",
     "reproduce-argoverse2-vectornet-fullmap-llama",
+    *[f"reproduce-{d}{s}" for d in ("vqav2", "flickr30k") for s in ("", "-llama")],
 ]
 
 

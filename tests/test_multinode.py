@@ -7,8 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.cli_helpers import cli_command, finish, free_port, last_checkpoint, load_checkpoint, run_cli_subprocess, start_cli_subprocess
-from tests.data.argoverse1.data import write as write_argoverse1
+from tests.cli_helpers import (
+    cli_command,
+    finish,
+    free_port,
+    last_checkpoint,
+    load_checkpoint,
+    run_cli_subprocess,
+    start_cli_subprocess,
+)
 
 
 def outputs(root: Path) -> list[str]:

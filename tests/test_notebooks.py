@@ -15,7 +15,7 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
 def test_there_are_notebooks():
     names = ["01_quick_tour.ipynb", "02_gradient_coherence.ipynb", "03_activation_maps.ipynb", "04_point_clouds.ipynb",
-             "05_motion_forecasting.ipynb", "06_backbone_options.ipynb", "07_learngenes.ipynb"]
+             "05_motion_forecasting.ipynb", "06_backbone_options.ipynb", "07_learngenes.ipynb", "08_vision_language.ipynb"]
     assert [p.name for p in NOTEBOOKS] == names
 
 

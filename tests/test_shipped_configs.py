@@ -19,16 +19,17 @@ import yaml
 from PIL import Image
 
 from frozenlm.data.augment import posterize
-from frozenlm.data.base import collate_readable
-from frozenlm.data.motion import collate_scenes
+from frozenlm.data.vision_language import VisionLanguageDataModule
 from tests.data.argoverse1.data import write as write_argoverse1
 from tests.data.argoverse2.data import write as write_argoverse2
 from tests.data.caltech256.data import write as write_caltech256
 from tests.data.cifar100.data import write as write_cifar100
+from tests.data.flickr30k.data import write as write_flickr30k
 from tests.data.imagefolder.data import write as write_imagefolder
 from tests.data.modelnet40.data import write as write_modelnet40
 from tests.data.scanobjectnn.data import write as write_scanobjectnn
 from tests.data.ssv2.data import write as write_ssv2
+from tests.data.vqav2.data import write as write_vqav2
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 FAKE_DATA = {
@@ -42,11 +43,14 @@ FAKE_DATA = {
     "frozenlm.data.ModelNet40DataModule": lambda root: write_modelnet40(root, 1, 1, points=10_000),
     "frozenlm.data.Argoverse1DataModule": write_argoverse1,
     "frozenlm.data.Argoverse2DataModule": write_argoverse2,
+    "frozenlm.data.VQAv2DataModule": write_vqav2,
+    "frozenlm.data.Flickr30kDataModule": write_flickr30k,
 }
 # Samples per distinct pipeline. DeiT's RandAugment posterized to 0 bits about once in 650 images; a
 # clip draws its RandAugment ops once for all of its 16 frames (SSv2: 2 clips a video, 8,000 frames);
-# a point cloud's sampling and augmentation are a few tensor ops on the batch (FPS is the cost).
-IMAGE_SAMPLES, VIDEO_SAMPLES, CLOUD_SAMPLES, SCENE_SAMPLES = 4000, 250, 128, 256
+# a point cloud's sampling and augmentation are a few tensor ops on the batch (FPS is the cost);
+# vision-language images are resized and cropped without random augmentation (576 px: the cost).
+IMAGE_SAMPLES, VIDEO_SAMPLES, CLOUD_SAMPLES, SCENE_SAMPLES, PAIR_SAMPLES = 4000, 250, 128, 256, 64
 
 
 def data_config(path: Path) -> dict:
@@ -90,11 +94,12 @@ def test_training_pipeline_survives_thousands_of_samples(configs, tmp_path):
     kind = "video" if data["class_path"].endswith("SSv2DataModule") else "image"
     kind = "points" if hasattr(datamodule, "random_views") else kind
     kind = "map_vectors" if hasattr(datamodule, "horizon") else kind  # motion: scenes preprocessed into the cache
+    pairs = isinstance(datamodule, VisionLanguageDataModule)
     samples, batch_size = {
-        "video": (VIDEO_SAMPLES, 4), "image": (IMAGE_SAMPLES, 64), "points": (CLOUD_SAMPLES, 32),
-        "map_vectors": (SCENE_SAMPLES, 32),
+        "video": (VIDEO_SAMPLES, 4), "image": (PAIR_SAMPLES if pairs else IMAGE_SAMPLES, 16 if pairs else 64),
+        "points": (CLOUD_SAMPLES, 32), "map_vectors": (SCENE_SAMPLES, 32),
     }[kind]  # fmt: skip
-    collate = collate_scenes if kind == "map_vectors" else collate_readable
+    collate = datamodule.collate_fn
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
     batch = []
     for i in range(samples):

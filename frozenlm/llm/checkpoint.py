@@ -41,7 +41,7 @@ class LMCheckpoint:
     def __init__(self, source: str, revision: str | None = None) -> None:
         self.source = str(source)
         self.revision = revision
-        self.folder = _local_folder(self.source)
+        self.folder = local_folder(self.source)
         self._hub_files: set[str] | None = None
         self.config = self._load_config()
         self.weight_map = self._load_weight_map()
@@ -153,7 +153,7 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def _local_folder(source: str) -> Path | None:
+def local_folder(source: str) -> Path | None:
     """The local folder a source names, or None for a hub id."""
     if source.startswith(PACKAGE_PREFIX):
         package, _, subdir = source[len(PACKAGE_PREFIX) :].partition("/")

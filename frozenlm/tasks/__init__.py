@@ -6,5 +6,16 @@ from frozenlm.tasks.image import ImageClassifier
 from frozenlm.tasks.motion import MotionForecaster
 from frozenlm.tasks.pointcloud import PointCloudClassifier
 from frozenlm.tasks.video import VideoClassifier
+from frozenlm.tasks.vision_language import ImageTextRetrieval, VisionLanguageTask, VisualQuestionAnswering
 
-__all__ = ["BaseTask", "ClassificationTask", "ImageClassifier", "MotionForecaster", "PointCloudClassifier", "VideoClassifier"]
+__all__ = [
+    "BaseTask",
+    "ClassificationTask",
+    "ImageClassifier",
+    "ImageTextRetrieval",
+    "MotionForecaster",
+    "PointCloudClassifier",
+    "VideoClassifier",
+    "VisionLanguageTask",
+    "VisualQuestionAnswering",
+]

@@ -50,6 +50,7 @@ class BaseTask(lightning.LightningModule):
             (VideoMAE's fine-tuning does; DeiT does not).
         schedule_interval: ``step``: warmup and cosine advance every optimizer step (DeiT here);
             ``epoch``: once per epoch, warmup in whole epochs (Point-BERT's recipe).
+        betas: Adam(W)'s betas; None for the optimizer's default (0.9, 0.999).
         max_nonfinite_steps: training steps whose loss is NaN or infinite that are skipped (no update;
             counted as ``train/nonfinite_steps_skipped``) before the run stops with
             :class:`NonFiniteLossError`; 0 stops at the first. The weights are never updated from such
@@ -73,6 +74,7 @@ class BaseTask(lightning.LightningModule):
         scale_min_lr: bool = False,
         schedule_interval: str = "step",
         max_nonfinite_steps: int = 0,
+        betas: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         if schedule_interval not in ("step", "epoch"):
@@ -126,7 +128,7 @@ class BaseTask(lightning.LightningModule):
         floor_scale = scale if hp.scale_min_lr else 1.0
         optimizer = create_optimizer_v2(
             self.optimizer_parameters(lr, hp.weight_decay), opt=hp.optimizer, lr=lr, weight_decay=hp.weight_decay,
-            layer_decay=hp.layer_decay,
+            layer_decay=hp.layer_decay, **({"betas": tuple(hp.betas)} if hp.get("betas") else {}),
         )  # fmt: skip
         # Scheduled per optimizer step or per epoch. Setting up the train loader creates its first
         # iterator, so this is where the first epoch of the fit is seeded (see `_reseed`). Lightning skips

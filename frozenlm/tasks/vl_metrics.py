@@ -1,0 +1,71 @@
+"""Vision-language metrics: the official VQA accuracy and image-text retrieval recall.
+
+VQA accuracy follows the VQA challenge's evaluation script (Antol et al. / Goyal et al.): the predicted
+answer is normalised (punctuation, number words to digits, articles dropped, contractions restored);
+the ten human answers are normalised for punctuation only, and only when they are not all identical
+(the script's behaviour, kept); a question scores the mean over the ten leave-one-out subsets of nine
+answers of ``min(#matches / 3, 1)``. Accuracies are reported per answer type (yes/no, number, other)
+and overall, as fractions (the challenge prints percentages).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from frozenlm.data.vqa_answers import ANSWER_TYPES, normalize_answer, normalize_punctuation
+
+
+def vqa_accuracy(predicted: str, answers: list[str]) -> float:
+    """One question's official accuracy: the mean over leave-one-out subsets of ``min(matches / 3, 1)``."""
+    predicted = normalize_answer(predicted)
+    answers = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
+    if len(set(answers)) > 1:
+        answers = [normalize_punctuation(a) for a in answers]
+    matches = sum(a == predicted for a in answers)
+    # Leaving out answer i removes one match exactly when answer i matches.
+    return sum(min(1.0, (matches - (a == predicted)) / 3) for a in answers) / len(answers)
+
+
+class VQAAccuracy(Metric):
+    """The official VQA accuracy, overall and per answer type; exact under DDP (sums of per-question scores).
+
+    ``update(predicted, answers, answer_types)``: predicted answer strings, each question's human answers
+    (ten in VQAv2) and its answer type. ``compute()``: ``{"overall", "yes/no", "number", "other"}``.
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("scores", default=torch.zeros(len(ANSWER_TYPES) + 1, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("counts", default=torch.zeros(len(ANSWER_TYPES) + 1, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, predicted: list[str], answers: list[list[str]], answer_types: list[str]) -> None:
+        for prediction, human, kind in zip(predicted, answers, answer_types):
+            score = vqa_accuracy(prediction, human)
+            for index in (0, 1 + ANSWER_TYPES.index(kind)) if kind in ANSWER_TYPES else (0,):
+                self.scores[index] += score
+                self.counts[index] += 1
+
+    def compute(self) -> dict[str, Tensor]:
+        accuracy = (self.scores / self.counts.clamp_min(1)).float()
+        return dict(zip(("overall", *ANSWER_TYPES), accuracy))
+
+
+def retrieval_recalls(scores: Tensor, text_images: Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, Tensor]:
+    """Recall@k of image-text retrieval from the all-pairs ``scores [images, texts]``.
+
+    ``text_images [texts]`` is each text's image. Image-to-text (``tr_r<k>``): an image counts when any of
+    its texts is among its ``k`` best-scored texts; text-to-image (``ir_r<k>``): a text counts when its image
+    is among its ``k`` best-scored images (``topk`` ranks, as METER).
+    """
+    images = torch.arange(len(scores), device=scores.device)
+    recalls = {}
+    for k in ks:
+        top_texts = scores.topk(min(k, scores.shape[1]), dim=1).indices  # [images, k]
+        recalls[f"tr_r{k}"] = (text_images[top_texts] == images[:, None]).any(dim=1).float().mean()
+        top_images = scores.topk(min(k, scores.shape[0]), dim=0).indices  # [k, texts]
+        recalls[f"ir_r{k}"] = (top_images == text_images[None, :]).any(dim=0).float().mean()
+    return recalls

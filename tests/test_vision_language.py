@@ -1,0 +1,370 @@
+"""Vision-language: METER with a frozen LM block after fusion, VQAv2 and Flickr30k in their official layouts,
+the official VQA accuracy, retrieval recall, and the CLI paths (fit / validate / test / predict, 1 and 2
+processes) on tiny towers and data the tests write."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from frozenlm.data import Flickr30kDataModule, VQAv2DataModule
+from frozenlm.data.base import DatasetFileError, DatasetNotFoundError
+from frozenlm.data.vqa_answers import normalize_answer
+from frozenlm.data.vqav2 import soft_score
+from frozenlm.models.meter import TowerLoadError
+from frozenlm.tasks import VisualQuestionAnswering
+from frozenlm.tasks.vl_metrics import VQAAccuracy, retrieval_recalls, vqa_accuracy
+from frozenlm.trainer_cli import ConfigurationError
+from tests.cli_helpers import last_checkpoint, load_checkpoint, run_cli, run_cli_subprocess
+from tests.data.flickr30k.data import TEMPLATES
+from tests.data.flickr30k.data import write as write_flickr30k
+from tests.data.meter.towers import write as write_towers
+from tests.data.vqav2.data import write as write_vqav2
+
+TINY = {"img_size": 32, "fusion_layers": 2, "fusion_hidden": 32, "fusion_heads": 2}
+DDP = ["--trainer.strategy", "ddp", "--trainer.accelerator", "cpu", "--trainer.devices", "2"]
+
+
+@pytest.fixture(scope="session")
+def towers(tmp_path_factory) -> tuple[Path, Path]:
+    texts = [t.format(colour="red", shape="square") for t in TEMPLATES] + ["What color is the circle? How many squares?"]
+    return write_towers(tmp_path_factory.mktemp("towers"), texts)
+
+
+@pytest.fixture(scope="session")
+def vqa_root(tmp_path_factory) -> Path:
+    """12 train, 6 val (18 questions), 3 test-dev images, 3 questions each. Copy it before editing."""
+    return write_vqav2(tmp_path_factory.mktemp("vqav2"))
+
+
+@pytest.fixture(scope="session")
+def flickr_root(tmp_path_factory) -> Path:
+    """8 train, 4 val, 5 test images, 5 captions each. Copy it before editing."""
+    return write_flickr30k(tmp_path_factory.mktemp("flickr30k"))
+
+
+def vqa_data(root: Path, **kwargs) -> VQAv2DataModule:
+    return VQAv2DataModule(root, batch_size=4, img_size=32, min_answer_count=2, num_workers=0, **kwargs)
+
+
+def tower_args(towers, llama=None) -> list[str]:
+    args = ["--model.vision_checkpoint", str(towers[0]), "--model.text_checkpoint", str(towers[1])]
+    return args + (["--model.llm.checkpoint", str(llama)] if llama else ["--model.llm", "null"])
+
+
+# -- the official VQA accuracy ------------------------------------------------------------------
+def test_answers_are_normalised_as_the_official_evaluation():
+    assert normalize_answer("Two") == "2"
+    assert normalize_answer("the dog.") == "dog"
+    assert normalize_answer("dont know") == "don't know"
+    assert normalize_answer("1,000") == "1000"  # a comma between digits: punctuation is deleted
+    assert normalize_answer("black-and-white") == "black and white"  # otherwise replaced by a space
+    assert normalize_answer("3.5") == "3.5"  # a period before a digit stays
+    assert normalize_answer(" yes\n") == "yes"
+
+
+def test_vqa_accuracy_matches_hand_computed_cases():
+    assert vqa_accuracy("yes", ["yes"] * 10) == 1.0
+    # 2 of 10 said "2": each leave-one-out subset has 2 matches (-> 2/3) unless it leaves a match out (1/3).
+    answers = ["2", "2"] + ["3"] * 8
+    assert vqa_accuracy("two", answers) == pytest.approx((8 * 2 / 3 + 2 * 1 / 3) / 10)
+    # 3 matches: subsets keep 3 (-> 1) or 2 (-> 2/3).
+    assert vqa_accuracy("red", ["red"] * 3 + ["blue"] * 7) == pytest.approx((7 * 1 + 3 * 2 / 3) / 10)
+    assert vqa_accuracy("green", ["red"] * 3 + ["blue"] * 7) == 0.0
+    # Human answers are normalised for punctuation only, and only when they differ: "Yes" never matches.
+    assert vqa_accuracy("yes", ["Yes"] * 10) == 0.0
+    assert vqa_accuracy("black and white", ["black-and-white"] * 4 + ["no"] * 6) == 1.0
+    assert vqa_accuracy("yes", ["yes!"] * 4 + ["no"] * 6) == 0.0  # sic: "yes!" becomes "yes " (not stripped)
+
+
+def test_the_metric_reports_each_answer_type_and_sums_exactly():
+    metric = VQAAccuracy()
+    metric.update(["yes", "2"], [["yes"] * 10, ["2", "2"] + ["3"] * 8], ["yes/no", "number"])
+    metric.update(["red"], [["blue"] * 10], ["other"])
+    values = metric.compute()
+    assert values["yes/no"] == 1.0 and values["other"] == 0.0
+    assert values["number"] == pytest.approx(0.6)
+    assert values["overall"] == pytest.approx((1.0 + 0.6 + 0.0) / 3)
+
+
+# -- retrieval recall -----------------------------------------------------------------------------
+def brute_force_recalls(scores: torch.Tensor, owners: torch.Tensor, k: int) -> tuple[float, float]:
+    image_hits = 0
+    for image, row in enumerate(scores.tolist()):
+        ranked = sorted(range(len(row)), key=lambda t: -row[t])[:k]
+        image_hits += any(owners[t] == image for t in ranked)
+    text_hits = 0
+    for text in range(scores.shape[1]):
+        column = scores[:, text].tolist()
+        ranked = sorted(range(len(column)), key=lambda i: -column[i])[:k]
+        text_hits += int(owners[text]) in ranked
+    return image_hits / len(scores), text_hits / scores.shape[1]
+
+
+def test_recall_matches_brute_force():
+    generator = torch.Generator().manual_seed(0)
+    owners = torch.arange(7).repeat_interleave(5)
+    scores = torch.randn(7, 35, generator=generator)
+    scores[torch.arange(35) % 7, torch.arange(35)] += 1.0  # some signal
+    recalls = retrieval_recalls(scores, owners, ks=(1, 2, 5))
+    for k in (1, 2, 5):
+        tr, ir = brute_force_recalls(scores, owners, k)
+        assert recalls[f"tr_r{k}"].item() == pytest.approx(tr) and recalls[f"ir_r{k}"].item() == pytest.approx(ir)
+
+
+# -- data ---------------------------------------------------------------------------------------
+def test_vqav2_reads_the_official_files(vqa_root, tmp_path):
+    data = vqa_data(vqa_root, cache_dir=tmp_path / "cache")
+    assert data.num_classes == len(data.answers) and "yes" in data.answers and "2" in data.answers
+    assert "two" not in data.answers  # normalised
+    assert len(list((tmp_path / "cache").glob("vqav2_answers_*.json"))) == 1  # cached
+    assert vqa_data(vqa_root, cache_dir=tmp_path / "cache").answers == data.answers
+    sample = data.dataset("val")[1]  # "Is there a ...?"
+    assert sample["image"].shape == (3, 32, 32) and sample["answer_type"] == "yes/no" and len(sample["answers"]) == 10
+    yes = sum(normalize_answer(a) == "yes" for a in sample["answers"])
+    assert sample["targets"][data.answer_index["yes"]] == pytest.approx(soft_score(yes))
+    assert [soft_score(n) for n in range(6)] == pytest.approx([0, 0.3, 0.6, 0.9, 1.0, 1.0])
+    assert len(data.split_questions("train")) == 36 and len(data.split_questions("val")) == 18
+    assert len(data.split_questions("predict")) == 9 and data.dataset("predict")[0]["answers"] == []
+    # METER's split: train on train + val, hold the last questions of val out as the validation split.
+    held = vqa_data(vqa_root, cache_dir=tmp_path / "c2", train_splits=["train2014", "val2014"], holdout=5)
+    val_ids = {q.question_id for q in held.split_questions("val")}
+    assert len(val_ids) == 5 and len(held.split_questions("train")) == 36 + 13
+    assert not val_ids & {q.question_id for q in held.split_questions("train")}
+
+
+def test_vqav2_errors_name_the_file_and_the_fix(vqa_root, tmp_path):
+    root = Path(shutil.copytree(vqa_root, tmp_path / "vqa"))
+    (root / "v2_mscoco_train2014_annotations.json").unlink()
+    with pytest.raises(DatasetNotFoundError, match="v2_mscoco_train2014_annotations.json.*visualqa.org"):
+        vqa_data(root)
+    shutil.copy(vqa_root / "v2_mscoco_train2014_annotations.json", root)
+    (root / "v2_OpenEnded_mscoco_val2014_questions.json").write_text('{"questions": [')
+    with pytest.raises(DatasetFileError, match="v2_OpenEnded_mscoco_val2014_questions.json is not valid JSON"):
+        vqa_data(root).split_questions("val")
+    questions = json.loads((vqa_root / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())
+    questions["questions"].append({"image_id": 1, "question": "Why?", "question_id": 999})
+    (root / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps(questions))
+    with pytest.raises(DatasetFileError, match="no annotation of question 999"):
+        vqa_data(root).split_questions("val")
+    with pytest.raises(DatasetNotFoundError, match="is not a directory"):
+        vqa_data(tmp_path / "nowhere")
+
+
+def test_an_unreadable_image_drops_its_question_and_is_named(vqa_root, tmp_path):
+    root = Path(shutil.copytree(vqa_root, tmp_path / "vqa"))
+    broken = sorted((root / "val2014").glob("*.jpg"))[0]
+    broken.write_bytes(b"not a jpeg")
+    data = vqa_data(root)
+    batch = next(iter(data._loader(data.dataset("val"))))
+    # The image's three questions are dropped, the fourth of the batch stays.
+    assert len(batch["question_id"]) == 1 and len(batch["unreadable"]) == 3
+    assert all(broken.name in entry for entry in batch["unreadable"])
+
+
+def test_flickr30k_reads_karpathys_splits_and_draws_negatives_of_other_images(flickr_root, tmp_path):
+    data = Flickr30kDataModule(flickr_root, batch_size=2, img_size=32, negatives=3, num_workers=0)
+    assert [len(data.splits[s]) for s in ("train", "val", "test")] == [8, 4, 5]
+    texts, owners = data.captions("test")
+    assert len(texts) == 25 and owners.tolist() == [i for i in range(5) for _ in range(5)]
+    pairs = data.train_dataloader().dataset
+    sample = pairs[7]  # image 1, caption 2
+    image_captions = set(data.splits["train"][1].captions)
+    assert sample["texts"][0] == data.splits["train"][1].captions[2] and len(sample["texts"]) == 4
+    own = {c for c in sample["texts"][1:] if c in image_captions}
+    others = {c for i, img in enumerate(data.splits["train"]) if i != 1 for c in img.captions}
+    assert all(c in others for c in sample["texts"][1:]) and not own - others
+    root = Path(shutil.copytree(flickr_root, tmp_path / "f30k"))
+    annotations = json.loads((root / "dataset_flickr30k.json").read_text())
+    del annotations["images"][0]["sentences"]
+    (root / "dataset_flickr30k.json").write_text(json.dumps(annotations))
+    with pytest.raises(DatasetFileError, match="dataset_flickr30k.json is not in Karpathy's format"):
+        Flickr30kDataModule(root, img_size=32)
+    shutil.rmtree(root / "flickr30k-images")
+    with pytest.raises(DatasetNotFoundError, match="flickr30k-images"):
+        Flickr30kDataModule(root, img_size=32)
+
+
+# -- model --------------------------------------------------------------------------------------
+def test_towers_that_cannot_load_are_named(towers, tiny_llama_checkpoint, tmp_path):
+    with pytest.raises(TowerLoadError, match="--model.vision_checkpoint.*nowhere.*openai/clip-vit-base-patch32"):
+        VisualQuestionAnswering(str(tmp_path / "nowhere"), str(towers[1]), num_classes=5, **TINY)
+    with pytest.raises(TowerLoadError, match="--model.vision_checkpoint"):
+        VisualQuestionAnswering(str(tiny_llama_checkpoint), str(towers[1]), num_classes=5, **TINY)
+
+
+def test_text_padding_changes_nothing_with_the_block_on_text_and_image_tokens(towers, tiny_llama_checkpoint, vqa_root):
+    model = VisualQuestionAnswering(str(towers[0]), str(towers[1]), num_classes=5, llm_tokens="all", **TINY,
+                                    llm={"checkpoint": str(tiny_llama_checkpoint)}).eval()  # fmt: skip
+    images = torch.randn(2, 3, 32, 32)
+    short, long = "Is it red?", "What color is the circle in the middle of the picture on the left?"
+    with torch.no_grad():
+        alone = model.head(model(images[:1], [short]))
+        padded = model.head(model(images, [short, long]))
+    assert model.tokenize([short, long])[1][0].eq(0).any()  # the short question was padded
+    torch.testing.assert_close(alone[0], padded[0], atol=1e-5, rtol=1e-5)
+
+
+def test_optimizer_groups_follow_meters_multipliers(towers, tiny_llama_checkpoint):
+    model = VisualQuestionAnswering(str(towers[0]), str(towers[1]), num_classes=5, llm={"checkpoint": str(tiny_llama_checkpoint)},
+                                    head_lr_mult=50, fusion_lr_mult=5, llm_lr_mult=10, **TINY)  # fmt: skip
+    groups = model.optimizer_parameters(lr=1e-5, weight_decay=0.01)
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["head.0.weight"])] == (pytest.approx(5e-4), 0.01)
+    assert lr_of[id(named["head.0.bias"])] == (pytest.approx(5e-4), 0.0)
+    assert lr_of[id(named["meter.text_layers.0.self_attn.in_proj_weight"])][0] == pytest.approx(5e-5)
+    assert lr_of[id(named["meter.vision.embeddings.patch_embedding.weight"])][0] == pytest.approx(1e-5)
+    assert lr_of[id(named["meter.text.embeddings.word_embeddings.weight"])][0] == pytest.approx(1e-5)
+    adapters = [n for n in named if n.startswith("llm_block.") and named[n].requires_grad]
+    assert adapters and all(lr_of[id(named[n])][0] == pytest.approx(1e-4) for n in adapters)
+    frozen = [p for n, p in named.items() if n.startswith("llm_block.layers.")]
+    assert frozen and not any(id(p) in lr_of for p in frozen)
+
+
+def test_gcr_trains_an_auxiliary_branch_and_evaluates_without_it(towers, tiny_llama_checkpoint, vqa_root):
+    data = vqa_data(vqa_root)
+    model = VisualQuestionAnswering(str(towers[0]), str(towers[1]), num_classes=data.num_classes, **TINY,
+                                    llm={"checkpoint": str(tiny_llama_checkpoint), "mode": "auxiliary"})  # fmt: skip
+    batch = next(iter(data._loader(data.dataset("val"))))
+    calls = []
+    model.llm_block.register_forward_hook(lambda *args: calls.append(1))
+    logits, aux_logits = model.head_logits(batch)
+    assert calls and aux_logits is not None and aux_logits.shape == logits.shape
+    model.aux_head.zero_grad()
+    model.loss(aux_logits, batch["targets"]).backward()
+    assert model.aux_head[0].weight.grad.abs().sum() > 0
+    model.eval()
+    calls.clear()
+    with torch.no_grad():
+        assert model.head_logits(batch)[1] is None and not calls
+
+
+# -- through the CLI ------------------------------------------------------------------------------
+def test_vqa_fit_test_and_predict_through_the_cli(towers, tiny_llama_checkpoint, vqa_root, tmp_path):
+    args = ["--data.root", str(vqa_root), *tower_args(towers, tiny_llama_checkpoint)]
+    fit = run_cli("fit", "vqa_llama", tmp_path, *args)
+    checkpoint = last_checkpoint(tmp_path)
+    stored = load_checkpoint(checkpoint)
+    assert stored["vqa_answers"] == fit.datamodule.answers
+    assert not any(k.startswith("llm_block.layers.") for k in stored["state_dict"])  # the frozen layer is not stored
+    test = run_cli("test", "vqa_llama", tmp_path, *args, "--ckpt_path", str(checkpoint))
+    metrics = {k: float(v) for k, v in test.trainer.callback_metrics.items()}
+    assert {"test_vqa_acc", "test_vqa_acc_yesno", "test_vqa_acc_number", "test_vqa_acc_other"} <= set(metrics)
+    # The logged accuracy is the official one of the model's answers, recomputed here question by question.
+    model, data = test.model, test.datamodule
+    model.eval()
+    scores, kinds = [], []
+    with torch.no_grad():
+        for batch in data._loader(data.dataset("val")):
+            logits, _ = model.head_logits(batch)
+            for top, answers, kind in zip(logits.argmax(-1).tolist(), batch["answers"], batch["answer_type"]):
+                scores.append(vqa_accuracy(model.answers[top], answers))
+                kinds.append(kind)
+    assert metrics["test_vqa_acc"] == pytest.approx(sum(scores) / len(scores), abs=1e-6)
+    number = [s for s, k in zip(scores, kinds) if k == "number"]
+    assert metrics["test_vqa_acc_number"] == pytest.approx(sum(number) / len(number), abs=1e-6)
+    output = tmp_path / "results.json"
+    run_cli("predict", "vqa_llama", tmp_path, *args, "--ckpt_path", str(checkpoint), "--predictions.output", str(output))
+    results = json.loads(output.read_text())
+    questions = json.loads((vqa_root / "v2_OpenEnded_mscoco_test-dev2015_questions.json").read_text())["questions"]
+    assert [r["question_id"] for r in results] == sorted(q["question_id"] for q in questions)
+    assert set(results[0]) == {"question_id", "answer"} and all(r["answer"] in model.answers for r in results)
+
+
+def test_a_checkpoint_refuses_another_answer_vocabulary(towers, vqa_root, tmp_path):
+    args = ["--data.root", str(vqa_root), *tower_args(towers), "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1"]
+    run_cli("fit", "vqa_llama", tmp_path, *args)
+    with pytest.raises((ConfigurationError, ValueError, RuntimeError), match="answer vocabulary differs"):
+        run_cli("validate", "vqa_llama", tmp_path, *args, "--data.min_answer_count", "1", "--model.num_classes", "20",
+                "--ckpt_path", str(last_checkpoint(tmp_path)))  # fmt: skip
+
+
+def test_retrieval_fit_test_and_predict_through_the_cli(towers, tiny_llama_checkpoint, flickr_root, tmp_path):
+    args = ["--data.root", str(flickr_root), *tower_args(towers, tiny_llama_checkpoint), "--model.llm_tokens", "all"]
+    run_cli("fit", "retrieval_llama", tmp_path, *args)
+    checkpoint = last_checkpoint(tmp_path)
+    test = run_cli("test", "retrieval_llama", tmp_path, *args, "--ckpt_path", str(checkpoint))
+    metrics = {k: float(v) for k, v in test.trainer.callback_metrics.items()}
+    # Recall against brute force: every image x caption pair scored one at a time through the model.
+    model, data = test.model.eval(), test.datamodule
+    texts, owners = data.captions("test")
+    with torch.no_grad():
+        images = torch.stack([data.test_dataloader().dataset[i]["image"] for i in range(5)])
+        scores = torch.stack([
+            torch.cat([model.itm_head(model(images[i : i + 1], [t])) for t in texts]).squeeze(-1) for i in range(5)
+        ])  # fmt: skip
+    for k in (1, 5, 10):
+        tr, ir = brute_force_recalls(scores, owners, k)
+        assert metrics[f"test_tr_r{k}"] == pytest.approx(tr) and metrics[f"test_ir_r{k}"] == pytest.approx(ir)
+    output = tmp_path / "rankings.json"
+    run_cli("predict", "retrieval_llama", tmp_path, *args, "--ckpt_path", str(checkpoint), "--predictions.output", str(output))
+    rankings = json.loads(output.read_text())
+    assert [r["image"] for r in rankings] == [p.name for p, _ in data.splits["test"]]
+    best = scores.argmax(dim=1).tolist()
+    assert [r["captions"][0] for r in rankings] == [texts[b] for b in best]
+
+
+def test_retrieval_on_part_of_a_split_says_so_and_scores_the_part(towers, flickr_root, tmp_path):
+    args = ["--data.root", str(flickr_root), *tower_args(towers), "--data.batch_size", "2"]
+    with pytest.warns(UserWarning, match="recall over the 2 scored images of 4"):
+        validate = run_cli("validate", "retrieval_llama", tmp_path, *args, "--trainer.limit_val_batches", "1")
+    model, data = validate.model.eval(), validate.datamodule
+    texts, owners = data.captions("val")
+    with torch.no_grad():
+        images = torch.stack([data.val_dataloader().dataset[i]["image"] for i in range(2)])
+        model._captions = (texts, owners, *_encoded(model, texts))
+        scores = model.score_images(images)[:, :10]  # the two images' own captions only
+    tr, ir = brute_force_recalls(scores, owners[:10], 1)
+    metrics = validate.trainer.callback_metrics
+    assert float(metrics["val_tr_r1"]) == pytest.approx(tr) and float(metrics["val_ir_r1"]) == pytest.approx(ir)
+
+
+def _encoded(model, texts):
+    input_ids, attention_mask = model.tokenize(texts)
+    return model.meter.encode_text(input_ids, attention_mask), attention_mask == 0
+
+
+def test_an_unreadable_evaluation_image_stops_retrieval(towers, flickr_root, tmp_path):
+    root = Path(shutil.copytree(flickr_root, tmp_path / "f30k"))
+    broken = root / "flickr30k-images" / Flickr30kDataModule(root, img_size=32).splits["val"][0].path.name
+    Image.new("RGB", (4, 4)).save(broken)
+    broken.write_bytes(broken.read_bytes()[:20])
+    with pytest.raises(DatasetFileError, match="Unreadable evaluation image"):
+        # Even where the fraction allowed for training would let it pass.
+        run_cli("validate", "retrieval_llama", tmp_path, "--data.root", str(root), *tower_args(towers),
+                "--data.max_unreadable_fraction", "1")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_processes_score_each_question_and_image_once(towers, tiny_llama_checkpoint, vqa_root, flickr_root, tmp_path):
+    """VQA on 18 val questions and retrieval on 5 test images: the metrics and predictions of 2 processes are
+    those of 1 (neither split divides evenly over 2 with these batches)."""
+    for config, root, names in (("vqa_llama", vqa_root, ("test_vqa_acc", "test_vqa_acc_other", "test_loss")),
+                                ("retrieval_llama", flickr_root, ("test_ir_r1", "test_tr_r1", "test_r_mean"))):  # fmt: skip
+        args = ["--data.root", str(root), *tower_args(towers, tiny_llama_checkpoint)]
+        run_cli("fit", config, tmp_path / config, *args, "--trainer.limit_train_batches", "2")
+        checkpoint = str(last_checkpoint(tmp_path / config))
+        dump = ["--trainer.callbacks+=tests.cli_helpers.DumpMetrics", "--ckpt_path", checkpoint]
+        run_cli("test", config, tmp_path / config / "p1", *args, *dump, "--trainer.callbacks.path", str(tmp_path / config / "m1.json"))
+        result = run_cli_subprocess("test", config, tmp_path / config / "p2", *args, *DDP, *dump,
+                                    "--trainer.callbacks.path", str(tmp_path / config / "m2.json"))  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        one, two = (json.loads((tmp_path / config / f"m{n}.json").read_text()) for n in (1, 2))
+        for name in names:
+            assert two[name] == pytest.approx(one[name], abs=1e-5), name
+        outputs = [tmp_path / config / f"predictions{n}.json" for n in (1, 2)]
+        run_cli("predict", config, tmp_path / config / "p1", *args, "--ckpt_path", checkpoint, "--predictions.output", str(outputs[0]))
+        result = run_cli_subprocess("predict", config, tmp_path / config / "p2", *args, *DDP, "--ckpt_path", checkpoint,
+                                    "--predictions.output", str(outputs[1]))  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        first, second = (json.loads(p.read_text()) for p in outputs)
+        key = "question_id" if config == "vqa_llama" else "image"
+        assert [r[key] for r in second] == [r[key] for r in first]
+        if config == "vqa_llama":
+            assert [r["answer"] for r in second] == [r["answer"] for r in first]
