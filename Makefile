@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= test,demo,video,robustness,pointcloud,motion,lora
+EXTRAS ?= test,demo,video,robustness,pointcloud,motion,lora,uta
 PYTEST_ARGS ?=
 
 .PHONY: install test test-slow test-all demo sweep-demo sweep-learngene-demo bench clean \
@@ -27,7 +27,8 @@ PYTEST_ARGS ?=
 	reproduce-argoverse2-vectornet reproduce-argoverse2-vectornet-llama \
 	reproduce-argoverse2-vectornet-fullmap reproduce-argoverse2-vectornet-fullmap-llama \
 	reproduce-imagenet-learngene reproduce-imagenet-learngene-ict reproduce-imagenet-tleg-auxs \
-	reproduce-vqav2 reproduce-vqav2-llama reproduce-flickr30k reproduce-flickr30k-llama
+	reproduce-vqav2 reproduce-vqav2-llama reproduce-flickr30k reproduce-flickr30k-llama \
+	reproduce-uta-pretrain reproduce-uta-zeroshot reproduce-uta-finetune
 
 $(BIN)/frozenlm: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +82,9 @@ ARGOVERSE1 ?= data/argoverse1
 ARGOVERSE2 ?= data/argoverse2
 VQAV2 ?= data/vqav2
 FLICKR30K ?= data/flickr30k
+IMAGENET21K ?= data/imagenet21k
+UTA_CHECKPOINT ?= runs/imagenet21k_uta_base/version_0/checkpoints/last.ckpt
+IMAGENET_CLASSNAMES ?= data/imagenet_classnames.txt
 ARGS ?=
 FIT := $(BIN)/frozenlm fit
 RESULTS = @echo "Results: TensorBoard logs and checkpoints under runs/$(1)/ (tensorboard --logdir runs)"
@@ -228,6 +232,20 @@ reproduce-vqav2 reproduce-flickr30k: reproduce-%: $(BIN)/frozenlm
 reproduce-vqav2-llama reproduce-flickr30k-llama: reproduce-%-llama: $(BIN)/frozenlm
 	$(FIT) --config configs/$*_meter_llama.yaml --model.llm.checkpoint $(LLAMA) --data.root $(if $(filter vqav2,$*),$(VQAV2),$(FLICKR30K)) $(ARGS)
 	$(call RESULTS,$*_meter_llama)
+
+# UTA (Liu et al., TMLR 2024): pretrain a ViT-B/16 against a frozen CLIP on ImageNet-21K, then zero-shot
+# on ImageNet-1k (IMAGENET_CLASSNAMES: one name per class, in wnid order) and fine-tune from it.
+reproduce-uta-pretrain: $(BIN)/frozenlm
+	$(FIT) --config configs/imagenet21k_uta_base.yaml --data.root $(IMAGENET21K) $(ARGS)
+	$(call RESULTS,imagenet21k_uta_base)
+
+reproduce-uta-zeroshot: $(BIN)/frozenlm
+	$(BIN)/frozenlm test --config configs/imagenet_uta_base_zeroshot.yaml --data.root $(IMAGENET) --model.zeroshot_class_names $(IMAGENET_CLASSNAMES) --ckpt_path $(UTA_CHECKPOINT) $(ARGS)
+	$(call RESULTS,imagenet_uta_base_zeroshot)
+
+reproduce-uta-finetune: $(BIN)/frozenlm
+	$(FIT) --config configs/imagenet_uta_base_finetune.yaml --data.root $(IMAGENET) --model.init_from $(UTA_CHECKPOINT) $(ARGS)
+	$(call RESULTS,imagenet_uta_base_finetune)
 
 clean:
 	rm -rf $(VENV) lightning_logs runs .pytest_cache *.egg-info

@@ -51,6 +51,7 @@ REPRODUCE_TARGETS = [
     "reproduce-argoverse2-vectornet-fullmap",
     "reproduce-argoverse2-vectornet-fullmap-llama",
     *[f"reproduce-{d}{s}" for d in ("vqav2", "flickr30k") for s in ("", "-llama")],
+    "reproduce-uta-pretrain", "reproduce-uta-zeroshot", "reproduce-uta-finetune",
 ]
 
 
@@ -84,7 +85,7 @@ def test_trainer_presets_stack_on_a_config(preset, capsys):
 @pytest.mark.parametrize("target", REPRODUCE_TARGETS)
 def test_reproduce_target_command_parses(target, capsys):
     dry_run = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    commands = [line for line in dry_run.splitlines() if "frozenlm fit" in line]
+    commands = [line for line in dry_run.splitlines() if "frozenlm fit" in line or "frozenlm test" in line]
     assert commands, dry_run
     for line in commands:
         args = shlex.split(line.split("frozenlm", 1)[1])

@@ -25,6 +25,8 @@ class DigitsDataModule(ImageDataModule):
     """
 
     num_classes = 10
+    # Names, for prediction files and zero-shot prompts.
+    classes = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
     def __init__(
         self,

@@ -112,6 +112,7 @@ class Flickr30kDataModule(VisionLanguageDataModule):
     ) -> None:
         super().__init__(root, batch_size, num_workers, pin_memory, max_unreadable_fraction, DOWNLOAD_HINT)
         self.negatives = negatives
+        self.mean, self.std = mean, std  # what a model undoing the normalisation reads
         self.transform = clip_transform(img_size, mean, std)
         self.splits = self.read_splits()
 

@@ -149,6 +149,7 @@ class VQAv2DataModule(VisionLanguageDataModule):
         self.predict_split = predict_split
         self.min_answer_count = min_answer_count
         self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / "frozenlm_cache"
+        self.mean, self.std = mean, std  # what a model undoing the normalisation reads
         self.transform = clip_transform(img_size, mean, std)
         self.answers = self.answer_vocabulary()
         self.answer_index = {answer: i for i, answer in enumerate(self.answers)}

@@ -5,6 +5,7 @@ from frozenlm.tasks.classification import ClassificationTask
 from frozenlm.tasks.image import ImageClassifier
 from frozenlm.tasks.motion import MotionForecaster
 from frozenlm.tasks.pointcloud import PointCloudClassifier
+from frozenlm.tasks.uta import UnmaskedTokenAlignment
 from frozenlm.tasks.video import VideoClassifier
 from frozenlm.tasks.vision_language import ImageTextRetrieval, VisionLanguageTask, VisualQuestionAnswering
 
@@ -15,6 +16,7 @@ __all__ = [
     "ImageTextRetrieval",
     "MotionForecaster",
     "PointCloudClassifier",
+    "UnmaskedTokenAlignment",
     "VideoClassifier",
     "VisionLanguageTask",
     "VisualQuestionAnswering",

@@ -49,7 +49,8 @@ class ImageClassifier(ClassificationTask):
             :class:`frozenlm.models.learngene.LearngeneConfig`); None for an ordinary ViT.
         init_from: start from these weights (a frozenlm ``.ckpt``, or a ``.safetensors`` from ``frozenlm
             recompose`` / ``frozenlm export``); the LM block's adapters, the auxiliary head and genes
-            the file lacks keep their initialisation. Not stored in checkpoints (their weights are).
+            the file lacks keep their initialisation. A UTA checkpoint (:class:`frozenlm.tasks.UnmaskedTokenAlignment`)
+            gives its student's trunk; the classification head starts fresh. Not stored in checkpoints (their weights are).
             A decomposed model's weights start a plain ViT of this model's depth from its genes (as
             ``frozenlm recompose`` would), or a decomposed one with its first genes.
         init_genes: with a decomposed ``init_from``: use its first this many genes (None: all).
@@ -101,6 +102,9 @@ class ImageClassifier(ClassificationTask):
         if init_from is not None:
             state, stored = read_weights(init_from)
             optional = ("llm_block.", "aux_", "learngenes.genes.")
+            if "teacher" in stored:  # a UTA pretraining checkpoint: its student's trunk; the head starts fresh
+                state = {k: v for k, v in state.items() if k.startswith(("backbone.", "llm_block."))}
+                optional += ("backbone.head.",)
             load_initial_weights(self, self.from_genes(state, stored, init_genes, init_from), init_from, optional)
 
     def from_genes(self, state: dict[str, torch.Tensor], stored: dict[str, Any], count: int | None, source: str) -> dict:

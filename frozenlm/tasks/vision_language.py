@@ -15,7 +15,6 @@ adapters 10x the image encoder's lr).
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from frozenlm.llm.checkpoint import local_folder
 from frozenlm.models.meter import METER, init_bert_weights
 from frozenlm.predictions import JSONRows, PredictionFile
 from frozenlm.tasks.base import BaseTask
-from frozenlm.tasks.vl_metrics import VQAAccuracy, retrieval_recalls
+from frozenlm.tasks.vl_metrics import VQAAccuracy, split_recalls
 
 # Parameter-name prefixes of METER's cross-modal part (its "cross_modal_*" modules).
 FUSION_PREFIXES = ("meter.text_layers", "meter.image_layers", "meter.text_pooler", "meter.image_pooler",
@@ -427,35 +426,17 @@ class ImageTextRetrieval(VisionLanguageTask):
         self._rows.append((index.to(self.device), scores))
         return scores
 
-    def _finish_evaluation(self, stage: str) -> Tensor:
-        """The split's score matrix ``[images, texts]`` from every process's rows, and its recalls logged.
-
-        When only some images were scored (``limit_val_batches``, the sanity check), the recalls are those of
-        the scored images and their captions, said in a warning.
-        """
+    def _finish_evaluation(self, stage: str) -> None:
+        """Recalls of the split from every process's score rows, logged."""
         texts, owners, _, _ = self._captions
         index = torch.cat([i for i, _ in self._rows])
-        scores = torch.cat([s for _, s in self._rows]).float()
+        scores = torch.cat([s for _, s in self._rows])
         self._rows = []
         if self.trainer.world_size > 1:
             index, scores = self.all_gather(index).flatten(0, 1), self.all_gather(scores).flatten(0, 1)
-        keep = index >= 0
-        index, scores = index[keep], scores[keep]
-        images = int(owners.max()) + 1
-        if len(index) < images:
-            if not self.trainer.sanity_checking:
-                warnings.warn(f"{stage} recall over the {len(index)} scored images of {images} (and their captions) only",
-                              stacklevel=2)
-            captions = torch.isin(owners, index)
-            owners = torch.searchsorted(index.sort().values, owners[captions])
-            order = index.argsort()
-            index, scores = torch.arange(len(index), device=index.device), scores[order][:, captions]
-        matrix = torch.empty_like(scores)
-        matrix[index] = scores
-        recalls = retrieval_recalls(matrix, owners)
+        recalls = split_recalls(index, scores, owners, stage, warn=not self.trainer.sanity_checking)
         recalls["r_mean"] = torch.stack(list(recalls.values())).mean()
         self.log_dict({f"{stage}_{k}": v for k, v in recalls.items()}, prog_bar=stage == "val")
-        return matrix
 
     def on_validation_epoch_start(self) -> None:
         self._start_evaluation("val")

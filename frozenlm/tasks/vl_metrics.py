@@ -10,6 +10,8 @@ and overall, as fractions (the challenge prints percentages).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -69,3 +71,27 @@ def retrieval_recalls(scores: Tensor, text_images: Tensor, ks: tuple[int, ...] =
         top_images = scores.topk(min(k, scores.shape[0]), dim=0).indices  # [k, texts]
         recalls[f"ir_r{k}"] = (top_images == text_images[None, :]).any(dim=0).float().mean()
     return recalls
+
+
+def split_recalls(index: Tensor, scores: Tensor, owners: Tensor, stage: str, warn: bool = True) -> dict[str, Tensor]:
+    """:func:`retrieval_recalls` of an evaluation split from its score rows as the processes gathered them.
+
+    ``index [R]`` is each row's image in the split (-1 for rows that only evened out the processes' shares),
+    ``scores [R, texts]``, ``owners [texts]`` each text's image. When only some images were scored
+    (``limit_val_batches``, the sanity check) the recalls are those of the scored images and their texts,
+    said in a warning unless ``warn`` is False.
+    """
+    keep = index >= 0
+    index, scores = index[keep], scores[keep].float()
+    images = int(owners.max()) + 1
+    if len(index) < images:
+        if warn:
+            warnings.warn(f"{stage} recall over the {len(index)} scored images of {images} (and their captions) only",
+                          stacklevel=2)  # fmt: skip
+        texts = torch.isin(owners, index)
+        order = index.argsort()
+        owners = torch.searchsorted(index[order], owners[texts])
+        index, scores = torch.arange(len(index), device=index.device), scores[order][:, texts]
+    matrix = torch.empty_like(scores)
+    matrix[index] = scores
+    return retrieval_recalls(matrix, owners)
