@@ -2,10 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= test,demo,video,robustness,pointcloud,motion,lora,uta
+EXTRAS ?= test,demo,video,robustness,pointcloud,motion,lora,uta,docs
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow test-all demo sweep-demo sweep-learngene-demo bench clean \
+.PHONY: install test test-slow test-all docs docs-serve demo sweep-demo sweep-learngene-demo bench clean \
 	reproduce-cifar100 reproduce-cifar100-baseline \
 	reproduce-imagenet-vitt reproduce-imagenet-vitt-llama \
 	reproduce-imagenet-vits reproduce-imagenet-vits-llama \
@@ -46,6 +46,14 @@ test-slow: $(BIN)/frozenlm
 
 test-all: $(BIN)/frozenlm
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The documentation site from docs/ (guides, API reference, notebooks) into site/; strict: a broken link,
+# a missing result file or a docstring that does not render fails. docs-serve rebuilds it as you edit.
+docs: $(BIN)/frozenlm
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(BIN)/frozenlm
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 demo: $(BIN)/frozenlm
 	HF_HUB_OFFLINE=1 $(BIN)/frozenlm fit --config configs/demo.yaml
@@ -248,4 +256,4 @@ reproduce-uta-finetune: $(BIN)/frozenlm
 	$(call RESULTS,imagenet_uta_base_finetune)
 
 clean:
-	rm -rf $(VENV) lightning_logs runs .pytest_cache *.egg-info
+	rm -rf $(VENV) lightning_logs runs site .pytest_cache *.egg-info

@@ -6,7 +6,7 @@ task's tiny test model is fitted briefly once, then tested from its checkpoint o
 one) and on 2 and 3 (fresh processes). Every sample must be scored exactly once, so the metrics agree
 (losses, means of floats, up to the order of the sums)::
 
-    python benchmarks/evaluation_world_sizes.py [--output metrics.json]
+    python benchmarks/evaluation_world_sizes.py [--output metrics.json] [--markdown docs/benchmarks/evaluation_world_sizes.md]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import h5py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import Report  # noqa: E402
 from tests.cli_helpers import last_checkpoint, run_cli  # noqa: E402
 from tests.data.argoverse2.data import write as write_argoverse2  # noqa: E402
 from tests.data.scanobjectnn.data import write as write_scanobjectnn  # noqa: E402
@@ -62,6 +63,7 @@ def tasks(folder: Path) -> dict[str, tuple[str, list[str], list[str]]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, help="also write the metrics as JSON here")
+    parser.add_argument("--markdown", type=Path, help="also write the table here (docs/benchmarks/ is what the docs include)")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -70,10 +72,13 @@ def main() -> None:
             run_cli("fit", config, work / "fit", *common, *fit)
             checkpoint = ["--ckpt_path", str(last_checkpoint(work / "fit"))]
             results[name] = {n: metrics_on(work, "test", config, n, *common, *checkpoint) for n in (1, 2, 3)}
-    print("| task | metric | 1 process | 2 processes | 3 processes |\n|---|---|---:|---:|---:|")
+    report = Report(args.markdown)
+    report.line("| task | metric | 1 process | 2 processes | 3 processes |")
+    report.line("|---|---|---:|---:|---:|")
     for name, by_count in results.items():
         for metric in by_count[1]:
-            print(f"| {name} | {metric} | " + " | ".join(f"{by_count[n][metric]:.7g}" for n in (1, 2, 3)) + " |")
+            report.line(f"| {name} | {metric} | " + " | ".join(f"{by_count[n][metric]:.7g}" for n in (1, 2, 3)) + " |")
+    report.save()
     if args.output:
         args.output.write_text(json.dumps(results, indent=1))
 

@@ -15,7 +15,7 @@ either way) and the test writer's small Argoverse 2 scenes (preprocessed once in
 training; real scenes hold more agents and lanes). Point ``--root-<pipeline>`` at real data for
 real figures::
 
-    python benchmarks/loader_throughput.py [--workers 2] [--only image video]
+    python benchmarks/loader_throughput.py [--workers 2] [--only image video] [--markdown docs/benchmarks/loader_throughput.md]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.report import Report  # noqa: E402
 from tests.data.argoverse2.data import write as write_argoverse2  # noqa: E402
 from tests.data.imagefolder.data import write as write_imagefolder  # noqa: E402
 from tests.data.scanobjectnn.data import write as write_scanobjectnn  # noqa: E402
@@ -83,10 +84,12 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(PIPELINES), help="pipelines to time (default all)")
     for name in PIPELINES:
         parser.add_argument(f"--root-{name}", type=Path, help=f"real {name} data instead of generated")
+    parser.add_argument("--markdown", type=Path, help="also write the table here (docs/benchmarks/ is what the docs include)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one thread per process, as in loader workers
-    print("| pipeline | config | batch | workers | samples/s | samples/s per worker |")
-    print("|---|---|---:|---:|---:|---:|")
+    report = Report(args.markdown)
+    report.line("| pipeline | config | batch | workers | samples/s | samples/s per worker |")
+    report.line("|---|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.only or PIPELINES:
             config, writer = PIPELINES[name]
@@ -94,7 +97,8 @@ def main() -> None:
             for workers in range(args.workers + 1):
                 rate, batch = samples_per_second(config, root, workers, args.batches)
                 per_worker = f"{rate / workers:.1f}" if workers else "-"
-                print(f"| {name} | {config} | {batch} | {workers} | {rate:.1f} | {per_worker} |", flush=True)
+                report.line(f"| {name} | {config} | {batch} | {workers} | {rate:.1f} | {per_worker} |")
+    report.save()
 
 
 if __name__ == "__main__":

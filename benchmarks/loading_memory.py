@@ -25,7 +25,7 @@ It prints a markdown table of the measured figures only (nothing is extrapolated
 The files were just written, so they are read from the page cache; page-cache pages are not part of
 a process's RSS unless mapped into it (memory-mapped pages that are touched do count).
 
-    python benchmarks/loading_memory.py [--dir DIR] [--layers 8] [--no-bin] [--no-naive] [--keep]
+    python benchmarks/loading_memory.py [--dir DIR] [--layers 8] [--no-bin] [--no-naive] [--keep] [--markdown PATH]
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.report import Report  # noqa: E402
 
 MiB = 2**20
 GB = 1e9
@@ -208,6 +212,7 @@ def main() -> None:
     parser.add_argument("--no-bin", action="store_true", help="skip the pytorch_model.bin variant")
     parser.add_argument("--no-naive", action="store_true", help="skip loading the whole checkpoint for comparison")
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoints")
+    parser.add_argument("--markdown", type=Path, help="also write the table here (docs/benchmarks/ is what the docs include)")
     parser.add_argument("--child", nargs=2, metavar=("DIR", "HOW"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -250,8 +255,9 @@ def main() -> None:
     import torch
     import transformers
 
-    print()
-    print(
+    report = Report(args.markdown)
+    report.line()
+    report.line(
         f"LLaMA-shaped checkpoint, random bf16 weights: hidden {args.hidden}, FFN {args.intermediate}, "
         f"{args.layers} layers, vocab {args.vocab}, shards <= {args.shard_gb:g} GB. One layer: "
         f"{one_layer / MiB:.0f} MiB. Peak = RSS high-water mark of a fresh process above its RSS after "
@@ -260,11 +266,11 @@ def main() -> None:
         f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"torch {torch.__version__}, transformers {transformers.__version__}; files in the page cache."
     )
-    print()
+    report.line()
     header = ["format", "loader", "on disk", "loaded", "peak RSS", "peak / layer", "peak / checkpoint",
               "held (anon + file)", "time"]  # fmt: skip
-    print("| " + " | ".join(header) + " |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    report.line("| " + " | ".join(header) + " |")
+    report.line("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         fmt = f"{r['shards']} x {'.safetensors' if r['fmt'] == 'safetensors' else '.bin'}"
         loader = (
@@ -272,12 +278,13 @@ def main() -> None:
             if r["how"] == "frozenlm"
             else "`torch.load` of every shard (no mmap)"
         )
-        print(
+        report.line(
             f"| {fmt} | {loader} | {r['disk'] / MiB:,.0f} MiB | {r['loaded'] / MiB:,.0f} MiB | "
             f"{r['peak'] / MiB:,.0f} MiB | {r['peak'] / one_layer:.2f} | {r['peak'] / r['disk']:.3f} | "
             f"{r['held'] / MiB:,.0f} MiB ({r['held_anon'] / MiB:,.0f} + {r['held_file'] / MiB:,.0f}) | "
             f"{r['seconds']:.1f} s |"
         )
+    report.save()
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -41,6 +41,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from transformers import AutoConfig, PretrainedConfig
 
+from frozenlm.files import write_atomically
 from frozenlm.llm.block import DType, FrozenLMBlock
 from frozenlm.llm.lora import LoRAConfig
 from frozenlm.models import create_vit
@@ -72,6 +73,7 @@ def bench(
     seed: int = 0,
     trunks: bool = True,
     quiet: bool = False,
+    markdown: str | None = None,
 ) -> list[dict[str, Any]]:
     """Time a frozen LM block's forward + input-gradient backward against a plain matmul of the same FLOPs.
 
@@ -109,6 +111,8 @@ def bench(
         trunks: also print :func:`trunk_flops`' table: parameters and FLOPs of DeiT-T/S/B with the
             patchify stem, the convolutional stem and CAPE positions (counted, not timed).
         quiet: do not print the tables.
+        markdown: also write the tables as Markdown to this file (``docs/benchmarks/bench.md`` is the one
+            the documentation includes; the trunk table is its section ``trunks``).
 
     Returns:
         One dict per dtype with the keys ``model_type, hidden, intermediate, heads, lm_layers,
@@ -167,10 +171,16 @@ def bench(
         del block
         if on_gpu:
             torch.cuda.empty_cache()
+    trunk_rows = trunk_flops() if trunks else None
     if not quiet:
         print_table(rows, notes)
-        if trunks:
-            print_trunk_table(trunk_flops())
+        if trunk_rows:
+            print_trunk_table(trunk_rows)
+    if markdown is not None:
+        text = markdown_table(rows, notes)
+        if trunk_rows:  # a section of its own, for the guides that quote only it
+            text += f"\n<!-- --8<-- [start:trunks] -->\n{markdown_trunk_table(trunk_rows)}<!-- --8<-- [end:trunks] -->\n"
+        write_atomically(markdown, text)
     return rows
 
 
@@ -226,23 +236,40 @@ def trunk_flops(backbones: Sequence[str] = DEIT, img_size: int = 224) -> list[di
     return rows
 
 
+TRUNK_COLUMNS = ("backbone", "stem", "positions", "blocks", "params (M)", "vs patchify", "GFLOP", "vs patchify", "stem GFLOP")
+TRUNK_TITLE = "Visual trunks: forward FLOPs per 224 px image and parameters (1000 classes)"
+
+
+def _trunk_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """:func:`trunk_flops` rows as table cells, each with its change against its backbone's patchify row."""
+    reference, cells = {}, []
+    for row in rows:
+        base = reference.setdefault(row["backbone"], row)
+        cells.append([
+            row["backbone"], row["stem"], row["pos_embed"], str(row["depth"]), f"{row['params'] / 1e6:.2f}",
+            f"{row['params'] / base['params'] - 1:+.1%}", f"{row['flops'] / 1e9:.2f}",
+            f"{row['flops'] / base['flops'] - 1:+.1%}", f"{row['embed_flops'] / 1e9:.3f}",
+        ])  # fmt: skip
+    return cells
+
+
 def print_trunk_table(rows: list[dict[str, Any]]) -> None:
     """Print :func:`trunk_flops` rows, each with its change against the backbone's patchify row."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="Visual trunks: forward FLOPs per 224 px image and parameters (1000 classes)")
-    for column in ("backbone", "stem", "positions", "blocks", "params (M)", "vs patchify", "GFLOP", "vs patchify", "stem GFLOP"):
+    table = Table(title=TRUNK_TITLE)
+    for column in TRUNK_COLUMNS:
         table.add_column(column, justify="left" if column in ("backbone", "stem", "positions") else "right")
-    reference = {}
-    for row in rows:
-        base = reference.setdefault(row["backbone"], row)
-        table.add_row(
-            row["backbone"], row["stem"], row["pos_embed"], str(row["depth"]), f"{row['params'] / 1e6:.2f}",
-            f"{row['params'] / base['params'] - 1:+.1%}", f"{row['flops'] / 1e9:.2f}",
-            f"{row['flops'] / base['flops'] - 1:+.1%}", f"{row['embed_flops'] / 1e9:.3f}",
-        )  # fmt: skip
+    for cells in _trunk_cells(rows):
+        table.add_row(*cells)
     Console(width=140).print(table)
+
+
+def markdown_trunk_table(rows: list[dict[str, Any]]) -> str:
+    """:func:`trunk_flops` rows as a Markdown table."""
+    lines = [f"{TRUNK_TITLE}:", "", "| " + " | ".join(TRUNK_COLUMNS) + " |", "|---|---|---|" + "---:|" * (len(TRUNK_COLUMNS) - 3)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in _trunk_cells(rows)]) + "\n"
 
 
 def lm_config(
@@ -310,6 +337,45 @@ def block_flops(block: FrozenLMBlock, batch: int, tokens: int) -> dict[str, int]
     }  # fmt: skip
 
 
+def _title(first: dict[str, Any]) -> str:
+    lora = f", LoRA r={first['lora']['r']}" if first["lora"] else ""
+    return (
+        f"{first['model_type']} layer x{first['lm_layers']} (hidden {first['hidden']}, ffn {first['intermediate']}, "
+        f"{first['heads']} heads{lora}), adapters from {first['in_dim']}, "
+        f"batch {first['batch']} x {first['tokens']} tokens, {first['device']}"
+    )
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    return [
+        row["dtype"], f"{row['flops'] / 1e9:.2f}", f"{row['block_ms']:.1f}", f"{row['ideal_ms']:.1f}",
+        _sig(row["block_tflops"]), _sig(row["ideal_tflops"]), f"{row['ratio']:.2f}", f"{row['peak_mem_mib']:.0f}",
+        f"{row['weights_mib']:.0f}",
+    ]  # fmt: skip
+
+
+def _explanation(rows: list[dict[str, Any]]) -> str:
+    methods = "; ".join(sorted({row["mem_method"] for row in rows}))
+    shapes = ", ".join(f"{row['dtype']} {row['matmul_shape']}" for row in rows)
+    return (
+        "GFLOP: matmul FLOPs of forward + backward (input grads only for the frozen weights). "
+        f"ideal: one torch.matmul of the same FLOPs and dtype in the same run ({shapes}). "
+        "ratio = block ms / ideal ms (medians). "
+        f"peak: the step's peak above the memory held before it ({methods})."
+    )
+
+
+COLUMNS = ["dtype", "GFLOP", "block ms", "ideal ms", "TFLOP/s", "ideal TFLOP/s", "ratio", "peak MiB", "weights MiB"]
+
+
+def markdown_table(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> str:
+    """``bench`` rows as a Markdown table with its title and how the figures were obtained."""
+    lines = [f"{_title(rows[0])}:", "", "| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    lines += ["", _explanation(rows), *(f"Note: {note}" for note in notes)]
+    return "\n".join(lines) + "\n"
+
+
 def print_table(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> None:
     """Print ``bench`` rows as a rich table, with how the figures were obtained below it."""
     from rich.console import Console
@@ -318,36 +384,16 @@ def print_table(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> None:
 
     if not rows:
         return
-    first = rows[0]
-    lora = f", LoRA r={first['lora']['r']}" if first["lora"] else ""
-    title = (
-        f"{first['model_type']} layer x{first['lm_layers']} (hidden {first['hidden']}, ffn {first['intermediate']}, "
-        f"{first['heads']} heads{lora}), adapters from {first['in_dim']}, "
-        f"batch {first['batch']} x {first['tokens']} tokens, {first['device']}"
-    )
-    table = Table(title=escape(title))
-    columns = ["dtype", "GFLOP", "block ms", "ideal ms", "TFLOP/s", "ideal TFLOP/s", "ratio", "peak MiB", "weights MiB"]
-    for column in columns:
+    table = Table(title=escape(_title(rows[0])))
+    for column in COLUMNS:
         table.add_column(column, justify="left" if column == "dtype" else "right")
     for row in rows:
-        table.add_row(
-            row["dtype"], f"{row['flops'] / 1e9:.2f}", f"{row['block_ms']:.1f}", f"{row['ideal_ms']:.1f}",
-            _sig(row["block_tflops"]), _sig(row["ideal_tflops"]), f"{row['ratio']:.2f}",
-            f"{row['peak_mem_mib']:.0f}", f"{row['weights_mib']:.0f}",
-        )  # fmt: skip
+        table.add_row(*_cells(row))
     console = Console()
     if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
         console = Console(width=120)
     console.print(table)
-    methods = "; ".join(sorted({row["mem_method"] for row in rows}))
-    shapes = ", ".join(f"{row['dtype']} {row['matmul_shape']}" for row in rows)
-    explained = (
-        "GFLOP: matmul FLOPs of forward + backward (input grads only for the frozen weights). "
-        f"ideal: one torch.matmul of the same FLOPs and dtype in the same run ({shapes}). "
-        "ratio = block ms / ideal ms (medians). "
-        f"peak: the step's peak above the memory held before it ({methods})."
-    )
-    console.print(escape(explained), style="dim")
+    console.print(escape(_explanation(rows)), style="dim")
     for note in notes:
         console.print(escape(f"Note: {note}"), style="yellow")
 

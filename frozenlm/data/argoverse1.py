@@ -87,6 +87,7 @@ class Argoverse1DataModule(MotionDataModule):
         return source.stem
 
     def map_path(self, city: str) -> Path:
+        """The vector map file of ``city``."""
         found = sorted(self.map_dir.glob(f"pruned_argoverse_{city}_*_vector_map.xml"))
         if not found:
             raise FileNotFoundError(f"no vector map of city {city!r} in {self.map_dir}")

@@ -51,10 +51,12 @@ class Caltech256DataModule(ImageDataModule):
             self.check_files()
 
     def category_folders(self) -> list[Path]:
+        """The category folders (``NNN.name``), sorted."""
         folders = sorted(p for p in self.folder.iterdir() if p.is_dir() and CATEGORY_FOLDER.match(p.name))
         return [p for p in folders if self.include_clutter or category_number(p) != CLUTTER_NUMBER]
 
     def check_files(self) -> None:
+        """Raise ``DatasetNotFoundError`` naming what is missing under ``root``."""
         if not self.folder.is_dir() or not self.category_folders():
             raise DatasetNotFoundError(
                 f"Caltech256DataModule: no category folders (like 001.ak47/) in {self.folder}. Pass --data.root DIR "

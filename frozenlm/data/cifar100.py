@@ -42,6 +42,7 @@ class CIFAR100DataModule(ImageDataModule):
             self.check_files()
 
     def check_files(self) -> None:
+        """Raise ``DatasetNotFoundError`` naming what is missing under ``root``."""
         missing = [name for name in self.required_files if not (self.folder / name).is_file()]
         if missing:
             raise DatasetNotFoundError(

@@ -117,6 +117,7 @@ class Flickr30kDataModule(VisionLanguageDataModule):
         self.splits = self.read_splits()
 
     def read_splits(self) -> dict[str, list[CaptionedImage]]:
+        """Karpathy's splits: the images of train (restval included), val and test, with their captions."""
         path = self.root / ANNOTATION_FILE
         data = read_json(path, DOWNLOAD_HINT)
         folder = self.root / IMAGE_FOLDER

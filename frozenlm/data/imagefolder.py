@@ -41,6 +41,7 @@ class ImageFolderDataModule(ImageDataModule):
         self.num_classes = len(self.classes)
 
     def class_folders(self, split: str) -> list[str]:
+        """The sorted class folder names of ``split``."""
         folder = self.root / split
         try:
             return find_classes(folder)[0]

@@ -148,6 +148,7 @@ class ModelNet40DataModule(PointCloudDataModule):
         self.num_classes = len(self.classes)
 
     def cache_path(self, split: str) -> Path:
+        """Where the sampled clouds of ``split`` are cached."""
         return self.cache_dir / f"modelnet40_{split}_{self.cache_points}pts_fps.safetensors"
 
     def load_split(self, split: str) -> tuple[Tensor, list[int], list[str]]:

@@ -284,12 +284,15 @@ class MotionDataModule(ClassificationDataModule):
         self.skipped: dict[str, list[str]] = {}
 
     def scene_sources(self, split: str) -> list[Path]:
+        """The files of ``split``, one per scene, in the dataset's own layout."""
         raise NotImplementedError
 
     def scene_id(self, source: Path) -> str:
+        """The id of the scene ``source`` holds."""
         raise NotImplementedError
 
     def read_scene(self, source: Path) -> Scene:
+        """The scene in ``source``, read and vectorised; raises ``UnusableSceneError`` for one that cannot be used."""
         raise NotImplementedError
 
     def scene_files(self, source: Path) -> list[Path]:
@@ -313,6 +316,7 @@ class MotionDataModule(ClassificationDataModule):
         return self.cache_dir / f"{self.splits[split]}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
     def dataset(self, split: str) -> CachedScenes:
+        """The cached scenes of ``split`` (preprocessed first where the cache lacks them)."""
         if split not in self.datasets:
             folder = self.cache_folder(split)
             folder.mkdir(parents=True, exist_ok=True)

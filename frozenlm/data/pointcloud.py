@@ -124,6 +124,7 @@ class PointCloudDataModule(ClassificationDataModule):
         self.datasets: dict[str, PointClouds] = {}
 
     def load_split(self, split: str) -> tuple[Tensor, list[int], list[str]]:
+        """Points ``[N, P, 3]``, labels and ids of the "train" or the "test" split."""
         raise NotImplementedError
 
     def dataset(self, split: str) -> PointClouds:

@@ -169,6 +169,7 @@ class SSv2DataModule(ClassificationDataModule):
 
     # -- files -------------------------------------------------------------------------------
     def find_video_folder(self) -> Path:
+        """The folder holding the videos (under either name the downloads use)."""
         for name in VIDEO_FOLDERS:
             if (self.root / name).is_dir():
                 return self.root / name
@@ -178,6 +179,7 @@ class SSv2DataModule(ClassificationDataModule):
         )
 
     def read_labels(self) -> dict[str, int]:
+        """The class index of each class name (labels.json); the annotation files must be there."""
         labels = self.root / "labels"
         missing = [labels / f for f in ("labels.json", *SPLIT_FILES.values()) if not (labels / f).is_file()]
         if missing:

@@ -158,6 +158,7 @@ class VQAv2DataModule(VisionLanguageDataModule):
 
     # -- files -------------------------------------------------------------------------------
     def annotations(self, split: str) -> list[dict[str, Any]]:
+        """The annotation entries of an annotated split."""
         path = self.root / annotation_file(split)
         data = read_json(path, DOWNLOAD_HINT)
         if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
@@ -238,6 +239,7 @@ class VQAv2DataModule(VisionLanguageDataModule):
 
     # -- loaders -----------------------------------------------------------------------------
     def dataset(self, stage: str) -> VQASamples:
+        """The samples ``stage`` ("train", "val", "predict") uses."""
         return VQASamples(self.split_questions(stage), self.answer_index, self.transform)
 
     def train_dataloader(self) -> DataLoader:

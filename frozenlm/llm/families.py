@@ -40,6 +40,7 @@ class LMFamily:
     rotary: bool = False
 
     def build_layer(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
+        """Layer ``layer_idx`` of this family: transformers' own layer class, built from ``config``."""
         module_name, class_name = self.layer_class.split(":")
         cls = getattr(importlib.import_module(module_name), class_name)
         return cls(config, layer_idx=layer_idx)

@@ -94,6 +94,7 @@ class FrozenLMMixin:
         return None if tapped is None else self.llm_block(*tapped)
 
     def frozen_lm_blocks(self) -> dict[str, FrozenLMBlock]:
+        """Every frozen LM block of the module, by attribute name."""
         return {name: m for name, m in self.named_modules() if isinstance(m, FrozenLMBlock)}
 
     # -- optimizer ---------------------------------------------------------------------------
@@ -113,6 +114,7 @@ class FrozenLMMixin:
 
     # -- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store each block's source, layers and fingerprint in place of its frozen weights (unless ``embed_weights``)."""
         super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         checkpoint[CHECKPOINT_KEY] = {}
@@ -134,6 +136,7 @@ class FrozenLMMixin:
             }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint trained with another block, and fill in the frozen weights it does not store."""
         super().on_load_checkpoint(checkpoint)
         stored = checkpoint.get(CHECKPOINT_KEY, {})
         state = checkpoint["state_dict"]

@@ -63,9 +63,10 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
             ``open_clip:<architecture>/<pretrained>`` (UTA's teacher appears to be EVA-02-CLIP).
         teacher_revision: hub revision of a Hugging Face teacher.
         teacher_dtype: the teacher's weights and inputs (``bfloat16`` on GPUs halves its cost).
-        backbone, img_size, patch_size, drop_path_rate, backbone_kwargs, stem, stem_channels, stem_strides,
-            stem_removed_blocks, pos_embed, cape: the student ViT, as :class:`frozenlm.tasks.ImageClassifier`
-            (its patch grid must be the teacher's at the teacher's patch size; the teacher's input is resized).
+        backbone: the student, a timm ViT name; its patch grid must be the teacher's at the teacher's patch
+            size (the teacher's input is resized to match).
+        img_size, patch_size, drop_path_rate, backbone_kwargs, stem, stem_channels, stem_strides, stem_removed_blocks, pos_embed, cape: as
+            :class:`frozenlm.tasks.ImageClassifier`.
         llm, llm_position: a frozen LM block in the student, as :class:`frozenlm.tasks.ImageClassifier`.
         mask_ratio: fraction of the patches masked (UTA: 0.4 base, 0.5 large).
         masking: ``reversed_block`` (UTA: the kept patches form blocks), ``block`` (BEiT) or ``random``.
@@ -261,6 +262,7 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
 
     @torch.no_grad()
     def teacher_image_embeddings(self, images: Tensor) -> Tensor:
+        """The teacher's normalised embeddings ``[B, E]`` of the whole images, for its own zero-shot metrics."""
         cls = self.teacher_tokens(images)[:, 0]
         return F.normalize(self.teacher.project(cls.to(next(self.teacher.parameters()).dtype)).float(), dim=-1)
 

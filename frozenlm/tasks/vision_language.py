@@ -105,6 +105,7 @@ class VisionLanguageTask(FrozenLMMixin, BaseTask):
         self.configure_heads(2 * hp.fusion_hidden)
 
     def configure_heads(self, dim: int) -> None:
+        """Build the task's heads on the ``dim``-wide pooled pair features."""
         raise NotImplementedError
 
     # -- forward -----------------------------------------------------------------------------
@@ -250,9 +251,11 @@ class VisualQuestionAnswering(VisionLanguageTask):
         return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(dim=1)
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """The batch mean of :meth:`sample_losses`."""
         return self.sample_losses(logits, targets).mean()
 
     def head_logits(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        """Answer logits of a batch, and the auxiliary branch's in GCR training (else None)."""
         input_ids, attention_mask = self.tokenize(batch["question"])
         text = self.meter.encode_text(input_ids, attention_mask)
         features, auxiliary = self.pair_features(self.meter.encode_image(batch["image"]), text, attention_mask == 0)
@@ -315,6 +318,7 @@ class VisualQuestionAnswering(VisionLanguageTask):
         return {"rows": [{"question_id": int(q), "answer": self.answers[a]} for q, a in zip(question_ids.tolist(), top.tolist())]}
 
     def prediction_file(self, path: Path) -> PredictionFile:
+        """The challenge's results file ``predict`` writes (``.json``)."""
         return VQAResultsJSON(path)
 
 
@@ -471,4 +475,5 @@ class ImageTextRetrieval(VisionLanguageTask):
         ]}  # fmt: skip
 
     def prediction_file(self, path: Path) -> PredictionFile:
+        """Each test image's best captions, the file ``predict`` writes (``.json``)."""
         return RetrievalPredictionsJSON(path)
