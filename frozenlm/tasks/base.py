@@ -60,6 +60,8 @@ class BaseTask(lightning.LightningModule):
     ignore: tuple[str, ...] = ()
     # The batch entry naming each sample, for the error of a non-finite loss.
     sample_id_key: str = "id"
+    # The batch entry holding the inputs; a batch without it had every sample unreadable.
+    input_key: str = "image"
 
     def __init__(
         self,
@@ -173,6 +175,14 @@ class BaseTask(lightning.LightningModule):
         return tuple(
             v[keep.to(v.device)] if torch.is_tensor(v) else [x for x, k in zip(v, keep.tolist()) if k] for v in values
         )
+
+    def _log_unreadable(self, batch: dict[str, Any], stage: str) -> bool:
+        """Log the count of unreadable samples the loader dropped (``data/unreadable/<stage>``); False when the
+        whole batch was dropped."""
+        if "unreadable" in batch:
+            count = float(len(batch["unreadable"]))
+            self.log(f"data/unreadable/{stage}", count, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
+        return self.input_key in batch
 
     # -- non-finite losses -------------------------------------------------------------------
     def finite_loss(self, loss: torch.Tensor, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

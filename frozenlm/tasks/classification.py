@@ -119,13 +119,6 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
         probs = probs * mask
         return probs / probs.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
 
-    def _log_unreadable(self, batch: dict[str, Any], stage: str) -> bool:
-        """Log the count of unreadable samples the loader dropped; False when the whole batch was dropped."""
-        if "unreadable" in batch:
-            count = float(len(batch["unreadable"]))
-            self.log(f"data/unreadable/{stage}", count, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
-        return self.input_key in batch
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if not self._log_unreadable(batch, "train"):
             return self.zero_loss()  # every sample was unreadable

@@ -237,11 +237,8 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
         return losses, self.alignment_loss(self.projection(self.backbone.norm(auxiliary)), target)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        if "image" not in batch:
-            return self.zero_loss()
-        if batch.get("unreadable"):
-            self.log("data/unreadable/train", float(len(batch["unreadable"])), reduce_fx="sum", on_step=False,
-                     on_epoch=True, batch_size=1)  # fmt: skip
+        if not self._log_unreadable(batch, "train"):
+            return self.zero_loss()  # every sample was unreadable
         rng = np.random.default_rng(int(torch.randint(2**62, ())))  # the step's masks, from the seeded stream
         masks = torch.from_numpy(np.stack([self.draw_mask(rng) for _ in range(len(batch["image"]))]))
         losses, aux_losses = self.step_losses(batch["image"], masks)
@@ -314,7 +311,7 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
         return ("student", "teacher") if self.hparams.zeroshot_teacher else ("student",)
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
-        if "image" not in batch:
+        if not self._log_unreadable(batch, stage):
             return
         images = batch["image"]
         if "index" not in batch:  # an image dataset: the alignment loss on fixed masks

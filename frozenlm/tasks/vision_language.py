@@ -264,9 +264,8 @@ class VisualQuestionAnswering(VisionLanguageTask):
         return self.head(features), getattr(self, "aux_head", self.head)(auxiliary)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        if "image" not in batch:  # every sample unreadable
-            return self.zero_loss()
-        self.log("data/unreadable/train", float(len(batch["unreadable"])), reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
+        if not self._log_unreadable(batch, "train"):
+            return self.zero_loss()  # every sample was unreadable
         logits, aux_logits = self.head_logits(batch)
         loss = self.loss(logits, batch["targets"])
         if aux_logits is not None:  # GCR: loss_main + aux_weight * loss_aux
@@ -277,7 +276,7 @@ class VisualQuestionAnswering(VisionLanguageTask):
         return self.finite_loss(loss, batch, batch_idx)
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
-        if "image" not in batch:
+        if not self._log_unreadable(batch, stage):
             return
         logits, _ = self.head_logits(batch)
         logits, targets, answers, types = self.scored(batch, logits, batch["targets"], batch["answers"], batch["answer_type"])
@@ -311,7 +310,7 @@ class VisualQuestionAnswering(VisionLanguageTask):
         self._log_accuracy("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        if "image" not in batch:
+        if self.input_key not in batch:  # every sample unreadable
             return {"rows": []}
         logits, _ = self.head_logits(batch)
         question_ids, top = self.scored(batch, batch["question_id"], logits.argmax(dim=-1))
@@ -372,14 +371,10 @@ class ImageTextRetrieval(VisionLanguageTask):
             self.aux_itm_head = nn.Linear(dim, 1)
             init_bert_weights(self.aux_itm_head)
 
-    def configure_metrics(self) -> None:
-        pass  # recalls are computed from the gathered score matrix at the end of each evaluation epoch
-
     # -- training ----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        if "image" not in batch:
-            return self.zero_loss()
-        self.log("data/unreadable/train", float(len(batch["unreadable"])), reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
+        if not self._log_unreadable(batch, "train"):
+            return self.zero_loss()  # every sample was unreadable
         images, candidates = len(batch["texts"]), len(batch["texts"][0])
         input_ids, attention_mask = self.tokenize([t for texts in batch["texts"] for t in texts])
         text = self.meter.encode_text(input_ids, attention_mask)
@@ -417,18 +412,21 @@ class ImageTextRetrieval(VisionLanguageTask):
             rows.append(self.itm_head(self.pair_features(pair_image, pair_text, pair_padding)[0]).view(len(image), count))
         return torch.cat(rows, dim=1)
 
-    def _evaluation_step(self, batch: dict[str, Any]) -> Tensor:
+    def batch_scores(self, batch: dict[str, Any]) -> Tensor:
+        """:meth:`score_images` of an evaluation batch, whose every image must have been read."""
         if batch["unreadable"]:
             raise DatasetFileError(
                 f"Unreadable evaluation image(s) {batch['unreadable'][:3]}: recall over a split missing an image is not "
                 "the split's. Restore the files from the download."
             )
-        scores = self.score_images(batch["image"])
+        return self.score_images(batch["image"])
+
+    def _evaluation_step(self, batch: dict[str, Any]) -> None:
+        scores = self.batch_scores(batch)
         index = batch["index"].clone()
         if "padding" in batch:  # repeats that even out the processes' shares: gathered, then dropped
             index[batch["padding"].bool()] = -1
         self._rows.append((index.to(self.device), scores))
-        return scores
 
     def _finish_evaluation(self, stage: str) -> None:
         """Recalls of the split from every process's score rows, logged."""
@@ -465,8 +463,7 @@ class ImageTextRetrieval(VisionLanguageTask):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         texts = self._captions[0]
-        scores = self._evaluation_step(batch)
-        self._rows = []
+        scores = self.batch_scores(batch)
         top = scores.topk(min(self.hparams.top_k, scores.shape[1]), dim=1)
         ids, indices, values = self.scored(batch, batch["id"], top.indices, top.values)
         return {"rows": [
