@@ -39,7 +39,8 @@ class FrozenLMMixin:
     """Mix into a ``LightningModule`` (before it in the bases) to own frozen LM block(s).
 
     In ``configure_models``: ``self.llm_block = self.build_llm(llm, in_dim=embed_dim)``; where the
-    block goes in ``forward``: ``tokens = self.llm_tap(tokens, padding_mask)``; in ``training_step``:
+    block goes in ``forward``: ``tokens = self.llm_tap(tokens, padding_mask)`` (or, after a block of a
+    trunk left as it is, ``self.llm_block = self.build_llm_after(llm, blocks, position, embed_dim)``); in ``training_step``:
     ``self.auxiliary_tokens()`` gives the auxiliary branch's output tokens (GCR) or None; in
     ``configure_optimizers``: ``self.trainable_parameter_groups(weight_decay)`` (or timm's
     ``create_optimizer_v2(self, ...)``, which reads :meth:`no_weight_decay`).
@@ -60,6 +61,19 @@ class FrozenLMMixin:
         if embedded is not None:
             return _empty_block(embedded, llm, in_dim)
         return build_block(llm, in_dim)
+
+    def build_llm_after(self, llm: LLMConfig | dict | None, blocks: torch.nn.ModuleList, position: int, in_dim: int,
+                        trunk: str = "ViT") -> FrozenLMBlock | None:  # fmt: skip
+        """The block ``llm`` describes (None for none), run on the output of ``blocks[position]``: a forward hook
+        inserts it, so the trunk's code and (pretrained) weights stay unchanged and what follows the trunk
+        block (the next block, or the final norm and head) reads the LM block's output."""
+        depth = len(blocks)
+        if not -depth <= position < depth:
+            raise IndexError(f"llm_position {position} is out of range for a {trunk} with {depth} blocks.")
+        block = self.build_llm(llm, in_dim=in_dim)
+        if block is not None:
+            blocks[position].register_forward_hook(self.llm_hook)
+        return block
 
     def apply_llm(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens through the block (unchanged when there is none)."""

@@ -134,14 +134,7 @@ class ImageClassifier(ClassificationTask):
         if hp.learngene is not None:
             config = hp.learngene if isinstance(hp.learngene, LearngeneConfig) else LearngeneConfig(**hp.learngene)
             self.learngenes = Learngenes(self.backbone.blocks, config)
-        depth = len(self.backbone.blocks)
-        if not -depth <= hp.llm_position < depth:
-            raise IndexError(f"llm_position {hp.llm_position} is out of range for a ViT with {depth} blocks.")
-        self.llm_block = self.build_llm(hp.llm, in_dim=self.backbone.embed_dim)
-        if self.llm_block is not None:
-            # The block is applied by a forward hook on ViT block `llm_position`, so the timm model and
-            # its pretrained weights stay unchanged and the final norm and head follow the LM block.
-            self.backbone.blocks[hp.llm_position].register_forward_hook(self.llm_hook)
+        self.llm_block = self.build_llm_after(hp.llm, self.backbone.blocks, hp.llm_position, self.backbone.embed_dim)
         self.configure_auxiliary_head(self.backbone.embed_dim)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:

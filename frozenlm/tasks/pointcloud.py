@@ -83,15 +83,9 @@ class PointCloudClassifier(ClassificationTask):
         )  # fmt: skip
         if hp.pretrained_file:
             load_pretrained(self.backbone, hp.pretrained_file)
-        depth = len(self.backbone.blocks)
-        if not -depth <= hp.llm_position < depth:
-            raise IndexError(f"llm_position {hp.llm_position} is out of range for a Point-BERT with {depth} blocks.")
         dim = hp.embed_dim
-        self.llm_block = self.build_llm(hp.llm, in_dim=dim)
-        if self.llm_block is not None:
-            # A hook on block `llm_position`: the block's output goes through the LM block, before the next
-            # Point-BERT block adds the positions again (or before the final norm).
-            self.backbone.blocks[hp.llm_position].register_forward_hook(self.llm_hook)
+        # After block `llm_position`, before the next Point-BERT block adds the positions again (or the final norm).
+        self.llm_block = self.build_llm_after(hp.llm, self.backbone.blocks, hp.llm_position, dim, trunk="Point-BERT")
         self.head = nn.Sequential(
             nn.Linear(2 * dim, 256), nn.ReLU(inplace=True), nn.Dropout(hp.head_dropout), nn.Linear(256, hp.num_classes)
         )

@@ -152,12 +152,7 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
             self.projection = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, teacher.width))
         else:
             self.projection = nn.Linear(width, teacher.width)
-        depth = len(self.backbone.blocks)
-        if not -depth <= hp.llm_position < depth:
-            raise IndexError(f"llm_position {hp.llm_position} is out of range for a ViT with {depth} blocks.")
-        self.llm_block = self.build_llm(hp.llm, in_dim=width)
-        if self.llm_block is not None:
-            self.backbone.blocks[hp.llm_position].register_forward_hook(self.llm_hook)
+        self.llm_block = self.build_llm_after(hp.llm, self.backbone.blocks, hp.llm_position, width)
 
     def configure_metrics(self) -> None:
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
