@@ -227,3 +227,21 @@ def test_the_aligned_student_approaches_its_teachers_zero_shot_accuracy(tmp_path
     metrics = {k: float(v) for k, v in test.trainer.callback_metrics.items()}
     assert metrics["test_teacher_zeroshot_acc1"] > 0.6  # the teacher learned the digits' names
     assert metrics["test_zeroshot_acc1"] > 0.35  # chance: 0.1; the student got there through alignment alone
+
+
+@pytest.mark.slow
+def test_two_processes_score_each_image_once(teacher, tmp_path):
+    """The alignment loss on fixed masks and the zero-shot accuracies of student and teacher: 2 processes give
+    1 process's figures (181 validation digits: an odd split, so one process pads its share)."""
+    from tests.cli_helpers import run_cli_subprocess
+
+    args = ["--model.teacher", str(teacher), "--trainer.limit_test_batches", "1.0", "--data.val_fraction", "0.1007"]
+    run_cli("fit", "uta", tmp_path, *args)
+    checkpoint = ["--ckpt_path", str(last_checkpoint(tmp_path)), "--trainer.callbacks+=tests.cli_helpers.DumpMetrics"]
+    run_cli("test", "uta", tmp_path / "p1", *args, *checkpoint, "--trainer.callbacks.path", str(tmp_path / "m1.json"))
+    result = run_cli_subprocess("test", "uta", tmp_path / "p2", *args, *checkpoint, "--trainer.callbacks.path",
+                                str(tmp_path / "m2.json"), "--trainer.strategy", "ddp", "--trainer.devices", "2")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"m{n}.json").read_text()) for n in (1, 2))
+    for name in ("test_loss", "test_zeroshot_acc1", "test_zeroshot_acc5", "test_teacher_zeroshot_acc1"):
+        assert two[name] == pytest.approx(one[name], abs=1e-6), name
