@@ -10,14 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from transformers import CLIPVisionModel
 
 from frozenlm.data import Flickr30kDataModule, VQAv2DataModule
 from frozenlm.data.base import DatasetFileError, DatasetNotFoundError
 from frozenlm.data.vqa_answers import normalize_answer
 from frozenlm.data.vqav2 import soft_score
 from frozenlm.models.meter import TowerLoadError
-from frozenlm.tasks import VisualQuestionAnswering
+from frozenlm.tasks import ImageTextRetrieval, VisualQuestionAnswering
+from frozenlm.tasks.vision_language import IncompatibleCheckpointError, vqa_head
 from frozenlm.tasks.vl_metrics import VQAAccuracy, retrieval_recalls, vqa_accuracy
 from frozenlm.trainer_cli import ConfigurationError
 from tests.cli_helpers import last_checkpoint, load_checkpoint, run_cli, run_cli_subprocess
@@ -221,10 +224,84 @@ def test_optimizer_groups_follow_meters_multipliers(towers, tiny_llama_checkpoin
     assert lr_of[id(named["meter.text_layers.0.self_attn.in_proj_weight"])][0] == pytest.approx(5e-5)
     assert lr_of[id(named["meter.vision.embeddings.patch_embedding.weight"])][0] == pytest.approx(1e-5)
     assert lr_of[id(named["meter.text.embeddings.word_embeddings.weight"])][0] == pytest.approx(1e-5)
+    # METER's name-based groups (meter/modules/meter_utils.py lines 187-188): the token-type (modality)
+    # embeddings are neither head nor "cross_modal" and keep x1.
+    assert lr_of[id(named["meter.modality_embeddings.weight"])][0] == pytest.approx(1e-5)
+    assert lr_of[id(named["meter.image_transform.weight"])][0] == pytest.approx(5e-5)
     adapters = [n for n in named if n.startswith("llm_block.") and named[n].requires_grad]
     assert adapters and all(lr_of[id(named[n])][0] == pytest.approx(1e-4) for n in adapters)
     frozen = [p for n, p in named.items() if n.startswith("llm_block.layers.")]
     assert frozen and not any(id(p) in lr_of for p in frozen)
+
+
+def test_retrieval_rank_head_keeps_the_towers_lr(towers):
+    # METER's Flickr30k fine-tuning scores pairs with `rank_output`, which is not among its `head_names`
+    # (meter/modules/meter_utils.py line 187): it trains at the base lr, not x lr_mult_head.
+    model = ImageTextRetrieval(str(towers[0]), str(towers[1]), llm=None, head_lr_mult=5, fusion_lr_mult=5, **TINY)
+    lr_of = {id(p): g["lr"] for g in model.optimizer_parameters(lr=1e-5, weight_decay=0.01) for p in g["params"]}
+    assert lr_of[id(model.rank_head.weight)] == pytest.approx(1e-5)
+    assert lr_of[id(model.meter.text_layers[0].linear1.weight)] == pytest.approx(5e-5)
+
+
+def test_vqa_head_is_meters():
+    # METER's vqa_classifier (meter/modules/meter_module.py lines 105-110), hs = 768, 3,129 answers:
+    # Linear(2hs, 2hs) -> LayerNorm(2hs) -> GELU -> Linear(2hs, 3129).
+    hs, answers = 768, 3129
+    expected = (2 * hs * 2 * hs + 2 * hs) + 2 * (2 * hs) + (2 * hs * answers + answers)
+    head = vqa_head(2 * hs, answers)
+    assert sum(p.numel() for p in head.parameters()) == expected == 7_173_177
+    assert [tuple(m.weight.shape) for m in head if hasattr(m, "weight")] == [(1536, 1536), (1536,), (3129, 1536)]
+
+
+def test_clip_tower_is_meters_layers_minus_one_with_positions_resized_once(towers):
+    # METER's CLIP (meter/modules/clip_model.py): `Transformer` builds `layers - 1` blocks (line 55), the
+    # position embedding is resized once by `adapt_position_encoding` (lines 193-220: bicubic on the patch
+    # grid, CLS kept) and `ln_post` normalises every token (line 91).
+    model = VisualQuestionAnswering(str(towers[0]), str(towers[1]), num_classes=5, llm=None, **{**TINY, "img_size": 48})
+    full = CLIPVisionModel.from_pretrained(str(towers[0])).eval()
+    layers = full.config.num_hidden_layers
+    assert len(model.meter.vision.encoder.layers) == layers - 1
+    weight = full.embeddings.position_embedding.weight.detach()
+    grid = weight[1:].reshape(4, 4, -1).permute(2, 0, 1).unsqueeze(0)  # 32 px / patch 8 -> 48 px / patch 8
+    resized = F.interpolate(grid, size=(6, 6), mode="bicubic").squeeze(0).permute(1, 2, 0).reshape(36, -1)
+    ours = model.meter.vision.embeddings.position_embedding.weight.detach()
+    torch.testing.assert_close(ours, torch.cat([weight[:1], resized]))
+    images = torch.randn(2, 3, 48, 48)
+    model.eval()
+    with torch.no_grad():
+        hidden = full(pixel_values=images, interpolate_pos_encoding=True, output_hidden_states=True).hidden_states
+        expected = full.post_layernorm(hidden[layers - 1])  # after the first layers - 1 blocks
+        tokens = model.meter.vision.post_layernorm(model.meter.vision(pixel_values=images).last_hidden_state)
+    torch.testing.assert_close(tokens, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fusion_ffn_has_no_dropout_after_its_activation(towers):
+    # BERT's cross layer (METER's BertCrossLayer: BertIntermediate then BertOutput) drops only the FFN's
+    # output before the residual; PyTorch's TransformerDecoderLayer also drops after the activation.
+    model = VisualQuestionAnswering(str(towers[0]), str(towers[1]), num_classes=5, llm=None, **TINY).train()
+    layer = model.meter.image_layers[0]
+    hidden = torch.randn(3, 5, 32)
+    inner = layer.linear2(layer.dropout(layer.activation(layer.linear1(hidden))))
+    torch.testing.assert_close(inner, layer.linear2(layer.activation(layer.linear1(hidden))))
+    assert layer.dropout3.p == pytest.approx(0.1)  # the output dropout stays
+
+
+def test_vqa_questions_keep_meters_50_tokens(towers):
+    model = VisualQuestionAnswering(str(towers[0]), str(towers[1]), num_classes=5, llm=None, **TINY)
+    assert model.hparams.max_text_len == 50  # METER's task_finetune_vqa_clip_bert (meter/config.py line 154)
+    assert model.tokenize([" ".join(["red"] * 80)])[0].shape[1] == 50
+
+
+def test_a_checkpoint_of_the_older_architecture_is_refused_in_one_line(towers, vqa_root, tmp_path):
+    args = ["--data.root", str(vqa_root), *tower_args(towers), "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1"]
+    run_cli("fit", "vqa_llama", tmp_path, *args)
+    stored = load_checkpoint(last_checkpoint(tmp_path))
+    assert stored.pop("frozenlm_vision_language_version") == 2
+    old = tmp_path / "old.ckpt"
+    torch.save(stored, old)  # as frozenlm wrote them before the format was recorded
+    with pytest.raises(IncompatibleCheckpointError, match=r"older frozenlm \(format 1, today's 2\).*VQA head") as error:
+        run_cli("validate", "vqa_llama", tmp_path, *args, "--ckpt_path", str(old))
+    assert "\n" not in str(error.value)  # the CLI prints a FrozenLMError as one line, exit status 2
 
 
 def test_gcr_trains_an_auxiliary_branch_and_evaluates_without_it(towers, tiny_llama_checkpoint, vqa_root):
@@ -297,7 +374,7 @@ def test_retrieval_fit_test_and_predict_through_the_cli(towers, tiny_llama_check
     with torch.no_grad():
         images = torch.stack([data.test_dataloader().dataset[i]["image"] for i in range(5)])
         scores = torch.stack([
-            torch.cat([model.itm_head(model(images[i : i + 1], [t])) for t in texts]).squeeze(-1) for i in range(5)
+            torch.cat([model.rank_head(model(images[i : i + 1], [t])) for t in texts]).squeeze(-1) for i in range(5)
         ])  # fmt: skip
     for k in (1, 5, 10):
         tr, ir = brute_force_recalls(scores, owners, k)

@@ -7,15 +7,20 @@ then to the image stream, and the image stream to itself and then to the text st
 its FFN (PyTorch's ``nn.TransformerDecoderLayer``: self-attention, cross-attention, FFN, post-norm as
 BERT). The pooled text and image first tokens (linear + tanh, as BERT's pooler) are concatenated.
 
-METER's CLIP tower returns every token through CLIP's final LayerNorm; transformers' ``CLIPVisionModel``
-applies that norm to the pooled token only, so it is applied to all tokens here. Other resolutions than
-the checkpoint's (METER fine-tunes at 576 px for VQA, 384 for Flickr30k) interpolate CLIP's position
-embeddings at every forward (transformers' ``interpolate_pos_encoding``).
+The image tower is METER's reading of CLIP (zdou0830/METER, ``meter/modules/clip_model.py``): its
+``Transformer`` builds ``layers - 1`` residual blocks (line 55), so the checkpoint's last block is never
+run, and ``VisualTransformer.forward`` applies ``ln_post`` to every token (line 91); transformers'
+``CLIPVisionModel`` runs all blocks and normalises the pooled token only. Here the last encoder layer is
+dropped when the tower loads and the final LayerNorm is applied to all tokens. Another resolution than
+the checkpoint's (METER fine-tunes at 576 px for VQA, 384 for Flickr30k) is set once at load, as METER's
+``adapt_position_encoding`` does (line 193: the patch positions' grid resized bicubically, the CLS
+position kept), not interpolated at every forward.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoModel, CLIPVisionModel
 
@@ -27,11 +32,36 @@ class TowerLoadError(FrozenLMError, OSError):
     """A vision or text tower checkpoint that cannot be loaded; the message names it and the fix."""
 
 
-def load_vision_tower(source: str, revision: str | None = None) -> CLIPVisionModel:
-    """CLIP's vision transformer from a CLIP or CLIP-vision checkpoint (e.g. ``openai/clip-vit-base-patch32``;
-    a whole CLIP checkpoint's text tower is left out)."""
-    return _load(CLIPVisionModel, source, revision, "--model.vision_checkpoint", "a CLIP vision tower",
-                 "a local Hugging Face CLIP folder or a hub id such as openai/clip-vit-base-patch32")  # fmt: skip
+def load_vision_tower(source: str, revision: str | None = None, image_size: int | None = None) -> CLIPVisionModel:
+    """METER's CLIP image tower from a CLIP or CLIP-vision checkpoint (e.g. ``openai/clip-vit-base-patch32``;
+    a whole CLIP checkpoint's text tower is left out): the checkpoint's first ``layers - 1`` encoder layers,
+    with the position embedding resized once to ``image_size`` (see the module docstring)."""
+    tower = _load(CLIPVisionModel, source, revision, "--model.vision_checkpoint", "a CLIP vision tower",
+                  "a local Hugging Face CLIP folder or a hub id such as openai/clip-vit-base-patch32")  # fmt: skip
+    encoder = tower.encoder
+    encoder.layers = encoder.layers[:-1]
+    tower.config.num_hidden_layers = len(encoder.layers)
+    if image_size is not None and image_size != tower.config.image_size:
+        resize_position_embedding(tower, image_size)
+    return tower
+
+
+def resize_position_embedding(tower: CLIPVisionModel, image_size: int) -> None:
+    """Set a CLIP tower's input side to ``image_size`` in place: the patch positions' grid is resized
+    bicubically (``align_corners=False``) and the CLS position kept, as METER's ``adapt_position_encoding``."""
+    embeddings = tower.embeddings
+    patch = embeddings.patch_size
+    if image_size % patch:
+        raise ValueError(f"img_size {image_size} is not a multiple of the CLIP tower's patch size {patch}.")
+    weight = embeddings.position_embedding.weight.detach()
+    before, after, dim = round((weight.shape[0] - 1) ** 0.5), image_size // patch, weight.shape[1]
+    grid = weight[1:].reshape(before, before, dim).permute(2, 0, 1).unsqueeze(0)
+    grid = F.interpolate(grid, size=(after, after), mode="bicubic", align_corners=False)
+    resized = torch.cat([weight[:1], grid.squeeze(0).permute(1, 2, 0).reshape(after * after, dim)])
+    embeddings.position_embedding = nn.Embedding.from_pretrained(resized, freeze=False)
+    embeddings.image_size, embeddings.num_patches, embeddings.num_positions = image_size, after * after, after * after + 1
+    embeddings.register_buffer("position_ids", torch.arange(after * after + 1).unsqueeze(0), persistent=False)
+    tower.config.image_size = image_size
 
 
 def load_text_tower(source: str, revision: str | None = None) -> nn.Module:
@@ -81,7 +111,8 @@ class METER(nn.Module):
         fusion_hidden: width of the fusion layers (METER: 768).
         fusion_heads: attention heads of the fusion layers (METER: 12).
         image_size: the side of the images the model receives.
-        dropout: dropout of the fusion layers (BERT's 0.1).
+        dropout: dropout of the fusion layers (BERT's 0.1: attention probabilities and each sub-layer's
+            output; none inside the FFN, as BERT's cross layer).
         revision: hub revision for both checkpoints.
     """
 
@@ -97,19 +128,20 @@ class METER(nn.Module):
         revision: str | None = None,
     ) -> None:
         super().__init__()
-        self.vision = load_vision_tower(vision_checkpoint, revision)
+        self.vision = load_vision_tower(vision_checkpoint, revision, image_size)
         self.text = load_text_tower(text_checkpoint, revision)
         self.image_size = image_size
-        self.interpolate = image_size != self.vision.config.image_size
         self.text_transform = nn.Linear(self.text.config.hidden_size, fusion_hidden)
         self.image_transform = nn.Linear(self.vision.config.hidden_size, fusion_hidden)
         self.modality_embeddings = nn.Embedding(2, fusion_hidden)  # 0 text, 1 image
 
         def layer() -> nn.TransformerDecoderLayer:
-            return nn.TransformerDecoderLayer(
+            fused = nn.TransformerDecoderLayer(
                 fusion_hidden, fusion_heads, 4 * fusion_hidden, dropout, activation="gelu", layer_norm_eps=1e-12,
                 batch_first=True,
             )  # fmt: skip
+            fused.dropout = nn.Identity()  # PyTorch's FFN drops after the activation; BERT's (METER's) does not
+            return fused
 
         self.text_layers = nn.ModuleList(layer() for _ in range(fusion_layers))
         self.image_layers = nn.ModuleList(layer() for _ in range(fusion_layers))
@@ -126,7 +158,7 @@ class METER(nn.Module):
 
     def encode_image(self, images: Tensor) -> Tensor:
         """The image tower's tokens (CLS first) at the fusion width, tagged as image: ``[B, N, fusion_hidden]``."""
-        tokens = self.vision(pixel_values=images, interpolate_pos_encoding=self.interpolate).last_hidden_state
+        tokens = self.vision(pixel_values=images).last_hidden_state
         return self.image_transform(self.vision.post_layernorm(tokens)) + self.modality_embeddings.weight[1]
 
     def fuse(self, text: Tensor, text_padding: Tensor, image: Tensor) -> tuple[Tensor, Tensor]:

@@ -25,6 +25,7 @@ from torchmetrics import MeanMetric
 from transformers import AutoTokenizer
 
 from frozenlm.data.base import DatasetFileError
+from frozenlm.errors import FrozenLMError
 from frozenlm.llm import FrozenLMMixin, LLMConfig
 from frozenlm.llm.checkpoint import local_folder
 from frozenlm.models.meter import METER, init_bert_weights
@@ -32,9 +33,20 @@ from frozenlm.predictions import JSONRows, PredictionFile
 from frozenlm.tasks.base import BaseTask
 from frozenlm.tasks.vl_metrics import VQAAccuracy, split_recalls
 
-# Parameter-name prefixes of METER's cross-modal part (its "cross_modal_*" modules).
+# Parameter-name prefixes of METER's cross-modal part: its "cross_modal_*" modules, the ones METER's
+# `set_schedule` (meter/modules/meter_utils.py, line 188) gives `lr_mult_cross_modal`. The modality
+# (token-type) embeddings are not among them and keep the towers' lr, as in METER.
 FUSION_PREFIXES = ("meter.text_layers", "meter.image_layers", "meter.text_pooler", "meter.image_pooler",
-                   "meter.text_transform", "meter.image_transform", "meter.modality_embeddings")  # fmt: skip
+                   "meter.text_transform", "meter.image_transform")  # fmt: skip
+
+# Checkpoints of this task family record the architecture they were written with; older ones (a VQA head
+# twice METER's width, a CLIP tower running all its blocks) cannot be loaded into today's model.
+ARCHITECTURE_VERSION = 2
+ARCHITECTURE_CHANGES = {2: "METER's VQA head (Linear(2h, 2h)), METER's CLIP tower (layers - 1 blocks) and retrieval's rank head"}
+
+
+class IncompatibleCheckpointError(FrozenLMError, ValueError):
+    """A vision-language checkpoint written by an older frozenlm whose model differs from today's."""
 
 
 class VisionLanguageTask(FrozenLMMixin, BaseTask):
@@ -49,18 +61,22 @@ class VisionLanguageTask(FrozenLMMixin, BaseTask):
         checkpoint_revision: hub revision of both.
         fusion_layers, fusion_hidden, fusion_heads: the co-attention layers (METER: 6, 768, 12).
         img_size: image side (must match the datamodule's).
-        max_text_len: tokens per text, longer ones truncated (METER: 40).
+        max_text_len: tokens per text, longer ones truncated (METER: 40 for retrieval, 50 for VQA).
         llm: the frozen LM block (see :class:`frozenlm.llm.LLMConfig`); None for none.
         llm_tokens: ``visual`` (the image stream's tokens through the block) or ``all`` (text and image
             tokens in one sequence, text padding masked).
         head_lr_mult, fusion_lr_mult, llm_lr_mult: lr multipliers of the heads, the cross-modal layers and
-            the block's trainable parameters (adapters, LoRA) over the towers' ``lr``.
+            the block's trainable parameters (adapters, LoRA) over the towers' ``lr``. Which modules count
+            as heads is the subclass's ``head_modules`` (METER's ``lr_mult_head`` names); the modality
+            embeddings and everything else keep ``lr``.
         lr, weight_decay, betas, warmup_epochs, min_lr, lr_reference_batch, **kwargs: see
             :class:`frozenlm.tasks.BaseTask` (METER: lr 5e-6 for a batch of 512, linear warmup over 10% of
             training then linear decay; here the decay is the base class's cosine).
     """
 
     sample_id_key = "id"
+    # Top-level modules that get ``head_lr_mult`` (METER's `head_names`, meter_utils.py line 187).
+    head_modules: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -154,7 +170,7 @@ class VisionLanguageTask(FrozenLMMixin, BaseTask):
             if not parameter.requires_grad:
                 continue
             part = ("llm" if name.startswith("llm_block.") else "fusion" if name.startswith(FUSION_PREFIXES)
-                    else "head" if "head" in name.split(".")[0] else "towers")  # fmt: skip
+                    else "head" if name.split(".")[0] in self.head_modules else "towers")  # fmt: skip
             groups.setdefault((part, parameter.ndim > 1), []).append(parameter)
         multiplier = {"towers": 1.0, "fusion": hp.fusion_lr_mult, "head": hp.head_lr_mult, "llm": hp.llm_lr_mult}
         return [
@@ -162,11 +178,28 @@ class VisionLanguageTask(FrozenLMMixin, BaseTask):
             for (part, decay), params in groups.items()
         ]
 
+    # -- checkpoints: the architecture they hold -----------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["frozenlm_vision_language_version"] = ARCHITECTURE_VERSION
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        version = checkpoint.get("frozenlm_vision_language_version", 1)
+        if version != ARCHITECTURE_VERSION:
+            changes = "; ".join(text for v, text in ARCHITECTURE_CHANGES.items() if version < v <= ARCHITECTURE_VERSION)
+            raise IncompatibleCheckpointError(
+                f"This vision-language checkpoint was written by an older frozenlm (format {version}, today's "
+                f"{ARCHITECTURE_VERSION}) whose model differs: {changes or 'unknown changes'}. It cannot be loaded "
+                "without leaving parts random: retrain, or evaluate it with the frozenlm version that wrote it."
+            )
+        super().on_load_checkpoint(checkpoint)
+
 
 # -- VQA ---------------------------------------------------------------------------------------
 def vqa_head(dim: int, num_answers: int) -> nn.Sequential:
-    """METER's VQA classifier: Linear(2h, 4h) -> LayerNorm -> GELU -> Linear(4h, answers), BERT-initialised."""
-    head = nn.Sequential(nn.Linear(dim, 2 * dim), nn.LayerNorm(2 * dim), nn.GELU(), nn.Linear(2 * dim, num_answers))
+    """METER's VQA classifier on the ``dim = 2h`` pooled pair feature: Linear(2h, 2h) -> LayerNorm -> GELU ->
+    Linear(2h, answers), BERT-initialised (``vqa_classifier``, meter/modules/meter_module.py lines 105-110)."""
+    head = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim), nn.GELU(), nn.Linear(dim, num_answers))
     head.apply(init_bert_weights)
     return head
 
@@ -187,11 +220,13 @@ class VisualQuestionAnswering(VisionLanguageTask):
     Args:
         num_classes: answers in the vocabulary (linked from the datamodule; METER: 3,129).
         img_size: image side (METER's VQA recipe: 576).
-        head_lr_mult: METER's VQA: 50; fusion_lr_mult: 5.
+        max_text_len: METER's VQA: 50 tokens.
+        head_lr_mult: METER's VQA: 50 (the classifier and, in GCR, its auxiliary copy); fusion_lr_mult: 5.
         **kwargs: see :class:`VisionLanguageTask`.
     """
 
     sample_id_key = "question_id"
+    head_modules = ("head", "aux_head")
 
     def __init__(
         self,
@@ -199,13 +234,14 @@ class VisualQuestionAnswering(VisionLanguageTask):
         text_checkpoint: str,
         num_classes: int = 3129,
         img_size: int = 576,
+        max_text_len: int = 50,
         head_lr_mult: float = 50.0,
         fusion_lr_mult: float = 5.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            vision_checkpoint, text_checkpoint, img_size=img_size, head_lr_mult=head_lr_mult,
-            fusion_lr_mult=fusion_lr_mult, **kwargs,
+            vision_checkpoint, text_checkpoint, img_size=img_size, max_text_len=max_text_len,
+            head_lr_mult=head_lr_mult, fusion_lr_mult=fusion_lr_mult, **kwargs,
         )  # fmt: skip
         self.answers: list[str] | None = None
 
@@ -327,8 +363,8 @@ class RetrievalPredictionsJSON(JSONRows):
 
 
 class ImageTextRetrieval(VisionLanguageTask):
-    """Image-text retrieval as METER fine-tunes it on Flickr30k: an ITM head scores a fused image-caption
-    pair; the ranking loss is the cross-entropy of picking each image's caption among it and 15 captions
+    """Image-text retrieval as METER fine-tunes it on Flickr30k: a rank head (METER's ``rank_output``,
+    Linear(2h, 1)) scores a fused image-caption pair; the ranking loss is the cross-entropy of picking each image's caption among it and 15 captions
     of other images (METER's ``irtr`` loss).
 
     Evaluation scores every image of the split against every caption through the fusion layers (METER's
@@ -340,7 +376,8 @@ class ImageTextRetrieval(VisionLanguageTask):
 
     Args:
         img_size: image side (METER's Flickr30k recipe: 384).
-        head_lr_mult, fusion_lr_mult: METER's Flickr30k: 5 and 5.
+        head_lr_mult, fusion_lr_mult: METER's Flickr30k: 5 and 5. METER's rank head is not among its
+            ``lr_mult_head`` modules (its ITM head is, and ITM is not trained here), so it keeps ``lr``.
         eval_pairs: image-caption pairs fused per forward in evaluation.
         top_k: captions per image in the predictions file.
         **kwargs: see :class:`VisionLanguageTask`.
@@ -365,11 +402,11 @@ class ImageTextRetrieval(VisionLanguageTask):
         self._rows: list[tuple[Tensor, Tensor]] = []
 
     def configure_heads(self, dim: int) -> None:
-        self.itm_head = nn.Linear(dim, 1)
-        init_bert_weights(self.itm_head)
+        self.rank_head = nn.Linear(dim, 1)
+        init_bert_weights(self.rank_head)
         if self.llm_auxiliary and self.llm_config.aux_head == "separate":
-            self.aux_itm_head = nn.Linear(dim, 1)
-            init_bert_weights(self.aux_itm_head)
+            self.aux_rank_head = nn.Linear(dim, 1)
+            init_bert_weights(self.aux_rank_head)
 
     # -- training ----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -381,9 +418,9 @@ class ImageTextRetrieval(VisionLanguageTask):
         image = self.meter.encode_image(batch["image"]).repeat_interleave(candidates, dim=0)
         features, auxiliary = self.pair_features(image, text, attention_mask == 0)
         positives = torch.zeros(images, dtype=torch.long, device=self.device)  # the caption is first
-        loss = F.cross_entropy(self.itm_head(features).view(images, candidates), positives)
+        loss = F.cross_entropy(self.rank_head(features).view(images, candidates), positives)
         if auxiliary is not None:
-            aux_loss = F.cross_entropy(getattr(self, "aux_itm_head", self.itm_head)(auxiliary).view(images, candidates), positives)
+            aux_loss = F.cross_entropy(getattr(self, "aux_rank_head", self.rank_head)(auxiliary).view(images, candidates), positives)
             self.log_dict({"train_loss_main": loss, "train_loss_aux": aux_loss}, batch_size=images)
             loss = loss + self.llm_config.aux_weight * aux_loss
         self.log("train_loss", loss, prog_bar=True, batch_size=images)
@@ -399,7 +436,7 @@ class ImageTextRetrieval(VisionLanguageTask):
         self._rows = []
 
     def score_images(self, images: Tensor) -> Tensor:
-        """ITM scores ``[B, texts]`` of ``images`` against every caption of the evaluated split."""
+        """Rank-head scores ``[B, texts]`` of ``images`` against every caption of the evaluated split."""
         _, _, text, text_padding = self._captions
         image = self.meter.encode_image(images)
         chunk = max(1, self.hparams.eval_pairs // len(image))
@@ -409,7 +446,7 @@ class ImageTextRetrieval(VisionLanguageTask):
             pair_padding = text_padding[start : start + chunk].repeat(len(image), 1)
             count = len(pair_text) // len(image)
             pair_image = image.repeat_interleave(count, dim=0)
-            rows.append(self.itm_head(self.pair_features(pair_image, pair_text, pair_padding)[0]).view(len(image), count))
+            rows.append(self.rank_head(self.pair_features(pair_image, pair_text, pair_padding)[0]).view(len(image), count))
         return torch.cat(rows, dim=1)
 
     def batch_scores(self, batch: dict[str, Any]) -> Tensor:
