@@ -102,6 +102,34 @@ def test_schedule_warms_up_then_follows_the_cosine_to_min_lr(tiny_llama_checkpoi
     assert seen[-1] < 2e-4
 
 
+def test_linear_schedule_is_meters(tiny_llama_checkpoint):
+    # METER's set_schedule (meter/modules/meter_utils.py, decay_power 1, end_lr 0) is transformers'
+    # get_polynomial_decay_schedule_with_warmup: linear warmup from 0, then linear decay to 0 at the last step.
+    from transformers import get_polynomial_decay_schedule_with_warmup
+
+    model = classifier(tiny_llama_checkpoint, lr=1e-3, lr_reference_batch=0, warmup_epochs=0.1, min_lr=0.0,
+                       warmup_lr=0.0, schedule="linear")  # fmt: skip
+    seen = []
+
+    class Record(lightning.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = lightning.Trainer(
+        max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, callbacks=[Record()],
+    )  # fmt: skip
+    trainer.fit(model, DigitsDataModule(batch_size=16, img_size=16, num_workers=0))
+    reference_optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    reference = get_polynomial_decay_schedule_with_warmup(reference_optimizer, int(0.1 * 89), 30, lr_end=0.0, power=1.0)
+    expected = []
+    for _ in range(30):
+        expected.append(reference_optimizer.param_groups[0]["lr"])
+        reference_optimizer.step()
+        reference.step()
+    assert seen == pytest.approx(expected, abs=1e-12)
+
+
 @pytest.mark.parametrize("scale_min_lr", [False, True])
 def test_min_and_warmup_lr_scale_with_the_batch_only_when_asked(tiny_llama_checkpoint, scale_min_lr):
     model = classifier(tiny_llama_checkpoint, lr=1e-3, lr_reference_batch=256, min_lr=1e-6, warmup_lr=2e-6,

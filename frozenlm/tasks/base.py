@@ -22,7 +22,7 @@ import lightning
 import numpy as np
 import torch
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 from torch import nn
 
 from frozenlm.errors import FrozenLMError
@@ -42,7 +42,7 @@ class BaseTask(lightning.LightningModule):
             set it to 0 to use ``lr`` as is.
         weight_decay: AdamW weight decay (none on norms, biases, tokens and position embeddings).
         optimizer: any optimizer name timm's ``create_optimizer_v2`` knows.
-        min_lr: cosine floor.
+        min_lr: the schedule's floor (cosine), or its end (linear).
         warmup_epochs: linear warmup from ``warmup_lr`` (fractional epochs allowed).
         warmup_lr: learning rate at step 0.
         layer_decay: layer-wise lr decay (timm); None for none.
@@ -51,6 +51,8 @@ class BaseTask(lightning.LightningModule):
         schedule_interval: ``step``: warmup and cosine advance every optimizer step (DeiT here);
             ``epoch``: once per epoch, warmup in whole epochs (Point-BERT's recipe).
         betas: Adam(W)'s betas; None for the optimizer's default (0.9, 0.999).
+        schedule: after warmup, ``cosine`` (DeiT) or ``linear`` decay to ``min_lr`` at the last step (METER:
+            transformers' ``get_polynomial_decay_schedule_with_warmup`` with power 1).
         max_nonfinite_steps: training steps whose loss is NaN or infinite that are skipped (no update;
             counted as ``train/nonfinite_steps_skipped``) before the run stops with
             :class:`NonFiniteLossError`; 0 stops at the first. The weights are never updated from such
@@ -77,10 +79,13 @@ class BaseTask(lightning.LightningModule):
         schedule_interval: str = "step",
         max_nonfinite_steps: int = 0,
         betas: tuple[float, float] | None = None,
+        schedule: str = "cosine",
     ) -> None:
         super().__init__()
         if schedule_interval not in ("step", "epoch"):
             raise ValueError(f"schedule_interval must be 'step' or 'epoch', got {schedule_interval!r}.")
+        if schedule not in ("cosine", "linear"):
+            raise ValueError(f"schedule must be 'cosine' or 'linear', got {schedule!r}.")
         if max_nonfinite_steps < 0:
             raise ValueError(f"max_nonfinite_steps must be 0 or more, got {max_nonfinite_steps}.")
         self.nonfinite_steps_skipped = 0
@@ -143,15 +148,13 @@ class BaseTask(lightning.LightningModule):
             total, warmup = max(1, math.ceil(total_steps / steps_per_epoch)), int(hp.warmup_epochs)
         else:
             total, warmup = total_steps, int(hp.warmup_epochs * steps_per_epoch)
-        scheduler = CosineLRScheduler(
-            optimizer,
-            t_initial=total,
-            lr_min=hp.min_lr * floor_scale,
-            warmup_t=min(warmup, total - 1),
-            warmup_lr_init=hp.warmup_lr * floor_scale,
-            warmup_prefix=True,
-            t_in_epochs=hp.schedule_interval == "epoch",
-        )
+        warmup = min(warmup, total - 1)
+        common = dict(lr_min=hp.min_lr * floor_scale, warmup_t=warmup, warmup_lr_init=hp.warmup_lr * floor_scale,
+                      warmup_prefix=True, t_in_epochs=hp.schedule_interval == "epoch")  # fmt: skip
+        if hp.get("schedule", "cosine") == "linear":  # reaches min_lr at the last step, as METER's
+            scheduler = PolyLRScheduler(optimizer, t_initial=total - warmup, power=1.0, **common)
+        else:
+            scheduler = CosineLRScheduler(optimizer, t_initial=total, **common)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": hp.schedule_interval}}
 
     def lr_scheduler_step(self, scheduler, metric=None) -> None:
