@@ -85,6 +85,29 @@ def test_vqa_accuracy_matches_hand_computed_cases():
     assert vqa_accuracy("yes", ["yes!"] * 4 + ["no"] * 6) == 0.0  # sic: "yes!" becomes "yes " (not stripped)
 
 
+def test_the_2016_and_2021_rules_of_the_official_script_differ_where_it_changed():
+    # GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py. 2016 (before commit a013f00, lines
+    # 86-98): the prediction is stripped and fully normalised; human answers are never stripped and get
+    # processPunctuation only, only when they differ. 2021 (a013f00, lines 87-105): both are stripped; only
+    # when the human answers differ are both fully normalised (processPunctuation + processDigitArticle).
+    humans = ["two"] * 3 + ["2"] + ["three"] * 6
+    assert vqa_accuracy("2", humans, "2016") == pytest.approx(9 * (1 / 3) / 10)  # "two" stays "two": 1 match
+    assert vqa_accuracy("2", humans, "2021") == 1.0  # "two" -> "2": 4 matches
+    assert vqa_accuracy("yes", [" yes"] * 10, "2016") == 0.0  # human answers are not stripped
+    assert vqa_accuracy("yes", [" yes"] * 10, "2021") == 1.0
+    assert vqa_accuracy("Yes", ["yes"] * 10, "2016") == 1.0  # the prediction is always normalised
+    assert vqa_accuracy("Yes", ["yes"] * 10, "2021") == 0.0  # ... only when the humans disagree
+    assert vqa_accuracy("yes", ["yes!"] * 4 + ["no"] * 6, "2021") == 1.0  # "yes!" -> "yes " -> "yes"
+    for rule in ("2016", "2021"):  # where the rules agree
+        assert vqa_accuracy("yes", ["Yes"] * 10, rule) == 0.0
+        assert vqa_accuracy("red", ["red"] * 3 + ["blue"] * 7, rule) == pytest.approx((7 * 1 + 3 * 2 / 3) / 10)
+    metric = VQAAccuracy(rule="2021")
+    metric.update(["2"], [humans], ["number"])
+    assert float(metric.compute()["number"]) == 1.0
+    with pytest.raises(ValueError, match="2016"):
+        vqa_accuracy("yes", ["yes"] * 10, "2017")
+
+
 def test_the_metric_reports_each_answer_type_and_sums_exactly():
     metric = VQAAccuracy()
     metric.update(["yes", "2"], [["yes"] * 10, ["2", "2"] + ["3"] * 8], ["yes/no", "number"])
@@ -290,6 +313,9 @@ def test_vqa_questions_keep_meters_50_tokens(towers):
     model = VisualQuestionAnswering(str(towers[0]), str(towers[1]), num_classes=5, llm=None, **TINY)
     assert model.hparams.max_text_len == 50  # METER's task_finetune_vqa_clip_bert (meter/config.py line 154)
     assert model.tokenize([" ".join(["red"] * 80)])[0].shape[1] == 50
+    assert model.val_accuracy.rule == model.test_accuracy.rule == "2016"  # the default scoring rule
+    later = VisualQuestionAnswering(str(towers[0]), str(towers[1]), num_classes=5, llm=None, vqa_rule="2021", **TINY)
+    assert later.val_accuracy.rule == later.test_accuracy.rule == "2021"
 
 
 def test_a_checkpoint_of_the_older_architecture_is_refused_in_one_line(towers, vqa_root, tmp_path):

@@ -221,6 +221,8 @@ class VisualQuestionAnswering(VisionLanguageTask):
         num_classes: answers in the vocabulary (linked from the datamodule; METER: 3,129).
         img_size: image side (METER's VQA recipe: 576).
         max_text_len: METER's VQA: 50 tokens.
+        vqa_rule: which of the official evaluation script's normalisations scores answers, ``"2016"`` (its
+            2016-2021 releases) or ``"2021"`` (since its 2021 fix); see :mod:`frozenlm.tasks.vl_metrics`.
         head_lr_mult: METER's VQA: 50 (the classifier and, in GCR, its auxiliary copy); fusion_lr_mult: 5.
         **kwargs: see :class:`VisionLanguageTask`.
     """
@@ -235,6 +237,7 @@ class VisualQuestionAnswering(VisionLanguageTask):
         num_classes: int = 3129,
         img_size: int = 576,
         max_text_len: int = 50,
+        vqa_rule: str = "2016",
         head_lr_mult: float = 50.0,
         fusion_lr_mult: float = 5.0,
         **kwargs: Any,
@@ -251,7 +254,8 @@ class VisualQuestionAnswering(VisionLanguageTask):
             self.aux_head = vqa_head(dim, self.hparams.num_classes)
 
     def configure_metrics(self) -> None:
-        self.val_accuracy, self.test_accuracy = VQAAccuracy(), VQAAccuracy()
+        rule = self.hparams.get("vqa_rule", "2016")
+        self.val_accuracy, self.test_accuracy = VQAAccuracy(rule), VQAAccuracy(rule)
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_score, self.test_score = MeanMetric(), MeanMetric()
 
