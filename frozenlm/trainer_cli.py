@@ -17,7 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from frozenlm.callbacks import PredictionWriter
 from frozenlm.checkpoints import AtomicCheckpointIO, CheckpointDirectoryCheck, DamagedCheckpointError, check_checkpoint
-from frozenlm.errors import FrozenLMError
+from frozenlm.errors import ConfigurationError, FrozenLMError
 from frozenlm.tasks import BaseTask
 
 DESCRIPTION = """Frozen transformer blocks from pretrained language models inside visual encoders.
@@ -29,11 +29,6 @@ Other commands (each with --help): `frozenlm bench` (frozen-block throughput and
 `frozenlm rank-layers` (candidate LM layers ranked by linear CKA with the adjacent ViT block),
 `frozenlm sweep` (variants x seeds of a config, resumable, with a table of means, paired differences
 and gradient coherence)."""
-
-
-class ConfigurationError(FrozenLMError):
-    """The configuration cannot be turned into a run (a class raised while being built from it, or the
-    checkpoint to resume is damaged); the message is the underlying reason, the cause is chained."""
 
 
 # Trainer defaults a config can override: TensorBoard logs, the learning rate per step, checkpoints

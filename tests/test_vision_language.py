@@ -205,6 +205,11 @@ def test_flickr30k_reads_karpathys_splits_and_draws_negatives_of_other_images(fl
     own = {c for c in sample["texts"][1:] if c in image_captions}
     others = {c for i, img in enumerate(data.splits["train"]) if i != 1 for c in img.captions}
     assert all(c in others for c in sample["texts"][1:]) and not own - others
+    # METER's get_false_image: another image of the split per sample, for the ITM loss.
+    images = {i: data.transform(Image.open(img.path).convert("RGB")) for i, img in enumerate(data.splits["train"])}
+    assert any(torch.equal(sample["false_image"], images[i]) for i in images if i != 1)
+    assert not torch.equal(sample["false_image"], images[1])
+    assert "false_image" not in Flickr30kDataModule(flickr_root, img_size=32, false_image=False, num_workers=0).train_dataloader().dataset[7]
     root = Path(shutil.copytree(flickr_root, tmp_path / "f30k"))
     annotations = json.loads((root / "dataset_flickr30k.json").read_text())
     del annotations["images"][0]["sentences"]
@@ -264,6 +269,43 @@ def test_retrieval_rank_head_keeps_the_towers_lr(towers):
     lr_of = {id(p): g["lr"] for g in model.optimizer_parameters(lr=1e-5, weight_decay=0.01) for p in g["params"]}
     assert lr_of[id(model.rank_head.weight)] == pytest.approx(1e-5)
     assert lr_of[id(model.meter.text_layers[0].linear1.weight)] == pytest.approx(5e-5)
+
+
+def test_retrieval_adds_meters_itm_loss_through_a_frozen_itm_head(towers, flickr_root):
+    # METER's Flickr30k fine-tuning (meter/config.py line 188: itm 0.5 + irtr 1; meter_module.py lines 151-157:
+    # rank_output starts as itm_score's "match" row and itm_score is frozen; objectives.py lines 44-68:
+    # half the pairs, at random, get a false image).
+    model = ImageTextRetrieval(str(towers[0]), str(towers[1]), llm=None, **TINY).eval()  # no dropout: comparable
+    assert model.hparams.itm_weight == 0.5
+    assert not any(p.requires_grad for p in model.itm_head.parameters())
+    assert torch.equal(model.rank_head.weight, model.itm_head.weight[1:])
+    assert not {id(p) for p in model.itm_head.parameters()} & {
+        id(p) for g in model.optimizer_parameters(lr=1e-5, weight_decay=0.01) for p in g["params"]}
+    data = Flickr30kDataModule(flickr_root, batch_size=4, img_size=32, negatives=3, num_workers=0)
+    batch = next(iter(data.train_dataloader()))
+    captions = [texts[0] for texts in batch["texts"]]
+    ids, mask = model.tokenize(captions)
+    text, padding = model.meter.encode_text(ids, mask), mask == 0
+    image = model.meter.encode_image(batch["image"])
+    torch.manual_seed(3)
+    loss = model.itm_loss(batch, text, padding, image)
+    torch.manual_seed(3)
+    matched = torch.cat([torch.ones(2), torch.zeros(2)])[torch.randperm(4)]
+    assert matched.sum() == 2  # exactly half matched
+    expected = []
+    for i in range(4):  # pair by pair, the image or the false image with the sample's own caption
+        pixels = batch["image"][i : i + 1] if matched[i] else batch["false_image"][i : i + 1]
+        features = model(pixels, [captions[i]])
+        expected.append(F.cross_entropy(model.itm_head(features), matched[i : i + 1].long()))
+    torch.testing.assert_close(loss, torch.stack(expected).mean(), atol=1e-5, rtol=1e-5)
+    loss.backward()
+    assert model.meter.text_layers[0].linear1.weight.grad.abs().sum() > 0 and model.itm_head.weight.grad is None
+
+
+def test_the_itm_loss_without_false_images_is_refused_in_one_line(towers, flickr_root, tmp_path):
+    args = ["--data.root", str(flickr_root), *tower_args(towers), "--data.false_image", "false"]
+    with pytest.raises(ConfigurationError, match="--model.itm_weight 0.5 needs.*--data.false_image true"):
+        run_cli("fit", "retrieval_llama", tmp_path, *args)
 
 
 def test_vqa_head_is_meters():

@@ -34,10 +34,12 @@ class CaptionedImage(NamedTuple):
 
 class CaptionPairs(Dataset):
     """Training samples, one per caption: ``{"image", "texts": [positive, *negatives], "id"}``. The negatives are
-    ``negatives`` captions of other images, drawn afresh each time (METER's ranking loss: 1 + 15)."""
+    ``negatives`` captions of other images, drawn afresh each time (METER's ranking loss: 1 + 15). With
+    ``false_image``, ``"false_image"`` is another image of the split, drawn the same way (METER's
+    ``get_false_image``, the negatives of its image-text matching loss)."""
 
-    def __init__(self, images: list[CaptionedImage], negatives: int, transform) -> None:
-        self.images, self.negatives, self.transform = images, negatives, transform
+    def __init__(self, images: list[CaptionedImage], negatives: int, transform, false_image: bool = False) -> None:
+        self.images, self.negatives, self.transform, self.false_image = images, negatives, transform, false_image
         self.pairs = [(i, c) for i, image in enumerate(images) for c in range(len(image.captions))]
 
     def __len__(self) -> int:
@@ -54,7 +56,16 @@ class CaptionPairs(Dataset):
             other, which = self.pairs[int(torch.randint(len(self.pairs), ()))]
             if other != image_index:
                 texts.append(self.images[other].captions[which])
-        return {"image": image, "texts": texts, "id": f"{item.path.name}#{caption}"}
+        sample = {"image": image, "texts": texts, "id": f"{item.path.name}#{caption}"}
+        if self.false_image:
+            other = image_index
+            while other == image_index and len(self.images) > 1:
+                other = int(torch.randint(len(self.images), ()))
+            false_image = read_image(self.images[other].path, self.transform)
+            if not torch.is_tensor(false_image):
+                return false_image  # the sample needs it: dropped and counted, naming that file
+            sample["false_image"] = false_image
+        return sample
 
 
 class EvaluationImages(Dataset):
@@ -82,7 +93,9 @@ class Flickr30kDataModule(VisionLanguageDataModule):
                                           "sentences": [{"raw": ...}, ...]}, ...]}
         root/flickr30k-images/<filename>.jpg
 
-    Training batches: ``{"image" [B, 3, S, S], "texts" [[positive, 15 negatives]], "id", "unreadable"}``.
+    Training batches: ``{"image" [B, 3, S, S], "texts" [[positive, 15 negatives]], "id", "unreadable"}``, and
+    ``"false_image" [B, 3, S, S]`` (another image per sample, for METER's image-text matching loss) unless
+    ``false_image`` is off.
     Evaluation batches hold images only (``{"image", "index", "id"}``); the task scores each against every
     caption of the split (:meth:`captions`), so each retrieval metric covers the whole split. Validation
     uses ``val``, test and predict ``test``. An unreadable evaluation image is an error (recall over a split
@@ -93,6 +106,9 @@ class Flickr30kDataModule(VisionLanguageDataModule):
         batch_size: images per batch in each process.
         img_size: image side (METER's Flickr30k recipe: 384).
         negatives: captions of other images per training sample (METER: 15).
+        false_image: draw one other image per training sample (METER's ``draw_false_image: 1``), which
+            :class:`~frozenlm.tasks.ImageTextRetrieval` needs for its ITM loss (``itm_weight``); off saves
+            reading a second image per sample when ``itm_weight`` is 0.
         num_workers, pin_memory, max_unreadable_fraction: see
             :class:`frozenlm.data.base.ClassificationDataModule`.
         mean, std: image normalisation (CLIP's).
@@ -104,6 +120,7 @@ class Flickr30kDataModule(VisionLanguageDataModule):
         batch_size: int = 32,
         img_size: int = 384,
         negatives: int = 15,
+        false_image: bool = True,
         num_workers: int | None = None,
         pin_memory: bool | None = None,
         max_unreadable_fraction: float = 0.01,
@@ -111,7 +128,7 @@ class Flickr30kDataModule(VisionLanguageDataModule):
         std: tuple[float, float, float] = CLIP_STD,
     ) -> None:
         super().__init__(root, batch_size, num_workers, pin_memory, max_unreadable_fraction, DOWNLOAD_HINT)
-        self.negatives = negatives
+        self.negatives, self.false_image = negatives, false_image
         self.mean, self.std = mean, std  # what a model undoing the normalisation reads
         self.transform = clip_transform(img_size, mean, std)
         self.splits = self.read_splits()
@@ -153,7 +170,7 @@ class Flickr30kDataModule(VisionLanguageDataModule):
 
     # -- loaders -----------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        return self._train_loader(CaptionPairs(self.splits["train"], self.negatives, self.transform))
+        return self._train_loader(CaptionPairs(self.splits["train"], self.negatives, self.transform, self.false_image))
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(EvaluationImages(self.splits["val"], self.transform))

@@ -25,7 +25,7 @@ from torchmetrics import MeanMetric
 from transformers import AutoTokenizer
 
 from frozenlm.data.base import DatasetFileError
-from frozenlm.errors import FrozenLMError
+from frozenlm.errors import ConfigurationError, FrozenLMError
 from frozenlm.llm import FrozenLMMixin, LLMConfig
 from frozenlm.llm.checkpoint import local_folder
 from frozenlm.models.meter import METER, init_bert_weights
@@ -42,7 +42,7 @@ FUSION_PREFIXES = ("meter.text_layers", "meter.image_layers", "meter.text_pooler
 # Checkpoints of this task family record the architecture they were written with; older ones (a VQA head
 # twice METER's width, a CLIP tower running all its blocks) cannot be loaded into today's model.
 ARCHITECTURE_VERSION = 2
-ARCHITECTURE_CHANGES = {2: "METER's VQA head (Linear(2h, 2h)), METER's CLIP tower (layers - 1 blocks) and retrieval's rank head"}
+ARCHITECTURE_CHANGES = {2: "METER's VQA head (Linear(2h, 2h)), METER's CLIP tower (layers - 1 blocks), retrieval's rank and ITM heads"}
 
 
 class IncompatibleCheckpointError(FrozenLMError, ValueError):
@@ -368,8 +368,14 @@ class RetrievalPredictionsJSON(JSONRows):
 
 class ImageTextRetrieval(VisionLanguageTask):
     """Image-text retrieval as METER fine-tunes it on Flickr30k: a rank head (METER's ``rank_output``,
-    Linear(2h, 1)) scores a fused image-caption pair; the ranking loss is the cross-entropy of picking each image's caption among it and 15 captions
-    of other images (METER's ``irtr`` loss).
+    Linear(2h, 1)) scores a fused image-caption pair; the ranking loss is the cross-entropy of picking each
+    image's caption among it and 15 captions of other images (METER's ``irtr`` loss). METER's Flickr30k
+    recipe adds its image-text matching loss at weight 0.5 (``itm_weight``, meter/config.py line 188): half
+    of a batch's captions, chosen at random, are paired with another image (the datamodule's
+    ``false_image``), and a 2-way ITM head tells matched from mismatched pairs. As in METER's retrieval
+    fine-tuning (meter/modules/meter_module.py lines 151-157), the ITM head is frozen and the rank head starts
+    as a copy of its "match" row; without vision-language pretraining (LM4VE's setting) the ITM head is a
+    frozen random projection, through which the ITM loss still trains the rest.
 
     Evaluation scores every image of the split against every caption through the fusion layers (METER's
     all-pairs evaluation: exact, and the costly part: 1,000 x 5,000 pairs on Flickr30k's test split; the
@@ -381,7 +387,8 @@ class ImageTextRetrieval(VisionLanguageTask):
     Args:
         img_size: image side (METER's Flickr30k recipe: 384).
         head_lr_mult, fusion_lr_mult: METER's Flickr30k: 5 and 5. METER's rank head is not among its
-            ``lr_mult_head`` modules (its ITM head is, and ITM is not trained here), so it keeps ``lr``.
+            ``lr_mult_head`` modules (its frozen ITM head is), so it keeps ``lr``.
+        itm_weight: weight of the image-text matching loss (METER: 0.5; 0 for the ranking loss alone).
         eval_pairs: image-caption pairs fused per forward in evaluation.
         top_k: captions per image in the predictions file.
         **kwargs: see :class:`VisionLanguageTask`.
@@ -396,6 +403,7 @@ class ImageTextRetrieval(VisionLanguageTask):
         fusion_lr_mult: float = 5.0,
         eval_pairs: int = 512,
         top_k: int = 10,
+        itm_weight: float = 0.5,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -405,12 +413,29 @@ class ImageTextRetrieval(VisionLanguageTask):
         self._captions: tuple[list[str], Tensor, Tensor, Tensor] | None = None
         self._rows: list[tuple[Tensor, Tensor]] = []
 
+    head_modules = ("itm_head",)
+
     def configure_heads(self, dim: int) -> None:
-        self.rank_head = nn.Linear(dim, 1)
-        init_bert_weights(self.rank_head)
+        self.itm_head = nn.Linear(dim, 2).requires_grad_(False)  # frozen, as METER's itm_score here
+        init_bert_weights(self.itm_head)
+        self.rank_head = self.rank_head_from_itm(dim)
         if self.llm_auxiliary and self.llm_config.aux_head == "separate":
-            self.aux_rank_head = nn.Linear(dim, 1)
-            init_bert_weights(self.aux_rank_head)
+            self.aux_rank_head = self.rank_head_from_itm(dim)
+
+    def rank_head_from_itm(self, dim: int) -> nn.Linear:
+        """A rank head starting as the ITM head's "match" row (METER's ``rank_output``)."""
+        head = nn.Linear(dim, 1)
+        with torch.no_grad():
+            head.weight.copy_(self.itm_head.weight[1:])
+            head.bias.copy_(self.itm_head.bias[1:])
+        return head
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.itm_weight and not getattr(self.trainer.datamodule, "false_image", False):
+            raise ConfigurationError(
+                f"--model.itm_weight {self.hparams.itm_weight} needs another image per training sample: "
+                "set --data.false_image true, or --model.itm_weight 0 for the ranking loss alone."
+            )
 
     # -- training ----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -423,12 +448,28 @@ class ImageTextRetrieval(VisionLanguageTask):
         features, auxiliary = self.pair_features(image, text, attention_mask == 0)
         positives = torch.zeros(images, dtype=torch.long, device=self.device)  # the caption is first
         loss = F.cross_entropy(self.rank_head(features).view(images, candidates), positives)
+        if self.hparams.itm_weight:
+            itm_loss = self.itm_loss(batch, text[::candidates], attention_mask[::candidates] == 0, image[::candidates])
+            self.log("train_loss_itm", itm_loss, batch_size=images)
+            loss = loss + self.hparams.itm_weight * itm_loss
         if auxiliary is not None:
             aux_loss = F.cross_entropy(getattr(self, "aux_rank_head", self.rank_head)(auxiliary).view(images, candidates), positives)
             self.log_dict({"train_loss_main": loss, "train_loss_aux": aux_loss}, batch_size=images)
             loss = loss + self.llm_config.aux_weight * aux_loss
         self.log("train_loss", loss, prog_bar=True, batch_size=images)
         return self.finite_loss(loss, batch, batch_idx)
+
+    def itm_loss(self, batch: dict[str, Any], text: Tensor, text_padding: Tensor, image: Tensor) -> Tensor:
+        """METER's ``compute_itm`` (meter/modules/objectives.py lines 44-68): each image's own caption
+        (``text``, encoded) paired with its image (``image``, encoded) or, for a random half of the batch,
+        with the sample's ``false_image``; cross-entropy of the 2-way ITM head against matched / not."""
+        count = len(text)
+        matched = torch.cat([torch.ones(count // 2), torch.zeros(count - count // 2)]).to(self.device)
+        matched = matched[torch.randperm(count, device=self.device)]
+        false = self.meter.encode_image(batch["false_image"])
+        pair_image = torch.where(matched.bool()[:, None, None], image, false)
+        features, _ = self.pair_features(pair_image, text, text_padding)
+        return F.cross_entropy(self.itm_head(features), matched.long())
 
     # -- evaluation: all pairs ---------------------------------------------------------------
     def _start_evaluation(self, stage: str) -> None:
