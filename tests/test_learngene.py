@@ -286,7 +286,7 @@ def _key(name):
 def test_tlegs_auxiliary_model_averages_the_normed_tokens_without_a_class_token():
     """AlphaXia/TLEG 6e30a5c: aux_models.py line 23 builds Aux-S with use_cls_token=False; TLEG_vit.py then has
     no class token and positions for the patches only (lines 259-265), and its forward is patch embedding +
-    positions, the blocks, the final norm on every token (line 347), their average (lines 292-293, 356-358),
+    positions, the blocks, the final norm on every token (line 347), their average (lines 292-293, 355-359),
     the head. configs/imagenet_tleg_auxs.yaml asks timm's ViT for exactly this."""
     import yaml
 
