@@ -158,7 +158,8 @@ def recompose(checkpoint: str, depth: int, genes: int | None = None, output: str
         kept.update(gene_state(all_genes[:genes]))
         path = Path(output)
         path.parent.mkdir(parents=True, exist_ok=True)
-        metadata = {"format": "pt", "learngene_basis": learngene["basis"]}  # read back by --model.init_from
+        # Read back by --model.init_from: the basis (a model's unset basis follows it) and the gene count.
+        metadata = {"format": "pt", "learngene_basis": learngene["basis"], "learngene_genes": str(genes)}
         save_file({k: v.contiguous() for k, v in kept.items()}, path, metadata=metadata)
         backbone_kwargs = {**(hparams.get("backbone_kwargs") or {}), "depth": depth + _removed_blocks(hparams)}
         print(f"Wrote {path}: {genes} learngenes and the shared parts. Fine-tune with the blocks tied:\n  frozenlm fit "

@@ -3,6 +3,8 @@ without gradients, and never stored in the student's checkpoints."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -11,12 +13,50 @@ from frozenlm.tasks.distillation import DistillConfig, distillation_loss
 from tests.cli_helpers import last_checkpoint, load_checkpoint, run_cli
 
 
-def test_distillation_loss_is_the_tempered_kl():
-    student, teacher = torch.randn(4, 10), torch.randn(4, 10)
-    p, q = (teacher / 2).softmax(-1), (student / 2).softmax(-1)
-    expected = 4 * (p * (p.log() - q.log())).sum(-1).mean()
-    torch.testing.assert_close(distillation_loss(student, teacher, 2.0), expected)
+def _log_softmax(row, temperature=1.0):
+    scaled = [v / temperature for v in row]
+    log_total = math.log(sum(math.exp(v) for v in scaled))
+    return [v - log_total for v in scaled]
+
+
+# Two samples, three classes, written out so the sums below are DeiT's by hand.
+STUDENT = [[1.0, 2.0, 3.0], [0.5, -1.0, 0.0]]
+TEACHER = [[3.0, 1.0, 0.0], [0.0, 2.0, -2.0]]
+
+
+def test_soft_distillation_is_deits_kl_summed_over_the_number_of_logits():
+    """facebookresearch/deit losses.py lines 54-62 (commit 7e160fe): F.kl_div(log_softmax(s / T),
+    log_softmax(t / T), reduction='sum', log_target=True) * (T * T) / s.numel(); TLEG's losses.py lines
+    51-56 (AlphaXia/TLEG 6e30a5c) is the same."""
+    temperature = 2.0
+    total = 0.0
+    for s_row, t_row in zip(STUDENT, TEACHER):
+        log_s, log_t = _log_softmax(s_row, temperature), _log_softmax(t_row, temperature)
+        total += sum(math.exp(lt) * (lt - ls) for ls, lt in zip(log_s, log_t))
+    deit = total * temperature**2 / 6  # 2 samples x 3 classes
+    student, teacher = torch.tensor(STUDENT), torch.tensor(TEACHER)
+    assert distillation_loss(student, teacher, temperature) == pytest.approx(deit, rel=1e-6)  # the default
+    assert distillation_loss(student, teacher, temperature, "soft", "deit") == pytest.approx(deit, rel=1e-6)
+    # 'batchmean' (frozenlm's earlier loss, kept as an option) divides by the batch only: C = 3 times DeiT's.
+    assert distillation_loss(student, teacher, temperature, "soft", "batchmean") == pytest.approx(3 * deit, rel=1e-6)
     assert distillation_loss(teacher, teacher, 1.0).abs() < 1e-6
+
+
+def test_hard_distillation_is_cross_entropy_to_the_teachers_top_class():
+    """deit losses.py line 67: F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1)); the temperature
+    plays no part."""
+    top = [row.index(max(row)) for row in TEACHER]  # classes 0 and 1
+    expected = -sum(_log_softmax(row)[c] for row, c in zip(STUDENT, top)) / 2
+    student, teacher = torch.tensor(STUDENT), torch.tensor(TEACHER)
+    for temperature in (1.0, 3.0):
+        assert distillation_loss(student, teacher, temperature, "hard") == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="distill.kind"):
+        DistillConfig(teacher="resnet18", kind="medium")
+    with pytest.raises(ValueError, match="distill.reduction"):
+        DistillConfig(teacher="resnet18", reduction="mean")
+
+
+def test_invalid_alpha_is_refused():
     with pytest.raises(ValueError, match="alpha"):
         DistillConfig(teacher="resnet18", alpha=1.5)
 
@@ -28,6 +68,7 @@ def test_a_student_distils_from_a_frozenlm_teacher_checkpoint(tmp_path):
                       "--model.mixup", "0", "--model.cutmix", "0", "--trainer.callbacks+=tests.test_distillation.CountTeacherCalls")  # fmt: skip
     model = student.model
     assert model.teacher is not None and not model.teacher.training
+    assert (model.distill_config.kind, model.distill_config.reduction) == ("soft", "deit")  # DeiT's, by default
     assert not any(p.requires_grad or p.grad is not None for p in model.teacher.parameters())
     metrics = student.trainer.callback_metrics
     expected = 0.75 * metrics["train_loss_ce"] + 0.25 * metrics["train_loss_kd"]

@@ -17,10 +17,17 @@ The coefficients are functions of ``x = l / L`` for the block index ``l = 0 .. L
 * ``taylor``: ``x^n``; ``legendre``: ``P_n(x)``; ``fourier``: ``1, sin 2 pi x, cos 2 pi x, sin 4 pi x, ...``
 * ``linear``: TLEG, ``1`` and ``l / L`` (two genes).
 
-Gene 0 starts as timm's initialisation of block 0 and the other genes at zero, so every block starts
-equal and a gene added in a later phase of incremental training leaves the model's function unchanged
-until it trains. ``frozen_genes`` keeps the first genes fixed (incremental training's earlier phases):
-they get no gradient and stay bit-identical.
+Gene 0 starts as timm's initialisation of block 0. The other genes start at zero (``init: zeros``,
+frozenlm's), so every block starts equal and a gene added in a later phase of incremental training leaves
+the model's function unchanged until it trains; or as TLEG's code starts its slope ``W_ilayer``
+(``init: tleg``): the linear layers' weights truncated normal with std 0.02 like the base's, their biases
+and the LayerNorms' slopes zero (AlphaXia/TLEG ``modules_with_LE.py``, ``LELinear`` / ``LELayerNorm``
+``reset_parameters``). ``frozen_genes`` keeps the first genes fixed (incremental training's earlier
+phases): they get no gradient and stay bit-identical.
+
+A gene whose coefficient is zero at every block of the model's depth would never train (Fourier's
+``sin 2 pi k x`` when ``2k`` is a multiple of the depth, e.g. gene 11 of 12 at depth 12; any gene past
+the first at depth 1): such a model is refused (:class:`Learngenes`).
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ from torch import nn
 
 Basis = Literal["chebyshev", "taylor", "legendre", "fourier", "linear"]
 BASES = ("chebyshev", "taylor", "legendre", "fourier", "linear")
+DEFAULT_BASIS = "chebyshev"  # when neither the setting nor the weights started from name one
+Init = Literal["zeros", "tleg"]
 
 
 @dataclasses.dataclass
@@ -43,17 +52,23 @@ class LearngeneConfig:
 
     Args:
         genes: number of learngenes ``K`` (``linear``: 2).
-        basis: the coefficient functions (see :mod:`frozenlm.models.learngene`).
+        basis: the coefficient functions (see :mod:`frozenlm.models.learngene`); None: the basis of the
+            learngenes in ``--model.init_from``, or ``chebyshev`` without such a file.
         frozen_genes: the first this many genes get no gradient (incremental training: the genes of
             earlier phases).
+        init: the genes after the first: ``zeros`` (frozenlm's) or ``tleg`` (TLEG's: linear weights
+            truncated normal, std 0.02). Genes loaded from ``--model.init_from`` replace either.
     """
 
     genes: int
-    basis: Basis = "chebyshev"
+    basis: Basis | None = None
     frozen_genes: int = 0
+    init: Init = "zeros"
 
     def __post_init__(self) -> None:
-        if self.basis not in BASES:
+        if self.init not in ("zeros", "tleg"):
+            raise ValueError(f"learngene.init must be zeros or tleg, got {self.init!r}.")
+        if self.basis is not None and self.basis not in BASES:
             raise ValueError(f"learngene.basis must be one of {', '.join(BASES)}, got {self.basis!r}.")
         if self.genes < 1 or (self.basis == "linear" and self.genes != 2):
             raise ValueError(f"learngene.genes must be at least 1 (2 for the linear basis), got {self.genes}.")
@@ -99,15 +114,15 @@ class Learngenes(nn.Module):
             shapes = [(name, p.shape) for name, p in block.named_parameters()]
             if shapes != [(name, p.shape) for name, p in blocks[0].named_parameters()]:
                 raise ValueError(f"Learngenes need identical blocks; block {index} differs from block 0.")
+        self.depth = len(blocks)
+        self.use_basis(config.basis or DEFAULT_BASIS, config.genes)
         first = dict(blocks[0].named_parameters())
         self.genes = nn.ModuleList(
-            nn.ParameterDict({_key(name): nn.Parameter(first[name].detach().clone() if n == 0 else torch.zeros_like(first[name]))
-                              for name in self.names})
+            nn.ParameterDict({_key(name): nn.Parameter(_initial(blocks[0], name, first[name], n, config.init)) for name in self.names})
             for n in range(config.genes)
         )  # fmt: skip
         for gene in self.genes[: config.frozen_genes]:
             gene.requires_grad_(False)
-        self.register_buffer("coefficients", coefficients(config.basis, len(blocks), config.genes).float(), persistent=False)
         for index, block in enumerate(blocks):
             for name in self.names:
                 owner, attribute = _owner(block, name)
@@ -116,6 +131,20 @@ class Learngenes(nn.Module):
             # A partial of a bound method, not a closure: a deep copy of the model (EMA) rebinds it to
             # the copy's genes.
             block.register_forward_pre_hook(functools.partial(self._compose, index))
+
+    def use_basis(self, basis: Basis, genes: int | None = None) -> None:
+        """Compose the blocks with ``basis``'s coefficients (the basis of weights loaded into the model).
+
+        Raises ``ValueError`` when a gene's coefficient is zero at every block: that gene would never train."""
+        genes = len(self.genes) if genes is None else genes
+        weights = coefficients(basis, self.depth, genes)
+        unused = [n for n in range(genes) if weights[:, n].abs().max() < 1e-9]
+        if unused:
+            raise ValueError(
+                f"learngene: gene {unused[0]} of the {basis} basis is zero at every block of this {self.depth}-block "
+                f"ViT, so it would never train; use at most {unused[0]} genes (learngene.genes), another depth or another basis."
+            )
+        self.register_buffer("coefficients", weights.float(), persistent=False)
 
     def _compose(self, index: int, block: nn.Module, args: tuple) -> None:
         for name, value in self.block_parameters(self.coefficients[index]).items():
@@ -129,6 +158,27 @@ class Learngenes(nn.Module):
     def per_block_parameters(self) -> int:
         """Parameters of one block (= of one gene)."""
         return sum(p.numel() for p in self.genes[0].values())
+
+
+def _initial(block: nn.Module, name: str, value: torch.Tensor, gene: int, init: str) -> torch.Tensor:
+    """Gene ``gene``'s starting value of parameter ``name`` (``value``: block 0's initialisation)."""
+    if gene == 0:
+        return value.detach().clone()
+    owner, attribute = _owner(block, name)
+    if init == "tleg" and isinstance(owner, nn.Linear) and attribute == "weight":  # TLEG's LELinear.weight_ilayer
+        return nn.init.trunc_normal_(torch.empty_like(value), std=0.02)
+    return torch.zeros_like(value)
+
+
+def stored_learngene(stored: dict) -> tuple[str | None, int | None]:
+    """``(basis, genes)`` of the learngenes in weights read by ``frozenlm.checkpoints.read_weights``: a
+    checkpoint's hyper-parameters (``learngene``) or a ``recompose --tied`` file's metadata
+    (``learngene_basis``, ``learngene_genes``); None where the file does not say."""
+    learngene = stored.get("learngene")
+    if isinstance(learngene, dict):
+        return learngene.get("basis"), learngene.get("genes")
+    genes = stored.get("learngene_genes")
+    return stored.get("learngene_basis"), (int(genes) if genes else None)
 
 
 def combine(weights: torch.Tensor, genes: list[torch.Tensor]) -> torch.Tensor:

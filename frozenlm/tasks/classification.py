@@ -127,11 +127,11 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
             inputs, targets = self.mix(inputs, targets)
         logits = self(inputs)
         loss = self.train_criterion(logits, targets)
-        if self.teacher is not None:  # distillation: (1 - alpha) CE + alpha T^2 KL
+        if self.teacher is not None:  # distillation: (1 - alpha) CE + alpha KD (DeiT's)
             with torch.no_grad():
                 teacher_logits = self.teacher.to(inputs.device)(inputs)
             distill = self.distill_config
-            kd = distillation_loss(logits, teacher_logits, distill.temperature)
+            kd = distillation_loss(logits, teacher_logits, distill.temperature, distill.kind, distill.reduction)
             self.log_dict({"train_loss_ce": loss, "train_loss_kd": kd}, batch_size=len(inputs))
             loss = (1 - distill.alpha) * loss + distill.alpha * kd
         aux_tokens = self.auxiliary_tokens()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -9,7 +10,9 @@ import torch
 from frozenlm.checkpoints import InitialWeightsError, load_initial_weights, read_weights
 from frozenlm.llm import LLMConfig
 from frozenlm.models import create_vit
-from frozenlm.models.learngene import LearngeneConfig, Learngenes, gene_state, genes_in, recompose_blocks
+from frozenlm.models.learngene import (
+    DEFAULT_BASIS, LearngeneConfig, Learngenes, gene_state, genes_in, recompose_blocks, stored_learngene,
+)  # fmt: skip
 from frozenlm.models.patch_embed import CAPEConfig, Stem
 from frozenlm.models.vit import PosEmbed, trunk_options
 from frozenlm.tasks.classification import ClassificationTask
@@ -52,8 +55,11 @@ class ImageClassifier(ClassificationTask):
             the file lacks keep their initialisation. A UTA checkpoint (:class:`frozenlm.tasks.UnmaskedTokenAlignment`)
             gives its student's trunk; the classification head starts fresh. Not stored in checkpoints (their weights are).
             A decomposed model's weights start a plain ViT of this model's depth from its genes (as
-            ``frozenlm recompose`` would), or a decomposed one with its first genes.
+            ``frozenlm recompose`` would), or a decomposed one with its first genes (its basis must be
+            the model's ``learngene.basis``, which follows the file's when unset).
         init_genes: with a decomposed ``init_from``: use its first this many genes (None: all).
+        init_head: load ``init_from``'s classification head; False: the head starts fresh (TLEG's
+            descendants on a dataset other than their learngenes', whose classes differ).
         distill: train against a frozen teacher's logits too (see
             :class:`frozenlm.tasks.distillation.DistillConfig`); None for none.
         llm: the frozen LM block (see :class:`frozenlm.llm.LLMConfig`); None for none.
@@ -68,7 +74,7 @@ class ImageClassifier(ClassificationTask):
     """
 
     input_key = "image"
-    ignore = ("init_from", "init_genes")
+    ignore = ("init_from", "init_genes", "init_head")
 
     def __init__(
         self,
@@ -89,6 +95,7 @@ class ImageClassifier(ClassificationTask):
         learngene: LearngeneConfig | None = None,
         init_from: str | None = None,
         init_genes: int | None = None,
+        init_head: bool = True,
         distill: DistillConfig | None = None,
         llm: LLMConfig | None = None,
         llm_position: int = -1,
@@ -98,12 +105,21 @@ class ImageClassifier(ClassificationTask):
         mixup_switch_prob: float = 0.5,
         **kwargs: Any,
     ) -> None:
+        # The weights are read before the model is built: a decomposed model takes its basis from them.
+        state, stored = read_weights(init_from) if init_from is not None else ({}, {})
+        if learngene is not None:
+            learngene = learngene_for(learngene, state, stored, init_from, init_genes)
         super().__init__(**kwargs)
+        if learngene is not None:  # the CLI saves its own config (basis unset): store the resolved one
+            self.hparams["learngene"] = dataclasses.asdict(learngene)
+            self.learngenes.use_basis(learngene.basis)
         if init_from is not None:
-            state, stored = read_weights(init_from)
             optional = ("llm_block.", "aux_", "learngenes.genes.")
             if "teacher" in stored:  # a UTA pretraining checkpoint: its student's trunk; the head starts fresh
                 state = {k: v for k, v in state.items() if k.startswith(("backbone.", "llm_block."))}
+                optional += ("backbone.head.",)
+            if not init_head:
+                state = {k: v for k, v in state.items() if not k.startswith(("backbone.head.", "head."))}
                 optional += ("backbone.head.",)
             load_initial_weights(self, self.from_genes(state, stored, init_genes, init_from), init_from, optional)
 
@@ -119,8 +135,11 @@ class ImageClassifier(ClassificationTask):
         kept = {k: v for k, v in state.items() if not k.startswith("learngenes.")}
         if self.learngenes is not None:
             return kept | gene_state(genes[:count])
-        learngene = stored.get("learngene") or {"basis": stored.get("learngene_basis")}
-        blocks = recompose_blocks(genes[:count], learngene["basis"], len(self.backbone.blocks))
+        basis, _ = stored_learngene(stored)
+        if basis is None:
+            raise InitialWeightsError(f"--model.init_from {source} holds learngenes but does not say their basis "
+                                      "(learngene_basis): write it with `frozenlm recompose --tied true`.")  # fmt: skip
+        blocks = recompose_blocks(genes[:count], basis, len(self.backbone.blocks))
         return kept | {f"backbone.{key}": value for key, value in blocks.items()}
 
     def configure_models(self) -> None:
@@ -145,3 +164,34 @@ class ImageClassifier(ClassificationTask):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
+
+
+def learngene_for(
+    learngene: LearngeneConfig | dict, state: dict[str, torch.Tensor], stored: dict[str, Any], source: str | None,
+    init_genes: int | None,
+) -> LearngeneConfig:
+    """The decomposed model's configuration, its basis taken from the learngenes of ``source``
+    (``--model.init_from``) when unset; a basis or a gene count that differs from the file's is refused."""
+    config = learngene if isinstance(learngene, LearngeneConfig) else LearngeneConfig(**learngene)
+    held = len(genes_in(state))
+    if not held:  # no file, or weights without genes (a plain ViT's: refused when loaded)
+        return config if config.basis else dataclasses.replace(config, basis=DEFAULT_BASIS)
+    basis, genes = stored_learngene(stored)
+    if genes is not None and genes != held:
+        raise InitialWeightsError(f"--model.init_from {source} says it holds {genes} learngenes but holds {held}: "
+                                  "the file is damaged or edited; write it again.")  # fmt: skip
+    if basis is None and config.basis is None:
+        raise InitialWeightsError(f"--model.init_from {source} does not say the basis of its {held} learngenes: set "
+                                  "--model.learngene.basis to the one they were trained with.")  # fmt: skip
+    if basis is not None and config.basis not in (None, basis):
+        raise InitialWeightsError(
+            f"--model.init_from {source} holds {held} learngenes of the {basis} basis, but --model.learngene.basis is "
+            f"{config.basis}: leave the basis unset (it follows the file) or set it to {basis}."
+        )
+    used = held if init_genes is None else init_genes
+    if 1 <= used <= held and used > config.genes:  # (a used count outside [1, held] is refused when loading)
+        raise InitialWeightsError(
+            f"--model.init_from {source} holds {held} learngenes ({basis or config.basis} basis) and {used} are used, "
+            f"but --model.learngene.genes is {config.genes}: set it to at least {used}, or --model.init_genes {config.genes}."
+        )
+    return dataclasses.replace(config, basis=config.basis or basis)
