@@ -1,11 +1,13 @@
 """Files that are either whole or absent: every cache, result and checkpoint frozenlm writes goes
 through :func:`atomic_path`, so a kill, a full disk or two processes writing the same name never leave
-a truncated file under a name that readers trust."""
+a truncated file under a name that readers trust. The files get the permissions ``open()`` and
+``torch.save`` would give them (0o666 less the umask, or the directory's default ACL), so a lab's shared
+folder stays readable to the group."""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,8 +20,7 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
     disk before the rename (checkpoints: the rename must never outlive the data)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(descriptor)
+    partial = _create_partial(path)
     try:
         yield Path(partial)
         if fsync:
@@ -29,6 +30,21 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
     except BaseException:
         Path(partial).unlink(missing_ok=True)
         raise
+
+
+def _create_partial(path: Path) -> str:
+    """Create a new empty file with a random name beside ``path``. Unlike ``tempfile.mkstemp`` (mode 0o600)
+    it is created with mode 0o666, which the kernel reduces by the umask (or a default ACL) as for any
+    ``open(path, "w")``: renamed into place, the file has the permissions a plain write would give it."""
+    for _ in range(100):
+        partial = path.parent / f".{path.name}.{secrets.token_hex(6)}.partial"
+        try:
+            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(descriptor)
+        return str(partial)
+    raise FileExistsError(f"No free temporary name beside {path}")
 
 
 def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import sys
 import warnings
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 import frozenlm.checkpoints
 from frozenlm.checkpoints import AtomicCheckpointIO, CheckpointDirectoryError
 from frozenlm.cli import ConfigurationError, main
+from frozenlm.files import write_atomically
 from frozenlm.tasks import ImageClassifier
 from tests.cli_helpers import run_cli
 
@@ -160,3 +162,19 @@ def test_last_passes_over_a_link_to_a_deleted_checkpoint(two_epochs, capsys):
     out = capsys.readouterr().out
     assert f"--ckpt_path last: ignoring 1 link(s) to deleted checkpoints: {dangling}" in out
     assert f"resuming from {checkpoints / 'last.ckpt'}" in out and resumed.trainer.current_epoch == 3
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_checkpoints_and_atomic_files_get_the_permissions_of_a_plain_write(tmp_path, umask):
+    """The temporary file renamed into place used to keep mkstemp's 0600, so a lab's shared folder was
+    unreadable to colleagues; now every file gets 0o666 less the umask, as ``open()`` and ``torch.save`` give."""
+    previous = os.umask(umask)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"weight": torch.zeros(2)}}, tmp_path / "ckpt" / "last.ckpt")
+        write_atomically(tmp_path / "result.json", "{}")
+        torch.save({}, tmp_path / "plain.pt")
+    finally:
+        os.umask(previous)
+    modes = {name: stat.S_IMODE(os.stat(tmp_path / name).st_mode) for name in ("ckpt/last.ckpt", "result.json", "plain.pt")}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+    assert [p.name for p in tmp_path.rglob(".*")] == []  # no temporary file left

@@ -5,6 +5,7 @@ processes) on tiny towers and data the tests write."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPVisionModel
 
+from frozenlm.cli import main
 from frozenlm.data import Flickr30kDataModule, VQAv2DataModule
 from frozenlm.data.base import DatasetFileError, DatasetNotFoundError
 from frozenlm.data.vqa_answers import normalize_answer
@@ -22,8 +24,7 @@ from frozenlm.models.meter import TowerLoadError
 from frozenlm.tasks import ImageTextRetrieval, VisualQuestionAnswering
 from frozenlm.tasks.vision_language import IncompatibleCheckpointError, vqa_head
 from frozenlm.tasks.vl_metrics import VQAAccuracy, retrieval_recalls, vqa_accuracy
-from frozenlm.trainer_cli import ConfigurationError
-from tests.cli_helpers import last_checkpoint, load_checkpoint, run_cli, run_cli_subprocess
+from tests.cli_helpers import cli_command, last_checkpoint, load_checkpoint, run_cli, run_cli_subprocess
 from tests.data.flickr30k.data import TEMPLATES
 from tests.data.flickr30k.data import write as write_flickr30k
 from tests.data.meter.towers import write as write_towers
@@ -422,12 +423,79 @@ def test_vqa_fit_test_and_predict_through_the_cli(towers, tiny_llama_checkpoint,
     assert set(results[0]) == {"question_id", "answer"} and all(r["answer"] in model.answers for r in results)
 
 
-def test_a_checkpoint_refuses_another_answer_vocabulary(towers, vqa_root, tmp_path):
+def test_a_checkpoint_refuses_another_answer_vocabulary(towers, vqa_root, tmp_path, monkeypatch, capsys):
+    """One line, the checkpoint's size first, each vocabulary with the settings it was built with."""
     args = ["--data.root", str(vqa_root), *tower_args(towers), "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1"]
     run_cli("fit", "vqa_llama", tmp_path, *args)
-    with pytest.raises((ConfigurationError, ValueError, RuntimeError), match="answer vocabulary differs"):
-        run_cli("validate", "vqa_llama", tmp_path, *args, "--data.min_answer_count", "1", "--model.num_classes", "20",
-                "--ckpt_path", str(last_checkpoint(tmp_path)))  # fmt: skip
+    checkpoint = last_checkpoint(tmp_path)
+    stored = load_checkpoint(checkpoint)
+    trained = len(stored["vqa_answers"])  # min_answer_count 2 (the config's)
+    data = len(VQAv2DataModule(vqa_root, img_size=32, min_answer_count=1, cache_dir=tmp_path / "cache").answers)
+    assert trained != data
+    command = cli_command("validate", "vqa_llama", tmp_path, *args, "--data.min_answer_count", "1", "--ckpt_path", str(checkpoint))
+    monkeypatch.setattr("sys.argv", ["frozenlm", *command[3:]])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("frozenlm: error:")] == [(
+        f"frozenlm: error: AnswerVocabularyError: The checkpoint {checkpoint} has an answer vocabulary of {trained} "
+        "answers (built with --data.train_splits [train2014] --data.min_answer_count 2) and the data one of "
+        f"{data} (built with --data.train_splits [train2014] --data.min_answer_count 1): its answer head does not "
+        "fit. Pass the training run's --data.train_splits and --data.min_answer_count (and its annotation files)."
+    )]
+
+
+def test_vqav2_refuses_answers_that_are_not_text_when_reading(vqa_root, tmp_path):
+    """``"answer": 2`` used to pass the reader and stop an epoch half-way (AttributeError in the answer
+    normalisation); now the file and the question are named before anything runs."""
+    root = Path(shutil.copytree(vqa_root, tmp_path / "vqa"))
+    for split, key in (("train2014", "answers"), ("val2014", "multiple_choice_answer")):
+        path = root / f"v2_mscoco_{split}_annotations.json"
+        original = path.read_text()
+        annotations = json.loads(original)
+        entry = annotations["annotations"][5]  # "How many ...?"
+        if key == "answers":
+            entry["answers"][3]["answer"] = 2
+        else:
+            entry["multiple_choice_answer"] = 2
+        path.write_text(json.dumps(annotations))
+        question = entry["question_id"]
+        error = re.escape(f"{path}: question {question} has {'answer' if key == 'answers' else key} 2 (int), not text")
+        if split == "train2014":  # read for the answer vocabulary, as the datamodule is built
+            with pytest.raises(DatasetFileError, match=error):
+                vqa_data(root, cache_dir=tmp_path / "cache")
+        else:  # the validation annotations: read when the run is set up, before the first training step
+            data = vqa_data(root, cache_dir=tmp_path / "cache")
+            with pytest.raises(DatasetFileError, match=error):
+                data.setup("fit")
+        path.write_text(original)
+    questions = root / "v2_OpenEnded_mscoco_test-dev2015_questions.json"
+    listing = json.loads(questions.read_text())
+    listing["questions"][1]["image_id"] = "1"
+    questions.write_text(json.dumps(listing))
+    with pytest.raises(DatasetFileError, match=f"question {listing['questions'][1]['question_id']} has image_id '1'"):
+        vqa_data(root, cache_dir=tmp_path / "cache").setup("predict")
+
+
+def test_an_empty_vqa_validation_split_stops_the_run_at_setup(towers, vqa_root, tmp_path):
+    root = Path(shutil.copytree(vqa_root, tmp_path / "vqa"))
+    for name in ("v2_OpenEnded_mscoco_val2014_questions.json", "v2_mscoco_val2014_annotations.json"):
+        content = json.loads((root / name).read_text())
+        content["questions" if "questions" in content else "annotations"] = []
+        (root / name).write_text(json.dumps(content))
+    runs = tmp_path / "runs"
+    questions = root / "v2_OpenEnded_mscoco_val2014_questions.json"
+    expected = re.escape(f"The validation split is empty: {questions} lists no question (--data.val_split val2014)")
+    with pytest.raises(DatasetFileError, match=expected + ".*--data.holdout"):
+        run_cli("fit", "vqa_llama", runs, "--data.root", str(root), *tower_args(towers))
+    assert not list(runs.rglob("*.ckpt"))  # no epoch ran
+    # Holding questions of a training split out is the fix the message offers; it validates on them.
+    held = vqa_data(root, train_splits=["train2014"], val_split="train2014", holdout=6)
+    held.setup("fit")
+    assert len(held.split_questions("val")) == 6
 
 
 def test_retrieval_fit_test_and_predict_through_the_cli(towers, tiny_llama_checkpoint, flickr_root, tmp_path):

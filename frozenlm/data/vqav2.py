@@ -163,6 +163,8 @@ class VQAv2DataModule(VisionLanguageDataModule):
         data = read_json(path, DOWNLOAD_HINT)
         if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
             raise DatasetFileError(f"{path} has no 'annotations' list: is it VQAv2's annotation file? {DOWNLOAD_HINT}")
+        for entry in data["annotations"]:
+            _check_annotation(entry, path)
         return data["annotations"]
 
     def answer_vocabulary(self) -> list[str]:
@@ -179,9 +181,7 @@ class VQAv2DataModule(VisionLanguageDataModule):
             except json.JSONDecodeError:
                 pass  # rebuilt below
         counts = Counter(
-            normalize_answer(_field(a, "multiple_choice_answer", path))
-            for split, path in zip(self.train_splits, paths)
-            for a in self.annotations(split)
+            normalize_answer(a["multiple_choice_answer"]) for split in self.train_splits for a in self.annotations(split)
         )
         answers = sorted((a for a, n in counts.items() if n >= self.min_answer_count), key=lambda a: (-counts[a], a))
         if not answers:
@@ -205,9 +205,13 @@ class VQAv2DataModule(VisionLanguageDataModule):
             raise DatasetFileError(f"{path} has no 'questions' list: is it a VQAv2 questions file? {DOWNLOAD_HINT}")
         annotations = {}
         if split in ANNOTATED:
-            annotations = {_field(a, "question_id", path): a for a in self.annotations(split)}
+            annotations = {a["question_id"]: a for a in self.annotations(split)}  # checked
+        for entry in data["questions"]:
+            question_id = _typed(entry, "question_id", int, path)
+            _typed(entry, "image_id", int, path, question_id)
+            _typed(entry, "question", str, path, question_id)
         questions = []
-        for entry in sorted(data["questions"], key=lambda q: _field(q, "question_id", path)):
+        for entry in sorted(data["questions"], key=lambda q: q["question_id"]):
             question_id = entry["question_id"]
             answers, answer_type = [], ""
             if split in ANNOTATED:
@@ -217,10 +221,10 @@ class VQAv2DataModule(VisionLanguageDataModule):
                         f"{self.root / annotation_file(split)} has no annotation of question {question_id} of {path}: "
                         f"the two files do not belong together. {DOWNLOAD_HINT}"
                     )
-                answers = [_field(a, "answer", path) for a in _field(annotation, "answers", path)]
+                answers = [a["answer"] for a in annotation["answers"]]
                 answer_type = annotation.get("answer_type", "other")
             questions.append(Question(
-                question_id, _field(entry, "question", path), image_path(self.root, split, _field(entry, "image_id", path)),
+                question_id, entry["question"], image_path(self.root, split, entry["image_id"]),
                 answers, answer_type,
             ))  # fmt: skip
         self._questions[split] = questions
@@ -232,12 +236,41 @@ class VQAv2DataModule(VisionLanguageDataModule):
             return self.questions(self.predict_split)
         held = self.holdout if self.val_split in self.train_splits else 0
         validation = self.questions(self.val_split)
-        held_ids = {q.question_id for q in validation[len(validation) - held :]} if held else set()
+        held_ids = {q.question_id for q in validation[max(0, len(validation) - held) :]} if held else set()
         if stage == "val":
             return [q for q in validation if q.question_id in held_ids] if held else validation
         return [q for s in self.train_splits for q in self.questions(s) if q.question_id not in held_ids]
 
     # -- loaders -----------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Reads (and so checks) every file ``stage`` needs before its first batch, and refuses an empty split:
+        a malformed annotation stops the run here, never in the middle of an epoch, and an empty validation
+        split cannot train unvalidated (no best checkpoint would ever be written)."""
+        roles = {"fit": ("train", "val"), "validate": ("val",), "test": ("val",), "predict": ("predict",)}
+        for role in roles.get(stage, ("train", "val", "predict")):
+            if not self.split_questions(role):
+                self._empty_split(role)
+
+    def _empty_split(self, role: str) -> None:
+        if role == "predict":
+            raise DatasetFileError(
+                f"{self.root / question_file(self.predict_split)} lists no question (--data.predict_split "
+                f"{self.predict_split}): nothing to answer. Restore the file from the download or choose another "
+                "--data.predict_split."
+            )
+        if role == "train":
+            raise DatasetFileError(
+                f"The training questions ({', '.join(str(self.root / question_file(s)) for s in self.train_splits)}, "
+                f"--data.train_splits {self.train_splits}) are empty: restore the files from the download or choose "
+                "other --data.train_splits."
+            )
+        raise DatasetFileError(
+            f"The validation split is empty: {self.root / question_file(self.val_split)} lists no question "
+            f"(--data.val_split {self.val_split}), so no epoch would be validated and no best checkpoint written. "
+            "Restore the file from the download, choose another --data.val_split, or hold questions of a training "
+            "split out with --data.val_split train2014 --data.holdout N."
+        )
+
     def dataset(self, stage: str) -> VQASamples:
         """The samples ``stage`` ("train", "val", "predict") uses."""
         return VQASamples(self.split_questions(stage), self.answer_index, self.transform)
@@ -253,6 +286,32 @@ class VQAv2DataModule(VisionLanguageDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader(self.dataset("predict"))
+
+
+def _check_annotation(entry: Any, path: Path) -> None:
+    """An annotation entry whose answers are all text (the file names the question when one is not):
+    checked as the file is read, so a bad entry never stops an epoch half-way."""
+    question_id = _typed(entry, "question_id", int, path)
+    _typed(entry, "multiple_choice_answer", str, path, question_id)
+    answers = _typed(entry, "answers", list, path, question_id)
+    for answer in answers:
+        _typed(answer, "answer", str, path, question_id)
+    if "answer_type" in entry:
+        _typed(entry, "answer_type", str, path, question_id)
+
+
+def _typed(entry: Any, key: str, kind: type, path: Path, question_id: Any = None) -> Any:
+    """``entry[key]`` when it is a ``kind``; otherwise an error naming the file, the question and the fix."""
+    value = _field(entry, key, path)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    where = f"question {question_id}" if question_id is not None else f"an entry ({str(entry)[:80]})"
+    expected = {str: "text", int: "an integer", list: "a list"}[kind]
+    quote = ' (VQAv2 writes every answer as a string: "2", not 2)' if kind is str and "answer" in key else ""
+    raise DatasetFileError(
+        f"{path}: {where} has {key} {value!r} ({type(value).__name__}), not {expected}{quote}. Fix the entry "
+        "or restore the file from the download (https://visualqa.org/download.html)."
+    )
 
 
 def _field(entry: Any, key: str, path: Path) -> Any:

@@ -208,6 +208,23 @@ class VQAResultsJSON(JSONRows):
     """The VQA challenge's results file: ``[{"question_id": int, "answer": str}, ...]``."""
 
 
+class AnswerVocabularyError(FrozenLMError, ValueError):
+    """A VQA checkpoint whose answer vocabulary is not the data's: the message gives both sizes and the
+    settings each was built with (``--data.train_splits``, ``--data.min_answer_count``)."""
+
+
+def answer_settings(datamodule: Any) -> dict[str, Any]:
+    """The datamodule settings an answer vocabulary is built from (recorded in the checkpoint beside it)."""
+    return {key: getattr(datamodule, key) for key in ("train_splits", "min_answer_count") if hasattr(datamodule, key)}
+
+
+def _settings_text(settings: dict[str, Any] | None) -> str:
+    if not settings:
+        return "its settings are not recorded in the checkpoint"
+    shown = {k: f"[{', '.join(map(str, v))}]" if isinstance(v, (list, tuple)) else v for k, v in settings.items()}
+    return "built with " + " ".join(f"--data.{key} {value}" for key, value in shown.items())
+
+
 class VisualQuestionAnswering(VisionLanguageTask):
     """VQA as METER fine-tunes it: a classifier over the answer vocabulary on the pooled pair feature,
     trained with binary cross-entropy against soft scores, summed over answers (BCE mean x answers).
@@ -261,29 +278,44 @@ class VisualQuestionAnswering(VisionLanguageTask):
 
     # -- the answer vocabulary: the datamodule's, checked against a restored checkpoint's -----------
     def setup(self, stage: str) -> None:
-        answers = list(getattr(self.trainer.datamodule, "answers", None) or [])
+        datamodule = self.trainer.datamodule
+        answers = list(getattr(datamodule, "answers", None) or [])
         if not answers:
             raise ValueError(f"{type(self).__name__} needs a datamodule with an answer vocabulary (`answers`).")
-        self._check_answers(answers)
+        self._data_vocabulary = (answers, answer_settings(datamodule))
+        self._check_answers()
         self.answers = answers
 
-    def _check_answers(self, answers: list[str]) -> None:
-        if self.answers is not None and answers != self.answers:
-            raise ValueError(
-                f"The answer vocabulary differs between the checkpoint ({len(self.answers)} answers) and the data "
-                f"({len(answers)} answers): use the training run's --data.train_splits and --data.min_answer_count."
-            )
+    def _check_answers(self) -> None:
+        """Refuse a restored checkpoint whose answer vocabulary is not the data's (in whichever order Lightning
+        restores the checkpoint and sets the module up)."""
+        data, stored = getattr(self, "_data_vocabulary", None), getattr(self, "_checkpoint_vocabulary", None)
+        if data is None or stored is None or data[0] == stored[0]:
+            return
+        (data_answers, data_settings), (stored_answers, stored_settings, path) = data, stored
+        same = " (as many, but other answers or in another order)" if len(stored_answers) == len(data_answers) else ""
+        raise AnswerVocabularyError(
+            f"The checkpoint{f' {path}' if path else ''} has an answer vocabulary of {len(stored_answers)} answers "
+            f"({_settings_text(stored_settings)}) and the data one of {len(data_answers)}{same} "
+            f"({_settings_text(data_settings)}): its answer head does not fit. Pass the training run's "
+            "--data.train_splits and --data.min_answer_count (and its annotation files)."
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["vqa_answers"] = self.answers
+        data = getattr(self, "_data_vocabulary", None)
+        if data is not None and data[0] == self.answers:
+            checkpoint["vqa_answer_settings"] = data[1]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         answers = checkpoint.get("vqa_answers")
         if answers is not None:
-            self._check_answers(answers)
-            self.answers = answers
+            path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+            self._checkpoint_vocabulary = (list(answers), checkpoint.get("vqa_answer_settings"), path)
+            self._check_answers()
+            self.answers = list(answers)
 
     # -- steps -------------------------------------------------------------------------------
     def sample_losses(self, logits: Tensor, targets: Tensor) -> Tensor:
