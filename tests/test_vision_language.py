@@ -442,9 +442,9 @@ def test_a_checkpoint_refuses_another_answer_vocabulary(towers, vqa_root, tmp_pa
     assert "Traceback" not in err
     assert [line for line in err.splitlines() if line.startswith("frozenlm: error:")] == [(
         f"frozenlm: error: AnswerVocabularyError: The checkpoint {checkpoint} has an answer vocabulary of {trained} "
-        "answers (built with --data.train_splits [train2014] --data.min_answer_count 2) and the data one of "
-        f"{data} (built with --data.train_splits [train2014] --data.min_answer_count 1): its answer head does not "
-        "fit. Pass the training run's --data.train_splits and --data.min_answer_count (and its annotation files)."
+        "answers (built with --data.train_splits [train2014] --data.min_answer_count 2), the data's has "
+        f"{data} answers (built with --data.train_splits [train2014] --data.min_answer_count 1): its answer head does "
+        "not fit. Pass the training run's --data.train_splits and --data.min_answer_count (and its annotation files)."
     )]
 
 

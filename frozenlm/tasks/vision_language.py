@@ -218,9 +218,9 @@ def answer_settings(datamodule: Any) -> dict[str, Any]:
     return {key: getattr(datamodule, key) for key in ("train_splits", "min_answer_count") if hasattr(datamodule, key)}
 
 
-def _settings_text(settings: dict[str, Any] | None) -> str:
+def _settings_text(settings: dict[str, Any] | None, missing: str) -> str:
     if not settings:
-        return "its settings are not recorded in the checkpoint"
+        return missing
     shown = {k: f"[{', '.join(map(str, v))}]" if isinstance(v, (list, tuple)) else v for k, v in settings.items()}
     return "built with " + " ".join(f"--data.{key} {value}" for key, value in shown.items())
 
@@ -264,6 +264,9 @@ class VisualQuestionAnswering(VisionLanguageTask):
             head_lr_mult=head_lr_mult, fusion_lr_mult=fusion_lr_mult, **kwargs,
         )  # fmt: skip
         self.answers: list[str] | None = None
+        # (answers, settings) of the data, and (answers, settings, path) of a restored checkpoint
+        self._data_vocabulary: tuple[list[str], dict[str, Any]] | None = None
+        self._checkpoint_vocabulary: tuple[list[str], dict[str, Any] | None, str | None] | None = None
 
     def configure_heads(self, dim: int) -> None:
         self.head = vqa_head(dim, self.hparams.num_classes)
@@ -289,22 +292,23 @@ class VisualQuestionAnswering(VisionLanguageTask):
     def _check_answers(self) -> None:
         """Refuse a restored checkpoint whose answer vocabulary is not the data's (in whichever order Lightning
         restores the checkpoint and sets the module up)."""
-        data, stored = getattr(self, "_data_vocabulary", None), getattr(self, "_checkpoint_vocabulary", None)
+        data, stored = self._data_vocabulary, self._checkpoint_vocabulary
         if data is None or stored is None or data[0] == stored[0]:
             return
         (data_answers, data_settings), (stored_answers, stored_settings, path) = data, stored
         same = " (as many, but other answers or in another order)" if len(stored_answers) == len(data_answers) else ""
         raise AnswerVocabularyError(
             f"The checkpoint{f' {path}' if path else ''} has an answer vocabulary of {len(stored_answers)} answers "
-            f"({_settings_text(stored_settings)}) and the data one of {len(data_answers)}{same} "
-            f"({_settings_text(data_settings)}): its answer head does not fit. Pass the training run's "
+            f"({_settings_text(stored_settings, 'its settings are not recorded in the checkpoint')}), the data's has "
+            f"{len(data_answers)} answers{same} ({_settings_text(data_settings, 'settings unknown')}): its answer head "
+            "does not fit. Pass the training run's "
             "--data.train_splits and --data.min_answer_count (and its annotation files)."
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["vqa_answers"] = self.answers
-        data = getattr(self, "_data_vocabulary", None)
+        data = self._data_vocabulary
         if data is not None and data[0] == self.answers:
             checkpoint["vqa_answer_settings"] = data[1]
 
