@@ -24,6 +24,7 @@ from frozenlm.models.meter import TowerLoadError
 from frozenlm.tasks import ImageTextRetrieval, VisualQuestionAnswering
 from frozenlm.tasks.vision_language import IncompatibleCheckpointError, vqa_head
 from frozenlm.tasks.vl_metrics import VQAAccuracy, retrieval_recalls, vqa_accuracy
+from frozenlm.trainer_cli import ConfigurationError
 from tests.cli_helpers import cli_command, last_checkpoint, load_checkpoint, run_cli, run_cli_subprocess
 from tests.data.flickr30k.data import TEMPLATES
 from tests.data.flickr30k.data import write as write_flickr30k
