@@ -23,12 +23,7 @@ from frozenlm.tasks import BaseTask
 DESCRIPTION = """Frozen transformer blocks from pretrained language models inside visual encoders.
 
 Trainer commands take YAML configs (class_path/init_args) and dotted overrides, e.g.
-  frozenlm fit --config configs/cifar100_deit.yaml --model.llm.checkpoint PATH --trainer.max_steps 10
-Other commands (each with --help): `frozenlm bench` (frozen-block throughput and memory),
-`frozenlm export` (the plain ViT of a baseline or GCR checkpoint as safetensors),
-`frozenlm rank-layers` (candidate LM layers ranked by linear CKA with the adjacent ViT block),
-`frozenlm sweep` (variants x seeds of a config, resumable, with a table of means, paired differences
-and gradient coherence)."""
+  frozenlm fit --config configs/cifar100_deit.yaml --model.llm.checkpoint PATH --trainer.max_steps 10"""
 
 
 # Trainer defaults a config can override: TensorBoard logs, the learning rate per step, checkpoints
@@ -179,8 +174,9 @@ def _find_last_checkpoint(config) -> tuple[str, int | str] | None:
 
 
 
-def run_trainer(args: list[str] | None = None) -> FrozenLMCLI:
-    """Run a trainer command (``sys.argv`` when ``args`` is None) and return its LightningCLI."""
+def run_trainer(args: list[str] | None = None, parser_kwargs: dict[str, Any] | None = None) -> FrozenLMCLI:
+    """Run a trainer command (``sys.argv`` when ``args`` is None) and return its LightningCLI;
+    ``parser_kwargs`` go to the main parser (the console script's ``--help`` lists every command)."""
     return FrozenLMCLI(
         model_class=BaseTask,
         datamodule_class=LightningDataModule,
@@ -189,6 +185,6 @@ def run_trainer(args: list[str] | None = None) -> FrozenLMCLI:
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
-        parser_kwargs={"description": DESCRIPTION},
+        parser_kwargs={"description": DESCRIPTION, **(parser_kwargs or {})},
         args=args,
     )
