@@ -1,5 +1,5 @@
 """The ``frozenlm`` console script: the trainer commands (a LightningCLI, :mod:`frozenlm.trainer_cli`)
-plus a few analysis commands.
+plus a few analysis commands (:data:`COMMANDS`, each listed with one line by ``frozenlm --help``).
 
     frozenlm fit --config configs/cifar100_deit.yaml --model.llm.checkpoint PATH_OR_HUB_ID
     frozenlm validate|test|predict --config ... --ckpt_path ...
@@ -8,17 +8,45 @@ plus a few analysis commands.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import traceback
 from collections.abc import Callable
 
+from jsonargparse import DefaultHelpFormatter
+
 from frozenlm.errors import FrozenLMError
-from frozenlm.trainer_cli import ConfigurationError, FrozenLMCLI, error_reason, run_trainer
+from frozenlm.trainer_cli import DESCRIPTION, ConfigurationError, FrozenLMCLI, error_reason, run_trainer
 
 # Set to 1 for the full traceback of a configuration or data error (bad dataset path, damaged file, ...).
 DEBUG_ENV = "FROZENLM_DEBUG"
-EXTRA_COMMANDS = ("bench", "export", "recompose", "rank-layers", "sweep")
+# Every command, with the line `frozenlm --help` shows for it: the trainer's (LightningCLI) and ours.
+TRAINER_COMMANDS = {
+    "fit": "train a model: a YAML config (--config) and dotted overrides; --ckpt_path last resumes",
+    "validate": "one pass over the validation split (--ckpt_path the checkpoint)",
+    "test": "one pass over the test split (--ckpt_path the checkpoint)",
+    "predict": "predictions to a .csv or .json file (--predictions.output), written as batches finish",
+}
+EXTRA_COMMANDS = {
+    "bench": "a frozen LM block's training step: time, TFLOP/s and peak memory per dtype",
+    "export": "the plain ViT of a baseline or GCR checkpoint as .safetensors and its .json",
+    "recompose": "a ViT of any depth from a decomposed (learngene) checkpoint's first genes",
+    "rank-layers": "candidate LM layers ranked by linear CKA with the adjacent ViT block",
+    "sweep": "variants x seeds of a config, resumable, with a table of means and paired differences",
+}
+COMMANDS = {**TRAINER_COMMANDS, **EXTRA_COMMANDS}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, with the description's lines (the command list) kept as written."""
+
+
+def help_description() -> str:
+    """The text above ``frozenlm --help``'s options: what frozenlm is, and every command in one line."""
+    width = max(map(len, COMMANDS))
+    lines = [f"  frozenlm {name:<{width}}  {summary}" for name, summary in COMMANDS.items()]
+    return f"{DESCRIPTION}\n\nCommands (each with --help):\n" + "\n".join(lines)
 
 
 def _extra_commands() -> dict[str, Callable]:
@@ -39,12 +67,14 @@ def run(args: list[str] | None = None) -> FrozenLMCLI | None:
         command = _extra_commands()[argv[0]]
         try:
             auto_cli(command, args=argv[1:], as_positional=False, prog=f"frozenlm {argv[0]}")
+        except FrozenLMError:  # the command's own one-line error (main prints it)
+            raise
         except ValueError as error:
             if error.__cause__ is None:  # raised by the command itself, with its own message
                 raise
             raise ConfigurationError(error_reason(error)) from error  # a class built from the arguments failed
         return None
-    return run_trainer(args)
+    return run_trainer(args, parser_kwargs={"description": help_description(), "formatter_class": _HelpFormatter})
 
 
 def main() -> None:

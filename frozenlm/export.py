@@ -30,9 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from timm.models import VisionTransformer
 
+from frozenlm.checkpoints import newest_intact_checkpoint
+from frozenlm.errors import FrozenLMError
 from frozenlm.models.learngene import gene_state, genes_in, recompose_blocks
 from frozenlm.models.pointbert import PointBERT
 from frozenlm.models.vit import create_vit, trunk_options
@@ -42,16 +45,41 @@ TRUNK_PREFIX = "backbone."
 POINTBERT_ARGS = ("num_groups", "group_size", "embed_dim", "depth", "num_heads", "encoder_dims")
 
 
+class ExportError(FrozenLMError, ValueError):
+    """``frozenlm export`` or ``frozenlm recompose`` cannot use the checkpoint or an option given (a
+    missing, damaged or other kind of file, a checkpoint of another model, an output it cannot write);
+    the message names the file or option and the fix."""
+
+
+def _load(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(hyper-parameters, state dict)`` of a Lightning checkpoint, or an :class:`ExportError` naming the
+    file when it is missing, damaged or not a Lightning checkpoint (with the newest intact one beside it)."""
+    path = Path(checkpoint)
+    fix = "give a .ckpt that `frozenlm fit` wrote (runs/<name>/version_<n>/checkpoints/)"
+    if not path.is_file():
+        raise ExportError(f"The checkpoint {path} {'is a folder' if path.is_dir() else 'does not exist'}: {fix}.")
+    try:
+        # Lightning checkpoints hold plain containers and tensors: no unpickling of arbitrary classes.
+        # mmap: only the tensors used are read, not the optimizer state.
+        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # truncated, empty, another format, a pickle of other objects
+        intact = newest_intact_checkpoint(path.parent, exclude=path)
+        instead = f"; the newest intact checkpoint beside it is {intact}" if intact else ""
+        reason = (str(error).strip().splitlines() or [""])[0]
+        problem = f"is damaged or not a Lightning checkpoint ({type(error).__name__}: {reason})"
+        raise ExportError(f"The checkpoint {path} {problem}: {fix}{instead}.") from error
+    if not isinstance(stored, dict) or not isinstance(stored.get("state_dict"), dict):
+        raise ExportError(f"{path} is not a Lightning checkpoint (it holds no state_dict): {fix}.")
+    return stored.get("hyper_parameters") or {}, stored["state_dict"]
+
+
 def _read(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(hyper-parameters, trunk state dict)`` of a baseline or GCR checkpoint; inline ones are refused."""
-    # Lightning checkpoints hold plain containers and tensors: no unpickling of arbitrary classes.
-    # mmap: only the trunk's tensors are read, not the optimizer state.
-    stored = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    hparams = stored.get("hyper_parameters", {})
-    state = {k.removeprefix(TRUNK_PREFIX): v for k, v in stored["state_dict"].items() if k.startswith(TRUNK_PREFIX)}
+    hparams, state = _load(checkpoint)
+    state = {k.removeprefix(TRUNK_PREFIX): v for k, v in state.items() if k.startswith(TRUNK_PREFIX)}
     llm = hparams.get("llm")
     if llm is not None and llm.get("mode", "inline") == "inline":
-        raise ValueError(
+        raise ExportError(
             f"{checkpoint} was trained with the frozen LM block inline (llm.mode: inline, LM4VE): the block "
             "is part of that model, so the trunk alone would give different outputs. Only baseline "
             "(llm: null) and GCR (llm.mode: auxiliary) checkpoints give a plain trunk."
@@ -65,15 +93,16 @@ def read_trunk(checkpoint: str | Path, decomposed: bool = False) -> tuple[str, d
     The kwargs include frozenlm's stem and position options when the ViT has them (then
     ``frozenlm.models.create_vit``, not ``timm.create_model``, builds it).
 
-    Raises ``ValueError`` for checkpoints of other tasks and for inline-mode LM blocks, and for decomposed
-    (learngene) models unless ``decomposed`` (then the state holds no blocks: :func:`recompose` adds them).
+    Raises :class:`ExportError` (a ``ValueError``) for missing or damaged files, checkpoints of other tasks and
+    inline-mode LM blocks, and for decomposed (learngene) models unless ``decomposed`` (then the state holds
+    no blocks: :func:`recompose` adds them).
     """
     hparams, state = _read(checkpoint)
     if hparams.get("learngene") and not decomposed:
-        raise ValueError(f"{checkpoint} is a decomposed (learngene) model: write its ViT with `frozenlm recompose`.")
+        raise ExportError(f"{checkpoint} is a decomposed (learngene) model: write its ViT with `frozenlm recompose`.")
     if not isinstance(hparams.get("backbone"), str) or not state:
         kind = hparams.get("_class_path", "a task without a timm `backbone`")
-        raise ValueError(f"{checkpoint} is a checkpoint of {kind}; export supports frozenlm.tasks.ImageClassifier.")
+        raise ExportError(f"{checkpoint} is a checkpoint of {kind}; export supports frozenlm.tasks.ImageClassifier.")
     # Architecture only: drop-path and pretrained-weight options shape training, not the model.
     kwargs = {"num_classes": hparams["num_classes"], **(hparams.get("backbone_kwargs") or {})}
     kwargs.update({k: hparams[k] for k in ("img_size", "patch_size") if hparams.get(k) is not None})
@@ -106,20 +135,16 @@ def export(checkpoint: str, output: str = "model.safetensors") -> Path:
     Returns:
         The path of the written ``.safetensors`` file.
     """
+    _check_output(output)
     name, kwargs, state = read_trunk(checkpoint)
     return write_trunk(name, kwargs, state, output, checkpoint)
 
 
 def write_trunk(name: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor], output: str | Path, source: str | Path) -> Path:
     """``output`` (``.safetensors``): a ViT's state dict, and beside it the ``.json`` that rebuilds the model."""
-    path = Path(output)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"output must end in .safetensors, got {output}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, path, metadata={"format": "pt"})
     builder = "frozenlm.models.create_vit" if trunk_options(kwargs) else "timm.create_model"
     spec = {"model_name": name, "builder": builder, "create_model_kwargs": kwargs, "source_checkpoint": str(source)}
-    path.with_suffix(".json").write_text(json.dumps(spec, indent=2) + "\n")
+    path = _save(state, output, {"format": "pt"}, json.dumps(spec, indent=2) + "\n")
     print(f"Wrote {path} ({len(state)} tensors) and {path.with_suffix('.json')} ({builder} arguments).")
     return path
 
@@ -143,24 +168,22 @@ def recompose(checkpoint: str, depth: int, genes: int | None = None, output: str
     Returns:
         The path written.
     """
-    stored = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    hparams, state = stored.get("hyper_parameters", {}), stored["state_dict"]
+    if depth < 1:
+        raise ExportError(f"--depth must be at least 1, got {depth}.")
+    _check_output(output)
+    hparams, state = _load(checkpoint)
     learngene, all_genes = hparams.get("learngene"), genes_in(state)
     if not learngene or not all_genes:
-        raise ValueError(f"{checkpoint} is not a decomposed model: recompose needs a fit with --model.learngene.")
+        raise ExportError(f"{checkpoint} is not a decomposed model: recompose needs a fit with --model.learngene.")
     genes = len(all_genes) if genes is None else genes
     if not 1 <= genes <= len(all_genes):
-        raise ValueError(f"--genes must be in [1, {len(all_genes)}] for {checkpoint}, got {genes}.")
-    if depth < 1:
-        raise ValueError(f"--depth must be at least 1, got {depth}.")
+        raise ExportError(f"--genes must be in [1, {len(all_genes)}] for {checkpoint}, got {genes}.")
     if tied:
         kept = {k: v for k, v in state.items() if k.startswith(TRUNK_PREFIX)}
         kept.update(gene_state(all_genes[:genes]))
-        path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
         # Read back by --model.init_from: the basis (a model's unset basis follows it) and the gene count.
         metadata = {"format": "pt", "learngene_basis": learngene["basis"], "learngene_genes": str(genes)}
-        save_file({k: v.contiguous() for k, v in kept.items()}, path, metadata=metadata)
+        path = _save(kept, output, metadata)
         backbone_kwargs = {**(hparams.get("backbone_kwargs") or {}), "depth": depth + _removed_blocks(hparams)}
         print(f"Wrote {path}: {genes} learngenes and the shared parts. Fine-tune with the blocks tied:\n  frozenlm fit "
               f"--config <config> --model.learngene '{{genes: {genes}, basis: {learngene['basis']}}}' "
@@ -170,6 +193,27 @@ def recompose(checkpoint: str, depth: int, genes: int | None = None, output: str
     kwargs["depth"] = depth + _removed_blocks(hparams)  # create_vit removes the conv stem's blocks again
     trunk.update(recompose_blocks(all_genes[:genes], learngene["basis"], depth))
     return write_trunk(name, kwargs, trunk, output, checkpoint)
+
+
+def _check_output(output: str | Path) -> Path:
+    path = Path(output)
+    if path.suffix != ".safetensors":
+        raise ExportError(f"--output {output} must end in .safetensors: the weights are written in that format.")
+    return path
+
+
+def _save(state: dict[str, torch.Tensor], output: str | Path, metadata: dict[str, str], spec: str | None = None) -> Path:
+    """Write ``state`` to ``output`` (``.safetensors``) and ``spec``, when given, to the ``.json`` beside it;
+    an :class:`ExportError` naming ``--output`` when the path is not ``.safetensors`` or cannot be written."""
+    path = _check_output(output)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, path, metadata=metadata)
+        if spec is not None:
+            path.with_suffix(".json").write_text(spec)
+    except (OSError, SafetensorError) as error:
+        raise ExportError(f"Cannot write --output {path} ({type(error).__name__}: {error}): choose another path.") from error
+    return path
 
 
 def _removed_blocks(hparams: dict[str, Any]) -> int:

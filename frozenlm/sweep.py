@@ -227,6 +227,10 @@ def flops_per_sample(model: L.LightningModule, datamodule: L.LightningDataModule
     return counter.get_total_flops()
 
 
+class SlurmNotFoundError(FrozenLMError, RuntimeError):
+    """``--launcher slurm`` on a machine without SLURM's commands; the message suggests ``--launcher local``."""
+
+
 @dataclasses.dataclass
 class SlurmOptions:
     """How ``--launcher slurm`` submits runs (submitit's SLURM parameters); each run is one job of a job
@@ -258,6 +262,15 @@ class SlurmOptions:
     setup: list[str] = dataclasses.field(default_factory=list)
 
     def executor(self, folder: Path) -> submitit.AutoExecutor:
+        import shutil
+
+        missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
+        if missing:
+            verb = "is" if len(missing) == 1 else "are"
+            raise SlurmNotFoundError(
+                f"--launcher slurm submits with SLURM's sbatch and srun, and {' and '.join(missing)} {verb} not on PATH "
+                "here: run the sweep on a SLURM login node, or on this machine with --launcher local (one process per run)."
+            )
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=self.max_requeues)
         named = {"partition": self.partition, "account": self.account, "qos": self.qos, "constraint": self.constraint,
                  "mem": f"{self.mem_gb}GB" if self.mem_gb else None}  # fmt: skip

@@ -12,28 +12,25 @@ from typing import Any
 
 from lightning import LightningDataModule
 from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from frozenlm.callbacks import PredictionWriter
 from frozenlm.checkpoints import AtomicCheckpointIO, CheckpointDirectoryCheck, DamagedCheckpointError, check_checkpoint
 from frozenlm.errors import ConfigurationError, FrozenLMError
+from frozenlm.progress import ProgressLines, progress_bar
 from frozenlm.tasks import BaseTask
 
 DESCRIPTION = """Frozen transformer blocks from pretrained language models inside visual encoders.
 
 Trainer commands take YAML configs (class_path/init_args) and dotted overrides, e.g.
-  frozenlm fit --config configs/cifar100_deit.yaml --model.llm.checkpoint PATH --trainer.max_steps 10
-Other commands (each with --help): `frozenlm bench` (frozen-block throughput and memory),
-`frozenlm export` (the plain ViT of a baseline or GCR checkpoint as safetensors),
-`frozenlm rank-layers` (candidate LM layers ranked by linear CKA with the adjacent ViT block),
-`frozenlm sweep` (variants x seeds of a config, resumable, with a table of means, paired differences
-and gradient coherence)."""
+  frozenlm fit --config configs/cifar100_deit.yaml --model.llm.checkpoint PATH --trainer.max_steps 10"""
 
 
 # Trainer defaults a config can override: TensorBoard logs, the learning rate per step, checkpoints
-# of the best and the last epoch, and a summary of where they are. (A rich progress bar is added in
-# `instantiate_trainer` unless progress bars are off or a config brings its own.)
+# of the best and the last epoch, and a summary of where they are. (A progress display is added in
+# `instantiate_trainer` unless progress bars are off or a config brings its own: the rich bar in a
+# terminal, plain lines otherwise, frozenlm.progress.)
 TRAINER_DEFAULTS = {
     "trainer.logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -62,12 +59,14 @@ TRAINER_DEFAULTS = {
 
 
 class FrozenLMCLI(LightningCLI):
-    """LightningCLI with the dataset's class count linked into the model, a predictions writer, and
-    deliberate resumption (see :meth:`_parse_ckpt_path`)."""
+    """LightningCLI with the dataset's class count linked into the model, a predictions writer, progress
+    as lines where the output is not a terminal (``--progress.*``), and deliberate resumption (see
+    :meth:`_parse_ckpt_path`)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_class_arguments(ProgressLines, "progress")  # used when stdout is not a terminal
         parser.set_defaults(TRAINER_DEFAULTS)
 
     def instantiate_classes(self) -> None:
@@ -77,13 +76,14 @@ class FrozenLMCLI(LightningCLI):
             raise ConfigurationError(error_reason(error)) from error
 
     def instantiate_trainer(self, **kwargs):
-        """The trainer, with a rich progress bar (unless progress bars are off or the config brings one),
+        """The trainer, with a progress display (unless progress bars are off or the config brings one: the
+        rich bar in a terminal, :class:`~frozenlm.progress.ProgressLines` in a log file or pipe),
         atomic checkpoint writes (unless the config brings its own CheckpointIO), and a check that the
         checkpoint directories are writable before the first epoch."""
         config = self._get(self.config_init, "trainer", default={})
         callbacks = list(kwargs.pop("callbacks", None) or config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(RichProgressBar())
+            callbacks.append(progress_bar(self._get(self.config_init, "progress")))
         callbacks.append(CheckpointDirectoryCheck())
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
@@ -179,8 +179,9 @@ def _find_last_checkpoint(config) -> tuple[str, int | str] | None:
 
 
 
-def run_trainer(args: list[str] | None = None) -> FrozenLMCLI:
-    """Run a trainer command (``sys.argv`` when ``args`` is None) and return its LightningCLI."""
+def run_trainer(args: list[str] | None = None, parser_kwargs: dict[str, Any] | None = None) -> FrozenLMCLI:
+    """Run a trainer command (``sys.argv`` when ``args`` is None) and return its LightningCLI;
+    ``parser_kwargs`` go to the main parser (the console script's ``--help`` lists every command)."""
     return FrozenLMCLI(
         model_class=BaseTask,
         datamodule_class=LightningDataModule,
@@ -189,6 +190,6 @@ def run_trainer(args: list[str] | None = None) -> FrozenLMCLI:
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
-        parser_kwargs={"description": DESCRIPTION},
+        parser_kwargs={"description": DESCRIPTION, **(parser_kwargs or {})},
         args=args,
     )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,7 +14,8 @@ import pytest
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from frozenlm.cli import main, run
+from frozenlm.cli import _extra_commands, main, run
+from frozenlm.trainer_cli import FrozenLMCLI
 from frozenlm.predictions import PredictionOutputError
 from tests.cli_helpers import last_checkpoint, load_checkpoint, run_cli
 from tests.conftest import build_tiny_lm, save_checkpoint
@@ -55,13 +58,14 @@ REPRODUCE_TARGETS = [
 ]
 
 
-def test_help_lists_commands(capsys):
+def test_help_lists_every_command_with_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         run(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("fit", "validate", "test", "predict", "bench", "export", "rank-layers"):
-        assert command in out
+    dispatched = [*FrozenLMCLI.subcommands(), *_extra_commands()]  # what `frozenlm <command>` runs
+    for command in dispatched:
+        assert re.search(rf"^  frozenlm {command} +\w.+$", out, re.M), f"{command} is not listed in --help:\n{out}"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
@@ -231,3 +235,69 @@ def test_the_console_script_prints_a_data_error_as_one_line(tmp_path, monkeypatc
     assert exit_info.value.code == 2
     assert err[0].startswith(f"frozenlm: error: DatasetFileError: {root / 'modelnet40_train.txt'} lists no shape ids")
     assert len(err) == 2 and "FROZENLM_DEBUG=1" in err[1]
+
+
+def one_line_error(monkeypatch, capsys, *args: str) -> str:
+    """``frozenlm <args>`` through the console script: it must exit 2 with one error line (and the hint
+    line); returns the error."""
+    monkeypatch.setattr("sys.argv", ["frozenlm", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2, err
+    assert len(err) == 2 and err[0].startswith("frozenlm: error: ") and "FROZENLM_DEBUG=1" in err[1], err
+    return err[0].removeprefix("frozenlm: error: ")
+
+
+# (command and what is wrong, the error): missing, damaged and other kinds of files, other checkpoints, bad options.
+EXPORT_ERRORS = [
+    ("export missing", r"ExportError: The checkpoint {dir}/missing.ckpt does not exist: give a .ckpt"),
+    ("export folder", r"ExportError: The checkpoint {dir} is a folder"),
+    ("export truncated", r"ExportError: The checkpoint {dir}/truncated.ckpt is damaged or not a Lightning checkpoint "
+                         r"\(RuntimeError: .*\): .*; the newest intact checkpoint beside it is {dir}/intact.ckpt\.$"),
+    ("export safetensors", r"ExportError: {dir}/weights.safetensors is damaged or not a Lightning checkpoint|"
+                           r"ExportError: {dir}/weights.safetensors is not a Lightning checkpoint"),
+    ("export state_dict", r"ExportError: {dir}/plain.pt is not a Lightning checkpoint \(it holds no state_dict\)"),
+    ("export output_suffix", r"ExportError: --output {dir}/out.pt must end in .safetensors"),
+    ("export output_unwritable", r"ExportError: Cannot write --output {dir}/a_file/model.safetensors \(.*Error: .*\): "
+                                 r"choose another path\."),
+    ("recompose missing", r"ExportError: The checkpoint {dir}/missing.ckpt does not exist"),
+    ("recompose truncated", r"ExportError: The checkpoint {dir}/truncated.ckpt is damaged"),
+    ("recompose not_decomposed", r"ExportError: {dir}/intact.ckpt is not a decomposed model: recompose needs a fit "
+                                 r"with --model.learngene\."),
+    ("recompose depth", r"ExportError: --depth must be at least 1, got 0\."),
+    ("recompose output_suffix", r"ExportError: --output {dir}/out.pt must end in .safetensors"),
+]
+
+
+@pytest.mark.parametrize(("case", "expected"), EXPORT_ERRORS, ids=[case.replace(" ", "-") for case, _ in EXPORT_ERRORS])
+def test_export_and_recompose_errors_are_one_line(case, expected, tmp_path, baseline_checkpoint, monkeypatch, capsys):
+    """Missing, damaged and other kinds of files, other checkpoints, and bad options: one line, exit 2."""
+    import torch
+    from safetensors.torch import save_file
+
+    intact = shutil.copy(baseline_checkpoint, tmp_path / "intact.ckpt")
+    (tmp_path / "truncated.ckpt").write_bytes(Path(intact).read_bytes()[:1000])
+    save_file({"w": torch.zeros(2)}, tmp_path / "weights.safetensors")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "plain.pt")
+    (tmp_path / "a_file").write_text("")
+    command, kind = case.split()
+    checkpoint = {"missing": "missing.ckpt", "folder": "", "truncated": "truncated.ckpt", "safetensors": "weights.safetensors",
+                  "state_dict": "plain.pt"}.get(kind, "intact.ckpt")  # fmt: skip
+    output = {"output_suffix": "out.pt", "output_unwritable": "a_file/model.safetensors"}.get(kind, "model.safetensors")
+    args = [command, "--checkpoint", str(tmp_path / checkpoint), "--output", str(tmp_path / output)]
+    if command == "recompose":
+        args += ["--depth", "0" if kind == "depth" else "2"]
+    error = one_line_error(monkeypatch, capsys, *args)
+    assert re.match(expected.format(dir=re.escape(str(tmp_path))), error), error
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_a_slurm_sweep_without_slurm_is_one_line_suggesting_the_local_launcher(tmp_path, monkeypatch, capsys):
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no sbatch, no srun
+    error = one_line_error(monkeypatch, capsys, "sweep", "--preset", str(REPO / "configs/sweeps/demo.yaml"),
+                           "--launcher", "slurm", "--output", str(tmp_path / "sweep"))  # fmt: skip
+    assert error.startswith("SlurmNotFoundError: --launcher slurm submits with SLURM's sbatch and srun, and sbatch and "
+                            "srun are not on PATH here"), error  # fmt: skip
+    assert "--launcher local" in error
