@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -18,8 +19,8 @@ from transformers import CLIPVisionModel
 from frozenlm.cli import main
 from frozenlm.data import Flickr30kDataModule, VQAv2DataModule
 from frozenlm.data.base import DatasetFileError, DatasetNotFoundError
-from frozenlm.data.vqa_answers import normalize_answer
-from frozenlm.data.vqav2 import soft_score
+from frozenlm.data.vqa_answers import answer_vocabulary, normalize_answer, normalize_word
+from frozenlm.data.vqav2 import Question, VQASamples, soft_score
 from frozenlm.models.meter import TowerLoadError
 from frozenlm.tasks import ImageTextRetrieval, VisualQuestionAnswering
 from frozenlm.tasks.vision_language import IncompatibleCheckpointError, vqa_head
@@ -154,16 +155,60 @@ def test_vqav2_reads_the_official_files(vqa_root, tmp_path):
     assert vqa_data(vqa_root, cache_dir=tmp_path / "cache").answers == data.answers
     sample = data.dataset("val")[1]  # "Is there a ...?"
     assert sample["image"].shape == (3, 32, 32) and sample["answer_type"] == "yes/no" and len(sample["answers"]) == 10
-    yes = sum(normalize_answer(a) == "yes" for a in sample["answers"])
+    yes = sum(a == "yes" for a in sample["answers"])  # METER counts the answers as written: "Yes" does not count
     assert sample["targets"][data.answer_index["yes"]] == pytest.approx(soft_score(yes))
     assert [soft_score(n) for n in range(6)] == pytest.approx([0, 0.3, 0.6, 0.9, 1.0, 1.0])
-    assert len(data.split_questions("train")) == 36 and len(data.split_questions("val")) == 18
+    answerable = [q for q in data.questions("train2014") if set(q.answers) & set(data.answers)]
+    assert data.split_questions("train") == answerable and len(data.split_questions("val")) == 18
     assert len(data.split_questions("predict")) == 9 and data.dataset("predict")[0]["answers"] == []
-    # METER's split: train on train + val, hold the last questions of val out as the validation split.
-    held = vqa_data(vqa_root, cache_dir=tmp_path / "c2", train_splits=["train2014", "val2014"], holdout=5)
-    val_ids = {q.question_id for q in held.split_questions("val")}
-    assert len(val_ids) == 5 and len(held.split_questions("train")) == 36 + 13
-    assert not val_ids & {q.question_id for q in held.split_questions("train")}
+    # METER's split: train on train + val, hold the last val images out, with all their questions.
+    held = vqa_data(vqa_root, cache_dir=tmp_path / "c2", train_splits=["train2014", "val2014"], holdout=2)
+    validation = held.split_questions("val")
+    val_images = sorted({q.image.name for q in held.questions("val2014")})
+    assert {q.image.name for q in validation} == set(val_images[-2:]) and len(validation) == 6
+    training = held.split_questions("train")
+    assert not {q.question_id for q in validation} & {q.question_id for q in training}
+    assert {q.image.name for q in training if "val2014" in q.image.name} <= set(val_images[:-2])
+
+
+def test_answer_vocabulary_targets_and_training_questions_are_meters(vqa_root, tmp_path):
+    # METER's meter/utils/write_vqa.py make_arrow: the vocabulary counts normalize_word(multiple_choice_answer)
+    # over train2014 + val2014 and keeps answers given >= 9 times (here 3); targets count the human answers
+    # as written against it; train/val questions without an in-vocabulary answer are filtered out.
+    main = ["Two", "2", "two.", "yes", "Yes", "no", "red ", " red", "red"]
+    assert answer_vocabulary(main, 3) == ["2", "red"]  # "Two", "two." -> "2"; " red" / "red " -> "red"
+    assert answer_vocabulary(main, 2) == ["2", "red", "yes"]
+    assert normalize_word("Two.") == "2" and normalize_word(" ?yes") == "yes" and normalize_word("1,000") == "1000"
+    questions = [
+        Question(1, "How many?", vqa_root / "train2014" / "x.jpg", ["2"] * 3 + ["two"] * 7, "number"),
+        Question(2, "How many?", vqa_root / "train2014" / "x.jpg", ["two"] * 10, "number"),
+    ]
+    samples = VQASamples(questions, {"2": 0, "red": 1}, transform=None)
+    assert soft_score(3) == pytest.approx(0.9)  # three annotators wrote "2"; the seven "two" do not count
+    with patch("frozenlm.data.vqav2.read_image", return_value=torch.zeros(3, 4, 4)):
+        assert samples[0]["targets"].tolist() == pytest.approx([0.9, 0.0])
+        assert samples[1]["targets"].tolist() == [0.0, 0.0]
+    # The vocabulary counts val2014's main answers even when training on train2014 alone (METER's).
+    data = vqa_data(vqa_root, cache_dir=tmp_path / "cache")
+    expected = answer_vocabulary([a["multiple_choice_answer"] for split in ("train2014", "val2014")
+                                  for a in json.loads((vqa_root / f"v2_mscoco_{split}_annotations.json").read_text())["annotations"]], 2)
+    assert data.answers == expected
+    only_train = vqa_data(vqa_root, cache_dir=tmp_path / "cache", answer_splits=["train2014"])
+    assert only_train.answers != data.answers
+    # A training question none of whose answers is in the vocabulary is left out; evaluation keeps it.
+    root = Path(shutil.copytree(vqa_root, tmp_path / "vqa"))
+    for split in ("train2014", "val2014"):
+        path = root / f"v2_mscoco_{split}_annotations.json"
+        content = json.loads(path.read_text())
+        for answer in content["annotations"][0]["answers"]:
+            answer["answer"] = "zebra"  # in no vocabulary
+        path.write_text(json.dumps(content))
+    edited = vqa_data(root, cache_dir=tmp_path / "c3", train_splits=["train2014"])
+    first = {split: json.loads((root / f"v2_mscoco_{split}_annotations.json").read_text())["annotations"][0]["question_id"]
+             for split in ("train2014", "val2014")}
+    assert first["train2014"] not in {q.question_id for q in edited.split_questions("train")}
+    assert len(edited.split_questions("train")) == len(edited.questions("train2014")) - 1
+    assert first["val2014"] in {q.question_id for q in edited.split_questions("val")}
 
 
 def test_vqav2_errors_name_the_file_and_the_fix(vqa_root, tmp_path):
@@ -431,9 +476,9 @@ def test_a_checkpoint_refuses_another_answer_vocabulary(towers, vqa_root, tmp_pa
     checkpoint = last_checkpoint(tmp_path)
     stored = load_checkpoint(checkpoint)
     trained = len(stored["vqa_answers"])  # min_answer_count 2 (the config's)
-    data = len(VQAv2DataModule(vqa_root, img_size=32, min_answer_count=1, cache_dir=tmp_path / "cache").answers)
+    data = len(VQAv2DataModule(vqa_root, img_size=32, min_answer_count=3, cache_dir=tmp_path / "cache").answers)
     assert trained != data
-    command = cli_command("validate", "vqa_llama", tmp_path, *args, "--data.min_answer_count", "1", "--ckpt_path", str(checkpoint))
+    command = cli_command("validate", "vqa_llama", tmp_path, *args, "--data.min_answer_count", "3", "--ckpt_path", str(checkpoint))
     monkeypatch.setattr("sys.argv", ["frozenlm", *command[3:]])
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
@@ -443,9 +488,9 @@ def test_a_checkpoint_refuses_another_answer_vocabulary(towers, vqa_root, tmp_pa
     assert "Traceback" not in err
     assert [line for line in err.splitlines() if line.startswith("frozenlm: error:")] == [(
         f"frozenlm: error: AnswerVocabularyError: The checkpoint {checkpoint} has an answer vocabulary of {trained} "
-        "answers (built with --data.train_splits [train2014] --data.min_answer_count 2), the data's has "
-        f"{data} answers (built with --data.train_splits [train2014] --data.min_answer_count 1): its answer head does "
-        "not fit. Pass the training run's --data.train_splits and --data.min_answer_count (and its annotation files)."
+        "answers (built with --data.answer_splits [train2014, val2014] --data.min_answer_count 2), the data's has "
+        f"{data} answers (built with --data.answer_splits [train2014, val2014] --data.min_answer_count 3): its answer head does "
+        "not fit. Pass the training run's --data.answer_splits and --data.min_answer_count (and its annotation files)."
     )]
 
 
@@ -465,14 +510,18 @@ def test_vqav2_refuses_answers_that_are_not_text_when_reading(vqa_root, tmp_path
         path.write_text(json.dumps(annotations))
         question = entry["question_id"]
         error = re.escape(f"{path}: question {question} has {'answer' if key == 'answers' else key} 2 (int), not text")
-        if split == "train2014":  # read for the answer vocabulary, as the datamodule is built
-            with pytest.raises(DatasetFileError, match=error):
-                vqa_data(root, cache_dir=tmp_path / "cache")
-        else:  # the validation annotations: read when the run is set up, before the first training step
-            data = vqa_data(root, cache_dir=tmp_path / "cache")
-            with pytest.raises(DatasetFileError, match=error):
-                data.setup("fit")
+        with pytest.raises(DatasetFileError, match=error):  # both read for the answer vocabulary, as the datamodule is built
+            vqa_data(root, cache_dir=tmp_path / "cache")
         path.write_text(original)
+    # Splits outside the vocabulary's are read when the run is set up, before the first training step.
+    data = vqa_data(root, cache_dir=tmp_path / "cache", answer_splits=["train2014"])
+    path = root / "v2_mscoco_val2014_annotations.json"
+    annotations = json.loads(path.read_text())
+    annotations["annotations"][5]["answers"][0]["answer"] = 2
+    path.write_text(json.dumps(annotations))
+    with pytest.raises(DatasetFileError, match=f"question {annotations['annotations'][5]['question_id']} has answer 2"):
+        data.setup("fit")
+    path.write_text(original)
     questions = root / "v2_OpenEnded_mscoco_test-dev2015_questions.json"
     listing = json.loads(questions.read_text())
     listing["questions"][1]["image_id"] = "1"
@@ -494,9 +543,9 @@ def test_an_empty_vqa_validation_split_stops_the_run_at_setup(towers, vqa_root, 
         run_cli("fit", "vqa_llama", runs, "--data.root", str(root), *tower_args(towers))
     assert not list(runs.rglob("*.ckpt"))  # no epoch ran
     # Holding questions of a training split out is the fix the message offers; it validates on them.
-    held = vqa_data(root, train_splits=["train2014"], val_split="train2014", holdout=6)
+    held = vqa_data(root, train_splits=["train2014"], val_split="train2014", holdout=2)
     held.setup("fit")
-    assert len(held.split_questions("val")) == 6
+    assert len(held.split_questions("val")) == 6  # 2 images, 3 questions each
 
 
 def test_retrieval_fit_test_and_predict_through_the_cli(towers, tiny_llama_checkpoint, flickr_root, tmp_path):

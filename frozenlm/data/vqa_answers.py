@@ -1,9 +1,12 @@
 """VQA answer normalisation, exactly as the VQA challenge's evaluation script does it (``processPunctuation``,
-``processDigitArticle``): the answer vocabulary is built with it and the metric compares with it."""
+``processDigitArticle``), and METER's answer vocabulary built with METER's ``normalize_word`` (the same two
+steps without the script's stripping of the text first)."""
 
 from __future__ import annotations
 
 import re
+from collections import Counter
+from collections.abc import Iterable
 
 ANSWER_TYPES = ("yes/no", "number", "other")
 NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
@@ -61,3 +64,21 @@ def normalize_words(text: str) -> str:
 def normalize_answer(text: str) -> str:
     """A predicted answer as the evaluation compares it (also how the answer vocabulary is built here)."""
     return normalize_words(normalize_punctuation(text.replace("\n", " ").replace("\t", " ").strip()))
+
+
+def normalize_word(text: str) -> str:
+    """METER's ``normalize_word`` (zdou0830/METER ``meter/utils/glossary.py`` line 168), which builds its answer
+    vocabulary: :func:`normalize_punctuation` then :func:`normalize_words` on the text as given (unlike
+    :func:`normalize_answer`, no newline replacement or strip first). Its tables (punctuation, number words,
+    articles, contractions) are the evaluation script's; its final ``replace(",", "")`` finds no comma left."""
+    return normalize_words(normalize_punctuation(text)).replace(",", "")
+
+
+def answer_vocabulary(main_answers: Iterable[str], min_count: int) -> list[str]:
+    """METER's answer vocabulary (``meter/utils/write_vqa.py`` ``make_arrow``): each question's
+    ``multiple_choice_answer`` through :func:`normalize_word`, kept when at least ``min_count`` questions
+    give it (METER: 9 over train2014 + val2014, 3,129 answers). Ordered most frequent first, ties
+    alphabetical (METER keeps first appearance: the order only numbers the head's outputs)."""
+    counts = Counter(normalize_word(answer) for answer in main_answers)
+    return sorted((a for a, n in counts.items() if n >= min_count), key=lambda a: (-counts[a], a))
+

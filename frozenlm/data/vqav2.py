@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from frozenlm.data.base import DatasetFileError, DatasetNotFoundError
@@ -20,7 +21,7 @@ from frozenlm.data.vision_language import (
     read_image,
     read_json,
 )
-from frozenlm.data.vqa_answers import normalize_answer
+from frozenlm.data.vqa_answers import answer_vocabulary
 from frozenlm.files import source_stamp, write_atomically
 
 SPLITS = ("train2014", "val2014", "test-dev2015", "test2015")
@@ -76,7 +77,9 @@ class VQASamples(Dataset):
         if not torch.is_tensor(image):
             return image
         targets = torch.zeros(len(self.answer_index))
-        for answer, count in Counter(normalize_answer(a) for a in question.answers).items():
+        # METER's targets (write_vqa.py make_arrow): the human answers counted as written, matched against the
+        # normalised vocabulary; an annotator's "two" does not count for the vocabulary's "2".
+        for answer, count in Counter(question.answers).items():
             if answer in self.answer_index:
                 targets[self.answer_index[answer]] = soft_score(count)
         return {
@@ -94,11 +97,14 @@ class VQAv2DataModule(VisionLanguageDataModule):
         root/v2_mscoco_{train2014,val2014}_annotations.json
         root/train2014/COCO_train2014_<12-digit image id>.jpg, root/val2014/..., root/test2015/...
 
-    The answer vocabulary is every answer that is the ``multiple_choice_answer`` of at least
-    ``min_answer_count`` training questions (METER: 9, giving 3,129 on train + val), normalised as the
-    official evaluation normalises predictions; it is cached in ``cache_dir`` and rebuilt when an
-    annotation file changes. A question's target is a soft score per vocabulary answer (0.3 per
-    annotator who gave it, 1 from four on). Only the splits a stage needs are read (fit reads the training
+    The answer vocabulary is built as METER builds it (``meter/utils/write_vqa.py``): every
+    ``multiple_choice_answer`` of the ``answer_splits`` (METER: train2014 and val2014, whatever the training
+    splits), through METER's ``normalize_word``, given by at least ``min_answer_count`` questions (METER:
+    9, giving 3,129); it is cached in ``cache_dir`` and rebuilt when an annotation file changes. A
+    question's target is METER's soft score per vocabulary answer: the human answers counted as written
+    (not normalised), 0.3 per annotator who gave it, 1 from four on. Training questions none of whose human
+    answers is in the vocabulary are left out, as METER leaves them out (counted and said once);
+    evaluation keeps every question. Only the splits a stage needs are read (fit reads the training
     annotations; predict on test-dev reads test-dev questions only), but the vocabulary always needs the
     training annotations: the answer head's size is linked to it (``num_classes``).
 
@@ -112,10 +118,12 @@ class VQAv2DataModule(VisionLanguageDataModule):
         img_size: image side (METER's VQA recipe: 576).
         train_splits: annotated splits to train on (METER: train2014 and val2014, minus ``holdout``).
         val_split: the annotated split validation and test score.
-        holdout: when ``val_split`` is also a training split, this many of its questions (the last by
-            question id, METER's "minival" idea) are held out of training and are the validation split.
+        holdout: when ``val_split`` is also a training split, this many of its images, with all their
+            questions, are held out of training and are the validation split (METER holds out 1,000 val2014
+            images, its ``rest_val``, drawn at random; here the last by image id, so the split is fixed).
         predict_split: the split ``predict`` answers (``test-dev2015`` for a test-dev submission).
-        min_answer_count: answers given as the main answer of fewer training questions are left out.
+        min_answer_count: answers given as the main answer of fewer questions are left out.
+        answer_splits: the annotated splits whose main answers make the vocabulary (METER: both).
         cache_dir: where the answer vocabulary is cached (default ``root/frozenlm_cache``).
         num_workers, pin_memory, max_unreadable_fraction: see
             :class:`frozenlm.data.base.ClassificationDataModule`.
@@ -132,6 +140,7 @@ class VQAv2DataModule(VisionLanguageDataModule):
         holdout: int = 0,
         predict_split: str = "test-dev2015",
         min_answer_count: int = 9,
+        answer_splits: list[str] = ["train2014", "val2014"],  # noqa: B006
         cache_dir: str | Path | None = None,
         num_workers: int | None = None,
         pin_memory: bool | None = None,
@@ -140,14 +149,14 @@ class VQAv2DataModule(VisionLanguageDataModule):
         std: tuple[float, float, float] = CLIP_STD,
     ) -> None:
         super().__init__(root, batch_size, num_workers, pin_memory, max_unreadable_fraction, DOWNLOAD_HINT)
-        for split in [*train_splits, val_split]:
+        for split in [*train_splits, val_split, *answer_splits]:
             if split not in ANNOTATED:
                 raise ValueError(f"VQAv2 split {split!r} has no public annotations; choose from {ANNOTATED}.")
         if predict_split not in SPLITS:
             raise ValueError(f"Unknown VQAv2 split {predict_split!r}; choose from {SPLITS}.")
         self.train_splits, self.val_split, self.holdout = list(train_splits), val_split, holdout
         self.predict_split = predict_split
-        self.min_answer_count = min_answer_count
+        self.min_answer_count, self.answer_splits = min_answer_count, list(answer_splits)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / "frozenlm_cache"
         self.mean, self.std = mean, std  # what a model undoing the normalisation reads
         self.transform = clip_transform(img_size, mean, std)
@@ -155,6 +164,7 @@ class VQAv2DataModule(VisionLanguageDataModule):
         self.answer_index = {answer: i for i, answer in enumerate(self.answers)}
         self.num_classes = len(self.answers)
         self._questions: dict[str, list[Question]] = {}
+        self._said_unanswerable = False
 
     # -- files -------------------------------------------------------------------------------
     def annotations(self, split: str) -> list[dict[str, Any]]:
@@ -169,7 +179,7 @@ class VQAv2DataModule(VisionLanguageDataModule):
 
     def answer_vocabulary(self) -> list[str]:
         """The answers the head predicts, most frequent first (ties alphabetical); cached."""
-        paths = [self.root / annotation_file(s) for s in self.train_splits]
+        paths = [self.root / annotation_file(s) for s in self.answer_splits]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise DatasetNotFoundError(f"VQAv2DataModule: missing {', '.join(missing)}. {DOWNLOAD_HINT}")
@@ -180,10 +190,8 @@ class VQAv2DataModule(VisionLanguageDataModule):
                 return json.loads(cache.read_text())
             except json.JSONDecodeError:
                 pass  # rebuilt below
-        counts = Counter(
-            normalize_answer(a["multiple_choice_answer"]) for split in self.train_splits for a in self.annotations(split)
-        )
-        answers = sorted((a for a, n in counts.items() if n >= self.min_answer_count), key=lambda a: (-counts[a], a))
+        main_answers = (a["multiple_choice_answer"] for split in self.answer_splits for a in self.annotations(split))
+        answers = answer_vocabulary(main_answers, self.min_answer_count)
         if not answers:
             raise DatasetFileError(
                 f"No answer is the main answer of {self.min_answer_count} or more questions in "
@@ -236,10 +244,19 @@ class VQAv2DataModule(VisionLanguageDataModule):
             return self.questions(self.predict_split)
         held = self.holdout if self.val_split in self.train_splits else 0
         validation = self.questions(self.val_split)
-        held_ids = {q.question_id for q in validation[max(0, len(validation) - held) :]} if held else set()
+        images = sorted({q.image for q in validation}, key=lambda path: path.name)  # COCO ids, zero-padded
+        held_images = set(images[max(0, len(images) - held) :]) if held else set()
         if stage == "val":
-            return [q for q in validation if q.question_id in held_ids] if held else validation
-        return [q for s in self.train_splits for q in self.questions(s) if q.question_id not in held_ids]
+            return [q for q in validation if q.image in held_images] if held else validation
+        training = [q for s in self.train_splits for q in self.questions(s) if not (s == self.val_split and q.image in held_images)]
+        answerable = [q for q in training if any(a in self.answer_index for a in q.answers)]
+        if len(answerable) < len(training) and not self._said_unanswerable and rank_zero_only.rank == 0:
+            self._said_unanswerable = True
+            print(
+                f"VQAv2DataModule: {len(training) - len(answerable)} of {len(training)} training questions have no human answer "
+                f"in the {len(self.answers)}-answer vocabulary and are left out of training, as METER leaves them out."
+            )
+        return answerable
 
     # -- loaders -----------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -267,7 +284,7 @@ class VQAv2DataModule(VisionLanguageDataModule):
         raise DatasetFileError(
             f"The validation split is empty: {self.root / question_file(self.val_split)} lists no question "
             f"(--data.val_split {self.val_split}), so no epoch would be validated and no best checkpoint written. "
-            "Restore the file from the download, choose another --data.val_split, or hold questions of a training "
+            "Restore the file from the download, choose another --data.val_split, or hold images of a training "
             "split out with --data.val_split train2014 --data.holdout N."
         )
 

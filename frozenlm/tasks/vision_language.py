@@ -210,12 +210,12 @@ class VQAResultsJSON(JSONRows):
 
 class AnswerVocabularyError(FrozenLMError, ValueError):
     """A VQA checkpoint whose answer vocabulary is not the data's: the message gives both sizes and the
-    settings each was built with (``--data.train_splits``, ``--data.min_answer_count``)."""
+    settings each was built with (``--data.answer_splits``, ``--data.min_answer_count``)."""
 
 
 def answer_settings(datamodule: Any) -> dict[str, Any]:
     """The datamodule settings an answer vocabulary is built from (recorded in the checkpoint beside it)."""
-    return {key: getattr(datamodule, key) for key in ("train_splits", "min_answer_count") if hasattr(datamodule, key)}
+    return {key: getattr(datamodule, key) for key in ("answer_splits", "min_answer_count") if hasattr(datamodule, key)}
 
 
 def _settings_text(settings: dict[str, Any] | None, missing: str) -> str:
@@ -302,7 +302,7 @@ class VisualQuestionAnswering(VisionLanguageTask):
             f"({_settings_text(stored_settings, 'its settings are not recorded in the checkpoint')}), the data's has "
             f"{len(data_answers)} answers{same} ({_settings_text(data_settings, 'settings unknown')}): its answer head "
             "does not fit. Pass the training run's "
-            "--data.train_splits and --data.min_answer_count (and its annotation files)."
+            "--data.answer_splits and --data.min_answer_count (and its annotation files)."
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
