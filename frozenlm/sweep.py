@@ -481,7 +481,8 @@ class SweepJob(submitit.helpers.Checkpointable):
             args += ["--ckpt_path", str(last)]
         env = submitit.JobEnvironment()
         run_recorded(self.preset, self.variant, self.seed, self.output, args, write=env.global_rank == 0,
-                     limit_s=self.limit_s, job=f"{env.name()} job {env.job_id}", log=str(env.paths.stderr))  # fmt: skip
+                     limit_s=getattr(self, "limit_s", None), job=f"{env.name()} job {env.job_id}",  # (a job pickled before)
+                     log=str(env.paths.stderr))  # fmt: skip
         return str(folder / "result.json")
 
 
