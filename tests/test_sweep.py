@@ -10,9 +10,11 @@ import pickle
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -32,7 +34,7 @@ from frozenlm.sweep import (
     summarize,
     sweep,
 )
-from tests.cli_helpers import run_cli
+from tests.cli_helpers import run_cli, start_cli_subprocess
 
 CONF = Path(__file__).parent / "conf"
 
@@ -543,3 +545,51 @@ def test_a_one_seed_sweep_of_every_family_writes_its_result(family, families, tm
     result = json.loads((tmp_path / "sweep" / family / "seed0" / "result.json").read_text())
     assert result["flops_per_sample"] > 0 and result["flops_error"] is None and result["final"] is not None
     assert json.loads((tmp_path / "sweep" / family / "seed0" / "outcome.json").read_text())["status"] == "done"
+
+
+class WaitForFile(L.Callback):
+    """Holds training at its first step until the file ``path`` exists (a run still going)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        while not self.path.exists():
+            time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_local_sweep_then_a_rerun_never_starts_its_orphaned_run_twice(tmp_path, capsys):
+    """The sweep process killed with SIGTERM leaves its local job training; running the sweep again does
+    not start that run a second time, and reports it running until it ends."""
+    release = tmp_path / "release"
+    preset = {"config": str(CONF / "image_baseline.yaml"), "seeds": [0], "variants": {"plain": [
+        "--trainer.max_epochs", "1", "--trainer.callbacks+=tests.test_sweep.WaitForFile", "--trainer.callbacks.path", str(release)]}}  # fmt: skip
+    (tmp_path / "preset.yaml").write_text(yaml.safe_dump(preset))
+    output, lock = tmp_path / "sweep", tmp_path / "sweep" / "plain" / "seed0" / "run.lock"
+    command = [sys.executable, "-m", "frozenlm.cli", "sweep", "--preset", str(tmp_path / "preset.yaml"), "--output",
+               str(output), "--launcher", "local"]  # fmt: skip
+    first = start_cli_subprocess(command)
+    try:
+        deadline = time.time() + 300
+        while not lock.exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.5)
+        assert lock.exists(), first.communicate(timeout=5)
+        os.kill(first.pid, signal.SIGTERM)  # the sweep only: its job goes on, orphaned
+        first.wait(timeout=60)
+        holder = json.loads(lock.read_text())["pid"]
+        with pytest.raises(SweepNotReadyError, match=rf"plain/seed0 \(running \(process {holder} on "):
+            sweep(str(tmp_path / "preset.yaml"), output=str(output), launcher="local")
+        assert f"Not starting plain/seed0: running (process {holder} on " in capsys.readouterr().out
+        assert len(list((output / "jobs").glob("*_0_log.out"))) == 1  # no second job
+        release.touch()
+        deadline = time.time() + 300
+        while lock.exists() and time.time() < deadline:
+            time.sleep(0.5)
+        run(["sweep", "--report", str(output)])
+        assert "| plain | 1 |" in (output / "results.md").read_text()
+    finally:
+        release.touch()
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
