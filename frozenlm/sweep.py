@@ -343,7 +343,7 @@ def hold_run(folder: Path, limit_s: float | None = None, job: str | None = None)
                 if state is not None and state[0] != "stale":
                     raise RunLockedError(
                         f"{folder} is held by {state[1]} ({path}): a run is never started twice. Wait for it or "
-                        "stop that process; for another host's process that has ended: `frozenlm sweep --force_unlock`."
+                        "stop that process; for another host's process that has ended: `frozenlm sweep ... --force_unlock true`."
                     ) from None
                 if state is not None:
                     print(f"Taking over the stale lock of {folder}: {state[1]}", flush=True)
@@ -480,9 +480,9 @@ class SweepJob(submitit.helpers.Checkpointable):
             print(f"Resuming {self.variant}/seed{self.seed} from {last}", flush=True)
             args += ["--ckpt_path", str(last)]
         env = submitit.JobEnvironment()
+        limit_s = getattr(self, "limit_s", None)  # None in a job submitted by an earlier frozenlm
         run_recorded(self.preset, self.variant, self.seed, self.output, args, write=env.global_rank == 0,
-                     limit_s=getattr(self, "limit_s", None), job=f"{env.name()} job {env.job_id}",  # (a job pickled before)
-                     log=str(env.paths.stderr))  # fmt: skip
+                     limit_s=limit_s, job=f"{env.name()} job {env.job_id}", log=str(env.paths.stderr))  # fmt: skip
         return str(folder / "result.json")
 
 
