@@ -400,6 +400,9 @@ def test_the_report_never_unpickles_and_still_says_where_each_run_stands(tmp_pat
     busy = output / "busy" / "seed0"
     with hold_run(busy):  # this process trains busy/seed0
         run(["sweep", "--report", str(output)])
+        umask = os.umask(0o022)
+        os.umask(umask)
+        assert (busy / "run.lock").stat().st_mode & 0o777 == 0o666 & ~umask  # colleagues can read who holds it
     assert not marker.exists()
     report = (output / "results.md").read_text()
     assert "| done | 1 |" in report
