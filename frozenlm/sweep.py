@@ -29,8 +29,19 @@ with ``gpus`` one process per GPU; ``slurm``, one job per run in a SLURM job arr
 (``--slurm.partition``, ``--slurm.gpus_per_node``, ... :class:`SlurmOptions`), each job one process per
 GPU; ``local``, the same job objects as local processes (submitit's local executor). A job that times
 out or is preempted is resubmitted by submitit and resumes from the run's ``last.ckpt``
-(:class:`SweepJob`). Each submitted run's ``job.json`` names its job and log files, and the report says
-of every run whether it is done, pending, running or failed (with its log), whatever launched it.
+(:class:`SweepJob`). Each submitted run's ``job.json`` names its job and log files.
+
+A run holds its folder while it trains: ``run.lock`` (its process id, host and time limit, created
+atomically), removed when it ends. A run whose folder is held is never started again, by this sweep or
+another: a lock of this host whose process has ended is stale and taken over (said in one line); one of
+another host counts as held until the run's time limit (``--slurm.timeout_min`` for ``local`` and
+``slurm`` jobs; inline runs have none) has passed, or ``--force_unlock``. A run that ends writes
+``outcome.json`` beside ``result.json`` (atomically): ``done``, or ``failed`` with the error's last line
+and the log holding its traceback (the job's log, or the run's ``error.log`` inline). The report says of
+every run whether it is done, pending, running (its folder held) or failed (with its log), whatever
+launched it; it reads JSON and plain-text logs only, never a pickle. Failed runs do not stop the others;
+the sweep then writes its report and ends with :class:`SweepRunsFailedError` naming each (the CLI's
+one-line error, exit status 2).
 
 The report (``results.csv``, ``results.md``, ``results.png``) is rebuilt from the run folders alone
 (``frozenlm sweep --report <output>``). Each variant is compared with the baseline seed by seed: the mean
@@ -45,13 +56,17 @@ import dataclasses
 import json
 import math
 import os
-import pickle
+import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+import uuid
+import warnings
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,10 +80,19 @@ from submitit.core.utils import JobPaths
 from frozenlm.bench import flop_counter
 from frozenlm.checkpoints import newest_intact_checkpoint
 from frozenlm.errors import FrozenLMError
-from frozenlm.files import write_atomically
+from frozenlm.files import _create_partial, write_atomically
 
 class SweepNotReadyError(FrozenLMError, FileNotFoundError):
     """No run of a sweep has finished yet; the message says where each one stands."""
+
+
+class SweepRunsFailedError(FrozenLMError, RuntimeError):
+    """Runs of a sweep failed (the others ran and are reported); the message names each, with the last line
+    of its error and its log."""
+
+
+class RunLockedError(FrozenLMError, RuntimeError):
+    """A run's folder is held by another process (its ``run.lock``); the message names the process."""
 
 
 # What a finished run's result.json must hold for the report.
@@ -95,7 +119,9 @@ class SweepRecorder(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.step_seconds.append(time.perf_counter() - self._start)
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    # After the validation epoch's end: metrics a task logs in its own on_validation_epoch_end (VQA accuracy,
+    # retrieval recall, zero-shot accuracy) reach callback_metrics only after the callbacks' epoch-end hooks.
+    def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking and self.metric in trainer.callback_metrics:
             self.history.append(float(trainer.callback_metrics[self.metric]))
 
@@ -169,6 +195,9 @@ def run_one(
     best = getattr(trainer.checkpoint_callback, "best_model_score", None)
     coherence = next((c.history for c in trainer.callbacks if isinstance(c, GradientCoherenceCallback)), {})
     datamodule = trainer.datamodule
+    flops, flops_error = flops_per_sample(model, datamodule)
+    if flops_error is not None:  # the run's result stands without it
+        warnings.warn(f"FLOPs per sample of {variant}/seed{seed} not counted: {flops_error}", stacklevel=2)
     result = {
         "variant": variant, "seed": seed, "metric": preset["metric"],
         "final": recorder.history[-1] if recorder.history else None,
@@ -177,7 +206,7 @@ def run_one(
         "history": recorder.history,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "frozen_params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
-        "flops_per_sample": flops_per_sample(model, datamodule),
+        "flops_per_sample": flops, "flops_error": flops_error,
         "seconds_per_step": statistics.median(recorder.step_seconds[1:] or recorder.step_seconds or [math.nan]),
         "run_seconds": seconds,
         # Parsing, building the model (loading the LM layer), the data and the sanity check: what each
@@ -211,20 +240,166 @@ def read_result(folder: Path) -> dict[str, Any] | str:
 
 
 @torch.no_grad()
-def flops_per_sample(model: L.LightningModule, datamodule: L.LightningDataModule) -> int | None:
-    """The model's forward FLOPs on one validation sample (matmuls, convolutions and attention, eval mode)."""
-    key = getattr(model, "input_key", None)
-    if key is None:
-        return None
-    batch = next(iter(datamodule.val_dataloader()))
+def flops_per_sample(model: L.LightningModule, datamodule: L.LightningDataModule) -> tuple[int | None, str | None]:
+    """``(FLOPs, None)``: the model's inference forward FLOPs on one validation sample (its task's
+    ``sample_forward``: matmuls, convolutions and attention, eval mode); ``(None, why)`` when they cannot be
+    counted (a model without ``sample_forward``, no validation batch, a failing forward)."""
+    if not hasattr(model, "sample_forward"):
+        return None, f"{type(model).__name__} has no sample_forward"
     training = model.training
-    model.eval()
     try:
+        batch = next(iter(datamodule.val_dataloader()))
+        batch = datamodule.on_after_batch_transfer(model.transfer_batch_to_device(batch, model.device, 0), 0)
+        function, inputs = model.sample_forward(batch)
+        model.eval()
         with flop_counter() as counter:
-            model(batch[key][:1].to(model.device))
+            function(*inputs)
+    except Exception as error:  # noqa: BLE001 (reported in result.json and as a warning)
+        return None, _last_line(error)
     finally:
         model.train(training)
-    return counter.get_total_flops()
+    return counter.get_total_flops(), None
+
+
+def _last_line(error: BaseException) -> str:
+    """``<Type>: <the last line of its message>``."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[-1].strip()}" if lines else type(error).__name__
+
+
+# -- who holds a run folder, and how its run ended ------------------------------------------------
+LOCK, OUTCOME, ERROR_LOG = "run.lock", "outcome.json", "error.log"
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` of this host started (Linux's ``/proc``; None elsewhere or when it is gone):
+    tells a live holder from a later process given the same id."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, started: str | None = None) -> bool:
+    """Whether process ``pid`` of this host runs (and is the one that started at ``started``, when known)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    now = _process_start(pid)
+    return started is None or now is None or now == started
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seconds))
+
+
+def lock_state(folder: Path, job: str | None = None) -> tuple[str, str] | None:
+    """The run folder's lock: None when there is none; ``("held", who)`` while its process of this host
+    runs; ``("held elsewhere", who)`` for a process of another host before the run's time limit has passed
+    (with none, until ``--force_unlock``) or an unreadable lock; else ``("stale", why)``, as is an earlier
+    attempt of ``job`` (a requeued job) on any host."""
+    path = folder / LOCK
+    try:
+        lock = json.loads(path.read_text())
+        pid, host, started, limit = int(lock["pid"]), str(lock["host"]), float(lock["started"]), lock.get("limit_s")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return "held elsewhere", f"an unreadable lock {path} ({type(error).__name__})"
+    who = f"process {pid} on {host} since {_utc(started)}"
+    if host == socket.gethostname():
+        return ("held", who) if _alive(pid, lock.get("process_start")) else ("stale", f"{who}, which has ended")
+    if job is not None and lock.get("job") == job:
+        return "stale", f"{who}, an earlier attempt of job {job}"
+    if limit is not None and time.time() > started + float(limit):
+        return "stale", f"{who}, past the run's time limit"
+    until = f"until {_utc(started + float(limit))}" if limit is not None else "with no time limit"
+    return "held elsewhere", f"{who} (another host: held {until} or until --force_unlock)"
+
+
+@contextmanager
+def hold_run(folder: Path, limit_s: float | None = None, job: str | None = None) -> Iterator[None]:
+    """Hold the run folder for the block: create its ``run.lock`` (atomically: a complete file linked
+    into place, which fails when one exists), taking over a stale one (said in one line), and remove it
+    after. Raises :class:`RunLockedError` when another process holds it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path, token = folder / LOCK, uuid.uuid4().hex
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "limit_s": limit_s,
+              "job": job, "process_start": _process_start(os.getpid()), "token": token}  # fmt: skip
+    partial = _create_partial(path)  # with the permissions a plain write gives: colleagues can read who holds it
+    try:
+        Path(partial).write_text(json.dumps(record, indent=1))
+        for _ in range(3):
+            try:
+                os.link(partial, path)
+                break
+            except FileExistsError:
+                state = lock_state(folder, job)
+                if state is not None and state[0] != "stale":
+                    raise RunLockedError(
+                        f"{folder} is held by {state[1]} ({path}): a run is never started twice. Wait for it or "
+                        "stop that process; for another host's process that has ended: `frozenlm sweep ... --force_unlock true`."
+                    ) from None
+                if state is not None:
+                    print(f"Taking over the stale lock of {folder}: {state[1]}", flush=True)
+                    path.unlink(missing_ok=True)
+        else:
+            raise RunLockedError(f"{folder}: its lock {path} keeps reappearing; another process is starting this run.")
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        try:
+            if json.loads(path.read_text()).get("token") == token:
+                path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def write_outcome(folder: Path, status: str, error: str | None = None, log: str | None = None,
+                  job: str | None = None) -> None:  # fmt: skip
+    """The run's ``outcome.json`` (atomically): ``done``, or ``failed`` with the error's last line and the log
+    holding its traceback."""
+    record = {"status": status, "error": error, "log": log, "job": job, "host": socket.gethostname(),
+              "pid": os.getpid(), "finished": time.time()}  # fmt: skip
+    write_atomically(folder / OUTCOME, json.dumps(record, indent=1))
+
+
+def read_outcome(folder: Path) -> dict[str, Any] | None:
+    """The run's ``outcome.json`` (None when absent or unreadable)."""
+    try:
+        outcome = json.loads((folder / OUTCOME).read_text())
+    except (OSError, ValueError):
+        return None
+    return outcome if isinstance(outcome, dict) else None
+
+
+def run_recorded(preset: dict[str, Any], variant: str, seed: int, output: Path, extra_args: Sequence[str] = (),
+                 write: bool = True, limit_s: float | None = None, job: str | None = None,
+                 log: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """:func:`run_one` holding the run's folder (:func:`hold_run`), recording how it ended in
+    ``outcome.json``: a failure's last line, and its traceback in ``log`` (default: the run's
+    ``error.log``), then re-raised. An interruption (Ctrl-C, a preempted job's exit) records nothing: the
+    run resumes. ``write`` False (a process other than the first of a multi-process job): run_one alone."""
+    if not write:
+        return run_one(preset, variant, seed, output, extra_args, write=False)
+    folder = run_folder(output, variant, seed)
+    with hold_run(folder, limit_s, job):
+        (folder / OUTCOME).unlink(missing_ok=True)
+        try:
+            result = run_one(preset, variant, seed, output, extra_args)
+        except Exception as error:
+            if log is None:
+                log = str(folder / ERROR_LOG)
+                write_atomically(log, "".join(traceback.format_exception(error)))
+            write_outcome(folder, "failed", _last_line(error), log, job)
+            raise
+        write_outcome(folder, "done", log=log, job=job)
+    return result
 
 
 class SlurmNotFoundError(FrozenLMError, RuntimeError):
@@ -290,9 +465,10 @@ class SweepJob(submitit.helpers.Checkpointable):
     when a job times out or is preempted, submitit calls :meth:`checkpoint` (a resubmission of this same
     job) and requeues it, and the next attempt resumes from the last epoch-end checkpoint."""
 
-    def __init__(self, preset: dict[str, Any], output: Path, variant: str, seed: int, trainer_args: Sequence[str] = ()):
+    def __init__(self, preset: dict[str, Any], output: Path, variant: str, seed: int, trainer_args: Sequence[str] = (),
+                 limit_s: float | None = None):  # fmt: skip
         self.preset, self.output, self.variant, self.seed = preset, Path(output), variant, seed
-        self.trainer_args = list(trainer_args)
+        self.trainer_args, self.limit_s = list(trainer_args), limit_s  # limit_s: the job's time limit
 
     def __call__(self) -> str:
         folder = run_folder(self.output, self.variant, self.seed)
@@ -301,7 +477,10 @@ class SweepJob(submitit.helpers.Checkpointable):
         if last is not None:
             print(f"Resuming {self.variant}/seed{self.seed} from {last}", flush=True)
             args += ["--ckpt_path", str(last)]
-        run_one(self.preset, self.variant, self.seed, self.output, args, write=submitit.JobEnvironment().global_rank == 0)
+        env = submitit.JobEnvironment()
+        limit_s = getattr(self, "limit_s", None)  # None in a job submitted by an earlier frozenlm
+        run_recorded(self.preset, self.variant, self.seed, self.output, args, write=env.global_rank == 0,
+                     limit_s=limit_s, job=f"{env.name()} job {env.job_id}", log=str(env.paths.stderr))  # fmt: skip
         return str(folder / "result.json")
 
 
@@ -315,7 +494,8 @@ def submit(preset: dict[str, Any], folder: Path, runs: list[tuple[str, int]], la
     if launcher == "slurm":
         executor, trainer_args = slurm.executor(jobs_folder), slurm.trainer_args()
         with executor.batch():
-            pending = [(run, executor.submit(SweepJob(preset, folder, *run, trainer_args))) for run in runs]
+            pending = [(run, executor.submit(SweepJob(preset, folder, *run, trainer_args, 60 * slurm.timeout_min)))
+                       for run in runs]  # fmt: skip
         for run, job in pending:
             record_job(folder, run, job, launcher)
         return [job for _, job in pending]
@@ -329,7 +509,7 @@ def submit(preset: dict[str, Any], folder: Path, runs: list[tuple[str, int]], la
             finished = [job for job in running if job.done()]
             done += finished
             running = [job for job in running if job not in finished]
-        job = executor.submit(SweepJob(preset, folder, *run))
+        job = executor.submit(SweepJob(preset, folder, *run, limit_s=60 * slurm.timeout_min))
         record_job(folder, run, job, launcher)
         running.append(job)
     for job in running:
@@ -340,10 +520,24 @@ def submit(preset: dict[str, Any], folder: Path, runs: list[tuple[str, int]], la
 def record_job(folder: Path, run: tuple[str, int], job: submitit.Job, launcher: str) -> None:
     paths = JobPaths(job.paths.folder, job.job_id)
     record = {"launcher": launcher, "job_id": job.job_id, "folder": str(job.paths.folder),
-              "stdout": str(paths.stdout), "stderr": str(paths.stderr), "submitted": time.time()}  # fmt: skip
+              "stdout": str(paths.stdout), "stderr": str(paths.stderr), "submitted": time.time(),
+              "host": socket.gethostname()}  # fmt: skip
+    if launcher == "local":  # the job's id is its controlling process's
+        record["process_start"] = _process_start(int(job.job_id))
     run_dir = run_folder(folder, *run)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(run_dir / "job.json", json.dumps(record, indent=1))
+
+
+def _last_log_line(path: str) -> str | None:
+    """The last line of a plain-text log naming an error (``...Error: ...``), if any."""
+    try:
+        with open(path, "rb") as file:
+            file.seek(max(0, file.seek(0, os.SEEK_END) - 65536))
+            lines = file.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((line.strip() for line in reversed(lines) if "Error: " in line or "Exception: " in line), None)
 
 
 # SLURM job states (sacct) -> the report's words.
@@ -351,32 +545,33 @@ _SLURM_STATES = {"PENDING": "pending", "REQUEUED": "pending", "CONFIGURING": "pe
                  "RUNNING": "running", "COMPLETING": "running", "SUSPENDED": "running"}  # fmt: skip
 
 
+def run_status(folder: Path) -> str | None:
+    """Where a run without a usable ``result.json`` stands: ``running (<who holds its folder>)``,
+    ``failed (<error>; log: <path>)`` from its ``outcome.json``, else what its ``job.json`` says
+    (:func:`job_status`); None when it never started. Reads JSON and plain-text logs only."""
+    state = lock_state(folder)
+    if state is not None and state[0] != "stale":
+        return f"running ({state[1]})"
+    outcome = read_outcome(folder)
+    if outcome is not None and outcome.get("status") == "failed":
+        job = f"{outcome['job']}: " if outcome.get("job") else ""
+        return f"failed ({job}{outcome.get('error')}; log: {outcome.get('log')})"
+    return job_status(folder)
+
+
 def job_status(folder: Path) -> str | None:
-    """Where a run without a usable ``result.json`` stands, from its ``job.json``: ``pending (...)``,
-    ``running (...)`` or ``failed (...; log: <path>)``; None when it was never submitted."""
+    """Where a submitted run stands by its ``job.json``: ``pending (...)``, ``running (...)`` or ``failed
+    (...; log: <path>)`` from the job's process (local) or SLURM's job state; None when never submitted."""
     try:
         record = json.loads((folder / "job.json").read_text())
     except (OSError, ValueError):
         return None
     job_id, log = record["job_id"], record["stderr"]
-    result = JobPaths(record["folder"], job_id).result_pickle
-    if result.exists():
-        try:
-            outcome, value = pickle.loads(result.read_bytes())
-        except Exception as error:  # a damaged result pickle says no more than a failure
-            outcome, value = "error", f"{type(error).__name__}: {error}"
-        if outcome != "success":
-            reason = str(value).strip().splitlines()[-1] if str(value).strip() else "error"
-            return f"failed ({record['launcher']} job {job_id}: {reason}; log: {log})"
-        return None
     if record["launcher"] == "local":
-        try:
-            os.kill(int(job_id), 0)
-        except (ProcessLookupError, ValueError):
-            return f"failed (local job {job_id}: its process ended without a result; log: {log})"
-        except PermissionError:
-            pass
-        return f"running (local job {job_id}; log: {log})"
+        here = record.get("host", socket.gethostname()) == socket.gethostname()
+        if here and str(job_id).isdigit() and _alive(int(job_id), record.get("process_start")):
+            return f"running (local job {job_id}; log: {log})"
+        return f"failed (local job {job_id}: {_last_log_line(log) or 'its process ended without a result'}; log: {log})"
     state = submitit.SlurmJob(record["folder"], job_id).state.split()[0]
     word = _SLURM_STATES.get(state, "failed")
     return f"{word} (slurm job {job_id}, {state}" + (f"; log: {log})" if word != "pending" else ")")
@@ -390,6 +585,7 @@ def sweep(
     slurm: SlurmOptions = SlurmOptions(),  # noqa: B008 (read only)
     parallel: int = 1,
     report: str | None = None,
+    force_unlock: bool = False,
 ) -> Path:
     """Run a sweep preset (see the module docstring), then write its report; or only rebuild a report.
 
@@ -404,6 +600,12 @@ def sweep(
             ``timeout_min`` also limits each ``local`` job.
         parallel: with ``local``: runs at once.
         report: rebuild the report of this sweep folder from its runs, and run nothing.
+        force_unlock: remove the locks (``run.lock``) of runs held by another host's process before their
+            time limit, or unreadable ones, and start those runs: only when that process is known to have
+            ended. (A lock of this host whose process has ended is taken over without it.)
+
+    Raises:
+        SweepRunsFailedError: after the report, when runs failed; it names each with its error and log.
     """
     if report is not None:
         return write_report(Path(report))
@@ -419,15 +621,25 @@ def sweep(
     (folder / "sweep.yaml").write_text(yaml.safe_dump(preset, sort_keys=False))
     pending, runs = [], expected_runs(preset)
     for variant, seed in runs:
-        status = read_result(run_folder(folder, variant, seed))
-        if isinstance(status, str):
-            job = job_status(run_folder(folder, variant, seed)) if launcher == "slurm" else None
-            if job is not None and not job.startswith("failed"):
-                print(f"Not resubmitting {variant}/seed{seed}: {job}")
-                continue
-            pending.append((variant, seed))
-            if status != "missing":
-                print(f"Redoing {variant}/seed{seed}: its result.json is {status}")
+        run_dir = run_folder(folder, variant, seed)
+        status = read_result(run_dir)
+        if not isinstance(status, str):
+            continue
+        state = lock_state(run_dir)
+        if state is not None and state[0] == "held elsewhere" and force_unlock:
+            print(f"Removing the lock of {variant}/seed{seed} (--force_unlock): {state[1]}")
+            (run_dir / LOCK).unlink(missing_ok=True)
+        elif state is not None and state[0] != "stale":
+            print(f"Not starting {variant}/seed{seed}: running ({state[1]})")
+            continue
+        job = job_status(run_dir) if launcher != "inline" else None
+        if job is not None and not job.startswith("failed"):
+            print(f"Not starting {variant}/seed{seed} again: {job}")
+            continue
+        pending.append((variant, seed))
+        (run_dir / OUTCOME).unlink(missing_ok=True)  # a failure of an earlier attempt no longer says where it stands
+        if status != "missing":
+            print(f"Redoing {variant}/seed{seed}: its result.json is {status}")
     total = len(runs)
     print(f"Sweep {config}: {total - len(pending)} of {total} runs done or under way, {len(pending)} to run, in {folder}")
     if launcher != "inline":
@@ -441,19 +653,41 @@ def sweep(
             gpu, (variant, seed) = job
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpus[gpu % len(gpus)])}
             command = [sys.executable, "-m", "frozenlm.sweep", str(config), str(folder), variant, str(seed)]
-            subprocess.run(command, env=env, check=True)
+            code = subprocess.run(command, env=env).returncode
+            run_dir = run_folder(folder, variant, seed)
+            unheld = (lock_state(run_dir) or ("stale",))[0] == "stale"
+            if code and unheld and read_outcome(run_dir) is None:  # it died before recording how it ended
+                write_outcome(run_dir, "failed", f"its process ended with exit status {code}", log="(this sweep's output)")
 
         with ThreadPoolExecutor(max_workers=len(gpus)) as pool:
             list(pool.map(launch, enumerate(pending)))
     else:
         for variant, seed in pending:
             try:
-                run_one(preset, variant, seed, folder)
+                run_recorded(preset, variant, seed, folder)
+            except RunLockedError as error:
+                print(f"Not starting {variant}/seed{seed}: {error}", file=sys.stderr)
+            except Exception as error:  # noqa: BLE001 (recorded in the run's outcome.json; the others still run)
+                print(f"Sweep run {variant}/seed{seed} failed: {_last_line(error)} (traceback: "
+                      f"{run_folder(folder, variant, seed) / ERROR_LOG}); going on with the next runs.", file=sys.stderr)  # fmt: skip
             except BaseException:
-                print(f"Sweep run {variant}/seed{seed} failed ({run_folder(folder, variant, seed)}); the sweep "
-                      "stops here, and running it again resumes with that run.", file=sys.stderr)  # fmt: skip
+                print(f"Sweep interrupted during {variant}/seed{seed} ({run_folder(folder, variant, seed)}); running "
+                      "it again resumes with that run.", file=sys.stderr)  # fmt: skip
                 raise
-    return write_report(folder)
+    failed = [f"{v}/seed{s} ({status})" for v, s in runs
+              if not isinstance(read_result(run_folder(folder, v, s)), dict)
+              and (status := run_status(run_folder(folder, v, s)) or "").startswith("failed")]  # fmt: skip
+    try:
+        write_report(folder)
+    except SweepNotReadyError:
+        if not failed:
+            raise
+    if failed:
+        raise SweepRunsFailedError(
+            f"{len(failed)} of {total} runs of {folder} failed: {'; '.join(failed)}. The report covers the others; "
+            f"fix the cause and run the same `frozenlm sweep` again to redo them."
+        )
+    return folder
 
 
 def expected_runs(preset: dict[str, Any]) -> list[tuple[str, int]]:
@@ -538,7 +772,7 @@ def write_report(folder: Path) -> Path:
         if isinstance(status, dict):
             results.append(status)
         else:
-            left_out.append(f"{variant}/seed{seed} ({job_status(run_folder(folder, variant, seed)) or status})")
+            left_out.append(f"{variant}/seed{seed} ({run_status(run_folder(folder, variant, seed)) or status})")
     if not results:
         raise SweepNotReadyError(f"No finished run with a {metric} under {folder} yet: " + "; ".join(left_out) + ".")
     order = list(preset["variants"])
@@ -617,4 +851,4 @@ def _plot(results: list[dict[str, Any]], rows: list[dict[str, Any]], order: list
 
 if __name__ == "__main__":  # one run of a sweep, in its own process (see `gpus`)
     preset_path, output_dir, variant_name, seed_value = sys.argv[1:5]
-    run_one(load_preset(preset_path), variant_name, int(seed_value), Path(output_dir))
+    run_recorded(load_preset(preset_path), variant_name, int(seed_value), Path(output_dir))

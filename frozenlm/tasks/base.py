@@ -165,6 +165,15 @@ class BaseTask(lightning.LightningModule):
         else:
             scheduler.step_update(num_updates=self.global_step)
 
+    # -- one sample's forward ----------------------------------------------------------------
+    def sample_forward(self, batch: dict[str, Any], samples: int = 1) -> tuple[Any, tuple]:
+        """``(function, inputs)``: the model's inference forward on the first ``samples`` samples of ``batch``
+        (an evaluation batch as ``validation_step`` gets it, on this module's device), run as
+        ``function(*inputs)`` in eval mode. What ``frozenlm sweep`` counts FLOPs per sample on (with
+        :func:`frozenlm.bench.flop_counter`, attention included), and what a benchmark can time. Tasks whose
+        forward takes more than ``batch[input_key]`` override it."""
+        return self, (batch[self.input_key][:samples],)
+
     # -- exact evaluation on any number of processes -------------------------------------------
     @staticmethod
     def scored(batch: dict[str, Any], *values: Any) -> tuple[Any, ...]:

@@ -140,6 +140,11 @@ class MotionForecaster(FrozenLMMixin, BaseTask):
         """``(trajectories [B, K, T, 2] in the agent frame, mode logits [B, K])``."""
         return self.decoder(self.tokens(batch)[:, 0])
 
+    def sample_forward(self, batch: dict[str, Any], samples: int = 1) -> tuple[Any, tuple]:
+        """The forward on the first ``samples`` scenes (padded as in ``batch``): a batch of their polylines."""
+        keys = ("agent_vectors", "agent_mask", "map_vectors", "map_mask", "polyline_mask")
+        return self, ({key: batch[key][:samples] for key in keys},)
+
     # -- training -----------------------------------------------------------------------------
     def forecast_loss(self, trajectories: Tensor, logits: Tensor, target: Tensor) -> Tensor:
         """Winner-takes-all smooth-L1 on the best mode (smallest summed L2 error) + cross-entropy to it."""

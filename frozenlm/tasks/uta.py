@@ -252,6 +252,11 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
         self.teacher.to(cls.device)
         return F.normalize(self.teacher.project(cls.to(next(self.teacher.parameters()).dtype)).float(), dim=-1)
 
+    def sample_forward(self, batch: dict[str, Any], samples: int = 1) -> tuple[Any, tuple]:
+        """The student's zero-shot embedding of whole images (:meth:`image_embeddings`), its inference; the
+        teacher's tower, a training-time target, does not run."""
+        return self.image_embeddings, (batch["image"][:samples],)
+
     @torch.no_grad()
     def teacher_image_embeddings(self, images: Tensor) -> Tensor:
         """The teacher's normalised embeddings ``[B, E]`` of the whole images, for its own zero-shot metrics."""

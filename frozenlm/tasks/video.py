@@ -114,6 +114,11 @@ class VideoClassifier(ClassificationTask):
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         return self.head_logits(self.tokens(video))
 
+    def sample_forward(self, batch: dict[str, Any], samples: int = 1) -> tuple[Any, tuple]:
+        """The forward on one clip per sample: the first view of a multi-view test batch."""
+        video = batch[self.input_key][:samples]
+        return self, (video[:, 0] if video.ndim == 6 else video,)
+
     def class_probabilities(self, video: torch.Tensor) -> torch.Tensor:
         """Class probabilities, averaged over the views of ``[B, V, 3, T, H, W]`` inputs."""
         if video.ndim == 5:

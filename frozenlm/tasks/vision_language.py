@@ -339,6 +339,10 @@ class VisualQuestionAnswering(VisionLanguageTask):
             return self.head(features), None
         return self.head(features), getattr(self, "aux_head", self.head)(auxiliary)
 
+    def sample_forward(self, batch: dict[str, Any], samples: int = 1) -> tuple[Any, tuple]:
+        """The answer logits of the first ``samples`` image-question pairs."""
+        return self.head_logits, ({"image": batch["image"][:samples], "question": batch["question"][:samples]},)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         if not self._log_unreadable(batch, "train"):
             return self.zero_loss()  # every sample was unreadable
@@ -506,6 +510,14 @@ class ImageTextRetrieval(VisionLanguageTask):
         pair_image = torch.where(matched.bool()[:, None, None], image, false)
         features, _ = self.pair_features(pair_image, text, text_padding)
         return F.cross_entropy(self.itm_head(features), matched.long())
+
+    def sample_forward(self, batch: dict[str, Any], samples: int = 1) -> tuple[Any, tuple]:
+        """The fused features of the first ``samples`` images, each paired with one caption: its own in a
+        training batch, else one of the split's first captions (an evaluation batch holds images only). The
+        rank head's one dot product per pair is left out."""
+        texts = [t[0] for t in batch["texts"][:samples]] if "texts" in batch else self.trainer.datamodule.captions("val")[0]
+        images = batch["image"][:samples]
+        return self, (images, texts[: len(images)])
 
     # -- evaluation: all pairs ---------------------------------------------------------------
     def _start_evaluation(self, stage: str) -> None:
