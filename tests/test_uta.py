@@ -4,19 +4,26 @@ write (Hugging Face and open_clip)."""
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+from frozenlm.cli import main
 from frozenlm.models.clip_teacher import HuggingFaceCLIPTeacher, TeacherLoadError, load_teacher
 from frozenlm.models.masking import block_mask, kept_indices, reversed_block_mask
 from frozenlm.tasks import ImageClassifier, UnmaskedTokenAlignment
 from frozenlm.tasks.uta import CLIP_TEMPLATES
-from tests.cli_helpers import last_checkpoint, load_checkpoint, run_cli
+from tests.cli_helpers import REPO, last_checkpoint, load_checkpoint, run_cli
+from tests.data.clip import open_clip_tiny
 from tests.data.clip.teacher import train_on_digits, write
 from tests.data.flickr30k.data import write as write_flickr30k
 
@@ -141,27 +148,177 @@ def test_teachers_that_cannot_load_are_named(tmp_path):
         load_teacher("open_clip:No-Such-Model/none")
 
 
-def test_an_open_clip_teacher_gives_its_tokens_projection_and_texts(tmp_path):
-    open_clip = pytest.importorskip("open_clip")
-    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}  # fmt: skip
-    (tmp_path / "Tiny-Test-ViT.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path / "Tiny-Test-ViT.json")
-    torch.manual_seed(0)
-    reference = open_clip.create_model("Tiny-Test-ViT")
-    torch.save(reference.state_dict(), tmp_path / "weights.pt")
-    teacher = load_teacher(f"open_clip:Tiny-Test-ViT/{tmp_path / 'weights.pt'}")
+@pytest.fixture(scope="session")
+def open_clip_models(tmp_path_factory) -> Path:
+    """The tiny open_clip models registered (tests/data/clip/open_clip_tiny.py); the folder for their weights."""
+    pytest.importorskip("open_clip")
+    root = tmp_path_factory.mktemp("open_clip")
+    open_clip_tiny.register(root)
+    return root
+
+
+@pytest.mark.parametrize("architecture", ["Tiny-Test-ViT", "Tiny-Test-EVA"])
+def test_an_open_clip_teacher_gives_encode_images_tokens_embedding_and_texts(open_clip_models, architecture):
+    """open_clip's own ViT and a timm trunk (EVA02's kind, which has no ln_post or class_embedding): the teacher's
+    tokens are the tower's final-normed tokens and its CLS projects to what encode_image gives."""
+    import open_clip
+
+    reference, path = open_clip_tiny.weights(architecture, open_clip_models)
+    teacher = load_teacher(f"open_clip:{architecture}/{path}")
     assert (teacher.image_size, teacher.patch_size, teacher.width) == (32, 8, 32)
     images = torch.randn(2, 3, 32, 32)
     tokens = teacher.tokens(images)
     assert tokens.shape == (2, 17, 32)
     with torch.no_grad():
         torch.testing.assert_close(teacher.project(tokens[:, 0]), reference.encode_image(images), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(teacher.encode_texts(["a cat"]), reference.encode_text(open_clip.get_tokenizer("Tiny-Test-ViT")(["a cat"])))
-    model = UnmaskedTokenAlignment(f"open_clip:Tiny-Test-ViT/{tmp_path / 'weights.pt'}", **STUDENT)
+        if architecture == "Tiny-Test-ViT":  # open_clip's forward with its patch tokens (after ln_post)
+            reference.visual.output_tokens = True
+            patches = reference.visual(images)[1]
+            reference.visual.output_tokens = False
+        else:  # timm's features end with the trunk's final norm
+            patches = reference.visual.trunk.forward_features(images)[:, 1:]
+        torch.testing.assert_close(tokens[:, 1:], patches, atol=1e-5, rtol=1e-5)
+        texts = open_clip.get_tokenizer(architecture)(["a cat"])
+        torch.testing.assert_close(teacher.encode_texts(["a cat"]), reference.encode_text(texts))
+    model = UnmaskedTokenAlignment(f"open_clip:{architecture}/{path}", **STUDENT)
     rng = np.random.default_rng(0)
     losses, _ = model.step_losses(images, torch.from_numpy(np.stack([model.draw_mask(rng) for _ in range(2)])))
     assert losses.shape == (2,) and losses.isfinite().all()
+
+
+@pytest.mark.parametrize("architecture", ["Tiny-Test-ViT", "Tiny-Test-EVA"])
+def test_an_open_clip_teacher_takes_another_grid_as_a_hugging_face_teacher_does(open_clip_models, architecture):
+    """Trained at 4 x 4 patches, given 6 x 6: the position table is interpolated as transformers' CLIP interpolates
+    it (its own code computes the reference table), EVA02's rotary grid as timm sets it; back at 4 x 4 the
+    trained table is used again. And a UTA student with a 6 x 6 grid trains against it."""
+    from transformers.models.clip.modeling_clip import CLIPVisionConfig, CLIPVisionEmbeddings
+
+    reference, path = open_clip_tiny.weights(architecture, open_clip_models)
+    teacher = load_teacher(f"open_clip:{architecture}/{path}")
+    vit = architecture == "Tiny-Test-ViT"
+    trained = reference.visual.positional_embedding if vit else reference.visual.trunk.pos_embed[0]
+    embeddings = CLIPVisionEmbeddings(CLIPVisionConfig(hidden_size=32, num_attention_heads=2, image_size=32, patch_size=8))
+    with torch.no_grad():
+        embeddings.position_embedding.weight.copy_(trained)
+        table = embeddings.interpolate_pos_encoding(torch.zeros(1, 37, 32), 48, 48)  # transformers' interpolation
+    larger = copy.deepcopy(reference)
+    if vit:
+        larger.visual.positional_embedding = torch.nn.Parameter(table[0])
+    else:
+        larger.visual.set_input_size(48)  # timm: the patch embedding's size and the rotary grid (and a table we replace)
+        larger.visual.trunk.pos_embed = torch.nn.Parameter(table)
+    images, small = torch.randn(2, 3, 48, 48), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = teacher.tokens(images)
+        assert tokens.shape == (2, 37, 32)
+        torch.testing.assert_close(teacher.project(tokens[:, 0]), larger.encode_image(images), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(teacher.project(teacher.tokens(small)[:, 0]), reference.encode_image(small), atol=1e-5, rtol=1e-5)
+    model = UnmaskedTokenAlignment(f"open_clip:{architecture}/{path}", **{**STUDENT, "img_size": 48})
+    rng = np.random.default_rng(0)
+    losses, _ = model.step_losses(images, torch.from_numpy(np.stack([model.draw_mask(rng) for _ in range(2)])))
+    assert losses.shape == (2,) and losses.isfinite().all()
+
+
+def config_teachers() -> dict[str, list[str]]:
+    """Every teacher spec a shipped config's model names, and the configs naming it."""
+    found: dict[str, list[str]] = {}
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        init_args = ((yaml.safe_load(path.read_text()) or {}).get("model") or {}).get("init_args") or {}
+        if isinstance(init_args.get("teacher"), str):
+            found.setdefault(init_args["teacher"], []).append(path.name)
+    return found
+
+
+# Hub ids cannot be fetched here; their published shapes, as transformers' CLIPConfig takes them (its defaults are
+# documented as openai/clip-vit-base-patch32's). A config naming another hub id fails until its shape is added here.
+HUB_CONFIGS = {"openai/clip-vit-base-patch16": {"vision_config": {"patch_size": 16}}}
+
+
+@pytest.mark.parametrize("spec", config_teachers())
+def test_every_teacher_a_shipped_config_names_builds(spec, monkeypatch):
+    """The real architecture of each config's teacher (open_clip's own config of it; a hub id's published shape),
+    built on the meta device (no weights, no download) through the teacher's own code, gives tokens of its grid
+    and an image embedding."""
+    from transformers import CLIPConfig
+
+    from frozenlm.models import clip_teacher
+
+    assert "imagenet21k_uta_base.yaml" in config_teachers()["open_clip:EVA02-B-16/merged2b_s8b_b131k"]  # the search works
+    if not spec.startswith(clip_teacher.OPEN_CLIP_PREFIX):
+        assert spec in HUB_CONFIGS, f"{config_teachers()[spec]}: add the published shape of {spec} to HUB_CONFIGS"
+        hub = SimpleNamespace(get_config_dict=lambda source, revision=None: (CLIPConfig(**HUB_CONFIGS[source]).to_dict(), {}),
+                              from_dict=CLIPConfig.from_dict)  # fmt: skip
+        monkeypatch.setattr(clip_teacher, "CLIPConfig", hub)
+    teacher = load_teacher(spec, weights=False)
+    assert next(teacher.parameters()).is_meta
+    grid = teacher.image_size // teacher.patch_size
+    tokens = teacher.tokens(torch.empty(2, 3, teacher.image_size, teacher.image_size, device="meta"))
+    assert tokens.shape == (2, 1 + grid * grid, teacher.width)
+    assert teacher.project(tokens[:, 0]).shape[0] == 2
+
+
+# -- teachers that cannot be right are refused ------------------------------------------------------
+def test_a_hugging_face_folder_that_is_not_a_whole_clip_is_refused(tmp_path, teacher):
+    """Another kind of model (RoBERTa), a CLIP folder lacking tensors, one whose tensors have other shapes: each
+    would run with random tensors (transformers initialises what it does not find); refused in one line."""
+    from safetensors.torch import load_file, save_file
+    from transformers import RobertaConfig, RobertaModel
+
+    roberta = tmp_path / "roberta"
+    RobertaModel(RobertaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(roberta)
+    with pytest.raises(TeacherLoadError, match=rf"--model.teacher {roberta}: {roberta} holds a 'roberta' model .*not a CLIP model"):
+        load_teacher(str(roberta))
+    partial = tmp_path / "partial"
+    shutil.copytree(teacher, partial)
+    state = load_file(partial / "model.safetensors")
+    save_file({k: v for k, v in state.items() if k not in ("logit_scale", "visual_projection.weight")}, partial / "model.safetensors")
+    with pytest.raises(TeacherLoadError, match=rf"{partial} lacks 2 tensors of the CLIP model \(logit_scale, visual_projection.weight\)"):
+        load_teacher(str(partial))
+    other = tmp_path / "other"  # a CLIP folder whose config does not match its weights' shapes
+    shutil.copytree(teacher, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "projection_dim": 8}))
+    with pytest.raises(TeacherLoadError, match=rf"{other} holds in other shapes 2 tensors of the CLIP model \(text_projection.weight, visual_projection.weight\)"):
+        load_teacher(str(other))
+
+
+def test_an_open_clip_teacher_without_weights_or_with_incomplete_ones_is_refused(open_clip_models):
+    import open_clip
+
+    known = ", ".join(open_clip.list_pretrained_tags_by_model("ViT-B-16"))
+    with pytest.raises(TeacherLoadError, match=rf"open_clip:ViT-B-16 names no weights.*open_clip:ViT-B-16/<tag or file> \(the tags open_clip knows for ViT-B-16: {known}\)"):
+        load_teacher("open_clip:ViT-B-16")
+    with pytest.raises(TeacherLoadError, match="open_clip knows no pretrained weights for Tiny-Test-ViT"):
+        load_teacher("open_clip:Tiny-Test-ViT")
+    with pytest.raises(TeacherLoadError, match="'nothing-here' is neither a pretrained tag nor a weights file"):
+        load_teacher("open_clip:Tiny-Test-ViT/nothing-here")
+    reference, path = open_clip_tiny.weights("Tiny-Test-ViT", open_clip_models)
+    partial = path.with_name("partial.pt")
+    torch.save({k: v for k, v in reference.state_dict().items() if not k.startswith("visual.ln_post")}, partial)
+    with pytest.raises(TeacherLoadError, match=rf"{partial} lacks 2 tensors of the CLIP model \(visual.ln_post.bias, visual.ln_post.weight\)"):
+        load_teacher(f"open_clip:Tiny-Test-ViT/{partial}")
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["--model.teacher", "open_clip:Tiny-Test-ViT"], "TeacherLoadError: --model.teacher open_clip:Tiny-Test-ViT names no weights"),
+        (["--model.mask_ratio", "0.99"], "ValueError: --model.mask_ratio 0.99 masks all 16 patches of the student's 4 x 4 grid; keep at least one"),
+    ],
+)  # fmt: skip
+def test_the_console_script_refuses_in_one_line(args, reason, teacher, open_clip_models, tmp_path, monkeypatch, capsys):
+    """A teacher without weights, a mask that keeps no patch: exit 2 with one line, before any training."""
+    from tests.cli_helpers import CONF
+
+    argv = ["frozenlm", "fit", "--config", str(CONF / "uta.yaml"), "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.logger.init_args.save_dir", str(tmp_path), "--model.teacher", str(teacher), *args]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert reason in err[0] and len(err) == 2, err
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 # -- through the CLI ------------------------------------------------------------------------------
@@ -229,19 +386,38 @@ def test_the_aligned_student_approaches_its_teachers_zero_shot_accuracy(tmp_path
     assert metrics["test_zeroshot_acc1"] > 0.35  # chance: 0.1; the student got there through alignment alone
 
 
+def test_an_evaluation_batch_of_padding_alone_scores_nothing(teacher):
+    """Under DDP a process's last evaluation batch can hold nothing but the padding that evens out the processes'
+    shares (181 digits, 3 processes, batches of 10: 61 per process, the 61st a repeat): the zero-shot metrics
+    skip it, as the other tasks' do (they were updated with 0 rows, which torchmetrics cannot take)."""
+    model = UnmaskedTokenAlignment(str(teacher), **STUDENT)
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(classes=["zero", "one", "two", "seven"]))  # what evaluation reads
+    model._start_evaluation("test")
+    model._trainer = None  # no trainer: self.log does nothing
+    padding = {"image": torch.randn(1, 3, 32, 32), "label": torch.tensor([1]), "id": ["digits/0"], "padding": torch.tensor([True])}
+    model._evaluate(padding, "test")
+    assert all(metric.update_count == 0 for metrics in model._accuracy.values() for metric in metrics.values())
+    model._evaluate({**padding, "padding": torch.tensor([False])}, "test")
+    assert all(metric.update_count == 1 for metrics in model._accuracy.values() for metric in metrics.values())
+
+
 @pytest.mark.slow
-def test_two_processes_score_each_image_once(teacher, tmp_path):
-    """The alignment loss on fixed masks and the zero-shot accuracies of student and teacher: 2 processes give
-    1 process's figures (181 validation digits: an odd split, so one process pads its share)."""
+def test_two_and_three_processes_score_each_image_once(teacher, tmp_path):
+    """The alignment loss on fixed masks and the zero-shot accuracies of student and teacher: 2 and 3 processes give
+    1 process's figures (181 validation digits in batches of 10: on 2 processes 91 each, on 3 processes 61 each,
+    so a process's last batch is one padding row alone)."""
     from tests.cli_helpers import run_cli_subprocess
 
-    args = ["--model.teacher", str(teacher), "--trainer.limit_test_batches", "1.0", "--data.val_fraction", "0.1007"]
+    args = ["--model.teacher", str(teacher), "--trainer.limit_test_batches", "1.0", "--data.val_fraction", "0.1007",
+            "--data.batch_size", "10"]  # fmt: skip
     run_cli("fit", "uta", tmp_path, *args)
     checkpoint = ["--ckpt_path", str(last_checkpoint(tmp_path)), "--trainer.callbacks+=tests.cli_helpers.DumpMetrics"]
     run_cli("test", "uta", tmp_path / "p1", *args, *checkpoint, "--trainer.callbacks.path", str(tmp_path / "m1.json"))
-    result = run_cli_subprocess("test", "uta", tmp_path / "p2", *args, *checkpoint, "--trainer.callbacks.path",
-                                str(tmp_path / "m2.json"), "--trainer.strategy", "ddp", "--trainer.devices", "2")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    one, two = (json.loads((tmp_path / f"m{n}.json").read_text()) for n in (1, 2))
-    for name in ("test_loss", "test_zeroshot_acc1", "test_zeroshot_acc5", "test_teacher_zeroshot_acc1"):
-        assert two[name] == pytest.approx(one[name], abs=1e-6), name
+    one = json.loads((tmp_path / "m1.json").read_text())
+    for processes in (2, 3):
+        result = run_cli_subprocess("test", "uta", tmp_path / f"p{processes}", *args, *checkpoint, "--trainer.callbacks.path",
+                                    str(tmp_path / f"m{processes}.json"), "--trainer.strategy", "ddp", "--trainer.devices", str(processes))  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        many = json.loads((tmp_path / f"m{processes}.json").read_text())
+        for name in ("test_loss", "test_zeroshot_acc1", "test_zeroshot_acc5", "test_teacher_zeroshot_acc1"):
+            assert many[name] == pytest.approx(one[name], abs=1e-6), (processes, name)

@@ -4,15 +4,28 @@ image-text space, and its text tower's class embeddings for zero-shot classifica
 Two sources, both well-kept libraries: transformers' ``CLIPModel`` (a local Hugging Face folder or a hub
 id such as ``openai/clip-vit-base-patch16``) and open_clip (``open_clip:<architecture>/<pretrained>``, e.g.
 ``open_clip:EVA02-B-16/merged2b_s8b_b131k``, where ``<pretrained>`` is a tag open_clip knows or a local
-weights file). Either way the teacher is frozen (no gradient, eval mode) and its tokens are the vision
-tower's output through its final LayerNorm, CLS first: ``[B, 1 + grid * grid, width]``.
+weights file), whose vision tower is its own ViT or a timm ViT trunk (the EVA02 family). Either way the
+teacher is frozen (no gradient, eval mode) and its tokens are the vision tower's output through its final
+LayerNorm, CLS first: ``[B, 1 + grid * grid, width]``; at another grid than the one it was trained at, its
+position table is interpolated (bicubic, as transformers' CLIP does).
+
+A teacher must be whole: weights that lack a tensor of the model (or hold one in another shape), a folder of
+another kind of model, or an open_clip architecture without weights are refused with :class:`TeacherLoadError`
+(one line) instead of running with random tensors.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
+from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
-from transformers import AutoTokenizer, CLIPModel
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+from transformers.utils import logging as transformers_logging
 
 from frozenlm.errors import FrozenLMError
 from frozenlm.llm.checkpoint import local_folder
@@ -63,20 +76,40 @@ class CLIPTeacher(nn.Module):
 
 
 class HuggingFaceCLIPTeacher(CLIPTeacher):
-    """transformers' ``CLIPModel`` from a local folder or a hub id."""
+    """transformers' ``CLIPModel`` from a local folder or a hub id; every tensor of the model must be in it.
 
-    def __init__(self, source: str, revision: str | None = None) -> None:
+    ``weights=False`` builds the architecture alone on the meta device (its config is still read), to check a
+    teacher spec without reading weights."""
+
+    def __init__(self, source: str, revision: str | None = None, weights: bool = True) -> None:
         super().__init__()
+        location, kind = source, None
         try:
             location = str(local_folder(source) or source)
-            self.model = CLIPModel.from_pretrained(location, revision=revision, dtype=torch.float32)
-            self.tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
-        except (OSError, ValueError, KeyError) as error:
+            config = CLIPConfig.get_config_dict(location, revision=revision)[0]
+            kind = config.get("model_type")
+            if kind == "clip" and weights:  # tensors missing or of other shapes are refused below in one line
+                with _quiet():  # (not in the library's report of them)
+                    self.model, info = CLIPModel.from_pretrained(location, revision=revision, dtype=torch.float32,
+                                                                 output_loading_info=True, ignore_mismatched_sizes=True)  # fmt: skip
+                self.tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
+            elif kind == "clip":
+                with torch.device("meta"):
+                    self.model, self.tokenizer = CLIPModel(CLIPConfig.from_dict(config)), None
+                info = {"missing_keys": [], "mismatched_keys": []}
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise TeacherLoadError(
-                f"--model.teacher {source!r} cannot be loaded as a CLIP model ({type(error).__name__}: {error}). Give a "
-                "local Hugging Face CLIP folder (model and tokenizer), a hub id such as openai/clip-vit-base-patch16, "
+                f"--model.teacher {source!r} cannot be loaded as a CLIP model ({type(error).__name__}: {_one_line(error)}). "
+                "Give a local Hugging Face CLIP folder (model and tokenizer), a hub id such as openai/clip-vit-base-patch16, "
                 "or open_clip:<architecture>/<pretrained>."
             ) from None
+        if kind != "clip":  # refused before building it: a CLIP model whose every tensor would be missing
+            raise TeacherLoadError(
+                f"--model.teacher {source}: {location} holds a {kind!r} model (config.json's model_type), not a CLIP model "
+                "('clip'). Give a Hugging Face CLIP folder or hub id, or open_clip:<architecture>/<pretrained>."
+            )
+        mismatched = [k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"]]
+        _refuse_missing(source, location, info["missing_keys"], mismatched)
         vision = self.model.config.vision_config
         self.image_size, self.patch_size, self.width = vision.image_size, vision.patch_size, vision.hidden_size
         # CLIP's preprocessing constants live in the processor; OpenAI's are what every HF CLIP uses.
@@ -85,6 +118,7 @@ class HuggingFaceCLIPTeacher(CLIPTeacher):
 
     def tokens(self, images: Tensor) -> Tensor:
         vision = self.model.vision_model
+        # Another input size: transformers interpolates the position table (resample_positions does the same).
         interpolate = images.shape[-1] != self.image_size
         hidden = vision(pixel_values=images, interpolate_pos_encoding=interpolate).last_hidden_state
         return vision.post_layernorm(hidden)
@@ -102,48 +136,152 @@ class HuggingFaceCLIPTeacher(CLIPTeacher):
 
 
 class OpenCLIPTeacher(CLIPTeacher):
-    """An open_clip model (``pip install open_clip_torch``) with a ViT vision tower."""
+    """An open_clip model (``pip install open_clip_torch``) whose vision tower is a ViT pooled by its CLS token:
+    open_clip's own ``VisionTransformer`` (``ViT-B-16``, ...) or a timm ViT trunk (``TimmModel``: the EVA02
+    family, ``EVA02-B-16``, ...).
 
-    def __init__(self, architecture: str, pretrained: str | None) -> None:
+    ``pretrained`` is a tag open_clip knows for ``architecture`` (downloaded by open_clip) or a local weights
+    file, which must hold every tensor of the model; without one the teacher is refused (a random teacher
+    teaches nothing). ``weights=False`` builds the architecture alone on the meta device (nothing read or
+    downloaded), to check a teacher spec.
+
+    The tokens are the tower's final tokens through its final norm (the ViT's ``ln_post``, the trunk's
+    ``norm``), CLS first, register tokens left out; the projection is what ``encode_image`` applies to the
+    normed CLS (``proj``, or the trunk's head and open_clip's head). For a patch grid other than the one it
+    was trained at, the position table is interpolated as for a Hugging Face teacher (:func:`resample_positions`;
+    EVA02's rotary embedding is recomputed for the grid by timm).
+    """
+
+    def __init__(self, architecture: str, pretrained: str | None, weights: bool = True) -> None:
         super().__init__()
+        spec = f"{OPEN_CLIP_PREFIX}{architecture}" + (f"/{pretrained}" if pretrained else "")
         try:
             import open_clip
         except ImportError:
             raise TeacherLoadError(
-                f"--model.teacher open_clip:{architecture}/{pretrained} needs open_clip: pip install open_clip_torch "
-                "(or the frozenlm[uta] extra)."
+                f"--model.teacher {spec} needs open_clip: pip install open_clip_torch (or the frozenlm[uta] extra)."
             ) from None
-        try:
-            self.model = open_clip.create_model(architecture, pretrained=pretrained or None)
-        except (RuntimeError, OSError, ValueError, KeyError) as error:
+        if architecture not in open_clip.list_models():
             raise TeacherLoadError(
-                f"--model.teacher open_clip:{architecture}/{pretrained} cannot be loaded ({type(error).__name__}: {error}). "
-                "Name an architecture of open_clip.list_models() and a tag of open_clip.list_pretrained() or a weights file."
-            ) from None
-        self.tokenizer = open_clip.get_tokenizer(architecture)
+                f"--model.teacher {spec}: open_clip has no architecture {architecture!r}; open_clip.list_models() names them "
+                "(e.g. EVA02-B-16, ViT-B-16)."
+            )
+        self.model = self._build(open_clip, spec, architecture, pretrained, weights)
+        self.tokenizer = open_clip.get_tokenizer(architecture) if weights else None
         visual = self.model.visual
-        if not hasattr(visual, "ln_post") or not hasattr(visual, "class_embedding"):
-            raise TeacherLoadError(f"--model.teacher open_clip:{architecture}: its vision tower is not a ViT with a CLS token.")
-        self.image_size, self.patch_size = _pair(visual.image_size)[0], _pair(visual.patch_size)[0]
-        self.width = visual.class_embedding.shape[-1]
-        self.mean = tuple(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
-        self.std = tuple(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
+        if isinstance(visual, open_clip.timm_model.TimmModel):
+            trunk = visual.trunk
+            pooled_by_cls = (
+                getattr(trunk, "global_pool", None) == "token" and getattr(trunk, "attn_pool", None) is None
+                and isinstance(getattr(trunk, "fc_norm", nn.Identity()), nn.Identity)  # the final norm before pooling
+                and "pool" not in dict(visual.head.named_children()) and hasattr(trunk, "forward_features")
+            )  # fmt: skip
+            if not pooled_by_cls:
+                raise TeacherLoadError(
+                    f"--model.teacher {spec}: its timm vision trunk {type(trunk).__name__} is not a ViT pooled by its CLS "
+                    "token after its final norm; UTA needs one."
+                )
+            self.image_size, self.patch_size = _pair(trunk.patch_embed.img_size)[0], _pair(trunk.patch_embed.patch_size)[0]
+            self.width, table = trunk.embed_dim, trunk.pos_embed
+        elif isinstance(visual, open_clip.transformer.VisionTransformer):
+            if visual.attn_pool is not None or visual.pool_type != "tok":
+                pooling = "attention" if visual.attn_pool is not None else f"pool_type {visual.pool_type!r}"
+                raise TeacherLoadError(f"--model.teacher {spec}: its ViT pools by {pooling}, not by its CLS token; UTA needs one.")  # fmt: skip
+            self.image_size, self.patch_size = _pair(visual.image_size)[0], _pair(visual.patch_size)[0]
+            self.width, table = visual.class_embedding.shape[-1], visual.positional_embedding[None]
+        else:
+            raise TeacherLoadError(
+                f"--model.teacher {spec}: its vision tower is a {type(visual).__name__}; UTA needs a ViT with a CLS token "
+                "(open_clip's VisionTransformer or a timm ViT trunk such as EVA02's)."
+            )
+        # The trained position table, kept to interpolate from for another grid (None: rotary positions only).
+        self.register_buffer("trained_positions", None if table is None else table.detach().clone(), persistent=False)
+        self.grid = self.image_size // self.patch_size
+        preprocess = open_clip.get_model_preprocess_cfg(self.model)
+        self.mean = tuple(preprocess.get("mean") or open_clip.OPENAI_DATASET_MEAN)
+        self.std = tuple(preprocess.get("std") or open_clip.OPENAI_DATASET_STD)
         self.freeze()
 
-    def tokens(self, images: Tensor) -> Tensor:
-        # open_clip returns the pooled (projected) CLS and the patch tokens; the CLS before projection is
-        # read where the final norm writes it.
-        captured = {}
-        handle = self.model.visual.ln_post.register_forward_hook(lambda m, args, out: captured.update(tokens=out))
+    @staticmethod
+    def _build(open_clip, spec: str, architecture: str, pretrained: str | None, weights: bool) -> nn.Module:
+        tags = open_clip.list_pretrained_tags_by_model(architecture)
+        known = (f"the tags open_clip knows for {architecture}: {', '.join(tags)}" if tags
+                 else f"open_clip knows no pretrained weights for {architecture}")  # fmt: skip
+        if not weights:
+            with _quiet(), torch.device("meta"):  # the architecture alone: no weights read or downloaded
+                return open_clip.create_model(architecture, device="meta", pretrained_text=False)
+        if not pretrained:
+            raise TeacherLoadError(
+                f"--model.teacher {spec} names no weights, and a random teacher teaches nothing: add a pretrained tag or a "
+                f"local weights file, open_clip:{architecture}/<tag or file> ({known})."
+            )
+        if pretrained not in tags and not Path(pretrained).expanduser().is_file():
+            raise TeacherLoadError(f"--model.teacher {spec}: {pretrained!r} is neither a pretrained tag nor a weights file ({known}).")
+        if pretrained in tags:  # open_clip downloads the tag's weights (or reads them from its cache) and preprocessing
+            try:
+                with _quiet(bars=False):  # its error log would repeat the message below; the download's bar stays
+                    return open_clip.create_model(architecture, pretrained=pretrained)
+            except (RuntimeError, OSError, ValueError, KeyError) as error:
+                raise TeacherLoadError(
+                    f"--model.teacher {spec}: open_clip cannot fetch or load the weights of {pretrained} ({type(error).__name__}: "
+                    f"{_one_line(error)}). Run once where the hub is reachable (open_clip caches them), or give a weights "
+                    f"file: open_clip:{architecture}/<file>."
+                ) from None
         try:
-            self.model.visual(images)
-        finally:
-            handle.remove()
-        return captured["tokens"]
+            with _quiet():
+                model = open_clip.create_model(architecture, pretrained_text=False)
+            incompatible = open_clip.load_checkpoint(model, str(Path(pretrained).expanduser()), strict=False)
+        except (RuntimeError, OSError, ValueError, KeyError) as error:
+            raise TeacherLoadError(
+                f"--model.teacher {spec}: {pretrained} cannot be loaded as {architecture}'s weights ({type(error).__name__}: "
+                f"{_one_line(error)}). Give a state dict of open_clip's {architecture} (.pt, .bin or .safetensors)."
+            ) from None
+        _refuse_missing(spec, pretrained, incompatible.missing_keys)
+        if incompatible.unexpected_keys:
+            names = sorted(incompatible.unexpected_keys)
+            raise TeacherLoadError(
+                f"--model.teacher {spec}: {pretrained} holds {len(names)} tensors that {architecture} does not have "
+                f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): it is another architecture's weights."
+            )
+        return model
+
+    def _fit_grid(self, side: int) -> None:
+        """Make the tower take images of ``side`` pixels: its position table interpolated from the trained one to
+        the new grid (and, for a timm trunk, the patch embedding's size and EVA02's rotary grid set by timm)."""
+        grid = side // self.patch_size
+        if grid == self.grid:
+            return
+        visual = self.model.visual
+        if hasattr(visual, "trunk"):
+            trunk = visual.trunk
+            if not hasattr(trunk, "set_input_size"):
+                raise TeacherLoadError(
+                    f"The teacher's timm trunk {type(trunk).__name__} cannot take a {grid} x {grid} patch grid; use a student "
+                    f"whose grid is the teacher's ({self.grid} x {self.grid})."
+                )
+            trunk.set_input_size(img_size=(side, side))
+            if self.trained_positions is not None:
+                prefix = 0 if getattr(trunk, "no_embed_class", False) else trunk.num_prefix_tokens
+                trunk.pos_embed = nn.Parameter(resample_positions(self.trained_positions, grid, prefix), requires_grad=False)
+        else:
+            visual.positional_embedding = nn.Parameter(resample_positions(self.trained_positions, grid)[0], requires_grad=False)
+        self.grid = grid
+
+    def tokens(self, images: Tensor) -> Tensor:
+        self._fit_grid(images.shape[-1])
+        visual = self.model.visual
+        if hasattr(visual, "trunk"):  # a timm ViT: forward_features ends with the final norm
+            tokens = visual.trunk.forward_features(images)
+            return torch.cat([tokens[:, :1], tokens[:, visual.trunk.num_prefix_tokens :]], dim=1)
+        out = visual.forward_intermediates(images, indices=1, normalize_intermediates=True, intermediates_only=True,
+                                           output_fmt="NLC", output_extra_tokens=True)  # fmt: skip
+        return torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
 
     def project(self, cls_tokens: Tensor) -> Tensor:
-        proj = self.model.visual.proj
-        return cls_tokens if proj is None else cls_tokens @ proj
+        visual = self.model.visual
+        if hasattr(visual, "trunk"):  # what encode_image does after the trunk's CLS pooling
+            return visual.head(visual.trunk.forward_head(cls_tokens[:, None]))
+        return cls_tokens if visual.proj is None else cls_tokens @ visual.proj
 
     def encode_texts(self, texts: list[str]) -> Tensor:
         return self.model.encode_text(self.tokenizer(texts).to(self.model.logit_scale.device))
@@ -152,12 +290,54 @@ class OpenCLIPTeacher(CLIPTeacher):
         return self.model.logit_scale.exp()
 
 
-def load_teacher(source: str, revision: str | None = None) -> CLIPTeacher:
-    """A frozen teacher from ``source``: a Hugging Face CLIP folder or hub id, or ``open_clip:<arch>/<pretrained>``."""
+def load_teacher(source: str, revision: str | None = None, weights: bool = True) -> CLIPTeacher:
+    """A frozen teacher from ``source``: a Hugging Face CLIP folder or hub id, or ``open_clip:<arch>/<pretrained>``.
+    ``weights=False``: its architecture alone, on the meta device (to check a spec without downloading weights)."""
     if source.startswith(OPEN_CLIP_PREFIX):
         architecture, _, pretrained = source[len(OPEN_CLIP_PREFIX) :].partition("/")
-        return OpenCLIPTeacher(architecture, pretrained or None)
-    return HuggingFaceCLIPTeacher(source, revision)
+        return OpenCLIPTeacher(architecture, pretrained or None, weights)
+    return HuggingFaceCLIPTeacher(source, revision, weights)
+
+
+def resample_positions(table: Tensor, grid: int, prefix: int = 1) -> Tensor:
+    """A position table ``[1, prefix + n * n, D]`` for a ``grid x grid`` patch grid: the prefix (CLS) entries kept,
+    the patches' interpolated as transformers' CLIP does for another input size (bicubic, corners not aligned,
+    no antialiasing), with timm's resampler."""
+    return resample_abs_pos_embed(table, new_size=[grid, grid], num_prefix_tokens=prefix, antialias=False)
+
+
+def _refuse_missing(spec: str, location: str, missing: Iterable[str], mismatched: Iterable[str] = ()) -> None:
+    """A teacher whose weights lack tensors of its model (or hold them in other shapes) would run with those
+    tensors random: refused in one line naming the first ones."""
+    for names, what in ((sorted(missing), "lacks"), (sorted(mismatched), "holds in other shapes")):
+        if names:
+            raise TeacherLoadError(
+                f"--model.teacher {spec}: {location} {what} {len(names)} tensors of the CLIP model ({', '.join(names[:3])}"
+                f"{', ...' if len(names) > 3 else ''}); it is not this CLIP model's checkpoint. Give a whole CLIP checkpoint."
+            )
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """A library's (often multi-line) message as one line of at most ``limit`` characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextmanager
+def _quiet(bars: bool = True):
+    """The libraries' loading chatter off: log records (open_clip warns that a model built without weights is
+    random, here the point, or logs a failed download the error then names; transformers reports missing and
+    unexpected tensors, which the teacher checks itself, in one line) and, with ``bars``, transformers' progress bars."""
+    previous, bar = logging.root.manager.disable, transformers_logging.is_progress_bar_enabled()
+    logging.disable(logging.ERROR)
+    if bars:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+        if bars and bar:
+            transformers_logging.enable_progress_bar()
 
 
 def _pair(value) -> tuple[int, int]:

@@ -143,6 +143,12 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
         self.grid = self.backbone.patch_embed.grid_size
         if self.grid[0] != self.grid[1]:
             raise ValueError(f"The student's patch grid {self.grid} is not square; the teacher's is.")
+        patches = self.grid[0] * self.grid[1]
+        if round(hp.mask_ratio * patches) >= patches:  # the student would see CLS alone: nothing to align
+            raise ValueError(
+                f"--model.mask_ratio {hp.mask_ratio} masks all {patches} patches of the student's {self.grid[0]} x "
+                f"{self.grid[1]} grid; keep at least one: a ratio below {(patches - 0.5) / patches:.4g}."
+            )
         width = self.backbone.embed_dim
         if hp.projection == "none" or (hp.projection == "auto" and width == teacher.width):
             if width != teacher.width:
@@ -327,6 +333,8 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
             for who in self._who():
                 logits = self.teacher.logit_scale().float() * embeddings[who] @ self._classifier.T
                 scored_logits, labels = self.scored(batch, logits, batch["label"])
+                if not len(labels):  # the batch only evened out the processes' shares
+                    continue
                 for metric in self._accuracy[who].values():
                     metric.update(scored_logits, labels)
         elif self._retrieval is not None:
