@@ -20,12 +20,12 @@ position kept), not interpolated at every forward.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoModel, CLIPVisionModel
 
 from frozenlm.errors import FrozenLMError
 from frozenlm.llm.checkpoint import local_folder
+from frozenlm.models.clip_teacher import resample_positions
 
 
 class TowerLoadError(FrozenLMError, OSError):
@@ -53,11 +53,8 @@ def resize_position_embedding(tower: CLIPVisionModel, image_size: int) -> None:
     patch = embeddings.patch_size
     if image_size % patch:
         raise ValueError(f"img_size {image_size} is not a multiple of the CLIP tower's patch size {patch}.")
-    weight = embeddings.position_embedding.weight.detach()
-    before, after, dim = round((weight.shape[0] - 1) ** 0.5), image_size // patch, weight.shape[1]
-    grid = weight[1:].reshape(before, before, dim).permute(2, 0, 1).unsqueeze(0)
-    grid = F.interpolate(grid, size=(after, after), mode="bicubic", align_corners=False)
-    resized = torch.cat([weight[:1], grid.squeeze(0).permute(1, 2, 0).reshape(after * after, dim)])
+    after = image_size // patch
+    resized = resample_positions(embeddings.position_embedding.weight.detach()[None], after)[0]
     embeddings.position_embedding = nn.Embedding.from_pretrained(resized, freeze=False)
     embeddings.image_size, embeddings.num_patches, embeddings.num_positions = image_size, after * after, after * after + 1
     embeddings.register_buffer("position_ids", torch.arange(after * after + 1).unsqueeze(0), persistent=False)
