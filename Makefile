@@ -92,7 +92,6 @@ VQAV2 ?= data/vqav2
 FLICKR30K ?= data/flickr30k
 IMAGENET21K ?= data/imagenet21k
 UTA_CHECKPOINT ?= runs/imagenet21k_uta_base/version_0/checkpoints/last.ckpt
-IMAGENET_CLASSNAMES ?= data/imagenet_classnames.txt
 ARGS ?=
 FIT := $(BIN)/frozenlm fit
 RESULTS = @echo "Results: TensorBoard logs and checkpoints under runs/$(1)/ (tensorboard --logdir runs)"
@@ -242,13 +241,13 @@ reproduce-vqav2-llama reproduce-flickr30k-llama: reproduce-%-llama: $(BIN)/froze
 	$(call RESULTS,$*_meter_llama)
 
 # UTA (Liu et al., TMLR 2024): pretrain a ViT-B/16 against a frozen CLIP on ImageNet-21K, then zero-shot
-# on ImageNet-1k (IMAGENET_CLASSNAMES: one name per class, in wnid order) and fine-tune from it.
+# on ImageNet-1k (CLIP's 80 prompts and class names from open_clip) and fine-tune from it.
 reproduce-uta-pretrain: $(BIN)/frozenlm
 	$(FIT) --config configs/imagenet21k_uta_base.yaml --data.root $(IMAGENET21K) $(ARGS)
 	$(call RESULTS,imagenet21k_uta_base)
 
 reproduce-uta-zeroshot: $(BIN)/frozenlm
-	$(BIN)/frozenlm test --config configs/imagenet_uta_base_zeroshot.yaml --data.root $(IMAGENET) --model.zeroshot_class_names $(IMAGENET_CLASSNAMES) --ckpt_path $(UTA_CHECKPOINT) $(ARGS)
+	$(BIN)/frozenlm test --config configs/imagenet_uta_base_zeroshot.yaml --data.root $(IMAGENET) --ckpt_path $(UTA_CHECKPOINT) $(ARGS)
 	$(call RESULTS,imagenet_uta_base_zeroshot)
 
 reproduce-uta-finetune: $(BIN)/frozenlm

@@ -130,6 +130,56 @@ def test_the_zero_shot_classifier_is_clips_built_by_hand(teacher):
     torch.testing.assert_close(model.teacher_image_embeddings(images), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_zero_shot_imagenet_takes_clips_80_prompts_and_class_names_from_open_clip(teacher):
+    # UTA's imagenet_zeroshot_data.py holds CLIP's 80 ImageNet templates and 1,000 class names, the lists
+    # open_clip ships (zero_shot_metadata.py); the classifier is the legacy construction (UTA's eval script).
+    from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+    model = UnmaskedTokenAlignment(str(teacher), zeroshot_templates="openai_imagenet", zeroshot_class_names="imagenet",
+                                   num_classes=1000, **STUDENT)  # fmt: skip
+    assert model.class_names() == list(IMAGENET_CLASSNAMES) and len(OPENAI_IMAGENET_TEMPLATES) == 80
+    names = ["tench", "goldfish"]
+    clip = HuggingFaceCLIPTeacher(str(teacher))
+    rows = []
+    for name in names:
+        encoded = clip.tokenizer([t(name) for t in OPENAI_IMAGENET_TEMPLATES], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            text = clip.model.get_text_features(**encoded).pooler_output
+        rows.append(F.normalize(F.normalize(text, dim=-1).mean(0), dim=-1))
+    torch.testing.assert_close(model.zeroshot_classifier(names), torch.stack(rows))
+    with pytest.raises(ValueError, match="clip7"):
+        UnmaskedTokenAlignment(str(teacher), zeroshot_templates="imagenet80", **STUDENT)
+
+
+def test_utas_own_head_reaches_the_joint_space_and_is_aligned_to_the_teachers_image_embedding(teacher):
+    # UTA's released student (jihaonew/UTA eva_vit_model/eva_vit.py: head = Linear(embed_dim, 1024) on
+    # norm(x)[:, 0]) has its own head into the joint space; how it was trained is not in the code (ours: the
+    # alignment loss between its output and the teacher's image embedding, beside the token alignment).
+    torch.manual_seed(0)
+    model = UnmaskedTokenAlignment(str(teacher), zeroshot_head="own", mask_ratio=0.5, **STUDENT)
+    images = torch.randn(3, 3, 32, 32)
+    cls = model.student_tokens(images)[:, 0]
+    expected = F.normalize(model.joint_head(cls), dim=-1)
+    project = model.teacher.project
+    model.teacher.project = lambda tokens: (_ for _ in ()).throw(AssertionError("the teacher projects the student"))
+    torch.testing.assert_close(model.image_embeddings(images), expected)
+    model.teacher.project = project
+    masks = model.evaluation_masks(["a", "b", "c"])
+    losses, _ = model.step_losses(images, masks)
+    keep = kept_indices(masks)
+    teacher_tokens = model.teacher_tokens(images)
+    student = model.student_tokens(images, keep)
+    tokens = model.alignment_loss(model.projection(student), model.at_kept(teacher_tokens, keep))
+    with torch.no_grad():
+        embedding = model.teacher.project(teacher_tokens[:, 0])
+    joint = 1 - F.cosine_similarity(model.joint_head(student[:, 0]), embedding, dim=-1)
+    torch.testing.assert_close(losses, tokens + joint)
+    losses.mean().backward()
+    assert model.joint_head.weight.grad.abs().sum() > 0
+    # The teacher's way (the default) has no head of its own.
+    assert not hasattr(UnmaskedTokenAlignment(str(teacher), **STUDENT), "joint_head")
+
+
 def test_gcr_aligns_an_auxiliary_branch_too(teacher, tiny_llama_checkpoint):
     model = UnmaskedTokenAlignment(str(teacher), llm={"checkpoint": str(tiny_llama_checkpoint), "mode": "auxiliary"}, **STUDENT)
     model.train()

@@ -8,8 +8,18 @@ mask token), reversed block-wise masking at ratio 0.4 (base) / 0.5 (large), targ
 tokens at the same positions, CLS included; zero-shot as CLIP (prompt templates, the mean of normalised
 text embeddings per class, logits scaled by the teacher's logit scale). Our choices where the paper is
 silent or unverified: the cosine loss on the teacher's final-norm tokens (before its projection); a linear
-projection only when the widths differ; the student's CLS reaches the joint space through the teacher's
-own projection; masks drawn per image in the training process.
+projection only when the widths differ; masks drawn per image in the training process.
+
+How the student's CLS reaches the joint image-text space, two ways (``zeroshot_head``). UTA's released
+inference code (jihaonew/UTA ``eva_vit_model/eva_vit.py``: ``self.head = nn.Linear(embed_dim, 1024)``,
+``forward_features`` returns ``self.norm(x)[:, 0]``) gives the student a linear head of its own on its
+final-norm CLS, and scores zero-shot logits as ``100 x`` cosine (``imagenet_zeroshot_eval.py``): ``own``
+here, trained beside the token alignment by aligning (same ``loss``) the head's output to the teacher's
+image embedding, which is our reading, since how UTA trained its head is not in the code. ``teacher``
+(ours): the CLS through ``projection`` and then the teacher's own projection, nothing more to train.
+Zero-shot ImageNet takes CLIP's 80 ImageNet prompts and class names from open_clip
+(``zeroshot_templates: openai_imagenet``, ``zeroshot_class_names: imagenet``; UTA's code holds the same
+lists); other datasets default to CLIP's seven-prompt ensemble.
 """
 
 from __future__ import annotations
@@ -40,7 +50,19 @@ CLIP_TEMPLATES = (
     "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.", "a {} in a video game.",
     "art of the {}.", "a photo of the small {}.",
 )  # fmt: skip
+TEMPLATE_SETS = ("clip7", "openai_imagenet")
 Masking = Literal["reversed_block", "block", "random"]
+
+
+def zeroshot_templates(templates: list[str] | str | None) -> list:
+    """The prompt makers ``name -> prompt`` of a ``zeroshot_templates`` setting: a list of ``{}`` templates,
+    ``clip7`` / None (:data:`CLIP_TEMPLATES`) or ``openai_imagenet`` (open_clip's 80 ImageNet prompts)."""
+    if templates == "openai_imagenet":
+        from open_clip import OPENAI_IMAGENET_TEMPLATES
+
+        return list(OPENAI_IMAGENET_TEMPLATES)
+    chosen = CLIP_TEMPLATES if templates in (None, "clip7") else templates
+    return [template.format for template in chosen]
 AlignmentLoss = Literal["cosine", "smooth_l1", "mse"]
 
 
@@ -75,9 +97,15 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
             widths differ, none when equal), ``linear``, ``mlp`` (Linear-GELU-Linear) or ``none``.
         zeroshot: evaluate zero-shot when the data names classes or captions (off for pretraining data
             whose classes are not the evaluation's, e.g. ImageNet-21K's 21,841 synsets).
-        zeroshot_templates: prompt templates with one ``{}`` for the class name (default: CLIP's seven).
+        zeroshot_templates: prompt templates with one ``{}`` for the class name, or a named set:
+            ``clip7`` (default: CLIP's seven-prompt ImageNet ensemble) or ``openai_imagenet`` (CLIP's 80
+            ImageNet prompts, from open_clip's ``OPENAI_IMAGENET_TEMPLATES``).
         zeroshot_class_names: a file of class names (JSON list or one per line) in the datamodule's class
-            order, for datasets whose classes are ids (ImageNet's wnids); default the datamodule's ``classes``.
+            order, for datasets whose classes are ids (ImageNet's wnids), or ``imagenet`` (open_clip's
+            ``IMAGENET_CLASSNAMES``, in wnid order); default the datamodule's ``classes``.
+        zeroshot_head: how the student's CLS reaches the joint space: ``teacher`` (through ``projection``
+            and the teacher's projection) or ``own`` (UTA's: a linear head of the student's, trained to
+            the teacher's image embedding; see the module docstring).
         zeroshot_teacher: score the teacher's zero-shot metrics beside the student's.
         num_classes: classes of the zero-shot evaluation (linked from the datamodule by the CLI); the class
             names must be that many.
@@ -108,8 +136,9 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
         loss: AlignmentLoss = "cosine",
         projection: Literal["auto", "linear", "mlp", "none"] = "auto",
         zeroshot: bool = True,
-        zeroshot_templates: list[str] | None = None,
+        zeroshot_templates: list[str] | str | None = None,
         zeroshot_class_names: str | None = None,
+        zeroshot_head: Literal["teacher", "own"] = "teacher",
         zeroshot_teacher: bool = True,
         num_classes: int | None = None,
         lr: float = 1.5e-3,
@@ -121,7 +150,9 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
     ) -> None:
         if not 0 <= mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
-        for template in zeroshot_templates or ():
+        if isinstance(zeroshot_templates, str) and zeroshot_templates not in TEMPLATE_SETS:
+            raise ValueError(f"zeroshot_templates must be a list of prompts or one of {sorted(TEMPLATE_SETS)}, got {zeroshot_templates!r}.")
+        for template in [] if isinstance(zeroshot_templates, str) else zeroshot_templates or ():
             if template.count("{}") != 1:
                 raise ValueError(f"Each zero-shot template needs exactly one {{}} for the class name: {template!r}.")
         super().__init__(
@@ -159,6 +190,12 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
         else:
             self.projection = nn.Linear(width, teacher.width)
         self.llm_block = self.build_llm_after(hp.llm, self.backbone.blocks, hp.llm_position, width)
+        if hp.get("zeroshot_head", "teacher") == "own":  # UTA's: the student's own head into the joint space
+            with torch.no_grad():
+                joint = teacher.project(torch.zeros(1, teacher.width, dtype=next(teacher.parameters()).dtype)).shape[-1]
+            self.joint_head = nn.Linear(width, joint)
+            nn.init.trunc_normal_(self.joint_head.weight, std=0.02)
+            nn.init.zeros_(self.joint_head.bias)
 
     def configure_metrics(self) -> None:
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
@@ -230,8 +267,13 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
         """Per-image alignment losses of a batch under ``masks [B, h, w]``, and those of GCR's auxiliary branch
         (training with a block in ``auxiliary`` mode; else None)."""
         keep = kept_indices(masks).to(images.device)
-        target = self.at_kept(self.teacher_tokens(images), keep)
-        losses = self.alignment_loss(self.projection(self.student_tokens(images, keep)), target)
+        teacher_tokens = self.teacher_tokens(images)
+        target = self.at_kept(teacher_tokens, keep)
+        student = self.student_tokens(images, keep)
+        losses = self.alignment_loss(self.projection(student), target)
+        if hasattr(self, "joint_head"):  # UTA's own head, aligned to the teacher's image embedding
+            embedding = self.teacher_embeddings(teacher_tokens[:, 0])
+            losses = losses + self.alignment_loss(self.joint_head(student[:, :1]).float(), embedding[:, None])
         auxiliary = self.auxiliary_tokens()
         if auxiliary is None:
             return losses, None
@@ -253,10 +295,17 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
     # -- zero-shot -----------------------------------------------------------------------------
     def image_embeddings(self, images: Tensor) -> Tensor:
         """The student's normalised embeddings ``[B, E]`` in the teacher's joint space: its CLS token (whole
-        image) through ``projection`` and the teacher's own projection."""
-        cls = self.projection(self.student_tokens(images)[:, 0])
-        self.teacher.to(cls.device)
-        return F.normalize(self.teacher.project(cls.to(next(self.teacher.parameters()).dtype)).float(), dim=-1)
+        image) through its own ``joint_head`` (``zeroshot_head: own``) or through ``projection`` and the
+        teacher's own projection."""
+        cls = self.student_tokens(images)[:, 0]
+        if hasattr(self, "joint_head"):
+            return F.normalize(self.joint_head(cls).float(), dim=-1)
+        return F.normalize(self.teacher_embeddings(self.projection(cls)), dim=-1)
+
+    def teacher_embeddings(self, cls_tokens: Tensor) -> Tensor:
+        """CLS tokens at the teacher's width through the teacher's projection: ``[B, E]`` in float32."""
+        self.teacher.to(cls_tokens.device)
+        return self.teacher.project(cls_tokens.to(next(self.teacher.parameters()).dtype)).float()
 
     def sample_forward(self, batch: dict[str, Any], samples: int = 1) -> tuple[Any, tuple]:
         """The student's zero-shot embedding of whole images (:meth:`image_embeddings`), its inference; the
@@ -266,23 +315,29 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
     @torch.no_grad()
     def teacher_image_embeddings(self, images: Tensor) -> Tensor:
         """The teacher's normalised embeddings ``[B, E]`` of the whole images, for its own zero-shot metrics."""
-        cls = self.teacher_tokens(images)[:, 0]
-        return F.normalize(self.teacher.project(cls.to(next(self.teacher.parameters()).dtype)).float(), dim=-1)
+        return F.normalize(self.teacher_embeddings(self.teacher_tokens(images)[:, 0]), dim=-1)
 
     @torch.no_grad()
     def zeroshot_classifier(self, class_names: list[str]) -> Tensor:
         """``[C, E]``: per class, the normalised mean of the normalised text embeddings of its prompts (CLIP's)."""
-        templates = self.hparams.zeroshot_templates or CLIP_TEMPLATES
+        templates = zeroshot_templates(self.hparams.zeroshot_templates)
         self.teacher.to(self.device)
         rows = []
         for name in class_names:
-            embeddings = F.normalize(self.teacher.encode_texts([t.format(name) for t in templates]).float(), dim=-1)
+            embeddings = F.normalize(self.teacher.encode_texts([t(name) for t in templates]).float(), dim=-1)
             rows.append(F.normalize(embeddings.mean(dim=0), dim=-1))
         return torch.stack(rows)
 
     def class_names(self) -> list[str] | None:
         """The zero-shot class names: ``zeroshot_class_names``' file, else the datamodule's ``classes``."""
         path = self.hparams.zeroshot_class_names
+        if path == "imagenet":
+            from open_clip import IMAGENET_CLASSNAMES
+
+            names = list(IMAGENET_CLASSNAMES)
+            if self.hparams.num_classes not in (None, len(names)):
+                raise ValueError(f"--model.zeroshot_class_names imagenet names {len(names)} classes; the data has {self.hparams.num_classes}.")
+            return names
         if path is None:
             classes = getattr(self.trainer.datamodule, "classes", None)
             if classes is not None and self.hparams.num_classes not in (None, len(classes)):
