@@ -293,7 +293,7 @@ def test_every_teacher_a_shipped_config_names_builds(spec, monkeypatch):
 
     from frozenlm.models import clip_teacher
 
-    assert "imagenet21k_uta_base.yaml" in config_teachers()["open_clip:EVA02-B-16/merged2b_s8b_b131k"]  # the search works
+    assert "imagenet21k_uta_base.yaml" in config_teachers()["open_clip:EVA02-E-14/laion2b_s4b_b115k"]  # the search works
     if not spec.startswith(clip_teacher.OPEN_CLIP_PREFIX):
         assert spec in HUB_CONFIGS, f"{config_teachers()[spec]}: add the published shape of {spec} to HUB_CONFIGS"
         hub = SimpleNamespace(get_config_dict=lambda source, revision=None: (CLIPConfig(**HUB_CONFIGS[source]).to_dict(), {}),
