@@ -79,10 +79,9 @@ def test_optimizer_holds_trainable_parameters_only_without_decay_on_norms_biases
     assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(1e-3 * 16 / 512)
 
 
-def test_schedule_warms_up_then_follows_the_cosine_to_min_lr(tiny_llama_checkpoint):
-    # Digits: 1437 training images / 16 = 89 steps per epoch; warm up for 0.05 epochs = 4 steps.
-    model = classifier(tiny_llama_checkpoint, lr=1e-3, lr_reference_batch=0, warmup_epochs=0.05, min_lr=1e-5,
-                       warmup_lr=1e-6)  # fmt: skip
+def learning_rates(model, max_steps: int) -> list[float]:
+    """The first parameter group's learning rate at the start of each of ``max_steps`` steps on the digits
+    (batch 16: 89 steps per epoch)."""
     seen = []
 
     class Record(lightning.Callback):
@@ -90,10 +89,18 @@ def test_schedule_warms_up_then_follows_the_cosine_to_min_lr(tiny_llama_checkpoi
             seen.append(trainer.optimizers[0].param_groups[0]["lr"])
 
     trainer = lightning.Trainer(
-        max_steps=20, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, callbacks=[Record()],
     )  # fmt: skip
     trainer.fit(model, DigitsDataModule(batch_size=16, img_size=16, num_workers=0))
+    return seen
+
+
+def test_schedule_warms_up_then_follows_the_cosine_to_min_lr(tiny_llama_checkpoint):
+    # Digits: 1437 training images / 16 = 89 steps per epoch; warm up for 0.05 epochs = 4 steps.
+    model = classifier(tiny_llama_checkpoint, lr=1e-3, lr_reference_batch=0, warmup_epochs=0.05, min_lr=1e-5,
+                       warmup_lr=1e-6)  # fmt: skip
+    seen = learning_rates(model, max_steps=20)
     warmup = int(0.05 * 89)
     assert seen[0] == pytest.approx(1e-6)
     assert seen[warmup] == pytest.approx(1e-3, rel=1e-3)
@@ -109,17 +116,7 @@ def test_linear_schedule_is_meters(tiny_llama_checkpoint):
 
     model = classifier(tiny_llama_checkpoint, lr=1e-3, lr_reference_batch=0, warmup_epochs=0.1, min_lr=0.0,
                        warmup_lr=0.0, schedule="linear")  # fmt: skip
-    seen = []
-
-    class Record(lightning.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
-
-    trainer = lightning.Trainer(
-        max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, callbacks=[Record()],
-    )  # fmt: skip
-    trainer.fit(model, DigitsDataModule(batch_size=16, img_size=16, num_workers=0))
+    seen = learning_rates(model, max_steps=30)
     reference_optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     reference = get_polynomial_decay_schedule_with_warmup(reference_optimizer, int(0.1 * 89), 30, lr_end=0.0, power=1.0)
     expected = []
