@@ -15,7 +15,9 @@ import torch
 
 from frozenlm.data.distributed import EvaluationSampler, MarkedPadding
 from tests.cli_helpers import last_checkpoint, run_cli, run_cli_subprocess
+from frozenlm.data import ImageFolderDataModule
 from tests.data.argoverse2.data import write as write_argoverse2
+from tests.data.imagefolder.data import write as write_imagefolder
 from tests.data.scanobjectnn.data import write as write_scanobjectnn
 from tests.data.ssv2.data import write as write_ssv2
 
@@ -32,7 +34,8 @@ def test_the_sampler_deals_every_sample_once_and_marks_the_padding(size, process
     padding = [i for share in shares for i in share if i < 0]
     assert len(padding) == -size % processes and all(0 <= -i - 1 < size for i in padding)
     samples = MarkedPadding([{"x": i} for i in range(size)])
-    assert samples[-1] == {"x": 0, "padding": True} and samples[size - 1] == {"x": size - 1, "padding": False}
+    assert samples[-1] == {"x": 0, "padding": True, "dataset_index": 0}
+    assert samples[size - 1] == {"x": size - 1, "padding": False, "dataset_index": size - 1}
 
 
 def metrics_on(root: Path, subcommand: str, config: str, processes: int, *args: str) -> dict[str, float]:
@@ -96,6 +99,35 @@ def test_images_score_each_sample_once_and_predict_writes_each_once(tmp_path, pr
     one, two = (list(csv.DictReader((tmp_path / name).open())) for name in ("one.csv", "two.csv"))
     assert [row["id"] for row in two] == [row["id"] for row in one] and len({row["id"] for row in one}) == 181
     assert [row["classes"] for row in two] == [row["classes"] for row in one]
+    for a, b in zip(one, two):
+        assert json.loads(a["probs"]) == pytest.approx(json.loads(b["probs"]), abs=2e-6)
+
+
+def test_unreadable_images_on_both_processes_are_counted_once_each_and_predictions_stay_in_dataset_order(tmp_path):
+    """15 validation images, 3 unreadable: 2 dealt to process 0 (samples 0 and 4), 1 to process 1 (sample 3).
+    The count logged is the sum over the processes, and the predictions of 2 processes, whose shares are no
+    longer every other sample once the unreadable ones are dropped, are the file of 1 process."""
+    root = write_imagefolder(tmp_path / "data", val_per_class=5)
+    images = ImageFolderDataModule(root, num_workers=0).load_split("val").images
+    for position in (0, 3, 4):
+        Path(images[position]).write_text("not an image\n")
+    common = ["--data", "frozenlm.data.ImageFolderDataModule", "--data.root", str(root), "--data.batch_size", "4",
+              "--data.max_unreadable_fraction", "0.5", "--data.num_workers", "0", "--data.img_size", "16"]  # fmt: skip
+    metrics = [metrics_on(tmp_path, "test", "image_baseline", n, *common) for n in (1, 2)]
+    assert [m["data/unreadable/test"] for m in metrics] == [3, 3]  # rank 0's alone: 2
+    assert_same(metrics, ("test_acc1",))
+
+    args = [*common, "--trainer.limit_predict_batches", "1.0", "--predictions.output"]
+    with pytest.warns(UserWarning, match="Skipping unreadable sample"):
+        run_cli("predict", "image_baseline", tmp_path / "predict1", *args, str(tmp_path / "one.csv"))
+    result = run_cli_subprocess("predict", "image_baseline", tmp_path / "predict2", *args, str(tmp_path / "two.csv"), *DDP,
+                                "--trainer.devices", "2")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not list(tmp_path.glob("two.rank*"))  # the processes' files (and their sample positions) removed
+    one, two = (list(csv.DictReader((tmp_path / name).open())) for name in ("one.csv", "two.csv"))
+    readable = [Path(image).relative_to(root).as_posix() for i, image in enumerate(images) if i not in (0, 3, 4)]
+    assert [row["id"] for row in one] == readable  # 12 in dataset order
+    assert [row["id"] for row in two] == readable and [row["classes"] for row in two] == [row["classes"] for row in one]
     for a, b in zip(one, two):
         assert json.loads(a["probs"]) == pytest.approx(json.loads(b["probs"]), abs=2e-6)
 
