@@ -19,7 +19,7 @@ from frozenlm.callbacks import PredictionWriter
 from frozenlm.checkpoints import AtomicCheckpointIO, CheckpointDirectoryCheck, DamagedCheckpointError, check_checkpoint
 from frozenlm.errors import ConfigurationError, FrozenLMError
 from frozenlm.progress import ProgressLines, progress_bar
-from frozenlm.rendezvous import Rendezvous
+from frozenlm.rendezvous import Rendezvous, release_processes
 from frozenlm.tasks import BaseTask
 
 DESCRIPTION = """Frozen transformer blocks from pretrained language models inside visual encoders.
@@ -95,9 +95,13 @@ class FrozenLMCLI(LightningCLI):
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
     def _run_subcommand(self, subcommand: str) -> None:
-        # Under DDP: say what a process waits for while the others have not come, and stop after a limit.
-        with self.config_init[subcommand]["rendezvous"].watch(self.trainer):
-            super()._run_subcommand(subcommand)
+        # Under DDP: say what a process waits for while the others have not come, and stop after a limit;
+        # at the end, leave the process group while Python is whole (see `release_processes`).
+        try:
+            with self.config_init[subcommand]["rendezvous"].watch(self.trainer):
+                super()._run_subcommand(subcommand)
+        finally:
+            release_processes()
 
     def _parse_ckpt_path(self) -> None:
         """Resolve ``--ckpt_path last`` and re-apply the checkpoint's hyper-parameters, deliberately.
