@@ -16,6 +16,7 @@ import torch
 from frozenlm.data.distributed import EvaluationSampler, MarkedPadding
 from tests.cli_helpers import last_checkpoint, run_cli, run_cli_subprocess
 from frozenlm.data import ImageFolderDataModule
+from frozenlm.data.base import Unreadable, collate_readable
 from tests.data.argoverse2.data import write as write_argoverse2
 from tests.data.imagefolder.data import write as write_imagefolder
 from tests.data.scanobjectnn.data import write as write_scanobjectnn
@@ -36,6 +37,13 @@ def test_the_sampler_deals_every_sample_once_and_marks_the_padding(size, process
     samples = MarkedPadding([{"x": i} for i in range(size)])
     assert samples[-1] == {"x": 0, "padding": True, "dataset_index": 0}
     assert samples[size - 1] == {"x": size - 1, "padding": False, "dataset_index": size - 1}
+
+
+def test_a_padding_repeat_of_an_unreadable_sample_is_dropped_without_being_counted_again():
+    samples = MarkedPadding([Unreadable("a.png", "OSError: broken"), {"x": 1}])
+    batch = collate_readable([samples[0], samples[1], samples[-1]])  # -1: the padding repeat of sample 0
+    assert batch["unreadable"] == ["a.png (OSError: broken)"]  # once, by the process it was dealt to
+    assert batch["dataset_index"].tolist() == [1] and batch["padding"].tolist() == [False]
 
 
 def metrics_on(root: Path, subcommand: str, config: str, processes: int, *args: str) -> dict[str, float]:
@@ -103,6 +111,27 @@ def test_images_score_each_sample_once_and_predict_writes_each_once(tmp_path, pr
         assert json.loads(a["probs"]) == pytest.approx(json.loads(b["probs"]), abs=2e-6)
 
 
+def test_predictions_of_shares_with_dropped_samples_are_joined_in_dataset_order(tmp_path):
+    """9 samples dealt round-robin to 2 processes in batches of 2, process 1 padded with a repeat of sample 0
+    (never written), samples 3 and 4 unreadable (dropped from their batches): the joined file has the 7
+    others in dataset order, as 1 process writes them (joining the shares round-robin would not)."""
+    from frozenlm.predictions import ClassPredictionsCSV
+
+    shares = {0: [[0, 2], [4, 6], [8]], 1: [[1, 3], [5, 7], [-1]]}
+    parts = [tmp_path / f"p.rank{rank}.csv" for rank in (0, 1)]
+    for rank, batches in shares.items():
+        file = ClassPredictionsCSV(parts[rank])
+        for indices in batches:
+            kept = [i for i in indices if i not in (3, 4)]  # the loader drops the unreadable samples
+            batch = {"dataset_index": torch.tensor([-i - 1 if i < 0 else i for i in kept]), "padding": torch.tensor([i < 0 for i in kept])}
+            real = [i for i in kept if i >= 0]  # what predict_step writes (BaseTask.scored)
+            file.write_batch({"id": [f"s{i}" for i in real], "classes": [[i] for i in real], "probs": [[1.0]] * len(real)}, batch)
+        file.close()
+    assert ClassPredictionsCSV.join(parts, tmp_path / "p.csv") == 7 and not list(tmp_path.glob("p.rank*"))
+    assert [row["id"] for row in csv.DictReader((tmp_path / "p.csv").open())] == [f"s{i}" for i in (0, 1, 2, 5, 6, 7, 8)]
+
+
+@pytest.mark.slow
 def test_unreadable_images_on_both_processes_are_counted_once_each_and_predictions_stay_in_dataset_order(tmp_path):
     """15 validation images, 3 unreadable: 2 dealt to process 0 (samples 0 and 4), 1 to process 1 (sample 3).
     The count logged is the sum over the processes, and the predictions of 2 processes, whose shares are no
