@@ -96,12 +96,11 @@ class FrozenLMCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         # Under DDP: say what a process waits for while the others have not come, and stop after a limit;
-        # at the end, leave the process group while Python is whole (see `release_processes`).
-        try:
-            with self.config_init[subcommand]["rendezvous"].watch(self.trainer):
-                super()._run_subcommand(subcommand)
-        finally:
-            release_processes()
+        # once the command has finished, leave the process group while Python is whole (`release_processes`;
+        # not after an error, when a collective of this process may still wait for a peer that stopped).
+        with self.config_init[subcommand]["rendezvous"].watch(self.trainer):
+            super()._run_subcommand(subcommand)
+        release_processes()
 
     def _parse_ckpt_path(self) -> None:
         """Resolve ``--ckpt_path last`` and re-apply the checkpoint's hyper-parameters, deliberately.
