@@ -136,10 +136,11 @@ def release_processes() -> None:
     Lightning leaves a gloo process group to the interpreter's exit (it destroys NCCL's only), so gloo's
     worker threads outlive the command into the interpreter's teardown. A C++ thread that then needs the
     GIL (one still releasing the tensors of the last collective) is ended by the finalising interpreter in
-    a way C++ turns into ``std::terminate``: "terminate called without an active exception", status 134,
-    which ended about 1 run in 26 of 2 simulated nodes here (PyTorch's own gloo tests met the same abort
-    for the same reason: pytorch/pytorch#65231). Destroying the group joins those threads first (the DDP wrapper holding it is gone once Lightning's teardown unwrapped the
-    model; a collection catches any cycle that still holds it)."""
+    a way C++ turns into ``std::terminate``: "terminate called without an active exception", status 134
+    (reported for about 1 run in 26 of 2 simulated nodes; PyTorch's own gloo tests met the same abort for
+    the same reason, pytorch/pytorch#65231). Destroying the group joins those threads first (the DDP
+    wrapper that also holds it is gone once Lightning's teardown unwrapped the model; a collection
+    catches any cycle that still holds it)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
         gc.collect()
