@@ -47,7 +47,7 @@ class PredictionWriter(BasePredictionWriter):
         return self.path.with_name(f"{self.path.stem}.rank{rank}{self.path.suffix}")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
-        self.file.write(prediction)
+        self.file.write_batch(prediction, batch)
 
     def on_predict_end(self, trainer: lightning.Trainer, pl_module) -> None:
         count, kind = self.file.close(), type(self.file)
@@ -58,9 +58,7 @@ class PredictionWriter(BasePredictionWriter):
         trainer.strategy.barrier()  # every process's file is complete
         if trainer.is_global_zero:
             parts = [self.part(rank) for rank in range(trainer.world_size)]
-            count = kind.merge(parts, self.path)
-            for part in parts:
-                part.unlink()
+            count = kind.join(parts, self.path)
             print(f"Wrote {count} predictions to {self.path} (from {trainer.world_size} processes)")
         trainer.strategy.barrier()
 

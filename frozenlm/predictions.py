@@ -4,8 +4,10 @@ every batch it finished.
 
 A task (or its datamodule) chooses the format by the path's suffix through ``prediction_file(path)``;
 classifiers write :class:`ClassPredictionsCSV` or :class:`ClassPredictionsJSON`. Under DDP each process
-writes its own file, and at the end process 0 joins them into the requested one with the format's
-``merge``, samples back in dataset order: the file a single process would have written.
+writes its own file, and beside it the position in the split of every sample it wrote (the batches'
+``dataset_index``, :class:`frozenlm.data.distributed.MarkedPadding`); at the end process 0 joins them into
+the requested one with the format's ``merge``, samples back in dataset order: the file a single process
+would have written, also when unreadable samples were dropped from some batches.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class PredictionFile:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path, self.count = Path(path), 0
+        self.index_file = None  # the dataset positions of the samples written (under DDP), one line a batch
         if self.path.suffix not in self.suffixes:
             raise PredictionOutputError(
                 f"--predictions.output {self.path}: {type(self).__name__} writes {' or '.join(self.suffixes)} files, "
@@ -65,23 +68,71 @@ class PredictionFile:
     def write(self, prediction: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def write_batch(self, prediction: dict[str, Any], batch: Any) -> None:
+        """:meth:`write` the predictions of ``batch`` and, when the batch carries its samples' positions in
+        the split (evaluation loaders under DDP), record those of the samples written (the padding that
+        evens out the processes' shares is never written) in :func:`index_path`, for :meth:`join`."""
+        from frozenlm.data.distributed import DATASET_INDEX  # (both packages import this module)
+        from frozenlm.tasks.base import BaseTask
+
+        before = self.count
+        self.write(prediction)
+        if not isinstance(batch, dict) or DATASET_INDEX not in batch:  # one process, or every sample unreadable
+            return
+
+        (indices,) = BaseTask.scored(batch, batch[DATASET_INDEX])
+        indices = torch.as_tensor(indices).tolist()
+        if len(indices) != self.count - before:
+            raise RuntimeError(f"{type(self).__name__} wrote {self.count - before} predictions for {len(indices)} samples.")
+        if self.index_file is None:
+            self.index_file = index_path(self.path).open("w")
+        self.index_file.write(json.dumps(indices) + "\n")
+        self.index_file.flush()
+
     def close(self) -> int:
         if self.streamed:
             self.file.close()
+        if self.index_file is not None:
+            self.index_file.close()
         return self.count
 
     @classmethod
     def merge(cls, parts: list[Path], path: Path) -> int:
         """Join the files ``parts`` (process ``r`` wrote ``parts[r]``) into ``path``, written atomically, with
-        the samples in dataset order; returns how many samples it holds."""
+        the samples in dataset order (:func:`dataset_order`); returns how many samples it holds."""
         raise NotImplementedError
 
+    @classmethod
+    def join(cls, parts: list[Path], path: Path) -> int:
+        """:meth:`merge`, then remove the processes' files; returns how many samples ``path`` holds."""
+        count = cls.merge(parts, path)
+        for part in parts:
+            part.unlink()
+            index_path(part).unlink(missing_ok=True)
+        return count
 
-def dataset_order(shares: list[list[Any]]) -> list[Any]:
-    """The samples of an evaluation split back in dataset order from each process's share, which
-    :class:`frozenlm.data.distributed.EvaluationSampler` dealt round-robin (sample ``i`` to process
-    ``i % n``); the padding was never written, so shares differ in length by at most one."""
-    return [share[k] for k in range(max(map(len, shares), default=0)) for share in shares if k < len(share)]
+
+def index_path(part: Path) -> Path:
+    """Where a process's prediction file ``part`` has the dataset positions of its samples (JSON lists)."""
+    return part.with_name(part.name + ".index")
+
+
+def dataset_order(shares: list[list[Any]], parts: list[Path]) -> list[Any]:
+    """The samples of an evaluation split in dataset order from each process's share (``shares[r]``, the
+    samples process ``r`` wrote to ``parts[r]``, in the order written), by the positions it recorded
+    beside its file (:meth:`PredictionFile.write_batch`). (The sampler deals the split round-robin, but a
+    share is not every ``n``-th sample once unreadable samples were dropped from its batches.)"""
+    ordered = []
+    for share, part in zip(shares, parts):
+        lines = index_path(part).read_text().splitlines() if index_path(part).is_file() else []
+        indices = [i for line in lines for i in json.loads(line)]
+        if len(indices) != len(share):
+            raise PredictionOutputError(
+                f"{part} holds {len(share)} samples but {index_path(part)} places {len(indices)}: the files are not "
+                "from one predict run; run predict again."
+            )
+        ordered.extend(zip(indices, share))
+    return [sample for _, sample in sorted(ordered, key=lambda pair: pair[0])]
 
 
 def merge_csv(parts: list[Path], path: Path, key: str) -> int:
@@ -98,7 +149,7 @@ def merge_csv(parts: list[Path], path: Path, key: str) -> int:
                 else:
                     samples.append([row])
         shares.append(samples)
-    samples = dataset_order(shares)
+    samples = dataset_order(shares, parts)
     with atomic_path(path) as partial, open(partial, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(header)
@@ -174,7 +225,7 @@ class JSONRows(PredictionFile):
 
     @classmethod
     def merge(cls, parts: list[Path], path: Path) -> int:
-        rows = dataset_order([json.loads(part.read_text()) for part in parts])
+        rows = dataset_order([json.loads(part.read_text()) for part in parts], parts)
         with atomic_path(path) as partial:
             partial.write_text("[" + "".join(("," if i else "") + "\n" + json.dumps(row) for i, row in enumerate(rows)) + "\n]\n")
         return len(rows)

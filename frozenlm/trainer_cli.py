@@ -19,6 +19,7 @@ from frozenlm.callbacks import PredictionWriter
 from frozenlm.checkpoints import AtomicCheckpointIO, CheckpointDirectoryCheck, DamagedCheckpointError, check_checkpoint
 from frozenlm.errors import ConfigurationError, FrozenLMError
 from frozenlm.progress import ProgressLines, progress_bar
+from frozenlm.rendezvous import Rendezvous, release_processes
 from frozenlm.tasks import BaseTask
 
 DESCRIPTION = """Frozen transformer blocks from pretrained language models inside visual encoders.
@@ -67,6 +68,7 @@ class FrozenLMCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_class_arguments(ProgressLines, "progress")  # used when stdout is not a terminal
+        parser.add_class_arguments(Rendezvous, "rendezvous")  # --rendezvous.timeout, --rendezvous.log_every
         parser.set_defaults(TRAINER_DEFAULTS)
 
     def instantiate_classes(self) -> None:
@@ -91,6 +93,14 @@ class FrozenLMCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         kwargs["plugins"] = plugins
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # Under DDP: say what a process waits for while the others have not come, and stop after a limit;
+        # once the command has finished, leave the process group while Python is whole (`release_processes`;
+        # not after an error, when a collective of this process may still wait for a peer that stopped).
+        with self.config_init[subcommand]["rendezvous"].watch(self.trainer):
+            super()._run_subcommand(subcommand)
+        release_processes()
 
     def _parse_ckpt_path(self) -> None:
         """Resolve ``--ckpt_path last`` and re-apply the checkpoint's hyper-parameters, deliberately.

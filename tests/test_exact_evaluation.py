@@ -15,7 +15,10 @@ import torch
 
 from frozenlm.data.distributed import EvaluationSampler, MarkedPadding
 from tests.cli_helpers import last_checkpoint, run_cli, run_cli_subprocess
+from frozenlm.data import ImageFolderDataModule
+from frozenlm.data.base import Unreadable, collate_readable
 from tests.data.argoverse2.data import write as write_argoverse2
+from tests.data.imagefolder.data import write as write_imagefolder
 from tests.data.scanobjectnn.data import write as write_scanobjectnn
 from tests.data.ssv2.data import write as write_ssv2
 
@@ -32,7 +35,15 @@ def test_the_sampler_deals_every_sample_once_and_marks_the_padding(size, process
     padding = [i for share in shares for i in share if i < 0]
     assert len(padding) == -size % processes and all(0 <= -i - 1 < size for i in padding)
     samples = MarkedPadding([{"x": i} for i in range(size)])
-    assert samples[-1] == {"x": 0, "padding": True} and samples[size - 1] == {"x": size - 1, "padding": False}
+    assert samples[-1] == {"x": 0, "padding": True, "dataset_index": 0}
+    assert samples[size - 1] == {"x": size - 1, "padding": False, "dataset_index": size - 1}
+
+
+def test_a_padding_repeat_of_an_unreadable_sample_is_dropped_without_being_counted_again():
+    samples = MarkedPadding([Unreadable("a.png", "OSError: broken"), {"x": 1}])
+    batch = collate_readable([samples[0], samples[1], samples[-1]])  # -1: the padding repeat of sample 0
+    assert batch["unreadable"] == ["a.png (OSError: broken)"]  # once, by the process it was dealt to
+    assert batch["dataset_index"].tolist() == [1] and batch["padding"].tolist() == [False]
 
 
 def metrics_on(root: Path, subcommand: str, config: str, processes: int, *args: str) -> dict[str, float]:
@@ -96,6 +107,56 @@ def test_images_score_each_sample_once_and_predict_writes_each_once(tmp_path, pr
     one, two = (list(csv.DictReader((tmp_path / name).open())) for name in ("one.csv", "two.csv"))
     assert [row["id"] for row in two] == [row["id"] for row in one] and len({row["id"] for row in one}) == 181
     assert [row["classes"] for row in two] == [row["classes"] for row in one]
+    for a, b in zip(one, two):
+        assert json.loads(a["probs"]) == pytest.approx(json.loads(b["probs"]), abs=2e-6)
+
+
+def test_predictions_of_shares_with_dropped_samples_are_joined_in_dataset_order(tmp_path):
+    """9 samples dealt round-robin to 2 processes in batches of 2, process 1 padded with a repeat of sample 0
+    (never written), samples 3 and 4 unreadable (dropped from their batches): the joined file has the 7
+    others in dataset order, as 1 process writes them (joining the shares round-robin would not)."""
+    from frozenlm.predictions import ClassPredictionsCSV
+
+    shares = {0: [[0, 2], [4, 6], [8]], 1: [[1, 3], [5, 7], [-1]]}
+    parts = [tmp_path / f"p.rank{rank}.csv" for rank in (0, 1)]
+    for rank, batches in shares.items():
+        file = ClassPredictionsCSV(parts[rank])
+        for indices in batches:
+            kept = [i for i in indices if i not in (3, 4)]  # the loader drops the unreadable samples
+            batch = {"dataset_index": torch.tensor([-i - 1 if i < 0 else i for i in kept]), "padding": torch.tensor([i < 0 for i in kept])}
+            real = [i for i in kept if i >= 0]  # what predict_step writes (BaseTask.scored)
+            file.write_batch({"id": [f"s{i}" for i in real], "classes": [[i] for i in real], "probs": [[1.0]] * len(real)}, batch)
+        file.close()
+    assert ClassPredictionsCSV.join(parts, tmp_path / "p.csv") == 7 and not list(tmp_path.glob("p.rank*"))
+    assert [row["id"] for row in csv.DictReader((tmp_path / "p.csv").open())] == [f"s{i}" for i in (0, 1, 2, 5, 6, 7, 8)]
+
+
+@pytest.mark.slow
+def test_unreadable_images_on_both_processes_are_counted_once_each_and_predictions_stay_in_dataset_order(tmp_path):
+    """15 validation images, 3 unreadable: 2 dealt to process 0 (samples 0 and 4), 1 to process 1 (sample 3).
+    The count logged is the sum over the processes, and the predictions of 2 processes, whose shares are no
+    longer every other sample once the unreadable ones are dropped, are the file of 1 process."""
+    root = write_imagefolder(tmp_path / "data", val_per_class=5)
+    images = ImageFolderDataModule(root, num_workers=0).load_split("val").images
+    for position in (0, 3, 4):
+        Path(images[position]).write_text("not an image\n")
+    common = ["--data", "frozenlm.data.ImageFolderDataModule", "--data.root", str(root), "--data.batch_size", "4",
+              "--data.max_unreadable_fraction", "0.5", "--data.num_workers", "0", "--data.img_size", "16"]  # fmt: skip
+    metrics = [metrics_on(tmp_path, "test", "image_baseline", n, *common) for n in (1, 2)]
+    assert [m["data/unreadable/test"] for m in metrics] == [3, 3]  # rank 0's alone: 2
+    assert_same(metrics, ("test_acc1",))
+
+    args = [*common, "--trainer.limit_predict_batches", "1.0", "--predictions.output"]
+    with pytest.warns(UserWarning, match="Skipping unreadable sample"):
+        run_cli("predict", "image_baseline", tmp_path / "predict1", *args, str(tmp_path / "one.csv"))
+    result = run_cli_subprocess("predict", "image_baseline", tmp_path / "predict2", *args, str(tmp_path / "two.csv"), *DDP,
+                                "--trainer.devices", "2")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not list(tmp_path.glob("two.rank*"))  # the processes' files (and their sample positions) removed
+    one, two = (list(csv.DictReader((tmp_path / name).open())) for name in ("one.csv", "two.csv"))
+    readable = [Path(image).relative_to(root).as_posix() for i, image in enumerate(images) if i not in (0, 3, 4)]
+    assert [row["id"] for row in one] == readable  # 12 in dataset order
+    assert [row["id"] for row in two] == readable and [row["classes"] for row in two] == [row["classes"] for row in one]
     for a, b in zip(one, two):
         assert json.loads(a["probs"]) == pytest.approx(json.loads(b["probs"]), abs=2e-6)
 

@@ -159,7 +159,7 @@ class AV2Submission(PredictionFile):
         from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
 
         shares = [list(ChallengeSubmission.from_parquet(part).predictions.items()) for part in parts]
-        scenes = dict(dataset_order(shares))
+        scenes = dict(dataset_order(shares, parts))
         with atomic_path(path) as partial:
             ChallengeSubmission(scenes).to_parquet(partial)
         return len(scenes)

@@ -55,11 +55,12 @@ class Unreadable(NamedTuple):
         return cls(str(path), f"{type(error).__name__}: {error}")
 
 
-def collate_readable(samples: list[dict | list[dict] | Unreadable]) -> dict:
+def collate_readable(samples: list[dict | list[dict] | Unreadable | None]) -> dict:
     """``default_collate`` of the samples that were read; ``unreadable`` lists ``"path (reason)"`` of the
     others, so a corrupt file costs one sample, never the epoch. A list stands for several samples of
-    one file (e.g. differently augmented clips of one video), each its own row of the batch."""
-    samples = [s for item in samples for s in (item if isinstance(item, list) else [item])]
+    one file (e.g. differently augmented clips of one video), each its own row of the batch; None (the
+    padding repeat of an unreadable sample, :class:`~frozenlm.data.distributed.MarkedPadding`) is dropped."""
+    samples = [s for item in samples for s in (item if isinstance(item, list) else [item]) if s is not None]
     kept = [s for s in samples if not isinstance(s, Unreadable)]
     batch = default_collate(kept) if kept else {}
     batch["unreadable"] = [f"{s.path} ({s.reason})" for s in samples if isinstance(s, Unreadable)]
@@ -163,6 +164,7 @@ class ClassificationDataModule(L.LightningDataModule):
             raise ValueError(f"max_unreadable_fraction must be in [0, 1], got {max_unreadable_fraction}.")
         self.max_unreadable_fraction = max_unreadable_fraction
         self.reported_unreadable: set[str] = set()
+        self.first_unreadable: dict[str, list[str]] = {}  # stage -> its first 3 unreadable samples, for the error
         self._unreadable_count: tuple[tuple, int] = ((), 0)  # (stage, epoch) -> unreadable samples so far
 
     def __str__(self) -> str:
@@ -179,12 +181,15 @@ class ClassificationDataModule(L.LightningDataModule):
         return batch
 
     def _count_unreadable(self, unreadable: list[str]) -> None:
+        trainer = self.trainer
+        stage = trainer.state.stage if trainer else None
+        first = self.first_unreadable.setdefault(stage.value if stage else "", [])
         for entry in unreadable:
             if entry not in self.reported_unreadable:  # each file once, however many epochs read it
                 self.reported_unreadable.add(entry)
                 warnings.warn(f"Skipping unreadable sample {entry}", stacklevel=2)
-        trainer = self.trainer
-        stage = trainer.state.stage if trainer else None
+            if len(first) < 3 and entry not in first:
+                first.append(entry)
         key = (stage, trainer.current_epoch if trainer else 0)
         count = (self._unreadable_count[1] if self._unreadable_count[0] == key else 0) + len(unreadable)
         self._unreadable_count = (key, count)
@@ -193,9 +198,14 @@ class ClassificationDataModule(L.LightningDataModule):
             raise TooManyUnreadableSamplesError(
                 f"{count} unreadable samples in this {stage.value if stage else ''} epoch (of about {samples:.0f}), "
                 f"more than --data.max_unreadable_fraction {self.max_unreadable_fraction}: the dataset looks damaged "
-                f"(first files: {sorted(self.reported_unreadable)[:3]}). Repair or remove the files named in the "
-                "warnings above, or raise --data.max_unreadable_fraction."
+                f"(first files {self._first_unreadable(stage.value if stage else '')}). Repair or remove the files named "
+                "in the warnings above, or raise --data.max_unreadable_fraction."
             )
+
+    def _first_unreadable(self, stage: str) -> str:
+        """The first unreadable samples of each stage, ``stage``'s first: ``of train: [...]; of sanity_check: [...]``."""
+        stages = sorted(self.first_unreadable, key=lambda name: name != stage)
+        return "; ".join(f"of {name or 'this run'}: {self.first_unreadable[name]}" for name in stages)
 
     def _train_loader(self, dataset: Dataset) -> DataLoader:
         trainer = self.trainer

@@ -24,6 +24,9 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from frozenlm.errors import FrozenLMError
 
+# The batch entry holding each sample's position in its split (evaluation loaders under DDP).
+DATASET_INDEX = "dataset_index"
+
 
 class TrainingSampler(DistributedSampler):
     """The training order: one permutation of the split per epoch, drawn from ``(seed, epoch)`` alone
@@ -66,8 +69,11 @@ class EvaluationSampler(DistributedSampler):
 
 class MarkedPadding(Dataset):
     """``dataset`` whose samples (dicts) carry ``padding``: True for the repeats :class:`EvaluationSampler`
-    marks (index ``-(i + 1)``), False otherwise. Anything that is not a dict (an unreadable file's
-    marker) passes unchanged."""
+    marks (index ``-(i + 1)``), False otherwise; and ``dataset_index``: the sample's position ``i`` in the
+    split, by which the processes' predictions are put back in dataset order (a process's share is not
+    every ``n``-th sample once unreadable samples were dropped from its batches). Anything that is not a
+    dict (an unreadable file's marker) passes unchanged, except as padding: a repeat of a sample that
+    could not be read is None, which the batch drops without counting it again."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -77,8 +83,11 @@ class MarkedPadding(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         padding = index < 0
-        sample = self.dataset[-index - 1 if padding else index]
-        return {**sample, "padding": padding} if isinstance(sample, dict) else sample
+        position = -index - 1 if padding else index
+        sample = self.dataset[position]
+        if not isinstance(sample, dict):
+            return None if padding else sample
+        return {**sample, "padding": padding, DATASET_INDEX: position}
 
 
 class DataPreparationError(FrozenLMError, RuntimeError):

@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from frozenlm.data.base import ClassificationDataModule, DatasetError, DatasetFileError, DatasetNotFoundError
-from frozenlm.data.distributed import share_work
+from frozenlm.data.distributed import DATASET_INDEX, share_work
 from frozenlm.files import atomic_path, source_stamp, write_atomically
 from frozenlm.predictions import PredictionFile, merge_csv
 
@@ -189,6 +189,8 @@ def collate_scenes(samples: list[dict[str, Any]]) -> dict[str, Any]:
         padding=torch.tensor([s.get("padding", False) for s in samples]),
         unreadable=[],
     )
+    if DATASET_INDEX in samples[0]:  # evaluation under DDP: each scene's position in its split
+        batch[DATASET_INDEX] = torch.tensor([s[DATASET_INDEX] for s in samples])
     return batch
 
 

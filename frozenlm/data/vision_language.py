@@ -56,7 +56,9 @@ def read_json(path: Path, hint: str) -> Any:
 
 def collate_samples(samples: list[dict | Unreadable]) -> dict[str, Any]:
     """A batch of the readable samples: tensors stacked, numbers and flags as tensors, everything else (texts, lists
-    of answers) as lists; ``unreadable`` names the dropped files as ``"path (reason)"``."""
+    of answers) as lists; ``unreadable`` names the dropped files as ``"path (reason)"`` (None, the padding
+    repeat of an unreadable sample under DDP, is dropped uncounted)."""
+    samples = [s for s in samples if s is not None]
     kept = [s for s in samples if not isinstance(s, Unreadable)]
     batch: dict[str, Any] = {"unreadable": [f"{s.path} ({s.reason})" for s in samples if isinstance(s, Unreadable)]}
     for key in kept[0] if kept else ():

@@ -189,11 +189,12 @@ class BaseTask(lightning.LightningModule):
         )
 
     def _log_unreadable(self, batch: dict[str, Any], stage: str) -> bool:
-        """Log the count of unreadable samples the loader dropped (``data/unreadable/<stage>``); False when the
-        whole batch was dropped."""
+        """Log the count of unreadable samples the loader dropped (``data/unreadable/<stage>``, the epoch's sum
+        over every process's batches: synced once, at the epoch's end); False when the whole batch was dropped."""
         if "unreadable" in batch:
             count = float(len(batch["unreadable"]))
-            self.log(f"data/unreadable/{stage}", count, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
+            self.log(f"data/unreadable/{stage}", count, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1,
+                     sync_dist=True)  # fmt: skip
         return self.input_key in batch
 
     # -- non-finite losses -------------------------------------------------------------------
