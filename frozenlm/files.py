@@ -20,7 +20,7 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
     disk before the rename (checkpoints: the rename must never outlive the data)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = _create_partial(path)
+    partial = create_partial(path)
     try:
         yield Path(partial)
         if fsync:
@@ -32,7 +32,7 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
         raise
 
 
-def _create_partial(path: Path) -> str:
+def create_partial(path: Path) -> str:
     """Create a new empty file with a random name beside ``path``. Unlike ``tempfile.mkstemp`` (mode 0o600)
     it is created with mode 0o666, which the kernel reduces by the umask (or a default ACL) as for any
     ``open(path, "w")``: renamed into place, the file has the permissions a plain write would give it."""

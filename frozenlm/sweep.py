@@ -80,7 +80,7 @@ from submitit.core.utils import JobPaths
 from frozenlm.bench import flop_counter
 from frozenlm.checkpoints import newest_intact_checkpoint
 from frozenlm.errors import FrozenLMError
-from frozenlm.files import _create_partial, write_atomically
+from frozenlm.files import create_partial, write_atomically
 
 class SweepNotReadyError(FrozenLMError, FileNotFoundError):
     """No run of a sweep has finished yet; the message says where each one stands."""
@@ -329,7 +329,7 @@ def hold_run(folder: Path, limit_s: float | None = None, job: str | None = None)
     path, token = folder / LOCK, uuid.uuid4().hex
     record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "limit_s": limit_s,
               "job": job, "process_start": _process_start(os.getpid()), "token": token}  # fmt: skip
-    partial = _create_partial(path)  # with the permissions a plain write gives: colleagues can read who holds it
+    partial = create_partial(path)  # with the permissions a plain write gives: colleagues can read who holds it
     try:
         Path(partial).write_text(json.dumps(record, indent=1))
         for _ in range(3):
