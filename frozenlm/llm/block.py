@@ -86,7 +86,10 @@ class FrozenLMBlock(nn.Module):
     Build it with :meth:`from_pretrained` (weights from a checkpoint) or :meth:`from_config`
     (random weights, e.g. for benchmarks). ``forward(tokens, padding_mask)`` maps
     ``[B, N, in_dim] -> [B, N, in_dim]``; ``padding_mask`` is ``[B, N]`` bool, True at padded tokens.
+    ``mode`` (from :class:`LLMConfig`) says where a model puts it: see :func:`apply_block`.
     """
+
+    mode: Literal["inline", "auxiliary"] = "inline"
 
     def __init__(
         self,
@@ -285,19 +288,38 @@ class FrozenLMBlock(nn.Module):
         return f"in_dim={self.in_dim}, d_llm={self.d_llm}, {what}, {frozen}, source={self.source!r}"
 
 
+def apply_block(
+    block: FrozenLMBlock | None, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Where a model's ``forward`` meets its frozen LM block: ``(tokens, branch)``, the tokens the rest of the
+    model reads and the GCR branch's tokens.
+
+    No block: ``(tokens, None)``. Inline (LM4VE): ``(block(tokens), None)``. Auxiliary (GCR, Bai et al.,
+    AAAI 2025): ``(tokens, block(tokens))`` in training, ``(tokens, None)`` in eval, so inference never
+    runs the block. Nothing is kept between calls.
+    """
+    if block is None:
+        return tokens, None
+    if block.mode == "inline":
+        return block(tokens, padding_mask), None
+    return tokens, (block(tokens, padding_mask) if block.training else None)
+
+
 def build_block(config: LLMConfig, in_dim: int) -> FrozenLMBlock:
-    """The block an ``LLMConfig`` describes."""
+    """The block an ``LLMConfig`` describes (its ``mode`` included)."""
     if not config.checkpoint:
         raise ValueError(
             "llm.checkpoint is not set: pass --model.llm.checkpoint with a local Hugging Face folder or "
             "a hub id (e.g. meta-llama/Llama-2-7b-hf), or set `llm: null` for the plain baseline."
         )
-    return FrozenLMBlock.from_pretrained(
+    block = FrozenLMBlock.from_pretrained(
         config.checkpoint, config.layers, in_dim, revision=config.revision, dtype=config.dtype,
         init=config.init, seed=config.seed, trainable=config.trainable, lora=config.lora,
         replace_with_mlp=config.replace_with_mlp, post_norm=config.post_norm,
         embed_weights=config.embed_weights,
     )  # fmt: skip
+    block.mode = config.mode
+    return block
 
 
 def resolve_layer_indices(layers: Sequence[int] | int, num_layers: int) -> list[int]:

@@ -56,11 +56,8 @@ class FrozenLMMixin:
         """The block ``llm`` describes (None for none); ``name`` is the attribute it will be stored as."""
         if llm is None:
             return None
-        self.llm_config = llm = LLMConfig(**llm) if isinstance(llm, dict) else llm
-        embedded = _EMBEDDED_BLOCKS.get().get(name)
-        if embedded is not None:
-            return _empty_block(embedded, llm, in_dim)
-        return build_block(llm, in_dim)
+        self.llm_config = LLMConfig(**llm) if isinstance(llm, dict) else llm
+        return create_block(llm, in_dim, name)
 
     def build_llm_after(self, llm: LLMConfig | dict | None, blocks: torch.nn.ModuleList, position: int, in_dim: int,
                         trunk: str = "ViT") -> FrozenLMBlock | None:  # fmt: skip
@@ -181,12 +178,29 @@ class FrozenLMMixin:
         restores without reading the LM source."""
         weights_only = kwargs.get("weights_only", args[3] if len(args) > 3 else None)
         stored = _stored_blocks(checkpoint_path, weights_only=weights_only)
-        embedded = {name: m for name, m in stored.items() if m["embedded"]}
+        # Keyed by the block's path inside the task's model (checkpoints of explicit models store ``model.<path>``).
+        embedded = {name.removeprefix("model."): m for name, m in stored.items() if m["embedded"]}
         token = _EMBEDDED_BLOCKS.set(embedded)
         try:
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
         finally:
             _EMBEDDED_BLOCKS.reset(token)
+
+
+def create_block(llm: LLMConfig | dict | None, in_dim: int, name: str = "llm_block") -> FrozenLMBlock | None:
+    """The block ``llm`` describes (None for none), for a model's ``__init__``: read from its source, or built
+    empty when a self-contained checkpoint being restored holds its weights. ``name`` is its path inside the
+    model (``llm_block``), the key under which such a checkpoint stores it (``model.`` + name; before the models
+    were explicit, name alone)."""
+    if llm is None:
+        return None
+    llm = LLMConfig(**llm) if isinstance(llm, dict) else llm
+    embedded = _EMBEDDED_BLOCKS.get().get(name)
+    if embedded is not None:
+        block = _empty_block(embedded, llm, in_dim)
+        block.mode = llm.mode
+        return block
+    return build_block(llm, in_dim)
 
 
 def _stored_blocks(checkpoint_path, weights_only: bool | None) -> dict[str, dict]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +19,52 @@ from frozenlm.models.patch_embed import CAPEConfig, PatchEmbedding, Stem
 PosEmbed = Literal["learn", "cape"]
 # create_vit's arguments that change timm's ViT (stem and positions).
 TRUNK_OPTIONS = ("stem", "stem_channels", "stem_strides", "stem_removed_blocks", "pos_embed", "cape")
+
+
+@dataclass
+class ViTConfig:
+    """A timm ViT trunk as frozenlm builds it: the one set of ViT options every ViT-based model shares (the
+    image classifier, UTA's student, learngenes). Field names are the tasks' flat flags (``--model.stem``...).
+
+    Attributes:
+        backbone: timm model name (``deit_small_patch16_224``...).
+        num_classes: classes of timm's head (0: no head).
+        img_size, patch_size: overrides for small images (e.g. 32 and 4 for CIFAR).
+        drop_path_rate: stochastic depth.
+        pretrained, pretrained_file: timm's pretrained weights (the hub, or a local file).
+        stem, stem_channels, stem_strides, stem_removed_blocks: the convolutional stem (see :func:`create_vit`).
+        pos_embed, cape: learned positions or CAPE.
+        backbone_kwargs: any other timm ``create_model`` argument (``depth``, ``embed_dim``...).
+    """
+
+    backbone: str = "deit_small_patch16_224"
+    num_classes: int = 1000
+    img_size: int | None = None
+    patch_size: int | None = None
+    drop_path_rate: float = 0.1
+    pretrained: bool = False
+    pretrained_file: str | None = None
+    stem: Stem = "patch"
+    stem_channels: list[int] | None = None
+    stem_strides: list[int] | None = None
+    stem_removed_blocks: int = 1
+    pos_embed: PosEmbed = "learn"
+    cape: CAPEConfig | None = None
+    backbone_kwargs: dict[str, Any] | None = None
+
+    @classmethod
+    def from_hparams(cls, values: dict[str, Any], **overrides: Any) -> ViTConfig:
+        """The config from a task's hyper-parameters (the fields they hold), then ``overrides``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(values).items() if k in names} | overrides)
+
+    def create(self) -> VisionTransformer:
+        """The timm ViT (:func:`create_vit`)."""
+        return create_vit(
+            self.backbone, self.num_classes, img_size=self.img_size, patch_size=self.patch_size,
+            drop_path_rate=self.drop_path_rate, pretrained=self.pretrained, pretrained_file=self.pretrained_file,
+            **trunk_options(dataclasses.asdict(self)), **(self.backbone_kwargs or {}),
+        )  # fmt: skip
 
 
 def create_vit(

@@ -64,6 +64,9 @@ class BaseTask(lightning.LightningModule):
     sample_id_key: str = "id"
     # The batch entry holding the inputs; a batch without it had every sample unreadable.
     input_key: str = "image"
+    # The metric the default checkpoint callback keeps the best of, and whether higher ("max") or lower is better.
+    monitor: str = "val_loss"
+    monitor_mode: str = "min"
 
     def __init__(
         self,
@@ -165,6 +168,18 @@ class BaseTask(lightning.LightningModule):
         else:
             scheduler.step_update(num_updates=self.global_step)
 
+    # -- losses -------------------------------------------------------------------------------
+    def with_auxiliary_loss(
+        self, loss: torch.Tensor, aux_loss: torch.Tensor | None, weight: float, batch_size: int
+    ) -> torch.Tensor:
+        """GCR's training loss: ``loss_main + weight * loss_aux`` (``weight``: ``llm.aux_weight``; ``loss`` itself
+        when there is no auxiliary branch), logging ``train_loss_main`` and ``train_loss_aux``. The one place
+        every task combines the two."""
+        if aux_loss is None:
+            return loss
+        self.log_dict({"train_loss_main": loss, "train_loss_aux": aux_loss}, batch_size=batch_size)
+        return loss + weight * aux_loss
+
     # -- one sample's forward ----------------------------------------------------------------
     def sample_forward(self, batch: dict[str, Any], samples: int = 1) -> tuple[Any, tuple]:
         """``(function, inputs)``: the model's inference forward on the first ``samples`` samples of ``batch``
@@ -255,6 +270,7 @@ class BaseTask(lightning.LightningModule):
     _fit_first_epoch: int = 0
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        migrate_model_keys(self, checkpoint)
         super().on_load_checkpoint(checkpoint)
         progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
         self._fit_first_epoch = progress.get("processed", checkpoint.get("epoch", -1) + 1)
@@ -269,3 +285,22 @@ class BaseTask(lightning.LightningModule):
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
+
+
+def migrate_model_keys(task: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Move a checkpoint written before the task held its network as ``self.model`` to today's keys, in place.
+
+    Then the task's modules (``backbone``, ``llm_block``, ``head``...) were its own children; now they are the
+    model's: a state-dict key (and a stored frozen block's name) whose first part is a child of ``task.model``
+    and not of the task gets the ``model.`` prefix. A checkpoint already in today's layout is left as it is."""
+    model = getattr(task, "model", None)
+    if not isinstance(model, nn.Module):
+        return
+    moved = {name for name, _ in model.named_children()} - {name for name, _ in task.named_children()}
+
+    def key(name: str) -> str:
+        return f"model.{name}" if name.split(".", 1)[0] in moved else name
+
+    for entry in ("state_dict", "frozen_lm"):
+        if isinstance(checkpoint.get(entry), dict):
+            checkpoint[entry] = {key(k): v for k, v in checkpoint[entry].items()}
