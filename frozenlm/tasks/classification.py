@@ -125,7 +125,13 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
         inputs, targets = batch[self.input_key], batch["label"]
         if self.mixup is not None:
             inputs, targets = self.mix(inputs, targets)
-        logits = self(inputs)
+        model = getattr(self, "model", None)
+        if model is not None:  # an explicit model: the GCR branch comes back from forward_features
+            tokens, branch = model.forward_features(inputs)
+            logits = model.forward_head(tokens)
+            aux_logits = None if branch is None else model.forward_aux_head(branch)
+        else:  # transitional: a classifier that is still its own model (removed once every family holds one)
+            logits = self(inputs)
         loss = self.train_criterion(logits, targets)
         if self.teacher is not None:  # distillation: (1 - alpha) CE + alpha KD (DeiT's)
             with torch.no_grad():
@@ -134,11 +140,12 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
             kd = distillation_loss(logits, teacher_logits, distill.temperature, distill.kind, distill.reduction)
             self.log_dict({"train_loss_ce": loss, "train_loss_kd": kd}, batch_size=len(inputs))
             loss = (1 - distill.alpha) * loss + distill.alpha * kd
-        aux_tokens = self.auxiliary_tokens()
-        if aux_tokens is not None:  # GCR: loss_main + aux_weight * loss_aux
-            aux_loss = self.train_criterion(self.auxiliary_logits(aux_tokens), targets)
-            self.log_dict({"train_loss_main": loss, "train_loss_aux": aux_loss}, batch_size=len(inputs))
-            loss = loss + self.llm_config.aux_weight * aux_loss
+        if model is None:
+            aux_tokens = self.auxiliary_tokens()
+            aux_logits = None if aux_tokens is None else self.auxiliary_logits(aux_tokens)
+        if aux_logits is not None:  # GCR: loss_main + aux_weight * loss_aux
+            weight = (model if model is not None else self).llm_config.aux_weight
+            loss = self.with_auxiliary_loss(loss, self.train_criterion(aux_logits, targets), weight, len(inputs))
         self.log("train_loss", loss, prog_bar=True, batch_size=len(inputs))
         return self.finite_loss(loss, batch, batch_idx)
 
