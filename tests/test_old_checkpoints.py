@@ -122,3 +122,22 @@ def test_old_cli_checkpoint_validates_and_predicts_as_before(tmp_path, tiny_llam
     assert [(r["id"], r["classes"]) for r in rows] == [(r["id"], r["classes"]) for r in old]
     for row, before in zip(rows, old):
         assert json.loads(row["probs"]) == pytest.approx(json.loads(before["probs"]), abs=1e-6)
+
+
+def test_load_model_gives_the_old_cli_checkpoints_model():
+    """``frozenlm.load_model`` on a checkpoint the CLI of 0734af2 wrote: the plain model, whose forward gives the
+    logits the old task did (the frozen block embedded, so no source is needed)."""
+    from frozenlm.tasks import ImageClassifier
+
+    if not hasattr(ImageClassifier, "build_model"):
+        pytest.skip("ImageClassifier does not hold a plain model yet (issue 31 converts it)")
+    import frozenlm
+
+    record = json.loads(CLI_FIXTURE.read_text())
+    model = frozenlm.load_model(CLI_FIXTURE.with_suffix(".ckpt"))
+    assert not model.training
+    images = load_file(CLI_FIXTURE.with_suffix(".inputs.safetensors"))["image"]
+    with torch.no_grad():
+        logits = model(images[: record["samples"]])
+    (expected,) = record["outputs"]
+    torch.testing.assert_close(logits, torch.tensor(expected["values"]).reshape(expected["shape"]), atol=1e-6, rtol=1e-6)
