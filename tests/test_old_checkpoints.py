@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from frozenlm.cli import run
 from frozenlm.tasks.vision_language import IncompatibleCheckpointError
 from tests.cli_helpers import run_cli
 from tests.data.checkpoints.make_fixtures import TEACHER_TEXTS, TOWER_TEXTS, folder_digest
@@ -81,7 +82,7 @@ def test_old_checkpoint_loads_and_gives_the_old_outputs(json_path, written):
     if refused is not None:
         with pytest.raises(refused) as error:
             cls.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True, **kwargs)
-        assert "\n" not in str(error.value) and "retrain" in str(error.value)
+        assert "\n" not in str(error.value) and "format 1, today's 2" in str(error.value)
         return
     task = cls.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True, **kwargs).eval()
     with torch.no_grad():
@@ -139,5 +140,26 @@ def test_load_model_gives_the_old_cli_checkpoints_model():
     images = load_file(CLI_FIXTURE.with_suffix(".inputs.safetensors"))["image"]
     with torch.no_grad():
         logits = model(images[: record["samples"]])
+    (expected,) = record["outputs"]
+    torch.testing.assert_close(logits, torch.tensor(expected["values"]).reshape(expected["shape"]), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("commit", ["a305f9b", "0734af2"])
+def test_frozenlm_export_of_an_old_gcr_checkpoint_gives_its_plain_vit(commit, tmp_path):
+    """``frozenlm export`` reads an old GCR checkpoint's keys: the plain timm ViT it writes gives the logits the old
+    task gave in eval mode (GCR's inference is the plain ViT)."""
+    import timm
+
+    fixture = ROOT / commit / "image_gcr.json"
+    record = json.loads(fixture.read_text())
+    output = tmp_path / "vit.safetensors"
+    run(["export", "--checkpoint", str(fixture.with_suffix(".ckpt")), "--output", str(output)])
+    spec = json.loads(output.with_suffix(".json").read_text())
+    assert spec["builder"] == "timm.create_model"
+    vit = timm.create_model(spec["model_name"], **spec["create_model_kwargs"]).eval()
+    vit.load_state_dict(load_file(output))
+    images = load_file(fixture.with_suffix(".inputs.safetensors"))["image"]
+    with torch.no_grad():
+        logits = vit(images[: record["samples"]])
     (expected,) = record["outputs"]
     torch.testing.assert_close(logits, torch.tensor(expected["values"]).reshape(expected["shape"]), atol=1e-6, rtol=1e-6)
