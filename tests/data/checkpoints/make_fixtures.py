@@ -272,6 +272,10 @@ def main() -> None:
                                      + (["teacher"] if "teacher" in overrides else [])},
                 "outputs": [{"shape": list(t.shape), "values": t.flatten().tolist()} for t in expected],
             }  # fmt: skip
+            if hasattr(task, "rank_head"):  # retrieval: also the rank head's score of each pair (one more Linear)
+                with torch.no_grad():
+                    score = task.rank_head(expected[0]).float()
+                record["rank_scores"] = {"shape": list(score.shape), "values": score.flatten().tolist()}
             if name == CLI_FIXTURE:
                 record["cli"] = cli_record(path, lm, tmp / "cli")
             (out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
