@@ -41,16 +41,19 @@ class LMViTConfig:
     llm_position: int = -1
     learngene: LearngeneConfig | None = None
 
+    def __post_init__(self) -> None:  # dicts (a checkpoint's hyper-parameters, YAML) become their configs
+        if isinstance(self.vit, Mapping):
+            self.vit = ViTConfig(**self.vit)
+        if isinstance(self.llm, Mapping):
+            self.llm = LLMConfig(**self.llm)
+        if isinstance(self.learngene, Mapping):
+            self.learngene = LearngeneConfig(**self.learngene)
+
     @classmethod
     def from_hparams(cls, values: Mapping[str, Any]) -> LMViTConfig:
         """The config from an image task's hyper-parameters (flat ViT flags, ``llm``, ``llm_position``, ``learngene``)."""
-        llm, learngene = values.get("llm"), values.get("learngene")
-        return cls(
-            vit=ViTConfig.from_hparams(dict(values)),
-            llm=LLMConfig(**llm) if isinstance(llm, Mapping) else llm,
-            llm_position=values.get("llm_position", -1),
-            learngene=LearngeneConfig(**learngene) if isinstance(learngene, Mapping) else learngene,
-        )
+        return cls(vit=ViTConfig.from_hparams(dict(values)), llm=values.get("llm"),
+                   llm_position=values.get("llm_position", -1), learngene=values.get("learngene"))  # fmt: skip
 
 
 class LMViT(nn.Module):
