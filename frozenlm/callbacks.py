@@ -147,7 +147,8 @@ class EMA(Callback):
             self.average = {name: p.detach().clone() for name, p in params.items()}
         elif set(self.average) != set(params):
             # A checkpoint written before the task held its network as `model`: the same rule as its state dict's.
-            moved = {f"model.{n}" if n not in params and f"model.{n}" in params else n: t for n, t in self.average.items()}
+            moved = {(f"model.{n}" if n not in params and f"model.{n}" in params else n): t
+                     for n, t in self.average.items()}  # fmt: skip
             if set(moved) != set(params):
                 raise ValueError("The EMA state in the checkpoint does not match the model's trainable parameters.")
             self.average = moved

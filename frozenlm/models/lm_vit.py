@@ -51,7 +51,8 @@ class LMViTConfig:
 
     @classmethod
     def from_hparams(cls, values: Mapping[str, Any]) -> LMViTConfig:
-        """The config from an image task's hyper-parameters (flat ViT flags, ``llm``, ``llm_position``, ``learngene``)."""
+        """The config from an image task's hyper-parameters (the flat ViT flags, ``llm``, ``llm_position``,
+        ``learngene``)."""
         return cls(vit=ViTConfig.from_hparams(dict(values)), llm=values.get("llm"),
                    llm_position=values.get("llm_position", -1), learngene=values.get("learngene"))  # fmt: skip
 
