@@ -119,9 +119,9 @@ def test_fit_validate_test_predict_through_the_cli(tmp_path, tiny_llama_checkpoi
     run_cli("fit", "image_llama", tmp_path, *llm)
     ckpt = last_checkpoint(tmp_path)
     state = load_checkpoint(ckpt)
-    assert not [k for k in state["state_dict"] if k.startswith("llm_block.layers.")]
-    assert any(k.startswith("llm_block.adapter_in") for k in state["state_dict"])
-    assert state["frozen_lm"]["llm_block"]["source"] == str(tiny_llama_checkpoint)
+    assert not [k for k in state["state_dict"] if k.startswith("model.llm_block.layers.")]
+    assert any(k.startswith("model.llm_block.adapter_in") for k in state["state_dict"])
+    assert state["frozen_lm"]["model.llm_block"]["source"] == str(tiny_llama_checkpoint)
     assert isinstance(state["hyper_parameters"]["llm"], dict)  # loadable with weights_only=True
 
     validate = run_cli("validate", "image_llama", tmp_path, *llm, "--ckpt_path", str(ckpt))
@@ -138,7 +138,7 @@ def test_fit_validate_test_predict_through_the_cli(tmp_path, tiny_llama_checkpoi
 
 def test_baseline_has_no_llm_block(tmp_path):
     cli = run_cli("fit", "image_baseline", tmp_path)
-    assert cli.model.llm_block is None
+    assert cli.model.model.llm_block is None
     assert "frozen_lm" not in load_checkpoint(last_checkpoint(tmp_path)) or not load_checkpoint(
         last_checkpoint(tmp_path)
     )["frozen_lm"]
@@ -150,7 +150,7 @@ def test_bf16_mixed_on_cpu(tmp_path, tiny_llama_checkpoint, dtype):
         "fit", "image_llama", tmp_path, "--model.llm.checkpoint", str(tiny_llama_checkpoint),
         "--model.llm.dtype", dtype, "--trainer.precision", "bf16-mixed",
     )  # fmt: skip
-    block = cli.model.llm_block
+    block = cli.model.model.llm_block
     assert str(next(block.layers.parameters()).dtype) == f"torch.{dtype}"
     assert block.adapter_in.weight.dtype.is_floating_point and str(block.adapter_in.weight.dtype) == "torch.float32"
     assert cli.trainer.callback_metrics["train_loss"].isfinite()
@@ -162,7 +162,7 @@ def test_restore_follows_a_moved_source_and_refuses_a_different_block(tmp_path, 
     # The same weights saved elsewhere (and in another format): restoring follows the new location.
     moved = save_checkpoint(build_tiny_lm("llama"), tmp_path / "moved", "safetensors")
     cli = run_cli("validate", "image_llama", tmp_path, "--model.llm.checkpoint", str(moved), "--ckpt_path", str(ckpt))
-    assert cli.model.llm_block.source == str(moved)
+    assert cli.model.model.llm_block.source == str(moved)
     # Other weights: a clear refusal instead of silently training on a different block.
     other = save_checkpoint(build_tiny_lm("llama", seed=1), tmp_path / "other", "sharded")
     with pytest.raises(ValueError, match="trained with the frozen block"):

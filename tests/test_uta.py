@@ -395,8 +395,8 @@ def test_fit_then_zero_shot_test_and_fine_tune_from_the_checkpoint(teacher, tmp_
     # Fine-tuning starts from the student's trunk; the head starts fresh.
     classifier_model = ImageClassifier(num_classes=10, init_from=str(checkpoint), layer_decay=0.65, **STUDENT | {
         "backbone_kwargs": {"depth": 2, "embed_dim": 48, "num_heads": 2}})  # fmt: skip
-    trunk = load_checkpoint(checkpoint)["state_dict"]
-    own = classifier_model.state_dict()
+    trunk = {k.removeprefix("model."): v for k, v in load_checkpoint(checkpoint)["state_dict"].items()}
+    own = classifier_model.model.state_dict()
     assert all(torch.equal(own[k], v) for k, v in trunk.items() if k.startswith("backbone."))
     assert own["backbone.head.weight"].shape == (10, 48)
 

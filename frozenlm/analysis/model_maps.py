@@ -55,7 +55,7 @@ def stage_maps(model: ImageClassifier | PointCloudClassifier, inputs: Tensor) ->
     ``cls_attention`` (see the module docstring). The model runs in eval mode; its mode is restored.
     """
     tokens, attention = stage_tokens(model, inputs)
-    backbone = model.backbone
+    backbone = _network(model).backbone
     prefix = backbone.num_prefix_tokens
     patch_embed = getattr(backbone, "patch_embed", None)
     # From the input, not the configured size: CAPE models take any resolution.
@@ -72,7 +72,9 @@ def stage_maps(model: ImageClassifier | PointCloudClassifier, inputs: Tensor) ->
 def stage_tokens(model: ImageClassifier | PointCloudClassifier, inputs: Tensor) -> tuple[dict[str, Tensor], Tensor]:
     """The tokens ``[B, N, C]`` (prefix tokens included) at each stage, in order, and the last
     block's attention weights ``[B, heads, N, N]``, for a batch of inputs in eval mode."""
-    backbone, block = model.backbone, model.llm_block
+    network = _network(model)
+    backbone, block = network.backbone, network.llm_block
+    position = getattr(network, "llm_position", model.hparams.llm_position)  # the model's, normalised
     tokens: dict[str, Tensor] = {}
 
     def keep(stage: str, kind: str = "output") -> Callable:
@@ -84,8 +86,9 @@ def stage_tokens(model: ImageClassifier | PointCloudClassifier, inputs: Tensor) 
 
     qkv_module = backbone.blocks[-1].attn.qkv
     handles = [
-        # prepend: see the ViT's tokens before the model's own hook replaces them with the block's output.
-        backbone.blocks[model.hparams.llm_position].register_forward_hook(keep("vit"), prepend=True),
+        # The trunk block's output, before the LM block takes it (prepend: before any hook of a model that
+        # still inserts its block with one).
+        backbone.blocks[position].register_forward_hook(keep("vit"), prepend=True),
         qkv_module.register_forward_hook(keep("qkv")),
     ]
     if block is not None and block.layers is not None:
@@ -112,6 +115,13 @@ def stage_tokens(model: ImageClassifier | PointCloudClassifier, inputs: Tensor) 
 
     attention = _attention_weights(backbone.blocks[-1].attn, tokens.pop("qkv"))
     return {stage: tokens[stage] for stage in STAGES if stage in tokens}, attention
+
+
+def _network(model: nn.Module) -> nn.Module:
+    """The module holding ``backbone`` and ``llm_block``: the task's ``model`` (or, until every task holds
+    one, the task itself)."""
+    network = getattr(model, "model", None)
+    return network if isinstance(network, nn.Module) else model
 
 
 def pseudo_mask_scores(maps: dict[str, dict[str, Tensor]], masks: Tensor) -> dict[str, dict[str, float]]:

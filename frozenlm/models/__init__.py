@@ -1,8 +1,9 @@
 """Visual backbones."""
 
+from frozenlm.models.lm_vit import LMViT, LMViTConfig
 from frozenlm.models.meter import METER
 from frozenlm.models.pointbert import PointBERT
 from frozenlm.models.videomae import create_videomae
 from frozenlm.models.vit import ViTConfig, create_vit
 
-__all__ = ["METER", "PointBERT", "ViTConfig", "create_videomae", "create_vit"]
+__all__ = ["LMViT", "LMViTConfig", "METER", "PointBERT", "ViTConfig", "create_videomae", "create_vit"]
