@@ -18,8 +18,9 @@ position kept), not interpolated at every forward.
 
 :class:`METER` is the whole model a task trains, built from a :class:`METERConfig`: the encoder above
 (:class:`METEREncoder`, towers and fusion), the frozen LM block after fusion (LM4VE's placement for METER,
-our reading: the authors never released it) and the task's heads. Its ``forward_features`` shows where the
-block runs and returns GCR's auxiliary branch explicitly.
+our reading: the authors never released it) and the task's heads. :meth:`METER.pair_features` (what
+``forward_features`` runs on the towers' tokens) shows where the block runs, and returns GCR's auxiliary
+branch explicitly.
 """
 
 from __future__ import annotations
