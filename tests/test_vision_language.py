@@ -15,6 +15,7 @@ import lightning
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 from transformers import CLIPVisionModel
 
@@ -547,6 +548,18 @@ def test_each_task_builds_its_model_without_a_trainer_and_trains_that_model(towe
     assert vision_language.VisualQuestionAnswering is VisualQuestionAnswering and vision_language.vqa_head is vqa_head
     assert vision_language.ImageTextRetrieval is ImageTextRetrieval
 
+
+
+def test_each_task_declares_the_metric_its_configs_keep_the_best_of():
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for task, pattern in ((VisualQuestionAnswering, "vqav2_meter*.yaml"), (ImageTextRetrieval, "flickr30k_meter*.yaml")):
+        assert (task.monitor, task.monitor_mode) == {VisualQuestionAnswering: ("val_vqa_acc", "max"),
+                                                     ImageTextRetrieval: ("val_r_mean", "max")}[task]  # fmt: skip
+        for path in configs.glob(pattern):  # configs that still name the monitored metric name the task's
+            callbacks = yaml.safe_load(path.read_text())["trainer"].get("callbacks", [])
+            monitored = {(c["init_args"]["monitor"], c["init_args"].get("mode", "min"))
+                         for c in callbacks if "monitor" in c.get("init_args", {})}  # fmt: skip
+            assert monitored <= {(task.monitor, task.monitor_mode)}, path
 
 @pytest.mark.parametrize("llm_tokens", ["visual", "all"])
 def test_the_model_returns_gcrs_branch_in_training_and_none_in_eval(towers, tiny_llama_checkpoint, llm_tokens):
