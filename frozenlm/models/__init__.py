@@ -1,9 +1,9 @@
 """Visual backbones."""
 
 from frozenlm.models.lm_vit import LMViT, LMViTConfig
-from frozenlm.models.meter import METER
+from frozenlm.models.meter import METER, METERConfig
 from frozenlm.models.pointbert import PointBERT
 from frozenlm.models.videomae import create_videomae
 from frozenlm.models.vit import ViTConfig, create_vit
 
-__all__ = ["LMViT", "LMViTConfig", "METER", "PointBERT", "ViTConfig", "create_videomae", "create_vit"]
+__all__ = ["LMViT", "LMViTConfig", "METER", "METERConfig", "PointBERT", "ViTConfig", "create_videomae", "create_vit"]
