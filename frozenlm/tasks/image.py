@@ -116,7 +116,8 @@ class ImageClassifier(ClassificationTask):
         if init_from is not None:
             optional = ("llm_block.", "aux_", "learngenes.genes.")
             if "teacher" in stored:  # a UTA pretraining checkpoint: its student's trunk; the head starts fresh
-                state = {k: v for k, v in state.items() if k.startswith(("backbone.", "llm_block."))}
+                state = {k.removeprefix("model."): v for k, v in state.items()  # (its student: model.backbone..., once backbone...)
+                         if k.removeprefix("model.").startswith(("backbone.", "llm_block."))}  # fmt: skip
                 optional += ("backbone.head.",)
             if not init_head:
                 state = {k: v for k, v in state.items() if not k.startswith(("backbone.head.", "head."))}
