@@ -2,7 +2,8 @@
 
 from frozenlm.models.meter import METER
 from frozenlm.models.pointbert import PointBERT
+from frozenlm.models.uta import UTAStudent, UTAStudentConfig
 from frozenlm.models.videomae import create_videomae
 from frozenlm.models.vit import ViTConfig, create_vit
 
-__all__ = ["METER", "PointBERT", "ViTConfig", "create_videomae", "create_vit"]
+__all__ = ["METER", "PointBERT", "UTAStudent", "UTAStudentConfig", "ViTConfig", "create_videomae", "create_vit"]

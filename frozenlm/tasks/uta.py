@@ -50,9 +50,10 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
     Args:
         teacher: a Hugging Face CLIP folder or hub id, or ``open_clip:<architecture>/<pretrained>``;
             ``teacher_revision``: its hub revision; ``teacher_dtype``: its weights and inputs (GPUs: ``bfloat16``).
-        backbone, img_size, patch_size, drop_path_rate, backbone_kwargs, stem, stem_channels, stem_strides,
-            stem_removed_blocks, pos_embed, cape: the student's ViT (:class:`frozenlm.models.ViTConfig`); its patch
-            grid is the teacher's at the teacher's patch size (the teacher's input is resized to match).
+        backbone: the student, a timm ViT name; its patch grid is the teacher's at the teacher's patch size (the
+            teacher's input is resized to match).
+        img_size, patch_size, drop_path_rate, backbone_kwargs, stem, stem_channels, stem_strides, stem_removed_blocks, pos_embed, cape: as
+            :class:`frozenlm.tasks.ImageClassifier` (the student's :class:`frozenlm.models.ViTConfig`).
         llm, llm_position, projection, zeroshot_head: the student's LM block and heads
             (:class:`frozenlm.models.uta.UTAStudentConfig`); GCR's branch follows ``llm.aux_head``.
         mask_ratio: fraction of the patches masked (UTA: 0.4 base, 0.5 large).
