@@ -48,14 +48,19 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
     names or ``<stage>_zeroshot_ir_r1``... on captions (Flickr30k); ``<stage>_teacher_zeroshot_...`` the teacher's.
 
     Args:
-        teacher: a Hugging Face CLIP folder or hub id, or ``open_clip:<architecture>/<pretrained>``;
-            ``teacher_revision``: its hub revision; ``teacher_dtype``: its weights and inputs (GPUs: ``bfloat16``).
+        teacher: a Hugging Face CLIP folder or hub id, or ``open_clip:<architecture>/<pretrained>``.
+        teacher_revision: hub revision of a Hugging Face teacher.
+        teacher_dtype: the teacher's weights and inputs (``bfloat16`` on GPUs halves its cost).
         backbone: the student, a timm ViT name; its patch grid is the teacher's at the teacher's patch size (the
             teacher's input is resized to match).
         img_size, patch_size, drop_path_rate, backbone_kwargs, stem, stem_channels, stem_strides, stem_removed_blocks, pos_embed, cape: as
             :class:`frozenlm.tasks.ImageClassifier` (the student's :class:`frozenlm.models.ViTConfig`).
-        llm, llm_position, projection, zeroshot_head: the student's LM block and heads
-            (:class:`frozenlm.models.uta.UTAStudentConfig`); GCR's branch follows ``llm.aux_head``.
+        llm, llm_position: a frozen LM block after the student's block ``llm_position``, as
+            :class:`frozenlm.tasks.ImageClassifier`'s (GCR's branch follows ``llm.aux_head``).
+        projection: the head to the teacher's width: ``auto`` (linear when the widths differ), ``linear``, ``mlp``
+            or ``none`` (:class:`frozenlm.models.uta.UTAStudentConfig`).
+        zeroshot_head: how the student's CLS reaches the joint space: ``teacher`` (through ``projection`` and the
+            teacher's projection) or ``own`` (UTA's: a linear head of the student's, trained to the teacher's image embedding).
         mask_ratio: fraction of the patches masked (UTA: 0.4 base, 0.5 large).
         masking: ``reversed_block`` (UTA: the kept patches form blocks), ``block`` (BEiT) or ``random``.
         loss: ``cosine`` (1 - cosine similarity per token), ``smooth_l1`` or ``mse``, averaged over tokens.
@@ -103,7 +108,7 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
         """The student from the hyper-parameters; the teacher's token width and joint dimension from ``context`` or
         else from its architecture alone (built on the meta device: no weights read)."""
         hp = dict(hparams)
-        if teacher_width is None or joint_dim is None:
+        if teacher_width is None or (joint_dim is None and hp.get("zeroshot_head") == "own"):
             teacher = load_teacher(hp["teacher"], hp.get("teacher_revision"), weights=False)
             teacher_width, joint_dim = teacher.width, teacher.joint_dim
         return UTAStudent(UTAStudentConfig(
