@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from frozenlm.llm import LLMConfig, apply_block, create_block
 from frozenlm.models.learngene import LearngeneConfig, Learngenes
-from frozenlm.models.vit import ViTConfig
+from frozenlm.models.vit import ViTConfig, prefixed_matcher
 
 
 @dataclass
@@ -105,6 +105,11 @@ class LMViT(nn.Module):
         if self.aux_head is None:
             return self.forward_head(self.backbone.norm(branch))
         return self.aux_head(self.backbone.pool(branch))
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """The ViT's layer groups (timm's), for layer-wise lr decay; what is not the ViT's (the LM block's adapters,
+        the auxiliary head) is in the last group, at the full lr."""
+        return prefixed_matcher(self.backbone.group_matcher(coarse), "backbone.")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, classes]`` of ``images [B, 3, H, W]``."""

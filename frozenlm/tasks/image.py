@@ -13,7 +13,7 @@ from frozenlm.llm import LLMConfig
 from frozenlm.models.learngene import LearngeneConfig, from_genes, learngene_for
 from frozenlm.models.lm_vit import LMViT, LMViTConfig
 from frozenlm.models.patch_embed import CAPEConfig, Stem
-from frozenlm.models.vit import PosEmbed
+from frozenlm.models.vit import PosEmbed, prefixed_matcher
 from frozenlm.tasks.classification import ClassificationTask
 from frozenlm.tasks.distillation import DistillConfig
 
@@ -139,6 +139,10 @@ class ImageClassifier(ClassificationTask):
             optional += ("backbone.head.",)
         decomposed, depth = self.model.learngenes is not None, len(self.model.backbone.blocks)
         load_initial_weights(self.model, from_genes(state, stored, genes, source, decomposed, depth), source, optional)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """The model's layer groups, for ``--model.layer_decay`` (timm's layer-wise lr decay reads them)."""
+        return prefixed_matcher(self.model.group_matcher(coarse), "model.")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
