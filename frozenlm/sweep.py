@@ -19,14 +19,14 @@ A sweep preset (``configs/sweeps/*.yaml``)::
 Each run is ``frozenlm fit --config <config> <args> <variant overrides> --seed_everything <seed>``
 (``{seed}`` and ``{output}`` in the arguments become the run's seed and the sweep's folder, e.g. to
 start from an earlier variant's checkpoint of the same seed: variants run in the preset's order),
-With ``test: true`` each run, once trained, is scored once on the datamodule's test split with its last
-weights (the last checkpoint's: no selection on test); its ``test_*`` metrics go into ``result.json``
-(``test``) and the report compares them like the validation metric. Runs are
 logged under ``<output>/<variant>/seed<seed>/`` (TensorBoard, checkpoints and the run's resolved
 ``config.yaml``) and summarised in its ``result.json`` (written atomically) when it finishes. A run's
 seed also seeds a random frozen block (``llm.seed``) unless the preset sets one; the data split stays
 the datamodule's own (fixed) and is reported. Runs holding a readable ``result.json`` are never redone,
 so a killed sweep resumes; a damaged one (truncated, empty, a key missing) is named and redone.
+With ``test: true`` each run, once trained, is scored once on the datamodule's test split with its last
+weights (the last checkpoint's: no selection on test); its ``test_*`` metrics go into ``result.json``
+(``test``) and the report compares them like the validation metric.
 
 Where runs go (``launcher``): ``inline``, one after another in this process (no start-up per run), or
 with ``gpus`` one process per GPU; ``slurm``, one job per run in a SLURM job array through ``submitit``
@@ -749,13 +749,7 @@ def summarize(results: list[dict[str, Any]], baseline: str | dict[str, str]) -> 
                 if values:
                     row[f"{name}@{step}"] = statistics.mean(values)
         rows.append(row)
-    tested = sorted((r for r in rows if math.isfinite(r["p_value"])), key=lambda r: r["p_value"])
-    running = 0.0
-    for rank, row in enumerate(tested):  # Holm's step-down: (m - rank) x p, kept monotone, at most 1
-        running = max(running, min(1.0, (len(tested) - rank) * row["p_value"]))
-        row["p_holm"] = running
-    for row in rows:
-        row.setdefault("p_holm", math.nan)
+    _holm(rows, "p_value", "p_holm")
     _holm(rows, "test_p_value", "test_p_holm")
     return rows
 
@@ -764,7 +758,7 @@ def _holm(rows: list[dict[str, Any]], key: str, out: str) -> None:
     """Holm's step-down correction of the p-values ``rows[*][key]`` (those present and finite) into ``out``."""
     tested = sorted((r for r in rows if math.isfinite(r.get(key, math.nan))), key=lambda r: r[key])
     running = 0.0
-    for rank, row in enumerate(tested):
+    for rank, row in enumerate(tested):  # Holm's step-down: (m - rank) x p, kept monotone, at most 1
         running = max(running, min(1.0, (len(tested) - rank) * row[key]))
         row[out] = running
     for row in rows:
