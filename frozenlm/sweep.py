@@ -700,8 +700,9 @@ def sweep(
 
 
 def expected_runs(preset: dict[str, Any]) -> list[tuple[str, int]]:
-    """Every (variant, seed) of the preset, in its order."""
-    return [(variant, seed) for variant in preset["variants"] for seed in preset["seeds"]]
+    """Every (variant, seed) of the preset, seed by seed (every variant of a seed before the next seed), so a
+    sweep stopped part-way holds complete seeds that compare every variant."""
+    return [(variant, seed) for seed in preset["seeds"] for variant in preset["variants"]]
 
 
 def summarize(results: list[dict[str, Any]], baseline: str | dict[str, str]) -> list[dict[str, Any]]:

@@ -71,7 +71,7 @@ def test_sweep_runs_resumes_after_a_kill_and_reports(tmp_path, tiny_llama_checkp
     assert len(list(output.glob("*/seed*/result.json"))) == 2
     calls.clear()
     sweep(str(preset), output=str(output))
-    assert calls == [("random", 0), ("random", 1)]  # the finished runs are not redone
+    assert calls == [("baseline", 1), ("random", 1)]  # seed by seed; the finished runs (seed 0) are not redone
 
     result = json.loads((output / "random" / "seed1" / "result.json").read_text())
     assert len(result["history"]) == 2 and result["final"] == result["history"][-1]
@@ -314,8 +314,8 @@ def test_slurm_launcher_submits_a_job_array_and_reports_job_states(tmp_path, tin
         run(["sweep", "--report", str(output)])
     message = str(error.value)
     assert "baseline/seed0 (pending (slurm job 4242_0, PENDING))" in message
-    assert "baseline/seed1 (running (slurm job 4242_1, RUNNING; log: " in message
-    assert "random/seed0 (failed (slurm job 4242_2, TIMEOUT; log: " in message
+    assert "random/seed0 (running (slurm job 4242_1, RUNNING; log: " in message
+    assert "baseline/seed1 (failed (slurm job 4242_2, TIMEOUT; log: " in message
 
 
 def test_placeholders_and_a_baseline_per_variant(tmp_path):
