@@ -33,6 +33,8 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
     """
 
     input_key: str
+    monitor = "val_acc1"
+    monitor_mode = "max"
 
     def configure_losses(self) -> None:
         hp = self.hparams

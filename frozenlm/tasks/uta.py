@@ -113,6 +113,9 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
             (UTA: AdamW 1.5e-3 at batch 4096, wd 0.05, 1 warmup epoch, cosine to 1e-5).
     """
 
+    monitor = "val_zeroshot_acc1"
+    monitor_mode = "max"
+
     def __init__(
         self,
         teacher: str,

@@ -246,6 +246,8 @@ class VisualQuestionAnswering(VisionLanguageTask):
 
     sample_id_key = "question_id"
     head_modules = ("head", "aux_head")
+    monitor = "val_vqa_acc"
+    monitor_mode = "max"
 
     def __init__(
         self,
@@ -454,6 +456,8 @@ class ImageTextRetrieval(VisionLanguageTask):
         self._rows: list[tuple[Tensor, Tensor]] = []
 
     head_modules = ("itm_head",)
+    monitor = "val_r_mean"
+    monitor_mode = "max"
 
     def configure_heads(self, dim: int) -> None:
         self.itm_head = nn.Linear(dim, 2).requires_grad_(False)  # frozen, as METER's itm_score here
