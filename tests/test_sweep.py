@@ -3,6 +3,7 @@ differences with confidence intervals, sizes and gradient coherence."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -186,6 +187,28 @@ def test_a_run_that_never_validated_is_listed_not_averaged(tmp_path):
         (output / variant / f"seed{seed}" / "result.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"No finished run with a val_acc1 .*baseline/seed0 \(missing\)"):
         sweep(report=str(output))
+
+
+def test_the_csv_keeps_variant_names_with_commas_and_quotes(tmp_path):
+    output = tmp_path / "sweep"
+    names = {"baseline": "baseline", "block": 'lr=1e-3,wd=0.05', "other": 'block "last", frozen'}
+    fake_sweep(output, ALL_RUNS)
+    preset = yaml.safe_load((output / "sweep.yaml").read_text())
+    preset["variants"] = {names[v]: [] for v in preset["variants"]}
+    (output / "sweep.yaml").write_text(yaml.safe_dump(preset, sort_keys=False))
+    for variant, seed in ALL_RUNS:
+        folder = output / variant / f"seed{seed}"
+        result = json.loads((folder / "result.json").read_text())
+        renamed = frozenlm.sweep.run_folder(output, names[variant], seed)
+        renamed.mkdir(parents=True, exist_ok=True)
+        (renamed / "result.json").write_text(json.dumps({**result, "variant": names[variant]}))
+    sweep(report=str(output))
+    with (output / "results.csv").open(newline="") as file:
+        rows = list(csv.reader(file))
+    assert [row[0] for row in rows] == ["variant", *names.values()]
+    assert {len(row) for row in rows} == {len(rows[0])}  # every row as wide as the header
+    table = {row[0]: dict(zip(rows[0], row)) for row in rows[1:]}
+    assert table['block "last", frozen']["baseline"] == "baseline" and float(table["lr=1e-3,wd=0.05"]["seeds"]) == 3
 
 
 def test_results_are_written_atomically(tmp_path, monkeypatch):
