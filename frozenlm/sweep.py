@@ -78,7 +78,7 @@ import yaml
 from scipy import stats
 from submitit.core.utils import JobPaths
 
-from frozenlm.bench import flop_counter
+from frozenlm.measure import flop_counter
 from frozenlm.checkpoints import newest_intact_checkpoint
 from frozenlm.errors import FrozenLMError
 from frozenlm.files import create_partial, write_atomically

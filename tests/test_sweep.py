@@ -253,7 +253,7 @@ def test_flops_count_attention_on_cpu_tensors_as_on_the_meta_device():
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from frozenlm.bench import flop_counter
+    from frozenlm.measure import flop_counter
     from frozenlm.models import create_vit
 
     counts = {}
@@ -549,7 +549,7 @@ def test_every_family_counts_its_flops_per_sample(family, families, tmp_path, mo
     flops, error = flops_per_sample(cli.model, cli.datamodule)
     assert error is None and flops > 0, error
     if family == "image":  # what it counts: the forward on one validation image
-        from frozenlm.bench import flop_counter
+        from frozenlm.measure import flop_counter
 
         images = next(iter(cli.datamodule.val_dataloader()))["image"][:1]
         with flop_counter() as counter, torch.no_grad():
