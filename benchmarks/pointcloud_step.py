@@ -25,9 +25,10 @@ import argparse
 
 import torch
 
-from frozenlm.bench import flop_counter, ideal_seconds, lm_config, median_seconds
 from frozenlm.data.pointcloud import PointCloudDataModule
 from frozenlm.llm import FrozenLMBlock, LLMConfig
+from frozenlm.llm.families import SHAPES
+from frozenlm.measure import flop_counter, ideal_seconds, median_seconds
 from frozenlm.models import point_ops
 from frozenlm.tasks import PointCloudClassifier
 
@@ -39,7 +40,7 @@ def measure(points: int, groups: int, batch: int, device: torch.device, llm: boo
     model = PointCloudClassifier(num_classes=40, num_groups=groups, group_size=32).to(device).train()
     if llm:  # as `llm` in a config would build it, with random weights of LLaMA-7B's layer shape
         model.llm_config = LLMConfig()
-        model.llm_block = FrozenLMBlock.from_config(lm_config("llama", 4096, 11008, 32), in_dim=384).to(device)
+        model.llm_block = FrozenLMBlock.from_config(SHAPES["llama-7b"].config(), in_dim=384).to(device)
         model.backbone.blocks[-1].register_forward_hook(model.llm_hook)
     labels = torch.randint(0, 40, (batch,), generator=generator).to(device)
     datamodule = PointCloudDataModule(batch_size=batch, num_points=points, num_workers=0)

@@ -56,6 +56,7 @@ missing, damaged or that never validated are listed by name under the table, not
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -81,7 +82,7 @@ import yaml
 from scipy import stats
 from submitit.core.utils import JobPaths
 
-from frozenlm.bench import flop_counter
+from frozenlm.measure import flop_counter
 from frozenlm.checkpoints import newest_intact_checkpoint
 from frozenlm.errors import FrozenLMError
 from frozenlm.files import create_partial, write_atomically
@@ -811,10 +812,10 @@ def write_report(folder: Path) -> Path:
     rows = sorted(summarize(results, preset["baseline"]), key=lambda r: order.index(r["variant"]) if r["variant"] in order else 99)
     columns = list(dict.fromkeys(k for row in rows for k in row))
     baseline_name = "its baseline" if isinstance(preset["baseline"], dict) else preset["baseline"]
-    with (folder / "results.csv").open("w") as file:
-        file.write(",".join(columns) + "\n")
-        for row in rows:
-            file.write(",".join(_csv(row.get(c)) for c in columns) + "\n")
+    with (folder / "results.csv").open("w", newline="") as file:  # quoted where a value holds a comma or quote
+        writer = csv.writer(file, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([_csv(row.get(c)) for c in columns] for row in rows)
     compared = sum(math.isfinite(r["p_value"]) for r in rows)
     lines = [
         f"| variant | seeds | final {metric} | best {metric} | vs {baseline_name} (paired mean [95 % CI]) | "

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from timm.layers import ConvNormAct
 
 from frozenlm.analysis import rank_layers, stage_maps
-from frozenlm.bench import trunk_flops
+from frozenlm.measure import trunk_flops
 from frozenlm.cli import run
 from frozenlm.export import load_trunk
 from frozenlm.models import create_vit

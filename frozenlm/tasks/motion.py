@@ -62,6 +62,8 @@ class MotionForecaster(FrozenLMMixin, BaseTask):
     """
 
     sample_id_key = "scenario_id"
+    monitor = "val_minFDE_6"
+    monitor_mode = "min"
 
     def __init__(
         self,
