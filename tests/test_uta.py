@@ -569,3 +569,13 @@ def test_two_and_three_processes_score_each_image_once(teacher, tmp_path):
         many = json.loads((tmp_path / f"m{processes}.json").read_text())
         for name in ("test_loss", "test_zeroshot_acc1", "test_zeroshot_acc5", "test_teacher_zeroshot_acc1"):
             assert many[name] == pytest.approx(one[name], abs=1e-6), (processes, name)
+
+
+def test_a_run_without_zero_shot_monitors_the_alignment_loss(teacher):
+    """`zeroshot: false` logs no zero-shot accuracy: its best checkpoint follows the loss it logs."""
+    from frozenlm.trainer_cli import task_checkpoints
+
+    task = UnmaskedTokenAlignment(str(teacher), zeroshot=False, **STUDENT)
+    best = task_checkpoints(task)[0]
+    assert (best.monitor, best.mode) == ("val_loss", "min")
+    assert (UnmaskedTokenAlignment(str(teacher), **STUDENT).monitor) == "val_zeroshot_acc1"

@@ -73,6 +73,7 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
             (UTA: AdamW 1.5e-3 at batch 4096, wd 0.05, 1 warmup epoch, cosine to 1e-5).
     """
 
+    # Zero-shot top-1; a run without zero-shot evaluation (`zeroshot: false`) keeps the best alignment loss instead.
     monitor, monitor_mode = "val_zeroshot_acc1", "max"
 
     def __init__(
@@ -101,6 +102,8 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
             min_lr=min_lr, **kwargs,
         )  # fmt: skip
         self._zeroshot: ZeroShotScores | None = None
+        if not zeroshot:  # no zero-shot accuracy is logged: the best checkpoint is the lowest alignment loss
+            self.monitor, self.monitor_mode = "val_loss", "min"
 
     @staticmethod
     def build_model(hparams: Mapping[str, Any], teacher_width: int | None = None, joint_dim: int | None = None,
@@ -226,7 +229,7 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
             names = class_names(hp.zeroshot_class_names, hp.num_classes, classes)
             who = ("student", "teacher") if hp.zeroshot_teacher else ("student",)
             self._zeroshot = ZeroShotScores.start(self.teacher.to(self.device), names, datamodule, stage, who, self.scored,
-                                                  hp.zeroshot_templates)  # fmt: skip
+                                                  hp.zeroshot_templates, warn=not self.trainer.sanity_checking)  # fmt: skip
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         if not self._log_unreadable(batch, stage):
@@ -245,8 +248,7 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
 
     def _finish_evaluation(self, stage: str) -> None:
         if self._zeroshot is not None:
-            gather = (lambda x: self.all_gather(x).flatten(0, 1)) if self.trainer.world_size > 1 else (lambda x: x)
-            for name, value in self._zeroshot.compute(stage, gather, warn=not self.trainer.sanity_checking).items():
+            for name, value in self._zeroshot.compute(stage).items():
                 self.log(name, value, prog_bar=name == "val_zeroshot_acc1")
         self._zeroshot = None
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from frozenlm.models.clip_teacher import CLIPTeacher
-from frozenlm.tasks.vl_metrics import split_recalls
+from frozenlm.metrics import RetrievalRecall
 
 # The seven prompts CLIP's authors found best as an ensemble for ImageNet (their prompt-engineering notebook).
 CLIP_TEMPLATES = (
@@ -93,23 +93,27 @@ def text_embeddings(teacher: CLIPTeacher, texts: list[str], batch: int = 256) ->
 class ZeroShotScores:
     """One evaluation epoch's zero-shot scores of image encoders (``who``: ``student``, ``teacher``), either against
     a ``classifier`` of class embeddings (top-1/5 accuracy of ``logit_scale`` x cosine logits) or against caption
-    embeddings ``texts`` whose images are ``owners`` (retrieval recall, :func:`~frozenlm.tasks.vl_metrics.split_recalls`).
-    Rows that only even out the processes' shares of a split are left out (``scored``, :meth:`BaseTask.scored`)."""
+    embeddings ``texts`` whose images are ``owners`` (retrieval recall: :class:`~frozenlm.metrics.RetrievalRecall`).
+    Rows that only even out the processes' shares of a split are left out (``scored``, :meth:`BaseTask.scored`); the
+    metrics gather every process's rows when computed."""
 
     def __init__(self, who: Sequence[str], scored: Callable, classifier: Tensor | None = None, logit_scale: Tensor | None = None,
-                 texts: Tensor | None = None, owners: Tensor | None = None) -> None:  # fmt: skip
+                 texts: Tensor | None = None, owners: Tensor | None = None, stage: str = "evaluation",
+                 warn: bool = True) -> None:  # fmt: skip
         self.who, self.scored, self.classifier, self.logit_scale = tuple(who), scored, classifier, logit_scale
-        self.texts, self.owners = texts, owners
+        self.texts, self.owners, self.updated = texts, owners, False
+        if texts is not None:
+            self.recall = {w: RetrievalRecall().to(texts.device) for w in self.who}
+            for metric in self.recall.values():
+                metric.start(owners, stage, warn)
         if classifier is not None:
             count = len(classifier)
             self.accuracy = {w: {k: MulticlassAccuracy(count, top_k=min(k, count), average="micro").to(classifier.device) for k in (1, 5)}
                              for w in self.who}  # fmt: skip
-        self.rows: dict[str, list[Tensor]] = {w: [] for w in self.who}
-        self.index: list[Tensor] = []
 
     @classmethod
     def start(cls, teacher: CLIPTeacher, names: list[str] | None, datamodule: Any, stage: str, who: Sequence[str],
-              scored: Callable, templates: list[str] | str | None = None) -> ZeroShotScores | None:  # fmt: skip
+              scored: Callable, templates: list[str] | str | None = None, warn: bool = True) -> ZeroShotScores | None:  # fmt: skip
         """The scores of an evaluation epoch: on the class ``names`` (CLIP's classifier of ``templates``), else on the
         captions of the ``datamodule``'s ``stage`` split (its ``captions(stage)``); None when there are neither."""
         if names is not None:
@@ -119,7 +123,7 @@ class ZeroShotScores:
             return None
         texts, owners = datamodule.captions(stage)
         embeddings = text_embeddings(teacher, texts)
-        return cls(who, scored, texts=embeddings, owners=owners.to(embeddings.device))
+        return cls(who, scored, texts=embeddings, owners=owners.to(embeddings.device), stage=stage, warn=warn)
 
     def update(self, batch: dict[str, Any], embeddings: dict[str, Tensor]) -> None:
         """Score a batch's normalised image embeddings ``[B, E]`` per encoder."""
@@ -134,23 +138,17 @@ class ZeroShotScores:
                 for metric in self.accuracy[who].values():
                     metric.update(scored_logits, labels)
             return
-        index = batch["index"].clone()
-        if "padding" in batch:
-            index[batch["padding"].bool()] = -1
-        self.index.append(index.to(self.texts.device))
-        for who in self.who:
-            self.rows[who].append(embeddings[who] @ self.texts.T)
+        index, *rows = self.scored(batch, batch["index"].to(self.texts.device), *(embeddings[w] @ self.texts.T for w in self.who))
+        self.updated = True
+        for who, scores in zip(self.who, rows):
+            self.recall[who].update(index, scores)
 
-    def compute(self, stage: str, gather: Callable[[Tensor], Tensor], warn: bool = True) -> dict[str, Tensor]:
+    def compute(self, stage: str) -> dict[str, Tensor]:
         """``{<stage>_zeroshot_acc1: ...}`` (``<stage>_teacher_zeroshot_...`` for the teacher), or the recalls
-        ``<stage>_zeroshot_ir_r1``...; ``gather`` concatenates a tensor over the processes."""
+        ``<stage>_zeroshot_ir_r1``..., over every process's images."""
         prefix = {"student": f"{stage}_zeroshot", "teacher": f"{stage}_teacher_zeroshot"}
         if self.classifier is not None:
             return {f"{prefix[w]}_acc{k}": metric.compute() for w in self.who for k, metric in self.accuracy[w].items()}
-        if not self.index:
+        if not self.updated:
             return {}
-        index, values = gather(torch.cat(self.index)), {}
-        for who in self.who:
-            recalls = split_recalls(index, gather(torch.cat(self.rows[who])), self.owners, stage, warn=warn)
-            values |= {f"{prefix[who]}_{name}": value for name, value in recalls.items()}
-        return values
+        return {f"{prefix[w]}_{name}": value for w in self.who for name, value in self.recall[w].compute().items()}
