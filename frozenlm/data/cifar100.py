@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
 import torchvision
 
 from frozenlm.data.base import DatasetNotFoundError, ImageDataModule, Split
+from frozenlm.data.safe_pickle import load_arrays
 
 
 class CIFAR100DataModule(ImageDataModule):
@@ -59,7 +59,7 @@ class CIFAR100DataModule(ImageDataModule):
     def load_split(self, split: str) -> Split:
         name = "train" if split == "train" else "test"
         with open(self.folder / name, "rb") as file:
-            batch = pickle.load(file, encoding="latin1")
+            batch = load_arrays(file, str(self.folder / name), "Extract the python-version tarball again (or --data.download true).")
         # Rows are channel-major; HxWxC in one contiguous block makes per-sample PIL conversion cheap.
         rows = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         images = np.ascontiguousarray(rows.transpose(0, 2, 3, 1))

