@@ -285,13 +285,13 @@ def test_gcr_and_baseline_argoverse2_and_argoverse1_predictions(tmp_path, av2_ro
     assert gcr.trainer.callback_metrics["train_loss_aux"].isfinite()
     model = gcr.model.eval()
     batch = collate_scenes([model.trainer.datamodule.dataset("val")[0]])
-    model.llm_block.forward = lambda *a, **k: pytest.fail("the LM block ran at inference in auxiliary mode")
+    model.model.llm_block.forward = lambda *a, **k: pytest.fail("the LM block ran at inference in auxiliary mode")
     with torch.no_grad():
         model(batch)
-    del model.llm_block.forward
+    del model.model.llm_block.forward
 
     baseline = run_cli("fit", "motion_llama", tmp_path / "baseline", *args[:2], "--model.llm", "null")
-    assert baseline.model.llm_block is None
+    assert baseline.model.model.llm_block is None
 
     av1 = ["--data", "frozenlm.data.Argoverse1DataModule", "--data.root", str(av1_root), "--model.horizon", "30",
            "--model.llm", "null", "--data.batch_size", "4", "--data.num_workers", "0"]  # fmt: skip

@@ -55,7 +55,7 @@ def stage_maps(model: ImageClassifier | PointCloudClassifier, inputs: Tensor) ->
     ``cls_attention`` (see the module docstring). The model runs in eval mode; its mode is restored.
     """
     tokens, attention = stage_tokens(model, inputs)
-    backbone = model.backbone
+    backbone = _network(model).backbone
     prefix = backbone.num_prefix_tokens
     patch_embed = getattr(backbone, "patch_embed", None)
     # From the input, not the configured size: CAPE models take any resolution.
@@ -72,7 +72,8 @@ def stage_maps(model: ImageClassifier | PointCloudClassifier, inputs: Tensor) ->
 def stage_tokens(model: ImageClassifier | PointCloudClassifier, inputs: Tensor) -> tuple[dict[str, Tensor], Tensor]:
     """The tokens ``[B, N, C]`` (prefix tokens included) at each stage, in order, and the last
     block's attention weights ``[B, heads, N, N]``, for a batch of inputs in eval mode."""
-    backbone, block = model.backbone, model.llm_block
+    network = _network(model)
+    backbone, block = network.backbone, network.llm_block
     tokens: dict[str, Tensor] = {}
 
     def keep(stage: str, kind: str = "output") -> Callable:
@@ -112,6 +113,11 @@ def stage_tokens(model: ImageClassifier | PointCloudClassifier, inputs: Tensor) 
 
     attention = _attention_weights(backbone.blocks[-1].attn, tokens.pop("qkv"))
     return {stage: tokens[stage] for stage in STAGES if stage in tokens}, attention
+
+
+def _network(task: nn.Module) -> nn.Module:
+    """The task's plain model (``task.model``), or the task itself while it is its own model."""
+    return getattr(task, "model", task)
 
 
 def pseudo_mask_scores(maps: dict[str, dict[str, Tensor]], masks: Tensor) -> dict[str, dict[str, float]]:
