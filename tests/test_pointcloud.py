@@ -23,9 +23,10 @@ from frozenlm.data.base import DatasetFileError, DatasetNotFoundError
 from frozenlm.data.pointcloud import sample_count
 from frozenlm.llm import LLMConfig
 from frozenlm.models.point_ops import farthest_point_sample, gather_points, group_points, knn_indices
-from frozenlm.models.pointbert import PointBERT, load_pretrained
+from frozenlm.models.pointbert import PointBERT, PointBERTClassifier, load_pretrained
 from frozenlm.tasks import PointCloudClassifier
 from tests.cli_helpers import check_lora_round_trip, last_checkpoint, run_cli
+from tests.model_checks import check_branch, hooked_modules
 from tests.data.modelnet40.data import WITH_SHAPES
 from tests.data.modelnet40.data import write as write_modelnet40
 from tests.data.scanobjectnn.data import write as write_scanobjectnn
@@ -441,3 +442,27 @@ def test_point_bert_matches_its_reference_definition_to_float64_precision():
         points = torch.randn(2, 128, 3, dtype=torch.float64) * 0.01  # small inputs: variances near eps
         ours, reference = model.forward_features(points), reference_point_bert_transformer(model, points)
     assert (ours - reference).abs().max() < 1e-12  # timm's default eps (1e-6) is off by ~1e-4 here
+
+
+@pytest.mark.parametrize("mode", ["inline", "auxiliary"])
+def test_the_plain_model_has_no_hooks_and_returns_the_gcr_branch(tiny_llama_checkpoint, mode):
+    hparams = {"num_classes": 15, **TINY, "drop_path_rate": 0.0, "llm_position": -2,
+               "llm": {"checkpoint": str(tiny_llama_checkpoint), "mode": mode}}  # fmt: skip
+    model = PointCloudClassifier.build_model(hparams)  # no task, no trainer
+    assert isinstance(model, PointBERTClassifier) and model.llm_position == 0  # -2 of 2 blocks
+    points = torch.randn(2, 128, 3)
+    _, branch = check_branch(model, (points,), mode)
+    for training in (True, False):  # the group encoder's batch norms differ
+        model.train(training)
+        with torch.no_grad():
+            x, pos = model.backbone.embed(points)
+            first = model.backbone.blocks[0](x + pos)  # the block runs after block 0, before block 1 adds the positions
+            after = model.llm_block(first) if mode == "inline" else first
+            expected = model.backbone.norm(model.backbone.blocks[1](after + pos))
+            torch.testing.assert_close(model.forward_features(points)[0], expected)
+            if branch is not None and training:
+                torch.testing.assert_close(branch, model.llm_block(first))
+                assert model.forward_aux_head(branch).shape == (2, 15)
+    with pytest.raises(IndexError, match="llm_position 2 is out of range for a Point-BERT with 2 blocks"):
+        PointCloudClassifier.build_model({**hparams, "llm_position": 2})
+    assert hooked_modules(tiny_model(tiny_llama_checkpoint, llm=LLMConfig(checkpoint=str(tiny_llama_checkpoint), mode=mode))) == []

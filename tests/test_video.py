@@ -24,8 +24,10 @@ from frozenlm.data.video_transforms import (
     uniform_clip_indices,
 )
 from frozenlm.llm import LLMConfig
+from frozenlm.models.videomae import VideoMAEClassifier
 from frozenlm.tasks import VideoClassifier
 from tests.cli_helpers import check_lora_round_trip, last_checkpoint, load_checkpoint, run_cli
+from tests.model_checks import check_branch, hooked_modules
 from tests.data.ssv2.data import CLASSES, HEIGHT, WIDTH, write
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
@@ -275,3 +277,22 @@ def test_a_batch_of_only_unreadable_videos_gives_a_zero_loss_that_reaches_every_
 
 def test_lora_block_through_the_cli(tmp_path, ssv2_root, tiny_llama_checkpoint):
     check_lora_round_trip("video_llama", tmp_path, "--data.root", str(ssv2_root), "--model.llm.checkpoint", str(tiny_llama_checkpoint))
+
+
+# -- the plain model ---------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["inline", "auxiliary"])
+def test_the_plain_model_has_no_hooks_and_returns_the_gcr_branch(tiny_llama_checkpoint, mode):
+    hparams = {"num_classes": 4, "num_frames": FRAMES, "img_size": SIZE, "backbone_config": TINY, "drop_path_rate": 0.2,
+               "llm": {"checkpoint": str(tiny_llama_checkpoint), "mode": mode}}  # fmt: skip
+    model = VideoClassifier.build_model(hparams)  # no task, no trainer
+    assert isinstance(model, VideoMAEClassifier) and model.llm_config.mode == mode
+    assert [layer.drop_path.drop_prob for layer in model.backbone.encoder.layer] == pytest.approx([0.0, 0.2])
+    video = torch.randn(2, 3, FRAMES, SIZE, SIZE)
+    tokens, branch = check_branch(model, (video,), mode)
+    if branch is not None:
+        assert model.forward_aux_head(branch).shape == (2, 4)
+    with torch.no_grad():
+        encoded = model.backbone(pixel_values=video.transpose(1, 2)).last_hidden_state
+        expected = model.llm_block(encoded) if mode == "inline" else encoded
+        torch.testing.assert_close(model(video), model.head(model.fc_norm(expected.mean(dim=1))))
+    assert hooked_modules(tiny_model(LLMConfig(checkpoint=str(tiny_llama_checkpoint), mode=mode))) == []
