@@ -38,6 +38,11 @@ class Caltech256DataModule(ImageDataModule):
         Others: as `ImageDataModule`.
     """
 
+    @staticmethod
+    def classes_for(include_clutter: bool = True, **_: object) -> int:
+        """The class count of a config, without the files: 257 with the clutter class, 256 without."""
+        return CLUTTER_NUMBER if include_clutter else CLUTTER_NUMBER - 1
+
     def __init__(
         self, root: str | Path, download: bool = False, include_clutter: bool = True, seed: int = 0, **kwargs
     ):
@@ -45,7 +50,7 @@ class Caltech256DataModule(ImageDataModule):
         self.download = download
         self.include_clutter = include_clutter
         self.seed = seed
-        self.num_classes = CLUTTER_NUMBER if include_clutter else CLUTTER_NUMBER - 1
+        self.num_classes = self.classes_for(include_clutter)
         self.folder = self.root / "caltech256" / "256_ObjectCategories"
         if not download:
             self.check_files()
