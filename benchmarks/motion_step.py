@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
-from frozenlm.bench import flop_counter, ideal_seconds, lm_config, median_seconds
 from frozenlm.data import Argoverse2DataModule
 from frozenlm.llm import FrozenLMBlock
+from frozenlm.llm.families import SHAPES
+from frozenlm.measure import flop_counter, ideal_seconds, median_seconds
 from frozenlm.tasks import MotionForecaster
 
 
@@ -79,7 +80,7 @@ def main() -> None:
         model = MotionForecaster(horizon=data.horizon).to(device).train()
         if args.llm:  # inline over all tokens, with random weights of LLaMA-7B's layer shape
             dim = model.model.backbone.dim
-            model.model.llm_block = FrozenLMBlock.from_config(lm_config("llama", 4096, 11008, 32), in_dim=dim).to(device)
+            model.model.llm_block = FrozenLMBlock.from_config(SHAPES["llama-7b"].config(), in_dim=dim).to(device)
 
         def step() -> None:
             model.zero_grad(set_to_none=True)

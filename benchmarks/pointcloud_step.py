@@ -25,9 +25,10 @@ import argparse
 
 import torch
 
-from frozenlm.bench import flop_counter, ideal_seconds, lm_config, median_seconds
 from frozenlm.data.pointcloud import PointCloudDataModule
 from frozenlm.llm import FrozenLMBlock
+from frozenlm.llm.families import SHAPES
+from frozenlm.measure import flop_counter, ideal_seconds, median_seconds
 from frozenlm.models import point_ops
 from frozenlm.models.pointbert import PointBERTClassifier, PointBERTClassifierConfig
 
@@ -38,7 +39,7 @@ def measure(points: int, groups: int, batch: int, device: torch.device, llm: boo
     raw = torch.randn(batch, max(points, 2048), 3, generator=generator).to(device)  # a dataset's stored clouds
     model = PointBERTClassifier(PointBERTClassifierConfig(num_classes=40, num_groups=groups, group_size=32))
     if llm:  # inline after the last block (llm_position -1), with random weights of LLaMA-7B's layer shape
-        model.llm_block = FrozenLMBlock.from_config(lm_config("llama", 4096, 11008, 32), in_dim=384)
+        model.llm_block = FrozenLMBlock.from_config(SHAPES["llama-7b"].config(), in_dim=384)
     model = model.to(device).train()
     labels = torch.randint(0, 40, (batch,), generator=generator).to(device)
     datamodule = PointCloudDataModule(batch_size=batch, num_points=points, num_workers=0)

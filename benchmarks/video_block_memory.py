@@ -32,18 +32,16 @@ import time
 from pathlib import Path
 
 MiB = 2**20
-LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 1}
 
 
 def child(device: str, dtype: str, backend: str, tokens: int, clips: int) -> None:
     """One measurement; prints one JSON line."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from transformers import LlamaConfig
-
     from frozenlm.llm import FrozenLMBlock
+    from frozenlm.llm.families import SHAPES
 
-    block = FrozenLMBlock.from_config(LlamaConfig(**LLAMA_7B), [0], in_dim=384, dtype=dtype).to(device)
+    block = FrozenLMBlock.from_config(SHAPES["llama-7b"].config(), [0], in_dim=384, dtype=dtype).to(device)
     x = torch.randn(clips, tokens, 384, device=device, requires_grad=True)
     backends = [SDPBackend.MATH] if backend == "math" else list(SDPBackend.__members__.values())
     run = _peak_cuda if device == "cuda" else _peak_cpu
@@ -109,10 +107,14 @@ def main() -> None:
         child(args.device, args.dtype, args.child, args.tokens, args.clips)
         return
 
-    heads, n = LLAMA_7B["num_attention_heads"], args.tokens
+    from frozenlm.llm.families import SHAPES
+
+    shape = SHAPES["llama-7b"]
+    heads, n = shape.heads, args.tokens
     matrix_bf16 = args.clips * heads * n * n * 2
     print(
-        f"LLaMA-7B-shaped frozen block (d 4096, FFN 11008, 32 heads, {args.dtype} weights), {args.clips} clip(s) "
+        f"LLaMA-7B-shaped frozen block (d {shape.hidden}, FFN {shape.intermediate}, {heads} heads, {args.dtype} weights), "
+        f"{args.clips} clip(s) "
         f"x {n} tokens of width 384; forward + backward on {args.device}"
         + (" under bf16 autocast." if args.dtype == "bfloat16" else ".")
     )

@@ -146,7 +146,12 @@ class EMA(Callback):
         if self.average is None:
             self.average = {name: p.detach().clone() for name, p in params.items()}
         elif set(self.average) != set(params):
-            raise ValueError("The EMA state in the checkpoint does not match the model's trainable parameters.")
+            # A checkpoint written before the task held its network as `model`: the same rule as its state dict's.
+            moved = {(f"model.{n}" if n not in params and f"model.{n}" in params else n): t
+                     for n, t in self.average.items()}  # fmt: skip
+            if set(moved) != set(params):
+                raise ValueError("The EMA state in the checkpoint does not match the model's trainable parameters.")
+            self.average = moved
         self.average = {name: t.to(params[name].device) for name, t in self.average.items()}
 
     def on_train_batch_end(self, trainer: lightning.Trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -155,12 +155,19 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     return stored["state_dict"], stored.get("hyper_parameters", {})
 
 
+def model_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A task checkpoint's state dict in its model's names: ``model.backbone.*`` (a task holding ``self.model``)
+    becomes ``backbone.*``, as checkpoints written before it did name it; those, and plain files (a timm ViT's,
+    ``frozenlm recompose``'s), pass as they are. The inverse of :func:`frozenlm.tasks.base.migrate_model_keys`."""
+    return {key.removeprefix("model."): value for key, value in state.items()}
+
+
 def load_initial_weights(
     module: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path, optional_prefixes: tuple[str, ...] = ()
 ) -> list[str]:
-    """Start ``module`` from ``state`` (read from ``source`` by :func:`read_weights`), in the task's names
-    (``backbone.``, ``learngenes.``, ...) or a plain timm ViT's (as ``frozenlm export`` and ``frozenlm
-    recompose`` write them; read as the task's ``backbone.``).
+    """Start ``module`` (a task's model) from ``state`` (read from ``source`` by :func:`read_weights`, then
+    :func:`model_state`), in the model's names (``backbone.``, ``learngenes.``, ...) or a plain timm ViT's (as
+    ``frozenlm export`` and ``frozenlm recompose`` write them; read as the model's ``backbone.``).
 
     Every tensor of ``state`` must fit the module. The module's tensors it lacks keep their own
     initialisation only under ``optional_prefixes`` (e.g. a frozen LM block's adapters, genes added in a

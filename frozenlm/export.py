@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from timm.models import VisionTransformer
 
-from frozenlm.checkpoints import newest_intact_checkpoint
+from frozenlm.checkpoints import model_state, newest_intact_checkpoint
 from frozenlm.errors import FrozenLMError
 from frozenlm.models.learngene import gene_state, genes_in, recompose_blocks
 from frozenlm.models.pointbert import PointBERT
@@ -52,8 +52,10 @@ class ExportError(FrozenLMError, ValueError):
 
 
 def _load(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(hyper-parameters, state dict)`` of a Lightning checkpoint, or an :class:`ExportError` naming the
-    file when it is missing, damaged or not a Lightning checkpoint (with the newest intact one beside it)."""
+    """``(hyper-parameters, state dict)`` of a Lightning checkpoint, the state in its model's names (``backbone.*``,
+    whether the task stored it as ``model.backbone.*`` or, before tasks held ``self.model``, ``backbone.*``), or an
+    :class:`ExportError` naming the file when it is missing, damaged or not a Lightning checkpoint (with the newest
+    intact one beside it)."""
     path = Path(checkpoint)
     fix = "give a .ckpt that `frozenlm fit` wrote (runs/<name>/version_<n>/checkpoints/)"
     if not path.is_file():
@@ -70,7 +72,7 @@ def _load(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
         raise ExportError(f"The checkpoint {path} {problem}: {fix}{instead}.") from error
     if not isinstance(stored, dict) or not isinstance(stored.get("state_dict"), dict):
         raise ExportError(f"{path} is not a Lightning checkpoint (it holds no state_dict): {fix}.")
-    return stored.get("hyper_parameters") or {}, stored["state_dict"]
+    return stored.get("hyper_parameters") or {}, model_state(stored["state_dict"])
 
 
 def _read(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -10,6 +10,7 @@ A sweep preset (``configs/sweeps/*.yaml``)::
     baseline: baseline                 # the variant the others are paired against, seed by seed (or a
                                        # mapping variant -> its own baseline)
     coherence_every: 50                # gradient coherence measured every this many steps (0: off)
+    test: true                         # also score each run on the test split with its last weights
     variants:                          # name -> CLI overrides
       baseline: [--model.llm, "null"]
       pretrained: []
@@ -23,6 +24,9 @@ logged under ``<output>/<variant>/seed<seed>/`` (TensorBoard, checkpoints and th
 seed also seeds a random frozen block (``llm.seed``) unless the preset sets one; the data split stays
 the datamodule's own (fixed) and is reported. Runs holding a readable ``result.json`` are never redone,
 so a killed sweep resumes; a damaged one (truncated, empty, a key missing) is named and redone.
+With ``test: true`` each run, once trained, is scored once on the datamodule's test split with its last
+weights (the last checkpoint's: no selection on test); its ``test_*`` metrics go into ``result.json``
+(``test``) and the report compares them like the validation metric.
 
 Where runs go (``launcher``): ``inline``, one after another in this process (no start-up per run), or
 with ``gpus`` one process per GPU; ``slurm``, one job per run in a SLURM job array through ``submitit``
@@ -52,6 +56,7 @@ missing, damaged or that never validated are listed by name under the table, not
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -77,7 +82,7 @@ import yaml
 from scipy import stats
 from submitit.core.utils import JobPaths
 
-from frozenlm.bench import flop_counter
+from frozenlm.measure import flop_counter
 from frozenlm.checkpoints import newest_intact_checkpoint
 from frozenlm.errors import FrozenLMError
 from frozenlm.files import create_partial, write_atomically
@@ -142,6 +147,7 @@ def load_preset(path: str | Path) -> dict[str, Any]:
     preset.setdefault("metric", "val_acc1")
     preset.setdefault("mode", "max")
     preset.setdefault("coherence_every", 0)
+    preset.setdefault("test", False)
     preset.setdefault("baseline", next(iter(preset["variants"])))
     baselines = preset["baseline"].values() if isinstance(preset["baseline"], dict) else [preset["baseline"]]
     unknown = [name for name in baselines if name not in preset["variants"]]
@@ -195,6 +201,9 @@ def run_one(
     best = getattr(trainer.checkpoint_callback, "best_model_score", None)
     coherence = next((c.history for c in trainer.callbacks if isinstance(c, GradientCoherenceCallback)), {})
     datamodule = trainer.datamodule
+    # The last weights (what last.ckpt holds), scored once on the test split: no selection on test.
+    test = {k: float(v) for k, v in trainer.test(model, datamodule=datamodule, verbose=False)[0].items()} \
+        if preset.get("test") else None
     flops, flops_error = flops_per_sample(model, datamodule)
     if flops_error is not None:  # the run's result stands without it
         warnings.warn(f"FLOPs per sample of {variant}/seed{seed} not counted: {flops_error}", stacklevel=2)
@@ -204,6 +213,7 @@ def run_one(
         "best": (max if preset["mode"] == "max" else min)(recorder.history) if recorder.history else None,
         "best_checkpoint_score": float(best) if best is not None else None,
         "history": recorder.history,
+        "test": test,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "frozen_params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
         "flops_per_sample": flops, "flops_error": flops_error,
@@ -213,7 +223,7 @@ def run_one(
         # run pays before its first step, in this process (a separate process adds Python's start-up).
         "setup_seconds": recorder.first_step_at - start if recorder.first_step_at is not None else None,
         "coherence": {str(step): values for step, values in coherence.items()},
-        "data_split": {k: getattr(datamodule, k) for k in ("val_fraction", "seed") if hasattr(datamodule, k)},
+        "data_split": {k: getattr(datamodule, k) for k in ("val_fraction", "seed", "train_subset", "num_val") if hasattr(datamodule, k)},
         "config": str(folder / "config.yaml"),
     }  # fmt: skip
     write_atomically(folder / "result.json", json.dumps(result, indent=1))
@@ -691,8 +701,9 @@ def sweep(
 
 
 def expected_runs(preset: dict[str, Any]) -> list[tuple[str, int]]:
-    """Every (variant, seed) of the preset, in its order."""
-    return [(variant, seed) for variant in preset["variants"] for seed in preset["seeds"]]
+    """Every (variant, seed) of the preset, seed by seed (every variant of a seed before the next seed), so a
+    sweep stopped part-way holds complete seeds that compare every variant."""
+    return [(variant, seed) for seed in preset["seeds"] for variant in preset["variants"]]
 
 
 def summarize(results: list[dict[str, Any]], baseline: str | dict[str, str]) -> list[dict[str, Any]]:
@@ -711,6 +722,7 @@ def summarize(results: list[dict[str, Any]], baseline: str | dict[str, str]) -> 
         paired = [r["final"] - by_variant[base][s]["final"] for s, r in runs.items() if s in by_variant.get(base, {})]
         compared = bool(paired) and base != variant
         diff_mean, half = statistics.mean(paired) if paired else math.nan, _half_interval(paired)
+        test_metric = next((k for r in runs.values() for k in (r.get("test") or {}) if k == _test_name(r["metric"])), None)
         row = {
             "variant": variant, "baseline": base if compared else None, "seeds": len(runs),
             "final_mean": statistics.mean(finals), "final_sd": _sd(finals),
@@ -723,6 +735,15 @@ def summarize(results: list[dict[str, Any]], baseline: str | dict[str, str]) -> 
             "ms_per_step": 1e3 * statistics.mean(r["seconds_per_step"] for r in runs.values()),
             "setup_s": statistics.mean(r.get("setup_seconds") or math.nan for r in runs.values()),
         }  # fmt: skip
+        if test_metric is not None:  # the same comparison on the test split (last weights), seed by seed
+            tests = {s: r["test"][test_metric] for s, r in runs.items() if test_metric in (r.get("test") or {})}
+            base_tests = {s: (r.get("test") or {}).get(test_metric) for s, r in by_variant.get(base, {}).items()}
+            tpaired = [v - base_tests[s] for s, v in tests.items() if base_tests.get(s) is not None]
+            tmean, thalf = statistics.mean(tpaired) if tpaired else math.nan, _half_interval(tpaired)
+            row.update({"test_metric": test_metric, "test_seeds": len(tests), "test_mean": statistics.mean(tests.values()),
+                        "test_sd": _sd(list(tests.values())), "test_diff_mean": tmean, "test_diff_ci95": thalf,
+                        "test_diff_low": tmean - thalf, "test_diff_high": tmean + thalf,
+                        "test_p_value": _paired_p(tpaired) if compared and tpaired else math.nan})  # fmt: skip
         steps = sorted({int(step) for r in runs.values() for step in r["coherence"]})
         for step in steps:
             for name in ("m_coherence", "mean_cosine"):
@@ -730,14 +751,26 @@ def summarize(results: list[dict[str, Any]], baseline: str | dict[str, str]) -> 
                 if values:
                     row[f"{name}@{step}"] = statistics.mean(values)
         rows.append(row)
-    tested = sorted((r for r in rows if math.isfinite(r["p_value"])), key=lambda r: r["p_value"])
+    _holm(rows, "p_value", "p_holm")
+    _holm(rows, "test_p_value", "test_p_holm")
+    return rows
+
+
+def _holm(rows: list[dict[str, Any]], key: str, out: str) -> None:
+    """Holm's step-down correction of the p-values ``rows[*][key]`` (those present and finite) into ``out``."""
+    tested = sorted((r for r in rows if math.isfinite(r.get(key, math.nan))), key=lambda r: r[key])
     running = 0.0
     for rank, row in enumerate(tested):  # Holm's step-down: (m - rank) x p, kept monotone, at most 1
-        running = max(running, min(1.0, (len(tested) - rank) * row["p_value"]))
-        row["p_holm"] = running
+        running = max(running, min(1.0, (len(tested) - rank) * row[key]))
+        row[out] = running
     for row in rows:
-        row.setdefault("p_holm", math.nan)
-    return rows
+        if key in row:
+            row.setdefault(out, math.nan)
+
+
+def _test_name(metric: str) -> str:
+    """The test split's name of a validation metric: ``val_acc1`` -> ``test_acc1``."""
+    return "test_" + metric.removeprefix("val_")
 
 
 def _sd(values: list[float]) -> float:
@@ -779,10 +812,10 @@ def write_report(folder: Path) -> Path:
     rows = sorted(summarize(results, preset["baseline"]), key=lambda r: order.index(r["variant"]) if r["variant"] in order else 99)
     columns = list(dict.fromkeys(k for row in rows for k in row))
     baseline_name = "its baseline" if isinstance(preset["baseline"], dict) else preset["baseline"]
-    with (folder / "results.csv").open("w") as file:
-        file.write(",".join(columns) + "\n")
-        for row in rows:
-            file.write(",".join(_csv(row.get(c)) for c in columns) + "\n")
+    with (folder / "results.csv").open("w", newline="") as file:  # quoted where a value holds a comma or quote
+        writer = csv.writer(file, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([_csv(row.get(c)) for c in columns] for row in rows)
     compared = sum(math.isfinite(r["p_value"]) for r in rows)
     lines = [
         f"| variant | seeds | final {metric} | best {metric} | vs {baseline_name} (paired mean [95 % CI]) | "
@@ -803,6 +836,17 @@ def write_report(folder: Path) -> Path:
     lines += ["", f"Accuracies: mean ± sd over seeds. The paired column pairs each variant's seed with the "
               f"baseline's; p is the paired t-test's, Holm p that p corrected for the {compared} variants compared "
               "(* = below 0.05 after correction)."]  # fmt: skip
+    tested = [r for r in rows if "test_mean" in r]
+    if tested:
+        test_metric, compared_t = tested[0]["test_metric"], sum(math.isfinite(r["test_p_value"]) for r in tested)
+        lines += ["", f"Test split, each run's last weights (no selection on test): {test_metric}", "",
+                  f"| variant | seeds | {test_metric} | vs {baseline_name} (paired mean [95 % CI]) | p | Holm p ({compared_t}) |",
+                  "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for r in tested:
+            diff = "-" if r["baseline"] is None else f"{r['test_diff_mean']:+.4f} [{r['test_diff_low']:+.4f}, {r['test_diff_high']:+.4f}]"
+            survives = "*" if r["test_p_holm"] < 0.05 else ""
+            lines.append(f"| {r['variant']} | {r['test_seeds']} | {r['test_mean']:.4f} ± {r['test_sd']:.4f} | {diff} | "
+                         f"{_p(r['test_p_value'])} | {_p(r['test_p_holm'])}{survives} |")  # fmt: skip
     if left_out:
         lines += ["", f"Runs not in the table ({len(left_out)}): " + "; ".join(left_out) + "."]
     coherence = [c for c in columns if "@" in c]

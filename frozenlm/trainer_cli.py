@@ -12,7 +12,7 @@ from typing import Any
 
 from lightning import LightningDataModule
 from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from frozenlm.callbacks import PredictionWriter
@@ -28,10 +28,11 @@ Trainer commands take YAML configs (class_path/init_args) and dotted overrides, 
   frozenlm fit --config configs/cifar100_deit.yaml --model.llm.checkpoint PATH --trainer.max_steps 10"""
 
 
-# Trainer defaults a config can override: TensorBoard logs, the learning rate per step, checkpoints
-# of the best and the last epoch, and a summary of where they are. (A progress display is added in
-# `instantiate_trainer` unless progress bars are off or a config brings its own: the rich bar in a
-# terminal, plain lines otherwise, frozenlm.progress.)
+# Trainer defaults a config can override: TensorBoard logs, the learning rate per step and a summary of
+# where the logs and checkpoints are. (Added in `instantiate_trainer`: the checkpoints of the best and the
+# last epoch, `task_checkpoints`, unless the config or command line lists a ModelCheckpoint; and a progress
+# display unless progress bars are off or a config brings its own: the rich bar in a terminal, plain lines
+# otherwise, frozenlm.progress.)
 TRAINER_DEFAULTS = {
     "trainer.logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -40,23 +41,34 @@ TRAINER_DEFAULTS = {
     "trainer.callbacks": [
         {"class_path": "frozenlm.callbacks.RunSummary"},
         {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "step"}},
-        {
-            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "init_args": {
-                "monitor": "val_acc1",
-                "mode": "max",
-                "filename": "best-epoch{epoch:03d}-acc{val_acc1:.4f}",
-                "auto_insert_metric_name": False,
-            },
-        },
-        # Lightning writes last.ckpt only when another checkpoint is written, so the latest epoch
-        # gets its own checkpoint, with last.ckpt linking to it (what `--ckpt_path last` resumes).
-        {
-            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "init_args": {"filename": "epoch{epoch:03d}-step{step}", "save_last": "link", "auto_insert_metric_name": False},
-        },
     ],
 }
+
+
+def task_checkpoints(task: BaseTask | type[BaseTask]) -> list[ModelCheckpoint]:
+    """The checkpoints a run keeps unless its config lists its own ModelCheckpoint: the best epoch by the
+    metric the task declares (``task.monitor``, ``task.monitor_mode``), and the latest epoch.
+
+    Lightning writes last.ckpt only when another checkpoint is written, so the latest epoch gets its own
+    checkpoint, with last.ckpt linking to it (what ``--ckpt_path last`` resumes)."""
+    metric = task.monitor
+    name = metric.removeprefix("val_")
+    best = ModelCheckpoint(
+        monitor=metric,
+        mode=task.monitor_mode,
+        filename=f"best-epoch{{epoch:03d}}-{name}={{{metric}:.4f}}",
+        auto_insert_metric_name=False,
+    )
+    last = ModelCheckpoint(filename="epoch{epoch:03d}-step{step}", save_last="link", auto_insert_metric_name=False)
+    return [best, last]
+
+
+def with_task_checkpoints(callbacks: list, task: BaseTask | type[BaseTask], enable_checkpointing: bool | None) -> list:
+    """``callbacks`` and :func:`task_checkpoints`, unless they list a ModelCheckpoint (a config or command
+    line that names one keeps only those it names) or checkpointing is off."""
+    if enable_checkpointing is False or any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        return list(callbacks)
+    return [*callbacks, *task_checkpoints(task)]
 
 
 class FrozenLMCLI(LightningCLI):
@@ -78,7 +90,8 @@ class FrozenLMCLI(LightningCLI):
             raise ConfigurationError(error_reason(error)) from error
 
     def instantiate_trainer(self, **kwargs):
-        """The trainer, with a progress display (unless progress bars are off or the config brings one: the
+        """The trainer, with the task's checkpoints (:func:`task_checkpoints`, unless the config lists a
+        ModelCheckpoint or turns checkpointing off), a progress display (unless progress bars are off or the config brings one: the
         rich bar in a terminal, :class:`~frozenlm.progress.ProgressLines` in a log file or pipe),
         atomic checkpoint writes (unless the config brings its own CheckpointIO), and a check that the
         checkpoint directories are writable before the first epoch."""
@@ -86,6 +99,7 @@ class FrozenLMCLI(LightningCLI):
         callbacks = list(kwargs.pop("callbacks", None) or config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(progress_bar(self._get(self.config_init, "progress")))
+        callbacks = with_task_checkpoints(callbacks, self.model, config.get("enable_checkpointing"))
         callbacks.append(CheckpointDirectoryCheck())
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from timm.layers import ConvNormAct
 
 from frozenlm.analysis import rank_layers, stage_maps
-from frozenlm.bench import trunk_flops
+from frozenlm.measure import trunk_flops
 from frozenlm.cli import run
 from frozenlm.export import load_trunk
 from frozenlm.models import create_vit
@@ -166,8 +166,8 @@ def test_option_configs_build_their_trunk(path):
         assert init["llm"]["lora"] == {"r": 8, "alpha": 16}
         return
     model = ImageClassifier(num_classes=100, **{**init, "llm": None})
-    patch_embed = model.backbone.patch_embed
-    assert len(model.backbone.blocks) == (11 if "convstem" in path.stem else 12)
+    patch_embed = model.model.backbone.patch_embed
+    assert len(model.model.backbone.blocks) == (11 if "convstem" in path.stem else 12)
     assert isinstance(patch_embed.proj, torch.nn.Sequential) == ("convstem" in path.stem)
     assert (patch_embed.cape is not None) == ("cape" in path.stem)
     size = init.get("img_size") or 224
@@ -193,11 +193,11 @@ def gcr_run(tmp_path_factory, tiny_llama_checkpoint):
 def test_options_train_and_checkpoint(gcr_run):
     cli, path = gcr_run
     model = cli.model
-    assert len(model.backbone.blocks) == 2 and isinstance(model.backbone.patch_embed.proj, torch.nn.Sequential)
+    assert len(model.model.backbone.blocks) == 2 and isinstance(model.model.backbone.patch_embed.proj, torch.nn.Sequential)
     state = load_checkpoint(path)
-    layer_keys = [k for k in state["state_dict"] if k.startswith("llm_block.layers.")]
+    layer_keys = [k for k in state["state_dict"] if k.startswith("model.llm_block.layers.")]
     assert layer_keys and all(".lora_" in k for k in layer_keys)  # the adapters, not the frozen weights
-    assert state["frozen_lm"]["llm_block"]["lora"]["r"] == 4
+    assert state["frozen_lm"]["model.llm_block"]["lora"]["r"] == 4
     assert any(k.endswith("bn.running_mean") for k in state["state_dict"])  # the stem's BatchNorm statistics
     assert not any("pos_embed" in k for k in state["state_dict"])
     restored = ImageClassifier.load_from_checkpoint(path)
@@ -241,7 +241,7 @@ def test_cape_options_parse_from_the_cli(tiny_llama_checkpoint, tmp_path):
         "fit", "image_llama", tmp_path, "--model.llm", "null", "--model.pos_embed", "cape",
         "--model.cape", "{max_global_shift: 0.25, max_global_scaling: 1.1}", "--trainer.max_steps", "1",
     )  # fmt: skip
-    assert cli.model.backbone.patch_embed.cape.config == CAPEConfig(max_global_shift=0.25, max_global_scaling=1.1)
+    assert cli.model.model.backbone.patch_embed.cape.config == CAPEConfig(max_global_shift=0.25, max_global_scaling=1.1)
 
 
 def test_rank_layers_on_an_options_checkpoint(gcr_run, tiny_llama_checkpoint):

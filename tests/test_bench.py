@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import math
 import os
 import subprocess
@@ -14,7 +15,9 @@ from jsonargparse import CLI
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from frozenlm.bench import bench, block_flops, lm_config
+from frozenlm.bench import bench
+from frozenlm.llm.families import FAMILIES, SHAPES, lm_config
+from frozenlm.measure import block_flops
 from frozenlm.llm.block import FrozenLMBlock
 from frozenlm.llm.lora import LoRAConfig
 
@@ -101,6 +104,30 @@ def test_flop_count_matches_torch_flop_counter(model_type, kv_heads, lora):
     assert block.adapter_in.weight.grad is not None and x.grad is not None
 
 
+def test_llama_7b_in_the_shape_table_has_llama_7bs_published_size():
+    """6.74 B parameters (LLaMA's paper rounds it to 6.7 B): 32 layers, embeddings and LM head, final norm."""
+    shape = SHAPES["llama-7b"]
+    with torch.device("meta"):
+        layer = FAMILIES[shape.family].build_layer(shape.config(), 0)
+    total = shape.layers * sum(p.numel() for p in layer.parameters()) + 2 * shape.vocab * shape.hidden + shape.hidden
+    assert round(total / 1e9, 2) == 6.74
+    assert (shape.config().hidden_size, shape.config().num_key_value_heads) == (shape.hidden, shape.kv_heads)
+
+
+def test_the_shapes_of_language_models_live_in_one_table():
+    """No module or benchmark writes LLaMA-7B's feed-forward width itself: they read ``SHAPES``."""
+    repo = Path(__file__).resolve().parents[1]
+    table = repo / "frozenlm" / "llm" / "families.py"
+    written = [
+        f"{path.relative_to(repo)}:{node.lineno}"
+        for path in [*(repo / "frozenlm").rglob("*.py"), *(repo / "benchmarks").glob("*.py")]
+        if path != table
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and node.value == SHAPES["llama-7b"].intermediate
+    ]
+    assert not written, written
+
+
 def test_bad_options_say_what_is_wrong():
     with pytest.raises(ValueError, match="kv_heads"):
         lm_config("gpt2", 64, 128, 4, kv_heads=2)
@@ -116,13 +143,13 @@ def test_bad_options_say_what_is_wrong():
 # still resident (the top of its heap), which no RSS-based measurement can see.
 PEAK_PROBE = """
 import sys, time, torch
-import frozenlm.bench as bench_module
+import frozenlm.measure as measure
 sampled = sys.argv[1] == "sampled"
 if sampled:  # /proc/self/clear_refs not writable: psutil sampling takes over
     def no_clear_refs(*args, **kwargs):
         raise PermissionError("clear_refs")
-    bench_module.open = no_clear_refs
-with bench_module._PeakMemory(torch.device("cpu")) as memory:
+    measure.open = no_clear_refs
+with measure._PeakMemory(torch.device("cpu")) as memory:
     buffer = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     if sampled:
         time.sleep(0.05)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -35,6 +36,20 @@ def test_ema_averages_trainable_weights_only_and_swaps_for_evaluation():
     torch.testing.assert_close(module.trained.weight.detach(), live)
 
 
+def test_ema_state_of_a_checkpoint_from_before_the_task_held_its_model_resumes():
+    """Such a checkpoint's average names ``trained.weight`` what the task now names ``model.trained.weight``."""
+    task = nn.Module()
+    task.model = Holder()
+    ema = EMA(decay=0.5)
+    ema.load_state_dict({"decay": 0.5, "average": {"trained.weight": torch.ones(2, 3), "trained.bias": torch.ones(2)}})
+    ema.on_fit_start(None, task)
+    assert set(ema.average) == {"model.trained.weight", "model.trained.bias"}
+    assert torch.equal(ema.average["model.trained.weight"], torch.ones(2, 3))
+    ema.load_state_dict({"decay": 0.5, "average": {"other.weight": torch.ones(2, 3)}})
+    with pytest.raises(ValueError, match="does not match"):
+        ema.on_fit_start(None, task)
+
+
 def test_ema_state_is_checkpointed_without_frozen_weights(tmp_path, tiny_llama_checkpoint):
     run_cli(
         "fit", "image_llama", tmp_path, "--model.llm.checkpoint", str(tiny_llama_checkpoint),
@@ -42,6 +57,6 @@ def test_ema_state_is_checkpointed_without_frozen_weights(tmp_path, tiny_llama_c
     )  # fmt: skip
     checkpoint = load_checkpoint(last_checkpoint(tmp_path))
     (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("EMA")]
-    assert state["average"] and not [k for k in state["average"] if k.startswith("llm_block.layers.")]
-    assert "llm_block.adapter_in.weight" in state["average"]
-    assert not [k for k in checkpoint["state_dict"] if k.startswith("llm_block.layers.")]
+    assert state["average"] and not [k for k in state["average"] if k.startswith("model.llm_block.layers.")]
+    assert "model.llm_block.adapter_in.weight" in state["average"]
+    assert not [k for k in checkpoint["state_dict"] if k.startswith("model.llm_block.layers.")]

@@ -144,7 +144,7 @@ def test_resuming_with_other_values_names_each_differing_key(tiny_llama_checkpoi
         "  model.llm.init: 'pretrained' from the checkpoint (given 'random')",
         "  model.lr: 0.0005 from the checkpoint (given 0.1)",
     ]
-    assert cli.model.llm_block.layer_indices == [5] and cli.model.llm_block.init == "pretrained"
+    assert cli.model.model.llm_block.layer_indices == [5] and cli.model.model.llm_block.init == "pretrained"
 
 
 def test_a_missing_checkpoint_is_named_with_the_newest_intact_one(two_epochs):

@@ -22,13 +22,13 @@ def classifier(checkpoint, **kwargs) -> ImageClassifier:
 @pytest.mark.parametrize("position", [0, 1, -1])
 def test_block_runs_after_vit_block_llm_position(tiny_llama_checkpoint, position):
     model = classifier(tiny_llama_checkpoint, llm_position=position)
-    vit, images = model.backbone, torch.randn(2, 3, 16, 16)
+    vit, images = model.model.backbone, torch.randn(2, 3, 16, 16)
     tokens = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
     with torch.no_grad():
         for index, block in enumerate(vit.blocks):
             tokens = block._forward_impl(tokens) if hasattr(block, "_forward_impl") else _plain(block, tokens)
             if index == position % len(vit.blocks):
-                tokens = model.llm_block(tokens)
+                tokens = model.model.llm_block(tokens)
         expected = vit.forward_head(vit.norm(tokens))
         torch.testing.assert_close(model(images), expected)
 
@@ -48,11 +48,11 @@ def test_llm_position_out_of_range_is_a_clear_error(tiny_llama_checkpoint):
 
 
 def test_baseline_and_ablations_build(tiny_llama_checkpoint):
-    assert classifier(tiny_llama_checkpoint, llm=None).llm_block is None
+    assert classifier(tiny_llama_checkpoint, llm=None).model.llm_block is None
     mlp = classifier(tiny_llama_checkpoint, llm=LLMConfig(checkpoint=str(tiny_llama_checkpoint), replace_with_mlp=True))
-    assert mlp.llm_block.layers is None
+    assert mlp.model.llm_block.layers is None
     random = classifier(tiny_llama_checkpoint, llm=LLMConfig(checkpoint=str(tiny_llama_checkpoint), init="random"))
-    assert random.llm_block.fingerprint != classifier(tiny_llama_checkpoint).llm_block.fingerprint
+    assert random.model.llm_block.fingerprint != classifier(tiny_llama_checkpoint).model.llm_block.fingerprint
 
 
 def fitted_trainer(model, max_steps=8, batch_size=16) -> lightning.Trainer:
@@ -70,11 +70,11 @@ def test_optimizer_holds_trainable_parameters_only_without_decay_on_norms_biases
     optimizer = trainer.optimizers[0]
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     names = {id(p): n for n, p in model.named_parameters()}
-    assert not [names[i] for i in in_optimizer if names[i].startswith("llm_block.layers.")]
+    assert not [names[i] for i in in_optimizer if names[i].startswith("model.llm_block.layers.")]
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {names[i] for i in in_optimizer}
     no_decay = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
-    assert {"backbone.cls_token", "backbone.pos_embed", "backbone.norm.weight", "backbone.head.bias"} <= no_decay
-    assert "llm_block.adapter_in.weight" not in no_decay and "backbone.blocks.0.attn.qkv.weight" not in no_decay
+    assert {"model.backbone.cls_token", "model.backbone.pos_embed", "model.backbone.norm.weight", "model.backbone.head.bias"} <= no_decay
+    assert "model.llm_block.adapter_in.weight" not in no_decay and "model.backbone.blocks.0.attn.qkv.weight" not in no_decay
     # lr = 1e-3 x 16 / 512 for one process and no accumulation.
     assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(1e-3 * 16 / 512)
 
@@ -146,10 +146,10 @@ def test_min_and_warmup_lr_scale_with_the_batch_only_when_asked(tiny_llama_check
 
 def test_frozen_block_gets_no_gradient_and_stays_in_eval_mode_while_training(tiny_llama_checkpoint):
     model = classifier(tiny_llama_checkpoint)
-    before = {k: v.clone() for k, v in model.llm_block.layers.state_dict().items()}
-    adapter = model.llm_block.adapter_in.weight.detach().clone()
+    before = {k: v.clone() for k, v in model.model.llm_block.layers.state_dict().items()}
+    adapter = model.model.llm_block.adapter_in.weight.detach().clone()
     fitted_trainer(model, max_steps=3)
-    assert not model.llm_block.layers.training
-    for key, value in model.llm_block.layers.state_dict().items():
+    assert not model.model.llm_block.layers.training
+    for key, value in model.model.llm_block.layers.state_dict().items():
         assert torch.equal(value, before[key]), key
-    assert not torch.equal(model.llm_block.adapter_in.weight.detach(), adapter)
+    assert not torch.equal(model.model.llm_block.adapter_in.weight.detach(), adapter)

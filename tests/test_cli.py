@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
+import importlib
+import io
 import json
 import re
 import shlex
@@ -12,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from frozenlm.cli import _extra_commands, main, run
-from frozenlm.trainer_cli import FrozenLMCLI
+from frozenlm.trainer_cli import FrozenLMCLI, with_task_checkpoints
 from frozenlm.predictions import PredictionOutputError
 from tests.cli_helpers import last_checkpoint, load_checkpoint, run_cli
 from tests.conftest import build_tiny_lm, save_checkpoint
@@ -68,12 +72,135 @@ def test_help_lists_every_command_with_one_line(capsys):
         assert re.search(rf"^  frozenlm {command} +\w.+$", out, re.M), f"{command} is not listed in --help:\n{out}"
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_every_config_parses(config, capsys):
-    with pytest.raises(SystemExit) as exit_info:
+@functools.cache
+def printed_config(config: Path) -> str:
+    """What ``frozenlm fit --config <config> --print_config`` prints (once per session: two tests read it)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
         run(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code == 0
-    assert "class_path: frozenlm.tasks." in capsys.readouterr().out
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses(config):
+    assert "class_path: frozenlm.tasks." in printed_config(config)
+
+
+# The (monitor, mode) of the ModelCheckpoint each shipped config used at commit 75a3724, before tasks
+# declared their metric (None: no best checkpoint), as that commit's own CLI resolved them: printed by
+# running, in a checkout of 75a3724, `frozenlm fit --config <config> --print_config` for each config and
+# reading the monitored ModelCheckpoint out of the printed `trainer.callbacks` (default or the config's).
+MONITORED_AT_75A3724 = {
+    "argoverse1_vectornet": ("val_minFDE_6", "min"),
+    "argoverse1_vectornet_gcr": ("val_minFDE_6", "min"),
+    "argoverse1_vectornet_llama": ("val_minFDE_6", "min"),
+    "argoverse2_vectornet": ("val_minFDE_6", "min"),
+    "argoverse2_vectornet_fullmap": ("val_minFDE_6", "min"),
+    "argoverse2_vectornet_fullmap_llama": ("val_minFDE_6", "min"),
+    "argoverse2_vectornet_llama": ("val_minFDE_6", "min"),
+    "caltech256_deit": ("val_acc1", "max"),
+    "caltech256_deit_gcr": ("val_acc1", "max"),
+    "cifar100_deit": ("val_acc1", "max"),
+    "cifar100_deit_baseline": ("val_acc1", "max"),
+    "cifar100_deit_convstem": ("val_acc1", "max"),
+    "cifar100_deit_convstem_llama": ("val_acc1", "max"),
+    "cifar100_deit_gcr": ("val_acc1", "max"),
+    "cifar100_deit_lora": ("val_acc1", "max"),
+    "demo": ("val_acc1", "max"),
+    "demo_uta": ("val_zeroshot_acc1", "max"),
+    "flickr30k_meter": ("val_r_mean", "max"),
+    "flickr30k_meter_llama": ("val_r_mean", "max"),
+    "imagenet21k_uta_base": None,
+    "imagenet_deit_base": ("val_acc1", "max"),
+    "imagenet_deit_base_llama": ("val_acc1", "max"),
+    "imagenet_deit_small": ("val_acc1", "max"),
+    "imagenet_deit_small_cape": ("val_acc1", "max"),
+    "imagenet_deit_small_cape_llama": ("val_acc1", "max"),
+    "imagenet_deit_small_convstem": ("val_acc1", "max"),
+    "imagenet_deit_small_convstem_llama": ("val_acc1", "max"),
+    "imagenet_deit_small_gcr": ("val_acc1", "max"),
+    "imagenet_deit_small_llama": ("val_acc1", "max"),
+    "imagenet_deit_tiny": ("val_acc1", "max"),
+    "imagenet_deit_tiny_llama": ("val_acc1", "max"),
+    "imagenet_learngene_deitb": ("val_acc1", "max"),
+    "imagenet_tleg_auxs": ("val_acc1", "max"),
+    "imagenet_uta_base_finetune": ("val_acc1", "max"),
+    "imagenet_uta_base_zeroshot": ("val_acc1", "max"),
+    "modelnet40_1k_pointbert": ("val_acc1", "max"),
+    "modelnet40_1k_pointbert_llama": ("val_acc1", "max"),
+    "modelnet40_4k_pointbert": ("val_acc1", "max"),
+    "modelnet40_4k_pointbert_llama": ("val_acc1", "max"),
+    "modelnet40_8k_pointbert": ("val_acc1", "max"),
+    "modelnet40_8k_pointbert_llama": ("val_acc1", "max"),
+    "scanobjectnn_hardest_pointbert": ("val_acc1", "max"),
+    "scanobjectnn_hardest_pointbert_gcr": ("val_acc1", "max"),
+    "scanobjectnn_hardest_pointbert_llama": ("val_acc1", "max"),
+    "scanobjectnn_objbg_pointbert": ("val_acc1", "max"),
+    "scanobjectnn_objbg_pointbert_gcr": ("val_acc1", "max"),
+    "scanobjectnn_objbg_pointbert_llama": ("val_acc1", "max"),
+    "scanobjectnn_objonly_pointbert": ("val_acc1", "max"),
+    "scanobjectnn_objonly_pointbert_gcr": ("val_acc1", "max"),
+    "scanobjectnn_objonly_pointbert_llama": ("val_acc1", "max"),
+    "ssv2_videomae_base": ("val_acc1", "max"),
+    "ssv2_videomae_base_gcr": ("val_acc1", "max"),
+    "ssv2_videomae_base_llama": ("val_acc1", "max"),
+    "ssv2_videomae_small": ("val_acc1", "max"),
+    "ssv2_videomae_small_gcr": ("val_acc1", "max"),
+    "ssv2_videomae_small_llama": ("val_acc1", "max"),
+    "vqav2_meter": ("val_vqa_acc", "max"),
+    "vqav2_meter_llama": ("val_vqa_acc", "max"),
+}
+# Where the old value named a metric the task never logs (a fit would have stopped at the first
+# validation), the task's own metric replaces it: UTA logs val_zeroshot_acc1, not val_acc1.
+FIXED = {"imagenet_uta_base_zeroshot": ("val_zeroshot_acc1", "max")}
+
+
+def effective_checkpoints(config: Path) -> list[ModelCheckpoint]:
+    """The ModelCheckpoints `frozenlm fit --config <config>` runs with: the printed config's callbacks,
+    built, and what the CLI adds to them (`with_task_checkpoints`, as `instantiate_trainer` does)."""
+    printed = yaml.safe_load(printed_config(config))
+    callbacks = []
+    for entry in printed["trainer"]["callbacks"] or []:
+        module, name = entry["class_path"].rsplit(".", 1)
+        callbacks.append(getattr(importlib.import_module(module), name)(**entry.get("init_args", {})))
+    module, name = printed["model"]["class_path"].rsplit(".", 1)
+    task = getattr(importlib.import_module(module), name)
+    callbacks = with_task_checkpoints(callbacks, task, printed["trainer"].get("enable_checkpointing"))
+    return [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+
+
+def test_every_recorded_config_is_still_shipped():
+    assert set(MONITORED_AT_75A3724) <= {p.stem for p in CONFIGS}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_keeps_the_best_checkpoint_by_the_metric_it_monitored(config):
+    """Configs no longer name their monitored metric: the task declares it, and each shipped config
+    still keeps its best checkpoint by the same metric and mode (and its latest epoch's)."""
+    checkpoints = effective_checkpoints(config)
+    monitored = [(c.monitor, c.mode) for c in checkpoints if c.monitor]
+    if config.stem in MONITORED_AT_75A3724:
+        expected = FIXED.get(config.stem, MONITORED_AT_75A3724[config.stem])
+    else:  # a config added since: its task's declaration (and no ModelCheckpoint of its own)
+        module, name = yaml.safe_load(config.read_text())["model"]["class_path"].rsplit(".", 1)
+        task = getattr(importlib.import_module(module), name)
+        expected = (task.monitor, task.monitor_mode)
+    assert monitored == ([expected] if expected else [])
+    assert any(c.save_last for c in checkpoints)  # --ckpt_path last resumes
+
+
+def test_fit_keeps_the_best_checkpoint_by_the_task_metric_unless_given_a_checkpoint(tmp_path):
+    cli = run_cli("fit", "image_baseline", tmp_path / "default")
+    best, last = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert (best.monitor, best.mode) == (cli.model.monitor, cli.model.monitor_mode) == ("val_acc1", "max")
+    assert cli.model.monitor in cli.trainer.callback_metrics  # a metric the task logs
+    assert Path(best.best_model_path).name.startswith("best-epoch000-acc1=") and Path(last.last_model_path).exists()
+
+    given = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.monitor=val_loss",
+             "--trainer.callbacks.mode=min"]  # fmt: skip
+    cli = run_cli("fit", "image_baseline", tmp_path / "given", *given)
+    assert [(c.monitor, c.mode) for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)] == [("val_loss", "min")]
 
 
 @pytest.mark.parametrize("preset", sorted((REPO / "configs/trainer").glob("*.yaml")), ids=lambda p: p.name)
@@ -119,9 +246,9 @@ def test_fit_validate_test_predict_through_the_cli(tmp_path, tiny_llama_checkpoi
     run_cli("fit", "image_llama", tmp_path, *llm)
     ckpt = last_checkpoint(tmp_path)
     state = load_checkpoint(ckpt)
-    assert not [k for k in state["state_dict"] if k.startswith("llm_block.layers.")]
-    assert any(k.startswith("llm_block.adapter_in") for k in state["state_dict"])
-    assert state["frozen_lm"]["llm_block"]["source"] == str(tiny_llama_checkpoint)
+    assert not [k for k in state["state_dict"] if k.startswith("model.llm_block.layers.")]
+    assert any(k.startswith("model.llm_block.adapter_in") for k in state["state_dict"])
+    assert state["frozen_lm"]["model.llm_block"]["source"] == str(tiny_llama_checkpoint)
     assert isinstance(state["hyper_parameters"]["llm"], dict)  # loadable with weights_only=True
 
     validate = run_cli("validate", "image_llama", tmp_path, *llm, "--ckpt_path", str(ckpt))
@@ -138,7 +265,7 @@ def test_fit_validate_test_predict_through_the_cli(tmp_path, tiny_llama_checkpoi
 
 def test_baseline_has_no_llm_block(tmp_path):
     cli = run_cli("fit", "image_baseline", tmp_path)
-    assert cli.model.llm_block is None
+    assert cli.model.model.llm_block is None
     assert "frozen_lm" not in load_checkpoint(last_checkpoint(tmp_path)) or not load_checkpoint(
         last_checkpoint(tmp_path)
     )["frozen_lm"]
@@ -150,7 +277,7 @@ def test_bf16_mixed_on_cpu(tmp_path, tiny_llama_checkpoint, dtype):
         "fit", "image_llama", tmp_path, "--model.llm.checkpoint", str(tiny_llama_checkpoint),
         "--model.llm.dtype", dtype, "--trainer.precision", "bf16-mixed",
     )  # fmt: skip
-    block = cli.model.llm_block
+    block = cli.model.model.llm_block
     assert str(next(block.layers.parameters()).dtype) == f"torch.{dtype}"
     assert block.adapter_in.weight.dtype.is_floating_point and str(block.adapter_in.weight.dtype) == "torch.float32"
     assert cli.trainer.callback_metrics["train_loss"].isfinite()
@@ -162,7 +289,7 @@ def test_restore_follows_a_moved_source_and_refuses_a_different_block(tmp_path, 
     # The same weights saved elsewhere (and in another format): restoring follows the new location.
     moved = save_checkpoint(build_tiny_lm("llama"), tmp_path / "moved", "safetensors")
     cli = run_cli("validate", "image_llama", tmp_path, "--model.llm.checkpoint", str(moved), "--ckpt_path", str(ckpt))
-    assert cli.model.llm_block.source == str(moved)
+    assert cli.model.model.llm_block.source == str(moved)
     # Other weights: a clear refusal instead of silently training on a different block.
     other = save_checkpoint(build_tiny_lm("llama", seed=1), tmp_path / "other", "sharded")
     with pytest.raises(ValueError, match="trained with the frozen block"):

@@ -92,6 +92,17 @@ def test_default_pin_memory_follows_cuda_and_persistent_workers_follow_num_worke
     assert not DigitsDataModule(num_workers=0).val_dataloader().persistent_workers
 
 
+def test_only_labelled_sample_datamodules_derive_from_the_classification_base():
+    import frozenlm.data as data
+    from frozenlm.data.vision_language import VisionLanguageDataModule
+
+    classifiers = [data.ImageDataModule, data.SSv2DataModule, data.PointCloudDataModule]
+    others = [data.MotionDataModule, VisionLanguageDataModule]  # forecasts and image-text pairs: no classes
+    assert all(issubclass(cls, base.BaseDataModule) for cls in classifiers + others)
+    assert all(issubclass(cls, base.ClassificationDataModule) for cls in classifiers)
+    assert not any(issubclass(cls, base.ClassificationDataModule) for cls in others)
+
+
 def test_train_loader_refuses_a_batch_size_larger_than_the_train_split(tmp_path):
     dm = CIFAR100DataModule(write_cifar100(tmp_path), batch_size=64, num_workers=0)
     with pytest.raises(DatasetError, match="fewer than one batch"):

@@ -20,7 +20,7 @@ def test_demo_config_learns_digits_without_storing_frozen_weights(tmp_path, mini
             "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
         ]
     )  # fmt: skip
-    assert cli.model.llm_block.source == minilm_checkpoint
+    assert cli.model.model.llm_block.source == minilm_checkpoint
     assert cli.trainer.callback_metrics["val_acc1"].item() > 0.6  # chance is 0.1
     state = load_checkpoint(last_checkpoint(tmp_path))["state_dict"]
-    assert not [key for key in state if key.startswith("llm_block.layers.")]
+    assert not [key for key in state if key.startswith("model.llm_block.layers.")]

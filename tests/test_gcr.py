@@ -50,13 +50,13 @@ def test_fit_logs_both_losses_and_inference_is_the_plain_vit(tmp_path, tiny_llam
 
     model = cli.model
     block_calls = []
-    model.llm_block.register_forward_hook(lambda *args: block_calls.append(1))
+    model.model.llm_block.register_forward_hook(lambda *args: block_calls.append(1))
     cli.trainer.validate(model, datamodule=cli.datamodule, verbose=False)
     cli.trainer.predict(model, datamodule=cli.datamodule)
     assert not block_calls
 
     plain = timm.create_model(TINY_VIT["backbone"], num_classes=10, img_size=16, patch_size=8, **TINY_VIT_KWARGS)
-    trunk = {k.removeprefix("backbone."): v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    trunk = {k.removeprefix("model.backbone."): v for k, v in model.state_dict().items() if k.startswith("model.backbone.")}
     plain.load_state_dict(trunk)
     images = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
@@ -74,7 +74,7 @@ def test_aux_loss_trains_the_branch_and_the_trunk(tiny_llama_checkpoint, aux_hea
     batch = {"image": torch.randn(8, 3, 16, 16), "label": torch.arange(8)}
 
     def gradients(aux_weight: float) -> dict[str, torch.Tensor | None]:
-        model.llm_config.aux_weight = aux_weight
+        model.model.llm_config.aux_weight = aux_weight
         model.zero_grad(set_to_none=True)
         model.train()
         with pytest.warns(UserWarning, match="self.log"):  # no trainer attached: logging is skipped
@@ -82,12 +82,12 @@ def test_aux_loss_trains_the_branch_and_the_trunk(tiny_llama_checkpoint, aux_hea
         return {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
 
     without, with_aux = gradients(0.0), gradients(1.0)
-    branch = ["llm_block.adapter_in.weight", "llm_block.adapter_out.weight"]
-    branch += [n for n in with_aux if n.startswith("aux_head.")] if aux_head == "separate" else []
+    branch = ["model.llm_block.adapter_in.weight", "model.llm_block.adapter_out.weight"]
+    branch += [n for n in with_aux if n.startswith("model.aux_head.")] if aux_head == "separate" else []
     for name in branch:
         assert with_aux[name].abs().sum() > 0 and without[name].abs().sum() == 0, name
-    assert all(with_aux[n] is None for n in with_aux if n.startswith("llm_block.layers."))  # frozen
-    trunk = "backbone.blocks.0.attn.qkv.weight"
+    assert all(with_aux[n] is None for n in with_aux if n.startswith("model.llm_block.layers."))  # frozen
+    trunk = "model.backbone.blocks.0.attn.qkv.weight"
     assert not torch.allclose(with_aux[trunk], without[trunk])  # the aux loss reaches the trunk
-    head_unchanged = torch.equal(with_aux["backbone.head.weight"], without["backbone.head.weight"])
+    head_unchanged = torch.equal(with_aux["model.backbone.head.weight"], without["model.backbone.head.weight"])
     assert head_unchanged == (aux_head == "separate")  # a shared head also learns from the aux loss

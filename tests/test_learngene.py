@@ -51,11 +51,11 @@ def test_invalid_configurations_name_the_fix():
 def test_parameters_are_genes_times_one_block_plus_the_shared_parts(genes):
     plain = ImageClassifier(**VIT, llm=None)
     model = ImageClassifier(**VIT, llm=None, learngene={"genes": genes})
-    block = sum(p.numel() for p in plain.backbone.blocks[0].parameters())
+    block = sum(p.numel() for p in plain.model.backbone.blocks[0].parameters())
     total = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert total(model) == total(plain) - 4 * block + genes * block
-    assert model.learngenes.per_block_parameters() == block
-    assert not [k for k in model.state_dict() if k.startswith("backbone.blocks.")]  # only genes hold block weights
+    assert model.model.learngenes.per_block_parameters() == block
+    assert not [k for k in model.state_dict() if k.startswith("model.backbone.blocks.")]  # only genes hold block weights
 
 
 def test_blocks_are_the_coefficients_combination_of_the_genes():
@@ -65,11 +65,11 @@ def test_blocks_are_the_coefficients_combination_of_the_genes():
     for gene in genes.genes:
         for value in gene.values():
             torch.nn.init.normal_(value)
-    vit(torch.randn(1, 3, 16, 16))  # the blocks compose their weights as they run
     a = coefficients("chebyshev", 5, 3)
-    for layer in (0, 4):
+    for layer in (0, 4):  # what the model runs block `layer` with (no tensor is left on the block)
         expected = sum(a[layer, n].item() * genes.genes[n]["attn__qkv__weight"] for n in range(3))
-        torch.testing.assert_close(vit.blocks[layer].attn.qkv.weight, expected)
+        torch.testing.assert_close(genes.compose(layer)["attn.qkv.weight"], expected)
+        assert vit.blocks[layer].attn.qkv.weight is None
 
 
 def test_frozen_genes_get_no_gradient_and_new_genes_leave_the_function_unchanged():
@@ -81,15 +81,15 @@ def test_frozen_genes_get_no_gradient_and_new_genes_leave_the_function_unchanged
     two.eval(), three.eval()
     assert torch.equal(two(images), three(images))
     three(images).sum().backward()
-    assert all(p.grad is None and not p.requires_grad for gene in three.learngenes.genes[:2] for p in gene.values())
-    assert all(p.grad is not None for p in three.learngenes.genes[2].values())
+    assert all(p.grad is None and not p.requires_grad for gene in three.model.learngenes.genes[:2] for p in gene.values())
+    assert all(p.grad is not None for p in three.model.learngenes.genes[2].values())
 
 
 def test_recompose_reproduces_the_trained_model_and_tied_and_untied_agree(tmp_path, capsys):
     fit = run_cli("fit", "image_baseline", tmp_path / "fit", *FIT, "--model.learngene", "{genes: 3, basis: chebyshev}")
     checkpoint = last_checkpoint(tmp_path / "fit")
     stored = load_checkpoint(checkpoint)["state_dict"]
-    assert {k.split(".")[2] for k in stored if k.startswith("learngenes.")} == {"0", "1", "2"}
+    assert {k.split(".")[3] for k in stored if k.startswith("model.learngenes.")} == {"0", "1", "2"}
     model = fit.model.eval()
     images = torch.randn(5, 3, 16, 16)
 
@@ -140,7 +140,7 @@ def test_learngenes_compose_with_the_lm_block_gcr_conv_stem_and_cape(tiny_llama_
         model = ImageClassifier(**VIT, learngene={"genes": 2}, **options)
         model.train()
         model(images).sum().backward()
-        assert all(p.grad is not None for gene in model.learngenes.genes for p in gene.values()), options
+        assert all(p.grad is not None for gene in model.model.learngenes.genes for p in gene.values()), options
 
 
 def test_init_from_names_weights_that_do_not_fit(tmp_path):
@@ -162,11 +162,11 @@ def test_incremental_phases_train_only_the_new_genes(tmp_path):
     run_cli("fit", "image_baseline", tmp_path / "phase2", *FIT, "--model.learngene", "{genes: 2, frozen_genes: 1}",
             "--model.init_from", str(last_checkpoint(tmp_path / "phase1")))  # fmt: skip
     second = load_checkpoint(last_checkpoint(tmp_path / "phase2"))["state_dict"]
-    old = [k for k in second if k.startswith("learngenes.genes.0.")]
-    new = [k for k in second if k.startswith("learngenes.genes.1.")]
+    old = [k for k in second if k.startswith("model.learngenes.genes.0.")]
+    new = [k for k in second if k.startswith("model.learngenes.genes.1.")]
     assert old and all(torch.equal(second[k], first[k]) for k in old)
     assert any(second[k].abs().sum() > 0 for k in new)  # started at zero, trained
-    assert not torch.equal(second["backbone.head.weight"], first["backbone.head.weight"])  # shared parts train on
+    assert not torch.equal(second["model.backbone.head.weight"], first["model.backbone.head.weight"])  # shared parts train on
 
 
 def test_a_decomposed_checkpoint_starts_a_plain_vit_of_any_depth_as_recompose_would(tmp_path):
@@ -197,7 +197,7 @@ def test_a_deep_copy_composes_its_blocks_from_its_own_genes():
     model = ImageClassifier(**VIT, llm=None, learngene={"genes": 2}).eval()
     twin = copy.deepcopy(model)
     with torch.no_grad():
-        for value in twin.learngenes.genes[1].values():
+        for value in twin.model.learngenes.genes[1].values():
             value.add_(0.1)
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -213,11 +213,11 @@ def _tied_file(path, basis, genes=2, metadata=None):
 
     model = ImageClassifier(**VIT, llm=None, learngene={"genes": genes, "basis": basis})
     with torch.no_grad():
-        for gene in model.learngenes.genes[1:]:
+        for gene in model.model.learngenes.genes[1:]:
             for value in gene.values():
                 value.normal_(0, 0.05)  # genes that matter, so that a wrong basis changes the outputs
     info = {"format": "pt", "learngene_basis": basis, "learngene_genes": str(genes)} if metadata is None else metadata
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path, metadata=info)
+    save_file({k: v.contiguous() for k, v in model.model.state_dict().items()}, path, metadata=info)
     return model.eval()
 
 
@@ -297,13 +297,13 @@ def test_tlegs_auxiliary_model_averages_the_normed_tokens_without_a_class_token(
     kwargs = {**VIT["backbone_kwargs"], **config["backbone_kwargs"]}
     torch.manual_seed(0)
     model = ImageClassifier(**{**VIT, "backbone_kwargs": kwargs}, llm=None, learngene=config["learngene"]).eval()
-    vit = model.backbone
+    vit = model.model.backbone
     assert vit.cls_token is None and vit.pos_embed.shape[1] == vit.patch_embed.num_patches == 4
     images = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         x = vit.patch_embed(images) + vit.pos_embed
-        for block in vit.blocks:
-            x = block(x)
+        for index, block in enumerate(vit.blocks):  # each block with the weights its genes compose
+            x = torch.func.functional_call(block, model.model.learngenes.compose(index), (x,))
         expected = vit.head(vit.norm(x).mean(dim=1))
         torch.testing.assert_close(model(images), expected)
 
@@ -330,13 +330,13 @@ def test_descendant_blocks_and_head_as_tlegs_gene_transfer(tmp_path):
     with pytest.raises(InitialWeightsError, match="shapes"):  # another dataset's classes: the head does not fit
         ImageClassifier(**five, llm=None, init_from=path)
     torch.manual_seed(1)
-    fresh = ImageClassifier(**five, llm=None).state_dict()
+    fresh = ImageClassifier(**five, llm=None).model.state_dict()
     torch.manual_seed(1)
-    descendant = ImageClassifier(**five, llm=None, init_from=path, init_head=False).state_dict()
+    descendant = ImageClassifier(**five, llm=None, init_from=path, init_head=False).model.state_dict()
     assert torch.equal(descendant["backbone.head.weight"], fresh["backbone.head.weight"])
     for key in ("backbone.pos_embed", "backbone.patch_embed.proj.weight", "backbone.norm.weight"):
         assert torch.equal(descendant[key], source[key])
-    inherited = ImageClassifier(**VIT, llm=None, init_from=path).state_dict()
+    inherited = ImageClassifier(**VIT, llm=None, init_from=path).model.state_dict()
     assert torch.equal(inherited["backbone.head.weight"], source["backbone.head.weight"])
 
 

@@ -45,7 +45,7 @@ def test_stage_tokens_are_read_where_each_stage_ends(family, mode, tiny_llama_ch
     assert list(tokens) == STAGES[:-1]
     assert model.training  # its mode is restored
     model.eval()  # no drop-path in the expected values
-    backbone, block, layer = model.backbone, model.llm_block, model.llm_block.layers[-1]
+    backbone, block, layer = model.model.backbone, model.model.llm_block, model.model.llm_block.layers[-1]
     with torch.no_grad():
         # `.forward` skips the model's hook, which would put the block's output in place of the ViT's.
         expected_vit = backbone.blocks[0].forward(backbone.norm_pre(backbone._pos_embed(backbone.patch_embed(images))))

@@ -65,7 +65,7 @@ def test_killed_ddp_run_resumes_exactly_with_a_random_stream_per_process(tmp_pat
     assert state["global_step"] == expected["global_step"] == 9
     for key, value in expected["state_dict"].items():
         assert torch.equal(state["state_dict"][key], value), key
-    assert not [k for k in state["state_dict"] if k.startswith("llm_block.layers.")]
+    assert not [k for k in state["state_dict"] if k.startswith("model.llm_block.layers.")]
     # lr = 5e-4 x global batch / 512, global batch = 16 per process x 2 processes.
     assert state["optimizer_states"][0]["param_groups"][0]["initial_lr"] == 5e-4 * 32 / 512
 

@@ -3,6 +3,7 @@ differences with confidence intervals, sizes and gradient coherence."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -71,7 +72,7 @@ def test_sweep_runs_resumes_after_a_kill_and_reports(tmp_path, tiny_llama_checkp
     assert len(list(output.glob("*/seed*/result.json"))) == 2
     calls.clear()
     sweep(str(preset), output=str(output))
-    assert calls == [("random", 0), ("random", 1)]  # the finished runs are not redone
+    assert calls == [("baseline", 1), ("random", 1)]  # seed by seed; the finished runs (seed 0) are not redone
 
     result = json.loads((output / "random" / "seed1" / "result.json").read_text())
     assert len(result["history"]) == 2 and result["final"] == result["history"][-1]
@@ -188,6 +189,28 @@ def test_a_run_that_never_validated_is_listed_not_averaged(tmp_path):
         sweep(report=str(output))
 
 
+def test_the_csv_keeps_variant_names_with_commas_and_quotes(tmp_path):
+    output = tmp_path / "sweep"
+    names = {"baseline": "baseline", "block": 'lr=1e-3,wd=0.05', "other": 'block "last", frozen'}
+    fake_sweep(output, ALL_RUNS)
+    preset = yaml.safe_load((output / "sweep.yaml").read_text())
+    preset["variants"] = {names[v]: [] for v in preset["variants"]}
+    (output / "sweep.yaml").write_text(yaml.safe_dump(preset, sort_keys=False))
+    for variant, seed in ALL_RUNS:
+        folder = output / variant / f"seed{seed}"
+        result = json.loads((folder / "result.json").read_text())
+        renamed = frozenlm.sweep.run_folder(output, names[variant], seed)
+        renamed.mkdir(parents=True, exist_ok=True)
+        (renamed / "result.json").write_text(json.dumps({**result, "variant": names[variant]}))
+    sweep(report=str(output))
+    with (output / "results.csv").open(newline="") as file:
+        rows = list(csv.reader(file))
+    assert [row[0] for row in rows] == ["variant", *names.values()]
+    assert {len(row) for row in rows} == {len(rows[0])}  # every row as wide as the header
+    table = {row[0]: dict(zip(rows[0], row)) for row in rows[1:]}
+    assert table['block "last", frozen']["baseline"] == "baseline" and float(table["lr=1e-3,wd=0.05"]["seeds"]) == 3
+
+
 def test_results_are_written_atomically(tmp_path, monkeypatch):
     from frozenlm.files import write_atomically
 
@@ -230,7 +253,7 @@ def test_flops_count_attention_on_cpu_tensors_as_on_the_meta_device():
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from frozenlm.bench import flop_counter
+    from frozenlm.measure import flop_counter
     from frozenlm.models import create_vit
 
     counts = {}
@@ -314,8 +337,8 @@ def test_slurm_launcher_submits_a_job_array_and_reports_job_states(tmp_path, tin
         run(["sweep", "--report", str(output)])
     message = str(error.value)
     assert "baseline/seed0 (pending (slurm job 4242_0, PENDING))" in message
-    assert "baseline/seed1 (running (slurm job 4242_1, RUNNING; log: " in message
-    assert "random/seed0 (failed (slurm job 4242_2, TIMEOUT; log: " in message
+    assert "random/seed0 (running (slurm job 4242_1, RUNNING; log: " in message
+    assert "baseline/seed1 (failed (slurm job 4242_2, TIMEOUT; log: " in message
 
 
 def test_placeholders_and_a_baseline_per_variant(tmp_path):
@@ -526,7 +549,7 @@ def test_every_family_counts_its_flops_per_sample(family, families, tmp_path, mo
     flops, error = flops_per_sample(cli.model, cli.datamodule)
     assert error is None and flops > 0, error
     if family == "image":  # what it counts: the forward on one validation image
-        from frozenlm.bench import flop_counter
+        from frozenlm.measure import flop_counter
 
         images = next(iter(cli.datamodule.val_dataloader()))["image"][:1]
         with flop_counter() as counter, torch.no_grad():

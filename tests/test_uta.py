@@ -18,10 +18,12 @@ import torch.nn.functional as F
 import yaml
 
 from frozenlm.cli import main
+from frozenlm.errors import ConfigurationError
 from frozenlm.models.clip_teacher import HuggingFaceCLIPTeacher, TeacherLoadError, load_teacher
 from frozenlm.models.masking import block_mask, kept_indices, reversed_block_mask
 from frozenlm.tasks import ImageClassifier, UnmaskedTokenAlignment
 from frozenlm.tasks.uta import CLIP_TEMPLATES
+from frozenlm.tasks.zeroshot import class_names, zeroshot_classifier
 from tests.cli_helpers import REPO, last_checkpoint, load_checkpoint, run_cli
 from tests.data.clip import open_clip_tiny
 from tests.data.clip.teacher import train_on_digits, write
@@ -77,10 +79,10 @@ def test_block_masks_are_contiguous_and_reversed_ones_keep_blocks():
 # -- alignment ----------------------------------------------------------------------------------
 def test_the_loss_is_zero_for_a_copy_of_the_teacher_and_the_targets_are_at_the_kept_positions(tmp_path, teacher):
     student = UnmaskedTokenAlignment(str(teacher), mask_ratio=0.0, **STUDENT)  # pre-norm: no patch bias, as CLIP
-    twin = write(tmp_path / "twin", CAPTIONS, vision_from=student.backbone)
+    twin = write(tmp_path / "twin", CAPTIONS, vision_from=student.model.backbone)
     model = UnmaskedTokenAlignment(str(twin), mask_ratio=0.0, **STUDENT)
-    model.backbone.load_state_dict(student.backbone.state_dict())
-    assert isinstance(model.projection, torch.nn.Identity)  # equal widths: no projection
+    model.model.backbone.load_state_dict(student.model.backbone.state_dict())
+    assert isinstance(model.model.projection, torch.nn.Identity)  # equal widths: no projection
     images = torch.randn(4, 3, 32, 32)
     rng = np.random.default_rng(0)
     losses, _ = model.step_losses(images, torch.from_numpy(np.stack([model.draw_mask(rng) for _ in range(4)])))
@@ -106,7 +108,7 @@ def test_no_gradient_reaches_the_teacher_and_it_stays_out_of_checkpoints(teacher
     losses, _ = model.step_losses(torch.randn(2, 3, 32, 32), torch.from_numpy(np.stack([model.draw_mask(rng) for _ in range(2)])))
     losses.mean().backward()
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
-    assert model.projection.weight.grad is not None  # 24 -> 32: a linear projection, trained
+    assert model.model.projection.weight.grad is not None  # 24 -> 32: a linear projection, trained
     assert not any(k.startswith("teacher") for k in model.state_dict())
     trained = {id(p) for p in model.parameters()}
     assert not any(id(p) in trained for p in model.teacher.parameters())
@@ -115,7 +117,7 @@ def test_no_gradient_reaches_the_teacher_and_it_stays_out_of_checkpoints(teacher
 def test_the_zero_shot_classifier_is_clips_built_by_hand(teacher):
     model = UnmaskedTokenAlignment(str(teacher), **STUDENT)
     names = ["zero", "seven"]
-    classifier = model.zeroshot_classifier(names)
+    classifier = zeroshot_classifier(model.teacher, names, model.hparams.zeroshot_templates)
     clip = HuggingFaceCLIPTeacher(str(teacher))
     rows = []
     for name in names:
@@ -137,7 +139,7 @@ def test_zero_shot_imagenet_takes_clips_80_prompts_and_class_names_from_open_cli
 
     model = UnmaskedTokenAlignment(str(teacher), zeroshot_templates="openai_imagenet", zeroshot_class_names="imagenet",
                                    num_classes=1000, **STUDENT)  # fmt: skip
-    assert model.class_names() == list(IMAGENET_CLASSNAMES) and len(OPENAI_IMAGENET_TEMPLATES) == 80
+    assert class_names("imagenet", model.hparams.num_classes, None) == list(IMAGENET_CLASSNAMES) and len(OPENAI_IMAGENET_TEMPLATES) == 80
     names = ["tench", "goldfish"]
     clip = HuggingFaceCLIPTeacher(str(teacher))
     rows = []
@@ -146,7 +148,7 @@ def test_zero_shot_imagenet_takes_clips_80_prompts_and_class_names_from_open_cli
         with torch.no_grad():
             text = clip.model.get_text_features(**encoded).pooler_output
         rows.append(F.normalize(F.normalize(text, dim=-1).mean(0), dim=-1))
-    torch.testing.assert_close(model.zeroshot_classifier(names), torch.stack(rows))
+    torch.testing.assert_close(zeroshot_classifier(model.teacher, names, model.hparams.zeroshot_templates), torch.stack(rows))
     with pytest.raises(ValueError, match="clip7"):
         UnmaskedTokenAlignment(str(teacher), zeroshot_templates="imagenet80", **STUDENT)
 
@@ -158,8 +160,8 @@ def test_utas_own_head_reaches_the_joint_space_and_is_aligned_to_the_teachers_im
     torch.manual_seed(0)
     model = UnmaskedTokenAlignment(str(teacher), zeroshot_head="own", mask_ratio=0.5, **STUDENT)
     images = torch.randn(3, 3, 32, 32)
-    cls = model.student_tokens(images)[:, 0]
-    expected = F.normalize(model.joint_head(cls), dim=-1)
+    cls = model.model(images)[0][:, 0]
+    expected = F.normalize(model.model.joint_head(cls), dim=-1)
     project = model.teacher.project
     model.teacher.project = lambda tokens: (_ for _ in ()).throw(AssertionError("the teacher projects the student"))
     torch.testing.assert_close(model.image_embeddings(images), expected)
@@ -168,16 +170,16 @@ def test_utas_own_head_reaches_the_joint_space_and_is_aligned_to_the_teachers_im
     losses, _ = model.step_losses(images, masks)
     keep = kept_indices(masks)
     teacher_tokens = model.teacher_tokens(images)
-    student = model.student_tokens(images, keep)
-    tokens = model.alignment_loss(model.projection(student), model.at_kept(teacher_tokens, keep))
+    student = model.model(images, keep)[0]
+    tokens = model.alignment_loss(model.model.projection(student), model.at_kept(teacher_tokens, keep))
     with torch.no_grad():
         embedding = model.teacher.project(teacher_tokens[:, 0])
-    joint = 1 - F.cosine_similarity(model.joint_head(student[:, 0]), embedding, dim=-1)
+    joint = 1 - F.cosine_similarity(model.model.joint_head(student[:, 0]), embedding, dim=-1)
     torch.testing.assert_close(losses, tokens + joint)
     losses.mean().backward()
-    assert model.joint_head.weight.grad.abs().sum() > 0
+    assert model.model.joint_head.weight.grad.abs().sum() > 0
     # The teacher's way (the default) has no head of its own.
-    assert not hasattr(UnmaskedTokenAlignment(str(teacher), **STUDENT), "joint_head")
+    assert not hasattr(UnmaskedTokenAlignment(str(teacher), **STUDENT).model, "joint_head")
 
 
 def test_gcr_aligns_an_auxiliary_branch_too(teacher, tiny_llama_checkpoint):
@@ -187,8 +189,103 @@ def test_gcr_aligns_an_auxiliary_branch_too(teacher, tiny_llama_checkpoint):
     losses, aux_losses = model.step_losses(torch.randn(2, 3, 32, 32), torch.from_numpy(np.stack([model.draw_mask(rng) for _ in range(2)])))
     assert aux_losses is not None and aux_losses.shape == losses.shape
     aux_losses.mean().backward()
-    adapters = [p for n, p in model.llm_block.named_parameters() if p.requires_grad]
+    adapters = [p for n, p in model.model.llm_block.named_parameters() if p.requires_grad]
     assert adapters and all(p.grad is not None for p in adapters)
+
+
+# -- the student as a plain module ----------------------------------------------------------------
+def student_of(task):
+    """The task's student modules (``task.model``; before the models were explicit, the task itself)."""
+    return getattr(task, "model", task)
+
+
+def hooks(module: torch.nn.Module) -> list[str]:
+    return [name for name, m in module.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+
+
+@pytest.mark.parametrize("aux_head", ["separate", "shared"])
+def test_gcr_follows_aux_head_and_combines_its_loss_in_the_one_helper(teacher, tiny_llama_checkpoint, aux_head, monkeypatch):
+    """separate: the branch's own norm and projection, so the student's final norm and projection learn from the
+    main alignment only; shared: the branch goes through them (UTA ignored the setting: always shared)."""
+    llm = {"checkpoint": str(tiny_llama_checkpoint), "mode": "auxiliary", "aux_head": aux_head, "aux_weight": 0.25}
+    task = UnmaskedTokenAlignment(str(teacher), llm=llm, llm_position=0, mask_ratio=0.5,
+                                  **{**STUDENT, "backbone_kwargs": {"depth": 2, "embed_dim": 24, "num_heads": 2}})  # fmt: skip
+    student = student_of(task)
+    task.train()
+    masks = task.evaluation_masks(["a", "b"])
+    losses, aux_losses = task.step_losses(torch.randn(2, 3, 32, 32), masks)
+    aux_losses.mean().backward()
+    projection, norm = student.projection.weight, student.backbone.norm.weight  # 24 -> 32: a linear projection
+    if aux_head == "separate":
+        assert projection.grad is None and norm.grad is None
+        assert [type(m).__name__ for m in student.aux_head] == ["LayerNorm", "Linear"] and student.aux_head[1].weight.grad is not None
+    else:
+        assert projection.grad is not None and norm.grad is not None and not hasattr(student, "aux_head")
+    calls = []
+    combine = task.with_auxiliary_loss
+    monkeypatch.setattr(task, "with_auxiliary_loss", lambda *args: calls.append(args) or combine(*args))
+    loss = task.training_step({"image": torch.randn(2, 3, 32, 32), "id": ["a", "b"]}, 0)
+    ((main, aux, weight, batch),) = calls
+    assert weight == 0.25 and batch == 2 and torch.equal(loss, main + 0.25 * aux)
+
+
+def test_the_student_is_a_plain_module_without_hooks_that_returns_the_gcr_branch(teacher, tiny_llama_checkpoint, tmp_path):
+    """build_model needs no trainer (the teacher's widths from its architecture alone, or given); the student's
+    forward returns GCR's branch in training only; neither the student nor the teacher holds a hook, even when the
+    teacher's config asks transformers for hidden states and attentions (it records them through forward hooks)."""
+    hparams = {"teacher": str(teacher), **STUDENT, "llm": {"checkpoint": str(tiny_llama_checkpoint), "mode": "auxiliary"},
+               "llm_position": -2, "zeroshot_head": "own", "num_classes": 4}  # fmt: skip
+    student = UnmaskedTokenAlignment.build_model(hparams)
+    assert type(student).__name__ == "UTAStudent" and student.llm_position == 0 and student.joint_head.out_features == 16
+    given = UnmaskedTokenAlignment.build_model(hparams, teacher_width=32, joint_dim=8)
+    assert given.joint_head.out_features == 8
+    with pytest.raises(IndexError, match="llm_position 2 is out of range for a ViT with 2 blocks"):
+        UnmaskedTokenAlignment.build_model({**hparams, "llm_position": 2})
+    images, keep = torch.randn(2, 3, 32, 32), kept_indices(torch.tensor([[True] * 8 + [False] * 8] * 2).view(2, 4, 4))
+    tokens, branch = student.train()(images, keep)
+    assert tokens.shape == branch.shape == (2, 9, 32)
+    tokens, branch = student.eval()(images, keep)
+    assert tokens.shape == (2, 9, 32) and branch is None
+    # The task's student is the same module: it loads the built one's weights and gives the same tokens.
+    config = json.loads((teacher / "config.json").read_text())
+    for part in ("vision_config", "text_config"):
+        config[part] |= {"output_hidden_states": True, "output_attentions": True}
+    recording = shutil.copytree(teacher, tmp_path / "recording")
+    (recording / "config.json").write_text(json.dumps(config))
+    task = UnmaskedTokenAlignment(str(recording), **{k: v for k, v in hparams.items() if k != "teacher"})
+    task.model.load_state_dict(student.state_dict())
+    torch.testing.assert_close(task.model.eval()(images, keep)[0], tokens, rtol=0, atol=0)
+    assert {k.split(".")[0] for k in task.state_dict()} == {"model"}  # checkpoints: model.backbone..., model.llm_block...
+    task.train()
+    task.training_step({"image": images, "id": ["a", "b"]}, 0)
+    task.eval()
+    task.image_embeddings(images), task.teacher_image_embeddings(images), zeroshot_classifier(task.teacher, ["zero"], None)
+    assert hooks(student_of(task)) == [] and hooks(task.teacher) == []
+
+
+def test_checkpoints_of_the_task_before_its_model_was_explicit_load(teacher, tiny_llama_checkpoint):
+    """Keys written as ``backbone.*`` (main before issue 31) move under ``model.``; a GCR checkpoint of that time,
+    whose branch had no head of its own (UTA ignored llm.aux_head), is refused in one line unless it is loaded shared."""
+    task = UnmaskedTokenAlignment(str(teacher), zeroshot_head="own", **STUDENT)
+    old = {"state_dict": {k.removeprefix("model."): v.clone() + 1 for k, v in task.state_dict().items()}}
+    assert any(k.startswith("backbone.") for k in old["state_dict"])
+    task.on_load_checkpoint(old)
+    task.load_state_dict(old["state_dict"])  # strict
+    assert torch.equal(task.model.joint_head.bias, old["state_dict"]["model.joint_head.bias"])
+    llm = {"checkpoint": str(tiny_llama_checkpoint), "mode": "auxiliary"}
+    shared = UnmaskedTokenAlignment(str(teacher), llm={**llm, "aux_head": "shared"}, **STUDENT)
+    gcr = {"state_dict": {k.removeprefix("model."): v for k, v in shared.state_dict().items()}}
+    with pytest.raises(ConfigurationError, match="trained before UTA followed llm.aux_head.*--model.llm.aux_head shared"):
+        UnmaskedTokenAlignment(str(teacher), llm=llm, **STUDENT).on_load_checkpoint(copy.deepcopy(gcr))
+    shared.on_load_checkpoint(gcr)
+    shared.load_state_dict(gcr["state_dict"])
+
+
+def test_the_task_monitors_the_students_zero_shot_accuracy_as_the_demo_config():
+    assert (UnmaskedTokenAlignment.monitor, UnmaskedTokenAlignment.monitor_mode) == ("val_zeroshot_acc1", "max")
+    config = yaml.safe_load((REPO / "configs" / "demo_uta.yaml").read_text())
+    monitored = [c["init_args"] for c in config["trainer"].get("callbacks", []) if "monitor" in c.get("init_args", {})]
+    assert all((c["monitor"], c["mode"]) == ("val_zeroshot_acc1", "max") for c in monitored)
 
 
 def test_teachers_that_cannot_load_are_named(tmp_path):
@@ -382,7 +479,7 @@ def test_fit_then_zero_shot_test_and_fine_tune_from_the_checkpoint(teacher, tmp_
     assert {"test_loss", "test_zeroshot_acc1", "test_zeroshot_acc5", "test_teacher_zeroshot_acc1"} <= set(metrics)
     # The logged zero-shot accuracy is the one computed here image by image.
     model, data = test.model.eval(), test.datamodule
-    classifier = model.zeroshot_classifier(data.classes)
+    classifier = zeroshot_classifier(model.teacher, data.classes, model.hparams.zeroshot_templates)
     correct = teacher_correct = total = 0
     with torch.no_grad():
         for batch in data._loader(data.val_set):
@@ -395,8 +492,9 @@ def test_fit_then_zero_shot_test_and_fine_tune_from_the_checkpoint(teacher, tmp_
     # Fine-tuning starts from the student's trunk; the head starts fresh.
     classifier_model = ImageClassifier(num_classes=10, init_from=str(checkpoint), layer_decay=0.65, **STUDENT | {
         "backbone_kwargs": {"depth": 2, "embed_dim": 48, "num_heads": 2}})  # fmt: skip
-    trunk = load_checkpoint(checkpoint)["state_dict"]
-    own = classifier_model.state_dict()
+    trunk = {k.removeprefix("model."): v for k, v in load_checkpoint(checkpoint)["state_dict"].items()}  # either layout
+    own = {k.removeprefix("model."): v for k, v in classifier_model.state_dict().items()}
+    assert any(k.startswith("backbone.") for k in trunk)
     assert all(torch.equal(own[k], v) for k, v in trunk.items() if k.startswith("backbone."))
     assert own["backbone.head.weight"].shape == (10, 48)
 
@@ -446,9 +544,9 @@ def test_an_evaluation_batch_of_padding_alone_scores_nothing(teacher):
     model._trainer = None  # no trainer: self.log does nothing
     padding = {"image": torch.randn(1, 3, 32, 32), "label": torch.tensor([1]), "id": ["digits/0"], "padding": torch.tensor([True])}
     model._evaluate(padding, "test")
-    assert all(metric.update_count == 0 for metrics in model._accuracy.values() for metric in metrics.values())
+    assert all(metric.update_count == 0 for metrics in model._zeroshot.accuracy.values() for metric in metrics.values())
     model._evaluate({**padding, "padding": torch.tensor([False])}, "test")
-    assert all(metric.update_count == 1 for metrics in model._accuracy.values() for metric in metrics.values())
+    assert all(metric.update_count == 1 for metrics in model._zeroshot.accuracy.values() for metric in metrics.values())
 
 
 @pytest.mark.slow
@@ -471,3 +569,13 @@ def test_two_and_three_processes_score_each_image_once(teacher, tmp_path):
         many = json.loads((tmp_path / f"m{processes}.json").read_text())
         for name in ("test_loss", "test_zeroshot_acc1", "test_zeroshot_acc5", "test_teacher_zeroshot_acc1"):
             assert many[name] == pytest.approx(one[name], abs=1e-6), (processes, name)
+
+
+def test_a_run_without_zero_shot_monitors_the_alignment_loss(teacher):
+    """`zeroshot: false` logs no zero-shot accuracy: its best checkpoint follows the loss it logs."""
+    from frozenlm.trainer_cli import task_checkpoints
+
+    task = UnmaskedTokenAlignment(str(teacher), zeroshot=False, **STUDENT)
+    best = task_checkpoints(task)[0]
+    assert (best.monitor, best.mode) == ("val_loss", "min")
+    assert (UnmaskedTokenAlignment(str(teacher), **STUDENT).monitor) == "val_zeroshot_acc1"

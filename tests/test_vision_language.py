@@ -7,26 +7,40 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 from unittest.mock import patch
 
+import lightning
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 from transformers import CLIPVisionModel
 
 from frozenlm.cli import main
 from frozenlm.data import Flickr30kDataModule, VQAv2DataModule
 from frozenlm.data.base import DatasetFileError, DatasetNotFoundError
+from frozenlm.data.distributed import EvaluationSampler
 from frozenlm.data.vqa_answers import answer_vocabulary, normalize_answer, normalize_word
 from frozenlm.data.vqav2 import Question, VQASamples, soft_score
-from frozenlm.models.meter import TowerLoadError
-from frozenlm.tasks import ImageTextRetrieval, VisualQuestionAnswering
-from frozenlm.tasks.vision_language import IncompatibleCheckpointError, vqa_head
+from frozenlm.metrics import RetrievalRecall, split_recalls
+from frozenlm.models.meter import METER, TowerLoadError, vqa_head
+from frozenlm.tasks import BaseTask, ImageTextRetrieval, VisualQuestionAnswering
+from frozenlm.tasks.vision_language import IncompatibleCheckpointError
 from frozenlm.tasks.vl_metrics import VQAAccuracy, retrieval_recalls, vqa_accuracy
 from frozenlm.trainer_cli import ConfigurationError
-from tests.cli_helpers import cli_command, last_checkpoint, load_checkpoint, run_cli, run_cli_subprocess
+from tests.cli_helpers import (
+    cli_command,
+    finish,
+    free_port,
+    last_checkpoint,
+    load_checkpoint,
+    run_cli,
+    run_cli_subprocess,
+    start_cli_subprocess,
+)
 from tests.data.flickr30k.data import TEMPLATES
 from tests.data.flickr30k.data import write as write_flickr30k
 from tests.data.meter.towers import write as write_towers
@@ -144,6 +158,76 @@ def test_recall_matches_brute_force():
     for k in (1, 2, 5):
         tr, ir = brute_force_recalls(scores, owners, k)
         assert recalls[f"tr_r{k}"].item() == pytest.approx(tr) and recalls[f"ir_r{k}"].item() == pytest.approx(ir)
+
+
+
+def shares_of(images: int, processes: int, batch_size: int = 2):
+    """Each process's evaluation batches of a split of ``images``, as the sampler deals them: ``(index, padding)``."""
+    for rank in range(processes):
+        share = list(EvaluationSampler(range(images), processes, rank))
+        for start in range(0, len(share), batch_size):
+            dealt = share[start : start + batch_size]
+            yield torch.tensor([i if i >= 0 else -i - 1 for i in dealt]), torch.tensor([i < 0 for i in dealt])
+
+
+def test_the_recall_metric_is_the_recall_of_the_gathered_rows_without_padding():
+    generator = torch.Generator().manual_seed(1)
+    owners = torch.arange(7).repeat_interleave(5)
+    scores = torch.randn(7, 35, generator=generator)
+    # The hand gathering it replaces: every process's rows, padding marked -1, through split_recalls.
+    rows = [(index.masked_fill(padding, -1), scores[index]) for index, padding in shares_of(7, 3)]
+    expected = split_recalls(torch.cat([i for i, _ in rows]), torch.cat([s for _, s in rows]), owners, "test")
+    metric = RetrievalRecall(ks=(1, 5, 10))
+    metric.start(owners, "test")
+    for index, padding in shares_of(7, 3):
+        metric.update(*BaseTask.scored({"padding": padding}, index, scores[index]))
+    assert metric.compute() == expected and set(expected) == {f"{d}_r{k}" for d in ("tr", "ir") for k in (1, 5, 10)}
+    # Part of the split (the sanity check, limit_val_batches): the scored images and their captions, said.
+    metric.start(owners, "val")
+    metric.update(torch.tensor([4, 1]), scores[[4, 1]])
+    with pytest.warns(UserWarning, match="val recall over the 2 scored images of 7"):
+        part = metric.compute()
+    assert part == split_recalls(torch.tensor([4, 1]), scores[[4, 1]], owners, "val", warn=False)
+    texts = torch.cat([torch.arange(5, 10), torch.arange(20, 25)])  # images 1 and 4's captions
+    assert part == retrieval_recalls(scores[[1, 4]][:, texts], torch.arange(2).repeat_interleave(5))
+
+
+RECALL_WORKER = """
+import json, sys, torch, torch.distributed as dist
+from frozenlm.metrics import RetrievalRecall
+dist.init_process_group("gloo")
+rank, results = dist.get_rank(), {}
+for images in (7, 1):  # 7: shares of 4 and 3 (+1 padding); 1: process 1 holds only padding, so scores nothing
+    scores = torch.randn(images, 5 * images, generator=torch.Generator().manual_seed(images))
+    metric = RetrievalRecall(ks=(1, 2, 5))
+    metric.start(torch.arange(images).repeat_interleave(5), "test")
+    for index, padding in json.loads(sys.argv[1])[str(images)][rank]:
+        index = torch.tensor([i for i, p in zip(index, padding) if not p], dtype=torch.long)
+        if len(index):
+            metric.update(index, scores[index])
+    results[images] = {k: float(v) for k, v in metric.compute().items()}
+print(json.dumps(results))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow  # two fresh Pythons importing torch: ~10 s of CPU
+def test_the_recall_metric_of_two_gloo_processes_is_the_recall_of_one():
+    shares = {}
+    for images in (7, 1):
+        batches = list(shares_of(images, 2))
+        half = len(batches) // 2
+        shares[images] = [[(i.tolist(), p.tolist()) for i, p in batches[:half]], [(i.tolist(), p.tolist()) for i, p in batches[half:]]]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    processes = [start_cli_subprocess([sys.executable, "-c", RECALL_WORKER, json.dumps(shares)], **env, RANK=str(rank))
+                 for rank in range(2)]  # fmt: skip
+    results = [finish(process, timeout=300) for process in processes]
+    assert all(r.returncode == 0 for r in results), [r.stderr[-2000:] for r in results]
+    for images in (7, 1):
+        scores = torch.randn(images, 5 * images, generator=torch.Generator().manual_seed(images))
+        one = retrieval_recalls(scores, torch.arange(images).repeat_interleave(5), ks=(1, 2, 5))
+        for result in results:  # every process computes the recalls of the whole split
+            assert json.loads(result.stdout)[str(images)] == {k: float(v) for k, v in one.items()}
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -282,9 +366,9 @@ def test_text_padding_changes_nothing_with_the_block_on_text_and_image_tokens(to
     images = torch.randn(2, 3, 32, 32)
     short, long = "Is it red?", "What color is the circle in the middle of the picture on the left?"
     with torch.no_grad():
-        alone = model.head(model(images[:1], [short]))
-        padded = model.head(model(images, [short, long]))
-    assert model.tokenize([short, long])[1][0].eq(0).any()  # the short question was padded
+        alone = model(images[:1], [short])
+        padded = model(images, [short, long])
+    assert model.model.tokenize([short, long])[1][0].eq(0).any()  # the short question was padded
     torch.testing.assert_close(alone[0], padded[0], atol=1e-5, rtol=1e-5)
 
 
@@ -293,7 +377,7 @@ def test_optimizer_groups_follow_meters_multipliers(towers, tiny_llama_checkpoin
                                     head_lr_mult=50, fusion_lr_mult=5, llm_lr_mult=10, **TINY)  # fmt: skip
     groups = model.optimizer_parameters(lr=1e-5, weight_decay=0.01)
     lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
-    named = dict(model.named_parameters())
+    named = dict(model.model.named_parameters())
     assert lr_of[id(named["head.0.weight"])] == (pytest.approx(5e-4), 0.01)
     assert lr_of[id(named["head.0.bias"])] == (pytest.approx(5e-4), 0.0)
     assert lr_of[id(named["meter.text_layers.0.self_attn.in_proj_weight"])][0] == pytest.approx(5e-5)
@@ -314,8 +398,8 @@ def test_retrieval_rank_head_keeps_the_towers_lr(towers):
     # (meter/modules/meter_utils.py line 187): it trains at the base lr, not x lr_mult_head.
     model = ImageTextRetrieval(str(towers[0]), str(towers[1]), llm=None, head_lr_mult=5, fusion_lr_mult=5, **TINY)
     lr_of = {id(p): g["lr"] for g in model.optimizer_parameters(lr=1e-5, weight_decay=0.01) for p in g["params"]}
-    assert lr_of[id(model.rank_head.weight)] == pytest.approx(1e-5)
-    assert lr_of[id(model.meter.text_layers[0].linear1.weight)] == pytest.approx(5e-5)
+    assert lr_of[id(model.model.rank_head.weight)] == pytest.approx(1e-5)
+    assert lr_of[id(model.model.meter.text_layers[0].linear1.weight)] == pytest.approx(5e-5)
 
 
 def test_retrieval_adds_meters_itm_loss_through_a_frozen_itm_head(towers, flickr_root):
@@ -324,16 +408,16 @@ def test_retrieval_adds_meters_itm_loss_through_a_frozen_itm_head(towers, flickr
     # half the pairs, at random, get a false image).
     model = ImageTextRetrieval(str(towers[0]), str(towers[1]), llm=None, **TINY).eval()  # no dropout: comparable
     assert model.hparams.itm_weight == 0.5
-    assert not any(p.requires_grad for p in model.itm_head.parameters())
-    assert torch.equal(model.rank_head.weight, model.itm_head.weight[1:])
-    assert not {id(p) for p in model.itm_head.parameters()} & {
+    assert not any(p.requires_grad for p in model.model.itm_head.parameters())
+    assert torch.equal(model.model.rank_head.weight, model.model.itm_head.weight[1:])
+    assert not {id(p) for p in model.model.itm_head.parameters()} & {
         id(p) for g in model.optimizer_parameters(lr=1e-5, weight_decay=0.01) for p in g["params"]}
     data = Flickr30kDataModule(flickr_root, batch_size=4, img_size=32, negatives=3, num_workers=0)
     batch = next(iter(data.train_dataloader()))
     captions = [texts[0] for texts in batch["texts"]]
-    ids, mask = model.tokenize(captions)
-    text, padding = model.meter.encode_text(ids, mask), mask == 0
-    image = model.meter.encode_image(batch["image"])
+    ids, mask = model.model.tokenize(captions)
+    text, padding = model.model.encode_text(ids, mask), mask == 0
+    image = model.model.encode_image(batch["image"])
     torch.manual_seed(3)
     loss = model.itm_loss(batch, text, padding, image)
     torch.manual_seed(3)
@@ -342,11 +426,11 @@ def test_retrieval_adds_meters_itm_loss_through_a_frozen_itm_head(towers, flickr
     expected = []
     for i in range(4):  # pair by pair, the image or the false image with the sample's own caption
         pixels = batch["image"][i : i + 1] if matched[i] else batch["false_image"][i : i + 1]
-        features = model(pixels, [captions[i]])
-        expected.append(F.cross_entropy(model.itm_head(features), matched[i : i + 1].long()))
+        features, _ = model.model.forward_features(pixels, *model.model.tokenize([captions[i]]))
+        expected.append(F.cross_entropy(model.model.itm_head(features), matched[i : i + 1].long()))
     torch.testing.assert_close(loss, torch.stack(expected).mean(), atol=1e-5, rtol=1e-5)
     loss.backward()
-    assert model.meter.text_layers[0].linear1.weight.grad.abs().sum() > 0 and model.itm_head.weight.grad is None
+    assert model.model.meter.text_layers[0].linear1.weight.grad.abs().sum() > 0 and model.model.itm_head.weight.grad is None
 
 
 def test_the_itm_loss_without_false_images_is_refused_in_one_line(towers, flickr_root, tmp_path):
@@ -372,18 +456,18 @@ def test_clip_tower_is_meters_layers_minus_one_with_positions_resized_once(tower
     model = VisualQuestionAnswering(str(towers[0]), str(towers[1]), num_classes=5, llm=None, **{**TINY, "img_size": 48})
     full = CLIPVisionModel.from_pretrained(str(towers[0])).eval()
     layers = full.config.num_hidden_layers
-    assert len(model.meter.vision.encoder.layers) == layers - 1
+    assert len(model.model.meter.vision.encoder.layers) == layers - 1
     weight = full.embeddings.position_embedding.weight.detach()
     grid = weight[1:].reshape(4, 4, -1).permute(2, 0, 1).unsqueeze(0)  # 32 px / patch 8 -> 48 px / patch 8
     resized = F.interpolate(grid, size=(6, 6), mode="bicubic").squeeze(0).permute(1, 2, 0).reshape(36, -1)
-    ours = model.meter.vision.embeddings.position_embedding.weight.detach()
+    ours = model.model.meter.vision.embeddings.position_embedding.weight.detach()
     torch.testing.assert_close(ours, torch.cat([weight[:1], resized]))
     images = torch.randn(2, 3, 48, 48)
     model.eval()
     with torch.no_grad():
         hidden = full(pixel_values=images, interpolate_pos_encoding=True, output_hidden_states=True).hidden_states
         expected = full.post_layernorm(hidden[layers - 1])  # after the first layers - 1 blocks
-        tokens = model.meter.vision.post_layernorm(model.meter.vision(pixel_values=images).last_hidden_state)
+        tokens = model.model.meter.vision.post_layernorm(model.model.meter.vision(pixel_values=images).last_hidden_state)
     torch.testing.assert_close(tokens, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -391,7 +475,7 @@ def test_fusion_ffn_has_no_dropout_after_its_activation(towers):
     # BERT's cross layer (METER's BertCrossLayer: BertIntermediate then BertOutput) drops only the FFN's
     # output before the residual; PyTorch's TransformerDecoderLayer also drops after the activation.
     model = VisualQuestionAnswering(str(towers[0]), str(towers[1]), num_classes=5, llm=None, **TINY).train()
-    layer = model.meter.image_layers[0]
+    layer = model.model.meter.image_layers[0]
     hidden = torch.randn(3, 5, 32)
     inner = layer.linear2(layer.dropout(layer.activation(layer.linear1(hidden))))
     torch.testing.assert_close(inner, layer.linear2(layer.activation(layer.linear1(hidden))))
@@ -401,7 +485,7 @@ def test_fusion_ffn_has_no_dropout_after_its_activation(towers):
 def test_vqa_questions_keep_meters_50_tokens(towers):
     model = VisualQuestionAnswering(str(towers[0]), str(towers[1]), num_classes=5, llm=None, **TINY)
     assert model.hparams.max_text_len == 50  # METER's task_finetune_vqa_clip_bert (meter/config.py line 154)
-    assert model.tokenize([" ".join(["red"] * 80)])[0].shape[1] == 50
+    assert model.model.tokenize([" ".join(["red"] * 80)])[0].shape[1] == 50
     assert model.val_accuracy.rule == model.test_accuracy.rule == "2016"  # the default scoring rule
     later = VisualQuestionAnswering(str(towers[0]), str(towers[1]), num_classes=5, llm=None, vqa_rule="2021", **TINY)
     assert later.val_accuracy.rule == later.test_accuracy.rule == "2021"
@@ -425,16 +509,97 @@ def test_gcr_trains_an_auxiliary_branch_and_evaluates_without_it(towers, tiny_ll
                                     llm={"checkpoint": str(tiny_llama_checkpoint), "mode": "auxiliary"})  # fmt: skip
     batch = next(iter(data._loader(data.dataset("val"))))
     calls = []
-    model.llm_block.register_forward_hook(lambda *args: calls.append(1))
+    model.model.llm_block.register_forward_hook(lambda *args: calls.append(1))  # counts the block's runs
     logits, aux_logits = model.head_logits(batch)
     assert calls and aux_logits is not None and aux_logits.shape == logits.shape
-    model.aux_head.zero_grad()
+    model.model.aux_head.zero_grad()
     model.loss(aux_logits, batch["targets"]).backward()
-    assert model.aux_head[0].weight.grad.abs().sum() > 0
+    assert model.model.aux_head[0].weight.grad.abs().sum() > 0
     model.eval()
     calls.clear()
     with torch.no_grad():
         assert model.head_logits(batch)[1] is None and not calls
+
+
+
+# -- the model: one plain module, built without Lightning -----------------------------------------
+def test_each_task_builds_its_model_without_a_trainer_and_trains_that_model(towers, tiny_llama_checkpoint):
+    llm = {"checkpoint": str(tiny_llama_checkpoint), "mode": "auxiliary"}
+    for task, extra, heads in ((VisualQuestionAnswering, {"num_classes": 5}, {"head", "aux_head"}),
+                               (ImageTextRetrieval, {}, {"itm_head", "rank_head", "aux_rank_head"})):  # fmt: skip
+        flags = {"vision_checkpoint": str(towers[0]), "text_checkpoint": str(towers[1]), "llm": llm, **TINY, **extra}
+        torch.manual_seed(0)
+        model = task.build_model(flags)  # a plain dict of the task's flags: no trainer, no Lightning
+        assert type(model) is METER and not isinstance(model, lightning.LightningModule)
+        assert {name for name, _ in model.named_children()} == {"meter", "llm_block"} | heads  # the checkpoints' names
+        hooks = [(name, kind) for name, module in model.named_modules()
+                 for kind in ("_forward_hooks", "_forward_pre_hooks") if getattr(module, kind)]  # fmt: skip
+        assert not hooks
+        torch.manual_seed(0)
+        trained = task(str(towers[0]), str(towers[1]), llm=llm, **TINY, **extra)
+        assert trained.model.config == model.config  # the task's own defaults too (VQA's 50 tokens, retrieval's 384 px)
+        assert model.config.max_text_len == (50 if task is VisualQuestionAnswering else 40)
+        state = trained.state_dict()
+        assert set(state) == {f"model.{key}" for key in model.state_dict()}
+        assert all(torch.equal(value, state[f"model.{key}"]) for key, value in model.state_dict().items())
+    # The import paths of the tasks before they had a file each still work.
+    from frozenlm.tasks import vision_language
+
+    assert vision_language.VisualQuestionAnswering is VisualQuestionAnswering and vision_language.vqa_head is vqa_head
+    assert vision_language.ImageTextRetrieval is ImageTextRetrieval
+
+
+
+def test_each_task_declares_the_metric_its_configs_keep_the_best_of():
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for task, pattern in ((VisualQuestionAnswering, "vqav2_meter*.yaml"), (ImageTextRetrieval, "flickr30k_meter*.yaml")):
+        assert (task.monitor, task.monitor_mode) == {VisualQuestionAnswering: ("val_vqa_acc", "max"),
+                                                     ImageTextRetrieval: ("val_r_mean", "max")}[task]  # fmt: skip
+        for path in configs.glob(pattern):  # configs that still name the monitored metric name the task's
+            callbacks = yaml.safe_load(path.read_text())["trainer"].get("callbacks", [])
+            monitored = {(c["init_args"]["monitor"], c["init_args"].get("mode", "min"))
+                         for c in callbacks if "monitor" in c.get("init_args", {})}  # fmt: skip
+            assert monitored <= {(task.monitor, task.monitor_mode)}, path
+
+@pytest.mark.parametrize("llm_tokens", ["visual", "all"])
+def test_the_model_returns_gcrs_branch_in_training_and_none_in_eval(towers, tiny_llama_checkpoint, llm_tokens):
+    flags = {"vision_checkpoint": str(towers[0]), "text_checkpoint": str(towers[1]), "num_classes": 5, **TINY,
+             "llm_tokens": llm_tokens, "llm": {"checkpoint": str(tiny_llama_checkpoint), "mode": "auxiliary"}}  # fmt: skip
+    model = VisualQuestionAnswering.build_model(flags).train()
+    images, (ids, mask) = torch.randn(2, 3, 32, 32), model.tokenize(["Is it red?", "What color is the circle on the left?"])
+    torch.manual_seed(0)
+    features, branch = model.forward_features(images, ids, mask)
+    # The branch: the frozen block on the fused tokens (text padding masked for `all`), pooled as the main path.
+    torch.manual_seed(0)
+    text, image = model.meter.fuse(model.encode_text(ids, mask), mask == 0, model.encode_image(images))
+    if llm_tokens == "visual":
+        expected = model.meter.pool(text, model.llm_block(image))
+    else:
+        tokens = model.llm_block(torch.cat([text, image], 1), torch.cat([mask == 0, torch.zeros(image.shape[:2], dtype=torch.bool)], 1))
+        expected = model.meter.pool(tokens[:, : text.shape[1]], tokens[:, text.shape[1] :])
+    torch.testing.assert_close(branch, expected)
+    torch.testing.assert_close(features, model.meter.pool(text, image))  # GCR's main path runs without the block
+    assert model.forward_aux_head(branch).shape == (2, 5) and model.forward_aux_head(branch) is not None
+    model.eval()
+    with patch.object(model.llm_block, "forward", side_effect=AssertionError("the block ran in eval")), torch.no_grad():
+        features, branch = model.forward_features(images, ids, mask)
+    assert branch is None and model.forward_head(features).shape == (2, 5)
+
+
+def test_checkpoints_hold_the_model_and_those_written_before_load_to_the_same_metrics(towers, tiny_llama_checkpoint, vqa_root, tmp_path):
+    args = ["--data.root", str(vqa_root), *tower_args(towers, tiny_llama_checkpoint), "--model.llm_tokens", "all",
+            "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1"]  # fmt: skip
+    run_cli("fit", "vqa_llama", tmp_path, *args)
+    checkpoint = last_checkpoint(tmp_path)
+    stored = load_checkpoint(checkpoint)
+    assert {key.split(".")[0] for key in stored["state_dict"]} == {"model"} and list(stored["frozen_lm"]) == ["model.llm_block"]
+    # As frozenlm wrote them before the model was a module of its own (`meter.*`, `head.*`, the block `llm_block`).
+    for entry in ("state_dict", "frozen_lm"):
+        stored[entry] = {key.removeprefix("model."): value for key, value in stored[entry].items()}
+    torch.save(stored, tmp_path / "older.ckpt")
+    new, old = (run_cli("validate", "vqa_llama", tmp_path / name, *args, "--ckpt_path", str(path)).trainer.callback_metrics
+                for name, path in (("new", checkpoint), ("old", tmp_path / "older.ckpt")))  # fmt: skip
+    assert "val_vqa_acc" in new and {k: float(v) for k, v in old.items()} == {k: float(v) for k, v in new.items()}
 
 
 # -- through the CLI ------------------------------------------------------------------------------
@@ -444,7 +609,8 @@ def test_vqa_fit_test_and_predict_through_the_cli(towers, tiny_llama_checkpoint,
     checkpoint = last_checkpoint(tmp_path)
     stored = load_checkpoint(checkpoint)
     assert stored["vqa_answers"] == fit.datamodule.answers
-    assert not any(k.startswith("llm_block.layers.") for k in stored["state_dict"])  # the frozen layer is not stored
+    assert any(k.startswith("model.llm_block.adapter_in.") for k in stored["state_dict"])
+    assert not any(".llm_block.layers." in k for k in stored["state_dict"])  # the frozen layer is not stored
     test = run_cli("test", "vqa_llama", tmp_path, *args, "--ckpt_path", str(checkpoint))
     metrics = {k: float(v) for k, v in test.trainer.callback_metrics.items()}
     assert {"test_vqa_acc", "test_vqa_acc_yesno", "test_vqa_acc_number", "test_vqa_acc_other"} <= set(metrics)
@@ -560,7 +726,7 @@ def test_retrieval_fit_test_and_predict_through_the_cli(towers, tiny_llama_check
     with torch.no_grad():
         images = torch.stack([data.test_dataloader().dataset[i]["image"] for i in range(5)])
         scores = torch.stack([
-            torch.cat([model.rank_head(model(images[i : i + 1], [t])) for t in texts]).squeeze(-1) for i in range(5)
+            torch.cat([model(images[i : i + 1], [t]) for t in texts]).squeeze(-1) for i in range(5)
         ])  # fmt: skip
     for k in (1, 5, 10):
         tr, ir = brute_force_recalls(scores, owners, k)
@@ -581,16 +747,15 @@ def test_retrieval_on_part_of_a_split_says_so_and_scores_the_part(towers, flickr
     texts, owners = data.captions("val")
     with torch.no_grad():
         images = torch.stack([data.val_dataloader().dataset[i]["image"] for i in range(2)])
-        model._captions = (texts, owners, *_encoded(model, texts))
-        scores = model.score_images(images)[:, :10]  # the two images' own captions only
+        scores = model.score_images(images, *_encoded(model, texts))[:, :10]  # the two images' own captions only
     tr, ir = brute_force_recalls(scores, owners[:10], 1)
     metrics = validate.trainer.callback_metrics
     assert float(metrics["val_tr_r1"]) == pytest.approx(tr) and float(metrics["val_ir_r1"]) == pytest.approx(ir)
 
 
 def _encoded(model, texts):
-    input_ids, attention_mask = model.tokenize(texts)
-    return model.meter.encode_text(input_ids, attention_mask), attention_mask == 0
+    input_ids, attention_mask = model.model.tokenize(texts)
+    return model.model.encode_text(input_ids, attention_mask), attention_mask == 0
 
 
 def test_an_unreadable_evaluation_image_stops_retrieval(towers, flickr_root, tmp_path):

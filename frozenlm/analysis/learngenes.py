@@ -29,9 +29,11 @@ def plot_coefficients(depth: int = 12, genes: int = 4) -> Figure:
 
 
 def gene_norms(state: dict[str, torch.Tensor], prefix: str = "learngenes.genes.") -> dict[int, float]:
-    """The Frobenius norm of each gene (all its parameters together) in a decomposed model's state dict."""
+    """The Frobenius norm of each gene (all its parameters together) in a decomposed model's state dict (the
+    model's, or its task's or checkpoint's: ``model.learngenes.genes.*``)."""
     squares: dict[int, float] = {}
     for key, value in state.items():
+        key = key.removeprefix("model.")
         if key.startswith(prefix):
             gene = int(key[len(prefix) :].split(".", 1)[0])
             squares[gene] = squares.get(gene, 0.0) + float(value.float().square().sum())

@@ -74,6 +74,7 @@ def stage_tokens(model: ImageClassifier | PointCloudClassifier, inputs: Tensor) 
     block's attention weights ``[B, heads, N, N]``, for a batch of inputs in eval mode."""
     network = _network(model)
     backbone, block = network.backbone, network.llm_block
+    position = getattr(network, "llm_position", model.hparams.llm_position)  # the model's, normalised
     tokens: dict[str, Tensor] = {}
 
     def keep(stage: str, kind: str = "output") -> Callable:
@@ -85,8 +86,9 @@ def stage_tokens(model: ImageClassifier | PointCloudClassifier, inputs: Tensor) 
 
     qkv_module = backbone.blocks[-1].attn.qkv
     handles = [
-        # prepend: see the ViT's tokens before the model's own hook replaces them with the block's output.
-        backbone.blocks[model.hparams.llm_position].register_forward_hook(keep("vit"), prepend=True),
+        # The trunk block's output, before the LM block takes it (prepend: before any hook of a model that
+        # still inserts its block with one).
+        backbone.blocks[position].register_forward_hook(keep("vit"), prepend=True),
         qkv_module.register_forward_hook(keep("qkv")),
     ]
     if block is not None and block.layers is not None:
@@ -115,9 +117,11 @@ def stage_tokens(model: ImageClassifier | PointCloudClassifier, inputs: Tensor) 
     return {stage: tokens[stage] for stage in STAGES if stage in tokens}, attention
 
 
-def _network(task: nn.Module) -> nn.Module:
-    """The task's plain model (``task.model``), or the task itself while it is its own model."""
-    return getattr(task, "model", task)
+def _network(model: nn.Module) -> nn.Module:
+    """The module holding ``backbone`` and ``llm_block``: the task's ``model`` (or, until every task holds
+    one, the task itself)."""
+    network = getattr(model, "model", None)
+    return network if isinstance(network, nn.Module) else model
 
 
 def pseudo_mask_scores(maps: dict[str, dict[str, Tensor]], masks: Tensor) -> dict[str, dict[str, float]]:

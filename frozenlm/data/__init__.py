@@ -10,6 +10,7 @@ from frozenlm.data.digits import DigitsDataModule
 from frozenlm.data.flickr30k import Flickr30kDataModule
 from frozenlm.data.imagefolder import ImageFolderDataModule
 from frozenlm.data.imagenet_variants import ImageNetVariantDataModule
+from frozenlm.data.mnist import MNISTDataModule
 from frozenlm.data.modelnet40 import ModelNet40DataModule
 from frozenlm.data.motion import MotionDataModule
 from frozenlm.data.pointcloud import PointCloudDataModule
@@ -27,6 +28,7 @@ __all__ = [
     "ImageDataModule",
     "ImageFolderDataModule",
     "ImageNetVariantDataModule",
+    "MNISTDataModule",
     "ModelNet40DataModule",
     "MotionDataModule",
     "PointCloudDataModule",

@@ -122,8 +122,8 @@ class LabeledImages(Dataset):
         }
 
 
-class ClassificationDataModule(L.LightningDataModule):
-    """Loader settings every datamodule shares: a per-process batch size, workers and pinned memory
+class BaseDataModule(L.LightningDataModule):
+    """Loader settings every datamodule shares (classification, motion forecasting, vision-language): a per-process batch size, workers and pinned memory
     that suit the machine, even training batches (timm's Mixup pairs samples), and unreadable files.
 
     A sample whose file cannot be decoded is dropped from its batch (:func:`collate_readable`); the
@@ -143,7 +143,6 @@ class ClassificationDataModule(L.LightningDataModule):
             unreadable before the run stops; 0 stops at the first.
     """
 
-    num_classes: int
     # How samples become a batch: drops unreadable samples and lists them.
     collate_fn: Callable = staticmethod(collate_readable)
 
@@ -251,6 +250,14 @@ class ClassificationDataModule(L.LightningDataModule):
         )
 
 
+class ClassificationDataModule(BaseDataModule):
+    """The base of labelled samples' datamodules (images, videos, point clouds): :class:`BaseDataModule`'s
+    loaders, and ``num_classes``, which a subclass sets by the end of ``__init__`` (the CLI links it into the
+    model's head)."""
+
+    num_classes: int
+
+
 def _epoch_batches(trainer, stage: RunningStage | None) -> float:
     """Batches in one epoch of ``stage``; inf when unknown (an iterable dataset, no trainer) and for the
     sanity check, a peek at a few batches that the validation epoch after it counts again."""
@@ -273,7 +280,7 @@ class ImageDataModule(ClassificationDataModule):
     Args:
         root: dataset directory.
         batch_size, num_workers, pin_memory, repeated_augmentation, max_unreadable_fraction: see
-            :class:`ClassificationDataModule`.
+            :class:`BaseDataModule`.
         img_size: side of the square images the model receives.
         auto_augment: timm auto-augment recipe (DeiT: RandAugment "rand-m9-mstd0.5-inc1"); None = off.
         re_prob: random-erasing probability.

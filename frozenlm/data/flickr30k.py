@@ -110,7 +110,7 @@ class Flickr30kDataModule(VisionLanguageDataModule):
             :class:`~frozenlm.tasks.ImageTextRetrieval` needs for its ITM loss (``itm_weight``); off saves
             reading a second image per sample when ``itm_weight`` is 0.
         num_workers, pin_memory, max_unreadable_fraction: see
-            :class:`frozenlm.data.base.ClassificationDataModule`.
+            :class:`frozenlm.data.base.BaseDataModule`.
         mean, std: image normalisation (CLIP's).
     """
 

@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from frozenlm.data.base import ClassificationDataModule, DatasetError, DatasetFileError, DatasetNotFoundError
+from frozenlm.data.base import BaseDataModule, DatasetError, DatasetFileError, DatasetNotFoundError
 from frozenlm.data.distributed import DATASET_INDEX, share_work
 from frozenlm.files import atomic_path, source_stamp, write_atomically
 from frozenlm.predictions import PredictionFile, merge_csv
@@ -238,7 +238,7 @@ class _Preprocess(Dataset):
         return "cached"
 
 
-class MotionDataModule(ClassificationDataModule):
+class MotionDataModule(BaseDataModule):
     """Base of the Argoverse datamodules: subclasses set ``history``, ``horizon``, ``splits`` (train, val,
     test folder names) and ``test_split``, and implement ``scene_sources(split)`` (the scene files, sorted),
     ``scene_id(source)`` and ``read_scene(source) -> Scene``.
@@ -247,7 +247,7 @@ class MotionDataModule(ClassificationDataModule):
         root: the dataset folder.
         cache_dir: where preprocessed scenes go (default ``root/frozenlm_cache``).
         radius: agents and map polylines within this many metres of the focal agent's last position are kept.
-        batch_size, num_workers, pin_memory: see :class:`frozenlm.data.base.ClassificationDataModule`
+        batch_size, num_workers, pin_memory: see :class:`frozenlm.data.base.BaseDataModule`
             (workers also preprocess).
         predict_split: the split ``predict`` runs on (``val`` or ``test``).
         max_skipped_fraction: the largest fraction of a split's scenes that may be unusable (skipped,

@@ -85,7 +85,7 @@ class PointCloudDataModule(ClassificationDataModule):
 
     Args:
         batch_size, num_workers, pin_memory, max_unreadable_fraction: see
-            :class:`frozenlm.data.base.ClassificationDataModule`.
+            :class:`frozenlm.data.base.BaseDataModule`.
         num_points: points per cloud the model receives (Point-BERT: 1,024; ModelNet40 also 4,096, 8,192).
         sample_points: FPS size before training's random subset; None = Point-BERT's
             ``num_points x 75/64``, at most the cloud's size.

@@ -59,7 +59,7 @@ class LabeledVideos(Dataset):
     ``num_clips`` > 1 a list of that many dicts, each clip sampled and augmented anew, as VideoMAE's
     ``num_sample``) and ``views="val"`` (the segment centres, centre crop), and ``[V, 3, T, H, W]`` with
     ``V = num_clips x num_crops`` for ``views="test"``. An unreadable or missing file is dropped from
-    its batch and reported (see :class:`frozenlm.data.base.ClassificationDataModule`).
+    its batch and reported (see :class:`frozenlm.data.base.BaseDataModule`).
     """
 
     def __init__(
@@ -115,7 +115,7 @@ class SSv2DataModule(ClassificationDataModule):
         root: dataset directory (see above).
         batch_size: videos per batch in each process.
         num_workers, pin_memory, max_unreadable_fraction: see
-            :class:`frozenlm.data.base.ClassificationDataModule`.
+            :class:`frozenlm.data.base.BaseDataModule`.
         num_frames: frames per clip, one per temporal segment (VideoMAE: 16).
         img_size: side of the square clips.
         train_clips: differently sampled and augmented clips of each training video in a batch, which

@@ -13,7 +13,7 @@ from torchvision.transforms import InterpolationMode
 
 from frozenlm.data.base import (
     DECODE_ERRORS,
-    ClassificationDataModule,
+    BaseDataModule,
     DatasetFileError,
     DatasetNotFoundError,
     Unreadable,
@@ -72,8 +72,8 @@ def collate_samples(samples: list[dict | Unreadable]) -> dict[str, Any]:
     return batch
 
 
-class VisionLanguageDataModule(ClassificationDataModule):
-    """Loader settings of :class:`~frozenlm.data.base.ClassificationDataModule` (per-process batches,
+class VisionLanguageDataModule(BaseDataModule):
+    """Loader settings of :class:`~frozenlm.data.base.BaseDataModule` (per-process batches,
     workers, unreadable images dropped and counted, exact evaluation under DDP) with
     :func:`collate_samples` batches. Subclasses implement the four ``*_dataloader`` methods."""
 

@@ -110,7 +110,7 @@ class VQAv2DataModule(VisionLanguageDataModule):
 
     Batches: ``{"image" [B, 3, S, S], "question" [str], "question_id" [B], "targets" [B, num_classes],
     "answers" [[str] * 10], "answer_type" [str], "unreadable"}``. An image that cannot be decoded drops its
-    question from the batch and is counted (see :class:`frozenlm.data.base.ClassificationDataModule`).
+    question from the batch and is counted (see :class:`frozenlm.data.base.BaseDataModule`).
 
     Args:
         root: dataset folder (see above).
@@ -126,7 +126,7 @@ class VQAv2DataModule(VisionLanguageDataModule):
         answer_splits: the annotated splits whose main answers make the vocabulary (METER: both).
         cache_dir: where the answer vocabulary is cached (default ``root/frozenlm_cache``).
         num_workers, pin_memory, max_unreadable_fraction: see
-            :class:`frozenlm.data.base.ClassificationDataModule`.
+            :class:`frozenlm.data.base.BaseDataModule`.
         mean, std: image normalisation (CLIP's).
     """
 

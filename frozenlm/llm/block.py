@@ -44,6 +44,8 @@ class LLMConfig:
             only they and the two linear maps train; None (default) for none.
         replace_with_mlp: replace the LM layers with a GELU between the two adapters: an MLP with
             exactly the trainable parameters of the adapters (the paper's "same trainable size" ablation).
+        replace_with_identity: replace the LM layers with nothing: the two adapters alone (with the
+            post-norm between them when ``post_norm``), the control for what the layers add to them.
         post_norm: apply a parameter-free RMSNorm after the layers, as the reference code does.
         embed_weights: store the LM weights in Lightning checkpoints (self-contained checkpoints);
             by default only the source, layers and a fingerprint are stored.
@@ -66,6 +68,7 @@ class LLMConfig:
     trainable: bool = False
     lora: LoRAConfig | None = None
     replace_with_mlp: bool = False
+    replace_with_identity: bool = False
     post_norm: bool = True
     embed_weights: bool = False
     mode: Literal["inline", "auxiliary"] = "inline"
@@ -78,6 +81,8 @@ class LLMConfig:
         if self.lora is not None and (self.trainable or self.replace_with_mlp):
             which = "trainable" if self.trainable else "replace_with_mlp"
             raise ValueError(f"llm.lora adapts frozen LM layers; it cannot be combined with llm.{which}.")
+        if self.replace_with_identity and (self.replace_with_mlp or self.lora is not None or self.trainable):
+            raise ValueError("llm.replace_with_identity removes the LM layers: not with llm.replace_with_mlp, lora or trainable.")
 
 
 class FrozenLMBlock(nn.Module):
@@ -106,6 +111,7 @@ class FrozenLMBlock(nn.Module):
         init: str = "pretrained",
         weights_fingerprint: str | None = None,
         embed_weights: bool = False,
+        identity: bool = False,
     ) -> None:
         super().__init__()
         self.lm_config = lm_config
@@ -123,7 +129,8 @@ class FrozenLMBlock(nn.Module):
 
         self.adapter_in = nn.Linear(in_dim, self.d_llm, bias=False)
         self.layers = layers
-        self.mlp_activation = nn.GELU() if layers is None else None
+        # No layers: the MLP ablation (a GELU between the adapters), or the adapters alone (``identity``).
+        self.mlp_activation = (nn.Identity() if identity else nn.GELU()) if layers is None else None
         eps = getattr(lm_config, "rms_norm_eps", None) or 1e-6
         self.norm = nn.RMSNorm(self.d_llm, eps=eps, elementwise_affine=False) if post_norm else nn.Identity()
         self.adapter_out = nn.Linear(self.d_llm, in_dim, bias=False)
@@ -154,13 +161,14 @@ class FrozenLMBlock(nn.Module):
         replace_with_mlp: bool = False,
         post_norm: bool = True,
         embed_weights: bool = False,
+        replace_with_identity: bool = False,
     ) -> FrozenLMBlock:
         """Build the block from a Hugging Face checkpoint, reading only the chosen layers' tensors."""
         checkpoint = LMCheckpoint(source, revision)
-        if init == "random" or replace_with_mlp:
+        if init == "random" or replace_with_mlp or replace_with_identity:
             block = cls.from_config(
                 checkpoint.config, layers, in_dim, dtype=dtype, seed=seed, trainable=trainable, lora=lora,
-                replace_with_mlp=replace_with_mlp, post_norm=post_norm,
+                replace_with_mlp=replace_with_mlp, post_norm=post_norm, replace_with_identity=replace_with_identity,
             )  # fmt: skip
             block.source, block.revision = checkpoint.source, revision
             block.embed_weights = embed_weights
@@ -215,13 +223,14 @@ class FrozenLMBlock(nn.Module):
         lora: LoRAConfig | None = None,
         replace_with_mlp: bool = False,
         post_norm: bool = True,
+        replace_with_identity: bool = False,
     ) -> FrozenLMBlock:
         """Build the block with seeded random LM weights of the shapes ``lm_config`` gives."""
         config = standalone_config(lm_config)
         indices = resolve_layer_indices(layers, config.num_hidden_layers)
         modules = None
         weights_fingerprint = None
-        if not replace_with_mlp:
+        if not (replace_with_mlp or replace_with_identity):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 modules = build_layers(config, indices)
@@ -230,7 +239,7 @@ class FrozenLMBlock(nn.Module):
             modules.to(_as_dtype(dtype))
         return cls(
             config, in_dim, modules, layer_indices=indices, post_norm=post_norm, trainable=trainable,
-            lora=lora, init="random", weights_fingerprint=weights_fingerprint,
+            lora=lora, init="random", weights_fingerprint=weights_fingerprint, identity=replace_with_identity,
         )  # fmt: skip
 
     # -- behaviour ---------------------------------------------------------------------------
@@ -281,7 +290,7 @@ class FrozenLMBlock(nn.Module):
         return hidden
 
     def extra_repr(self) -> str:
-        what = "mlp (ablation)" if self.layers is None else f"{self.lm_config.model_type} layers {self.layer_indices}"
+        what = (("identity" if isinstance(self.mlp_activation, nn.Identity) else "mlp") + " (ablation)") if self.layers is None else f"{self.lm_config.model_type} layers {self.layer_indices}"
         frozen = "trainable" if self.trainable else "frozen"
         if self.lora is not None:
             frozen += f" + LoRA r={self.lora.r}"
@@ -316,7 +325,7 @@ def build_block(config: LLMConfig, in_dim: int) -> FrozenLMBlock:
         config.checkpoint, config.layers, in_dim, revision=config.revision, dtype=config.dtype,
         init=config.init, seed=config.seed, trainable=config.trainable, lora=config.lora,
         replace_with_mlp=config.replace_with_mlp, post_norm=config.post_norm,
-        embed_weights=config.embed_weights,
+        embed_weights=config.embed_weights, replace_with_identity=config.replace_with_identity,
     )  # fmt: skip
     block.mode = config.mode
     return block

@@ -1,16 +1,20 @@
-"""Language-model families whose transformer layers can be used as frozen visual-encoder blocks.
+"""Language-model families whose transformer layers can be used as frozen visual-encoder blocks, and the
+one table of language models' shapes.
 
-Each family names transformers' own layer class (never a re-implementation) and how its checkpoints
-lay out the layer stack, keyed by the ``model_type`` of the checkpoint's ``config.json``.
+Each family names transformers' own layer class (never a re-implementation), how its checkpoints lay
+out the layer stack and how its config names the layer's shape, keyed by the ``model_type`` of the
+checkpoint's ``config.json``. :data:`SHAPES` holds the shapes of the pretrained models the project
+measures with random weights (``frozenlm bench``, ``benchmarks/``); :func:`lm_config` turns a shape into
+a transformers config of any family.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.nn as nn
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,10 @@ class LMFamily:
         lora_mlp: the MLP maps LoRA also adapts with ``llm.lora.mlp``.
         rotary: the layer takes ``position_embeddings=(cos, sin)``; we pass the identity rotation
             because the visual tokens carry their own positions.
+        shape_keys: the config's names of the layer shape: ``hidden``, ``intermediate``, ``heads``,
+            ``layers`` and, for grouped-query attention, ``kv_heads`` (absent: every head has its keys).
+        shape_extra: further config entries the shape fixes, as ``{name: shape key}`` (OPT's
+            ``word_embed_proj_dim`` is its hidden size).
     """
 
     layer_class: str
@@ -38,6 +46,8 @@ class LMFamily:
     lora_attention: tuple[str, ...]
     lora_mlp: tuple[str, ...]
     rotary: bool = False
+    shape_keys: dict[str, str] = field(default_factory=dict)
+    shape_extra: dict[str, str] = field(default_factory=dict)
 
     def build_layer(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
         """Layer ``layer_idx`` of this family: transformers' own layer class, built from ``config``."""
@@ -52,10 +62,16 @@ _PRE_FFN_NORM = ("post_attention_layernorm", "input")
 
 _QV = ("self_attn.q_proj", "self_attn.v_proj")
 _GATED_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_SHAPE = {"hidden": "hidden_size", "intermediate": "intermediate_size", "heads": "num_attention_heads",
+          "layers": "num_hidden_layers"}  # fmt: skip
+_GQA_SHAPE = {**_SHAPE, "kv_heads": "num_key_value_heads"}
+
 
 def _family(family: str, layer_class: str, container: str = "layers", **kwargs) -> LMFamily:
-    """A layer class of ``transformers.models.<family>``; LLaMA-like (pre-norm, rotary, gated MLP) unless overridden."""
-    defaults = {"attention_output": _PRE_FFN_NORM, "lora_attention": _QV, "lora_mlp": _GATED_MLP, "rotary": True}
+    """A layer class of ``transformers.models.<family>``; LLaMA-like (pre-norm, rotary, gated MLP,
+    grouped-query attention) unless overridden."""
+    defaults = {"attention_output": _PRE_FFN_NORM, "lora_attention": _QV, "lora_mlp": _GATED_MLP, "rotary": True,
+                "shape_keys": _GQA_SHAPE}  # fmt: skip
     return LMFamily(_DECODER.format(family, layer_class), container, **{**defaults, **kwargs})
 
 
@@ -65,17 +81,19 @@ FAMILIES: dict[str, LMFamily] = {
     "qwen2": _family("qwen2", "Qwen2DecoderLayer"),
     # Pre-norm OPT (do_layer_norm_before: all sizes but 350m); post-norm OPT is handled by the reader.
     "opt": _family(
-        "opt", "OPTDecoderLayer", attention_output=("final_layer_norm", "input"), lora_mlp=("fc1", "fc2"), rotary=False
-    ),
+        "opt", "OPTDecoderLayer", attention_output=("final_layer_norm", "input"), lora_mlp=("fc1", "fc2"), rotary=False,
+        shape_keys={**_SHAPE, "intermediate": "ffn_dim"}, shape_extra={"word_embed_proj_dim": "hidden"},
+    ),  # fmt: skip
     # GPT-2 computes query, key and value with one fused map.
     "gpt2": _family(
         "gpt2", "GPT2Block", "h", attention_output=("ln_2", "input"), lora_attention=("attn.c_attn",),
         lora_mlp=("mlp.c_fc", "mlp.c_proj"), rotary=False,
+        shape_keys={"hidden": "n_embd", "intermediate": "n_inner", "heads": "n_head", "layers": "n_layer"},
     ),  # fmt: skip
     "bert": _family(
         "bert", "BertLayer", "layer", attention_output=("attention", "output"),
         lora_attention=("attention.self.query", "attention.self.value"),
-        lora_mlp=("intermediate.dense", "output.dense"), rotary=False,
+        lora_mlp=("intermediate.dense", "output.dense"), rotary=False, shape_keys=_SHAPE,
     ),  # fmt: skip
 }
 
@@ -89,3 +107,56 @@ def get_family(model_type: str) -> LMFamily:
             f"Unsupported language-model family model_type={model_type!r} in config.json; "
             f"supported: {', '.join(sorted(FAMILIES))}."
         ) from None
+
+
+@dataclass(frozen=True)
+class LMShape:
+    """The shape of a pretrained language model's layers (and its vocabulary, for whole checkpoints)."""
+
+    family: str
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    layers: int
+    vocab: int
+
+    def config(self, num_layers: int = 1) -> PretrainedConfig:
+        """A transformers config of this shape with ``num_layers`` layers (random weights build from it)."""
+        kv_heads = self.kv_heads if "kv_heads" in FAMILIES[self.family].shape_keys else None
+        return lm_config(self.family, self.hidden, self.intermediate, self.heads, kv_heads=kv_heads, num_layers=num_layers)
+
+
+# The pretrained models whose shapes the project uses (their config.json files' values).
+SHAPES: dict[str, LMShape] = {
+    # The LM4VE block: LLaMA-7B's layer (Pang et al., 2024).
+    "llama-7b": LMShape("llama", hidden=4096, intermediate=11008, heads=32, kv_heads=32, layers=32, vocab=32000),
+}
+
+
+def lm_config(
+    model_type: str,
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    *,
+    kv_heads: int | None = None,
+    num_layers: int = 1,
+) -> PretrainedConfig:
+    """A transformers config of one family with this layer shape (e.g. ``LlamaConfig`` for ``llama``),
+    its entries named as :data:`FAMILIES` says; ``kv_heads`` (grouped-query attention) defaults to ``heads``."""
+    family = get_family(model_type)
+    keys = family.shape_keys
+    if hidden % heads:
+        raise ValueError(f"hidden ({hidden}) must be a multiple of heads ({heads}).")
+    if kv_heads is not None and "kv_heads" not in keys:
+        grouped = ", ".join(name for name, f in FAMILIES.items() if "kv_heads" in f.shape_keys)
+        raise ValueError(f"kv_heads is only supported for {grouped}, not {model_type!r}.")
+    shape = {"hidden": hidden, "intermediate": intermediate, "heads": heads, "layers": num_layers}
+    if "kv_heads" in keys:
+        shape["kv_heads"] = kv_heads if kv_heads is not None else heads
+        if heads % shape["kv_heads"]:
+            raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({shape['kv_heads']}).")
+    entries = {keys[name]: value for name, value in shape.items()}
+    entries |= {entry: shape[name] for entry, name in family.shape_extra.items()}
+    return AutoConfig.for_model(model_type, **entries)

@@ -1,8 +1,13 @@
 """Visual backbones."""
 
-from frozenlm.models.meter import METER
+from frozenlm.models.lm_vit import LMViT, LMViTConfig
+from frozenlm.models.meter import METER, METERConfig
 from frozenlm.models.pointbert import PointBERT
+from frozenlm.models.uta import UTAStudent, UTAStudentConfig
 from frozenlm.models.videomae import create_videomae
 from frozenlm.models.vit import ViTConfig, create_vit
 
-__all__ = ["METER", "PointBERT", "ViTConfig", "create_videomae", "create_vit"]
+__all__ = [
+    "LMViT", "LMViTConfig", "METER", "METERConfig", "PointBERT", "UTAStudent", "UTAStudentConfig", "ViTConfig",
+    "create_videomae", "create_vit",
+]

@@ -7,7 +7,9 @@ id such as ``openai/clip-vit-base-patch16``) and open_clip (``open_clip:<archite
 weights file), whose vision tower is its own ViT or a timm ViT trunk (the EVA02 family). Either way the
 teacher is frozen (no gradient, eval mode) and its tokens are the vision tower's output through its final
 LayerNorm, CLS first: ``[B, 1 + grid * grid, width]``; at another grid than the one it was trained at, its
-position table is interpolated (bicubic, as transformers' CLIP does).
+position table is interpolated (bicubic, as transformers' CLIP does). The tokens are the towers' outputs: no
+hook is put on any of the teacher's modules (transformers' output recording, which installs forward hooks on
+its layers when a config asks for hidden states or attentions, is switched off).
 
 A teacher must be whole: weights that lack a tensor of the model (or hold one in another shape), a folder of
 another kind of model, or an open_clip architecture without weights are refused with :class:`TeacherLoadError`
@@ -22,9 +24,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
-from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel, PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
 from frozenlm.errors import FrozenLMError
@@ -61,6 +64,40 @@ class CLIPTeacher(nn.Module):
     def tokens(self, images: Tensor) -> Tensor:
         """``[B, 1 + N, width]``: the vision tower's final tokens (after its final norm) of normalised images."""
         raise NotImplementedError
+
+    def inputs(self, images: Tensor, grid: int, mean=None, std=None) -> Tensor:
+        """A batch as the teacher takes it: normalised by ``mean`` / ``std`` (the data's; None: the teacher's), that
+        undone and the teacher's applied, resized so that the teacher's patch grid is ``grid x grid``, in its dtype."""
+        if mean is not None and std is not None and (tuple(mean), tuple(std)) != (tuple(self.mean), tuple(self.std)):
+            shape = (1, 3, 1, 1)
+            pixels = images * images.new_tensor(std).view(shape) + images.new_tensor(mean).view(shape)
+            images = (pixels - images.new_tensor(self.mean).view(shape)) / images.new_tensor(self.std).view(shape)
+        side = grid * self.patch_size
+        if images.shape[-1] != side or images.shape[-2] != side:
+            images = F.interpolate(images, size=(side, side), mode="bicubic", align_corners=False)
+        return images.to(self.dtype)
+
+    @torch.no_grad()
+    def image_tokens(self, images: Tensor, grid: int, mean=None, std=None) -> Tensor:
+        """:meth:`tokens` in float32 of a batch as the data gives it (see :meth:`inputs`); the teacher, which is
+        outside any trained module tree, follows the batch's device."""
+        return self.to(images.device).tokens(self.inputs(images, grid, mean, std)).float()
+
+    def embed(self, cls_tokens: Tensor) -> Tensor:
+        """:meth:`project` in float32 of CLS tokens at the teacher's width (its own, or a student's projected)."""
+        return self.to(cls_tokens.device).project(cls_tokens.to(self.dtype)).float()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the teacher's weights (its inputs are cast to it)."""
+        return next(self.parameters()).dtype
+
+    @property
+    def joint_dim(self) -> int:
+        """The width of the joint image-text space (:meth:`project`'s output)."""
+        with torch.no_grad():
+            device = next(self.parameters()).device
+            return self.project(torch.zeros(1, self.width, dtype=self.dtype, device=device)).shape[-1]
 
     def project(self, cls_tokens: Tensor) -> Tensor:
         """``[B, embed_dim]``: CLS tokens (as :meth:`tokens` gives them) in the joint image-text space."""
@@ -114,6 +151,9 @@ class HuggingFaceCLIPTeacher(CLIPTeacher):
         self.image_size, self.patch_size, self.width = vision.image_size, vision.patch_size, vision.hidden_size
         # CLIP's preprocessing constants live in the processor; OpenAI's are what every HF CLIP uses.
         self.mean, self.std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+        for module in self.model.modules():  # transformers records them through forward hooks: the teacher has none
+            if isinstance(module, PreTrainedModel):
+                module.config.output_hidden_states = module.config.output_attentions = False
         self.freeze()
 
     def tokens(self, images: Tensor) -> Tensor:

@@ -33,7 +33,6 @@ the first at depth 1): such a model is refused (:class:`Learngenes`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Literal
 
@@ -100,11 +99,12 @@ def _key(name: str) -> str:
 
 
 class Learngenes(nn.Module):
-    """The genes of a stack of identical blocks (a timm ViT's ``blocks``), composing each block's
-    parameters from them before the block runs.
+    """The genes of a stack of identical blocks (a timm ViT's ``blocks``), giving each block's parameters.
 
-    The blocks' own parameters are removed; a forward pre-hook on block ``l`` sets each of them to
-    ``sum_n a(l, n) A_n`` (a tensor, differentiable in the genes). State: ``genes.<n>.<name>``.
+    The blocks' own parameters are removed (they hold None); the model that owns the blocks runs block ``l``
+    with ``torch.func.functional_call(block, learngenes.compose(l), x)``, where :meth:`compose` gives each of
+    its parameters as ``sum_n a(l, n) A_n`` (a tensor, differentiable in the genes), so nothing stays on the
+    block after the call. State: ``genes.<n>.<name>``.
     """
 
     def __init__(self, blocks: nn.ModuleList, config: LearngeneConfig) -> None:
@@ -123,14 +123,11 @@ class Learngenes(nn.Module):
         )  # fmt: skip
         for gene in self.genes[: config.frozen_genes]:
             gene.requires_grad_(False)
-        for index, block in enumerate(blocks):
+        for block in blocks:
             for name in self.names:
                 owner, attribute = _owner(block, name)
                 del owner._parameters[attribute]
                 setattr(owner, attribute, None)
-            # A partial of a bound method, not a closure: a deep copy of the model (EMA) rebinds it to
-            # the copy's genes.
-            block.register_forward_pre_hook(functools.partial(self._compose, index))
 
     def use_basis(self, basis: Basis, genes: int | None = None) -> None:
         """Compose the blocks with ``basis``'s coefficients (the basis of weights loaded into the model).
@@ -146,10 +143,10 @@ class Learngenes(nn.Module):
             )
         self.register_buffer("coefficients", weights.float(), persistent=False)
 
-    def _compose(self, index: int, block: nn.Module, args: tuple) -> None:
-        for name, value in self.block_parameters(self.coefficients[index]).items():
-            owner, attribute = _owner(block, name)
-            setattr(owner, attribute, value)
+    def compose(self, index: int) -> dict[str, torch.Tensor]:
+        """Block ``index``'s parameters, ``{name: sum_n a(index, n) A_n}``, to run it with
+        ``torch.func.functional_call(block, learngenes.compose(index), x)``."""
+        return self.block_parameters(self.coefficients[index])
 
     def block_parameters(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """One block's parameters, ``{name: sum_n weights[n] A_n}``."""
@@ -215,3 +212,63 @@ def genes_in(state: dict[str, torch.Tensor], prefix: str = "learngenes.genes.") 
 def gene_state(genes: list[dict[str, torch.Tensor]], prefix: str = "learngenes.genes.") -> dict[str, torch.Tensor]:
     """The state-dict entries of ``genes`` (the inverse of :func:`genes_in`)."""
     return {f"{prefix}{n}.{_key(name)}": value for n, gene in enumerate(genes) for name, value in gene.items()}
+
+
+# -- starting a model from weights that hold genes (``--model.init_from``) -------------------------------
+def learngene_for(
+    learngene: LearngeneConfig | dict, state: dict[str, torch.Tensor], stored: dict, source: str | None,
+    init_genes: int | None,
+) -> LearngeneConfig:
+    """The decomposed model's configuration, its basis taken from the learngenes of ``source``
+    (``--model.init_from``, read as ``state`` and ``stored``) when unset; a basis or a gene count that differs
+    from the file's is refused."""
+    from frozenlm.checkpoints import InitialWeightsError
+
+    config = learngene if isinstance(learngene, LearngeneConfig) else LearngeneConfig(**learngene)
+    held = len(genes_in(state))
+    if not held:  # no file, or weights without genes (a plain ViT's: refused when loaded)
+        return config if config.basis else dataclasses.replace(config, basis=DEFAULT_BASIS)
+    basis, genes = stored_learngene(stored)
+    if genes is not None and genes != held:
+        raise InitialWeightsError(f"--model.init_from {source} says it holds {genes} learngenes but holds {held}: "
+                                  "the file is damaged or edited; write it again.")  # fmt: skip
+    if basis is None and config.basis is None:
+        raise InitialWeightsError(f"--model.init_from {source} does not say the basis of its {held} learngenes: set "
+                                  "--model.learngene.basis to the one they were trained with.")  # fmt: skip
+    if basis is not None and config.basis not in (None, basis):
+        raise InitialWeightsError(
+            f"--model.init_from {source} holds {held} learngenes of the {basis} basis, but --model.learngene.basis is "
+            f"{config.basis}: leave the basis unset (it follows the file) or set it to {basis}."
+        )
+    used = held if init_genes is None else init_genes
+    if 1 <= used <= held and used > config.genes:  # (a used count outside [1, held] is refused when loading)
+        raise InitialWeightsError(
+            f"--model.init_from {source} holds {held} learngenes ({basis or config.basis} basis) and {used} are used, "
+            f"but --model.learngene.genes is {config.genes}: set it to at least {used}, or --model.init_genes {config.genes}."
+        )
+    return dataclasses.replace(config, basis=config.basis or basis)
+
+
+def from_genes(
+    state: dict[str, torch.Tensor], stored: dict, count: int | None, source: str, decomposed: bool, depth: int
+) -> dict[str, torch.Tensor]:
+    """``state`` (a model's names: ``backbone.*``, ``learngenes.genes.*``) with a decomposed model's genes turned
+    into what a model takes: its first ``count`` genes when the model is ``decomposed``, else recomposed into the
+    ``depth`` blocks of a plain ViT (``backbone.blocks.*``), as ``frozenlm recompose`` would."""
+    from frozenlm.checkpoints import InitialWeightsError
+
+    genes = genes_in(state)
+    if not genes:
+        return state
+    count = len(genes) if count is None else count
+    if not 1 <= count <= len(genes):
+        raise InitialWeightsError(f"--model.init_genes must be in [1, {len(genes)}] for {source}, got {count}.")
+    kept = {k: v for k, v in state.items() if not k.startswith("learngenes.")}
+    if decomposed:
+        return kept | gene_state(genes[:count])
+    basis, _ = stored_learngene(stored)
+    if basis is None:
+        raise InitialWeightsError(f"--model.init_from {source} holds learngenes but does not say their basis "
+                                  "(learngene_basis): write it with `frozenlm recompose --tied true`.")  # fmt: skip
+    blocks = recompose_blocks(genes[:count], basis, depth)
+    return kept | {f"backbone.{key}": value for key, value in blocks.items()}

@@ -15,15 +15,26 @@ dropped when the tower loads and the final LayerNorm is applied to all tokens. A
 the checkpoint's (METER fine-tunes at 576 px for VQA, 384 for Flickr30k) is set once at load, as METER's
 ``adapt_position_encoding`` does (line 193: the patch positions' grid resized bicubically, the CLS
 position kept), not interpolated at every forward.
+
+:class:`METER` is the whole model a task trains, built from a :class:`METERConfig`: the encoder above
+(:class:`METEREncoder`, towers and fusion), the frozen LM block after fusion (LM4VE's placement for METER,
+our reading: the authors never released it) and the task's heads. :meth:`METER.pair_features` (what
+``forward_features`` runs on the towers' tokens) shows where the block runs, and returns GCR's auxiliary
+branch explicitly.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
 import torch
 from torch import Tensor, nn
-from transformers import AutoModel, CLIPVisionModel
+from transformers import AutoModel, AutoTokenizer, CLIPVisionModel
 
 from frozenlm.errors import FrozenLMError
+from frozenlm.llm import LLMConfig, apply_block, create_block
 from frozenlm.llm.checkpoint import local_folder
 from frozenlm.models.clip_teacher import resample_positions
 
@@ -97,7 +108,7 @@ class Pooler(nn.Module):
         return torch.tanh(self.dense(tokens[:, 0]))
 
 
-class METER(nn.Module):
+class METEREncoder(nn.Module):
     """METER's encoder: ``forward(images, input_ids, attention_mask) -> (text_tokens, image_tokens)`` after
     fusion; :meth:`pool` turns them into the ``[B, 2 * fusion_hidden]`` feature the heads read.
 
@@ -187,3 +198,159 @@ def init_bert_weights(module: nn.Module) -> None:
         nn.init.ones_(module.weight)
     if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
         nn.init.zeros_(module.bias)
+
+
+def vqa_head(dim: int, num_answers: int) -> nn.Sequential:
+    """METER's VQA classifier on the ``dim = 2h`` pooled pair feature: Linear(2h, 2h) -> LayerNorm -> GELU ->
+    Linear(2h, answers), BERT-initialised (``vqa_classifier``, meter/modules/meter_module.py lines 105-110)."""
+    head = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim), nn.GELU(), nn.Linear(dim, num_answers))
+    head.apply(init_bert_weights)
+    return head
+
+
+def rank_head_from_itm(itm_head: nn.Linear) -> nn.Linear:
+    """A rank head (METER's ``rank_output``, Linear(2h, 1)) starting as the ITM head's "match" row
+    (meter/modules/meter_module.py lines 151-157)."""
+    head = nn.Linear(itm_head.in_features, 1)
+    with torch.no_grad():
+        head.weight.copy_(itm_head.weight[1:])
+        head.bias.copy_(itm_head.bias[1:])
+    return head
+
+
+@dataclass
+class METERConfig:
+    """What :class:`METER` is built from; the fields are the vision-language tasks' flags of the same names.
+
+    Attributes:
+        vision_checkpoint: CLIP checkpoint of the image tower: a local Hugging Face folder or a hub id
+            (METER: ``openai/clip-vit-base-patch32``).
+        text_checkpoint: text tower and tokenizer (METER: ``FacebookAI/roberta-base``).
+        checkpoint_revision: hub revision of both.
+        fusion_layers, fusion_hidden, fusion_heads: the co-attention layers (METER: 6, 768, 12).
+        img_size: image side (METER: 576 for VQA, 384 for retrieval).
+        max_text_len: tokens per text, longer ones truncated (METER: 50 for VQA, 40 for retrieval).
+        llm: the frozen LM block (:class:`frozenlm.llm.LLMConfig`, or its dict); None for none.
+        llm_tokens: ``visual`` (the image stream's tokens through the block) or ``all`` (text and image
+            tokens in one sequence, text padding masked).
+        head: ``vqa`` (METER's VQA classifier over ``num_classes`` answers) or ``rank`` (retrieval: a rank head
+            scoring a pair, started from a frozen 2-way ITM head's "match" row).
+        num_classes: answers of the VQA head.
+    """
+
+    vision_checkpoint: str
+    text_checkpoint: str
+    checkpoint_revision: str | None = None
+    fusion_layers: int = 6
+    fusion_hidden: int = 768
+    fusion_heads: int = 12
+    img_size: int = 576
+    max_text_len: int = 40
+    llm: LLMConfig | None = None
+    llm_tokens: Literal["visual", "all"] = "visual"
+    head: Literal["vqa", "rank"] = "vqa"
+    num_classes: int = 3129
+
+    def __post_init__(self) -> None:
+        if isinstance(self.llm, dict):  # as stored in a checkpoint's hyper-parameters
+            self.llm = LLMConfig(**self.llm)
+        if self.llm_tokens not in ("visual", "all"):
+            raise ValueError(f"llm_tokens must be 'visual' or 'all', got {self.llm_tokens!r}.")
+        if self.head not in ("vqa", "rank"):
+            raise ValueError(f"head must be 'vqa' or 'rank', got {self.head!r}.")
+
+    @classmethod
+    def from_hparams(cls, values: dict[str, Any], **overrides: Any) -> METERConfig:
+        """The config from a task's hyper-parameters (the fields they hold), then ``overrides``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(values).items() if k in names} | overrides)
+
+
+class METER(nn.Module):
+    """METER with a frozen LM block after fusion, and its heads: the module a vision-language task trains.
+
+    ``forward(images, input_ids, attention_mask)``: the heads' inference output, answer logits ``[B, answers]``
+    (``head: vqa``) or pair scores ``[B, 1]`` (``head: rank``). :meth:`forward_features` gives the pooled pair
+    features and GCR's branch (training only); :meth:`tokenize` turns texts into the ids the text tower reads.
+
+    Submodules (the names checkpoints use): ``meter`` (:class:`METEREncoder`), ``llm_block`` (None without a
+    block), ``head`` / ``aux_head`` (VQA) or ``itm_head`` / ``rank_head`` / ``aux_rank_head`` (retrieval); the
+    auxiliary heads exist for GCR with ``llm.aux_head: separate``. The tokenizer is held here, beside the text
+    tower it belongs to, so that the module taken away reads text as it was trained to.
+    """
+
+    def __init__(self, config: METERConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.llm_config: LLMConfig | None = config.llm
+        self.meter = METEREncoder(
+            config.vision_checkpoint, config.text_checkpoint, config.fusion_layers, config.fusion_hidden,
+            config.fusion_heads, image_size=config.img_size, revision=config.checkpoint_revision,
+        )  # fmt: skip
+        folder = local_folder(config.text_checkpoint)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder or config.text_checkpoint), revision=config.checkpoint_revision)
+        self.llm_block = create_block(config.llm, config.fusion_hidden)
+        separate = config.llm is not None and config.llm.mode == "auxiliary" and config.llm.aux_head == "separate"
+        dim = 2 * config.fusion_hidden
+        if config.head == "vqa":
+            self.head = vqa_head(dim, config.num_classes)
+            if separate:
+                self.aux_head = vqa_head(dim, config.num_classes)
+        else:
+            self.itm_head = nn.Linear(dim, 2).requires_grad_(False)  # frozen, as METER's itm_score in retrieval
+            init_bert_weights(self.itm_head)
+            self.rank_head = rank_head_from_itm(self.itm_head)
+            if separate:
+                self.aux_rank_head = rank_head_from_itm(self.itm_head)
+
+    # -- inputs ------------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """``input_ids`` and ``attention_mask`` ``[len(texts), L]``, padded to the longest and truncated to
+        ``max_text_len``, on the model's device."""
+        encoded = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.config.max_text_len,
+                                 return_tensors="pt")  # fmt: skip
+        device = self.meter.text_transform.weight.device
+        return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The text tower's tokens at the fusion width ``[B, L, fusion_hidden]`` (see :class:`METEREncoder`)."""
+        return self.meter.encode_text(input_ids, attention_mask)
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """The image tower's tokens at the fusion width ``[B, N, fusion_hidden]`` (see :class:`METEREncoder`)."""
+        return self.meter.encode_image(images)
+
+    # -- the model ---------------------------------------------------------------------------
+    def pair_features(self, image: Tensor, text: Tensor, text_padding: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Co-attention, the frozen block, pooling: ``(features [B, 2 * fusion_hidden], branch)`` of encoded
+        ``image [B, N, D]`` and ``text [B, L, D]`` tokens (``text_padding [B, L]``, True = padded). ``branch``
+        is GCR's auxiliary features (the block's output pooled) in training, else None."""
+        text, image = self.meter.fuse(text, text_padding, image)
+        # The frozen LM block after fusion, on the image stream's tokens ...
+        if self.config.llm_tokens == "visual":
+            image, branch = apply_block(self.llm_block, image)
+            return self.meter.pool(text, image), None if branch is None else self.meter.pool(text, branch)
+        # ... or on text and image tokens in one sequence, the text padding masked.
+        length = text.shape[1]
+        padding = torch.cat([text_padding, text_padding.new_zeros(image.shape[:2])], dim=1)
+        tokens, branch = apply_block(self.llm_block, torch.cat([text, image], dim=1), padding)
+        features = self.meter.pool(tokens[:, :length], tokens[:, length:])
+        return features, None if branch is None else self.meter.pool(branch[:, :length], branch[:, length:])
+
+    def forward_features(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(features, branch)`` of ``images [B, 3, S, S]`` paired with tokenized texts (:meth:`pair_features`)."""
+        text = self.encode_text(input_ids, attention_mask)
+        return self.pair_features(self.encode_image(images), text, attention_mask == 0)
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """The task's head on pooled pair features: answer logits (VQA) or pair scores ``[B, 1]`` (retrieval)."""
+        return self.head(features) if self.config.head == "vqa" else self.rank_head(features)
+
+    def forward_aux_head(self, branch: Tensor) -> Tensor:
+        """GCR's auxiliary head on the branch's features: its own (``llm.aux_head: separate``) or the task's."""
+        if self.config.head == "vqa":
+            return getattr(self, "aux_head", self.head)(branch)
+        return getattr(self, "aux_rank_head", self.rank_head)(branch)
+
+    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(images, input_ids, attention_mask)[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import re
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -132,6 +133,18 @@ def create_vit(
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"{name!r} is a {type(model).__name__}, not a timm VisionTransformer.")
     return model
+
+
+def prefixed_matcher(matcher: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """A timm ``group_matcher`` (regexes matched at the start of parameter names) for the same module held under
+    ``prefix`` (``"backbone."``): what timm's layer-wise lr decay reads from the module holding it."""
+    escaped = re.escape(prefix)
+
+    def wrap(pattern: str) -> str:
+        return f"^{escaped}(?:{pattern.removeprefix('^')})"
+
+    return {group: wrap(spec) if isinstance(spec, str) else [(wrap(p), suffix) for p, suffix in spec]
+            for group, spec in matcher.items()}  # fmt: skip
 
 
 def _default_depth(name: str, **kwargs: Any) -> int:

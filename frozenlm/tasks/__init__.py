@@ -7,7 +7,9 @@ from frozenlm.tasks.motion import MotionForecaster
 from frozenlm.tasks.pointcloud import PointCloudClassifier
 from frozenlm.tasks.uta import UnmaskedTokenAlignment
 from frozenlm.tasks.video import VideoClassifier
-from frozenlm.tasks.vision_language import ImageTextRetrieval, VisionLanguageTask, VisualQuestionAnswering
+from frozenlm.tasks.retrieval import ImageTextRetrieval
+from frozenlm.tasks.vision_language import VisionLanguageTask
+from frozenlm.tasks.vqa import VisualQuestionAnswering
 
 __all__ = [
     "BaseTask",

@@ -1,10 +1,15 @@
 """``ClassificationTask``: what every classifier shares, whatever its input (images, videos).
 
-The task-specific part is the model: ``configure_models``, ``forward`` (logits of a batch of
-inputs, with the frozen LM block applied through ``llm_tap``), ``pool`` (tokens to one vector) and
-``head_logits`` (the trunk's head on tokens). Everything else is here, once: GCR's auxiliary head,
-mixup/cutmix with label smoothing, the LM4VE/GCR training step, top-1/top-5 evaluation (averaging the
-softmax over the views a test batch may carry), and predictions.
+The model is the task's ``self.model`` (built by the task's ``build_model``): ``model.forward_features(x)``
+gives ``(tokens, branch)``, the trunk's tokens and GCR's auxiliary branch (training only, else None);
+``model.forward_head(tokens)`` the logits, ``model.forward_aux_head(branch)`` the auxiliary logits, and
+``model(x)`` the inference logits (see :class:`frozenlm.models.lm_vit.LMViT`). Everything else is here,
+once: mixup/cutmix with label smoothing, distillation, the LM4VE/GCR training step, top-1/top-5
+evaluation (averaging the softmax over the views a test batch may carry), and predictions.
+
+(Transitional: a classifier still without ``self.model`` implements ``pool``, ``head_logits`` and
+``forward`` with the block applied through ``llm_tap``, and builds GCR's head with
+``configure_auxiliary_head``.)
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
     """
 
     input_key: str
+    monitor = "val_acc1"
+    monitor_mode = "max"
 
     def configure_losses(self) -> None:
         hp = self.hparams

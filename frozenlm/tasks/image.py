@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from frozenlm.checkpoints import InitialWeightsError, load_initial_weights, read_weights
+from frozenlm.checkpoints import load_initial_weights, model_state, read_weights
 from frozenlm.llm import LLMConfig
-from frozenlm.models import create_vit
-from frozenlm.models.learngene import (
-    DEFAULT_BASIS, LearngeneConfig, Learngenes, gene_state, genes_in, recompose_blocks, stored_learngene,
-)  # fmt: skip
+from frozenlm.models.learngene import LearngeneConfig, from_genes, learngene_for
+from frozenlm.models.lm_vit import LMViT, LMViTConfig
 from frozenlm.models.patch_embed import CAPEConfig, Stem
-from frozenlm.models.vit import PosEmbed, trunk_options
+from frozenlm.models.vit import PosEmbed, prefixed_matcher
 from frozenlm.tasks.classification import ClassificationTask
 from frozenlm.tasks.distillation import DistillConfig
 
 
 class ImageClassifier(ClassificationTask):
-    """A timm ViT whose token sequence passes through a frozen LM block after ViT block ``llm_position``.
+    """A timm ViT whose token sequence passes through a frozen LM block after ViT block ``llm_position``
+    (the model: :class:`frozenlm.models.lm_vit.LMViT`, ``self.model``).
 
     With the default ``llm_position=-1`` this is the LM4VE model: ViT blocks -> Linear -> frozen LM
     block -> Linear -> the ViT's final norm -> head, all tokens (CLS + patches) through the block.
@@ -107,91 +107,42 @@ class ImageClassifier(ClassificationTask):
     ) -> None:
         # The weights are read before the model is built: a decomposed model takes its basis from them.
         state, stored = read_weights(init_from) if init_from is not None else ({}, {})
+        state = model_state(state)  # a checkpoint's model.* keys (older ones: backbone.*...) as the model names them
         if learngene is not None:
             learngene = learngene_for(learngene, state, stored, init_from, init_genes)
         super().__init__(**kwargs)
         if learngene is not None:  # the CLI saves its own config (basis unset): store the resolved one
             self.hparams["learngene"] = dataclasses.asdict(learngene)
-            self.learngenes.use_basis(learngene.basis)
+            self.model.config.learngene = learngene
+            self.model.learngenes.use_basis(learngene.basis)
         if init_from is not None:
-            optional = ("llm_block.", "aux_", "learngenes.genes.")
-            if "teacher" in stored:  # a UTA pretraining checkpoint: its student's trunk; the head starts fresh
-                state = {k: v for k, v in state.items() if k.startswith(("backbone.", "llm_block."))}
-                optional += ("backbone.head.",)
-            if not init_head:
-                state = {k: v for k, v in state.items() if not k.startswith(("backbone.head.", "head."))}
-                optional += ("backbone.head.",)
-            load_initial_weights(self, self.from_genes(state, stored, init_genes, init_from), init_from, optional)
+            self.start_from(state, stored, init_from, init_genes, init_head)
 
-    def from_genes(self, state: dict[str, torch.Tensor], stored: dict[str, Any], count: int | None, source: str) -> dict:
-        """``state`` with a decomposed model's genes turned into what this model takes: its first ``count``
-        genes, recomposed into this ViT's blocks when this model is not decomposed."""
-        genes = genes_in(state)
-        if not genes:
-            return state
-        count = len(genes) if count is None else count
-        if not 1 <= count <= len(genes):
-            raise InitialWeightsError(f"--model.init_genes must be in [1, {len(genes)}] for {source}, got {count}.")
-        kept = {k: v for k, v in state.items() if not k.startswith("learngenes.")}
-        if self.learngenes is not None:
-            return kept | gene_state(genes[:count])
-        basis, _ = stored_learngene(stored)
-        if basis is None:
-            raise InitialWeightsError(f"--model.init_from {source} holds learngenes but does not say their basis "
-                                      "(learngene_basis): write it with `frozenlm recompose --tied true`.")  # fmt: skip
-        blocks = recompose_blocks(genes[:count], basis, len(self.backbone.blocks))
-        return kept | {f"backbone.{key}": value for key, value in blocks.items()}
+    @staticmethod
+    def build_model(hparams: Mapping[str, Any], **context: Any) -> LMViT:
+        """The model of these hyper-parameters (the flat ViT flags, ``llm``, ``llm_position``, ``learngene``)."""
+        return LMViT(LMViTConfig.from_hparams(hparams))
 
     def configure_models(self) -> None:
-        hp = self.hparams
-        self.backbone = create_vit(
-            hp.backbone, hp.num_classes, img_size=hp.img_size, patch_size=hp.patch_size,
-            drop_path_rate=hp.drop_path_rate, pretrained=hp.pretrained, pretrained_file=hp.pretrained_file,
-            **trunk_options(hp), **(hp.backbone_kwargs or {}),
-        )  # fmt: skip
-        self.learngenes = None
-        if hp.learngene is not None:
-            config = hp.learngene if isinstance(hp.learngene, LearngeneConfig) else LearngeneConfig(**hp.learngene)
-            self.learngenes = Learngenes(self.backbone.blocks, config)
-        self.llm_block = self.build_llm_after(hp.llm, self.backbone.blocks, hp.llm_position, self.backbone.embed_dim)
-        self.configure_auxiliary_head(self.backbone.embed_dim)
+        self.model = self.build_model(self.hparams)
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.backbone.pool(tokens)  # the CLS token for DeiT
+    def start_from(self, state: dict[str, torch.Tensor], stored: dict[str, Any], source: str, genes: int | None,
+                   head: bool) -> None:  # fmt: skip
+        """``--model.init_from``: the model starts from ``state`` (in the model's names); the LM block's adapters,
+        the auxiliary head and genes the file lacks keep their initialisation."""
+        optional = ("llm_block.", "aux_", "learngenes.genes.")
+        if "teacher" in stored:  # a UTA pretraining checkpoint: its student's trunk; the head starts fresh
+            state = {k: v for k, v in state.items() if k.startswith(("backbone.", "llm_block."))}
+            optional += ("backbone.head.",)
+        if not head:
+            state = {k: v for k, v in state.items() if not k.startswith(("backbone.head.", "head."))}
+            optional += ("backbone.head.",)
+        decomposed, depth = self.model.learngenes is not None, len(self.model.backbone.blocks)
+        load_initial_weights(self.model, from_genes(state, stored, genes, source, decomposed, depth), source, optional)
 
-    def head_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_head(self.backbone.norm(tokens))
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """The model's layer groups, for ``--model.layer_decay`` (timm's layer-wise lr decay reads them)."""
+        return prefixed_matcher(self.model.group_matcher(coarse), "model.")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)
-
-
-def learngene_for(
-    learngene: LearngeneConfig | dict, state: dict[str, torch.Tensor], stored: dict[str, Any], source: str | None,
-    init_genes: int | None,
-) -> LearngeneConfig:
-    """The decomposed model's configuration, its basis taken from the learngenes of ``source``
-    (``--model.init_from``) when unset; a basis or a gene count that differs from the file's is refused."""
-    config = learngene if isinstance(learngene, LearngeneConfig) else LearngeneConfig(**learngene)
-    held = len(genes_in(state))
-    if not held:  # no file, or weights without genes (a plain ViT's: refused when loaded)
-        return config if config.basis else dataclasses.replace(config, basis=DEFAULT_BASIS)
-    basis, genes = stored_learngene(stored)
-    if genes is not None and genes != held:
-        raise InitialWeightsError(f"--model.init_from {source} says it holds {genes} learngenes but holds {held}: "
-                                  "the file is damaged or edited; write it again.")  # fmt: skip
-    if basis is None and config.basis is None:
-        raise InitialWeightsError(f"--model.init_from {source} does not say the basis of its {held} learngenes: set "
-                                  "--model.learngene.basis to the one they were trained with.")  # fmt: skip
-    if basis is not None and config.basis not in (None, basis):
-        raise InitialWeightsError(
-            f"--model.init_from {source} holds {held} learngenes of the {basis} basis, but --model.learngene.basis is "
-            f"{config.basis}: leave the basis unset (it follows the file) or set it to {basis}."
-        )
-    used = held if init_genes is None else init_genes
-    if 1 <= used <= held and used > config.genes:  # (a used count outside [1, held] is refused when loading)
-        raise InitialWeightsError(
-            f"--model.init_from {source} holds {held} learngenes ({basis or config.basis} basis) and {used} are used, "
-            f"but --model.learngene.genes is {config.genes}: set it to at least {used}, or --model.init_genes {config.genes}."
-        )
-    return dataclasses.replace(config, basis=config.basis or basis)
+        return self.model(images)

@@ -65,7 +65,8 @@ class MotionForecaster(FrozenLMMixin, BaseTask):
     """
 
     sample_id_key = "scenario_id"
-    monitor, monitor_mode = "val_minFDE_6", "min"
+    monitor = "val_minFDE_6"
+    monitor_mode = "min"
 
     def __init__(
         self,

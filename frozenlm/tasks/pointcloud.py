@@ -44,7 +44,6 @@ class PointCloudClassifier(ClassificationTask):
     """
 
     input_key = "points"
-    monitor, monitor_mode = "val_acc1", "max"
 
     def __init__(
         self,

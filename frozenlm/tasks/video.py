@@ -48,7 +48,6 @@ class VideoClassifier(ClassificationTask):
     """
 
     input_key = "video"
-    monitor, monitor_mode = "val_acc1", "max"
 
     def __init__(
         self,

@@ -1,4 +1,5 @@
-"""Vision-language metrics: the official VQA accuracy and image-text retrieval recall.
+"""Vision-language metrics: the official VQA accuracy here, and image-text retrieval recall (Recall@K,
+:class:`frozenlm.metrics.RetrievalRecall`, shared with UTA's zero-shot retrieval; importable from here too).
 
 VQA accuracy follows the VQA challenge's evaluation script (GT-Vision-Lab/VQA,
 ``PythonEvaluationTools/vqaEvaluation/vqaEval.py``): a question scores the mean over the ten
@@ -20,13 +21,14 @@ challenge prints percentages).
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
 from frozenlm.data.vqa_answers import ANSWER_TYPES, normalize_punctuation, normalize_words
+from frozenlm.metrics import RetrievalRecall, retrieval_recalls, split_recalls
+
+__all__ = ["VQAAccuracy", "VQA_RULES", "RetrievalRecall", "retrieval_recalls", "split_recalls", "vqa_accuracy"]
 
 VQA_RULES = ("2016", "2021")
 
@@ -83,44 +85,3 @@ class VQAAccuracy(Metric):
     def compute(self) -> dict[str, Tensor]:
         accuracy = (self.scores / self.counts.clamp_min(1)).float()
         return dict(zip(("overall", *ANSWER_TYPES), accuracy))
-
-
-def retrieval_recalls(scores: Tensor, text_images: Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, Tensor]:
-    """Recall@k of image-text retrieval from the all-pairs ``scores [images, texts]``.
-
-    ``text_images [texts]`` is each text's image. Image-to-text (``tr_r<k>``): an image counts when any of
-    its texts is among its ``k`` best-scored texts; text-to-image (``ir_r<k>``): a text counts when its image
-    is among its ``k`` best-scored images (``topk`` ranks, as METER).
-    """
-    images = torch.arange(len(scores), device=scores.device)
-    recalls = {}
-    for k in ks:
-        top_texts = scores.topk(min(k, scores.shape[1]), dim=1).indices  # [images, k]
-        recalls[f"tr_r{k}"] = (text_images[top_texts] == images[:, None]).any(dim=1).float().mean()
-        top_images = scores.topk(min(k, scores.shape[0]), dim=0).indices  # [k, texts]
-        recalls[f"ir_r{k}"] = (top_images == text_images[None, :]).any(dim=0).float().mean()
-    return recalls
-
-
-def split_recalls(index: Tensor, scores: Tensor, owners: Tensor, stage: str, warn: bool = True) -> dict[str, Tensor]:
-    """:func:`retrieval_recalls` of an evaluation split from its score rows as the processes gathered them.
-
-    ``index [R]`` is each row's image in the split (-1 for rows that only evened out the processes' shares),
-    ``scores [R, texts]``, ``owners [texts]`` each text's image. When only some images were scored
-    (``limit_val_batches``, the sanity check) the recalls are those of the scored images and their texts,
-    said in a warning unless ``warn`` is False.
-    """
-    keep = index >= 0
-    index, scores = index[keep], scores[keep].float()
-    images = int(owners.max()) + 1
-    if len(index) < images:
-        if warn:
-            warnings.warn(f"{stage} recall over the {len(index)} scored images of {images} (and their captions) only",
-                          stacklevel=2)  # fmt: skip
-        texts = torch.isin(owners, index)
-        order = index.argsort()
-        owners = torch.searchsorted(index[order], owners[texts])
-        index, scores = torch.arange(len(index), device=index.device), scores[order][:, texts]
-    matrix = torch.empty_like(scores)
-    matrix[index] = scores
-    return retrieval_recalls(matrix, owners)
