@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from frozenlm.data import Argoverse2DataModule
-from frozenlm.llm import FrozenLMBlock, LLMConfig
+from frozenlm.llm import FrozenLMBlock
 from frozenlm.llm.families import SHAPES
 from frozenlm.measure import flop_counter, ideal_seconds, median_seconds
 from frozenlm.tasks import MotionForecaster
@@ -78,9 +78,9 @@ def main() -> None:
         load_s = median_seconds(load, torch.device("cpu"), args.repeats)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in load().items()}
         model = MotionForecaster(horizon=data.horizon).to(device).train()
-        if args.llm:  # as `llm` in a config would build it, with random weights of LLaMA-7B's layer shape
-            model.llm_config = LLMConfig()
-            model.llm_block = FrozenLMBlock.from_config(SHAPES["llama-7b"].config(), in_dim=model.backbone.dim).to(device)
+        if args.llm:  # inline over all tokens, with random weights of LLaMA-7B's layer shape
+            dim = model.model.backbone.dim
+            model.model.llm_block = FrozenLMBlock.from_config(SHAPES["llama-7b"].config(), in_dim=dim).to(device)
 
         def step() -> None:
             model.zero_grad(set_to_none=True)

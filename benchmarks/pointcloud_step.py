@@ -26,22 +26,21 @@ import argparse
 import torch
 
 from frozenlm.data.pointcloud import PointCloudDataModule
-from frozenlm.llm import FrozenLMBlock, LLMConfig
+from frozenlm.llm import FrozenLMBlock
 from frozenlm.llm.families import SHAPES
 from frozenlm.measure import flop_counter, ideal_seconds, median_seconds
 from frozenlm.models import point_ops
-from frozenlm.tasks import PointCloudClassifier
+from frozenlm.models.pointbert import PointBERTClassifier, PointBERTClassifierConfig
 
 
 def measure(points: int, groups: int, batch: int, device: torch.device, llm: bool, repeats: int) -> dict[str, float]:
     generator = torch.Generator().manual_seed(0)
     cloud = torch.randn(batch, points, 3, generator=generator).to(device)
     raw = torch.randn(batch, max(points, 2048), 3, generator=generator).to(device)  # a dataset's stored clouds
-    model = PointCloudClassifier(num_classes=40, num_groups=groups, group_size=32).to(device).train()
-    if llm:  # as `llm` in a config would build it, with random weights of LLaMA-7B's layer shape
-        model.llm_config = LLMConfig()
-        model.llm_block = FrozenLMBlock.from_config(SHAPES["llama-7b"].config(), in_dim=384).to(device)
-        model.backbone.blocks[-1].register_forward_hook(model.llm_hook)
+    model = PointBERTClassifier(PointBERTClassifierConfig(num_classes=40, num_groups=groups, group_size=32))
+    if llm:  # inline after the last block (llm_position -1), with random weights of LLaMA-7B's layer shape
+        model.llm_block = FrozenLMBlock.from_config(SHAPES["llama-7b"].config(), in_dim=384)
+    model = model.to(device).train()
     labels = torch.randint(0, 40, (batch,), generator=generator).to(device)
     datamodule = PointCloudDataModule(batch_size=batch, num_points=points, num_workers=0)
 

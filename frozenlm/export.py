@@ -78,7 +78,9 @@ def _load(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
 def _read(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(hyper-parameters, trunk state dict)`` of a baseline or GCR checkpoint; inline ones are refused."""
     hparams, state = _load(checkpoint)
-    state = {k.removeprefix(TRUNK_PREFIX): v for k, v in state.items() if k.startswith(TRUNK_PREFIX)}
+    # Checkpoints of tasks holding their network as `model` store `model.backbone.*`; older ones `backbone.*`.
+    prefix = f"model.{TRUNK_PREFIX}" if any(k.startswith(f"model.{TRUNK_PREFIX}") for k in state) else TRUNK_PREFIX
+    state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     llm = hparams.get("llm")
     if llm is not None and llm.get("mode", "inline") == "inline":
         raise ExportError(

@@ -112,7 +112,7 @@ def check_lora_round_trip(config: str, root: Path, *args: str) -> None:
     holds the adapters only (no frozen weight), and the restored model scores exactly as trained."""
     fit = run_cli("fit", config, root, *args, "--model.llm.lora", "{r: 4, alpha: 8}")
     checkpoint = last_checkpoint(root)
-    keys = [k for k in load_checkpoint(checkpoint)["state_dict"] if k.startswith("llm_block.layers.")]
+    keys = [k for k in load_checkpoint(checkpoint)["state_dict"] if k.removeprefix("model.").startswith("llm_block.layers.")]
     assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys), keys
     validate = run_cli("validate", config, root, *args, "--ckpt_path", str(checkpoint))
     assert torch.equal(validate.trainer.callback_metrics["val_loss"], fit.trainer.callback_metrics["val_loss"])

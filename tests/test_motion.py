@@ -20,13 +20,14 @@ from frozenlm.data import Argoverse1DataModule, Argoverse2DataModule
 from frozenlm.data.base import DatasetFileError, DatasetNotFoundError
 from frozenlm.data.motion import VECTOR_DIM, MotionPredictionsCSV, Scene, TooManySkippedScenesError, collate_scenes, vectorize
 from frozenlm.llm import LLMConfig
-from frozenlm.models.vectornet import VectorNet
+from frozenlm.models.vectornet import VectorNet, VectorNetForecaster
 from frozenlm.tasks import MotionForecaster
 from frozenlm.tasks.motion import to_world
 from frozenlm.tasks.motion_metrics import BrierMinFDE, MinADE, MinFDE, MissRate
 from tests.cli_helpers import check_lora_round_trip, last_checkpoint, run_cli
 from tests.data.argoverse1.data import write as write_argoverse1
 from tests.data.argoverse2.data import write as write_argoverse2
+from tests.model_checks import check_branch, hooked_modules
 
 
 @pytest.fixture(scope="module")
@@ -285,13 +286,13 @@ def test_gcr_and_baseline_argoverse2_and_argoverse1_predictions(tmp_path, av2_ro
     assert gcr.trainer.callback_metrics["train_loss_aux"].isfinite()
     model = gcr.model.eval()
     batch = collate_scenes([model.trainer.datamodule.dataset("val")[0]])
-    model.llm_block.forward = lambda *a, **k: pytest.fail("the LM block ran at inference in auxiliary mode")
+    model.model.llm_block.forward = lambda *a, **k: pytest.fail("the LM block ran at inference in auxiliary mode")
     with torch.no_grad():
         model(batch)
-    del model.llm_block.forward
+    del model.model.llm_block.forward
 
     baseline = run_cli("fit", "motion_llama", tmp_path / "baseline", *args[:2], "--model.llm", "null")
-    assert baseline.model.llm_block is None
+    assert baseline.model.model.llm_block is None
 
     av1 = ["--data", "frozenlm.data.Argoverse1DataModule", "--data.root", str(av1_root), "--model.horizon", "30",
            "--model.llm", "null", "--data.batch_size", "4", "--data.num_workers", "0"]  # fmt: skip
@@ -352,3 +353,41 @@ def test_motion_predictions_csv_holds_each_batch_as_soon_as_it_is_written(tmp_pa
     rows = (tmp_path / "forecasts.csv").read_text().splitlines()  # read before close()
     assert len(rows) == 1 + 2 * 6 and rows[1].startswith("s0,a,0,")
     assert file.close() == 2
+
+
+# -- the plain model ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["inline", "auxiliary"])
+def test_the_plain_model_has_no_hooks_and_returns_the_gcr_branch(tiny_llama_checkpoint, mode):
+    hparams = {"horizon": 30, "hidden": 16, "node_completion": 1.0, "llm": {"checkpoint": str(tiny_llama_checkpoint), "mode": mode}}
+    model = MotionForecaster.build_model(hparams)  # no task, no trainer
+    assert isinstance(model, VectorNetForecaster) and model.config.global_graph == "multihead"  # hparams without it
+    batch = collate_scenes([scene_sample(synthetic_scene(seed=s)) for s in range(2)])
+    _, branch = check_branch(model, (batch,), mode)
+    with torch.no_grad():
+        groups, mask = model.polyline_groups(batch), batch["polyline_mask"]
+        graph = model.backbone(groups, mask)  # after VectorNet's global graph, padding masked
+        tokens = model.llm_block(graph, ~mask) if mode == "inline" else graph
+        torch.testing.assert_close(model.forward_features(batch)[0], tokens)
+        for got, expected in zip(model(batch), model.decoder(tokens[:, 0])):
+            torch.testing.assert_close(got, expected)
+    if branch is not None:
+        torch.testing.assert_close(branch, model.llm_block(graph, ~mask))
+    assert hooked_modules(tiny_model(tiny_llama_checkpoint)) == []
+
+
+@pytest.mark.parametrize("aux_head", ["separate", "shared"])
+def test_gcr_decodes_its_branch_with_its_own_decoder_or_the_models(tiny_llama_checkpoint, aux_head):
+    llm = LLMConfig(checkpoint=str(tiny_llama_checkpoint), mode="auxiliary", aux_head=aux_head, aux_weight=0.5)
+    task = MotionForecaster(horizon=30, hidden=16, llm=llm).train()
+    assert hasattr(task.model, "aux_decoder") == (aux_head == "separate")
+    logged = {}
+    task.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
+    task.log_dict = lambda values, **kwargs: logged.update(values)
+    batch = collate_scenes([scene_sample(synthetic_scene(seed=s)) for s in range(2)])
+    task.training_step(batch, 0).backward()
+    torch.testing.assert_close(logged["train_loss"], logged["train_loss_main"] + 0.5 * logged["train_loss_aux"])
+    decoder = {n: p.grad.clone() for n, p in task.model.decoder.named_parameters()}
+    task.zero_grad()
+    task.forecast_loss(*task.model(batch), batch["target"]).backward()  # the main loss alone
+    same = all(torch.equal(decoder[n], p.grad) for n, p in task.model.decoder.named_parameters())
+    assert same == (aux_head == "separate")  # a shared decoder also learns from the auxiliary loss

@@ -23,9 +23,10 @@ from frozenlm.data.base import DatasetFileError, DatasetNotFoundError
 from frozenlm.data.pointcloud import sample_count
 from frozenlm.llm import LLMConfig
 from frozenlm.models.point_ops import farthest_point_sample, gather_points, group_points, knn_indices
-from frozenlm.models.pointbert import PointBERT, load_pretrained
+from frozenlm.models.pointbert import PointBERT, PointBERTClassifier, load_pretrained
 from frozenlm.tasks import PointCloudClassifier
 from tests.cli_helpers import check_lora_round_trip, last_checkpoint, run_cli
+from tests.model_checks import check_branch, hooked_modules
 from tests.data.modelnet40.data import WITH_SHAPES
 from tests.data.modelnet40.data import write as write_modelnet40
 from tests.data.scanobjectnn.data import write as write_scanobjectnn
@@ -240,19 +241,19 @@ def test_block_sits_after_the_last_block_before_the_final_norm(tiny_llama_checkp
     model = tiny_model(tiny_llama_checkpoint).eval()
     points = torch.randn(2, 128, 3)
     seen = {}
-    model.backbone.norm.register_forward_pre_hook(lambda m, args: seen.__setitem__("norm_input", args[0]))
+    model.model.backbone.norm.register_forward_pre_hook(lambda m, args: seen.__setitem__("norm_input", args[0]))
     with torch.no_grad():
         logits = model(points)
-        backbone = model.backbone
+        backbone = model.model.backbone
         groups, centres = backbone.group(points)
         x = torch.cat([backbone.cls_token.expand(2, -1, -1), backbone.reduce_dim(backbone.encoder(groups))], 1)
         pos = torch.cat([backbone.cls_pos.expand(2, -1, -1), backbone.pos_embed(centres)], 1)
         for block in backbone.blocks:
-            x = block.forward(x + pos)  # `forward`: without the model's hook
-        x = model.llm_block(x)
+            x = block.forward(x + pos)
+        x = model.model.llm_block(x)
         torch.testing.assert_close(seen["norm_input"], x)
         tokens = backbone.norm(x)
-        expected = model.head(torch.cat([tokens[:, 0], tokens[:, 1:].max(1).values], -1))
+        expected = model.model.head(torch.cat([tokens[:, 0], tokens[:, 1:].max(1).values], -1))
     torch.testing.assert_close(logits, expected)
 
 
@@ -262,12 +263,12 @@ def test_reference_parameter_groups(tiny_llama_checkpoint):
     names = {id(p): n for n, p in model.named_parameters()}
     by_lr = {g["lr"]: ({names[id(p)] for p in g["params"]}, g["weight_decay"]) for g in groups}
     no_decay, adapters, decay = by_lr[0.1], by_lr[0.5], by_lr[1.0]
-    assert adapters == ({"llm_block.adapter_in.weight", "llm_block.adapter_out.weight"}, 0.0)
-    assert {"backbone.cls_token", "backbone.norm.weight", "head.0.bias"} <= no_decay[0] and no_decay[1] == 0.0
-    assert "backbone.cls_pos" in decay[0] and "backbone.blocks.0.attn.qkv.weight" in decay[0] and decay[1] == 0.05
+    assert adapters == ({"model.llm_block.adapter_in.weight", "model.llm_block.adapter_out.weight"}, 0.0)
+    assert {"model.backbone.cls_token", "model.backbone.norm.weight", "model.head.0.bias"} <= no_decay[0] and no_decay[1] == 0.0
+    assert "model.backbone.cls_pos" in decay[0] and "model.backbone.blocks.0.attn.qkv.weight" in decay[0] and decay[1] == 0.05
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert no_decay[0] | adapters[0] | decay[0] == trainable
-    assert not any(n.startswith("llm_block.layers") for n in trainable)
+    assert not any(n.startswith("model.llm_block.layers") for n in trainable)
 
 
 def test_schedule_steps_per_epoch(tiny_llama_checkpoint, scanobjectnn_root):
@@ -295,7 +296,7 @@ def test_fit_validate_test_with_votes_and_predict_through_the_cli(tmp_path, scan
     fit = run_cli("fit", "pointcloud_llama", tmp_path, *args)
     assert fit.trainer.current_epoch == 2 and fit.trainer.callback_metrics["train_loss"].isfinite()
     ckpt = last_checkpoint(tmp_path)
-    assert not [k for k in torch.load(ckpt, weights_only=True)["state_dict"] if k.startswith("llm_block.layers")]
+    assert not [k for k in torch.load(ckpt, weights_only=True)["state_dict"] if k.startswith("model.llm_block.layers")]
     validate = run_cli("validate", "pointcloud_llama", tmp_path, *args, "--ckpt_path", str(ckpt))
     assert 0 <= validate.trainer.callback_metrics["val_acc1"] <= 1
     test = run_cli("test", "pointcloud_llama", tmp_path, *args, "--ckpt_path", str(ckpt), "--trainer.limit_test_batches", "null")
@@ -317,10 +318,10 @@ def test_gcr_and_baseline_through_the_cli_and_analyses_on_group_tokens(
     model = gcr.model.eval()
     points = torch.randn(2, 128, 3)
     with torch.no_grad():
-        plain = model.head(model.pool(model.backbone.forward_features(points)))
-        model.llm_block.forward = lambda *a, **k: pytest.fail("the LM block ran at inference in auxiliary mode")
+        plain = model.model.head(model.model.pool(model.model.backbone.forward_features(points)))
+        model.model.llm_block.forward = lambda *a, **k: pytest.fail("the LM block ran at inference in auxiliary mode")
         torch.testing.assert_close(model(points), plain)
-        del model.llm_block.forward
+        del model.model.llm_block.forward
 
     maps = stage_maps(model, points)  # GCR: the block runs on the tapped tokens for the maps
     assert set(maps) == {"vit", "adapter_in", "attention", "ffn", "adapter_out", "cls_attention"}
@@ -342,7 +343,7 @@ def test_gcr_and_baseline_through_the_cli_and_analyses_on_group_tokens(
     assert "Point-BERT block 1 (the last: its own output)" in " ".join(capsys.readouterr().out.split())
 
     baseline = run_cli("fit", "pointcloud_llama", tmp_path / "baseline", *args[:2], "--model.llm", "null")
-    assert baseline.model.llm_block is None and baseline.trainer.callback_metrics["train_loss"].isfinite()
+    assert baseline.model.model.llm_block is None and baseline.trainer.callback_metrics["train_loss"].isfinite()
 
 
 def test_lora_block_through_the_cli(tmp_path, scanobjectnn_root, tiny_llama_checkpoint):
@@ -441,3 +442,27 @@ def test_point_bert_matches_its_reference_definition_to_float64_precision():
         points = torch.randn(2, 128, 3, dtype=torch.float64) * 0.01  # small inputs: variances near eps
         ours, reference = model.forward_features(points), reference_point_bert_transformer(model, points)
     assert (ours - reference).abs().max() < 1e-12  # timm's default eps (1e-6) is off by ~1e-4 here
+
+
+@pytest.mark.parametrize("mode", ["inline", "auxiliary"])
+def test_the_plain_model_has_no_hooks_and_returns_the_gcr_branch(tiny_llama_checkpoint, mode):
+    hparams = {"num_classes": 15, **TINY, "drop_path_rate": 0.0, "llm_position": -2,
+               "llm": {"checkpoint": str(tiny_llama_checkpoint), "mode": mode}}  # fmt: skip
+    model = PointCloudClassifier.build_model(hparams)  # no task, no trainer
+    assert isinstance(model, PointBERTClassifier) and model.llm_position == 0  # -2 of 2 blocks
+    points = torch.randn(2, 128, 3)
+    _, branch = check_branch(model, (points,), mode)
+    for training in (True, False):  # the group encoder's batch norms differ
+        model.train(training)
+        with torch.no_grad():
+            x, pos = model.backbone.embed(points)
+            first = model.backbone.blocks[0](x + pos)  # the block runs after block 0, before block 1 adds the positions
+            after = model.llm_block(first) if mode == "inline" else first
+            expected = model.backbone.norm(model.backbone.blocks[1](after + pos))
+            torch.testing.assert_close(model.forward_features(points)[0], expected)
+            if branch is not None and training:
+                torch.testing.assert_close(branch, model.llm_block(first))
+                assert model.forward_aux_head(branch).shape == (2, 15)
+    with pytest.raises(IndexError, match="llm_position 2 is out of range for a Point-BERT with 2 blocks"):
+        PointCloudClassifier.build_model({**hparams, "llm_position": 2})
+    assert hooked_modules(tiny_model(tiny_llama_checkpoint, llm=LLMConfig(checkpoint=str(tiny_llama_checkpoint), mode=mode))) == []

@@ -24,8 +24,10 @@ from frozenlm.data.video_transforms import (
     uniform_clip_indices,
 )
 from frozenlm.llm import LLMConfig
+from frozenlm.models.videomae import VideoMAEClassifier
 from frozenlm.tasks import VideoClassifier
 from tests.cli_helpers import check_lora_round_trip, last_checkpoint, load_checkpoint, run_cli
+from tests.model_checks import check_branch, hooked_modules
 from tests.data.ssv2.data import CLASSES, HEIGHT, WIDTH, write
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
@@ -107,12 +109,12 @@ def test_train_clips_gives_each_video_several_differently_augmented_clips(ssv2_r
 
 def test_stochastic_depth_on_both_residual_branches_of_every_layer():
     model = VideoClassifier(num_classes=4, num_frames=FRAMES, img_size=SIZE, backbone_config=TINY, drop_path_rate=0.2)
-    layers = model.backbone.encoder.layer
+    layers = model.model.backbone.encoder.layer
     assert [layer.drop_path.drop_prob for layer in layers] == pytest.approx([0.0, 0.2])
     plain = VideoClassifier(num_classes=4, num_frames=FRAMES, img_size=SIZE, backbone_config=TINY, drop_path_rate=0.0)
     assert model.state_dict().keys() == plain.state_dict().keys()  # checkpoints are unchanged
     video = torch.randn(8, 3, FRAMES, SIZE, SIZE).transpose(1, 2)  # HF layout [B, T, 3, H, W]
-    backbone = model.backbone.eval()
+    backbone = model.model.backbone.eval()
     with torch.no_grad():
         tokens = backbone(pixel_values=video).last_hidden_state
         torch.testing.assert_close(backbone(pixel_values=video).last_hidden_state, tokens)  # no drop path at eval
@@ -160,9 +162,9 @@ def test_missing_dataset_fails_at_once_with_the_fix(tmp_path, ssv2_copy):
 def test_block_sits_before_pooling(tiny_llama_checkpoint):
     model = tiny_model(LLMConfig(checkpoint=str(tiny_llama_checkpoint))).eval()
     calls = []
-    model.backbone.encoder.layer[-1].register_forward_hook(lambda m, a, out: calls.append(("encoder", out)))
-    model.llm_block.register_forward_hook(lambda m, a, out: calls.append(("llm", a[0], out)))
-    model.fc_norm.register_forward_hook(lambda m, a, out: calls.append(("fc_norm", a[0])))
+    model.model.backbone.encoder.layer[-1].register_forward_hook(lambda m, a, out: calls.append(("encoder", out)))
+    model.model.llm_block.register_forward_hook(lambda m, a, out: calls.append(("llm", a[0], out)))
+    model.model.fc_norm.register_forward_hook(lambda m, a, out: calls.append(("fc_norm", a[0])))
     video = torch.randn(2, 3, FRAMES, SIZE, SIZE)
     with torch.no_grad():
         logits = model(video)
@@ -171,8 +173,8 @@ def test_block_sits_before_pooling(tiny_llama_checkpoint):
     assert llm_in.shape == (2, 8, 32) and torch.equal(llm_in, encoder_out)  # all 2 x 2 x 2 tokens, no CLS
     torch.testing.assert_close(pooled, llm_out.mean(dim=1))
     assert logits.shape == (2, 4)
-    assert model.backbone.config._attn_implementation == "sdpa"
-    assert model.llm_block.lm_config._attn_implementation == "sdpa"
+    assert model.model.backbone.config._attn_implementation == "sdpa"
+    assert model.model.llm_block.lm_config._attn_implementation == "sdpa"
 
 
 def test_layer_decay_scales(tiny_llama_checkpoint):
@@ -181,16 +183,16 @@ def test_layer_decay_scales(tiny_llama_checkpoint):
     scale = {id(p): group["lr_scale"] for group in optimizer.param_groups for p in group["params"]}
     depth = TINY["num_hidden_layers"]
     for name, param in model.named_parameters():
-        if name.startswith("llm_block.layers."):
+        if name.startswith("model.llm_block.layers."):
             assert id(param) not in scale  # frozen: never optimised
-        elif name.startswith("backbone.embeddings."):
+        elif name.startswith("model.backbone.embeddings."):
             assert scale[id(param)] == pytest.approx(0.7 ** (depth + 1)), name
-        elif name.startswith("backbone.encoder.layer."):
-            layer = int(name.split(".")[3])
+        elif name.startswith("model.backbone.encoder.layer."):
+            layer = int(name.split(".")[4])
             assert scale[id(param)] == pytest.approx(0.7 ** (depth - layer)), name
         else:  # fc_norm, head, LM adapters
             assert scale[id(param)] == 1.0, name
-    assert any(name.startswith("llm_block.adapter_in") for name, _ in model.named_parameters())
+    assert any(name.startswith("model.llm_block.adapter_in") for name, _ in model.named_parameters())
 
 
 def test_pretrained_weights_load_from_a_local_folder(tmp_path):
@@ -208,10 +210,10 @@ def test_pretrained_weights_load_from_a_local_folder(tmp_path):
     }
     for folder, expected in saved.items():
         model = tiny_model(pretrained=str(tmp_path / folder))
-        loaded = model.backbone.state_dict()
+        loaded = model.model.backbone.state_dict()
         assert set(loaded) <= set(expected) and loaded
         assert all(torch.equal(loaded[k], expected[k]) for k in loaded), folder
-        assert model.backbone.config.use_mean_pooling and model.backbone.layernorm is None
+        assert model.model.backbone.config.use_mean_pooling and model.model.backbone.layernorm is None
     with pytest.raises(ValueError, match="hidden_size: checkpoint 32, configured 384"):
         VideoClassifier(num_classes=4, num_frames=FRAMES, img_size=SIZE, pretrained=str(tmp_path / "encoder"))
 
@@ -225,7 +227,7 @@ def test_fit_test_predict_inline_through_the_cli(tmp_path, ssv2_root, tiny_llama
     groups = cli.trainer.optimizers[0].param_groups
     assert sorted({round(g["lr_scale"], 6) for g in groups}) == [0.343, 0.49, 0.7, 1.0]
     ckpt = last_checkpoint(tmp_path)
-    assert not [k for k in load_checkpoint(ckpt)["state_dict"] if k.startswith("llm_block.layers.")]
+    assert not [k for k in load_checkpoint(ckpt)["state_dict"] if k.startswith("model.llm_block.layers.")]
 
     test = run_cli("test", "video_llama", tmp_path, *args, "--ckpt_path", str(ckpt))
     metrics = test.trainer.callback_metrics
@@ -252,10 +254,10 @@ def test_gcr_auxiliary_mode_through_the_cli(tmp_path, ssv2_copy, tiny_llama_chec
     assert metrics["data/unreadable/train"] == 1 and metrics["data/unreadable/val"] == 1
 
     model = cli.model.eval()
-    model.llm_block.forward = lambda *a, **k: pytest.fail("the LM block ran at inference in auxiliary mode")
+    model.model.llm_block.forward = lambda *a, **k: pytest.fail("the LM block ran at inference in auxiliary mode")
     video = torch.randn(2, 3, FRAMES, SIZE, SIZE)
     with torch.no_grad():
-        plain = model.head_logits(model.backbone(pixel_values=video.transpose(1, 2)).last_hidden_state)
+        plain = model.model.forward_head(model.model.backbone(pixel_values=video.transpose(1, 2)).last_hidden_state)
         torch.testing.assert_close(model(video), plain)
 
 
@@ -275,3 +277,22 @@ def test_a_batch_of_only_unreadable_videos_gives_a_zero_loss_that_reaches_every_
 
 def test_lora_block_through_the_cli(tmp_path, ssv2_root, tiny_llama_checkpoint):
     check_lora_round_trip("video_llama", tmp_path, "--data.root", str(ssv2_root), "--model.llm.checkpoint", str(tiny_llama_checkpoint))
+
+
+# -- the plain model ---------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["inline", "auxiliary"])
+def test_the_plain_model_has_no_hooks_and_returns_the_gcr_branch(tiny_llama_checkpoint, mode):
+    hparams = {"num_classes": 4, "num_frames": FRAMES, "img_size": SIZE, "backbone_config": TINY, "drop_path_rate": 0.2,
+               "llm": {"checkpoint": str(tiny_llama_checkpoint), "mode": mode}}  # fmt: skip
+    model = VideoClassifier.build_model(hparams)  # no task, no trainer
+    assert isinstance(model, VideoMAEClassifier) and model.llm_config.mode == mode
+    assert [layer.drop_path.drop_prob for layer in model.backbone.encoder.layer] == pytest.approx([0.0, 0.2])
+    video = torch.randn(2, 3, FRAMES, SIZE, SIZE)
+    tokens, branch = check_branch(model, (video,), mode)
+    if branch is not None:
+        assert model.forward_aux_head(branch).shape == (2, 4)
+    with torch.no_grad():
+        encoded = model.backbone(pixel_values=video.transpose(1, 2)).last_hidden_state
+        expected = model.llm_block(encoded) if mode == "inline" else encoded
+        torch.testing.assert_close(model(video), model.head(model.fc_norm(expected.mean(dim=1))))
+    assert hooked_modules(tiny_model(LLMConfig(checkpoint=str(tiny_llama_checkpoint), mode=mode))) == []

@@ -9,17 +9,26 @@ centres gives the position embedding, added before every block: ``x = block(x + 
 are timm's (pre-norm, ``qkv_bias`` False and ``nn.LayerNorm``'s eps 1e-5 as Point-BERT's), then a final
 LayerNorm. Parameter names
 follow Point-BERT's, so its checkpoints load by name (:func:`load_pretrained`).
+
+:class:`PointBERTClassifier` is the fine-tuned classifier (LM4VE's ScanObjectNN / ModelNet40 model): the
+frozen LM block after block ``llm_position``, the head on concat(CLS, max over groups), built from a
+:class:`PointBERTClassifierConfig`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from frozenlm.llm import LLMConfig, apply_block, create_block
 from frozenlm.models.point_ops import group_points
 
 
@@ -45,8 +54,8 @@ class PointGroupEncoder(nn.Module):
 
 class PointBERT(nn.Module):
     """Point-BERT's transformer over point groups; ``forward_features(points [B, N, 3])`` gives the
-    normalised tokens ``[B, 1 + G, D]`` (CLS first). ``blocks`` is a ``ModuleList``: a hook on block
-    ``i`` sees (and may replace) the tokens after it, before the next block adds the positions.
+    normalised tokens ``[B, 1 + G, D]`` (CLS first): ``embed`` (groups, their tokens and positions), then
+    ``x = block(x + pos)`` for each of ``blocks``, then ``norm``.
 
     Args:
         num_groups: FPS centres per cloud (Point-BERT: 64 for 1,024 points, 256 for 4,096, 512 for 8,192).
@@ -99,15 +108,117 @@ class PointBERT(nn.Module):
             )
         return group_points(points, self.num_groups, self.group_size)
 
-    def forward_features(self, points: Tensor) -> Tensor:
+    def embed(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """``(tokens, positions)``, both ``[B, 1 + G, D]`` (CLS first), of ``points [B, N, 3]``."""
         groups, centres = self.group(points)
         tokens = self.reduce_dim(self.encoder(groups))
         batch = len(tokens)
         x = torch.cat([self.cls_token.expand(batch, -1, -1), tokens], dim=1)
         pos = torch.cat([self.cls_pos.expand(batch, -1, -1), self.pos_embed(centres)], dim=1)
+        return x, pos
+
+    def forward_features(self, points: Tensor) -> Tensor:
+        x, pos = self.embed(points)
         for block in self.blocks:
             x = block(x + pos)
         return self.norm(x)
+
+
+@dataclass
+class PointBERTClassifierConfig:
+    """A :class:`PointBERTClassifier`; field names are :class:`frozenlm.tasks.PointCloudClassifier`'s flags.
+
+    Attributes:
+        num_classes: classes of the head.
+        num_groups, group_size, embed_dim, depth, num_heads, encoder_dims, drop_path_rate: the backbone,
+            see :class:`PointBERT`.
+        head_dropout: dropout of the head's hidden layer (Point-BERT: 0.5).
+        pretrained_file: Point-BERT's ``Point-BERT.pth`` or Point-MAE's ``pretrain.pth`` to start from.
+        llm: the frozen LM block (:class:`frozenlm.llm.LLMConfig`); None for none.
+        llm_position: index of the block after which the LM block runs (-1: after the last).
+    """
+
+    num_classes: int = 40
+    num_groups: int = 64
+    group_size: int = 32
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    encoder_dims: int = 256
+    drop_path_rate: float = 0.1
+    head_dropout: float = 0.5
+    pretrained_file: str | None = None
+    llm: LLMConfig | None = None
+    llm_position: int = -1
+
+    @classmethod
+    def from_hparams(cls, values: Mapping[str, Any], **overrides: Any) -> PointBERTClassifierConfig:
+        """The config from a task's hyper-parameters (the fields they hold), then ``overrides``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in dict(values).items() if k in names} | overrides
+        if isinstance(fields.get("llm"), Mapping):  # as stored in hyper-parameters
+            fields["llm"] = LLMConfig(**fields["llm"])
+        return cls(**fields)
+
+
+class PointBERTClassifier(nn.Module):
+    """Point-BERT whose tokens (CLS + point groups) pass through a frozen LM block after block
+    ``llm_position``, before the next block adds the positions again (or the final LayerNorm) (LM4VE); the
+    head reads concat(CLS, max over groups).
+
+    ``forward_features(points [B, N, 3])`` gives ``(tokens [B, 1 + G, D], branch)``: the normalised tokens
+    and GCR's branch (the block's output on the tokens after block ``llm_position``, in training only; else
+    None). ``forward_head`` / ``forward_aux_head`` are the head and GCR's auxiliary head; ``forward(points)``
+    gives the logits.
+    """
+
+    def __init__(self, config: PointBERTClassifierConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.llm_config = LLMConfig(**config.llm) if isinstance(config.llm, dict) else config.llm
+        self.backbone = PointBERT(
+            num_groups=config.num_groups, group_size=config.group_size, embed_dim=config.embed_dim, depth=config.depth,
+            num_heads=config.num_heads, encoder_dims=config.encoder_dims, drop_path_rate=config.drop_path_rate,
+        )  # fmt: skip
+        if config.pretrained_file:
+            load_pretrained(self.backbone, config.pretrained_file)
+        depth, dim = len(self.backbone.blocks), config.embed_dim
+        if not -depth <= config.llm_position < depth:
+            raise IndexError(f"llm_position {config.llm_position} is out of range for a Point-BERT with {depth} blocks.")
+        self.llm_position = config.llm_position % depth
+        self.llm_block = create_block(self.llm_config, dim)
+        self.head = nn.Sequential(
+            nn.Linear(2 * dim, 256), nn.ReLU(inplace=True), nn.Dropout(config.head_dropout),
+            nn.Linear(256, config.num_classes),
+        )  # fmt: skip
+        llm = self.llm_config
+        if llm is not None and llm.mode == "auxiliary" and llm.aux_head == "separate":  # GCR's own norm + classifier
+            self.aux_head = nn.Sequential(nn.LayerNorm(2 * dim), nn.Linear(2 * dim, config.num_classes))
+
+    def forward_features(self, points: Tensor) -> tuple[Tensor, Tensor | None]:
+        x, pos = self.backbone.embed(points)
+        branch = None
+        for index, block in enumerate(self.backbone.blocks):
+            x = block(x + pos)
+            if index == self.llm_position:  # the frozen LM block, before the next block adds the positions
+                x, branch = apply_block(self.llm_block, x)
+        return self.backbone.norm(x), branch
+
+    def pool(self, tokens: Tensor) -> Tensor:
+        return torch.cat([tokens[:, 0], tokens[:, 1:].max(dim=1).values], dim=-1)
+
+    def forward_head(self, tokens: Tensor) -> Tensor:
+        return self.head(self.pool(tokens))
+
+    def forward_aux_head(self, branch: Tensor) -> Tensor:
+        """GCR's auxiliary logits: the branch pooled, through its own head, or through the final norm and the
+        model's head (``aux_head: shared``)."""
+        if self.llm_config.aux_head == "shared":
+            return self.forward_head(self.backbone.norm(branch))
+        return self.aux_head(self.pool(branch))
+
+    def forward(self, points: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(points)[0])
 
 
 # The prefix of the fine-tuned transformer's tensors in each pretraining checkpoint's `base_model`.

@@ -16,14 +16,23 @@ own longest polyline (the datamodules' agents, the focal one first, then map pol
   padded polylines masked as keys.
 
 The output tokens ``[B, N, 2 * hidden]`` are what a frozen LM block sees (with the padding mask) before
-the trajectory decoder reads the focal agent's token.
+the trajectory decoder reads the focal agent's token: :class:`VectorNetForecaster`, built from a
+:class:`VectorNetForecasterConfig`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from frozenlm.data.motion import VECTOR_DIM
+from frozenlm.llm import LLMConfig, apply_block, create_block
 
 
 class PolylineSubgraph(nn.Module):
@@ -129,3 +138,94 @@ class TrajectoryDecoder(nn.Module):
     def forward(self, token: Tensor) -> tuple[Tensor, Tensor]:
         offsets = self.trajectories(token).view(len(token), self.modes, self.horizon, 2)
         return offsets.cumsum(dim=2), self.scores(token)
+
+
+@dataclass
+class VectorNetForecasterConfig:
+    """A :class:`VectorNetForecaster`; field names are :class:`frozenlm.tasks.MotionForecaster`'s flags.
+
+    Attributes:
+        vector_dim: width of an input vector (the datamodules': ``frozenlm.data.motion.VECTOR_DIM``).
+        horizon: future steps to predict.
+        hidden: VectorNet's hidden size (64); tokens are twice as wide.
+        global_graph: ``paper`` or ``multihead`` (see :class:`VectorNet`).
+        modes: trajectories per scene (K).
+        node_completion: weight of VectorNet's node-completion loss; above 0 the model has its ``node_decoder``.
+        llm: the frozen LM block over all polyline tokens (:class:`frozenlm.llm.LLMConfig`); None for none.
+    """
+
+    vector_dim: int = VECTOR_DIM
+    horizon: int = 60
+    hidden: int = 64
+    global_graph: str = "paper"
+    modes: int = 6
+    node_completion: float = 0.0
+    llm: LLMConfig | None = None
+
+    @classmethod
+    def from_hparams(cls, values: Mapping[str, Any], **overrides: Any) -> VectorNetForecasterConfig:
+        """The config from a task's hyper-parameters (the fields they hold), then ``overrides``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in dict(values).items() if k in names} | overrides
+        if isinstance(fields.get("llm"), Mapping):  # as stored in hyper-parameters
+            fields["llm"] = LLMConfig(**fields["llm"])
+        return cls(**fields)
+
+
+class VectorNetForecaster(nn.Module):
+    """VectorNet -> [frozen LM block over all polyline tokens, padded ones masked] -> K-mode decoder.
+
+    Inputs are a scene batch's ``agent_vectors``, ``agent_mask``, ``map_vectors``, ``map_mask`` and
+    ``polyline_mask`` (see :func:`frozenlm.data.motion.collate_scenes`). ``forward_features(batch)`` gives
+    ``(tokens [B, N, 2 * hidden], branch)``: the polyline tokens after the global graph (through the LM block
+    when it is inline) and GCR's branch (the block's output on the same tokens, in training only; else None).
+    ``forward_head`` / ``forward_aux_head`` decode the focal agent's token (index 0) of either into
+    ``(trajectories [B, K, T, 2] in the agent frame, mode logits [B, K])``; ``forward(batch)`` is that on
+    the tokens. With ``llm.aux_head: separate`` GCR's branch has a decoder of its own (``aux_decoder``); with
+    ``shared`` it reuses ``decoder``.
+    """
+
+    def __init__(self, config: VectorNetForecasterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.llm_config = LLMConfig(**config.llm) if isinstance(config.llm, dict) else config.llm
+        self.backbone = VectorNet(config.vector_dim, config.hidden, global_graph=config.global_graph)
+        dim = self.backbone.dim
+        self.llm_block = create_block(self.llm_config, dim)
+        self.decoder = TrajectoryDecoder(dim, config.horizon, config.modes)
+        llm = self.llm_config
+        if llm is not None and llm.mode == "auxiliary" and llm.aux_head == "separate":
+            self.aux_decoder = TrajectoryDecoder(dim, config.horizon, config.modes)
+        if config.node_completion > 0:  # regresses a masked polyline's feature from its token
+            self.node_decoder = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+
+    @staticmethod
+    def polyline_groups(batch: Mapping[str, Tensor]) -> list[PolylineGroup]:
+        """The batch's agents and map polylines, each padded to its own length, in token order."""
+        return [(batch["agent_vectors"], batch["agent_mask"]), (batch["map_vectors"], batch["map_mask"])]
+
+    def polyline_features(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """``[B, N, 2 * hidden]``: every polyline through the subgraph (before the global graph)."""
+        return self.backbone.polyline_features(self.polyline_groups(batch))
+
+    def forward_features(
+        self, batch: Mapping[str, Tensor], features: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(tokens, branch)``; ``features``: the polyline features to use (e.g. with one masked, for node
+        completion) instead of the batch's own."""
+        groups, polyline_mask = self.polyline_groups(batch), batch["polyline_mask"]
+        if features is None:
+            features = self.backbone.polyline_features(groups)
+        tokens = self.backbone.interact(features, self.backbone.identifiers(groups), polyline_mask)
+        return apply_block(self.llm_block, tokens, ~polyline_mask)  # after the global graph, padding masked
+
+    def forward_head(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        return self.decoder(tokens[:, 0])  # the focal agent's token
+
+    def forward_aux_head(self, branch: Tensor) -> tuple[Tensor, Tensor]:
+        decoder = self.decoder if self.llm_config.aux_head == "shared" else self.aux_decoder
+        return decoder(branch[:, 0])
+
+    def forward(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(trajectories [B, K, T, 2] in the agent frame, mode logits [B, K])``."""
+        return self.forward_head(self.forward_features(batch)[0])

@@ -8,17 +8,18 @@ the scene, and the decoder reads the focal agent's token.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import MeanMetric, MetricCollection
 
 from frozenlm.data.motion import VECTOR_DIM
 from frozenlm.llm import FrozenLMMixin, LLMConfig
-from frozenlm.models.vectornet import PolylineGroup, TrajectoryDecoder, VectorNet
+from frozenlm.models.vectornet import VectorNetForecaster, VectorNetForecasterConfig
 from frozenlm.predictions import PredictionFile
 from frozenlm.tasks.base import BaseTask
 from frozenlm.tasks.motion_metrics import BrierMinFDE, MinADE, MinFDE, MissRate
@@ -35,17 +36,19 @@ def to_world(trajectories: Tensor, origin: Tensor, heading: Tensor) -> Tensor:
 
 
 class MotionForecaster(FrozenLMMixin, BaseTask):
-    """VectorNet -> [frozen LM block over all polyline tokens, padded ones masked] -> K-mode decoder.
+    """VectorNet -> [frozen LM block over all polyline tokens, padded ones masked] -> K-mode decoder (the
+    model: :class:`frozenlm.models.vectornet.VectorNetForecaster`).
 
     Loss: winner-takes-all regression (smooth L1) on the mode with the smallest summed L2 error to the
     ground truth, plus cross-entropy of the mode scores towards that mode (as K = 6 VectorNet variants,
     e.g. HiVT); optionally VectorNet's node completion (a random polyline's feature masked and
     regressed from the global graph, Huber loss). ``llm: null`` is plain VectorNet; ``llm.mode:
-    auxiliary`` is GCR: the block and a decoder of its own as a training-only branch.
+    auxiliary`` is GCR: the block as a training-only branch, decoded by a decoder of its own
+    (``llm.aux_head: separate``) or by the model's (``shared``).
 
     Batches (see :class:`frozenlm.data.motion.collate_scenes`): ``agent_vectors``, ``agent_mask``,
     ``map_vectors``, ``map_mask``, ``polyline_mask``, ``target [B, T, 2]`` (agent frame), ``origin``,
-    ``heading``, ``scenario_id``, ``track_id``. Metrics at K = 6 and K = 1: minADE, minFDE, miss rate (2 m), and brier-minFDE.
+    ``heading``, ``scenario_id``, ``track_id``. Metrics at K = 6 and 1: minADE, minFDE, miss rate, brier-minFDE.
 
     Args:
         vector_dim: width of an input vector (the datamodules': 12).
@@ -87,16 +90,15 @@ class MotionForecaster(FrozenLMMixin, BaseTask):
             warmup_epochs=warmup_epochs, **kwargs,
         )  # fmt: skip
 
+    @staticmethod
+    def build_model(hparams: Mapping[str, Any], **context: Any) -> VectorNetForecaster:
+        """The plain VectorNet forecaster of these hyper-parameters (no trainer needed); hyper-parameters
+        from before ``global_graph`` existed mean the ``multihead`` form."""
+        graph = hparams.get("global_graph", "multihead")
+        return VectorNetForecaster(VectorNetForecasterConfig.from_hparams(hparams, global_graph=graph))
+
     def configure_models(self) -> None:
-        hp = self.hparams
-        self.backbone = VectorNet(hp.vector_dim, hp.hidden, global_graph=hp.get("global_graph", "multihead"))
-        self.llm_block = self.build_llm(hp.llm, in_dim=self.backbone.dim)
-        self.decoder = TrajectoryDecoder(self.backbone.dim, hp.horizon, hp.modes)
-        if self.llm_auxiliary:
-            self.aux_decoder = TrajectoryDecoder(self.backbone.dim, hp.horizon, hp.modes)
-        if hp.node_completion > 0:
-            self.node_decoder = nn.Sequential(nn.Linear(self.backbone.dim, self.backbone.dim), nn.ReLU(),
-                                              nn.Linear(self.backbone.dim, self.backbone.dim))  # fmt: skip
+        self.model = self.build_model(self.hparams)
 
     def configure_metrics(self) -> None:
         threshold = self.hparams.miss_threshold
@@ -124,28 +126,14 @@ class MotionForecaster(FrozenLMMixin, BaseTask):
                 f"({type(datamodule).__name__}); a checkpoint of an older frozenlm needs its own version."
             )
 
-    # -- model --------------------------------------------------------------------------------
-    @staticmethod
-    def polyline_groups(batch: dict[str, Tensor]) -> list[PolylineGroup]:
-        """The batch's agents and map polylines, each padded to its own length, in token order."""
-        return [(batch["agent_vectors"], batch["agent_mask"]), (batch["map_vectors"], batch["map_mask"])]
-
-    def tokens(self, batch: dict[str, Tensor], features: Tensor | None = None) -> Tensor:
-        """The polyline tokens after the global graph (and the LM block inline)."""
-        groups = self.polyline_groups(batch)
-        if features is None:
-            features = self.backbone.polyline_features(groups)
-        tokens = self.backbone.interact(features, self.backbone.identifiers(groups), batch["polyline_mask"])
-        return self.llm_tap(tokens, ~batch["polyline_mask"])
-
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """``(trajectories [B, K, T, 2] in the agent frame, mode logits [B, K])``."""
-        return self.decoder(self.tokens(batch)[:, 0])
+        return self.model(batch)
 
     def sample_forward(self, batch: dict[str, Any], samples: int = 1) -> tuple[Any, tuple]:
         """The forward on the first ``samples`` scenes (padded as in ``batch``): a batch of their polylines."""
         keys = ("agent_vectors", "agent_mask", "map_vectors", "map_mask", "polyline_mask")
-        return self, ({key: batch[key][:samples] for key in keys},)
+        return self.model, ({key: batch[key][:samples] for key in keys},)
 
     # -- training -----------------------------------------------------------------------------
     def forecast_loss(self, trajectories: Tensor, logits: Tensor, target: Tensor) -> Tensor:
@@ -155,26 +143,22 @@ class MotionForecaster(FrozenLMMixin, BaseTask):
         return F.smooth_l1_loss(chosen, target) + F.cross_entropy(logits, best)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        features = self.backbone.polyline_features(self.polyline_groups(batch))
-        masked = None
+        model, target, batch_size = self.model, batch["target"], len(batch["target"])
+        features, masked = model.polyline_features(batch), None
         if self.hparams.node_completion > 0:
             features, masked = self._mask_one_polyline(features, batch["polyline_mask"])
-        tokens = self.tokens(batch, features)
-        loss = self.forecast_loss(*self.decoder(tokens[:, 0]), batch["target"])
-        logs = {"train_loss_forecast": loss.detach()}
-        aux_tokens = self.auxiliary_tokens()
-        if aux_tokens is not None:  # GCR
-            aux_loss = self.forecast_loss(*self.aux_decoder(aux_tokens[:, 0]), batch["target"])
-            loss = loss + self.llm_config.aux_weight * aux_loss
-            logs["train_loss_aux"] = aux_loss.detach()
+        tokens, branch = model.forward_features(batch, features)
+        loss = self.forecast_loss(*model.forward_head(tokens), target)
+        self.log("train_loss_forecast", loss.detach(), batch_size=batch_size)
+        if branch is not None:  # GCR: loss_forecast + aux_weight * loss_aux
+            aux_loss = self.forecast_loss(*model.forward_aux_head(branch), target)
+            loss = self.with_auxiliary_loss(loss, aux_loss, model.llm_config.aux_weight, batch_size)
         if masked is not None:
             index, original = masked
             rows = torch.arange(len(index), device=index.device)
-            completion = F.huber_loss(self.node_decoder(tokens[rows, index]), original)
+            completion = F.huber_loss(model.node_decoder(tokens[rows, index]), original)
             loss = loss + self.hparams.node_completion * completion
-            logs["train_loss_node_completion"] = completion.detach()
-        batch_size = len(batch["target"])
-        self.log_dict(logs, batch_size=batch_size)
+            self.log("train_loss_node_completion", completion.detach(), batch_size=batch_size)
         self.log("train_loss", loss, prog_bar=True, batch_size=batch_size)
         return self.finite_loss(loss, batch, batch_idx)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -9,13 +10,14 @@ import torch.nn as nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from frozenlm.llm import LLMConfig
-from frozenlm.models.pointbert import PointBERT, load_pretrained
+from frozenlm.models.pointbert import PointBERTClassifier, PointBERTClassifierConfig
 from frozenlm.tasks.classification import ClassificationTask
 
 
 class PointCloudClassifier(ClassificationTask):
-    """Point-BERT whose tokens (CLS + point groups) pass through a frozen LM block after block
-    ``llm_position``, before the final LayerNorm (LM4VE); the head reads concat(CLS, max over groups).
+    """Point-BERT fine-tuning (the model: :class:`frozenlm.models.pointbert.PointBERTClassifier`, whose tokens
+    (CLS + point groups) pass through a frozen LM block after block ``llm_position``, before the final
+    LayerNorm, LM4VE; the head reads concat(CLS, max over groups)).
 
     ``llm: null`` is the Point-BERT baseline; ``llm.mode: auxiliary`` is GCR (the block and its own
     head as a training-only branch). Batches hold ``points [B, N, 3]`` (sampled and augmented by the
@@ -75,21 +77,13 @@ class PointCloudClassifier(ClassificationTask):
             warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, schedule_interval=schedule_interval, **kwargs,
         )  # fmt: skip
 
+    @staticmethod
+    def build_model(hparams: Mapping[str, Any], **context: Any) -> PointBERTClassifier:
+        """The plain Point-BERT classifier of these hyper-parameters (no trainer needed)."""
+        return PointBERTClassifier(PointBERTClassifierConfig.from_hparams(hparams))
+
     def configure_models(self) -> None:
-        hp = self.hparams
-        self.backbone = PointBERT(
-            num_groups=hp.num_groups, group_size=hp.group_size, embed_dim=hp.embed_dim, depth=hp.depth,
-            num_heads=hp.num_heads, encoder_dims=hp.encoder_dims, drop_path_rate=hp.drop_path_rate,
-        )  # fmt: skip
-        if hp.pretrained_file:
-            load_pretrained(self.backbone, hp.pretrained_file)
-        dim = hp.embed_dim
-        # After block `llm_position`, before the next Point-BERT block adds the positions again (or the final norm).
-        self.llm_block = self.build_llm_after(hp.llm, self.backbone.blocks, hp.llm_position, dim, trunk="Point-BERT")
-        self.head = nn.Sequential(
-            nn.Linear(2 * dim, 256), nn.ReLU(inplace=True), nn.Dropout(hp.head_dropout), nn.Linear(256, hp.num_classes)
-        )
-        self.configure_auxiliary_head(2 * dim)  # pooled features are concat(CLS, max)
+        self.model = self.build_model(self.hparams)
 
     def configure_metrics(self) -> None:
         super().configure_metrics()
@@ -102,7 +96,7 @@ class PointCloudClassifier(ClassificationTask):
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            if name.startswith("llm_block."):  # the reference's "llama" parameters: the trainable adapters
+            if name.startswith("model.llm_block."):  # the reference's "llama" parameters: the trainable adapters
                 adapters.append(param)
             elif param.ndim == 1 or name.endswith(".bias") or "token" in name:
                 no_decay.append(param)
@@ -115,14 +109,8 @@ class PointCloudClassifier(ClassificationTask):
         ]
         return [group for group in groups if group["params"]]
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.cat([tokens[:, 0], tokens[:, 1:].max(dim=1).values], dim=-1)
-
-    def head_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.backbone.norm(tokens)))
-
     def forward(self, points: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.backbone.forward_features(points)))
+        return self.model(points)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         super().test_step(batch, batch_idx)

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from frozenlm.llm import LLMConfig
-from frozenlm.models import create_videomae
+from frozenlm.models.videomae import VideoMAEClassifier, VideoMAEClassifierConfig
 from frozenlm.tasks.classification import ClassificationTask
 
 
 class VideoClassifier(ClassificationTask):
-    """VideoMAE fine-tuning: encoder tokens -> [frozen LM block] -> mean pooling -> fc_norm -> head.
+    """VideoMAE fine-tuning (the model: :class:`frozenlm.models.videomae.VideoMAEClassifier`, encoder tokens
+    -> [frozen LM block] -> mean pooling -> fc_norm -> head) with VideoMAE's recipe.
 
     With an ``llm`` block in the default ``inline`` mode this is LM4VE on video: all 1568 tokens of a
     16-frame 224 px clip go through Linear -> frozen LM block -> Linear after the last encoder layer,
@@ -76,48 +77,25 @@ class VideoClassifier(ClassificationTask):
             warmup_epochs=warmup_epochs, **kwargs,
         )  # fmt: skip
 
+    @staticmethod
+    def build_model(hparams: Mapping[str, Any], **context: Any) -> VideoMAEClassifier:
+        """The plain VideoMAE classifier of these hyper-parameters (no trainer needed)."""
+        return VideoMAEClassifier(VideoMAEClassifierConfig.from_hparams(hparams))
+
     def configure_models(self) -> None:
-        hp = self.hparams
-        self.backbone = create_videomae(
-            hp.backbone, num_frames=hp.num_frames, image_size=hp.img_size, pretrained=hp.pretrained,
-            revision=hp.pretrained_revision, drop_path_rate=hp.drop_path_rate, **(hp.backbone_config or {}),
-        )  # fmt: skip
-        dim = self.backbone.config.hidden_size
-        self.llm_block = self.build_llm(hp.llm, in_dim=dim)
-        self.fc_norm = nn.LayerNorm(dim, eps=1e-6)  # VideoMAE's norms use eps 1e-6
-        self.head = nn.Linear(dim, hp.num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
-        with torch.no_grad():
-            self.head.weight.mul_(hp.head_init_scale)
-        self.configure_auxiliary_head(dim)
+        self.model = self.build_model(self.hparams)
 
-    # -- layer-wise lr decay (timm's create_optimizer_v2 reads these) -------------------------
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """timm's parameter grouping: the cube embedding is group 0, encoder layer ``i`` group ``i + 1``;
-        everything unmatched (fc_norm, head, LM adapters, auxiliary head) falls in the last group, whose
-        lr is not decayed."""
-        return {"stem": r"^backbone\.embeddings", "blocks": [(r"^backbone\.encoder\.layer\.(\d+)", None)]}
-
-    # -- forward -----------------------------------------------------------------------------
-    def tokens(self, video: torch.Tensor) -> torch.Tensor:
-        """The encoder's tokens ``[B, N, D]`` of ``video [B, 3, T, H, W]``, through the LM block inline."""
-        tokens = self.backbone(pixel_values=video.transpose(1, 2)).last_hidden_state  # HF takes [B, T, 3, H, W]
-        return self.llm_tap(tokens)
-
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens.mean(dim=1)  # VideoMAE has no CLS token
-
-    def head_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.fc_norm(self.pool(tokens)))
+        """timm's layer-decay groups (read by ``create_optimizer_v2``): the model's, under ``model.``."""
+        return {k: _prefixed(v) for k, v in self.model.group_matcher(coarse).items()}
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        return self.head_logits(self.tokens(video))
+        return self.model(video)
 
     def sample_forward(self, batch: dict[str, Any], samples: int = 1) -> tuple[Any, tuple]:
         """The forward on one clip per sample: the first view of a multi-view test batch."""
         video = batch[self.input_key][:samples]
-        return self, (video[:, 0] if video.ndim == 6 else video,)
+        return self.model, (video[:, 0] if video.ndim == 6 else video,)
 
     def class_probabilities(self, video: torch.Tensor) -> torch.Tensor:
         """Class probabilities, averaged over the views of ``[B, V, 3, T, H, W]`` inputs."""
@@ -130,3 +108,10 @@ class VideoClassifier(ClassificationTask):
         """Mixup/cutmix of whole clips: frames folded into channels, so one box cuts every frame."""
         mixed, targets = super().mix(video.flatten(1, 2), targets)
         return mixed.view(len(mixed), *video.shape[1:]), targets
+
+
+def _prefixed(pattern: Any) -> Any:
+    """A timm group-matcher pattern (a regex, or a list of ``(regex, ...)``) anchored under ``model.``."""
+    if isinstance(pattern, str):
+        return pattern.replace("^", r"^model\.", 1)
+    return [(_prefixed(regex), *rest) for regex, *rest in pattern]
