@@ -14,8 +14,8 @@ import torch.nn as nn
 from lightning.fabric.utilities.cloud_io import _load as pl_load
 from torch.utils.data import DataLoader, TensorDataset
 
-from frozenlm.llm.block import FrozenLMBlock
-from frozenlm.llm.mixin import CHECKPOINT_KEY, FrozenLMMixin
+from frozenlm.llm.block import FrozenLMBlock, apply_block
+from frozenlm.llm.mixin import CHECKPOINT_KEY, FrozenLMMixin, create_block
 
 IN, DIM, CLASSES, LENGTH = 8, 16, 3, 6
 
@@ -51,12 +51,12 @@ class TinyTask(FrozenLMMixin, lightning.LightningModule):
         self.build_block()
 
     def build_block(self) -> None:
-        self.llm_block = self.build_llm(self.hparams.llm, in_dim=DIM)
+        self.llm_block = create_block(self.hparams.llm, in_dim=DIM)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         tokens = self.prefix(self.embed(x))
         mask = torch.cat([padding_mask.new_zeros(len(x), 1), padding_mask], dim=1)
-        tokens = self.norm(self.apply_llm(tokens, mask))
+        tokens = self.norm(apply_block(self.llm_block, tokens, mask)[0])
         keep = (~mask).unsqueeze(-1).to(tokens.dtype)
         return self.head((tokens * keep).sum(1) / keep.sum(1))
 
@@ -374,5 +374,5 @@ def test_mlp_ablation_and_no_block(tmp_path, tiny_llama_checkpoint):
     baseline = TinyTask(llm=None)
     assert baseline.llm_block is None and baseline.frozen_lm_blocks() == {}
     x = torch.randn(2, LENGTH, DIM)
-    assert baseline.apply_llm(x) is x
+    assert apply_block(baseline.llm_block, x)[0] is x
     assert outputs(baseline).shape == (4, CLASSES)

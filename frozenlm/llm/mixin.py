@@ -1,11 +1,10 @@
-"""``FrozenLMMixin``: how a task LightningModule owns a frozen LM block, for every modality.
+"""``FrozenLMMixin``: what a task LightningModule adds for the frozen LM block(s) its model holds.
 
-It builds the block from the task's ``llm`` config (``None`` = no block), applies it at the task's
-chosen point of the token sequence with an optional padding mask (images have none; point groups,
-agents and lanes do) either inline (LM4VE) or as an auxiliary training branch (GCR), tells the
-optimizer which parameters train and which get no weight decay, and keeps frozen weights out of
-Lightning checkpoints: by default a checkpoint stores the block's source, layers and a fingerprint,
-and restoring reloads the weights from the source, refusing a different block.
+The model builds its block (:func:`create_block`) and places it in its own ``forward``
+(:func:`frozenlm.llm.apply_block`). The mixin tells the optimizer which parameters train and which get no
+weight decay, and keeps frozen weights out of Lightning checkpoints: by default a checkpoint stores the
+block's source, layers and a fingerprint, and restoring reloads the weights from the source, refusing a
+different block (a self-contained checkpoint, ``embed_weights``, restores without the source).
 """
 
 from __future__ import annotations
@@ -36,73 +35,11 @@ _EMBEDDED_BLOCKS: contextvars.ContextVar[dict[str, dict]] = contextvars.ContextV
 
 
 class FrozenLMMixin:
-    """Mix into a ``LightningModule`` (before it in the bases) to own frozen LM block(s).
-
-    In ``configure_models``: ``self.llm_block = self.build_llm(llm, in_dim=embed_dim)``; where the
-    block goes in ``forward``: ``tokens = self.llm_tap(tokens, padding_mask)`` (or, after a block of a
-    trunk left as it is, ``self.llm_block = self.build_llm_after(llm, blocks, position, embed_dim)``); in ``training_step``:
-    ``self.auxiliary_tokens()`` gives the auxiliary branch's output tokens (GCR) or None; in
-    ``configure_optimizers``: ``self.trainable_parameter_groups(weight_decay)`` (or timm's
-    ``create_optimizer_v2(self, ...)``, which reads :meth:`no_weight_decay`).
+    """Mix into a ``LightningModule`` (before it in the bases) whose model holds frozen LM block(s) (found by
+    type anywhere in the module tree: ``model.llm_block``...). In ``configure_optimizers``:
+    ``self.trainable_parameter_groups(weight_decay)`` (or timm's ``create_optimizer_v2(self, ...)``, which reads
+    :meth:`no_weight_decay`); checkpoints are handled by its ``on_save_checkpoint`` / ``on_load_checkpoint``.
     """
-
-    # Annotation only: a class-level default (`= None`) would shadow the submodule that nn.Module keeps in
-    # `_modules`, so `self.llm_block` would stay None after `self.llm_block = block`.
-    llm_block: FrozenLMBlock | None
-    llm_config: LLMConfig | None = None
-    _tapped: tuple[torch.Tensor, torch.Tensor | None] | None = None
-
-    def build_llm(self, llm: LLMConfig | dict | None, in_dim: int, name: str = "llm_block") -> FrozenLMBlock | None:
-        """The block ``llm`` describes (None for none); ``name`` is the attribute it will be stored as."""
-        if llm is None:
-            return None
-        self.llm_config = LLMConfig(**llm) if isinstance(llm, dict) else llm
-        return create_block(llm, in_dim, name)
-
-    def build_llm_after(self, llm: LLMConfig | dict | None, blocks: torch.nn.ModuleList, position: int, in_dim: int,
-                        trunk: str = "ViT") -> FrozenLMBlock | None:  # fmt: skip
-        """The block ``llm`` describes (None for none), run on the output of ``blocks[position]``: a forward hook
-        inserts it, so the trunk's code and (pretrained) weights stay unchanged and what follows the trunk
-        block (the next block, or the final norm and head) reads the LM block's output."""
-        depth = len(blocks)
-        if not -depth <= position < depth:
-            raise IndexError(f"llm_position {position} is out of range for a {trunk} with {depth} blocks.")
-        block = self.build_llm(llm, in_dim=in_dim)
-        if block is not None:
-            blocks[position].register_forward_hook(self.llm_hook)
-        return block
-
-    def apply_llm(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Tokens through the block (unchanged when there is none)."""
-        block = getattr(self, "llm_block", None)
-        return tokens if block is None else block(tokens, padding_mask)
-
-    @property
-    def llm_auxiliary(self) -> bool:
-        """The block is a GCR auxiliary training branch rather than part of the forward path."""
-        return getattr(self, "llm_block", None) is not None and self.llm_config.mode == "auxiliary"
-
-    def llm_tap(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Called with the trunk's tokens where the block goes.
-
-        Inline (LM4VE): the tokens through the block. Auxiliary (GCR): the tokens unchanged; in
-        training only they are kept for :meth:`auxiliary_tokens`, so inference never runs the block.
-        """
-        if not self.llm_auxiliary:
-            return self.apply_llm(tokens, padding_mask)
-        if self.training:
-            self._tapped = (tokens, padding_mask)
-        return tokens
-
-    def llm_hook(self, module: torch.nn.Module, args: tuple, tokens: torch.Tensor) -> torch.Tensor:
-        """A forward hook that passes a trunk block's output through :meth:`llm_tap`: registered on the
-        block the LM block follows, it inserts the LM block without changing the trunk's code or weights."""
-        return self.llm_tap(tokens)
-
-    def auxiliary_tokens(self) -> torch.Tensor | None:
-        """The tokens tapped in this training forward, through the block (None outside GCR training)."""
-        tapped, self._tapped = self._tapped, None
-        return None if tapped is None else self.llm_block(*tapped)
 
     def frozen_lm_blocks(self) -> dict[str, FrozenLMBlock]:
         """Every frozen LM block of the module, by attribute name."""

@@ -6,10 +6,6 @@ gives ``(tokens, branch)``, the trunk's tokens and GCR's auxiliary branch (train
 ``model(x)`` the inference logits (see :class:`frozenlm.models.lm_vit.LMViT`). Everything else is here,
 once: mixup/cutmix with label smoothing, distillation, the LM4VE/GCR training step, top-1/top-5
 evaluation (averaging the softmax over the views a test batch may carry), and predictions.
-
-(Transitional: a classifier still without ``self.model`` implements ``pool``, ``head_logits`` and
-``forward`` with the block applied through ``llm_tap``, and builds GCR's head with
-``configure_auxiliary_head``.)
 """
 
 from __future__ import annotations
@@ -72,25 +68,6 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
         # epoch mean divides by an integer mean of the batch sizes: (7 + 6) / 2 samples count as 6).
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``[B, N, D]`` tokens to ``[B, D]``, as the trunk pools them."""
-        raise NotImplementedError
-
-    def head_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The trunk's own head (norm, pooling, classifier) on ``[B, N, D]`` tokens."""
-        raise NotImplementedError
-
-    def configure_auxiliary_head(self, dim: int) -> None:
-        """GCR's separate auxiliary head (``llm.aux_head: separate``): a norm and a classifier of its own."""
-        if self.llm_auxiliary and self.llm_config.aux_head == "separate":
-            self.aux_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, self.hparams.num_classes))
-
-    def auxiliary_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """GCR's auxiliary head on the LM branch's output tokens, pooled as the trunk pools."""
-        if self.llm_config.aux_head == "shared":
-            return self.head_logits(tokens)
-        return self.aux_head(self.pool(tokens))
-
     def mix(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """timm's mixup/cutmix on ``[B, C, H, W]`` inputs (video tasks fold frames into channels)."""
         if len(inputs) % 2:  # timm's Mixup pairs samples; a dropped unreadable sample can make a batch odd
@@ -132,13 +109,8 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
         inputs, targets = batch[self.input_key], batch["label"]
         if self.mixup is not None:
             inputs, targets = self.mix(inputs, targets)
-        model = getattr(self, "model", None)
-        if model is not None:  # an explicit model: the GCR branch comes back from forward_features
-            tokens, branch = model.forward_features(inputs)
-            logits = model.forward_head(tokens)
-            aux_logits = None if branch is None else model.forward_aux_head(branch)
-        else:  # transitional: a classifier that is still its own model (removed once every family holds one)
-            logits = self(inputs)
+        tokens, branch = self.model.forward_features(inputs)  # branch: GCR's tokens (training only), else None
+        logits = self.model.forward_head(tokens)
         loss = self.train_criterion(logits, targets)
         if self.teacher is not None:  # distillation: (1 - alpha) CE + alpha KD (DeiT's)
             with torch.no_grad():
@@ -147,12 +119,9 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
             kd = distillation_loss(logits, teacher_logits, distill.temperature, distill.kind, distill.reduction)
             self.log_dict({"train_loss_ce": loss, "train_loss_kd": kd}, batch_size=len(inputs))
             loss = (1 - distill.alpha) * loss + distill.alpha * kd
-        if model is None:
-            aux_tokens = self.auxiliary_tokens()
-            aux_logits = None if aux_tokens is None else self.auxiliary_logits(aux_tokens)
-        if aux_logits is not None:  # GCR: loss_main + aux_weight * loss_aux
-            weight = (model if model is not None else self).llm_config.aux_weight
-            loss = self.with_auxiliary_loss(loss, self.train_criterion(aux_logits, targets), weight, len(inputs))
+        if branch is not None:  # GCR: loss_main + aux_weight * loss_aux
+            aux_loss = self.train_criterion(self.model.forward_aux_head(branch), targets)
+            loss = self.with_auxiliary_loss(loss, aux_loss, self.model.llm_config.aux_weight, len(inputs))
         self.log("train_loss", loss, prog_bar=True, batch_size=len(inputs))
         return self.finite_loss(loss, batch, batch_idx)
 
