@@ -139,14 +139,15 @@ def load_model(checkpoint: str | Path, map_location: str | torch.device = "cpu")
         >>> model = frozenlm.load_model("runs/cifar100/checkpoints/last.ckpt")  # doctest: +SKIP
     """
     from frozenlm.checkpoints import check_checkpoint
+    from frozenlm.tasks.base import TASK_KEY
 
     check_checkpoint(checkpoint)
-    hparams = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
-    class_path = hparams.get("_class_path")
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    class_path = stored.get(TASK_KEY) or (stored.get("hyper_parameters") or {}).get("_class_path")
     if not class_path:
         raise NotAFrozenLMCheckpointError(
-            f"{checkpoint} does not say which task wrote it (no hyper_parameters._class_path): load it with that "
-            "task's load_from_checkpoint(...).model."
+            f"{checkpoint} does not say which task wrote it (written by frozenlm before it recorded that, and not "
+            "through the frozenlm CLI): load it with that task's load_from_checkpoint(...).model."
         )
     task_cls = _resolve(class_path)
     task = task_cls.load_from_checkpoint(checkpoint, map_location=map_location)

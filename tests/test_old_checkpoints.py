@@ -132,10 +132,6 @@ def test_old_cli_checkpoint_validates_and_predicts_as_before(tmp_path, tiny_llam
 def test_load_model_gives_the_old_cli_checkpoints_model():
     """``frozenlm.load_model`` on a checkpoint the CLI of 0734af2 wrote: the plain model, whose forward gives the
     logits the old task did (the frozen block embedded, so no source is needed)."""
-    from frozenlm.tasks import ImageClassifier
-
-    if not hasattr(ImageClassifier, "build_model"):
-        pytest.skip("ImageClassifier does not hold a plain model yet (issue 31 converts it)")
     import frozenlm
 
     record = json.loads(CLI_FIXTURE.read_text())

@@ -15,6 +15,7 @@ import frozenlm
 from frozenlm.registry import ALIASES, UnknownModelError, config_dir
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+REPO_DATA = Path(__file__).resolve().parent / "data"
 
 
 def _no_hooks(model: torch.nn.Module) -> None:
@@ -72,3 +73,23 @@ def test_create_model_for_point_clouds_and_motion(tiny_llama_checkpoint):
 def test_import_frozenlm_stays_light():
     code = "import sys, frozenlm; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_load_model_takes_the_trained_model_of_any_task_checkpoint(tmp_path):
+    """A checkpoint a Trainer wrote (not through the CLI) names its task, so ``load_model`` gives its model; an
+    old one that names none is refused in one line."""
+    from frozenlm.registry import NotAFrozenLMCheckpointError
+    from frozenlm.tasks import ImageClassifier
+
+    task = ImageClassifier(backbone="vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=8,
+                           backbone_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2})  # fmt: skip
+    trainer = lightning.Trainer(logger=False, enable_checkpointing=False, max_steps=0)
+    trainer.strategy.connect(task)
+    path = tmp_path / "task.ckpt"
+    trainer.save_checkpoint(path)
+    model = frozenlm.load_model(path)
+    images = torch.randn(2, 3, 32, 32)
+    assert not model.training and torch.equal(model(images), task.eval()(images))
+    old = REPO_DATA / "checkpoints" / "0734af2" / "image_inline.ckpt"  # written by Lightning directly, before
+    with pytest.raises(NotAFrozenLMCheckpointError, match="load_from_checkpoint"):
+        frozenlm.load_model(old)

@@ -28,6 +28,9 @@ from torch import nn
 from frozenlm.errors import FrozenLMError
 
 
+TASK_KEY = "frozenlm_task"
+
+
 class NonFiniteLossError(FrozenLMError, FloatingPointError):
     """A training loss was NaN or infinite (more often than ``max_nonfinite_steps`` allows): the message
     names the step and the batch's samples."""
@@ -268,6 +271,11 @@ class BaseTask(lightning.LightningModule):
     # checkpoint's modules are restored: that epoch is seeded there, from the epoch the restored
     # checkpoint resumes at.
     _fit_first_epoch: int = 0
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # Which task wrote it, for `frozenlm.load_model` (the CLI's hyper-parameters also say, as `_class_path`).
+        checkpoint[TASK_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         migrate_model_keys(self, checkpoint)
