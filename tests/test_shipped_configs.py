@@ -26,6 +26,7 @@ from tests.data.caltech256.data import write as write_caltech256
 from tests.data.cifar100.data import write as write_cifar100
 from tests.data.flickr30k.data import write as write_flickr30k
 from tests.data.imagefolder.data import write as write_imagefolder
+from tests.data.mnist.data import write as write_mnist
 from tests.data.modelnet40.data import write as write_modelnet40
 from tests.data.scanobjectnn.data import write as write_scanobjectnn
 from tests.data.ssv2.data import write as write_ssv2
@@ -36,6 +37,8 @@ FAKE_DATA = {
     "frozenlm.data.CIFAR100DataModule": write_cifar100,
     "frozenlm.data.Caltech256DataModule": write_caltech256,
     "frozenlm.data.ImageFolderDataModule": write_imagefolder,
+    # The configs hold out the last 10,000 training images for validation, as the official split.
+    "frozenlm.data.MNISTDataModule": lambda root: write_mnist(root, num_train=12_000, num_test=20),
     "frozenlm.data.SSv2DataModule": write_ssv2,
     "frozenlm.data.DigitsDataModule": None,  # ships with scikit-learn
     "frozenlm.data.ScanObjectNNDataModule": write_scanobjectnn,

@@ -539,7 +539,8 @@ def test_an_evaluation_batch_of_padding_alone_scores_nothing(teacher):
     shares (181 digits, 3 processes, batches of 10: 61 per process, the 61st a repeat): the zero-shot metrics
     skip it, as the other tasks' do (they were updated with 0 rows, which torchmetrics cannot take)."""
     model = UnmaskedTokenAlignment(str(teacher), **STUDENT)
-    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(classes=["zero", "one", "two", "seven"]))  # what evaluation reads
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(classes=["zero", "one", "two", "seven"]),
+                                     sanity_checking=False)  # what evaluation reads
     model._start_evaluation("test")
     model._trainer = None  # no trainer: self.log does nothing
     padding = {"image": torch.randn(1, 3, 32, 32), "label": torch.tensor([1]), "id": ["digits/0"], "padding": torch.tensor([True])}
