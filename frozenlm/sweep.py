@@ -84,7 +84,7 @@ from submitit.core.utils import JobPaths
 
 from frozenlm.measure import flop_counter
 from frozenlm.checkpoints import newest_intact_checkpoint
-from frozenlm.errors import FrozenLMError
+from frozenlm.errors import ConfigurationError, FrozenLMError
 from frozenlm.files import create_partial, write_atomically
 
 class SweepNotReadyError(FrozenLMError, FileNotFoundError):
@@ -621,7 +621,8 @@ def sweep(
         SweepRunsFailedError: after the report, when runs failed; it names each with its error and log.
     """
     if report_to is not None and report is None:
-        raise ValueError("--report_to goes with --report <sweep folder>: it says where that report's files go.")
+        raise ConfigurationError("ConfigurationError: --report_to goes with --report <sweep folder>: it says where "
+                                 "that report's files go; add --report, or drop --report_to.")
     if report is not None:
         return write_report(Path(report), Path(report_to) if report_to else None)
     if preset is None:
@@ -745,7 +746,8 @@ def summarize(results: list[dict[str, Any]], baseline: str | dict[str, str]) -> 
             base_tests = {s: (r.get("test") or {}).get(test_metric) for s, r in by_variant.get(base, {}).items()}
             tpaired = [v - base_tests[s] for s, v in tests.items() if base_tests.get(s) is not None]
             tmean, thalf = statistics.mean(tpaired) if tpaired else math.nan, _half_interval(tpaired)
-            row.update({"test_metric": test_metric, "test_seeds": len(tests), "test_pairs": len(tpaired) if compared else 0,"test_mean": statistics.mean(tests.values()),
+            row.update({"test_metric": test_metric, "test_seeds": len(tests), "test_pairs": len(tpaired) if compared else 0,
+                        "test_mean": statistics.mean(tests.values()),
                         "test_sd": _sd(list(tests.values())), "test_diff_mean": tmean, "test_diff_ci95": thalf,
                         "test_diff_low": tmean - thalf, "test_diff_high": tmean + thalf,
                         "test_p_value": _paired_p(tpaired) if compared and tpaired else math.nan})  # fmt: skip
@@ -883,8 +885,8 @@ def write_report(folder: Path, into: Path | None = None) -> Path:
                   f"| variant | seeds | {test_metric} | vs {baseline_name} (paired mean [95 % CI]) | p | Holm p ({compared_t}) |",
                   "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
         for r in tested:
-            diff = "-" if r["baseline"] is None else (_interval(r["test_diff_mean"], r["test_diff_low"], r["test_diff_high"], ".4f")
-                                                      + _pairs(r["test_pairs"], r["test_seeds"]))
+            diff = "-" if r["baseline"] is None else (
+                _interval(r["test_diff_mean"], r["test_diff_low"], r["test_diff_high"], ".4f") + _pairs(r["test_pairs"], r["test_seeds"]))
             survives = "*" if r["test_p_holm"] < 0.05 else ""
             lines.append(f"| {r['variant']} | {r['test_seeds']} | {r['test_mean']:.4f} ± {r['test_sd']:.4f} | {diff} | "
                          f"{_p(r['test_p_value'])} | {_p(r['test_p_holm'])}{survives} |")  # fmt: skip
@@ -1007,13 +1009,14 @@ def _plot_accuracy(results: list[dict[str, Any]], rows: list[dict[str, Any]], me
         value = (result.get("test") or {}).get(name) if test else result["final"]
         if value is not None and result["variant"] in names:
             left.plot(names.index(result["variant"]), value, ".", color="tab:blue", alpha=0.6)
-    means = [(i, r[f"{prefix}mean"] if test else r["final_mean"]) for i, r in enumerate(rows) if not test or "test_mean" in r]
+    means = [(i, r["test_mean"] if test else r["final_mean"]) for i, r in enumerate(rows) if not test or "test_mean" in r]
     left.plot([i for i, _ in means], [m for _, m in means], "_", color="black", markersize=16, label="mean over seeds")
     left.set_xticks(range(len(rows)), names, rotation=45, ha="right")
     left.set_ylabel(name)
     left.set_title("each seed (points) and the mean", fontsize=9)
     left.legend(fontsize=8)
-    compared = [(i, r) for i, r in enumerate(rows) if r["baseline"] is not None and math.isfinite(r.get(f"{prefix}diff_mean", math.nan))]
+    compared = [(i, r) for i, r in enumerate(rows)
+                if r["baseline"] is not None and math.isfinite(r.get(f"{prefix}diff_mean", math.nan))]
     for i, r in compared:
         low, high = r[f"{prefix}diff_low"], r[f"{prefix}diff_high"]
         mean = r[f"{prefix}diff_mean"]
@@ -1044,7 +1047,8 @@ def _plot_coherence(results: list[dict[str, Any]], rows: list[dict[str, Any]], p
                 if result["variant"] != r["variant"]:
                     continue
                 for step, values in (result.get("coherence") or {}).items():
-                    steps.setdefault(int(step), []).extend(v for k, v in values.items() if k.endswith(f"/{name}") and v is not None)
+                    measured = [v for k, v in values.items() if k.endswith(f"/{name}") and v is not None]
+                    steps.setdefault(int(step), []).extend(measured)
             points = sorted((step, statistics.mean(values)) for step, values in steps.items() if values)
             if points:
                 ax.plot([s for s, _ in points], [v for _, v in points], "o-", markersize=3, label=r["variant"])

@@ -141,8 +141,13 @@ def test_the_docs_index_includes_only_reports_that_exist(reported):
         assert (docs / link).is_file(), link
 
 
-def test_report_to_needs_a_report():
-    from frozenlm.sweep import sweep
+def test_report_to_without_a_report_is_a_one_line_error(monkeypatch, capsys):
+    from frozenlm.cli import main
 
-    with pytest.raises(ValueError, match="--report_to goes with --report"):
-        sweep(report_to="somewhere")
+    monkeypatch.setattr("sys.argv", ["frozenlm", "sweep", "--report_to", "somewhere"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[0] == ("frozenlm: error: ConfigurationError: --report_to goes with --report "
+                                               "<sweep folder>: it says where that report's files go; add --report, "
+                                               "or drop --report_to.")  # fmt: skip
