@@ -919,6 +919,11 @@ def write_report(folder: Path, into: Path | None = None) -> Path:
         footer += " Set-up before the first step, per run: " + ", ".join(
             f"{r['variant']} {r['setup_s']:.1f} s" for r in rows if math.isfinite(r["setup_s"])
         ) + "."  # fmt: skip
+    timed = [r["run_seconds"] for r in results if isinstance(r.get("run_seconds"), (int, float))]
+    if timed:
+        footer += (f" Wall time of the {len(timed)} finished runs' set-up, training and validation (run_seconds, summed; "
+                   "the test scoring not included): "
+                   f"{sum(timed) / 60:.1f} min.")  # fmt: skip
     lines += ["", footer]
     (into / "results.md").write_text("\n".join(lines) + "\n")
     _plot(results, rows, order, metric, into / "results.png")

@@ -55,7 +55,7 @@ def fake_partial_sweep(output: Path) -> None:
             final = test_acc(variant, seed) - 0.01
             result = {"variant": variant, "seed": seed, "metric": "val_acc1", "final": final, "best": final,
                       "history": [final], "trainable_params": 10, "frozen_params": 5, "flops_per_sample": 7,
-                      "seconds_per_step": 0.01, "coherence": coherence(variant, seed),
+                      "seconds_per_step": 0.01, "run_seconds": 60.0 + seed, "coherence": coherence(variant, seed),
                       "test": {"test_loss": 0.3, "test_acc1": test_acc(variant, seed)}}  # fmt: skip
             (folder / "result.json").write_text(json.dumps(result))
 
@@ -89,6 +89,9 @@ def test_a_partial_sweep_lists_pending_runs_and_pairs_on_the_seeds_both_have(rep
     markdown = (folder / "results.md").read_text()
     assert "Finished runs: 5 of 6 (2 variants x 3 seeds)." in markdown
     assert "no_block/seed1 (missing: pending, no result.json yet)" in markdown
+    minutes = sum(60.0 + s for v in VARIANTS for s in SEEDS if (v, s) != MISSING) / 60
+    assert (f"Wall time of the 5 finished runs' set-up, training and validation (run_seconds, summed; "
+            f"the test scoring not included): {minutes:.1f} min.") in markdown
     rows = {row["variant"]: row for row in csv.DictReader((folder / "results.csv").open())}
     assert rows["no_block"]["test_seeds"] == "2" and rows["gcr"]["test_seeds"] == "3"
     acc = {v: {s: test_acc(v, s) for s in SEEDS if (v, s) != MISSING} for v in VARIANTS}
