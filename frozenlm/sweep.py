@@ -84,7 +84,7 @@ from submitit.core.utils import JobPaths
 
 from frozenlm.measure import flop_counter
 from frozenlm.checkpoints import newest_intact_checkpoint
-from frozenlm.errors import FrozenLMError
+from frozenlm.errors import ConfigurationError, FrozenLMError
 from frozenlm.files import create_partial, write_atomically
 
 class SweepNotReadyError(FrozenLMError, FileNotFoundError):
@@ -595,6 +595,7 @@ def sweep(
     slurm: SlurmOptions = SlurmOptions(),  # noqa: B008 (read only)
     parallel: int = 1,
     report: str | None = None,
+    report_to: str | None = None,
     force_unlock: bool = False,
 ) -> Path:
     """Run a sweep preset (see the module docstring), then write its report; or only rebuild a report.
@@ -610,6 +611,8 @@ def sweep(
             ``timeout_min`` also limits each ``local`` job.
         parallel: with ``local``: runs at once.
         report: rebuild the report of this sweep folder from its runs, and run nothing.
+        report_to: with ``report``: write the report's files into this folder instead of the sweep's
+            (which is then only read), e.g. ``docs/evidence/<regime>``.
         force_unlock: remove the locks (``run.lock``) of runs held by another host's process before their
             time limit, or unreadable ones, and start those runs: only when that process is known to have
             ended. (A lock of this host whose process has ended is taken over without it.)
@@ -617,8 +620,11 @@ def sweep(
     Raises:
         SweepRunsFailedError: after the report, when runs failed; it names each with its error and log.
     """
+    if report_to is not None and report is None:
+        raise ConfigurationError("ConfigurationError: --report_to goes with --report <sweep folder>: it says where "
+                                 "that report's files go; add --report, or drop --report_to.")
     if report is not None:
-        return write_report(Path(report))
+        return write_report(Path(report), Path(report_to) if report_to else None)
     if preset is None:
         raise ValueError("Give a sweep preset (--preset configs/sweeps/<name>.yaml) or --report <sweep folder>.")
     if launcher not in ("inline", "local", "slurm"):
@@ -727,7 +733,7 @@ def summarize(results: list[dict[str, Any]], baseline: str | dict[str, str]) -> 
             "variant": variant, "baseline": base if compared else None, "seeds": len(runs),
             "final_mean": statistics.mean(finals), "final_sd": _sd(finals),
             "best_mean": statistics.mean(bests), "best_sd": _sd(bests),
-            "diff_mean": diff_mean, "diff_ci95": half, "diff_low": diff_mean - half, "diff_high": diff_mean + half,
+            "pairs": len(paired) if compared else 0, "diff_mean": diff_mean, "diff_ci95": half, "diff_low": diff_mean - half, "diff_high": diff_mean + half,
             "p_value": _paired_p(paired) if compared else math.nan,
             "trainable_params": next(iter(runs.values()))["trainable_params"],
             "frozen_params": next(iter(runs.values()))["frozen_params"],
@@ -740,10 +746,21 @@ def summarize(results: list[dict[str, Any]], baseline: str | dict[str, str]) -> 
             base_tests = {s: (r.get("test") or {}).get(test_metric) for s, r in by_variant.get(base, {}).items()}
             tpaired = [v - base_tests[s] for s, v in tests.items() if base_tests.get(s) is not None]
             tmean, thalf = statistics.mean(tpaired) if tpaired else math.nan, _half_interval(tpaired)
-            row.update({"test_metric": test_metric, "test_seeds": len(tests), "test_mean": statistics.mean(tests.values()),
+            row.update({"test_metric": test_metric, "test_seeds": len(tests), "test_pairs": len(tpaired) if compared else 0,
+                        "test_mean": statistics.mean(tests.values()),
                         "test_sd": _sd(list(tests.values())), "test_diff_mean": tmean, "test_diff_ci95": thalf,
                         "test_diff_low": tmean - thalf, "test_diff_high": tmean + thalf,
                         "test_p_value": _paired_p(tpaired) if compared and tpaired else math.nan})  # fmt: skip
+        for name in COHERENCE_SUMMARY:  # GCR's mechanism: each run's coherence over training, then over seeds
+            per_seed = {s: v for s, r in runs.items() if math.isfinite(v := run_coherence(r, name))}
+            if per_seed:
+                base_runs = by_variant.get(base, {})
+                cpaired = [v - run_coherence(base_runs[s], name) for s, v in per_seed.items() if s in base_runs]
+                cpaired = [d for d in cpaired if math.isfinite(d)] if compared else []
+                cmean, chalf = statistics.mean(cpaired) if cpaired else math.nan, _half_interval(cpaired)
+                row.update({f"{name}_mean": statistics.mean(per_seed.values()), f"{name}_sd": _sd(list(per_seed.values())),
+                            f"{name}_seeds": len(per_seed), f"{name}_diff_mean": cmean,
+                            f"{name}_diff_low": cmean - chalf, f"{name}_diff_high": cmean + chalf})  # fmt: skip
         steps = sorted({int(step) for r in runs.values() for step in r["coherence"]})
         for step in steps:
             for name in ("m_coherence", "mean_cosine"):
@@ -754,6 +771,22 @@ def summarize(results: list[dict[str, Any]], baseline: str | dict[str, str]) -> 
     _holm(rows, "p_value", "p_holm")
     _holm(rows, "test_p_value", "test_p_holm")
     return rows
+
+
+# The coherence measures the report summarises per variant (``grad_coherence/<name>`` in result.json).
+COHERENCE_SUMMARY = ("m_coherence", "mean_cosine")
+
+
+def run_coherence(result: dict[str, Any], name: str) -> float:
+    """One run's gradient coherence ``name`` over training: the mean of its values at the recorded steps
+    after step 0 (step 0 is the initialisation, before any update; it counts only when no later step was
+    recorded); nan when the run recorded none."""
+    by_step = {int(step): [v for k, v in values.items() if k.endswith(f"/{name}") and v is not None]
+               for step, values in (result.get("coherence") or {}).items()}  # fmt: skip
+    by_step = {step: values for step, values in by_step.items() if values}
+    trained = [v for step, values in by_step.items() if step > 0 for v in values]
+    values = trained or [v for values in by_step.values() for v in values]
+    return statistics.mean(values) if values else math.nan
 
 
 def _holm(rows: list[dict[str, Any]], key: str, out: str) -> None:
@@ -792,9 +825,13 @@ def _paired_p(differences: list[float]) -> float:
     return float(stats.ttest_1samp(differences, 0.0).pvalue)
 
 
-def write_report(folder: Path) -> Path:
-    """``results.csv``, ``results.md`` and ``results.png`` of the runs under ``folder``; runs that are
-    missing, damaged or without the metric are listed by name instead of averaged."""
+def write_report(folder: Path, into: Path | None = None) -> Path:
+    """``results.csv``, ``results.md``, ``results.png``, ``accuracy.png`` and ``coherence.png`` of the runs
+    under ``folder``, written into ``into`` (default: ``folder``; nothing is then written under ``folder``).
+    Reads ``sweep.yaml`` and each run's ``result.json`` (JSON only). Works on a sweep part-way: runs not
+    finished yet are listed as pending, runs damaged or without the metric are listed by name, and each
+    paired comparison uses the seeds both variants have. Returns ``into``."""
+    into = Path(into) if into is not None else folder
     preset = yaml.safe_load((folder / "sweep.yaml").read_text())
     metric = preset.get("metric", "val_acc1")
     results, left_out = [], []
@@ -808,23 +845,27 @@ def write_report(folder: Path) -> Path:
             left_out.append(f"{variant}/seed{seed} ({run_status(run_folder(folder, variant, seed)) or status})")
     if not results:
         raise SweepNotReadyError(f"No finished run with a {metric} under {folder} yet: " + "; ".join(left_out) + ".")
+    into.mkdir(parents=True, exist_ok=True)
     order = list(preset["variants"])
     rows = sorted(summarize(results, preset["baseline"]), key=lambda r: order.index(r["variant"]) if r["variant"] in order else 99)
     columns = list(dict.fromkeys(k for row in rows for k in row))
     baseline_name = "its baseline" if isinstance(preset["baseline"], dict) else preset["baseline"]
-    with (folder / "results.csv").open("w", newline="") as file:  # quoted where a value holds a comma or quote
+    with (into / "results.csv").open("w", newline="") as file:  # quoted where a value holds a comma or quote
         writer = csv.writer(file, lineterminator="\n")
         writer.writerow(columns)
         writer.writerows([_csv(row.get(c)) for c in columns] for row in rows)
     compared = sum(math.isfinite(r["p_value"]) for r in rows)
+    expected = len(expected_runs(preset))
     lines = [
+        f"Finished runs: {len(results)} of {expected} ({len(preset['variants'])} variants x {len(preset['seeds'])} seeds).",
+        "",
         f"| variant | seeds | final {metric} | best {metric} | vs {baseline_name} (paired mean [95 % CI]) | "
         f"p | Holm p ({compared}) | trainable | frozen | GFLOP/sample | ms/step |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for r in rows:
         diff = "-" if r["baseline"] is None else (
-            f"{r['diff_mean']:+.4f} [{r['diff_low']:+.4f}, {r['diff_high']:+.4f}]"
+            _interval(r["diff_mean"], r["diff_low"], r["diff_high"], ".4f") + _pairs(r["pairs"], r["seeds"])
             + (f" vs {r['baseline']}" if isinstance(preset["baseline"], dict) else ""))  # fmt: skip
         flops = f"{r['flops_per_sample'] / 1e9:.3f}" if r["flops_per_sample"] else "-"
         survives = "*" if r["p_holm"] < 0.05 else ""
@@ -834,7 +875,8 @@ def write_report(folder: Path) -> Path:
             f"{r['trainable_params']:,} | {r['frozen_params']:,} | {flops} | {r['ms_per_step']:.1f} |"
         )
     lines += ["", f"Accuracies: mean ± sd over seeds. The paired column pairs each variant's seed with the "
-              f"baseline's; p is the paired t-test's, Holm p that p corrected for the {compared} variants compared "
+              "baseline's (the seeds both have; '(n pairs)' where fewer than the variant's seeds; no interval "
+              f"from one pair); p is the paired t-test's, Holm p that p corrected for the {compared} variants compared "
               "(* = below 0.05 after correction)."]  # fmt: skip
     tested = [r for r in rows if "test_mean" in r]
     if tested:
@@ -843,12 +885,29 @@ def write_report(folder: Path) -> Path:
                   f"| variant | seeds | {test_metric} | vs {baseline_name} (paired mean [95 % CI]) | p | Holm p ({compared_t}) |",
                   "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
         for r in tested:
-            diff = "-" if r["baseline"] is None else f"{r['test_diff_mean']:+.4f} [{r['test_diff_low']:+.4f}, {r['test_diff_high']:+.4f}]"
+            diff = "-" if r["baseline"] is None else (
+                _interval(r["test_diff_mean"], r["test_diff_low"], r["test_diff_high"], ".4f") + _pairs(r["test_pairs"], r["test_seeds"]))
             survives = "*" if r["test_p_holm"] < 0.05 else ""
             lines.append(f"| {r['variant']} | {r['test_seeds']} | {r['test_mean']:.4f} ± {r['test_sd']:.4f} | {diff} | "
                          f"{_p(r['test_p_value'])} | {_p(r['test_p_holm'])}{survives} |")  # fmt: skip
     if left_out:
-        lines += ["", f"Runs not in the table ({len(left_out)}): " + "; ".join(left_out) + "."]
+        shown = [entry.replace(" (missing)", " (missing: pending, no result.json yet)") for entry in left_out]
+        lines += ["", f"Runs not in the table ({len(left_out)}): " + "; ".join(shown) + "."]
+    summarised = [name for name in COHERENCE_SUMMARY if any(f"{name}_mean" in r for r in rows)]
+    if summarised:
+        lines += ["", "Gradient coherence over training (GCR's mechanism): each run's mean over its recorded steps "
+                  "after step 0, then mean ± sd over seeds, and the paired difference to the baseline [95 % CI]:", "",
+                  "| variant | " + " | ".join(f"{n} (seeds) | vs {baseline_name}" for n in summarised) + " |",
+                  "|---|" + "---:|---:|" * len(summarised)]  # fmt: skip
+        for r in rows:
+            cells = []
+            for n in summarised:
+                if f"{n}_mean" not in r:
+                    cells += ["-", "-"]
+                    continue
+                cells.append(f"{r[f'{n}_mean']:.4g} ± {r[f'{n}_sd']:.2g} ({r[f'{n}_seeds']})")
+                cells.append(_interval(r[f"{n}_diff_mean"], r[f"{n}_diff_low"], r[f"{n}_diff_high"], ".3g"))
+            lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
     coherence = [c for c in columns if "@" in c]
     if coherence:
         lines += ["", "Gradient coherence (mean over seeds) at training steps:", "",
@@ -860,11 +919,58 @@ def write_report(folder: Path) -> Path:
         footer += " Set-up before the first step, per run: " + ", ".join(
             f"{r['variant']} {r['setup_s']:.1f} s" for r in rows if math.isfinite(r["setup_s"])
         ) + "."  # fmt: skip
+    timed = [r["run_seconds"] for r in results if isinstance(r.get("run_seconds"), (int, float))]
+    if timed:
+        footer += (f" Wall time of the {len(timed)} finished runs' set-up, training and validation (run_seconds, summed; "
+                   "the test scoring not included): "
+                   f"{sum(timed) / 60:.1f} min.")  # fmt: skip
     lines += ["", footer]
-    (folder / "results.md").write_text("\n".join(lines) + "\n")
-    _plot(results, rows, order, metric, folder / "results.png")
-    print("\n".join(lines) + f"\n\nWrote {folder}/results.csv, results.md and results.png")
-    return folder
+    (into / "results.md").write_text("\n".join(lines) + "\n")
+    _plot(results, rows, order, metric, into / "results.png")
+    _plot_accuracy(results, rows, metric, into / "accuracy.png")
+    _plot_coherence(results, rows, into / "coherence.png")
+    print("\n".join(lines) + f"\n\nWrote {into}/results.csv, results.md, results.png, accuracy.png and coherence.png")
+    return into
+
+
+REPORT_FILES = ("results.md", "results.csv", "results.png", "accuracy.png", "coherence.png")
+
+
+def write_report_index(docs: Path, subfolder: str, names: Sequence[str]) -> Path:
+    """``docs/<subfolder>/results.txt``: for each sweep ``name`` whose report is in ``docs/<subfolder>/<name>/``
+    (:func:`write_report` ``into``), a section that includes its ``results.md`` (pymdownx.snippets) and shows
+    its plots; a line saying which have no report yet. A docs page includes this one file, which always
+    exists once written, so the page names only files that exist (``check_paths``). Not a ``.md``: it is
+    no page of its own; its links are relative to ``docs``, where the including page is."""
+    folder = Path(docs) / subfolder
+    folder.mkdir(parents=True, exist_ok=True)
+    lines, waiting = [], []
+    for name in names:
+        if not (folder / name / "results.md").is_file():
+            waiting.append(f"`{name}`")
+            continue
+        lines += [f"### `{name}`", "", f'--8<-- "{subfolder}/{name}/results.md"', ""]
+        lines += [f"![{name}: {plot.removesuffix('.png')}]({subfolder}/{name}/{plot})" for plot in REPORT_FILES[3:]
+                  if (folder / name / plot).is_file()]  # fmt: skip
+        lines += ["", f"Every run's numbers: [`{subfolder}/{name}/results.csv`]({subfolder}/{name}/results.csv).", ""]
+    if waiting:
+        lines += [f"No finished run yet, so no report: {', '.join(waiting)}.", ""]
+    path = folder / "results.txt"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def _interval(mean: float, low: float, high: float, spec: str) -> str:
+    """``mean [low, high]``; ``mean (no interval)`` from one pair; ``-`` without any."""
+    if not math.isfinite(mean):
+        return "-"
+    if not math.isfinite(low):
+        return f"{mean:+{spec}} (no interval)"
+    return f"{mean:+{spec}} [{low:+{spec}}, {high:+{spec}}]"
+
+
+def _pairs(pairs: int, seeds: int) -> str:
+    return f" ({pairs} pairs)" if pairs < seeds else ""
 
 
 def _p(value: float) -> str:
@@ -890,6 +996,75 @@ def _plot(results: list[dict[str, Any]], rows: list[dict[str, Any]], order: list
     ax.set_ylabel(f"final {metric}")
     ax.legend(fontsize=8)
     figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def _plot_accuracy(results: list[dict[str, Any]], rows: list[dict[str, Any]], metric: str, path: Path) -> None:
+    """Left: each variant's test metric (the validation metric where the runs have no test split), one point
+    per seed and the mean; right: the paired difference to the baseline with its 95 % t interval."""
+    from matplotlib.figure import Figure
+
+    test = any("test_mean" in r for r in rows)
+    name = next((r["test_metric"] for r in rows if "test_mean" in r), None) if test else f"final {metric}"
+    prefix = "test_" if test else ""
+    figure = Figure(figsize=(min(14.0, 1.3 * len(rows) + 3), 4.2))
+    left, right = figure.subplots(1, 2)
+    names = [r["variant"] for r in rows]
+    for result in results:
+        value = (result.get("test") or {}).get(name) if test else result["final"]
+        if value is not None and result["variant"] in names:
+            left.plot(names.index(result["variant"]), value, ".", color="tab:blue", alpha=0.6)
+    means = [(i, r["test_mean"] if test else r["final_mean"]) for i, r in enumerate(rows) if not test or "test_mean" in r]
+    left.plot([i for i, _ in means], [m for _, m in means], "_", color="black", markersize=16, label="mean over seeds")
+    left.set_xticks(range(len(rows)), names, rotation=45, ha="right")
+    left.set_ylabel(name)
+    left.set_title("each seed (points) and the mean", fontsize=9)
+    left.legend(fontsize=8)
+    compared = [(i, r) for i, r in enumerate(rows)
+                if r["baseline"] is not None and math.isfinite(r.get(f"{prefix}diff_mean", math.nan))]
+    for i, r in compared:
+        low, high = r[f"{prefix}diff_low"], r[f"{prefix}diff_high"]
+        mean = r[f"{prefix}diff_mean"]
+        if math.isfinite(low):
+            right.errorbar(i, mean, yerr=[[mean - low], [high - mean]], fmt="o", capsize=6, color="black")
+        else:  # one pair: no interval
+            right.plot(i, mean, "o", color="gray")
+    right.axhline(0.0, color="tab:red", linewidth=0.8)
+    right.set_xticks(range(len(rows)), names, rotation=45, ha="right")
+    right.set_ylabel(f"{name}: paired difference")
+    right.set_title("paired difference to the baseline, 95 % t interval", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def _plot_coherence(results: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> None:
+    """Gradient coherence at each recorded step, mean over seeds, one line per variant (one panel per
+    measure); a figure saying so when no run recorded any."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 3.8), layout="constrained")
+    axes = figure.subplots(1, len(COHERENCE_SUMMARY))
+    for ax, name in zip(axes, COHERENCE_SUMMARY):
+        drawn = False
+        for r in rows:
+            steps: dict[int, list[float]] = {}
+            for result in results:
+                if result["variant"] != r["variant"]:
+                    continue
+                for step, values in (result.get("coherence") or {}).items():
+                    measured = [v for k, v in values.items() if k.endswith(f"/{name}") and v is not None]
+                    steps.setdefault(int(step), []).extend(measured)
+            points = sorted((step, statistics.mean(values)) for step, values in steps.items() if values)
+            if points:
+                ax.plot([s for s, _ in points], [v for _, v in points], "o-", markersize=3, label=r["variant"])
+                drawn = True
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"{name} (mean over seeds)")
+        if not drawn:
+            ax.text(0.5, 0.5, "no coherence recorded", ha="center", va="center", transform=ax.transAxes)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        figure.legend(handles, labels, fontsize=7, loc="outside right center")
     figure.savefig(path, dpi=120)
 
 
