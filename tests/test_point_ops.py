@@ -4,8 +4,10 @@ clouds with ties (grid points, duplicates) and points with |p|^2 <= 1e-3: indice
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,3 +228,14 @@ def test_modelnet40_caches_of_the_old_fps_rule_are_not_reused(tmp_path):
     raw = np.loadtxt(paths[0], delimiter=",", dtype=np.float32)[:, :3]
     expected = torch.from_numpy(normalize(raw[kernel_fps(raw, 48)]))
     torch.testing.assert_close(train.points[0], expected)  # resampled, not the old cache's zeros
+
+
+def test_the_point_ops_benchmark_runs():
+    """benchmarks/point_ops.py at a tiny size (figures reported, never asserted)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "point_ops.py"
+    spec = importlib.util.spec_from_file_location("point_ops_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.measure(batch=1, points=400, device=torch.device("cpu"), repeats=1, scale=0.05)
+    assert result["sa_points"] == [102, 51, 25, 12]
+    assert {"step_s", "fps_s", "ball_query_s", "three_nn_s", "ops_share", "fps_first_loop_s"} <= set(result)
