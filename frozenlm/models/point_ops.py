@@ -58,14 +58,19 @@ def squared_norm(points: Tensor) -> Tensor:
     return (x * x + y * y) + z * z
 
 
-def squared_distances(a: Tensor, b: Tensor) -> Tensor:
-    """``[B, M, N]`` squared distances from ``a [B, M, 3]`` to ``b [B, N, 3]``, summed as the kernels do
-    (one coordinate at a time: no ``[B, M, N, 3]`` temporary)."""
-    d = None
-    for ca, cb in zip(a.unbind(-1), b.unbind(-1)):
-        t = ca.unsqueeze(2) - cb.unsqueeze(1)
-        t.mul_(t)
-        d = t if d is None else d.add_(t)
+def squared_distances(a: Tensor, b: Tensor, out: Tensor | None = None, scratch: Tensor | None = None) -> Tensor:
+    """``[B, M, N]`` squared distances from ``a [B, M, 3]`` to ``b [B, N, 3]``, summed as the kernels do,
+    one coordinate at a time (no ``[B, M, N, 3]`` temporary); ``out`` and ``scratch``, buffers of at
+    least that size reused across chunks, spare the allocations (most of the time on the CPU)."""
+    shape = (a.shape[0], a.shape[1], b.shape[1])
+    d = torch.empty(shape, dtype=a.dtype, device=a.device) if out is None else out.view(-1)[: math.prod(shape)].view(shape)
+    t = torch.empty_like(d) if scratch is None else scratch.view(-1)[: math.prod(shape)].view(shape)
+    for i, (ca, cb) in enumerate(zip(a.unbind(-1), b.unbind(-1))):
+        target = d if i == 0 else t
+        torch.sub(ca.unsqueeze(2), cb.unsqueeze(1), out=target)
+        target.mul_(target)
+        if i:
+            d.add_(t)
     return d
 
 
@@ -189,9 +194,10 @@ def ball_query(points: Tensor, centres: Tensor, radius: float, nsample: int) -> 
     take = min(nsample, size)
     index = torch.arange(size, dtype=torch.int32, device=points.device)
     out = []
-    step = _chunk_rows(batch, size)
+    step = max(1, min(_chunk_rows(batch, size), centres.shape[1]))
+    buffers = [torch.empty(batch * step * size, dtype=points.dtype, device=points.device) for _ in range(2)]
     for start in range(0, centres.shape[1], step):  # chunks of centres, to bound memory
-        inside = squared_distances(centres[:, start : start + step], points) < radius2
+        inside = squared_distances(centres[:, start : start + step], points, *buffers) < radius2
         keys = torch.where(inside, index, size)  # hits keep their index, misses sort last
         first = keys.topk(take, dim=-1, largest=False, sorted=True).values  # the first hits, in order
         if take < nsample:
@@ -228,9 +234,10 @@ def three_nn(unknown: Tensor, known: Tensor) -> tuple[Tensor, Tensor]:
     batch, size, _ = unknown.shape
     unknown, known = unknown.detach(), known.detach()  # as the kernel: no gradient through the distances
     out_d, out_i = [], []
-    step = _chunk_rows(batch, max(known.shape[1], 3))
+    step = min(_chunk_rows(batch, max(known.shape[1], 3)), max(size, 1))
+    buffers = [torch.empty(batch * step * known.shape[1], dtype=unknown.dtype, device=unknown.device) for _ in range(2)]
     for start in range(0, size, step):  # chunks of unknown points, to bound memory
-        d = squared_distances(unknown[:, start : start + step], known)
+        d = squared_distances(unknown[:, start : start + step], known, *buffers)
         if d.shape[-1] < 3:  # missing neighbours: never chosen before a real one
             d = torch.cat([d, d.new_full((*d.shape[:-1], 3 - d.shape[-1]), math.inf)], dim=-1)
         values, indices = [], []
