@@ -46,10 +46,12 @@ def modelnet40_root(tmp_path) -> Path:
 
 # -- geometry ---------------------------------------------------------------------------------------
 def brute_force_fps(cloud: np.ndarray, count: int) -> list[int]:
-    chosen = [0]
+    """The pointnet2 kernel's rule (Point-BERT's FPS): start at 0, never a point with |p|^2 <= 1e-3 after
+    it. Ties are first-of-equals here; the kernel's own tie order is checked in test_point_ops.py."""
+    chosen, eligible = [0], (cloud**2).sum(1) > 1e-3
     for _ in range(count - 1):
         distance = np.min([((cloud - cloud[c]) ** 2).sum(1) for c in chosen], axis=0)
-        chosen.append(int(distance.argmax()))
+        chosen.append(int(np.where(eligible, distance, -1.0).argmax()))
     return chosen
 
 
@@ -173,7 +175,7 @@ def test_modelnet40_is_resampled_once_into_a_safe_cache(modelnet40_root, monkeyp
     )
     assert data.num_classes == 40
     train = data.dataset("train")
-    cache = modelnet40_root / "modelnet40_train_256pts_fps.safetensors"
+    cache = modelnet40_root / "modelnet40_train_256pts_kernelfps.safetensors"
     assert cache.is_file() and len(train) == 9 and train.points.shape == (9, 256, 3)
     assert train.ids[3].startswith("night_stand_") and train.labels[3] == data.classes.index("night_stand")
     norms = train.points.norm(dim=-1)
@@ -188,7 +190,7 @@ def test_modelnet40_is_resampled_once_into_a_safe_cache(modelnet40_root, monkeyp
     again = ModelNet40DataModule(modelnet40_root, cache_points=256, num_points=128, num_workers=0, val_fraction=0.0)
     again = again.dataset("train")
     assert torch.equal(again.points, train.points) and again.ids == train.ids
-    assert not (modelnet40_root / "modelnet40_train_512pts_fps.safetensors").exists()  # other count, other key
+    assert not (modelnet40_root / "modelnet40_train_512pts_kernelfps.safetensors").exists()  # other count, other key
 
 
 def test_a_malformed_modelnet40_shape_file_is_named(modelnet40_root):
@@ -385,7 +387,7 @@ def test_modelnet40_cache_follows_its_shape_files(modelnet40_root, capsys):
     assert not torch.equal(second.points[1], first.points[1])
     assert torch.equal(second.points[[0, *range(2, 9)]], first.points[[0, *range(2, 9)]])  # only that shape redone
 
-    cache = modelnet40_root / "modelnet40_train_256pts_fps.safetensors"
+    cache = modelnet40_root / "modelnet40_train_256pts_kernelfps.safetensors"
     cache.write_bytes(cache.read_bytes()[:500])  # truncated by a full disk or a copy cut short
     third = load()
     assert f"the cache {cache} is damaged" in capsys.readouterr().out and torch.equal(third.points, second.points)

@@ -107,7 +107,7 @@ class ModelNet40DataModule(PointCloudDataModule):
         root/<class>/<id>.txt                  10,000 rows `x,y,z,nx,ny,nz` (normals unused)
 
     As Point-BERT, each shape is farthest-point-sampled once to ``cache_points`` (8,192) points and
-    normalised into the unit sphere; the result is cached as ``modelnet40_<split>_<cache_points>pts_fps
+    normalised into the unit sphere; the result is cached as ``modelnet40_<split>_<cache_points>pts_kernelfps
     .safetensors`` in ``cache_dir`` (default: root), built with a progress bar on first use. The cache
     stamps each shape with its file's size and modification time: a shape file replaced or repaired
     since is resampled, a damaged cache rebuilt (both said in one line). A malformed shape file (a
@@ -148,8 +148,11 @@ class ModelNet40DataModule(PointCloudDataModule):
         self.num_classes = len(self.classes)
 
     def cache_path(self, split: str) -> Path:
-        """Where the sampled clouds of ``split`` are cached."""
-        return self.cache_dir / f"modelnet40_{split}_{self.cache_points}pts_fps.safetensors"
+        """Where the sampled clouds of ``split`` are cached. ``kernelfps``: sampled by the pointnet2 kernel's
+        rule (:func:`~frozenlm.models.point_ops.farthest_point_sample`); the ``*pts_fps.safetensors``
+        caches of frozenlm before it followed that rule (it could select points with |p|^2 <= 1e-3, and
+        broke ties differently) are not read."""
+        return self.cache_dir / f"modelnet40_{split}_{self.cache_points}pts_kernelfps.safetensors"
 
     def load_split(self, split: str) -> tuple[Tensor, list[int], list[str]]:
         """The split's clouds from its cache, (re)built first for the shapes whose files changed since."""
