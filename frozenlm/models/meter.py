@@ -25,7 +25,6 @@ branch explicitly.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -37,6 +36,7 @@ from frozenlm.errors import FrozenLMError
 from frozenlm.llm import LLMConfig, apply_block, create_block
 from frozenlm.llm.checkpoint import local_folder
 from frozenlm.models.clip_teacher import resample_positions
+from frozenlm.models.config import FromHParams
 
 
 class TowerLoadError(FrozenLMError, OSError):
@@ -219,7 +219,7 @@ def rank_head_from_itm(itm_head: nn.Linear) -> nn.Linear:
 
 
 @dataclass
-class METERConfig:
+class METERConfig(FromHParams):
     """What :class:`METER` is built from; the fields are the vision-language tasks' flags of the same names.
 
     Attributes:
@@ -258,12 +258,6 @@ class METERConfig:
             raise ValueError(f"llm_tokens must be 'visual' or 'all', got {self.llm_tokens!r}.")
         if self.head not in ("vqa", "rank"):
             raise ValueError(f"head must be 'vqa' or 'rank', got {self.head!r}.")
-
-    @classmethod
-    def from_hparams(cls, values: dict[str, Any], **overrides: Any) -> METERConfig:
-        """The config from a task's hyper-parameters (the fields they hold), then ``overrides``."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dict(values).items() if k in names} | overrides)
 
 
 class METER(nn.Module):

@@ -17,8 +17,6 @@ frozen LM block after block ``llm_position``, the head on concat(CLS, max over g
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from frozenlm.llm import LLMConfig, apply_block, create_block
+from frozenlm.models.config import FromHParams
 from frozenlm.models.point_ops import group_points
 
 
@@ -125,7 +124,7 @@ class PointBERT(nn.Module):
 
 
 @dataclass
-class PointBERTClassifierConfig:
+class PointBERTClassifierConfig(FromHParams):
     """A :class:`PointBERTClassifier`; field names are :class:`frozenlm.tasks.PointCloudClassifier`'s flags.
 
     Attributes:
@@ -150,15 +149,6 @@ class PointBERTClassifierConfig:
     pretrained_file: str | None = None
     llm: LLMConfig | None = None
     llm_position: int = -1
-
-    @classmethod
-    def from_hparams(cls, values: Mapping[str, Any], **overrides: Any) -> PointBERTClassifierConfig:
-        """The config from a task's hyper-parameters (the fields they hold), then ``overrides``."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        fields = {k: v for k, v in dict(values).items() if k in names} | overrides
-        if isinstance(fields.get("llm"), Mapping):  # as stored in hyper-parameters
-            fields["llm"] = LLMConfig(**fields["llm"])
-        return cls(**fields)
 
 
 class PointBERTClassifier(nn.Module):

@@ -22,7 +22,6 @@ the trajectory decoder reads the focal agent's token: :class:`VectorNetForecaste
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 
 from frozenlm.data.motion import VECTOR_DIM
 from frozenlm.llm import LLMConfig, apply_block, create_block
+from frozenlm.models.config import FromHParams
 
 
 class PolylineSubgraph(nn.Module):
@@ -141,7 +141,7 @@ class TrajectoryDecoder(nn.Module):
 
 
 @dataclass
-class VectorNetForecasterConfig:
+class VectorNetForecasterConfig(FromHParams):
     """A :class:`VectorNetForecaster`; field names are :class:`frozenlm.tasks.MotionForecaster`'s flags.
 
     Attributes:
@@ -161,15 +161,6 @@ class VectorNetForecasterConfig:
     modes: int = 6
     node_completion: float = 0.0
     llm: LLMConfig | None = None
-
-    @classmethod
-    def from_hparams(cls, values: Mapping[str, Any], **overrides: Any) -> VectorNetForecasterConfig:
-        """The config from a task's hyper-parameters (the fields they hold), then ``overrides``."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        fields = {k: v for k, v in dict(values).items() if k in names} | overrides
-        if isinstance(fields.get("llm"), Mapping):  # as stored in hyper-parameters
-            fields["llm"] = LLMConfig(**fields["llm"])
-        return cls(**fields)
 
 
 class VectorNetForecaster(nn.Module):

@@ -16,9 +16,7 @@ so the weights and checkpoints stay as they are.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +28,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.videomae.modeling_videomae import VideoMAELayer
 
 from frozenlm.llm import LLMConfig, apply_block, create_block
+from frozenlm.models.config import FromHParams
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +154,7 @@ def _load_pretrained(source: str, revision: str | None, fields: dict[str, Any]) 
 
 
 @dataclass
-class VideoMAEClassifierConfig:
+class VideoMAEClassifierConfig(FromHParams):
     """A :class:`VideoMAEClassifier`; field names are :class:`frozenlm.tasks.VideoClassifier`'s flags.
 
     Attributes:
@@ -179,15 +178,6 @@ class VideoMAEClassifierConfig:
     head_init_scale: float = 0.001
     drop_path_rate: float = 0.1
     llm: LLMConfig | None = None
-
-    @classmethod
-    def from_hparams(cls, values: Mapping[str, Any], **overrides: Any) -> VideoMAEClassifierConfig:
-        """The config from a task's hyper-parameters (the fields they hold), then ``overrides``."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        fields = {k: v for k, v in dict(values).items() if k in names} | overrides
-        if isinstance(fields.get("llm"), Mapping):  # as stored in hyper-parameters
-            fields["llm"] = LLMConfig(**fields["llm"])
-        return cls(**fields)
 
 
 class VideoMAEClassifier(nn.Module):

@@ -15,6 +15,7 @@ import timm
 import torch
 from timm.models import VisionTransformer
 
+from frozenlm.models.config import FromHParams
 from frozenlm.models.patch_embed import CAPEConfig, PatchEmbedding, Stem
 
 PosEmbed = Literal["learn", "cape"]
@@ -23,7 +24,7 @@ TRUNK_OPTIONS = ("stem", "stem_channels", "stem_strides", "stem_removed_blocks",
 
 
 @dataclass
-class ViTConfig:
+class ViTConfig(FromHParams):
     """A timm ViT trunk as frozenlm builds it: the one set of ViT options every ViT-based model shares (the
     image classifier, UTA's student, learngenes). Field names are the tasks' flat flags (``--model.stem``...).
 
@@ -52,12 +53,6 @@ class ViTConfig:
     pos_embed: PosEmbed = "learn"
     cape: CAPEConfig | None = None
     backbone_kwargs: dict[str, Any] | None = None
-
-    @classmethod
-    def from_hparams(cls, values: dict[str, Any], **overrides: Any) -> ViTConfig:
-        """The config from a task's hyper-parameters (the fields they hold), then ``overrides``."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dict(values).items() if k in names} | overrides)
 
     def create(self) -> VisionTransformer:
         """The timm ViT (:func:`create_vit`)."""
