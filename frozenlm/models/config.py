@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
-
-from typing_extensions import Self
+from typing import Any, TypeVar
 
 from frozenlm.llm import LLMConfig
+
+Config = TypeVar("Config", bound="FromHParams")
 
 
 class FromHParams:
     """Mixed into a model config dataclass: :meth:`from_hparams`."""
 
     @classmethod
-    def from_hparams(cls, values: Mapping[str, Any], **overrides: Any) -> Self:
+    def from_hparams(cls: type[Config], values: Mapping[str, Any], **overrides: Any) -> Config:
         """The config from a task's hyper-parameters (the fields they hold), then ``overrides``; an ``llm`` dict
         (as hyper-parameters store it) becomes an :class:`~frozenlm.llm.LLMConfig`."""
         names = {f.name for f in dataclasses.fields(cls)}
