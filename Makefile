@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 EXTRAS ?= test,demo,video,robustness,pointcloud,motion,lora,uta,docs,gguf
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow test-all docs docs-serve demo sweep-demo sweep-learngene-demo bench clean \
+.PHONY: install test test-slow test-all docs docs-serve cli-help demo sweep-demo sweep-learngene-demo bench clean \
 	reproduce-mnist-evidence mnist-evidence-report mnist-data \
 	reproduce-cifar100 reproduce-cifar100-baseline \
 	reproduce-imagenet-vitt reproduce-imagenet-vitt-llama \
@@ -55,6 +55,11 @@ docs: $(BIN)/frozenlm
 
 docs-serve: $(BIN)/frozenlm
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
+# The CLI page's help texts (docs/cli/*.txt) from the command line as it is now; tests/test_docs.py fails
+# when they are stale.
+cli-help: $(BIN)/frozenlm
+	$(BIN)/python -c "from tests.test_docs import write_cli_help; write_cli_help()"
 
 demo: $(BIN)/frozenlm
 	HF_HUB_OFFLINE=1 $(BIN)/frozenlm fit --config configs/demo.yaml

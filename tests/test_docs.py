@@ -180,3 +180,44 @@ def test_every_error_type_a_user_can_fix_is_in_troubleshooting():
     page = (REPO / "docs" / "troubleshooting.md").read_text()
     missing = sorted({cls.__name__ for cls in subclasses(FrozenLMError) if f"`{cls.__name__}" not in page})
     assert not missing, f"add these errors to docs/troubleshooting.md: {missing}"
+
+
+CLI_HELP = REPO / "docs" / "cli"  # each command's --help as docs/cli.md shows it (`make cli-help` rewrites them)
+
+
+def cli_help_texts() -> dict[str, str]:
+    """``frozenlm --help`` and every command's ``--help``, as printed at 100 columns by the console script."""
+    import contextlib
+    import io
+    from unittest import mock
+
+    from frozenlm.cli import COMMANDS
+
+    texts = {}
+    with mock.patch.dict(os.environ, {"COLUMNS": "100"}), mock.patch.object(sys, "argv", ["frozenlm"]):
+        for name in ["frozenlm", *COMMANDS]:
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed), pytest.raises(SystemExit) as exit_info:
+                run(([] if name == "frozenlm" else [name]) + ["--help"])
+            assert exit_info.value.code == 0, name
+            texts[name] = printed.getvalue()
+    return texts
+
+
+def write_cli_help() -> None:
+    """Rewrite docs/cli/*.txt from the command line as it is now (`make cli-help`)."""
+    CLI_HELP.mkdir(exist_ok=True)
+    for name, text in cli_help_texts().items():
+        (CLI_HELP / f"{name}.txt").write_text(text)
+
+
+def test_the_cli_page_shows_every_commands_current_help():
+    """docs/cli.md includes each command's --help from docs/cli/, and those files are what the CLI prints now."""
+    page = (REPO / "docs" / "cli.md").read_text()
+    stale = []
+    for name, text in cli_help_texts().items():
+        assert f'--8<-- "cli/{name}.txt"' in page, f"docs/cli.md does not show `frozenlm {name} --help`"
+        path = CLI_HELP / f"{name}.txt"
+        if not path.is_file() or path.read_text() != text:
+            stale.append(name)
+    assert not stale, f"docs/cli/ is stale for {stale}: run `make cli-help`"
