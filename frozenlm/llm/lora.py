@@ -1,9 +1,9 @@
-"""Low-rank adapters on the LM block's layers (LoRA, Hu et al., ICLR 2022), through ``peft``.
+"""Low-rank adapters on the LM block's layers (LoRA, Hu et al., ICLR 2022), through `peft`.
 
 Between the two ablations the paper has (LM layers fully frozen, or fully fine-tuned), LoRA keeps
-the pretrained weights frozen and trains a rank-``r`` update ``(alpha / r) * B A`` beside chosen
-linear maps of each layer. ``peft.inject_adapter_in_model`` wraps those maps in place, so the layers
-stay transformers' own classes; ``B`` starts at zero, so training starts from the frozen block.
+the pretrained weights frozen and trains a rank-`r` update `(alpha / r) * B A` beside chosen
+linear maps of each layer. `peft.inject_adapter_in_model` wraps those maps in place, so the layers
+stay transformers' own classes; `B` starts at zero, so training starts from the frozen block.
 """
 
 from __future__ import annotations
@@ -20,17 +20,17 @@ ADAPTER_NAME = "default"
 
 @dataclass
 class LoRAConfig:
-    """The ``llm.lora`` section: ``--model.llm.lora '{r: 8, alpha: 16}'``.
+    """The `llm.lora` section: `--model.llm.lora '{r: 8, alpha: 16}'`.
 
     Attributes:
         r: rank of the update.
-        alpha: scale numerator: the update is ``(alpha / r) * B A``.
+        alpha: scale numerator: the update is `(alpha / r) * B A`.
         dropout: dropout on the adapters' input (the frozen layers keep theirs off).
-        targets: linear maps to adapt, named as inside one layer (``self_attn.q_proj``) or by a dotted
-            suffix (``q_proj``, ``query``), as peft's ``target_modules``. Default: the family's
-            attention query and value maps (LLaMA ``q_proj``/``v_proj``, BERT ``query``/``value``,
-            GPT-2's fused ``c_attn``), plus its MLP maps with ``mlp: true``.
-        mlp: also adapt the family's MLP maps (only with the default ``targets``).
+        targets: linear maps to adapt, named as inside one layer (`self_attn.q_proj`) or by a dotted
+            suffix (`q_proj`, `query`), as peft's `target_modules`. Default: the family's
+            attention query and value maps (LLaMA `q_proj`/`v_proj`, BERT `query`/`value`,
+            GPT-2's fused `c_attn`), plus its MLP maps with `mlp: true`.
+        mlp: also adapt the family's MLP maps (only with the default `targets`).
     """
 
     r: int = 8
@@ -53,7 +53,7 @@ class LoRAConfig:
 
 
 def lora_target_names(layers: nn.ModuleList, family: LMFamily, config: LoRAConfig) -> list[str]:
-    """Full module names in ``layers`` (``"0.self_attn.q_proj"``) that get adapters."""
+    """Full module names in `layers` (`"0.self_attn.q_proj"`) that get adapters."""
     linear = [name for name, module in layers.named_modules() if isinstance(module, (nn.Linear, Conv1D))]
     if config.targets is None:
         paths = family.lora_attention + (family.lora_mlp if config.mlp else ())
@@ -69,7 +69,7 @@ def lora_target_names(layers: nn.ModuleList, family: LMFamily, config: LoRAConfi
 
 
 def add_lora(layers: nn.ModuleList, family: LMFamily, config: LoRAConfig) -> None:
-    """Wrap the target maps of ``layers`` with trainable float32 LoRA adapters, in place; the
+    """Wrap the target maps of `layers` with trainable float32 LoRA adapters, in place; the
     layers' own weights stay frozen, in their dtype."""
     try:
         from peft import LoraConfig, inject_adapter_in_model

@@ -1,10 +1,10 @@
-"""``FrozenLMMixin``: what a task LightningModule adds for the frozen LM block(s) its model holds.
+"""`FrozenLMMixin`: what a task LightningModule adds for the frozen LM block(s) its model holds.
 
-The model builds its block (:func:`create_block`) and places it in its own ``forward``
-(:func:`frozenlm.llm.apply_block`). The mixin tells the optimizer which parameters train and which get no
+The model builds its block ([`create_block`][frozenlm.llm.mixin.create_block]) and places it in its own `forward`
+([`apply_block`][frozenlm.llm.apply_block]). The mixin tells the optimizer which parameters train and which get no
 weight decay, and keeps frozen weights out of Lightning checkpoints: by default a checkpoint stores the
 block's source, layers and a fingerprint, and restoring reloads the weights from the source, refusing a
-different block (a self-contained checkpoint, ``embed_weights``, restores without the source).
+different block (a self-contained checkpoint, `embed_weights`, restores without the source).
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ _EMBEDDED_BLOCKS: contextvars.ContextVar[dict[str, dict]] = contextvars.ContextV
 
 
 class FrozenLMMixin:
-    """Mix into a ``LightningModule`` (before it in the bases) whose model holds frozen LM block(s) (found by
-    type anywhere in the module tree: ``model.llm_block``...). In ``configure_optimizers``:
-    ``self.trainable_parameter_groups(weight_decay)`` (or timm's ``create_optimizer_v2(self, ...)``, which reads
-    :meth:`no_weight_decay`); checkpoints are handled by its ``on_save_checkpoint`` / ``on_load_checkpoint``.
+    """Mix into a `LightningModule` (before it in the bases) whose model holds frozen LM block(s) (found by
+    type anywhere in the module tree: `model.llm_block`...). In `configure_optimizers`:
+    `self.trainable_parameter_groups(weight_decay)` (or timm's `create_optimizer_v2(self, ...)`, which reads
+    [`no_weight_decay`][frozenlm.llm.mixin.FrozenLMMixin.no_weight_decay]); checkpoints are handled by its `on_save_checkpoint` / `on_load_checkpoint`.
     """
 
     def frozen_lm_blocks(self) -> dict[str, FrozenLMBlock]:
@@ -48,7 +48,7 @@ class FrozenLMMixin:
     # -- optimizer ---------------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay that are not 1-d: tokens and position embeddings
-        declared by submodules' own ``no_weight_decay()`` (timm models), with their prefixes."""
+        declared by submodules' own `no_weight_decay()` (timm models), with their prefixes."""
         names: set[str] = set()
         for prefix, module in self.named_modules():
             if prefix and module is not self and hasattr(module, "no_weight_decay"):
@@ -62,7 +62,7 @@ class FrozenLMMixin:
 
     # -- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store each block's source, layers and fingerprint in place of its frozen weights (unless ``embed_weights``)."""
+        """Store each block's source, layers and fingerprint in place of its frozen weights (unless `embed_weights`)."""
         super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         checkpoint[CHECKPOINT_KEY] = {}
@@ -111,11 +111,11 @@ class FrozenLMMixin:
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
-        """Lightning's ``load_from_checkpoint``; a self-contained checkpoint (``embed_weights``)
+        """Lightning's `load_from_checkpoint`; a self-contained checkpoint (`embed_weights`)
         restores without reading the LM source."""
         weights_only = kwargs.get("weights_only", args[3] if len(args) > 3 else None)
         stored = _stored_blocks(checkpoint_path, weights_only=weights_only)
-        # Keyed by the block's path inside the task's model (checkpoints of explicit models store ``model.<path>``).
+        # Keyed by the block's path inside the task's model (checkpoints of explicit models store `model.<path>`).
         embedded = {name.removeprefix("model."): m for name, m in stored.items() if m["embedded"]}
         token = _EMBEDDED_BLOCKS.set(embedded)
         try:
@@ -125,9 +125,9 @@ class FrozenLMMixin:
 
 
 def create_block(llm: LLMConfig | dict | None, in_dim: int, name: str = "llm_block") -> FrozenLMBlock | None:
-    """The block ``llm`` describes (None for none), for a model's ``__init__``: read from its source, or built
-    empty when a self-contained checkpoint being restored holds its weights. ``name`` is its path inside the
-    model (``llm_block``), the key under which such a checkpoint stores it (``model.`` + name; before the models
+    """The block `llm` describes (None for none), for a model's `__init__`: read from its source, or built
+    empty when a self-contained checkpoint being restored holds its weights. `name` is its path inside the
+    model (`llm_block`), the key under which such a checkpoint stores it (`model.` + name; before the models
     were explicit, name alone)."""
     if llm is None:
         return None
@@ -141,10 +141,10 @@ def create_block(llm: LLMConfig | dict | None, in_dim: int, name: str = "llm_blo
 
 
 def _stored_blocks(checkpoint_path, weights_only: bool | None) -> dict[str, dict]:
-    """The ``frozen_lm`` metadata of a Lightning checkpoint given as a local path, URL or file object.
+    """The `frozen_lm` metadata of a Lightning checkpoint given as a local path, URL or file object.
 
-    Reads it exactly as strictly as Lightning's own loading will: ``weights_only`` is passed on as given,
-    so None means Lightning's default (PyTorch's ``weights_only=True`` for local files and file objects),
+    Reads it exactly as strictly as Lightning's own loading will: `weights_only` is passed on as given,
+    so None means Lightning's default (PyTorch's `weights_only=True` for local files and file objects),
     and a checkpoint Lightning would refuse to unpickle is never unpickled here first.
     """
     if isinstance(checkpoint_path, (str, os.PathLike)) and Path(checkpoint_path).is_file():
