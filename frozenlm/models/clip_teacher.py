@@ -1,18 +1,18 @@
 """A frozen CLIP model as a teacher: its vision tower's final tokens, its projection into the joint
 image-text space, and its text tower's class embeddings for zero-shot classification.
 
-Two sources, both well-kept libraries: transformers' ``CLIPModel`` (a local Hugging Face folder or a hub
-id such as ``openai/clip-vit-base-patch16``) and open_clip (``open_clip:<architecture>/<pretrained>``, e.g.
-``open_clip:EVA02-B-16/merged2b_s8b_b131k``, where ``<pretrained>`` is a tag open_clip knows or a local
+Two sources, both well-kept libraries: transformers' `CLIPModel` (a local Hugging Face folder or a hub
+id such as `openai/clip-vit-base-patch16`) and open_clip (`open_clip:<architecture>/<pretrained>`, e.g.
+`open_clip:EVA02-B-16/merged2b_s8b_b131k`, where `<pretrained>` is a tag open_clip knows or a local
 weights file), whose vision tower is its own ViT or a timm ViT trunk (the EVA02 family). Either way the
 teacher is frozen (no gradient, eval mode) and its tokens are the vision tower's output through its final
-LayerNorm, CLS first: ``[B, 1 + grid * grid, width]``; at another grid than the one it was trained at, its
+LayerNorm, CLS first: `[B, 1 + grid * grid, width]`; at another grid than the one it was trained at, its
 position table is interpolated (bicubic, as transformers' CLIP does). The tokens are the towers' outputs: no
 hook is put on any of the teacher's modules (transformers' output recording, which installs forward hooks on
 its layers when a config asks for hidden states or attentions, is switched off).
 
 A teacher must be whole: weights that lack a tensor of the model (or hold one in another shape), a folder of
-another kind of model, or an open_clip architecture without weights are refused with :class:`TeacherLoadError`
+another kind of model, or an open_clip architecture without weights are refused with `TeacherLoadError`
 (one line) instead of running with random tensors.
 """
 
@@ -62,12 +62,12 @@ class CLIPTeacher(nn.Module):
         return super().train(False)  # always in eval mode: no dropout, fixed statistics
 
     def tokens(self, images: Tensor) -> Tensor:
-        """``[B, 1 + N, width]``: the vision tower's final tokens (after its final norm) of normalised images."""
+        """`[B, 1 + N, width]`: the vision tower's final tokens (after its final norm) of normalised images."""
         raise NotImplementedError
 
     def inputs(self, images: Tensor, grid: int, mean=None, std=None) -> Tensor:
-        """A batch as the teacher takes it: normalised by ``mean`` / ``std`` (the data's; None: the teacher's), that
-        undone and the teacher's applied, resized so that the teacher's patch grid is ``grid x grid``, in its dtype."""
+        """A batch as the teacher takes it: normalised by `mean` / `std` (the data's; None: the teacher's), that
+        undone and the teacher's applied, resized so that the teacher's patch grid is `grid x grid`, in its dtype."""
         if mean is not None and std is not None and (tuple(mean), tuple(std)) != (tuple(self.mean), tuple(self.std)):
             shape = (1, 3, 1, 1)
             pixels = images * images.new_tensor(std).view(shape) + images.new_tensor(mean).view(shape)
@@ -79,12 +79,12 @@ class CLIPTeacher(nn.Module):
 
     @torch.no_grad()
     def image_tokens(self, images: Tensor, grid: int, mean=None, std=None) -> Tensor:
-        """:meth:`tokens` in float32 of a batch as the data gives it (see :meth:`inputs`); the teacher, which is
+        """`tokens` in float32 of a batch as the data gives it (see `inputs`); the teacher, which is
         outside any trained module tree, follows the batch's device."""
         return self.to(images.device).tokens(self.inputs(images, grid, mean, std)).float()
 
     def embed(self, cls_tokens: Tensor) -> Tensor:
-        """:meth:`project` in float32 of CLS tokens at the teacher's width (its own, or a student's projected)."""
+        """`project` in float32 of CLS tokens at the teacher's width (its own, or a student's projected)."""
         return self.to(cls_tokens.device).project(cls_tokens.to(self.dtype)).float()
 
     @property
@@ -94,28 +94,28 @@ class CLIPTeacher(nn.Module):
 
     @property
     def joint_dim(self) -> int:
-        """The width of the joint image-text space (:meth:`project`'s output)."""
+        """The width of the joint image-text space (`project`'s output)."""
         with torch.no_grad():
             device = next(self.parameters()).device
             return self.project(torch.zeros(1, self.width, dtype=self.dtype, device=device)).shape[-1]
 
     def project(self, cls_tokens: Tensor) -> Tensor:
-        """``[B, embed_dim]``: CLS tokens (as :meth:`tokens` gives them) in the joint image-text space."""
+        """`[B, embed_dim]`: CLS tokens (as `tokens` gives them) in the joint image-text space."""
         raise NotImplementedError
 
     def encode_texts(self, texts: list[str]) -> Tensor:
-        """``[T, embed_dim]``: the text tower's embeddings of ``texts``."""
+        """`[T, embed_dim]`: the text tower's embeddings of `texts`."""
         raise NotImplementedError
 
     def logit_scale(self) -> Tensor:
-        """The learned temperature of CLIP's logits (``exp`` of its log; 100 for OpenAI's CLIP)."""
+        """The learned temperature of CLIP's logits (`exp` of its log; 100 for OpenAI's CLIP)."""
         raise NotImplementedError
 
 
 class HuggingFaceCLIPTeacher(CLIPTeacher):
-    """transformers' ``CLIPModel`` from a local folder or a hub id; every tensor of the model must be in it.
+    """transformers' `CLIPModel` from a local folder or a hub id; every tensor of the model must be in it.
 
-    ``weights=False`` builds the architecture alone on the meta device (its config is still read), to check a
+    `weights=False` builds the architecture alone on the meta device (its config is still read), to check a
     teacher spec without reading weights."""
 
     def __init__(self, source: str, revision: str | None = None, weights: bool = True) -> None:
@@ -176,19 +176,19 @@ class HuggingFaceCLIPTeacher(CLIPTeacher):
 
 
 class OpenCLIPTeacher(CLIPTeacher):
-    """An open_clip model (``pip install open_clip_torch``) whose vision tower is a ViT pooled by its CLS token:
-    open_clip's own ``VisionTransformer`` (``ViT-B-16``, ...) or a timm ViT trunk (``TimmModel``: the EVA02
-    family, ``EVA02-B-16``, ...).
+    """An open_clip model (`pip install open_clip_torch`) whose vision tower is a ViT pooled by its CLS token:
+    open_clip's own `VisionTransformer` (`ViT-B-16`, ...) or a timm ViT trunk (`TimmModel`: the EVA02
+    family, `EVA02-B-16`, ...).
 
-    ``pretrained`` is a tag open_clip knows for ``architecture`` (downloaded by open_clip) or a local weights
+    `pretrained` is a tag open_clip knows for `architecture` (downloaded by open_clip) or a local weights
     file, which must hold every tensor of the model; without one the teacher is refused (a random teacher
-    teaches nothing). ``weights=False`` builds the architecture alone on the meta device (nothing read or
+    teaches nothing). `weights=False` builds the architecture alone on the meta device (nothing read or
     downloaded), to check a teacher spec.
 
-    The tokens are the tower's final tokens through its final norm (the ViT's ``ln_post``, the trunk's
-    ``norm``), CLS first, register tokens left out; the projection is what ``encode_image`` applies to the
-    normed CLS (``proj``, or the trunk's head and open_clip's head). For a patch grid other than the one it
-    was trained at, the position table is interpolated as for a Hugging Face teacher (:func:`resample_positions`;
+    The tokens are the tower's final tokens through its final norm (the ViT's `ln_post`, the trunk's
+    `norm`), CLS first, register tokens left out; the projection is what `encode_image` applies to the
+    normed CLS (`proj`, or the trunk's head and open_clip's head). For a patch grid other than the one it
+    was trained at, the position table is interpolated as for a Hugging Face teacher (`resample_positions`;
     EVA02's rotary embedding is recomputed for the grid by timm).
     """
 
@@ -286,7 +286,7 @@ class OpenCLIPTeacher(CLIPTeacher):
         return model
 
     def _fit_grid(self, side: int) -> None:
-        """Make the tower take images of ``side`` pixels: its position table interpolated from the trained one to
+        """Make the tower take images of `side` pixels: its position table interpolated from the trained one to
         the new grid (and, for a timm trunk, the patch embedding's size and EVA02's rotary grid set by timm)."""
         grid = side // self.patch_size
         if grid == self.grid:
@@ -331,8 +331,8 @@ class OpenCLIPTeacher(CLIPTeacher):
 
 
 def load_teacher(source: str, revision: str | None = None, weights: bool = True) -> CLIPTeacher:
-    """A frozen teacher from ``source``: a Hugging Face CLIP folder or hub id, or ``open_clip:<arch>/<pretrained>``.
-    ``weights=False``: its architecture alone, on the meta device (to check a spec without downloading weights)."""
+    """A frozen teacher from `source`: a Hugging Face CLIP folder or hub id, or `open_clip:<arch>/<pretrained>`.
+    `weights=False`: its architecture alone, on the meta device (to check a spec without downloading weights)."""
     if source.startswith(OPEN_CLIP_PREFIX):
         architecture, _, pretrained = source[len(OPEN_CLIP_PREFIX) :].partition("/")
         return OpenCLIPTeacher(architecture, pretrained or None, weights)
@@ -340,7 +340,7 @@ def load_teacher(source: str, revision: str | None = None, weights: bool = True)
 
 
 def resample_positions(table: Tensor, grid: int, prefix: int = 1) -> Tensor:
-    """A position table ``[1, prefix + n * n, D]`` for a ``grid x grid`` patch grid: the prefix (CLS) entries kept,
+    """A position table `[1, prefix + n * n, D]` for a `grid x grid` patch grid: the prefix (CLS) entries kept,
     the patches' interpolated as transformers' CLIP does for another input size (bicubic, corners not aligned,
     no antialiasing), with timm's resampler."""
     return resample_abs_pos_embed(table, new_size=[grid, grid], num_prefix_tokens=prefix, antialias=False)
@@ -358,7 +358,7 @@ def _refuse_missing(spec: str, location: str, missing: Iterable[str], mismatched
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
-    """A library's (often multi-line) message as one line of at most ``limit`` characters."""
+    """A library's (often multi-line) message as one line of at most `limit` characters."""
     text = " ".join(str(error).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -367,7 +367,7 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
 def _quiet(bars: bool = True):
     """The libraries' loading chatter off: log records (open_clip warns that a model built without weights is
     random, here the point, or logs a failed download the error then names; transformers reports missing and
-    unexpected tensors, which the teacher checks itself, in one line) and, with ``bars``, transformers' progress bars."""
+    unexpected tensors, which the teacher checks itself, in one line) and, with `bars`, transformers' progress bars."""
     previous, bar = logging.root.manager.disable, transformers_logging.is_progress_bar_enabled()
     logging.disable(logging.ERROR)
     if bars:

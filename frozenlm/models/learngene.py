@@ -1,33 +1,33 @@
 """Learngenes: a ViT whose blocks are fixed combinations of a few shared components.
 
-Lin et al. (NeurIPS 2024) write every parameter of block ``l`` (attention, MLP and LayerNorms) as
-``W_l = sum_n a(l, n) A_n`` over ``K`` learngenes ``A_n`` with fixed coefficients; TLEG (Xia et al., AAAI
-2024) is the two-gene case ``W_l = W_base + (l / L) W_ilayer``. Trained once, the genes build a ViT of
-any depth ``L'`` from its first ``k`` genes (:func:`recompose_blocks`, ``frozenlm recompose``). The patch
+Lin et al. (NeurIPS 2024) write every parameter of block `l` (attention, MLP and LayerNorms) as
+`W_l = sum_n a(l, n) A_n` over `K` learngenes `A_n` with fixed coefficients; TLEG (Xia et al., AAAI
+2024) is the two-gene case `W_l = W_base + (l / L) W_ilayer`. Trained once, the genes build a ViT of
+any depth `L'` from its first `k` genes ([`recompose_blocks`][frozenlm.models.learngene.recompose_blocks], `frozenlm recompose`). The patch
 embedding, tokens, positions, final norm and head stay ordinary shared parameters.
 
-The coefficients are functions of ``x = l / L`` for the block index ``l = 0 .. L-1`` of a depth-``L`` ViT
-(:func:`coefficients`):
+The coefficients are functions of `x = l / L` for the block index `l = 0 .. L-1` of a depth-`L` ViT
+([`coefficients`][frozenlm.models.learngene.coefficients]):
 
-* ``chebyshev`` (the paper's default): ``T_n(x)``, first kind, ``T_0 = 1``, ``T_1 = x``,
-  ``T_{n+1} = 2 x T_n - T_{n-1}``. The paper writes ``T_n((l - 1) / L)`` with blocks counted from 1 and
-  genes from 1; read literally, gene 1 gets ``T_1``, which is 0 for the first block, so a one-gene ViT
-  would have an all-zero first block. Genes are indexed from ``T_0`` here: gene 0 is shared by every
+* `chebyshev` (the paper's default): `T_n(x)`, first kind, `T_0 = 1`, `T_1 = x`,
+  `T_{n+1} = 2 x T_n - T_{n-1}`. The paper writes `T_n((l - 1) / L)` with blocks counted from 1 and
+  genes from 1; read literally, gene 1 gets `T_1`, which is 0 for the first block, so a one-gene ViT
+  would have an all-zero first block. Genes are indexed from `T_0` here: gene 0 is shared by every
   block with coefficient 1, and two genes are TLEG's form.
-* ``taylor``: ``x^n``; ``legendre``: ``P_n(x)``; ``fourier``: ``1, sin 2 pi x, cos 2 pi x, sin 4 pi x, ...``
-* ``linear``: TLEG, ``1`` and ``l / L`` (two genes).
+* `taylor`: `x^n`; `legendre`: `P_n(x)`; `fourier`: `1, sin 2 pi x, cos 2 pi x, sin 4 pi x, ...`
+* `linear`: TLEG, `1` and `l / L` (two genes).
 
-Gene 0 starts as timm's initialisation of block 0. The other genes start at zero (``init: zeros``,
+Gene 0 starts as timm's initialisation of block 0. The other genes start at zero (`init: zeros`,
 frozenlm's), so every block starts equal and a gene added in a later phase of incremental training leaves
-the model's function unchanged until it trains; or as TLEG's code starts its slope ``W_ilayer``
-(``init: tleg``): the linear layers' weights truncated normal with std 0.02 like the base's, their biases
-and the LayerNorms' slopes zero (AlphaXia/TLEG ``modules_with_LE.py``, ``LELinear`` / ``LELayerNorm``
-``reset_parameters``). ``frozen_genes`` keeps the first genes fixed (incremental training's earlier
+the model's function unchanged until it trains; or as TLEG's code starts its slope `W_ilayer`
+(`init: tleg`): the linear layers' weights truncated normal with std 0.02 like the base's, their biases
+and the LayerNorms' slopes zero (AlphaXia/TLEG `modules_with_LE.py`, `LELinear` / `LELayerNorm`
+`reset_parameters`). `frozen_genes` keeps the first genes fixed (incremental training's earlier
 phases): they get no gradient and stay bit-identical.
 
 A gene whose coefficient is zero at every block of the model's depth would never train (Fourier's
-``sin 2 pi k x`` when ``2k`` is a multiple of the depth, e.g. gene 11 of 12 at depth 12; any gene past
-the first at depth 1): such a model is refused (:class:`Learngenes`).
+`sin 2 pi k x` when `2k` is a multiple of the depth, e.g. gene 11 of 12 at depth 12; any gene past
+the first at depth 1): such a model is refused ([`Learngenes`][frozenlm.models.learngene.Learngenes]).
 """
 
 from __future__ import annotations
@@ -47,16 +47,16 @@ Init = Literal["zeros", "tleg"]
 
 @dataclasses.dataclass
 class LearngeneConfig:
-    """A decomposed ViT (``--model.learngene '{genes: 12, basis: chebyshev}'``).
+    """A decomposed ViT (`--model.learngene '{genes: 12, basis: chebyshev}'`).
 
     Args:
-        genes: number of learngenes ``K`` (``linear``: 2).
-        basis: the coefficient functions (see :mod:`frozenlm.models.learngene`); None: the basis of the
-            learngenes in ``--model.init_from``, or ``chebyshev`` without such a file.
+        genes: number of learngenes `K` (`linear`: 2).
+        basis: the coefficient functions (see [`learngene`][frozenlm.models.learngene]); None: the basis of the
+            learngenes in `--model.init_from`, or `chebyshev` without such a file.
         frozen_genes: the first this many genes get no gradient (incremental training: the genes of
             earlier phases).
-        init: the genes after the first: ``zeros`` (frozenlm's) or ``tleg`` (TLEG's: linear weights
-            truncated normal, std 0.02). Genes loaded from ``--model.init_from`` replace either.
+        init: the genes after the first: `zeros` (frozenlm's) or `tleg` (TLEG's: linear weights
+            truncated normal, std 0.02). Genes loaded from `--model.init_from` replace either.
     """
 
     genes: int
@@ -76,7 +76,7 @@ class LearngeneConfig:
 
 
 def coefficients(basis: Basis, depth: int, genes: int) -> torch.Tensor:
-    """``a(l, n)`` as a ``[depth, genes]`` float64 tensor, for blocks ``l`` and genes ``n``."""
+    """`a(l, n)` as a `[depth, genes]` float64 tensor, for blocks `l` and genes `n`."""
     if basis not in BASES:
         raise ValueError(f"basis must be one of {', '.join(BASES)}, got {basis!r}.")
     x = torch.arange(depth, dtype=torch.float64) / depth
@@ -99,12 +99,12 @@ def _key(name: str) -> str:
 
 
 class Learngenes(nn.Module):
-    """The genes of a stack of identical blocks (a timm ViT's ``blocks``), giving each block's parameters.
+    """The genes of a stack of identical blocks (a timm ViT's `blocks`), giving each block's parameters.
 
-    The blocks' own parameters are removed (they hold None); the model that owns the blocks runs block ``l``
-    with ``torch.func.functional_call(block, learngenes.compose(l), x)``, where :meth:`compose` gives each of
-    its parameters as ``sum_n a(l, n) A_n`` (a tensor, differentiable in the genes), so nothing stays on the
-    block after the call. State: ``genes.<n>.<name>``.
+    The blocks' own parameters are removed (they hold None); the model that owns the blocks runs block `l`
+    with `torch.func.functional_call(block, learngenes.compose(l), x)`, where [`compose`][frozenlm.models.learngene.Learngenes.compose] gives each of
+    its parameters as `sum_n a(l, n) A_n` (a tensor, differentiable in the genes), so nothing stays on the
+    block after the call. State: `genes.<n>.<name>`.
     """
 
     def __init__(self, blocks: nn.ModuleList, config: LearngeneConfig) -> None:
@@ -130,9 +130,9 @@ class Learngenes(nn.Module):
                 setattr(owner, attribute, None)
 
     def use_basis(self, basis: Basis, genes: int | None = None) -> None:
-        """Compose the blocks with ``basis``'s coefficients (the basis of weights loaded into the model).
+        """Compose the blocks with `basis`'s coefficients (the basis of weights loaded into the model).
 
-        Raises ``ValueError`` when a gene's coefficient is zero at every block: that gene would never train."""
+        Raises `ValueError` when a gene's coefficient is zero at every block: that gene would never train."""
         genes = len(self.genes) if genes is None else genes
         weights = coefficients(basis, self.depth, genes)
         unused = [n for n in range(genes) if weights[:, n].abs().max() < 1e-9]
@@ -144,12 +144,12 @@ class Learngenes(nn.Module):
         self.register_buffer("coefficients", weights.float(), persistent=False)
 
     def compose(self, index: int) -> dict[str, torch.Tensor]:
-        """Block ``index``'s parameters, ``{name: sum_n a(index, n) A_n}``, to run it with
-        ``torch.func.functional_call(block, learngenes.compose(index), x)``."""
+        """Block `index`'s parameters, `{name: sum_n a(index, n) A_n}`, to run it with
+        `torch.func.functional_call(block, learngenes.compose(index), x)`."""
         return self.block_parameters(self.coefficients[index])
 
     def block_parameters(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One block's parameters, ``{name: sum_n weights[n] A_n}``."""
+        """One block's parameters, `{name: sum_n weights[n] A_n}`."""
         return {name: combine(weights, [gene[_key(name)] for gene in self.genes]) for name in self.names}
 
     def per_block_parameters(self) -> int:
@@ -158,7 +158,7 @@ class Learngenes(nn.Module):
 
 
 def _initial(block: nn.Module, name: str, value: torch.Tensor, gene: int, init: str) -> torch.Tensor:
-    """Gene ``gene``'s starting value of parameter ``name`` (``value``: block 0's initialisation)."""
+    """Gene `gene`'s starting value of parameter `name` (`value`: block 0's initialisation)."""
     if gene == 0:
         return value.detach().clone()
     owner, attribute = _owner(block, name)
@@ -168,9 +168,9 @@ def _initial(block: nn.Module, name: str, value: torch.Tensor, gene: int, init: 
 
 
 def stored_learngene(stored: dict) -> tuple[str | None, int | None]:
-    """``(basis, genes)`` of the learngenes in weights read by ``frozenlm.checkpoints.read_weights``: a
-    checkpoint's hyper-parameters (``learngene``) or a ``recompose --tied`` file's metadata
-    (``learngene_basis``, ``learngene_genes``); None where the file does not say."""
+    """`(basis, genes)` of the learngenes in weights read by `frozenlm.checkpoints.read_weights`: a
+    checkpoint's hyper-parameters (`learngene`) or a `recompose --tied` file's metadata
+    (`learngene_basis`, `learngene_genes`); None where the file does not say."""
     learngene = stored.get("learngene")
     if isinstance(learngene, dict):
         return learngene.get("basis"), learngene.get("genes")
@@ -179,7 +179,7 @@ def stored_learngene(stored: dict) -> tuple[str | None, int | None]:
 
 
 def combine(weights: torch.Tensor, genes: list[torch.Tensor]) -> torch.Tensor:
-    """``sum_n weights[n] genes[n]`` over the first ``len(genes)`` weights, in one fixed order (so a
+    """`sum_n weights[n] genes[n]` over the first `len(genes)` weights, in one fixed order (so a
     recomposed block equals the trained one bit for bit)."""
     return sum(weight * gene for weight, gene in zip(weights, genes))
 
@@ -190,8 +190,8 @@ def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def recompose_blocks(genes: list[dict[str, torch.Tensor]], basis: Basis, depth: int) -> dict[str, torch.Tensor]:
-    """A plain ViT's block parameters ``blocks.<l>.<name>`` for ``depth`` blocks from ``genes`` (the first
-    ``k`` genes, each ``{parameter name: tensor}``), with the depth-``depth`` coefficients."""
+    """A plain ViT's block parameters `blocks.<l>.<name>` for `depth` blocks from `genes` (the first
+    `k` genes, each `{parameter name: tensor}`), with the depth-`depth` coefficients."""
     weights = coefficients(basis, depth, len(genes)).float()
     return {
         f"blocks.{layer}.{name}": combine(weights[layer], [gene[name] for gene in genes])
@@ -200,7 +200,7 @@ def recompose_blocks(genes: list[dict[str, torch.Tensor]], basis: Basis, depth: 
 
 
 def genes_in(state: dict[str, torch.Tensor], prefix: str = "learngenes.genes.") -> list[dict[str, torch.Tensor]]:
-    """The genes of a decomposed model's state dict, as ``[{parameter name: tensor}]`` by gene index."""
+    """The genes of a decomposed model's state dict, as `[{parameter name: tensor}]` by gene index."""
     genes: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         if key.startswith(prefix):
@@ -210,17 +210,17 @@ def genes_in(state: dict[str, torch.Tensor], prefix: str = "learngenes.genes.") 
 
 
 def gene_state(genes: list[dict[str, torch.Tensor]], prefix: str = "learngenes.genes.") -> dict[str, torch.Tensor]:
-    """The state-dict entries of ``genes`` (the inverse of :func:`genes_in`)."""
+    """The state-dict entries of `genes` (the inverse of [`genes_in`][frozenlm.models.learngene.genes_in])."""
     return {f"{prefix}{n}.{_key(name)}": value for n, gene in enumerate(genes) for name, value in gene.items()}
 
 
-# -- starting a model from weights that hold genes (``--model.init_from``) -------------------------------
+# -- starting a model from weights that hold genes (`--model.init_from`) -------------------------------
 def learngene_for(
     learngene: LearngeneConfig | dict, state: dict[str, torch.Tensor], stored: dict, source: str | None,
     init_genes: int | None,
 ) -> LearngeneConfig:
-    """The decomposed model's configuration, its basis taken from the learngenes of ``source``
-    (``--model.init_from``, read as ``state`` and ``stored``) when unset; a basis or a gene count that differs
+    """The decomposed model's configuration, its basis taken from the learngenes of `source`
+    (`--model.init_from`, read as `state` and `stored`) when unset; a basis or a gene count that differs
     from the file's is refused."""
     from frozenlm.checkpoints import InitialWeightsError
 
@@ -252,9 +252,9 @@ def learngene_for(
 def from_genes(
     state: dict[str, torch.Tensor], stored: dict, count: int | None, source: str, decomposed: bool, depth: int
 ) -> dict[str, torch.Tensor]:
-    """``state`` (a model's names: ``backbone.*``, ``learngenes.genes.*``) with a decomposed model's genes turned
-    into what a model takes: its first ``count`` genes when the model is ``decomposed``, else recomposed into the
-    ``depth`` blocks of a plain ViT (``backbone.blocks.*``), as ``frozenlm recompose`` would."""
+    """`state` (a model's names: `backbone.*`, `learngenes.genes.*`) with a decomposed model's genes turned
+    into what a model takes: its first `count` genes when the model is `decomposed`, else recomposed into the
+    `depth` blocks of a plain ViT (`backbone.blocks.*`), as `frozenlm recompose` would."""
     from frozenlm.checkpoints import InitialWeightsError
 
     genes = genes_in(state)

@@ -4,10 +4,10 @@ AAAI 2025), optionally with its blocks decomposed into learngenes (Lin et al., N
     images -> patch embedding -> positions -> ViT blocks 0 .. p -> [frozen LM block] -> ViT blocks p+1 .. L-1
            -> final norm -> head
 
-``LMViT.forward_features`` is that loop, written out; ``apply_block`` runs where the block goes (block ``p`` =
-``llm_position``). Inline (LM4VE), the tokens go through the block; auxiliary (GCR), the tokens after block ``p``
+`LMViT.forward_features` is that loop, written out; `apply_block` runs where the block goes (block `p` =
+`llm_position`). Inline (LM4VE), the tokens go through the block; auxiliary (GCR), the tokens after block `p`
 also go through the block as a training-only branch, returned beside the tokens for the auxiliary head. A plain
-module: build it without Lightning, ``LMViT(LMViTConfig(vit=ViTConfig(...), llm=LLMConfig(...)))``.
+module: build it without Lightning, `LMViT(LMViTConfig(vit=ViTConfig(...), llm=LLMConfig(...)))`.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from frozenlm.models.vit import ViTConfig, prefixed_matcher
 
 @dataclass
 class LMViTConfig:
-    """An :class:`LMViT`.
+    """An [`LMViT`][frozenlm.models.lm_vit.LMViT].
 
     Attributes:
-        vit: the timm ViT trunk (its fields are the image task's flat flags: ``--model.backbone``, ``--model.stem``...).
-        llm: the frozen LM block (its ``mode``: inline for LM4VE, auxiliary for GCR); None for the plain ViT.
+        vit: the timm ViT trunk (its fields are the image task's flat flags: `--model.backbone`, `--model.stem`...).
+        llm: the frozen LM block (its `mode`: inline for LM4VE, auxiliary for GCR); None for the plain ViT.
         llm_position: the ViT block after which the LM block runs (-1: the last, before the final norm).
         learngene: the ViT's blocks as combinations of shared genes; None for an ordinary ViT.
     """
@@ -51,15 +51,15 @@ class LMViTConfig:
 
     @classmethod
     def from_hparams(cls, values: Mapping[str, Any]) -> LMViTConfig:
-        """The config from an image task's hyper-parameters (the flat ViT flags, ``llm``, ``llm_position``,
-        ``learngene``)."""
+        """The config from an image task's hyper-parameters (the flat ViT flags, `llm`, `llm_position`,
+        `learngene`)."""
         return cls(vit=ViTConfig.from_hparams(dict(values)), llm=values.get("llm"),
                    llm_position=values.get("llm_position", -1), learngene=values.get("learngene"))  # fmt: skip
 
 
 class LMViT(nn.Module):
-    """A timm ViT (``backbone``) with a frozen LM block (``llm_block``) after ViT block ``llm_position``, GCR's
-    auxiliary head (``aux_head``, with ``llm.aux_head: separate``) and learngenes (``learngenes``)."""
+    """A timm ViT (`backbone`) with a frozen LM block (`llm_block`) after ViT block `llm_position`, GCR's
+    auxiliary head (`aux_head`, with `llm.aux_head: separate`) and learngenes (`learngenes`)."""
 
     def __init__(self, config: LMViTConfig) -> None:
         super().__init__()
@@ -77,15 +77,15 @@ class LMViT(nn.Module):
             self.aux_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, config.vit.num_classes))
 
     def run_block(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
-        """ViT block ``index`` on the tokens; a decomposed ViT's block with the parameters its genes compose."""
+        """ViT block `index` on the tokens; a decomposed ViT's block with the parameters its genes compose."""
         block = self.backbone.blocks[index]
         if self.learngenes is None:
             return block(tokens)
         return functional_call(block, self.learngenes.compose(index), (tokens,))
 
     def forward_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(tokens, branch)``: the final-normed tokens ``[B, N, D]`` (prefix tokens first) and GCR's branch, the
-        LM block's output on the tokens after block ``llm_position`` (training only; None otherwise)."""
+        """`(tokens, branch)`: the final-normed tokens `[B, N, D]` (prefix tokens first) and GCR's branch, the
+        LM block's output on the tokens after block `llm_position` (training only; None otherwise)."""
         vit = self.backbone
         tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
         branch = None
@@ -96,12 +96,12 @@ class LMViT(nn.Module):
         return vit.norm(tokens), branch
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The ViT's head (pooling, classifier) on final-normed tokens: logits ``[B, classes]``."""
+        """The ViT's head (pooling, classifier) on final-normed tokens: logits `[B, classes]`."""
         return self.backbone.forward_head(tokens)
 
     def forward_aux_head(self, branch: torch.Tensor) -> torch.Tensor:
-        """GCR's auxiliary logits of the branch's tokens: its own norm and classifier (``llm.aux_head: separate``),
-        or the ViT's final norm and head (``shared``), pooled as the ViT pools."""
+        """GCR's auxiliary logits of the branch's tokens: its own norm and classifier (`llm.aux_head: separate`),
+        or the ViT's final norm and head (`shared`), pooled as the ViT pools."""
         if self.aux_head is None:
             return self.forward_head(self.backbone.norm(branch))
         return self.aux_head(self.backbone.pool(branch))
@@ -112,6 +112,6 @@ class LMViT(nn.Module):
         return prefixed_matcher(self.backbone.group_matcher(coarse), "backbone.")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, classes]`` of ``images [B, 3, H, W]``."""
+        """Logits `[B, classes]` of `images [B, 3, H, W]`."""
         tokens, _ = self.forward_features(images)
         return self.forward_head(tokens)

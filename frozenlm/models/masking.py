@@ -1,7 +1,7 @@
 """Which patches a masked-image student sees: block-wise masks (BEiT, Bao et al., ICLR 2022) and UTA's
 "reversed" variant (Liu et al., TMLR 2024), where the *kept* patches form the blocks.
 
-Masks are ``[h, w]`` bool grids, True = masked. Every mask masks exactly ``round(ratio * h * w)`` patches,
+Masks are `[h, w]` bool grids, True = masked. Every mask masks exactly `round(ratio * h * w)` patches,
 so every image of a batch keeps the same number of tokens (the student runs on them without padding).
 """
 
@@ -16,9 +16,9 @@ from torch import Tensor
 
 def block_mask(grid: tuple[int, int], count: int, rng: np.random.Generator, min_block: int = 4,
                max_aspect: float = 1 / 0.3) -> np.ndarray:  # fmt: skip
-    """A ``[h, w]`` mask of exactly ``count`` patches made of rectangles, as BEiT draws them: each block's
-    area is uniform in ``[min_block, what is left]``, its aspect ratio log-uniform in ``[1 / max_aspect,
-    max_aspect]``, its place uniform; only its not yet masked patches count. A block that would overshoot
+    """A `[h, w]` mask of exactly `count` patches made of rectangles, as BEiT draws them: each block's
+    area is uniform in `[min_block, what is left]`, its aspect ratio log-uniform in `[1 / max_aspect,
+    max_aspect]`, its place uniform; only its not yet masked patches count. A block that would overshoot
     is cut to its first patches in raster order; when no block adds anything after many tries, the rest
     are the unmasked patches nearest to the mask. NumPy: a few microseconds per draw."""
     height, width = grid
@@ -50,12 +50,12 @@ def block_mask(grid: tuple[int, int], count: int, rng: np.random.Generator, min_
 
 
 def reversed_block_mask(grid: tuple[int, int], count: int, rng: np.random.Generator, **kwargs) -> np.ndarray:
-    """UTA's reversed block-wise mask: ``count`` masked patches whose complement (the kept ones) is a block mask."""
+    """UTA's reversed block-wise mask: `count` masked patches whose complement (the kept ones) is a block mask."""
     return ~block_mask(grid, grid[0] * grid[1] - count, rng, **kwargs)
 
 
 def kept_indices(masks: Tensor | np.ndarray) -> Tensor:
-    """``[B, K]`` indices (raster order, ascending) of the unmasked patches of ``masks [B, h, w]``; every mask
+    """`[B, K]` indices (raster order, ascending) of the unmasked patches of `masks [B, h, w]`; every mask
     must keep the same number."""
     flat = ~torch.as_tensor(masks).flatten(1)
     counts = flat.sum(dim=1)

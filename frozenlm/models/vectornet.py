@@ -1,23 +1,23 @@
 """VectorNet (Gao et al., CVPR 2020): a scene as polylines of vectors, a subgraph per polyline, a global graph.
 
-Input: groups of polylines, each ``(vectors [B, N_g, V_g, C], vector_mask [B, N_g, V_g])`` padded to its
+Input: groups of polylines, each `(vectors [B, N_g, V_g, C], vector_mask [B, N_g, V_g])` padded to its
 own longest polyline (the datamodules' agents, the focal one first, then map polylines), of vectors
-``[x_start, y_start, x_end, y_end, attributes...]`` in the focal agent's frame, and ``polyline_mask
-[B, N]`` over all of them in order (True = real).
+`[x_start, y_start, x_end, y_end, attributes...]` in the focal agent's frame, and `polyline_mask
+[B, N]` over all of them in order (True = real).
 
 * Polyline subgraph: 3 layers of (shared Linear, LayerNorm, ReLU), each followed by a max-pool over the
   polyline's vectors concatenated to every vector; the polyline's feature is the max-pool of the last
   layer, L2-normalised. Padded vectors never win a max-pool.
 * Identifier: as the paper, the minimum of each polyline's start coordinates (x and y apart), embedded and
   added, so that a node whose features are masked (node completion) can still be located.
-* Global interaction graph: the paper's ``softmax(P_Q P_K^T) P_V`` (``global_graph="paper"``: one head,
-  linear Q, K, V, no scaling and no output projection), or PyTorch's ``nn.MultiheadAttention`` with one
-  head (``"multihead"``: scaled by ``1/sqrt(d)``, with an output projection; frozenlm's earlier form);
+* Global interaction graph: the paper's `softmax(P_Q P_K^T) P_V` (`global_graph="paper"`: one head,
+  linear Q, K, V, no scaling and no output projection), or PyTorch's `nn.MultiheadAttention` with one
+  head (`"multihead"`: scaled by `1/sqrt(d)`, with an output projection; frozenlm's earlier form);
   padded polylines masked as keys.
 
-The output tokens ``[B, N, 2 * hidden]`` are what a frozen LM block sees (with the padding mask) before
-the trajectory decoder reads the focal agent's token: :class:`VectorNetForecaster`, built from a
-:class:`VectorNetForecasterConfig`.
+The output tokens `[B, N, 2 * hidden]` are what a frozen LM block sees (with the padding mask) before
+the trajectory decoder reads the focal agent's token: [`VectorNetForecaster`][frozenlm.models.vectornet.VectorNetForecaster], built from a
+[`VectorNetForecasterConfig`][frozenlm.models.vectornet.VectorNetForecasterConfig].
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class PolylineSubgraph(nn.Module):
         self.layers = nn.ModuleList(nn.Sequential(nn.Linear(d, hidden), nn.LayerNorm(hidden), nn.ReLU()) for d in dims)
 
     def forward(self, vectors: Tensor, vector_mask: Tensor) -> Tensor:
-        """``[B, N, V, C]`` vectors -> ``[B, N, 2 * hidden]`` polyline features (zeros for empty polylines)."""
+        """`[B, N, V, C]` vectors -> `[B, N, 2 * hidden]` polyline features (zeros for empty polylines)."""
         x = vectors
         for layer in self.layers:
             nodes = layer(x)
@@ -51,7 +51,7 @@ class PolylineSubgraph(nn.Module):
 
 
 def masked_max(nodes: Tensor, vector_mask: Tensor) -> Tensor:
-    """``[B, N, V, D] -> [B, N, D]``: the max over each polyline's real vectors; 0 for an empty (padded)
+    """`[B, N, V, D] -> [B, N, D]`: the max over each polyline's real vectors; 0 for an empty (padded)
     polyline, never -inf (whose gradient would be NaN)."""
     pooled = nodes.masked_fill(~vector_mask[..., None], float("-inf")).amax(dim=2)
     return torch.where(vector_mask.any(dim=2, keepdim=True), pooled, torch.zeros_like(pooled))
@@ -62,7 +62,7 @@ GLOBAL_GRAPHS = ("paper", "multihead")
 
 
 class PaperGlobalGraph(nn.Module):
-    """VectorNet's global graph as the paper writes it (eq. 3): ``softmax(P_Q P_K^T) P_V``."""
+    """VectorNet's global graph as the paper writes it (eq. 3): `softmax(P_Q P_K^T) P_V`."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -75,7 +75,7 @@ class PaperGlobalGraph(nn.Module):
 
 
 class MultiheadGlobalGraph(nn.MultiheadAttention):
-    """One-head ``nn.MultiheadAttention`` over the polylines (scaled, with an output projection)."""
+    """One-head `nn.MultiheadAttention` over the polylines (scaled, with an output projection)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__(dim, num_heads=1, batch_first=True)
@@ -85,13 +85,13 @@ class MultiheadGlobalGraph(nn.MultiheadAttention):
 
 
 class VectorNet(nn.Module):
-    """Subgraphs + global graph; ``forward(groups, polyline_mask)`` gives the polyline tokens ``[B, N, 2 * hidden]``.
+    """Subgraphs + global graph; `forward(groups, polyline_mask)` gives the polyline tokens `[B, N, 2 * hidden]`.
 
     Args:
         in_dim: width of a vector (4 coordinates + attributes).
-        hidden: width of the subgraph layers (VectorNet: 64); tokens are ``2 * hidden`` wide.
+        hidden: width of the subgraph layers (VectorNet: 64); tokens are `2 * hidden` wide.
         subgraph_layers: number of subgraph layers (VectorNet: 3).
-        global_graph: ``paper`` or ``multihead`` (see the module docstring).
+        global_graph: `paper` or `multihead` (see the module docstring).
     """
 
     def __init__(self, in_dim: int, hidden: int = 64, subgraph_layers: int = 3, global_graph: str = "paper") -> None:
@@ -104,17 +104,17 @@ class VectorNet(nn.Module):
         self.global_graph = (PaperGlobalGraph if global_graph == "paper" else MultiheadGlobalGraph)(self.dim)
 
     def polyline_features(self, groups: list[PolylineGroup]) -> Tensor:
-        """``[B, N, 2 * hidden]``: each group's polylines through the subgraph, concatenated in order."""
+        """`[B, N, 2 * hidden]`: each group's polylines through the subgraph, concatenated in order."""
         return torch.cat([self.subgraph(vectors, mask) for vectors, mask in groups], dim=1)
 
     @staticmethod
     def identifiers(groups: list[PolylineGroup]) -> Tensor:
-        """``[B, N, 2]``: the minimum start coordinates of each polyline's real vectors (0 for padding)."""
+        """`[B, N, 2]`: the minimum start coordinates of each polyline's real vectors (0 for padding)."""
         starts = [masked_max(-vectors[..., :2], mask).neg() for vectors, mask in groups]
         return torch.cat(starts, dim=1)
 
     def interact(self, features: Tensor, identifiers: Tensor, polyline_mask: Tensor) -> Tensor:
-        """The global graph over polyline ``features`` plus their embedded ``identifiers``."""
+        """The global graph over polyline `features` plus their embedded `identifiers`."""
         tokens = self.global_graph(features + self.identifier(identifiers), polyline_mask)
         return tokens.masked_fill(~polyline_mask[..., None], 0.0)
 
@@ -123,8 +123,8 @@ class VectorNet(nn.Module):
 
 
 class TrajectoryDecoder(nn.Module):
-    """An MLP from a token to ``modes`` trajectories of ``horizon`` steps (as per-step offsets, summed)
-    and ``modes`` scores: ``([B, K, T, 2], [B, K] logits)``."""
+    """An MLP from a token to `modes` trajectories of `horizon` steps (as per-step offsets, summed)
+    and `modes` scores: `([B, K, T, 2], [B, K] logits)`."""
 
     def __init__(self, dim: int, horizon: int, modes: int = 6, hidden: int | None = None) -> None:
         super().__init__()
@@ -142,16 +142,16 @@ class TrajectoryDecoder(nn.Module):
 
 @dataclass
 class VectorNetForecasterConfig(FromHParams):
-    """A :class:`VectorNetForecaster`; field names are :class:`frozenlm.tasks.MotionForecaster`'s flags.
+    """A [`VectorNetForecaster`][frozenlm.models.vectornet.VectorNetForecaster]; field names are [`MotionForecaster`][frozenlm.tasks.MotionForecaster]'s flags.
 
     Attributes:
-        vector_dim: width of an input vector (the datamodules': ``frozenlm.data.motion.VECTOR_DIM``).
+        vector_dim: width of an input vector (the datamodules': `frozenlm.data.motion.VECTOR_DIM`).
         horizon: future steps to predict.
         hidden: VectorNet's hidden size (64); tokens are twice as wide.
-        global_graph: ``paper`` or ``multihead`` (see :class:`VectorNet`).
+        global_graph: `paper` or `multihead` (see [`VectorNet`][frozenlm.models.vectornet.VectorNet]).
         modes: trajectories per scene (K).
-        node_completion: weight of VectorNet's node-completion loss; above 0 the model has its ``node_decoder``.
-        llm: the frozen LM block over all polyline tokens (:class:`frozenlm.llm.LLMConfig`); None for none.
+        node_completion: weight of VectorNet's node-completion loss; above 0 the model has its `node_decoder`.
+        llm: the frozen LM block over all polyline tokens ([`LLMConfig`][frozenlm.llm.LLMConfig]); None for none.
     """
 
     vector_dim: int = VECTOR_DIM
@@ -166,14 +166,14 @@ class VectorNetForecasterConfig(FromHParams):
 class VectorNetForecaster(nn.Module):
     """VectorNet -> [frozen LM block over all polyline tokens, padded ones masked] -> K-mode decoder.
 
-    Inputs are a scene batch's ``agent_vectors``, ``agent_mask``, ``map_vectors``, ``map_mask`` and
-    ``polyline_mask`` (see :func:`frozenlm.data.motion.collate_scenes`). ``forward_features(batch)`` gives
-    ``(tokens [B, N, 2 * hidden], branch)``: the polyline tokens after the global graph (through the LM block
+    Inputs are a scene batch's `agent_vectors`, `agent_mask`, `map_vectors`, `map_mask` and
+    `polyline_mask` (see `collate_scenes`). `forward_features(batch)` gives
+    `(tokens [B, N, 2 * hidden], branch)`: the polyline tokens after the global graph (through the LM block
     when it is inline) and GCR's branch (the block's output on the same tokens, in training only; else None).
-    ``forward_head`` / ``forward_aux_head`` decode the focal agent's token (index 0) of either into
-    ``(trajectories [B, K, T, 2] in the agent frame, mode logits [B, K])``; ``forward(batch)`` is that on
-    the tokens. With ``llm.aux_head: separate`` GCR's branch has a decoder of its own (``aux_decoder``); with
-    ``shared`` it reuses ``decoder``.
+    `forward_head` / `forward_aux_head` decode the focal agent's token (index 0) of either into
+    `(trajectories [B, K, T, 2] in the agent frame, mode logits [B, K])`; `forward(batch)` is that on
+    the tokens. With `llm.aux_head: separate` GCR's branch has a decoder of its own (`aux_decoder`); with
+    `shared` it reuses `decoder`.
     """
 
     def __init__(self, config: VectorNetForecasterConfig) -> None:
@@ -196,13 +196,13 @@ class VectorNetForecaster(nn.Module):
         return [(batch["agent_vectors"], batch["agent_mask"]), (batch["map_vectors"], batch["map_mask"])]
 
     def polyline_features(self, batch: Mapping[str, Tensor]) -> Tensor:
-        """``[B, N, 2 * hidden]``: every polyline through the subgraph (before the global graph)."""
+        """`[B, N, 2 * hidden]`: every polyline through the subgraph (before the global graph)."""
         return self.backbone.polyline_features(self.polyline_groups(batch))
 
     def forward_features(
         self, batch: Mapping[str, Tensor], features: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        """``(tokens, branch)``; ``features``: the polyline features to use (e.g. with one masked, for node
+        """`(tokens, branch)`; `features`: the polyline features to use (e.g. with one masked, for node
         completion) instead of the batch's own."""
         groups, polyline_mask = self.polyline_groups(batch), batch["polyline_mask"]
         if features is None:
@@ -218,5 +218,5 @@ class VectorNetForecaster(nn.Module):
         return decoder(branch[:, 0])
 
     def forward(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """``(trajectories [B, K, T, 2] in the agent frame, mode logits [B, K])``."""
+        """`(trajectories [B, K, T, 2] in the agent frame, mode logits [B, K])`."""
         return self.forward_head(self.forward_features(batch)[0])

@@ -1,17 +1,17 @@
 """VideoMAE video transformers (Tong et al., NeurIPS 2022) from transformers, set up for fine-tuning.
 
-The encoder is transformers' ``VideoMAEModel``: cube embedding of 2x16x16 tubelets (16 frames at 224 px
+The encoder is transformers' `VideoMAEModel`: cube embedding of 2x16x16 tubelets (16 frames at 224 px
 give 8 x 14 x 14 = 1568 tokens), fixed sinusoidal positions, no CLS token. Fine-tuning pools the tokens
-by their mean and normalises the pooled vector (``fc_norm``), so the encoder is always built with
-``use_mean_pooling=True`` (no final per-token norm); MAE-pretraining checkpoints ship
-``use_mean_pooling: false`` and their final norm is dropped, as in VideoMAE's own fine-tuning.
+by their mean and normalises the pooled vector (`fc_norm`), so the encoder is always built with
+`use_mean_pooling=True` (no final per-token norm); MAE-pretraining checkpoints ship
+`use_mean_pooling: false` and their final norm is dropped, as in VideoMAE's own fine-tuning.
 transformers' layers have no stochastic depth, which VideoMAE fine-tunes with (drop path 0.1): each
-layer is replaced by :class:`VideoMAEDropPathLayer`, whose forward is transformers' written out with
-timm's ``DropPath`` on the two residual branches; it keeps the layer's own submodules (and their names),
+layer is replaced by `VideoMAEDropPathLayer`, whose forward is transformers' written out with
+timm's `DropPath` on the two residual branches; it keeps the layer's own submodules (and their names),
 so the weights and checkpoints stay as they are.
 
-:class:`VideoMAEClassifier` is the fine-tuned model: encoder tokens -> [frozen LM block] -> mean pooling
--> ``fc_norm`` -> head, built from a :class:`VideoMAEClassifierConfig`.
+`VideoMAEClassifier` is the fine-tuned model: encoder tokens -> [frozen LM block] -> mean pooling
+-> `fc_norm` -> head, built from a `VideoMAEClassifierConfig`.
 """
 
 from __future__ import annotations
@@ -57,21 +57,21 @@ def create_videomae(
     """A VideoMAE encoder for fine-tuning, with random or pretrained weights.
 
     Args:
-        size: ``small`` (ViT-S, width 384) or ``base`` (ViT-B, width 768).
+        size: `small` (ViT-S, width 384) or `base` (ViT-B, width 768).
         num_frames: frames per clip (the positions are sinusoidal, so any multiple of the tubelet works
             with pretrained weights).
         image_size: clip side in pixels.
-        pretrained: a local Hugging Face VideoMAE folder (``save_pretrained`` output) or a hub id, e.g.
-            ``MCG-NJU/videomae-base-ssv2`` (MAE-pretrained on SSv2) or
-            ``MCG-NJU/videomae-small-finetuned-kinetics``. Encoder weights of ``VideoMAEModel``,
-            ``VideoMAEForPreTraining`` and ``VideoMAEForVideoClassification`` checkpoints all load;
+        pretrained: a local Hugging Face VideoMAE folder (`save_pretrained` output) or a hub id, e.g.
+            `MCG-NJU/videomae-base-ssv2` (MAE-pretrained on SSv2) or
+            `MCG-NJU/videomae-small-finetuned-kinetics`. Encoder weights of `VideoMAEModel`,
+            `VideoMAEForPreTraining` and `VideoMAEForVideoClassification` checkpoints all load;
             the decoder, final norm and heads are reported and dropped. A checkpoint lacking encoder
             tensors is an error, never a silently random encoder. Checkpoints of VideoMAE's own
-            repository (``.pth``) must first be converted with transformers' VideoMAE conversion script.
-        revision: hub revision of ``pretrained``.
+            repository (`.pth`) must first be converted with transformers' VideoMAE conversion script.
+        revision: hub revision of `pretrained`.
         drop_path_rate: stochastic depth of the last layer, rising linearly from 0 at the first
             (VideoMAE fine-tuning: 0.1).
-        **overrides: other ``VideoMAEConfig`` fields (e.g. tiny widths for tests, dropout rates).
+        **overrides: other `VideoMAEConfig` fields (e.g. tiny widths for tests, dropout rates).
     """
     if size not in VIDEOMAE_SIZES:
         raise ValueError(f"Unknown VideoMAE size {size!r}; choose one of {sorted(VIDEOMAE_SIZES)}.")
@@ -89,8 +89,8 @@ def create_videomae(
 
 
 def add_stochastic_depth(model: VideoMAEModel, rate: float) -> None:
-    """timm's ``DropPath`` on the attention and MLP branches of every layer, before their residual sums,
-    with rates ``linspace(0, rate, depth)`` as VideoMAE: each layer becomes a :class:`VideoMAEDropPathLayer`
+    """timm's `DropPath` on the attention and MLP branches of every layer, before their residual sums,
+    with rates `linspace(0, rate, depth)` as VideoMAE: each layer becomes a `VideoMAEDropPathLayer`
     holding the same submodules, so the weights (and no random numbers) are touched."""
     layers = model.encoder.layer
     for index, layer_rate in enumerate(torch.linspace(0, rate, len(layers)).tolist()):
@@ -98,9 +98,9 @@ def add_stochastic_depth(model: VideoMAEModel, rate: float) -> None:
 
 
 class VideoMAEDropPathLayer(VideoMAELayer):
-    """transformers' ``VideoMAELayer`` with stochastic depth: its forward, written out from the layer's own
-    submodules, is transformers' with ``drop_path`` on the attention branch and on the MLP branch (after
-    ``output``'s dropout), each before its residual sum, as VideoMAE's ``Block``. It takes over an existing
+    """transformers' `VideoMAELayer` with stochastic depth: its forward, written out from the layer's own
+    submodules, is transformers' with `drop_path` on the attention branch and on the MLP branch (after
+    `output`'s dropout), each before its residual sum, as VideoMAE's `Block`. It takes over an existing
     layer's submodules (same names, so the same state-dict keys) instead of creating new ones."""
 
     def __init__(self, layer: VideoMAELayer, drop_path: float) -> None:
@@ -155,17 +155,17 @@ def _load_pretrained(source: str, revision: str | None, fields: dict[str, Any]) 
 
 @dataclass
 class VideoMAEClassifierConfig(FromHParams):
-    """A :class:`VideoMAEClassifier`; field names are :class:`frozenlm.tasks.VideoClassifier`'s flags.
+    """A `VideoMAEClassifier`; field names are [`VideoClassifier`][frozenlm.tasks.VideoClassifier]'s flags.
 
     Attributes:
-        backbone: ``small`` (ViT-S) or ``base`` (ViT-B); a pretrained checkpoint must match it.
+        backbone: `small` (ViT-S) or `base` (ViT-B); a pretrained checkpoint must match it.
         num_classes: classes of the head.
-        num_frames, img_size: clip length and side (see :func:`create_videomae`).
+        num_frames, img_size: clip length and side (see [`create_videomae`][frozenlm.models.videomae.create_videomae]).
         pretrained, pretrained_revision: MAE-pretrained weights (a Hugging Face folder or hub id) and revision.
-        backbone_config: further ``VideoMAEConfig`` fields (e.g. tiny widths, dropout rates).
+        backbone_config: further `VideoMAEConfig` fields (e.g. tiny widths, dropout rates).
         head_init_scale: the head's truncated-normal (std 0.02) weights are scaled by this (VideoMAE: 0.001).
         drop_path_rate: stochastic depth of the last encoder layer, linear from 0 (VideoMAE: 0.1).
-        llm: the frozen LM block after the encoder (:class:`frozenlm.llm.LLMConfig`); None for none.
+        llm: the frozen LM block after the encoder ([`LLMConfig`][frozenlm.llm.LLMConfig]); None for none.
     """
 
     backbone: str = "small"
@@ -181,12 +181,12 @@ class VideoMAEClassifierConfig(FromHParams):
 
 
 class VideoMAEClassifier(nn.Module):
-    """VideoMAE fine-tuning: encoder tokens -> [frozen LM block] -> mean pooling -> ``fc_norm`` -> head.
+    """VideoMAE fine-tuning: encoder tokens -> [frozen LM block] -> mean pooling -> `fc_norm` -> head.
 
-    ``forward_features(video [B, 3, T, H, W])`` gives ``(tokens [B, N, D], branch)``: the encoder's tokens
+    `forward_features(video [B, 3, T, H, W])` gives `(tokens [B, N, D], branch)`: the encoder's tokens
     (through the LM block when it is inline, LM4VE) and GCR's branch (the block's output on the same tokens,
-    in training only; else None). ``forward_head`` / ``forward_aux_head`` are the head and GCR's auxiliary
-    head on them; ``forward(video)`` gives the logits.
+    in training only; else None). `forward_head` / `forward_aux_head` are the head and GCR's auxiliary
+    head on them; `forward(video)` gives the logits.
     """
 
     def __init__(self, config: VideoMAEClassifierConfig) -> None:
@@ -210,7 +210,7 @@ class VideoMAEClassifier(nn.Module):
             self.aux_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, config.num_classes))
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """timm's layer-decay groups: the cube embedding is group 0, encoder layer ``i`` group ``i + 1``; the
+        """timm's layer-decay groups: the cube embedding is group 0, encoder layer `i` group `i + 1`; the
         rest (fc_norm, head, LM adapters, auxiliary head) the last, whose lr is not decayed."""
         return {"stem": r"^backbone\.embeddings", "blocks": [(r"^backbone\.encoder\.layer\.(\d+)", None)]}
 
@@ -225,7 +225,7 @@ class VideoMAEClassifier(nn.Module):
         return self.head(self.fc_norm(self.pool(tokens)))
 
     def forward_aux_head(self, branch: torch.Tensor) -> torch.Tensor:
-        """GCR's auxiliary logits: the branch pooled, through its own head, or the model's (``aux_head: shared``)."""
+        """GCR's auxiliary logits: the branch pooled, through its own head, or the model's (`aux_head: shared`)."""
         if self.llm_config.aux_head == "shared":
             return self.forward_head(branch)
         return self.aux_head(self.pool(branch))

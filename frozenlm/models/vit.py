@@ -26,17 +26,17 @@ TRUNK_OPTIONS = ("stem", "stem_channels", "stem_strides", "stem_removed_blocks",
 @dataclass
 class ViTConfig(FromHParams):
     """A timm ViT trunk as frozenlm builds it: the one set of ViT options every ViT-based model shares (the
-    image classifier, UTA's student, learngenes). Field names are the tasks' flat flags (``--model.stem``...).
+    image classifier, UTA's student, learngenes). Field names are the tasks' flat flags (`--model.stem`...).
 
     Attributes:
-        backbone: timm model name (``deit_small_patch16_224``...).
+        backbone: timm model name (`deit_small_patch16_224`...).
         num_classes: classes of timm's head (0: no head).
         img_size, patch_size: overrides for small images (e.g. 32 and 4 for CIFAR).
         drop_path_rate: stochastic depth.
         pretrained, pretrained_file: timm's pretrained weights (the hub, or a local file).
-        stem, stem_channels, stem_strides, stem_removed_blocks: the convolutional stem (see :func:`create_vit`).
+        stem, stem_channels, stem_strides, stem_removed_blocks: the convolutional stem (see [`create_vit`][frozenlm.models.vit.create_vit]).
         pos_embed, cape: learned positions or CAPE.
-        backbone_kwargs: any other timm ``create_model`` argument (``depth``, ``embed_dim``...).
+        backbone_kwargs: any other timm `create_model` argument (`depth`, `embed_dim`...).
     """
 
     backbone: str = "deit_small_patch16_224"
@@ -55,7 +55,7 @@ class ViTConfig(FromHParams):
     backbone_kwargs: dict[str, Any] | None = None
 
     def create(self) -> VisionTransformer:
-        """The timm ViT (:func:`create_vit`)."""
+        """The timm ViT ([`create_vit`][frozenlm.models.vit.create_vit])."""
         return create_vit(
             self.backbone, self.num_classes, img_size=self.img_size, patch_size=self.patch_size,
             drop_path_rate=self.drop_path_rate, pretrained=self.pretrained, pretrained_file=self.pretrained_file,
@@ -80,18 +80,18 @@ def create_vit(
     cape: CAPEConfig | dict | None = None,
     **kwargs: Any,
 ) -> VisionTransformer:
-    """A timm ViT by name (``deit_small_patch16_224``...), optionally with pretrained weights.
+    """A timm ViT by name (`deit_small_patch16_224`...), optionally with pretrained weights.
 
-    ``img_size``/``patch_size`` override the architecture for small images (e.g. 32 px CIFAR with
+    `img_size`/`patch_size` override the architecture for small images (e.g. 32 px CIFAR with
     4 px patches); timm resamples pretrained position and patch embeddings to match.
-    ``pretrained_file`` loads timm weights from a local file instead of the hub.
+    `pretrained_file` loads timm weights from a local file instead of the hub.
 
-    ``stem="conv"`` replaces the patchify convolution by a convolutional stem (Xiao et al., 2021;
-    channels and strides default to :func:`~frozenlm.models.patch_embed.conv_stem_plan`) and removes
-    ``stem_removed_blocks`` transformer blocks from the model's depth (``depth`` in ``kwargs`` or the
-    named model's) to keep the FLOPs comparable. ``pos_embed="cape"`` replaces the learned position
-    table by CAPE positions (``cape``: their augmentation). Both are timm's ViT with frozenlm's
-    :class:`~frozenlm.models.patch_embed.PatchEmbedding` as ``embed_layer``; they train from scratch.
+    `stem="conv"` replaces the patchify convolution by a convolutional stem (Xiao et al., 2021;
+    channels and strides default to `conv_stem_plan`) and removes
+    `stem_removed_blocks` transformer blocks from the model's depth (`depth` in `kwargs` or the
+    named model's) to keep the FLOPs comparable. `pos_embed="cape"` replaces the learned position
+    table by CAPE positions (`cape`: their augmentation). Both are timm's ViT with frozenlm's
+    `PatchEmbedding` as `embed_layer`; they train from scratch.
     """
     if name not in timm.list_models():
         close = difflib.get_close_matches(name, timm.list_models("*vit*") + timm.list_models("deit*"), n=5)
@@ -131,8 +131,8 @@ def create_vit(
 
 
 def prefixed_matcher(matcher: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """A timm ``group_matcher`` (regexes matched at the start of parameter names) for the same module held under
-    ``prefix`` (``"backbone."``): what timm's layer-wise lr decay reads from the module holding it."""
+    """A timm `group_matcher` (regexes matched at the start of parameter names) for the same module held under
+    `prefix` (`"backbone."`): what timm's layer-wise lr decay reads from the module holding it."""
     escaped = re.escape(prefix)
 
     def wrap(pattern: str) -> str:
@@ -149,7 +149,7 @@ def _default_depth(name: str, **kwargs: Any) -> int:
 
 
 def trunk_options(values: dict[str, Any]) -> dict[str, Any]:
-    """The ``TRUNK_OPTIONS`` in ``values`` (e.g. a task's hyper-parameters) that differ from
-    ``create_vit``'s defaults: empty for a plain timm ViT."""
+    """The `TRUNK_OPTIONS` in `values` (e.g. a task's hyper-parameters) that differ from
+    `create_vit`'s defaults: empty for a plain timm ViT."""
     defaults = inspect.signature(create_vit).parameters
     return {k: values[k] for k in TRUNK_OPTIONS if values.get(k, defaults[k].default) != defaults[k].default}
