@@ -1,11 +1,11 @@
-"""``BaseTask``: the small base class every task LightningModule builds on.
+"""`BaseTask`: the small base class every task LightningModule builds on.
 
-Subclasses implement three hooks, called in this order from ``__init__``: ``configure_models``,
-``configure_losses``, ``configure_metrics``. The base class owns what every task shares: saving
+Subclasses implement three hooks, called in this order from `__init__`: `configure_models`,
+`configure_losses`, `configure_metrics`. The base class owns what every task shares: saving
 hyper-parameters, the DeiT-style optimizer and schedule (AdamW, lr scaled by the global batch,
 linear warmup then cosine, per step, with timm's implementations), per-epoch reseeding so that
 a run resumed from an epoch-end checkpoint continues exactly as an uninterrupted one, and the guard
-against non-finite training losses (:meth:`BaseTask.finite_loss`, which every ``training_step``
+against non-finite training losses ([`BaseTask.finite_loss`][frozenlm.tasks.base.BaseTask.finite_loss], which every `training_step`
 returns through).
 """
 
@@ -32,33 +32,33 @@ TASK_KEY = "frozenlm_task"
 
 
 class NonFiniteLossError(FrozenLMError, FloatingPointError):
-    """A training loss was NaN or infinite (more often than ``max_nonfinite_steps`` allows): the message
+    """A training loss was NaN or infinite (more often than `max_nonfinite_steps` allows): the message
     names the step and the batch's samples."""
 
 
 class BaseTask(lightning.LightningModule):
-    """Shared optimisation recipe; the ``optim_*`` arguments of each task are forwarded here.
+    """Shared optimisation recipe; the `optim_*` arguments of each task are forwarded here.
 
     Args:
-        lr: base learning rate for a global batch of ``lr_reference_batch`` (DeiT: 5e-4 per 512).
-        lr_reference_batch: the learning rate is ``lr * global_batch / lr_reference_batch``;
-            set it to 0 to use ``lr`` as is.
+        lr: base learning rate for a global batch of `lr_reference_batch` (DeiT: 5e-4 per 512).
+        lr_reference_batch: the learning rate is `lr * global_batch / lr_reference_batch`;
+            set it to 0 to use `lr` as is.
         weight_decay: AdamW weight decay (none on norms, biases, tokens and position embeddings).
-        optimizer: any optimizer name timm's ``create_optimizer_v2`` knows.
+        optimizer: any optimizer name timm's `create_optimizer_v2` knows.
         min_lr: the schedule's floor (cosine), or its end (linear).
-        warmup_epochs: linear warmup from ``warmup_lr`` (fractional epochs allowed).
+        warmup_epochs: linear warmup from `warmup_lr` (fractional epochs allowed).
         warmup_lr: learning rate at step 0.
         layer_decay: layer-wise lr decay (timm); None for none.
-        scale_min_lr: scale ``min_lr`` and ``warmup_lr`` by the global batch too, like ``lr``
+        scale_min_lr: scale `min_lr` and `warmup_lr` by the global batch too, like `lr`
             (VideoMAE's fine-tuning does; DeiT does not).
-        schedule_interval: ``step``: warmup and cosine advance every optimizer step (DeiT here);
-            ``epoch``: once per epoch, warmup in whole epochs (Point-BERT's recipe).
+        schedule_interval: `step`: warmup and cosine advance every optimizer step (DeiT here);
+            `epoch`: once per epoch, warmup in whole epochs (Point-BERT's recipe).
         betas: Adam(W)'s betas; None for the optimizer's default (0.9, 0.999).
-        schedule: after warmup, ``cosine`` (DeiT) or ``linear`` decay to ``min_lr`` at the last step (METER:
-            transformers' ``get_polynomial_decay_schedule_with_warmup`` with power 1).
+        schedule: after warmup, `cosine` (DeiT) or `linear` decay to `min_lr` at the last step (METER:
+            transformers' `get_polynomial_decay_schedule_with_warmup` with power 1).
         max_nonfinite_steps: training steps whose loss is NaN or infinite that are skipped (no update;
-            counted as ``train/nonfinite_steps_skipped``) before the run stops with
-            :class:`NonFiniteLossError`; 0 stops at the first. The weights are never updated from such
+            counted as `train/nonfinite_steps_skipped`) before the run stops with
+            `NonFiniteLossError`; 0 stops at the first. The weights are never updated from such
             a loss, so every checkpoint stays finite.
     """
 
@@ -124,14 +124,14 @@ class BaseTask(lightning.LightningModule):
         return datamodule.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def lr_scale(self) -> float:
-        """``global_batch / lr_reference_batch`` (1 when ``lr_reference_batch`` is 0)."""
+        """`global_batch / lr_reference_batch` (1 when `lr_reference_batch` is 0)."""
         hp = self.hparams
         return self.global_batch_size() / hp.lr_reference_batch if hp.lr_reference_batch else 1.0
 
     def optimizer_parameters(self, lr: float, weight_decay: float) -> nn.Module | list[dict]:
         """What the optimizer gets: the module itself (timm then skips parameters that do not require
-        grad, the frozen block, and reads ``no_weight_decay()`` and, with layer decay,
-        ``group_matcher()``), or explicit parameter groups of a task's own recipe."""
+        grad, the frozen block, and reads `no_weight_decay()` and, with layer decay,
+        `group_matcher()`), or explicit parameter groups of a task's own recipe."""
         return self
 
     def configure_optimizers(self):
@@ -175,8 +175,8 @@ class BaseTask(lightning.LightningModule):
     def with_auxiliary_loss(
         self, loss: torch.Tensor, aux_loss: torch.Tensor | None, weight: float, batch_size: int
     ) -> torch.Tensor:
-        """GCR's training loss: ``loss_main + weight * loss_aux`` (``weight``: ``llm.aux_weight``; ``loss`` itself
-        when there is no auxiliary branch), logging ``train_loss_main`` and ``train_loss_aux``. The one place
+        """GCR's training loss: `loss_main + weight * loss_aux` (`weight`: `llm.aux_weight`; `loss` itself
+        when there is no auxiliary branch), logging `train_loss_main` and `train_loss_aux`. The one place
         every task combines the two."""
         if aux_loss is None:
             return loss
@@ -185,19 +185,19 @@ class BaseTask(lightning.LightningModule):
 
     # -- one sample's forward ----------------------------------------------------------------
     def sample_forward(self, batch: dict[str, Any], samples: int = 1) -> tuple[Any, tuple]:
-        """``(function, inputs)``: the model's inference forward on the first ``samples`` samples of ``batch``
-        (an evaluation batch as ``validation_step`` gets it, on this module's device), run as
-        ``function(*inputs)`` in eval mode. What ``frozenlm sweep`` counts FLOPs per sample on (with
-        :func:`frozenlm.bench.flop_counter`, attention included), and what a benchmark can time. Tasks whose
-        forward takes more than ``batch[input_key]`` override it."""
+        """`(function, inputs)`: the model's inference forward on the first `samples` samples of `batch`
+        (an evaluation batch as `validation_step` gets it, on this module's device), run as
+        `function(*inputs)` in eval mode. What `frozenlm sweep` counts FLOPs per sample on (with
+        `flop_counter`, attention included), and what a benchmark can time. Tasks whose
+        forward takes more than `batch[input_key]` override it."""
         return self, (batch[self.input_key][:samples],)
 
     # -- exact evaluation on any number of processes -------------------------------------------
     @staticmethod
     def scored(batch: dict[str, Any], *values: Any) -> tuple[Any, ...]:
-        """``values`` (tensors or lists with one row per sample of ``batch``) without the rows that only
-        even out the processes' shares of an evaluation split (``batch["padding"]``, see
-        :mod:`frozenlm.data.distributed`), so that every sample is scored exactly once."""
+        """`values` (tensors or lists with one row per sample of `batch`) without the rows that only
+        even out the processes' shares of an evaluation split (`batch["padding"]`, see
+        `distributed`), so that every sample is scored exactly once."""
         padding = batch.get("padding")
         if padding is None or not bool(padding.any()):
             return values
@@ -207,7 +207,7 @@ class BaseTask(lightning.LightningModule):
         )
 
     def _log_unreadable(self, batch: dict[str, Any], stage: str) -> bool:
-        """Log the count of unreadable samples the loader dropped (``data/unreadable/<stage>``, the epoch's sum
+        """Log the count of unreadable samples the loader dropped (`data/unreadable/<stage>`, the epoch's sum
         over every process's batches: synced once, at the epoch's end); False when the whole batch was dropped."""
         if "unreadable" in batch:
             count = float(len(batch["unreadable"]))
@@ -217,13 +217,13 @@ class BaseTask(lightning.LightningModule):
 
     # -- non-finite losses -------------------------------------------------------------------
     def finite_loss(self, loss: torch.Tensor, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """What ``training_step`` returns: ``loss`` when it is finite in every process.
+        """What `training_step` returns: `loss` when it is finite in every process.
 
         A NaN or infinite loss (in any process) is never back-propagated into the weights: while fewer
-        than ``max_nonfinite_steps`` steps were skipped, every process skips this one (a zero loss keeps
+        than `max_nonfinite_steps` steps were skipped, every process skips this one (a zero loss keeps
         DDP's gradient all-reduce in step, then the gradients are dropped before the optimizer, so
         neither the weights nor the optimizer state move); past that, the run stops with
-        :class:`NonFiniteLossError` naming the batch's samples. Costs one host sync per step (and, under
+        `NonFiniteLossError` naming the batch's samples. Costs one host sync per step (and, under
         DDP, the all-reduce of one number).
         """
         finite = torch.isfinite(loss.detach()).all().float()
@@ -296,11 +296,11 @@ class BaseTask(lightning.LightningModule):
 
 
 def migrate_model_keys(task: nn.Module, checkpoint: dict[str, Any]) -> None:
-    """Move a checkpoint written before the task held its network as ``self.model`` to today's keys, in place.
+    """Move a checkpoint written before the task held its network as `self.model` to today's keys, in place.
 
-    Then the task's modules (``backbone``, ``llm_block``, ``head``...) were its own children; now they are the
-    model's: a state-dict key (and a stored frozen block's name) whose first part is a child of ``task.model``
-    and not of the task gets the ``model.`` prefix. A checkpoint already in today's layout is left as it is."""
+    Then the task's modules (`backbone`, `llm_block`, `head`...) were its own children; now they are the
+    model's: a state-dict key (and a stored frozen block's name) whose first part is a child of `task.model`
+    and not of the task gets the `model.` prefix. A checkpoint already in today's layout is left as it is."""
     model = getattr(task, "model", None)
     if not isinstance(model, nn.Module):
         return

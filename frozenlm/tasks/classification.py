@@ -1,9 +1,9 @@
-"""``ClassificationTask``: what every classifier shares, whatever its input (images, videos).
+"""`ClassificationTask`: what every classifier shares, whatever its input (images, videos).
 
-The model is the task's ``self.model`` (built by the task's ``build_model``): ``model.forward_features(x)``
-gives ``(tokens, branch)``, the trunk's tokens and GCR's auxiliary branch (training only, else None);
-``model.forward_head(tokens)`` the logits, ``model.forward_aux_head(branch)`` the auxiliary logits, and
-``model(x)`` the inference logits (see :class:`frozenlm.models.lm_vit.LMViT`). Everything else is here,
+The model is the task's `self.model` (built by the task's `build_model`): `model.forward_features(x)`
+gives `(tokens, branch)`, the trunk's tokens and GCR's auxiliary branch (training only, else None);
+`model.forward_head(tokens)` the logits, `model.forward_aux_head(branch)` the auxiliary logits, and
+`model(x)` the inference logits (see [`LMViT`][frozenlm.models.lm_vit.LMViT]). Everything else is here,
 once: mixup/cutmix with label smoothing, distillation, the LM4VE/GCR training step, top-1/top-5
 evaluation (averaging the softmax over the views a test batch may carry), and predictions.
 """
@@ -25,12 +25,12 @@ from frozenlm.tasks.distillation import DistillConfig, build_teacher, distillati
 
 
 class ClassificationTask(FrozenLMMixin, BaseTask):
-    """Base of the classifiers; subclasses set ``input_key`` (the batch entry holding the inputs).
+    """Base of the classifiers; subclasses set `input_key` (the batch entry holding the inputs).
 
-    Hyper-parameters it reads: ``num_classes``, ``label_smoothing``, ``mixup``, ``cutmix``,
-    ``mixup_switch_prob``, ``distill`` (a teacher, :mod:`frozenlm.tasks.distillation`). Batches are
-    dicts with ``input_key``, ``label`` and ``id``; a loader that drops unreadable samples adds
-    ``unreadable`` (their files), counted as ``data/unreadable/<stage>``.
+    Hyper-parameters it reads: `num_classes`, `label_smoothing`, `mixup`, `cutmix`,
+    `mixup_switch_prob`, `distill` (a teacher, `distillation`). Batches are
+    dicts with `input_key`, `label` and `id`; a loader that drops unreadable samples adds
+    `unreadable` (their files), counted as `data/unreadable/<stage>`.
     """
 
     input_key: str
@@ -69,7 +69,7 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 
     def mix(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """timm's mixup/cutmix on ``[B, C, H, W]`` inputs (video tasks fold frames into channels)."""
+        """timm's mixup/cutmix on `[B, C, H, W]` inputs (video tasks fold frames into channels)."""
         if len(inputs) % 2:  # timm's Mixup pairs samples; a dropped unreadable sample can make a batch odd
             inputs, targets = inputs[:-1], targets[:-1]
         return self.mixup(inputs, targets)
@@ -80,7 +80,7 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
 
     def evaluated_classes(self) -> torch.Tensor | None:
         """Bool mask of the classes predictions are restricted to, when the datamodule covers only some
-        (its ``class_subset``, e.g. ImageNet-A/R's 200 of ImageNet's 1000); None for all."""
+        (its `class_subset`, e.g. ImageNet-A/R's 200 of ImageNet's 1000); None for all."""
         subset = getattr(self.trainer.datamodule, "class_subset", None) if self._trainer is not None else None
         if subset is None:
             return None
@@ -89,13 +89,13 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
         return mask
 
     def restrict_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` with the classes outside the evaluated ones (:meth:`evaluated_classes`) at the
+        """`logits` with the classes outside the evaluated ones ([`evaluated_classes`][frozenlm.tasks.classification.ClassificationTask.evaluated_classes]) at the
         lowest value, so that no prediction, vote or attack picks them."""
         mask = self.evaluated_classes()
         return logits if mask is None else logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
 
     def evaluation_probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
-        """:meth:`class_probabilities`, renormalised over the evaluated classes."""
+        """[`class_probabilities`][frozenlm.tasks.classification.ClassificationTask.class_probabilities], renormalised over the evaluated classes."""
         probs = self.class_probabilities(inputs)
         mask = self.evaluated_classes()
         if mask is None:

@@ -1,17 +1,17 @@
 """Knowledge distillation from a frozen teacher, as the learngene papers train (Lin et al., NeurIPS 2024:
 cross-entropy + KL to a RegNet-16GF; TLEG: DeiT's soft distillation from LeViT-384).
 
-The loss is DeiT's (facebookresearch/deit ``losses.py``, ``DistillationLoss``): ``(1 - alpha) CE + alpha
-KD`` on the student's logits ``s`` and the teacher's ``t`` for the same (mixed) inputs, where KD is
+The loss is DeiT's (facebookresearch/deit `losses.py`, `DistillationLoss`): `(1 - alpha) CE + alpha
+KD` on the student's logits `s` and the teacher's `t` for the same (mixed) inputs, where KD is
 
-* ``soft`` (default): ``T^2 KL(softmax(t / T) || softmax(s / T))``, summed over the batch and the classes
-  and divided by the number of logits ``s.numel()`` (DeiT's ``reduction='sum' ... / outputs_kd.numel()``),
-  i.e. the per-sample KL divided by the number of classes; ``reduction: batchmean`` divides by the batch
-  size only (``C`` times larger: frozenlm's earlier loss, kept as an option);
-* ``hard``: ``CE(s, argmax t)`` (DeiT's hard distillation, no label smoothing).
+* `soft` (default): `T^2 KL(softmax(t / T) || softmax(s / T))`, summed over the batch and the classes
+  and divided by the number of logits `s.numel()` (DeiT's `reduction='sum' ... / outputs_kd.numel()`),
+  i.e. the per-sample KL divided by the number of classes; `reduction: batchmean` divides by the batch
+  size only (`C` times larger: frozenlm's earlier loss, kept as an option);
+* `hard`: `CE(s, argmax t)` (DeiT's hard distillation, no label smoothing).
 
-The NeurIPS paper's "CE + KL" is ``alpha 0.5`` up to a factor 2, TLEG's ``soft, alpha 1, T 1`` (its
-README's Aux-S command; its ``losses.py`` is DeiT's). The teacher is frozen and in eval mode, runs once
+The NeurIPS paper's "CE + KL" is `alpha 0.5` up to a factor 2, TLEG's `soft, alpha 1, T 1` (its
+README's Aux-S command; its `losses.py` is DeiT's). The teacher is frozen and in eval mode, runs once
 per batch without gradients, and is not part of the student's checkpoints.
 """
 
@@ -28,19 +28,19 @@ from torch import nn
 
 @dataclasses.dataclass
 class DistillConfig:
-    """The teacher (``--model.distill '{teacher: regnety_160, pretrained: true}'``).
+    """The teacher (`--model.distill '{teacher: regnety_160, pretrained: true}'`).
 
     Args:
-        teacher: a timm model name, or a frozenlm ``.ckpt`` of a baseline or GCR image classifier
+        teacher: a timm model name, or a frozenlm `.ckpt` of a baseline or GCR image classifier
             (its plain ViT is the teacher).
-        weights: with a timm name, its weights in a local file (timm ``.pth`` / ``.safetensors``).
+        weights: with a timm name, its weights in a local file (timm `.pth` / `.safetensors`).
         pretrained: with a timm name, timm's pretrained weights (from the hub or its cache).
         alpha: weight of the distillation term (1 - alpha for the cross-entropy).
-        temperature: softmax temperature ``T`` of both distributions (``soft`` only).
-        kind: ``soft`` (KL to the teacher's distribution) or ``hard`` (cross-entropy to the teacher's
-            top class), DeiT's ``--distillation-type``.
-        reduction: of the soft loss: ``deit`` (DeiT's: summed, divided by the number of logits) or
-            ``batchmean`` (divided by the batch size: ``num_classes`` times DeiT's).
+        temperature: softmax temperature `T` of both distributions (`soft` only).
+        kind: `soft` (KL to the teacher's distribution) or `hard` (cross-entropy to the teacher's
+            top class), DeiT's `--distillation-type`.
+        reduction: of the soft loss: `deit` (DeiT's: summed, divided by the number of logits) or
+            `batchmean` (divided by the batch size: `num_classes` times DeiT's).
     """
 
     teacher: str
@@ -87,9 +87,9 @@ def build_teacher(config: DistillConfig, num_classes: int) -> nn.Module:
 def distillation_loss(
     student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, kind: str = "soft", reduction: str = "deit"
 ) -> torch.Tensor:
-    """DeiT's distillation term of a batch of logits (see :class:`DistillConfig`): ``soft``,
-    ``T^2 KL(softmax(teacher / T) || softmax(student / T))`` summed and divided by ``student.numel()``
-    (``reduction="deit"``) or by the batch size (``"batchmean"``); ``hard``, ``CE(student, argmax teacher)``."""
+    """DeiT's distillation term of a batch of logits (see `DistillConfig`): `soft`,
+    `T^2 KL(softmax(teacher / T) || softmax(student / T))` summed and divided by `student.numel()`
+    (`reduction="deit"`) or by the batch size (`"batchmean"`); `hard`, `CE(student, argmax teacher)`."""
     if kind == "hard":
         return F.cross_entropy(student.float(), teacher.argmax(dim=-1))
     log_student = F.log_softmax(student.float() / temperature, dim=-1)

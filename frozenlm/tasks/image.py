@@ -19,57 +19,57 @@ from frozenlm.tasks.distillation import DistillConfig
 
 
 class ImageClassifier(ClassificationTask):
-    """A timm ViT whose token sequence passes through a frozen LM block after ViT block ``llm_position``
-    (the model: :class:`frozenlm.models.lm_vit.LMViT`, ``self.model``).
+    """A timm ViT whose token sequence passes through a frozen LM block after ViT block `llm_position`
+    (the model: [`LMViT`][frozenlm.models.lm_vit.LMViT], `self.model`).
 
-    With the default ``llm_position=-1`` this is the LM4VE model: ViT blocks -> Linear -> frozen LM
+    With the default `llm_position=-1` this is the LM4VE model: ViT blocks -> Linear -> frozen LM
     block -> Linear -> the ViT's final norm -> head, all tokens (CLS + patches) through the block.
-    With ``llm.mode: auxiliary`` it is GCR: the tokens after block ``llm_position`` also go through
+    With `llm.mode: auxiliary` it is GCR: the tokens after block `llm_position` also go through
     Linear -> frozen LM block -> Linear -> an auxiliary head during training, the loss is
-    ``loss_main + llm.aux_weight * loss_aux``, and inference is the plain ViT.
-    ``llm: null`` gives the plain ViT baseline with the same recipe.
+    `loss_main + llm.aux_weight * loss_aux`, and inference is the plain ViT.
+    `llm: null` gives the plain ViT baseline with the same recipe.
 
     Args:
-        backbone: timm model name (``deit_tiny/small/base_patch16_224`` in the paper).
+        backbone: timm model name (`deit_tiny/small/base_patch16_224` in the paper).
         num_classes: number of classes (linked from the datamodule by the CLI).
         img_size: input size override (e.g. 32 for CIFAR).
         patch_size: patch size override (e.g. 4 for 32 px images).
         pretrained: start from timm's pretrained weights (needs the hub or a cache).
         pretrained_file: start from timm weights in a local file.
         drop_path_rate: stochastic depth (DeiT: 0.1).
-        backbone_kwargs: further timm ``create_model`` arguments (``depth``, ``embed_dim``, ...).
-        stem: ``patch`` (the ViT's patchify convolution) or ``conv``: a convolutional stem (Xiao et
+        backbone_kwargs: further timm `create_model` arguments (`depth`, `embed_dim`, ...).
+        stem: `patch` (the ViT's patchify convolution) or `conv`: a convolutional stem (Xiao et
             al., NeurIPS 2021) of 3x3 convolutions + BatchNorm + ReLU and a 1x1 convolution, with
-            ``stem_removed_blocks`` fewer transformer blocks (see :func:`frozenlm.models.create_vit`).
+            `stem_removed_blocks` fewer transformer blocks (see [`create_vit`][frozenlm.models.create_vit]).
         stem_channels: the conv stem's 3x3 convolution widths (default: the paper's plan for the width).
         stem_strides: their strides, multiplying to the patch size (default: the paper's plan).
         stem_removed_blocks: transformer blocks the conv stem replaces (the paper: 1).
-        pos_embed: ``learn`` (the ViT's learned table) or ``cape``: continuous augmented positions
+        pos_embed: `learn` (the ViT's learned table) or `cape`: continuous augmented positions
             (Likhomanenko et al., NeurIPS 2021), augmented in training only, any input resolution.
-        cape: CAPE's augmentation maxima (see :class:`frozenlm.models.patch_embed.CAPEConfig`).
+        cape: CAPE's augmentation maxima (see `CAPEConfig`).
         learngene: decompose the ViT's blocks into learngenes (Lin et al., NeurIPS 2024; TLEG): every
-            block's parameters are fixed combinations of ``genes`` shared components (see
-            :class:`frozenlm.models.learngene.LearngeneConfig`); None for an ordinary ViT.
-        init_from: start from these weights (a frozenlm ``.ckpt``, or a ``.safetensors`` from ``frozenlm
-            recompose`` / ``frozenlm export``); the LM block's adapters, the auxiliary head and genes
-            the file lacks keep their initialisation. A UTA checkpoint (:class:`frozenlm.tasks.UnmaskedTokenAlignment`)
+            block's parameters are fixed combinations of `genes` shared components (see
+            [`LearngeneConfig`][frozenlm.models.learngene.LearngeneConfig]); None for an ordinary ViT.
+        init_from: start from these weights (a frozenlm `.ckpt`, or a `.safetensors` from `frozenlm
+            recompose` / `frozenlm export`); the LM block's adapters, the auxiliary head and genes
+            the file lacks keep their initialisation. A UTA checkpoint ([`UnmaskedTokenAlignment`][frozenlm.tasks.UnmaskedTokenAlignment])
             gives its student's trunk; the classification head starts fresh. Not stored in checkpoints (their weights are).
             A decomposed model's weights start a plain ViT of this model's depth from its genes (as
-            ``frozenlm recompose`` would), or a decomposed one with its first genes (its basis must be
-            the model's ``learngene.basis``, which follows the file's when unset).
-        init_genes: with a decomposed ``init_from``: use its first this many genes (None: all).
-        init_head: load ``init_from``'s classification head; False: the head starts fresh (TLEG's
+            `frozenlm recompose` would), or a decomposed one with its first genes (its basis must be
+            the model's `learngene.basis`, which follows the file's when unset).
+        init_genes: with a decomposed `init_from`: use its first this many genes (None: all).
+        init_head: load `init_from`'s classification head; False: the head starts fresh (TLEG's
             descendants on a dataset other than their learngenes', whose classes differ).
         distill: train against a frozen teacher's logits too (see
-            :class:`frozenlm.tasks.distillation.DistillConfig`); None for none.
-        llm: the frozen LM block (see :class:`frozenlm.llm.LLMConfig`); None for none.
+            `DistillConfig`); None for none.
+        llm: the frozen LM block (see [`LLMConfig`][frozenlm.llm.LLMConfig]); None for none.
         llm_position: index of the ViT block after which the LM block runs (-1: after the last,
             before the final norm; 0: the paper's "head" ablation; depth // 2: "middle").
         label_smoothing: label smoothing (DeiT: 0.1).
         mixup: mixup alpha (DeiT: 0.8); 0 disables.
         cutmix: cutmix alpha (DeiT: 1.0); 0 disables.
         mixup_switch_prob: probability of cutmix instead of mixup when both are on.
-        **kwargs: optimisation recipe, see :class:`frozenlm.tasks.BaseTask` (lr, weight_decay,
+        **kwargs: optimisation recipe, see [`BaseTask`][frozenlm.tasks.BaseTask] (lr, weight_decay,
             warmup_epochs, min_lr, ...).
     """
 
@@ -120,7 +120,7 @@ class ImageClassifier(ClassificationTask):
 
     @staticmethod
     def build_model(hparams: Mapping[str, Any], **context: Any) -> LMViT:
-        """The model of these hyper-parameters (the flat ViT flags, ``llm``, ``llm_position``, ``learngene``)."""
+        """The model of these hyper-parameters (the flat ViT flags, `llm`, `llm_position`, `learngene`)."""
         return LMViT(LMViTConfig.from_hparams(hparams))
 
     def configure_models(self) -> None:
@@ -128,7 +128,7 @@ class ImageClassifier(ClassificationTask):
 
     def start_from(self, state: dict[str, torch.Tensor], stored: dict[str, Any], source: str, genes: int | None,
                    head: bool) -> None:  # fmt: skip
-        """``--model.init_from``: the model starts from ``state`` (in the model's names); the LM block's adapters,
+        """`--model.init_from`: the model starts from `state` (in the model's names); the LM block's adapters,
         the auxiliary head and genes the file lacks keep their initialisation."""
         optional = ("llm_block.", "aux_", "learngenes.genes.")
         if "teacher" in stored:  # a UTA pretraining checkpoint: its student's trunk; the head starts fresh
@@ -141,7 +141,7 @@ class ImageClassifier(ClassificationTask):
         load_initial_weights(self.model, from_genes(state, stored, genes, source, decomposed, depth), source, optional)
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """The model's layer groups, for ``--model.layer_decay`` (timm's layer-wise lr decay reads them)."""
+        """The model's layer groups, for `--model.layer_decay` (timm's layer-wise lr decay reads them)."""
         return prefixed_matcher(self.model.group_matcher(coarse), "model.")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

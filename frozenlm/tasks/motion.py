@@ -26,8 +26,8 @@ from frozenlm.tasks.motion_metrics import BrierMinFDE, MinADE, MinFDE, MissRate
 
 
 def to_world(trajectories: Tensor, origin: Tensor, heading: Tensor) -> Tensor:
-    """Agent-frame ``[B, ..., 2]`` points to world coordinates: rotate by ``heading [B]``, then add
-    ``origin [B, 2]`` (the inverse of the datamodules' agent-centric transform)."""
+    """Agent-frame `[B, ..., 2]` points to world coordinates: rotate by `heading [B]`, then add
+    `origin [B, 2]` (the inverse of the datamodules' agent-centric transform)."""
     cos, sin = heading.cos(), heading.sin()
     rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # [B, 2, 2]
     shape = (len(origin),) + (1,) * (trajectories.ndim - 2) + (2, 2)
@@ -37,30 +37,30 @@ def to_world(trajectories: Tensor, origin: Tensor, heading: Tensor) -> Tensor:
 
 class MotionForecaster(FrozenLMMixin, BaseTask):
     """VectorNet -> [frozen LM block over all polyline tokens, padded ones masked] -> K-mode decoder (the
-    model: :class:`frozenlm.models.vectornet.VectorNetForecaster`).
+    model: [`VectorNetForecaster`][frozenlm.models.vectornet.VectorNetForecaster]).
 
     Loss: winner-takes-all regression (smooth L1) on the mode with the smallest summed L2 error to the
     ground truth, plus cross-entropy of the mode scores towards that mode (as K = 6 VectorNet variants,
     e.g. HiVT); optionally VectorNet's node completion (a random polyline's feature masked and
-    regressed from the global graph, Huber loss). ``llm: null`` is plain VectorNet; ``llm.mode:
-    auxiliary`` is GCR: the block as a training-only branch, decoded by a decoder of its own
-    (``llm.aux_head: separate``) or by the model's (``shared``).
+    regressed from the global graph, Huber loss). `llm: null` is plain VectorNet; `llm.mode:
+    auxiliary` is GCR: the block as a training-only branch, decoded by a decoder of its own
+    (`llm.aux_head: separate`) or by the model's (`shared`).
 
-    Batches (see :class:`frozenlm.data.motion.collate_scenes`): ``agent_vectors``, ``agent_mask``,
-    ``map_vectors``, ``map_mask``, ``polyline_mask``, ``target [B, T, 2]`` (agent frame), ``origin``,
-    ``heading``, ``scenario_id``, ``track_id``. Metrics at K = 6 and 1: minADE, minFDE, miss rate, brier-minFDE.
+    Batches (see `collate_scenes`): `agent_vectors`, `agent_mask`,
+    `map_vectors`, `map_mask`, `polyline_mask`, `target [B, T, 2]` (agent frame), `origin`,
+    `heading`, `scenario_id`, `track_id`. Metrics at K = 6 and 1: minADE, minFDE, miss rate, brier-minFDE.
 
     Args:
         vector_dim: width of an input vector (the datamodules': 12).
         horizon: future steps to predict (Argoverse 1: 30, 2: 60; checked against the datamodule).
         hidden: VectorNet's hidden size (64); tokens are twice as wide.
-        global_graph: ``paper`` (VectorNet's softmax(Q K^T) V, one head, unscaled, no output projection)
-            or ``multihead`` (``nn.MultiheadAttention``, one head); see :mod:`frozenlm.models.vectornet`.
+        global_graph: `paper` (VectorNet's softmax(Q K^T) V, one head, unscaled, no output projection)
+            or `multihead` (`nn.MultiheadAttention`, one head); see [`vectornet`][frozenlm.models.vectornet].
         modes: trajectories per scene (K).
         node_completion: weight of the node-completion loss; 0 = off.
-        llm: the frozen LM block (see :class:`frozenlm.llm.LLMConfig`); None for none.
+        llm: the frozen LM block (see [`LLMConfig`][frozenlm.llm.LLMConfig]); None for none.
         miss_threshold: metres beyond which a final position is a miss.
-        **kwargs: optimisation recipe, see :class:`frozenlm.tasks.BaseTask` (defaults: AdamW 5e-4, wd
+        **kwargs: optimisation recipe, see [`BaseTask`][frozenlm.tasks.BaseTask] (defaults: AdamW 5e-4, wd
             1e-4, cosine per step, as VectorNet re-implementations train).
     """
 
@@ -93,7 +93,7 @@ class MotionForecaster(FrozenLMMixin, BaseTask):
     @staticmethod
     def build_model(hparams: Mapping[str, Any], **context: Any) -> VectorNetForecaster:
         """The plain VectorNet forecaster of these hyper-parameters (no trainer needed); hyper-parameters
-        from before ``global_graph`` existed mean the ``multihead`` form."""
+        from before `global_graph` existed mean the `multihead` form."""
         graph = hparams.get("global_graph", "multihead")
         return VectorNetForecaster(VectorNetForecasterConfig.from_hparams(hparams, global_graph=graph))
 
@@ -127,11 +127,11 @@ class MotionForecaster(FrozenLMMixin, BaseTask):
             )
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """``(trajectories [B, K, T, 2] in the agent frame, mode logits [B, K])``."""
+        """`(trajectories [B, K, T, 2] in the agent frame, mode logits [B, K])`."""
         return self.model(batch)
 
     def sample_forward(self, batch: dict[str, Any], samples: int = 1) -> tuple[Any, tuple]:
-        """The forward on the first ``samples`` scenes (padded as in ``batch``): a batch of their polylines."""
+        """The forward on the first `samples` scenes (padded as in `batch`): a batch of their polylines."""
         keys = ("agent_vectors", "agent_mask", "map_vectors", "map_mask", "polyline_mask")
         return self.model, ({key: batch[key][:samples] for key in keys},)
 
@@ -176,7 +176,7 @@ class MotionForecaster(FrozenLMMixin, BaseTask):
 
     # -- evaluation ---------------------------------------------------------------------------
     def predict_modes(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """``(trajectories [B, K, T, 2] in world coordinates, probabilities [B, K])``."""
+        """`(trajectories [B, K, T, 2] in world coordinates, probabilities [B, K])`."""
         trajectories, logits = self(batch)
         return to_world(trajectories, batch["origin"], batch["heading"]), logits.softmax(dim=-1)
 
@@ -203,6 +203,6 @@ class MotionForecaster(FrozenLMMixin, BaseTask):
         return {"scenario_id": scenarios, "track_id": tracks, "trajectories": trajectories, "probabilities": probabilities}
 
     def prediction_file(self, path: Path) -> PredictionFile:
-        """Where ``predict`` writes the K trajectories and probabilities of every scene (the datamodule's
-        format: CSV, or for Argoverse 2 ``.parquet``, the challenge's submission file)."""
+        """Where `predict` writes the K trajectories and probabilities of every scene (the datamodule's
+        format: CSV, or for Argoverse 2 `.parquet`, the challenge's submission file)."""
         return self.trainer.datamodule.prediction_file(path)

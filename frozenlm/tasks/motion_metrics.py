@@ -1,15 +1,15 @@
 """Motion-forecasting metrics as torchmetrics metrics (sums and counts, so they reduce across DDP processes).
 
-For each scene the best of the top ``k`` modes (by the model's scores) is the one whose endpoint is
+For each scene the best of the top `k` modes (by the model's scores) is the one whose endpoint is
 closest to the ground truth's (Argoverse 1 and 2 both select by final displacement):
 
-* ``minFDE``: that mode's final displacement error (m);
-* ``minADE``: that mode's average displacement error over the horizon (m);
-* ``MR``: the fraction of scenes whose minFDE exceeds ``miss_threshold`` (2 m);
-* ``brier-minFDE`` (Argoverse 2): minFDE + (1 - p)^2 with ``p`` that mode's probability.
+* `minFDE`: that mode's final displacement error (m);
+* `minADE`: that mode's average displacement error over the horizon (m);
+* `MR`: the fraction of scenes whose minFDE exceeds `miss_threshold` (2 m);
+* `brier-minFDE` (Argoverse 2): minFDE + (1 - p)^2 with `p` that mode's probability.
 
-They agree with the ``av2`` package's per-mode functions (``compute_ade``, ``compute_fde``,
-``compute_is_missed_prediction``, ``compute_brier_fde``) followed by the minimum (tested).
+They agree with the `av2` package's per-mode functions (`compute_ade`, `compute_fde`,
+`compute_is_missed_prediction`, `compute_brier_fde`) followed by the minimum (tested).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from torchmetrics import Metric
 
 
 def best_of_k(trajectories: Tensor, probabilities: Tensor, target: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(ade, fde, probability)`` ``[B]`` of the endpoint-best of the ``k`` most probable modes of
-    ``trajectories [B, K, T, 2]`` with ``probabilities [B, K]``, against ``target [B, T, 2]``."""
+    """`(ade, fde, probability)` `[B]` of the endpoint-best of the `k` most probable modes of
+    `trajectories [B, K, T, 2]` with `probabilities [B, K]`, against `target [B, T, 2]`."""
     top = probabilities.topk(min(k, probabilities.shape[1]), dim=1)
     chosen = trajectories.gather(1, top.indices[..., None, None].expand(-1, -1, *trajectories.shape[2:]))
     errors = (chosen - target[:, None]).norm(dim=-1)  # [B, k, T]
@@ -53,28 +53,28 @@ class _BestOfK(Metric):
 
 
 class MinADE(_BestOfK):
-    """Average displacement error of the endpoint-best of the top ``k`` modes."""
+    """Average displacement error of the endpoint-best of the top `k` modes."""
 
     def value(self, ade: Tensor, fde: Tensor, probability: Tensor) -> Tensor:
         return ade
 
 
 class MinFDE(_BestOfK):
-    """Final displacement error of the endpoint-best of the top ``k`` modes."""
+    """Final displacement error of the endpoint-best of the top `k` modes."""
 
     def value(self, ade: Tensor, fde: Tensor, probability: Tensor) -> Tensor:
         return fde
 
 
 class MissRate(_BestOfK):
-    """Fraction of scenes whose top-``k`` minFDE exceeds ``miss_threshold`` metres."""
+    """Fraction of scenes whose top-`k` minFDE exceeds `miss_threshold` metres."""
 
     def value(self, ade: Tensor, fde: Tensor, probability: Tensor) -> Tensor:
         return (fde > self.miss_threshold).double()
 
 
 class BrierMinFDE(_BestOfK):
-    """Argoverse 2's brier-minFDE: minFDE + (1 - p)^2 of the endpoint-best mode's probability ``p``."""
+    """Argoverse 2's brier-minFDE: minFDE + (1 - p)^2 of the endpoint-best mode's probability `p`."""
 
     def value(self, ade: Tensor, fde: Tensor, probability: Tensor) -> Tensor:
         return fde + (1 - probability) ** 2

@@ -15,32 +15,32 @@ from frozenlm.tasks.classification import ClassificationTask
 
 
 class PointCloudClassifier(ClassificationTask):
-    """Point-BERT fine-tuning (the model: :class:`frozenlm.models.pointbert.PointBERTClassifier`, whose tokens
-    (CLS + point groups) pass through a frozen LM block after block ``llm_position``, before the final
+    """Point-BERT fine-tuning (the model: [`PointBERTClassifier`][frozenlm.models.pointbert.PointBERTClassifier], whose tokens
+    (CLS + point groups) pass through a frozen LM block after block `llm_position`, before the final
     LayerNorm, LM4VE; the head reads concat(CLS, max over groups)).
 
-    ``llm: null`` is the Point-BERT baseline; ``llm.mode: auxiliary`` is GCR (the block and its own
-    head as a training-only branch). Batches hold ``points [B, N, 3]`` (sampled and augmented by the
-    datamodule) and, at test time with voting, ``vote_points [B, V, N, 3]``: then ``test_vote_acc1``
-    (logits averaged over the V views, as Point-BERT votes) is logged beside the single-view ``test_acc1``.
+    `llm: null` is the Point-BERT baseline; `llm.mode: auxiliary` is GCR (the block and its own
+    head as a training-only branch). Batches hold `points [B, N, 3]` (sampled and augmented by the
+    datamodule) and, at test time with voting, `vote_points [B, V, N, 3]`: then `test_vote_acc1`
+    (logits averaged over the V views, as Point-BERT votes) is logged beside the single-view `test_acc1`.
 
     Recipe defaults (Point-BERT fine-tuning, kept by LM4VE): AdamW lr 5e-4 (not scaled by the batch),
     wd 0.05, cosine per epoch to 1e-6 after 10 warmup epochs from 1e-6, plain cross-entropy, no mixup;
-    with ``param_groups: reference``, LM4VE's three groups: 1-d parameters, biases and tokens at lr x 0.1
+    with `param_groups: reference`, LM4VE's three groups: 1-d parameters, biases and tokens at lr x 0.1
     without weight decay, the LM block's adapters at lr x 0.5 without weight decay, the rest at lr.
 
     Args:
         num_classes: number of classes (linked from the datamodule by the CLI).
         num_groups, group_size, embed_dim, depth, num_heads, encoder_dims, drop_path_rate: the backbone,
-            see :class:`frozenlm.models.pointbert.PointBERT`.
+            see [`PointBERT`][frozenlm.models.pointbert.PointBERT].
         head_dropout: dropout of the head's hidden layer (Point-BERT: 0.5).
-        pretrained_file: Point-BERT's ``Point-BERT.pth`` or Point-MAE's ``pretrain.pth`` to start from.
-        llm: the frozen LM block (see :class:`frozenlm.llm.LLMConfig`); None for none.
+        pretrained_file: Point-BERT's `Point-BERT.pth` or Point-MAE's `pretrain.pth` to start from.
+        llm: the frozen LM block (see [`LLMConfig`][frozenlm.llm.LLMConfig]); None for none.
         llm_position: index of the block after which the LM block runs (-1: after the last).
-        param_groups: ``reference`` (LM4VE's groups above) or ``default`` (timm's: no weight decay on
+        param_groups: `reference` (LM4VE's groups above) or `default` (timm's: no weight decay on
             1-d parameters and tokens, one lr).
         label_smoothing: label smoothing of the cross-entropy (Point-BERT: none).
-        **kwargs: optimisation recipe, see :class:`frozenlm.tasks.BaseTask`.
+        **kwargs: optimisation recipe, see [`BaseTask`][frozenlm.tasks.BaseTask].
     """
 
     input_key = "points"

@@ -1,5 +1,5 @@
-"""Flickr30k image-text retrieval as METER fine-tunes it (meter/modules/objectives.py ``compute_irtr`` and
-``compute_itm``), on :class:`frozenlm.models.meter.METER` with its rank and ITM heads and the frozen LM block
+"""Flickr30k image-text retrieval as METER fine-tunes it (meter/modules/objectives.py `compute_irtr` and
+`compute_itm`), on [`METER`][frozenlm.models.meter.METER] with its rank and ITM heads and the frozen LM block
 after fusion."""
 
 from __future__ import annotations
@@ -21,36 +21,36 @@ from frozenlm.metrics import RetrievalRecall
 
 
 class RetrievalPredictionsJSON(JSONRows):
-    """Per test image, its best-scored captions: ``[{"image", "captions": [...], "scores": [...]}, ...]``."""
+    """Per test image, its best-scored captions: `[{"image", "captions": [...], "scores": [...]}, ...]`."""
 
 
 class ImageTextRetrieval(VisionLanguageTask):
-    """Image-text retrieval as METER fine-tunes it on Flickr30k: a rank head (METER's ``rank_output``,
+    """Image-text retrieval as METER fine-tunes it on Flickr30k: a rank head (METER's `rank_output`,
     Linear(2h, 1)) scores a fused image-caption pair; the ranking loss is the cross-entropy of picking each
-    image's caption among it and 15 captions of other images (METER's ``irtr`` loss). METER's Flickr30k
-    recipe adds its image-text matching loss at weight 0.5 (``itm_weight``, meter/config.py line 188): half
+    image's caption among it and 15 captions of other images (METER's `irtr` loss). METER's Flickr30k
+    recipe adds its image-text matching loss at weight 0.5 (`itm_weight`, meter/config.py line 188): half
     of a batch's captions, chosen at random, are paired with another image (the datamodule's
-    ``false_image``), and a 2-way ITM head tells matched from mismatched pairs. As in METER's retrieval
+    `false_image`), and a 2-way ITM head tells matched from mismatched pairs. As in METER's retrieval
     fine-tuning (meter/modules/meter_module.py lines 151-157), the ITM head is frozen and the rank head starts
     as a copy of its "match" row; without vision-language pretraining (LM4VE's setting) the ITM head is a
     frozen random projection, through which the ITM loss still trains the rest.
 
     Evaluation scores every image of the split against every caption through the fusion layers (METER's
     all-pairs evaluation: exact, and the costly part: 1,000 x 5,000 pairs on Flickr30k's test split; the
-    captions are encoded once per epoch, pairs are fused ``eval_pairs`` at a time). Under DDP each process
-    scores its share of the images; :class:`~frozenlm.metrics.RetrievalRecall` gathers the score rows,
-    so recalls cover the whole split once. Metrics: ``<stage>_ir_r{1,5,10}`` (text to image),
-    ``<stage>_tr_r{1,5,10}`` (image to text) and ``<stage>_r_mean`` (their mean). ``predict`` writes each test
-    image's ``top_k`` captions (JSON).
+    captions are encoded once per epoch, pairs are fused `eval_pairs` at a time). Under DDP each process
+    scores its share of the images; `RetrievalRecall` gathers the score rows,
+    so recalls cover the whole split once. Metrics: `<stage>_ir_r{1,5,10}` (text to image),
+    `<stage>_tr_r{1,5,10}` (image to text) and `<stage>_r_mean` (their mean). `predict` writes each test
+    image's `top_k` captions (JSON).
 
     Args:
         img_size: image side (METER's Flickr30k recipe: 384).
         head_lr_mult, fusion_lr_mult: METER's Flickr30k: 5 and 5. METER's rank head is not among its
-            ``lr_mult_head`` modules (its frozen ITM head is), so it keeps ``lr``.
+            `lr_mult_head` modules (its frozen ITM head is), so it keeps `lr`.
         itm_weight: weight of the image-text matching loss (METER: 0.5; 0 for the ranking loss alone).
         eval_pairs: image-caption pairs fused per forward in evaluation.
         top_k: captions per image in the predictions file.
-        **kwargs: see :class:`~frozenlm.tasks.VisionLanguageTask`.
+        **kwargs: see [`VisionLanguageTask`][frozenlm.tasks.VisionLanguageTask].
     """
 
     head_modules = ("itm_head",)
@@ -111,9 +111,9 @@ class ImageTextRetrieval(VisionLanguageTask):
         return self.finite_loss(loss, batch, batch_idx)
 
     def itm_loss(self, batch: dict[str, Any], text: Tensor, text_padding: Tensor, image: Tensor) -> Tensor:
-        """METER's ``compute_itm`` (meter/modules/objectives.py lines 44-68): each image's own caption
-        (``text``, encoded) paired with its image (``image``, encoded) or, for a random half of the batch,
-        with the sample's ``false_image``; cross-entropy of the 2-way ITM head against matched / not."""
+        """METER's `compute_itm` (meter/modules/objectives.py lines 44-68): each image's own caption
+        (`text`, encoded) paired with its image (`image`, encoded) or, for a random half of the batch,
+        with the sample's `false_image`; cross-entropy of the 2-way ITM head against matched / not."""
         count = len(text)
         matched = torch.cat([torch.ones(count // 2), torch.zeros(count - count // 2)]).to(self.device)
         matched = matched[torch.randperm(count, device=self.device)]
@@ -123,7 +123,7 @@ class ImageTextRetrieval(VisionLanguageTask):
         return F.cross_entropy(self.model.itm_head(features), matched.long())
 
     def sample_forward(self, batch: dict[str, Any], samples: int = 1) -> tuple[Any, tuple]:
-        """The model's pair scores of the first ``samples`` images, each paired with one caption: its own in a
+        """The model's pair scores of the first `samples` images, each paired with one caption: its own in a
         training batch, else one of the split's first captions (an evaluation batch holds images only)."""
         texts = [t[0] for t in batch["texts"][:samples]] if "texts" in batch else self.trainer.datamodule.captions("val")[0]
         images = batch["image"][:samples]
@@ -139,7 +139,7 @@ class ImageTextRetrieval(VisionLanguageTask):
         self.recall.start(owners.to(self.device), stage, warn=not self.trainer.sanity_checking)
 
     def score_images(self, images: Tensor, text: Tensor, text_padding: Tensor) -> Tensor:
-        """Rank-head scores ``[B, texts]`` of ``images`` against every encoded caption ``text [texts, L, D]``."""
+        """Rank-head scores `[B, texts]` of `images` against every encoded caption `text [texts, L, D]`."""
         image = self.model.encode_image(images)
         chunk = max(1, self.hparams.eval_pairs // len(image))
         rows = []
@@ -153,7 +153,7 @@ class ImageTextRetrieval(VisionLanguageTask):
         return torch.cat(rows, dim=1)
 
     def batch_scores(self, batch: dict[str, Any]) -> Tensor:
-        """:meth:`score_images` of an evaluation batch against the split's captions; every image must have been read."""
+        """[`score_images`][frozenlm.tasks.retrieval.ImageTextRetrieval.score_images] of an evaluation batch against the split's captions; every image must have been read."""
         if batch["unreadable"]:
             raise DatasetFileError(
                 f"Unreadable evaluation image(s) {batch['unreadable'][:3]}: recall over a split missing an image is not "
@@ -201,5 +201,5 @@ class ImageTextRetrieval(VisionLanguageTask):
         ]}  # fmt: skip
 
     def prediction_file(self, path: Path) -> PredictionFile:
-        """Each test image's best captions, the file ``predict`` writes (``.json``)."""
+        """Each test image's best captions, the file `predict` writes (`.json`)."""
         return RetrievalPredictionsJSON(path)

@@ -1,12 +1,12 @@
-"""Unmasked Token Alignment (UTA; Liu et al., TMLR 2024): a ViT student (:class:`frozenlm.models.uta.UTAStudent`)
+"""Unmasked Token Alignment (UTA; Liu et al., TMLR 2024): a ViT student ([`UTAStudent`][frozenlm.models.uta.UTAStudent])
 that sees only the unmasked patches of an image learns to produce, at those positions and at CLS, the final tokens
 of a frozen CLIP vision tower that sees the whole image; it then works with the teacher's text tower zero-shot
-(:mod:`frozenlm.tasks.zeroshot`) and starts fine-tuning (``ImageClassifier --model.init_from``).
+(`zeroshot`) and starts fine-tuning (`ImageClassifier --model.init_from`).
 
 Only UTA's inference code is public. From the paper: only the kept tokens enter the student (no mask token),
 reversed block-wise masks at ratio 0.4 (base) / 0.5 (large), targets at the same positions, CLS included, CLIP's
 zero-shot. Ours where it is silent: the cosine loss on the teacher's final-norm tokens (before its projection), a
-projection only when the widths differ, masks drawn per image in the training process, and how the ``own``
+projection only when the widths differ, masks drawn per image in the training process, and how the `own`
 zero-shot head (UTA's released student's) is trained: aligned to the teacher's image embedding (docs/uta.md).
 """
 
@@ -39,37 +39,37 @@ AlignmentLoss = Literal["cosine", "smooth_l1", "mse"]
 
 
 class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
-    """UTA pretraining of a ViT student (``self.model``) against a frozen CLIP teacher, with zero-shot evaluation.
+    """UTA pretraining of a ViT student (`self.model`) against a frozen CLIP teacher, with zero-shot evaluation.
 
-    Training: per image, ``mask_ratio`` of the patches are masked (``masking``); the student's tokens of CLS and the
-    kept patches, through ``projection``, are aligned to the teacher's final tokens there (``loss``). The teacher
-    is frozen, runs under ``no_grad`` once per batch, and stays out of the module tree (checkpoints, optimizer).
-    Evaluation (whole images): the loss on fixed masks (``<stage>_loss``), and ``<stage>_zeroshot_acc1/5`` on class
-    names or ``<stage>_zeroshot_ir_r1``... on captions (Flickr30k); ``<stage>_teacher_zeroshot_...`` the teacher's.
+    Training: per image, `mask_ratio` of the patches are masked (`masking`); the student's tokens of CLS and the
+    kept patches, through `projection`, are aligned to the teacher's final tokens there (`loss`). The teacher
+    is frozen, runs under `no_grad` once per batch, and stays out of the module tree (checkpoints, optimizer).
+    Evaluation (whole images): the loss on fixed masks (`<stage>_loss`), and `<stage>_zeroshot_acc1/5` on class
+    names or `<stage>_zeroshot_ir_r1`... on captions (Flickr30k); `<stage>_teacher_zeroshot_...` the teacher's.
 
     Args:
-        teacher: a Hugging Face CLIP folder or hub id, or ``open_clip:<architecture>/<pretrained>``.
+        teacher: a Hugging Face CLIP folder or hub id, or `open_clip:<architecture>/<pretrained>`.
         teacher_revision: hub revision of a Hugging Face teacher.
-        teacher_dtype: the teacher's weights and inputs (``bfloat16`` on GPUs halves its cost).
+        teacher_dtype: the teacher's weights and inputs (`bfloat16` on GPUs halves its cost).
         backbone: the student, a timm ViT name; its patch grid is the teacher's at the teacher's patch size (the
             teacher's input is resized to match).
         img_size, patch_size, drop_path_rate, backbone_kwargs, stem, stem_channels, stem_strides, stem_removed_blocks, pos_embed, cape: as
-            :class:`frozenlm.tasks.ImageClassifier` (the student's :class:`frozenlm.models.ViTConfig`).
-        llm, llm_position: a frozen LM block after the student's block ``llm_position``, as
-            :class:`frozenlm.tasks.ImageClassifier`'s (GCR's branch follows ``llm.aux_head``).
-        projection: the head to the teacher's width: ``auto`` (linear when the widths differ), ``linear``, ``mlp``
-            or ``none`` (:class:`frozenlm.models.uta.UTAStudentConfig`).
-        zeroshot_head: how the student's CLS reaches the joint space: ``teacher`` (through ``projection`` and the
-            teacher's projection) or ``own`` (UTA's: a linear head of the student's, trained to the teacher's image embedding).
+            [`ImageClassifier`][frozenlm.tasks.ImageClassifier] (the student's [`ViTConfig`][frozenlm.models.ViTConfig]).
+        llm, llm_position: a frozen LM block after the student's block `llm_position`, as
+            [`ImageClassifier`][frozenlm.tasks.ImageClassifier]'s (GCR's branch follows `llm.aux_head`).
+        projection: the head to the teacher's width: `auto` (linear when the widths differ), `linear`, `mlp`
+            or `none` ([`UTAStudentConfig`][frozenlm.models.uta.UTAStudentConfig]).
+        zeroshot_head: how the student's CLS reaches the joint space: `teacher` (through `projection` and the
+            teacher's projection) or `own` (UTA's: a linear head of the student's, trained to the teacher's image embedding).
         mask_ratio: fraction of the patches masked (UTA: 0.4 base, 0.5 large).
-        masking: ``reversed_block`` (UTA: the kept patches form blocks), ``block`` (BEiT) or ``random``.
-        loss: ``cosine`` (1 - cosine similarity per token), ``smooth_l1`` or ``mse``, averaged over tokens.
+        masking: `reversed_block` (UTA: the kept patches form blocks), `block` (BEiT) or `random`.
+        loss: `cosine` (1 - cosine similarity per token), `smooth_l1` or `mse`, averaged over tokens.
         zeroshot: evaluate zero-shot when the data names classes or captions (off for pretraining data).
-        zeroshot_templates: prompts with one ``{}``, ``clip7`` or ``openai_imagenet`` (:mod:`frozenlm.tasks.zeroshot`).
-        zeroshot_class_names: a file of class names, or ``imagenet``; default the datamodule's ``classes``.
+        zeroshot_templates: prompts with one `{}`, `clip7` or `openai_imagenet` (`zeroshot`).
+        zeroshot_class_names: a file of class names, or `imagenet`; default the datamodule's `classes`.
         zeroshot_teacher: score the teacher's zero-shot metrics beside the student's.
         num_classes: classes of the zero-shot evaluation (linked from the datamodule by the CLI).
-        lr, lr_reference_batch, weight_decay, warmup_epochs, min_lr, **kwargs: see :class:`BaseTask`
+        lr, lr_reference_batch, weight_decay, warmup_epochs, min_lr, **kwargs: see [`BaseTask`][frozenlm.tasks.uta.BaseTask]
             (UTA: AdamW 1.5e-3 at batch 4096, wd 0.05, 1 warmup epoch, cosine to 1e-5).
     """
 
@@ -108,7 +108,7 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
     @staticmethod
     def build_model(hparams: Mapping[str, Any], teacher_width: int | None = None, joint_dim: int | None = None,
                     **context: Any) -> UTAStudent:  # fmt: skip
-        """The student from the hyper-parameters; the teacher's token width and joint dimension from ``context`` or
+        """The student from the hyper-parameters; the teacher's token width and joint dimension from `context` or
         else from its architecture alone (built on the meta device: no weights read)."""
         hp = dict(hparams)
         if teacher_width is None or (joint_dim is None and hp.get("zeroshot_head") == "own"):
@@ -146,7 +146,7 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
 
     # -- masks ---------------------------------------------------------------------------------
     def draw_mask(self, rng: np.random.Generator) -> np.ndarray:
-        """An ``[h, w]`` mask (True = masked) of ``round(mask_ratio * h * w)`` patches."""
+        """An `[h, w]` mask (True = masked) of `round(mask_ratio * h * w)` patches."""
         hp = self.hparams
         grid, patches = self.model.grid, self.model.grid[0] * self.model.grid[1]
         count = round(hp.mask_ratio * patches)
@@ -160,18 +160,18 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
 
     # -- the teacher ---------------------------------------------------------------------------
     def teacher_tokens(self, images: Tensor) -> Tensor:
-        """The teacher's final tokens ``[B, 1 + N, width]`` (float32) of the whole images, taken as the data gives them."""
+        """The teacher's final tokens `[B, 1 + N, width]` (float32) of the whole images, taken as the data gives them."""
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         return self.teacher.image_tokens(images, self.model.grid[0], getattr(datamodule, "mean", None), getattr(datamodule, "std", None))
 
     @torch.no_grad()
     def teacher_image_embeddings(self, images: Tensor) -> Tensor:
-        """The teacher's normalised embeddings ``[B, E]`` of the whole images, for its own zero-shot metrics."""
+        """The teacher's normalised embeddings `[B, E]` of the whole images, for its own zero-shot metrics."""
         return F.normalize(self.teacher.embed(self.teacher_tokens(images)[:, 0]), dim=-1)
 
     # -- alignment -----------------------------------------------------------------------------
     def alignment_loss(self, predicted: Tensor, target: Tensor) -> Tensor:
-        """Per-image loss ``[B]``, averaged over its tokens."""
+        """Per-image loss `[B]`, averaged over its tokens."""
         kind = self.hparams.loss
         if kind == "cosine":
             return (1 - F.cosine_similarity(predicted, target, dim=-1)).mean(dim=1)
@@ -180,13 +180,13 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
 
     @staticmethod
     def at_kept(target: Tensor, keep: Tensor) -> Tensor:
-        """The teacher's CLS and its tokens at the student's kept patches: ``[B, 1 + K, width]``."""
+        """The teacher's CLS and its tokens at the student's kept patches: `[B, 1 + K, width]`."""
         patches = target[:, 1:].gather(1, keep[..., None].expand(-1, -1, target.shape[-1]))
         return torch.cat([target[:, :1], patches], dim=1)
 
     def step_losses(self, images: Tensor, masks: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Per-image alignment losses of a batch under ``masks [B, h, w]``, and those of GCR's branch (training
-        with a block in ``auxiliary`` mode; else None)."""
+        """Per-image alignment losses of a batch under `masks [B, h, w]`, and those of GCR's branch (training
+        with a block in `auxiliary` mode; else None)."""
         keep = kept_indices(masks).to(images.device)
         teacher_tokens = self.teacher_tokens(images)
         target = self.at_kept(teacher_tokens, keep)
@@ -210,8 +210,8 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
 
     # -- zero-shot -----------------------------------------------------------------------------
     def image_embeddings(self, images: Tensor) -> Tensor:
-        """The student's normalised embeddings ``[B, E]`` of whole images in the teacher's joint space: its CLS
-        through its own ``joint_head`` (``zeroshot_head: own``) or through ``projection`` and the teacher's."""
+        """The student's normalised embeddings `[B, E]` of whole images in the teacher's joint space: its CLS
+        through its own `joint_head` (`zeroshot_head: own`) or through `projection` and the teacher's."""
         cls = self.model(images)[0][:, 0]
         if hasattr(self.model, "joint_head"):
             return F.normalize(self.model.joint_head(cls).float(), dim=-1)

@@ -13,38 +13,38 @@ from frozenlm.tasks.classification import ClassificationTask
 
 
 class VideoClassifier(ClassificationTask):
-    """VideoMAE fine-tuning (the model: :class:`frozenlm.models.videomae.VideoMAEClassifier`, encoder tokens
+    """VideoMAE fine-tuning (the model: `VideoMAEClassifier`, encoder tokens
     -> [frozen LM block] -> mean pooling -> fc_norm -> head) with VideoMAE's recipe.
 
-    With an ``llm`` block in the default ``inline`` mode this is LM4VE on video: all 1568 tokens of a
+    With an `llm` block in the default `inline` mode this is LM4VE on video: all 1568 tokens of a
     16-frame 224 px clip go through Linear -> frozen LM block -> Linear after the last encoder layer,
-    before pooling. With ``llm.mode: auxiliary`` it is GCR: the same tokens also go through the block
+    before pooling. With `llm.mode: auxiliary` it is GCR: the same tokens also go through the block
     to an auxiliary head (pooled the same way) during training only; inference is the plain VideoMAE.
-    ``llm: null`` is the VideoMAE baseline. Which LM layer: ``llm.layers`` (the paper says the last,
-    ``[-1]``; its public code used ``[15]``).
+    `llm: null` is the VideoMAE baseline. Which LM layer: `llm.layers` (the paper says the last,
+    `[-1]`; its public code used `[15]`).
 
-    Inputs: ``video [B, 3, T, H, W]``; evaluation batches may carry views, ``[B, V, 3, T, H, W]``
+    Inputs: `video [B, 3, T, H, W]`; evaluation batches may carry views, `[B, V, 3, T, H, W]`
     (clips x crops), whose softmax outputs are averaged.
 
     Recipe defaults (VideoMAE on SSv2, ViT-S): lr 1e-3 per 256 clips, layer decay 0.7 (ViT-B: 5e-4,
     0.75), warmup 5 epochs, wd 0.05, mixup 0.8, cutmix 1.0, label smoothing 0.1.
 
     Args:
-        backbone: ``small`` (ViT-S) or ``base`` (ViT-B); a pretrained checkpoint must match it.
+        backbone: `small` (ViT-S) or `base` (ViT-B); a pretrained checkpoint must match it.
         num_classes: number of classes (linked from the datamodule by the CLI).
-        num_frames: frames per clip (tubelet 2: ``num_frames / 2`` temporal tokens).
+        num_frames: frames per clip (tubelet 2: `num_frames / 2` temporal tokens).
         img_size: clip side in pixels.
         pretrained: MAE-pretrained VideoMAE weights: a local Hugging Face folder or a hub id (see
-            :func:`frozenlm.models.create_videomae`); None = random init.
-        pretrained_revision: hub revision of ``pretrained``.
-        backbone_config: further ``VideoMAEConfig`` fields (e.g. tiny widths, dropout rates).
+            [`create_videomae`][frozenlm.models.create_videomae]); None = random init.
+        pretrained_revision: hub revision of `pretrained`.
+        backbone_config: further `VideoMAEConfig` fields (e.g. tiny widths, dropout rates).
         head_init_scale: the head's truncated-normal (std 0.02) weights are scaled by this (VideoMAE: 0.001).
         drop_path_rate: stochastic depth of the last encoder layer, linear from 0 (VideoMAE: 0.1).
-        llm: the frozen LM block (see :class:`frozenlm.llm.LLMConfig`); None for none.
-        label_smoothing, mixup, cutmix, mixup_switch_prob: as :class:`frozenlm.tasks.ImageClassifier`;
+        llm: the frozen LM block (see [`LLMConfig`][frozenlm.llm.LLMConfig]); None for none.
+        label_smoothing, mixup, cutmix, mixup_switch_prob: as [`ImageClassifier`][frozenlm.tasks.ImageClassifier];
             mixup and cutmix mix whole clips (one box for all frames).
         lr, lr_reference_batch, layer_decay, min_lr, warmup_epochs, **kwargs: optimisation recipe, see
-            :class:`frozenlm.tasks.BaseTask`.
+            [`BaseTask`][frozenlm.tasks.BaseTask].
     """
 
     input_key = "video"
@@ -86,7 +86,7 @@ class VideoClassifier(ClassificationTask):
         self.model = self.build_model(self.hparams)
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """timm's layer-decay groups (read by ``create_optimizer_v2``): the model's, under ``model.``."""
+        """timm's layer-decay groups (read by `create_optimizer_v2`): the model's, under `model.`."""
         return {k: _prefixed(v) for k, v in self.model.group_matcher(coarse).items()}
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
@@ -98,7 +98,7 @@ class VideoClassifier(ClassificationTask):
         return self.model, (video[:, 0] if video.ndim == 6 else video,)
 
     def class_probabilities(self, video: torch.Tensor) -> torch.Tensor:
-        """Class probabilities, averaged over the views of ``[B, V, 3, T, H, W]`` inputs."""
+        """Class probabilities, averaged over the views of `[B, V, 3, T, H, W]` inputs."""
         if video.ndim == 5:
             return self(video).softmax(dim=-1)
         batch, views = video.shape[:2]
@@ -111,7 +111,7 @@ class VideoClassifier(ClassificationTask):
 
 
 def _prefixed(pattern: Any) -> Any:
-    """A timm group-matcher pattern (a regex, or a list of ``(regex, ...)``) anchored under ``model.``."""
+    """A timm group-matcher pattern (a regex, or a list of `(regex, ...)`) anchored under `model.`."""
     if isinstance(pattern, str):
         return pattern.replace("^", r"^model\.", 1)
     return [(_prefixed(regex), *rest) for regex, *rest in pattern]

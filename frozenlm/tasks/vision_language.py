@@ -3,14 +3,14 @@
 LM4VE reports that the frozen LLaMA block also helps METER (initialised from CLIP and RoBERTa, no
 vision-language pretraining): after the co-attention layers the visual tokens pass through Linear ->
 frozen LM layer -> Linear before pooling. The model, the block's placement included, is
-:class:`frozenlm.models.meter.METER`; the tasks are METER's fine-tuning recipes around it:
-:class:`~frozenlm.tasks.vqa.VisualQuestionAnswering` (``frozenlm/tasks/vqa.py``) and
-:class:`~frozenlm.tasks.retrieval.ImageTextRetrieval` (``frozenlm/tasks/retrieval.py``). What they share is
+[`METER`][frozenlm.models.meter.METER]; the tasks are METER's fine-tuning recipes around it:
+[`VisualQuestionAnswering`][frozenlm.tasks.vqa.VisualQuestionAnswering] (`frozenlm/tasks/vqa.py`) and
+[`ImageTextRetrieval`][frozenlm.tasks.retrieval.ImageTextRetrieval] (`frozenlm/tasks/retrieval.py`). What they share is
 here: the flags, METER's optimiser groups and the checkpoint format check.
 
 Optimisation follows METER's fine-tuning: AdamW (betas 0.9, 0.98), weight decay 0.01 (none on biases
-and norms), base lr 5e-6 for the towers, multiplied for the heads (``head_lr_mult``), the cross-modal
-layers (``fusion_lr_mult``) and the LM block's adapters (``llm_lr_mult``: 10, as LM4VE gives its
+and norms), base lr 5e-6 for the towers, multiplied for the heads (`head_lr_mult`), the cross-modal
+layers (`fusion_lr_mult`) and the LM block's adapters (`llm_lr_mult`: 10, as LM4VE gives its
 adapters 10x the image encoder's lr).
 """
 
@@ -47,8 +47,8 @@ class IncompatibleCheckpointError(FrozenLMError, ValueError):
 
 
 def with_task_defaults(task: type, hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """``hparams`` over the defaults of ``task``'s constructor and its bases' (what the task would save), so that
-    ``build_model`` of a few flags gives the model the task itself would build (VQA's 50 tokens, retrieval's 384 px)."""
+    """`hparams` over the defaults of `task`'s constructor and its bases' (what the task would save), so that
+    `build_model` of a few flags gives the model the task itself would build (VQA's 50 tokens, retrieval's 384 px)."""
     defaults: dict[str, Any] = {}
     for cls in reversed(task.__mro__):
         if "__init__" in vars(cls):
@@ -58,32 +58,32 @@ def with_task_defaults(task: type, hparams: Mapping[str, Any]) -> dict[str, Any]
 
 
 class VisionLanguageTask(FrozenLMMixin, BaseTask):
-    """What VQA and retrieval share: the :class:`~frozenlm.models.meter.METER` model they train (``self.model``),
+    """What VQA and retrieval share: the [`METER`][frozenlm.models.meter.METER] model they train (`self.model`),
     METER's optimizer groups and the checkpoint format check.
 
     Args:
         vision_checkpoint: CLIP checkpoint of the image tower: a local Hugging Face folder or a hub id
-            (METER: ``openai/clip-vit-base-patch32``).
-        text_checkpoint: text tower and tokenizer (METER: ``FacebookAI/roberta-base``).
+            (METER: `openai/clip-vit-base-patch32`).
+        text_checkpoint: text tower and tokenizer (METER: `FacebookAI/roberta-base`).
         checkpoint_revision: hub revision of both.
         fusion_layers, fusion_hidden, fusion_heads: the co-attention layers (METER: 6, 768, 12).
         img_size: image side (must match the datamodule's).
         max_text_len: tokens per text, longer ones truncated (METER: 40 for retrieval, 50 for VQA).
-        llm: the frozen LM block (see :class:`frozenlm.llm.LLMConfig`); None for none.
-        llm_tokens: ``visual`` (the image stream's tokens through the block) or ``all`` (text and image
+        llm: the frozen LM block (see [`LLMConfig`][frozenlm.llm.LLMConfig]); None for none.
+        llm_tokens: `visual` (the image stream's tokens through the block) or `all` (text and image
             tokens in one sequence, text padding masked).
         head_lr_mult, fusion_lr_mult, llm_lr_mult: lr multipliers of the heads, the cross-modal layers and
-            the block's trainable parameters (adapters, LoRA) over the towers' ``lr``. Which modules count
-            as heads is the subclass's ``head_modules`` (METER's ``lr_mult_head`` names); the modality
-            embeddings and everything else keep ``lr``.
+            the block's trainable parameters (adapters, LoRA) over the towers' `lr`. Which modules count
+            as heads is the subclass's `head_modules` (METER's `lr_mult_head` names); the modality
+            embeddings and everything else keep `lr`.
         lr, weight_decay, betas, warmup_epochs, min_lr, lr_reference_batch, **kwargs: see
-            :class:`frozenlm.tasks.BaseTask` (METER: lr 5e-6 for a batch of 512, linear warmup over 10% of
+            [`BaseTask`][frozenlm.tasks.BaseTask] (METER: lr 5e-6 for a batch of 512, linear warmup over 10% of
             training then linear decay; here the decay is the base class's cosine).
     """
 
     sample_id_key = "id"
     monitor_mode = "max"
-    # The model's heads that get ``head_lr_mult`` (METER's `head_names`, meter_utils.py line 187).
+    # The model's heads that get `head_lr_mult` (METER's `head_names`, meter_utils.py line 187).
     head_modules: tuple[str, ...] = ()
 
     def __init__(
@@ -117,19 +117,19 @@ class VisionLanguageTask(FrozenLMMixin, BaseTask):
 
     @staticmethod
     def build_model(hparams: Mapping[str, Any], **context: Any) -> METER:
-        """The :class:`~frozenlm.models.meter.METER` the hyper-parameters describe (each task's heads)."""
+        """The [`METER`][frozenlm.models.meter.METER] the hyper-parameters describe (each task's heads)."""
         raise NotImplementedError
 
     def configure_models(self) -> None:
         self.model = self.build_model(self.hparams)
 
     def forward(self, images: Tensor, texts: list[str]) -> Tensor:
-        """The model's inference output for ``images [B, 3, S, S]`` paired with ``texts`` (B strings)."""
+        """The model's inference output for `images [B, 3, S, S]` paired with `texts` (B strings)."""
         return self.model(images, *self.model.tokenize(texts))
 
     # -- optimizer ---------------------------------------------------------------------------
     def optimizer_parameters(self, lr: float, weight_decay: float) -> list[dict]:
-        """METER's groups: towers at ``lr``, cross-modal layers, heads and the block's trainable parameters at
+        """METER's groups: towers at `lr`, cross-modal layers, heads and the block's trainable parameters at
         their multiples; no weight decay on biases, norms and 1-d parameters."""
         hp = self.hparams
         groups: dict[tuple[str, bool], list[Tensor]] = {}

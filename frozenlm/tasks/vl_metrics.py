@@ -1,16 +1,16 @@
 """Vision-language metrics: the official VQA accuracy here, and image-text retrieval recall (Recall@K,
-:class:`frozenlm.metrics.RetrievalRecall`, shared with UTA's zero-shot retrieval; importable from here too).
+`RetrievalRecall`, shared with UTA's zero-shot retrieval; importable from here too).
 
 VQA accuracy follows the VQA challenge's evaluation script (GT-Vision-Lab/VQA,
-``PythonEvaluationTools/vqaEvaluation/vqaEval.py``): a question scores the mean over the ten
-leave-one-out subsets of nine human answers of ``min(#matches / 3, 1)``. What is normalised before
-matching changed in the script's history, so both rules are here, by name (:data:`VQA_RULES`):
+`PythonEvaluationTools/vqaEvaluation/vqaEval.py`): a question scores the mean over the ten
+leave-one-out subsets of nine human answers of `min(#matches / 3, 1)`. What is normalised before
+matching changed in the script's history, so both rules are here, by name (`VQA_RULES`):
 
-- ``"2016"`` (the script until its 2021 commit a013f00, ``evaluate`` lines 86-98): the prediction is
+- `"2016"` (the script until its 2021 commit a013f00, `evaluate` lines 86-98): the prediction is
   stripped and normalised (punctuation, number words to digits, articles dropped, contractions
   restored); the human answers are never stripped, and normalised for punctuation only, and only when
   they are not all identical. A human "two" never matches a predicted "2".
-- ``"2021"`` (the script since a013f00, ``evaluate`` lines 87-105): prediction and human answers are
+- `"2021"` (the script since a013f00, `evaluate` lines 87-105): prediction and human answers are
   stripped; only when the human answers are not all identical are both normalised fully (punctuation,
   then digits, articles and contractions). When they agree, the prediction is compared as predicted.
 
@@ -39,8 +39,8 @@ def _clean(text: str) -> str:
 
 
 def vqa_accuracy(predicted: str, answers: list[str], rule: str = "2016") -> float:
-    """One question's official accuracy under ``rule`` (see the module docstring): the mean over the
-    leave-one-out subsets of the human ``answers`` of ``min(matches / 3, 1)``."""
+    """One question's official accuracy under `rule` (see the module docstring): the mean over the
+    leave-one-out subsets of the human `answers` of `min(matches / 3, 1)`."""
     if rule == "2016":
         predicted = normalize_words(normalize_punctuation(_clean(predicted)))
         if len(set(answers)) > 1:
@@ -60,9 +60,9 @@ def vqa_accuracy(predicted: str, answers: list[str], rule: str = "2016") -> floa
 class VQAAccuracy(Metric):
     """The official VQA accuracy, overall and per answer type; exact under DDP (sums of per-question scores).
 
-    ``update(predicted, answers, answer_types)``: predicted answer strings, each question's human answers
-    (ten in VQAv2) and its answer type. ``compute()``: ``{"overall", "yes/no", "number", "other"}``.
-    ``rule``: the evaluation script's ``"2016"`` or ``"2021"`` normalisation (see the module docstring).
+    `update(predicted, answers, answer_types)`: predicted answer strings, each question's human answers
+    (ten in VQAv2) and its answer type. `compute()`: `{"overall", "yes/no", "number", "other"}`.
+    `rule`: the evaluation script's `"2016"` or `"2021"` normalisation (see the module docstring).
     """
 
     full_state_update = False

@@ -1,5 +1,5 @@
-"""VQAv2 as METER fine-tunes it (meter/modules/objectives.py ``compute_vqa``), on
-:class:`frozenlm.models.meter.METER` with its VQA head and the frozen LM block after fusion."""
+"""VQAv2 as METER fine-tunes it (meter/modules/objectives.py `compute_vqa`), on
+[`METER`][frozenlm.models.meter.METER] with its VQA head and the frozen LM block after fusion."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from frozenlm.tasks.vl_metrics import VQAAccuracy
 
 
 class VQAResultsJSON(JSONRows):
-    """The VQA challenge's results file: ``[{"question_id": int, "answer": str}, ...]``."""
+    """The VQA challenge's results file: `[{"question_id": int, "answer": str}, ...]`."""
 
 
 class AnswerVocabularyError(FrozenLMError, ValueError):
     """A VQA checkpoint whose answer vocabulary is not the data's: the message gives both sizes and the
-    settings each was built with (``--data.answer_splits``, ``--data.min_answer_count``)."""
+    settings each was built with (`--data.answer_splits`, `--data.min_answer_count`)."""
 
 
 def answer_settings(datamodule: Any) -> dict[str, Any]:
@@ -43,19 +43,19 @@ class VisualQuestionAnswering(VisionLanguageTask):
     """VQA as METER fine-tunes it: a classifier over the answer vocabulary on the pooled pair feature,
     trained with binary cross-entropy against soft scores, summed over answers (BCE mean x answers).
 
-    Metrics: the official VQA accuracy overall and per answer type (``<stage>_vqa_acc``,
-    ``_vqa_acc_yesno``, ``_vqa_acc_number``, ``_vqa_acc_other``) and METER's ``vqa_score`` (the soft score
-    of the top answer). ``predict`` writes the challenge's results JSON (``--predictions.output
-    results.json``) for a test-dev submission.
+    Metrics: the official VQA accuracy overall and per answer type (`<stage>_vqa_acc`,
+    `_vqa_acc_yesno`, `_vqa_acc_number`, `_vqa_acc_other`) and METER's `vqa_score` (the soft score
+    of the top answer). `predict` writes the challenge's results JSON (`--predictions.output
+    results.json`) for a test-dev submission.
 
     Args:
         num_classes: answers in the vocabulary (linked from the datamodule; METER: 3,129).
         img_size: image side (METER's VQA recipe: 576).
         max_text_len: METER's VQA: 50 tokens.
-        vqa_rule: which of the official evaluation script's normalisations scores answers, ``"2016"`` (its
-            2016-2021 releases) or ``"2021"`` (since its 2021 fix); see :mod:`frozenlm.tasks.vl_metrics`.
+        vqa_rule: which of the official evaluation script's normalisations scores answers, `"2016"` (its
+            2016-2021 releases) or `"2021"` (since its 2021 fix); see `vl_metrics`.
         head_lr_mult: METER's VQA: 50 (the classifier and, in GCR, its auxiliary copy); fusion_lr_mult: 5.
-        **kwargs: see :class:`~frozenlm.tasks.VisionLanguageTask`.
+        **kwargs: see [`VisionLanguageTask`][frozenlm.tasks.VisionLanguageTask].
     """
 
     sample_id_key = "question_id"
@@ -85,7 +85,7 @@ class VisualQuestionAnswering(VisionLanguageTask):
 
     @staticmethod
     def build_model(hparams: Mapping[str, Any], **context: Any) -> METER:
-        """METER with its VQA head over ``num_classes`` answers, from the task's hyper-parameters."""
+        """METER with its VQA head over `num_classes` answers, from the task's hyper-parameters."""
         return METER(METERConfig.from_hparams(with_task_defaults(VisualQuestionAnswering, hparams), head="vqa"))
 
     def configure_metrics(self) -> None:
@@ -138,11 +138,11 @@ class VisualQuestionAnswering(VisionLanguageTask):
 
     # -- steps -------------------------------------------------------------------------------
     def sample_losses(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """``[B]``: binary cross-entropy summed over answers (METER's mean over all entries x answers, per sample)."""
+        """`[B]`: binary cross-entropy summed over answers (METER's mean over all entries x answers, per sample)."""
         return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(dim=1)
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """The batch mean of :meth:`sample_losses`."""
+        """The batch mean of [`sample_losses`][frozenlm.tasks.vqa.VisualQuestionAnswering.sample_losses]."""
         return self.sample_losses(logits, targets).mean()
 
     def head_logits(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
@@ -151,7 +151,7 @@ class VisualQuestionAnswering(VisionLanguageTask):
         return self.model.forward_head(features), None if branch is None else self.model.forward_aux_head(branch)
 
     def sample_forward(self, batch: dict[str, Any], samples: int = 1) -> tuple[Any, tuple]:
-        """The model's answer logits of the first ``samples`` image-question pairs."""
+        """The model's answer logits of the first `samples` image-question pairs."""
         return self.model, (batch["image"][:samples], *self.model.tokenize(batch["question"][:samples]))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -204,5 +204,5 @@ class VisualQuestionAnswering(VisionLanguageTask):
         return {"rows": [{"question_id": int(q), "answer": self.answers[a]} for q, a in zip(question_ids.tolist(), top.tolist())]}
 
     def prediction_file(self, path: Path) -> PredictionFile:
-        """The challenge's results file ``predict`` writes (``.json``)."""
+        """The challenge's results file `predict` writes (`.json`)."""
         return VQAResultsJSON(path)

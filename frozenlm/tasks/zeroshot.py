@@ -2,10 +2,10 @@
 the prompts and class names, the classifier of class embeddings, and one evaluation epoch's scores of image
 encoders (top-1/5 accuracy on classes, or retrieval recall on captions).
 
-Prompts (``zeroshot_templates``): a list of templates with one ``{}`` for the class name, ``clip7`` (the seven
-CLIP's authors found best as an ensemble for ImageNet, the default) or ``openai_imagenet`` (CLIP's 80 ImageNet
-prompts, from open_clip). Class names (``zeroshot_class_names``): a file (JSON list or one per line) in the
-data's class order, ``imagenet`` (open_clip's, in wnid order), or the datamodule's ``classes``.
+Prompts (`zeroshot_templates`): a list of templates with one `{}` for the class name, `clip7` (the seven
+CLIP's authors found best as an ensemble for ImageNet, the default) or `openai_imagenet` (CLIP's 80 ImageNet
+prompts, from open_clip). Class names (`zeroshot_class_names`): a file (JSON list or one per line) in the
+data's class order, `imagenet` (open_clip's, in wnid order), or the datamodule's `classes`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ TEMPLATE_SETS = ("clip7", "openai_imagenet")
 
 
 def check_templates(templates: list[str] | str | None) -> None:
-    """Refuse a ``zeroshot_templates`` setting that is neither a named set nor templates with one ``{}`` each."""
+    """Refuse a `zeroshot_templates` setting that is neither a named set nor templates with one `{}` each."""
     if isinstance(templates, str) and templates not in TEMPLATE_SETS:
         raise ValueError(f"zeroshot_templates must be a list of prompts or one of {sorted(TEMPLATE_SETS)}, got {templates!r}.")
     for template in [] if isinstance(templates, str) else templates or ():
@@ -41,8 +41,8 @@ def check_templates(templates: list[str] | str | None) -> None:
 
 
 def zeroshot_templates(templates: list[str] | str | None) -> list:
-    """The prompt makers ``name -> prompt`` of a ``zeroshot_templates`` setting: a list of ``{}`` templates,
-    ``clip7`` / None (:data:`CLIP_TEMPLATES`) or ``openai_imagenet`` (open_clip's 80 ImageNet prompts)."""
+    """The prompt makers `name -> prompt` of a `zeroshot_templates` setting: a list of `{}` templates,
+    `clip7` / None (`CLIP_TEMPLATES`) or `openai_imagenet` (open_clip's 80 ImageNet prompts)."""
     if templates == "openai_imagenet":
         from open_clip import OPENAI_IMAGENET_TEMPLATES
 
@@ -52,8 +52,8 @@ def zeroshot_templates(templates: list[str] | str | None) -> list:
 
 
 def class_names(setting: str | None, num_classes: int | None, classes: Sequence | None) -> list[str] | None:
-    """The zero-shot class names of a ``zeroshot_class_names`` setting: ``imagenet`` (open_clip's), a file, or
-    (None) the data's ``classes`` (None when it names none); ``num_classes`` (when set) must be their number."""
+    """The zero-shot class names of a `zeroshot_class_names` setting: `imagenet` (open_clip's), a file, or
+    (None) the data's `classes` (None when it names none); `num_classes` (when set) must be their number."""
     if setting == "imagenet":
         from open_clip import IMAGENET_CLASSNAMES
 
@@ -75,7 +75,7 @@ def class_names(setting: str | None, num_classes: int | None, classes: Sequence 
 
 @torch.no_grad()
 def zeroshot_classifier(teacher: CLIPTeacher, names: list[str], templates: list[str] | str | None) -> Tensor:
-    """``[C, E]``: per class, the normalised mean of the normalised text embeddings of its prompts (CLIP's)."""
+    """`[C, E]`: per class, the normalised mean of the normalised text embeddings of its prompts (CLIP's)."""
     makers = zeroshot_templates(templates)
     rows = []
     for name in names:
@@ -86,15 +86,15 @@ def zeroshot_classifier(teacher: CLIPTeacher, names: list[str], templates: list[
 
 @torch.no_grad()
 def text_embeddings(teacher: CLIPTeacher, texts: list[str], batch: int = 256) -> Tensor:
-    """``[T, E]``: the normalised text embeddings of ``texts`` (captions), ``batch`` at a time."""
+    """`[T, E]`: the normalised text embeddings of `texts` (captions), `batch` at a time."""
     return F.normalize(torch.cat([teacher.encode_texts(texts[i : i + batch]).float() for i in range(0, len(texts), batch)]), dim=-1)
 
 
 class ZeroShotScores:
-    """One evaluation epoch's zero-shot scores of image encoders (``who``: ``student``, ``teacher``), either against
-    a ``classifier`` of class embeddings (top-1/5 accuracy of ``logit_scale`` x cosine logits) or against caption
-    embeddings ``texts`` whose images are ``owners`` (retrieval recall: :class:`~frozenlm.metrics.RetrievalRecall`).
-    Rows that only even out the processes' shares of a split are left out (``scored``, :meth:`BaseTask.scored`); the
+    """One evaluation epoch's zero-shot scores of image encoders (`who`: `student`, `teacher`), either against
+    a `classifier` of class embeddings (top-1/5 accuracy of `logit_scale` x cosine logits) or against caption
+    embeddings `texts` whose images are `owners` (retrieval recall: `RetrievalRecall`).
+    Rows that only even out the processes' shares of a split are left out (`scored`, [`BaseTask.scored`][frozenlm.tasks.BaseTask.scored]); the
     metrics gather every process's rows when computed."""
 
     def __init__(self, who: Sequence[str], scored: Callable, classifier: Tensor | None = None, logit_scale: Tensor | None = None,
@@ -114,8 +114,8 @@ class ZeroShotScores:
     @classmethod
     def start(cls, teacher: CLIPTeacher, names: list[str] | None, datamodule: Any, stage: str, who: Sequence[str],
               scored: Callable, templates: list[str] | str | None = None, warn: bool = True) -> ZeroShotScores | None:  # fmt: skip
-        """The scores of an evaluation epoch: on the class ``names`` (CLIP's classifier of ``templates``), else on the
-        captions of the ``datamodule``'s ``stage`` split (its ``captions(stage)``); None when there are neither."""
+        """The scores of an evaluation epoch: on the class `names` (CLIP's classifier of `templates`), else on the
+        captions of the `datamodule`'s `stage` split (its `captions(stage)`); None when there are neither."""
         if names is not None:
             classifier = zeroshot_classifier(teacher, names, templates)
             return cls(who, scored, classifier=classifier, logit_scale=teacher.logit_scale().float())
@@ -126,7 +126,7 @@ class ZeroShotScores:
         return cls(who, scored, texts=embeddings, owners=owners.to(embeddings.device), stage=stage, warn=warn)
 
     def update(self, batch: dict[str, Any], embeddings: dict[str, Tensor]) -> None:
-        """Score a batch's normalised image embeddings ``[B, E]`` per encoder."""
+        """Score a batch's normalised image embeddings `[B, E]` per encoder."""
         if self.classifier is not None:
             if "label" not in batch:
                 return
@@ -144,8 +144,8 @@ class ZeroShotScores:
             self.recall[who].update(index, scores)
 
     def compute(self, stage: str) -> dict[str, Tensor]:
-        """``{<stage>_zeroshot_acc1: ...}`` (``<stage>_teacher_zeroshot_...`` for the teacher), or the recalls
-        ``<stage>_zeroshot_ir_r1``..., over every process's images."""
+        """`{<stage>_zeroshot_acc1: ...}` (`<stage>_teacher_zeroshot_...` for the teacher), or the recalls
+        `<stage>_zeroshot_ir_r1`..., over every process's images."""
         prefix = {"student": f"{stage}_zeroshot", "teacher": f"{stage}_teacher_zeroshot"}
         if self.classifier is not None:
             return {f"{prefix[w]}_acc{k}": metric.compute() for w in self.who for k, metric in self.accuracy[w].items()}
