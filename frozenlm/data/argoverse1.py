@@ -22,8 +22,8 @@ DOWNLOAD_HINT = (
 )
 @lru_cache(maxsize=4)
 def read_vector_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A city's lanes from ``pruned_argoverse_<CITY>_<id>_vector_map.xml``: centrelines ``[L, 10, 2]``
-    (resampled by arc length) and attributes ``[L, 4]`` = (is_intersection, turns left, turns right,
+    """A city's lanes from `pruned_argoverse_<CITY>_<id>_vector_map.xml`: centrelines `[L, 10, 2]`
+    (resampled by arc length) and attributes `[L, 4]` = (is_intersection, turns left, turns right,
     has_traffic_control)."""
     try:
         root = ElementTree.parse(path).getroot()
@@ -50,18 +50,18 @@ def read_vector_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
 class Argoverse1DataModule(MotionDataModule):
     """Argoverse 1.1: 5 s sequences at 10 Hz, 20 observed + 30 future steps; the AGENT track is the target.
 
-    On disk (the official layout)::
+    On disk (the official layout):
 
         root/{train,val,test_obs}/data/<sequence>.csv       TIMESTAMP,TRACK_ID,OBJECT_TYPE,X,Y,CITY_NAME
         root/map_files/pruned_argoverse_{PIT_10314,MIA_10316}_vector_map.xml
 
     OBJECT_TYPE is AGENT (one per sequence), AV or OTHERS; test_obs has the 20 observed steps only.
-    Lanes are the map's centrelines (``<way>`` of ``<nd ref>`` nodes) within ``radius``, resampled to
-    10 points, with attributes ``(is_intersection, turn LEFT, turn RIGHT, has_traffic_control)``. See
-    :class:`frozenlm.data.motion.MotionDataModule` for the arguments and the cache.
+    Lanes are the map's centrelines (`<way>` of `<nd ref>` nodes) within `radius`, resampled to
+    10 points, with attributes `(is_intersection, turn LEFT, turn RIGHT, has_traffic_control)`. See
+    [`MotionDataModule`][frozenlm.data.motion.MotionDataModule] for the arguments and the cache.
 
     Args:
-        map_dir: the folder of the vector maps (default ``root/map_files``).
+        map_dir: the folder of the vector maps (default `root/map_files`).
     """
 
     history, horizon = 20, 30
@@ -87,7 +87,7 @@ class Argoverse1DataModule(MotionDataModule):
         return source.stem
 
     def map_path(self, city: str) -> Path:
-        """The vector map file of ``city``."""
+        """The vector map file of `city`."""
         found = sorted(self.map_dir.glob(f"pruned_argoverse_{city}_*_vector_map.xml"))
         if not found:
             raise FileNotFoundError(f"no vector map of city {city!r} in {self.map_dir}")

@@ -1,4 +1,4 @@
-"""Argoverse 2 motion forecasting (Wilson et al., NeurIPS 2021 Datasets), read with the ``av2`` package."""
+"""Argoverse 2 motion forecasting (Wilson et al., NeurIPS 2021 Datasets), read with the `av2` package."""
 
 from __future__ import annotations
 
@@ -34,27 +34,27 @@ def _av2():
 class Argoverse2DataModule(MotionDataModule):
     """Argoverse 2: 10 Hz scenarios of 50 observed + 60 future steps; the focal track is the target.
 
-    On disk (the official layout)::
+    On disk (the official layout):
 
         root/{train,val,test}/<scenario_id>/scenario_<scenario_id>.parquet
         root/{train,val,test}/<scenario_id>/log_map_archive_<...>.json
 
-    Map polylines: the lane segments of the scenario's map within ``radius`` (av2's
-    ``get_nearby_lane_segments``), as 10-point centrelines (``get_lane_segment_centerline``) with
-    attributes ``(is_intersection, is_vehicle_lane, is_bike_lane, is_bus_lane)``; with ``lane_boundaries``
+    Map polylines: the lane segments of the scenario's map within `radius` (av2's
+    `get_nearby_lane_segments`), as 10-point centrelines (`get_lane_segment_centerline`) with
+    attributes `(is_intersection, is_vehicle_lane, is_bike_lane, is_bus_lane)`; with `lane_boundaries`
     also each lane's left and right boundary (resampled to 10 points, its lane's attributes), and with
-    ``crosswalks`` both edges of every pedestrian crossing within ``radius``: the map elements that
-    Argoverse 2 models (e.g. QCNet) read beside centrelines. ``predict`` writes the challenge's submission parquet
-    (``av2``'s ``ChallengeSubmission``). Needs ``av2`` (extra ``motion``). See
-    :class:`frozenlm.data.motion.MotionDataModule` for the arguments and the cache.
+    `crosswalks` both edges of every pedestrian crossing within `radius`: the map elements that
+    Argoverse 2 models (e.g. QCNet) read beside centrelines. `predict` writes the challenge's submission parquet
+    (`av2`'s `ChallengeSubmission`). Needs `av2` (extra `motion`). See
+    [`MotionDataModule`][frozenlm.data.motion.MotionDataModule] for the arguments and the cache.
     """
 
     history, horizon = 50, 60
     splits = {"train": "train", "val": "val", "test": "test"}
 
     def __init__(self, root: str | Path, lane_boundaries: bool = False, crosswalks: bool = False, **kwargs) -> None:
-        """Args: ``lane_boundaries``, ``crosswalks``: add those map polylines (above); others: see
-        :class:`frozenlm.data.motion.MotionDataModule`."""
+        """Args: `lane_boundaries`, `crosswalks`: add those map polylines (above); others: see
+        [`MotionDataModule`][frozenlm.data.motion.MotionDataModule]."""
         super().__init__(root, **kwargs)
         self.lane_boundaries, self.crosswalks = lane_boundaries, crosswalks
 
@@ -126,13 +126,13 @@ class Argoverse2DataModule(MotionDataModule):
         )  # fmt: skip
 
     def prediction_file(self, path: Path) -> PredictionFile:
-        """``.parquet``: the Argoverse 2 challenge submission (:class:`AV2Submission`); ``.csv``: the CSV
-        of :class:`MotionDataModule`."""
+        """`.parquet`: the Argoverse 2 challenge submission (`AV2Submission`); `.csv`: the CSV
+        of [`MotionDataModule`][frozenlm.data.MotionDataModule]."""
         return super().prediction_file(path) if path.suffix == ".csv" else AV2Submission(path)
 
 
 class AV2Submission(PredictionFile):
-    """The Argoverse 2 challenge's submission parquet, written by ``av2``'s ``ChallengeSubmission`` (one
+    """The Argoverse 2 challenge's submission parquet, written by `av2`'s `ChallengeSubmission` (one
     table, so it is written whole at the end, atomically; the directory is checked before the first batch).
     Mode probabilities are renormalised to sum to 1, as the challenge requires."""
 

@@ -40,7 +40,7 @@ class DatasetFileError(DatasetError, ValueError):
 
 
 class TooManyUnreadableSamplesError(DatasetError, RuntimeError):
-    """More of an epoch's samples could not be decoded than the datamodule's ``max_unreadable_fraction``."""
+    """More of an epoch's samples could not be decoded than the datamodule's `max_unreadable_fraction`."""
 
 
 class Unreadable(NamedTuple):
@@ -56,10 +56,10 @@ class Unreadable(NamedTuple):
 
 
 def collate_readable(samples: list[dict | list[dict] | Unreadable | None]) -> dict:
-    """``default_collate`` of the samples that were read; ``unreadable`` lists ``"path (reason)"`` of the
+    """`default_collate` of the samples that were read; `unreadable` lists `"path (reason)"` of the
     others, so a corrupt file costs one sample, never the epoch. A list stands for several samples of
     one file (e.g. differently augmented clips of one video), each its own row of the batch; None (the
-    padding repeat of an unreadable sample, :class:`~frozenlm.data.distributed.MarkedPadding`) is dropped."""
+    padding repeat of an unreadable sample, `MarkedPadding`) is dropped."""
     samples = [s for item in samples for s in (item if isinstance(item, list) else [item]) if s is not None]
     kept = [s for s in samples if not isinstance(s, Unreadable)]
     batch = default_collate(kept) if kept else {}
@@ -99,7 +99,7 @@ class Split(NamedTuple):
 
 class LabeledImages(Dataset):
     """A split's samples as `{"image": FloatTensor[3,H,W], "label": int, "id": str}` dicts, or
-    :class:`Unreadable` for a file that cannot be decoded (only decoding is guarded: an error of the
+    `Unreadable` for a file that cannot be decoded (only decoding is guarded: an error of the
     transform is a bug and is raised)."""
 
     def __init__(self, split: Split, transform: Callable[[Image.Image], torch.Tensor]):
@@ -126,19 +126,19 @@ class BaseDataModule(L.LightningDataModule):
     """Loader settings every datamodule shares (classification, motion forecasting, vision-language): a per-process batch size, workers and pinned memory
     that suit the machine, even training batches (timm's Mixup pairs samples), and unreadable files.
 
-    A sample whose file cannot be decoded is dropped from its batch (:func:`collate_readable`); the
+    A sample whose file cannot be decoded is dropped from its batch (`collate_readable`); the
     training process warns once per file, naming it, and the task logs the count per epoch
-    (``data/unreadable/<stage>``). Once more than ``max_unreadable_fraction`` of an epoch's samples
-    were unreadable the run stops with :class:`TooManyUnreadableSamplesError`: the data is broken.
+    (`data/unreadable/<stage>`). Once more than `max_unreadable_fraction` of an epoch's samples
+    were unreadable the run stops with `TooManyUnreadableSamplesError`: the data is broken.
 
     Args:
         batch_size: samples per batch in each process (DDP multiplies it by the world size).
         num_workers: loader processes; None = all usable cores but one, at most 8.
         pin_memory: None = whether CUDA is available.
-        repeated_augmentation: DeiT's repeated augmentation (timm's ``RepeatAugSampler``): each
+        repeated_augmentation: DeiT's repeated augmentation (timm's `RepeatAugSampler`): each
             sampled image appears this many times per epoch, differently augmented, spread over the
             processes (DeiT: 3). The sampler does its own sharding, so set
-            ``--trainer.use_distributed_sampler false`` with it under DDP. 1 = off.
+            `--trainer.use_distributed_sampler false` with it under DDP. 1 = off.
         max_unreadable_fraction: the largest fraction of an epoch's samples (per process) that may be
             unreadable before the run stops; 0 stops at the first.
     """
@@ -202,7 +202,7 @@ class BaseDataModule(L.LightningDataModule):
             )
 
     def _first_unreadable(self, stage: str) -> str:
-        """The first unreadable samples of each stage, ``stage``'s first: ``of train: [...]; of sanity_check: [...]``."""
+        """The first unreadable samples of each stage, `stage`'s first: `of train: [...]; of sanity_check: [...]`."""
         stages = sorted(self.first_unreadable, key=lambda name: name != stage)
         return "; ".join(f"of {name or 'this run'}: {self.first_unreadable[name]}" for name in stages)
 
@@ -230,7 +230,7 @@ class BaseDataModule(L.LightningDataModule):
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         """An evaluation (validate, test, predict) loader: under several processes, each gets its share of
-        the split and every sample is scored exactly once (:mod:`frozenlm.data.distributed`)."""
+        the split and every sample is scored exactly once (`distributed`)."""
         trainer = self.trainer
         if trainer is None or trainer.world_size == 1:
             return self._loader(dataset)
@@ -251,15 +251,15 @@ class BaseDataModule(L.LightningDataModule):
 
 
 class ClassificationDataModule(BaseDataModule):
-    """The base of labelled samples' datamodules (images, videos, point clouds): :class:`BaseDataModule`'s
-    loaders, and ``num_classes``, which a subclass sets by the end of ``__init__`` (the CLI links it into the
+    """The base of labelled samples' datamodules (images, videos, point clouds): `BaseDataModule`'s
+    loaders, and `num_classes`, which a subclass sets by the end of `__init__` (the CLI links it into the
     model's head)."""
 
     num_classes: int
 
 
 def _epoch_batches(trainer, stage: RunningStage | None) -> float:
-    """Batches in one epoch of ``stage``; inf when unknown (an iterable dataset, no trainer) and for the
+    """Batches in one epoch of `stage`; inf when unknown (an iterable dataset, no trainer) and for the
     sanity check, a peek at a few batches that the validation epoch after it counts again."""
     batches = {
         RunningStage.TRAINING: lambda: trainer.num_training_batches,
@@ -280,7 +280,7 @@ class ImageDataModule(ClassificationDataModule):
     Args:
         root: dataset directory.
         batch_size, num_workers, pin_memory, repeated_augmentation, max_unreadable_fraction: see
-            :class:`BaseDataModule`.
+            `BaseDataModule`.
         img_size: side of the square images the model receives.
         auto_augment: timm auto-augment recipe (DeiT: RandAugment "rand-m9-mstd0.5-inc1"); None = off.
         re_prob: random-erasing probability.

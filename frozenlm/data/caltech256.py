@@ -19,7 +19,7 @@ CATEGORY_FOLDER = re.compile(r"^(\d{3})\.")
 class Caltech256DataModule(ImageDataModule):
     """Caltech-256: 30,607 images of 256 object categories plus a clutter category (257.clutter).
 
-    On disk (torchvision's layout)::
+    On disk (torchvision's layout):
 
         root/caltech256/256_ObjectCategories/001.ak47/001_0001.jpg
         ...
@@ -56,12 +56,12 @@ class Caltech256DataModule(ImageDataModule):
             self.check_files()
 
     def category_folders(self) -> list[Path]:
-        """The category folders (``NNN.name``), sorted."""
+        """The category folders (`NNN.name`), sorted."""
         folders = sorted(p for p in self.folder.iterdir() if p.is_dir() and CATEGORY_FOLDER.match(p.name))
         return [p for p in folders if self.include_clutter or category_number(p) != CLUTTER_NUMBER]
 
     def check_files(self) -> None:
-        """Raise ``DatasetNotFoundError`` naming what is missing under ``root``."""
+        """Raise `DatasetNotFoundError` naming what is missing under `root`."""
         if not self.folder.is_dir() or not self.category_folders():
             raise DatasetNotFoundError(
                 f"Caltech256DataModule: no category folders (like 001.ak47/) in {self.folder}. Pass --data.root DIR "

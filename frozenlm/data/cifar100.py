@@ -14,7 +14,7 @@ from frozenlm.data.safe_pickle import load_arrays
 class CIFAR100DataModule(ImageDataModule):
     """CIFAR-100: 50,000 train and 10,000 test 32x32 images, 100 fine classes; val = the official test split.
 
-    On disk (torchvision's layout, from the python-version tarball)::
+    On disk (torchvision's layout, from the python-version tarball):
 
         root/cifar-100-python/train   pickle: "data" uint8 [N, 3072] (channel-major 3x32x32), "fine_labels"
         root/cifar-100-python/test    same keys
@@ -42,7 +42,7 @@ class CIFAR100DataModule(ImageDataModule):
             self.check_files()
 
     def check_files(self) -> None:
-        """Raise ``DatasetNotFoundError`` naming what is missing under ``root``."""
+        """Raise `DatasetNotFoundError` naming what is missing under `root`."""
         missing = [name for name in self.required_files if not (self.folder / name).is_file()]
         if missing:
             raise DatasetNotFoundError(

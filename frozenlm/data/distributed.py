@@ -1,16 +1,16 @@
 """Data work on several processes: training batches that do not depend on how many processes share
-them (:class:`TrainingSampler`), evaluation that scores every sample exactly once, and preprocessing
-shared between the processes instead of repeated by each (:func:`share_work`).
+them (`TrainingSampler`), evaluation that scores every sample exactly once, and preprocessing
+shared between the processes instead of repeated by each (`share_work`).
 
-PyTorch's ``DistributedSampler`` (Lightning's default under DDP) pads a split whose size does not divide
+PyTorch's `DistributedSampler` (Lightning's default under DDP) pads a split whose size does not divide
 by the world size with repeated samples, so that every process runs the same number of batches; the
 repeats are then scored twice (a test split of 15 clouds on 2 processes scored 16). Skipping them
 outright would leave processes with different numbers of batches, which hangs any collective of an
-evaluation step (DDP's buffer broadcast during ``fit``'s validation, a synced log). Instead
-:class:`EvaluationSampler` keeps the padding, so the batch counts stay equal, but marks each repeat;
-:class:`MarkedPadding` gives every sample a ``padding`` flag, and the tasks drop the flagged rows (after
+evaluation step (DDP's buffer broadcast during `fit`'s validation, a synced log). Instead
+`EvaluationSampler` keeps the padding, so the batch counts stay equal, but marks each repeat;
+`MarkedPadding` gives every sample a `padding` flag, and the tasks drop the flagged rows (after
 the forward, which every process still runs on its whole batch) before any metric, loss or prediction
-(:meth:`frozenlm.tasks.BaseTask.scored`).
+([`scored`][frozenlm.tasks.BaseTask.scored]).
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ DATASET_INDEX = "dataset_index"
 
 
 class TrainingSampler(DistributedSampler):
-    """The training order: one permutation of the split per epoch, drawn from ``(seed, epoch)`` alone
-    (``--seed_everything``; Lightning calls :meth:`set_epoch`), cut into global batches of
-    ``num_replicas x batch_size`` samples, of which process ``r`` takes the ``r``-th ``batch_size``.
-    So the samples of a step do not depend on how they are shared: ``n`` processes with batches of
-    ``b`` train on the same samples as one process with batches of ``n b``, and each process's batch is
-    the micro-batch one process accumulating ``n`` batches of ``b`` would see (the same batch-norm
+    """The training order: one permutation of the split per epoch, drawn from `(seed, epoch)` alone
+    (`--seed_everything`; Lightning calls `set_epoch`), cut into global batches of
+    `num_replicas x batch_size` samples, of which process `r` takes the `r`-th `batch_size`.
+    So the samples of a step do not depend on how they are shared: `n` processes with batches of
+    `b` train on the same samples as one process with batches of `n b`, and each process's batch is
+    the micro-batch one process accumulating `n` batches of `b` would see (the same batch-norm
     statistics, too). The samples that do not fill a global batch are left out of the epoch. (A plain
-    ``RandomSampler`` on one process and Lightning's ``DistributedSampler`` on several shuffle
+    `RandomSampler` on one process and Lightning's `DistributedSampler` on several shuffle
     differently, and the latter deals samples round-robin.)"""
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, batch_size: int) -> None:
@@ -53,9 +53,9 @@ class TrainingSampler(DistributedSampler):
 
 
 class EvaluationSampler(DistributedSampler):
-    """The split in order, dealt round-robin to ``num_replicas`` processes as ``DistributedSampler``
+    """The split in order, dealt round-robin to `num_replicas` processes as `DistributedSampler`
     deals it, padded to an equal share with repeats of the first samples that are marked: a repeat of
-    sample ``i`` is yielded as ``-(i + 1)``, which :class:`MarkedPadding` turns back into sample ``i``
+    sample `i` is yielded as `-(i + 1)`, which `MarkedPadding` turns back into sample `i`
     flagged as padding. Every non-negative index appears exactly once over all processes."""
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
@@ -68,10 +68,10 @@ class EvaluationSampler(DistributedSampler):
 
 
 class MarkedPadding(Dataset):
-    """``dataset`` whose samples (dicts) carry ``padding``: True for the repeats :class:`EvaluationSampler`
-    marks (index ``-(i + 1)``), False otherwise; and ``dataset_index``: the sample's position ``i`` in the
+    """`dataset` whose samples (dicts) carry `padding`: True for the repeats `EvaluationSampler`
+    marks (index `-(i + 1)`), False otherwise; and `dataset_index`: the sample's position `i` in the
     split, by which the processes' predictions are put back in dataset order (a process's share is not
-    every ``n``-th sample once unreadable samples were dropped from its batches). Anything that is not a
+    every `n`-th sample once unreadable samples were dropped from its batches). Anything that is not a
     dict (an unreadable file's marker) passes unchanged, except as padding: a repeat of a sample that
     could not be read is None, which the batch drops without counting it again."""
 
@@ -95,11 +95,11 @@ class DataPreparationError(FrozenLMError, RuntimeError):
 
 
 def share_work(trainer: Any, work: Callable[[int, int], None]) -> None:
-    """``work(rank, world_size)`` on every process, then wait for all of them: each process does its part
-    of a preprocessing job (e.g. every ``world_size``-th scene from ``rank``) and none reads the result
+    """`work(rank, world_size)` on every process, then wait for all of them: each process does its part
+    of a preprocessing job (e.g. every `world_size`-th scene from `rank`) and none reads the result
     before all are done. An error in one process stops every process (that one with its own error), where
     a plain barrier would leave the others waiting. Without a trainer (or with one process), just
-    ``work(0, 1)``."""
+    `work(0, 1)`."""
     world = trainer.world_size if trainer is not None else 1
     if world == 1:
         return work(0, 1)

@@ -33,10 +33,10 @@ class CaptionedImage(NamedTuple):
 
 
 class CaptionPairs(Dataset):
-    """Training samples, one per caption: ``{"image", "texts": [positive, *negatives], "id"}``. The negatives are
-    ``negatives`` captions of other images, drawn afresh each time (METER's ranking loss: 1 + 15). With
-    ``false_image``, ``"false_image"`` is another image of the split, drawn the same way (METER's
-    ``get_false_image``, the negatives of its image-text matching loss)."""
+    """Training samples, one per caption: `{"image", "texts": [positive, *negatives], "id"}`. The negatives are
+    `negatives` captions of other images, drawn afresh each time (METER's ranking loss: 1 + 15). With
+    `false_image`, `"false_image"` is another image of the split, drawn the same way (METER's
+    `get_false_image`, the negatives of its image-text matching loss)."""
 
     def __init__(self, images: list[CaptionedImage], negatives: int, transform, false_image: bool = False) -> None:
         self.images, self.negatives, self.transform, self.false_image = images, negatives, transform, false_image
@@ -69,7 +69,7 @@ class CaptionPairs(Dataset):
 
 
 class EvaluationImages(Dataset):
-    """The images of an evaluation split: ``{"image", "index", "id"}`` (index: position in the split)."""
+    """The images of an evaluation split: `{"image", "index", "id"}` (index: position in the split)."""
 
     def __init__(self, images: list[CaptionedImage], transform) -> None:
         self.images, self.transform = images, transform
@@ -87,18 +87,18 @@ class EvaluationImages(Dataset):
 class Flickr30kDataModule(VisionLanguageDataModule):
     """Flickr30k with Karpathy's splits (29,000 / 1,014 / 1,000 images), METER's retrieval fine-tuning data.
 
-    On disk::
+    On disk:
 
         root/dataset_flickr30k.json     {"images": [{"filename", "split": train|val|test,
                                           "sentences": [{"raw": ...}, ...]}, ...]}
         root/flickr30k-images/<filename>.jpg
 
-    Training batches: ``{"image" [B, 3, S, S], "texts" [[positive, 15 negatives]], "id", "unreadable"}``, and
-    ``"false_image" [B, 3, S, S]`` (another image per sample, for METER's image-text matching loss) unless
-    ``false_image`` is off.
-    Evaluation batches hold images only (``{"image", "index", "id"}``); the task scores each against every
-    caption of the split (:meth:`captions`), so each retrieval metric covers the whole split. Validation
-    uses ``val``, test and predict ``test``. An unreadable evaluation image is an error (recall over a split
+    Training batches: `{"image" [B, 3, S, S], "texts" [[positive, 15 negatives]], "id", "unreadable"}`, and
+    `"false_image" [B, 3, S, S]` (another image per sample, for METER's image-text matching loss) unless
+    `false_image` is off.
+    Evaluation batches hold images only (`{"image", "index", "id"}`); the task scores each against every
+    caption of the split ([`captions`][frozenlm.data.flickr30k.Flickr30kDataModule.captions]), so each retrieval metric covers the whole split. Validation
+    uses `val`, test and predict `test`. An unreadable evaluation image is an error (recall over a split
     missing an image is not the split's); an unreadable training image drops its samples and is counted.
 
     Args:
@@ -106,11 +106,11 @@ class Flickr30kDataModule(VisionLanguageDataModule):
         batch_size: images per batch in each process.
         img_size: image side (METER's Flickr30k recipe: 384).
         negatives: captions of other images per training sample (METER: 15).
-        false_image: draw one other image per training sample (METER's ``draw_false_image: 1``), which
-            :class:`~frozenlm.tasks.ImageTextRetrieval` needs for its ITM loss (``itm_weight``); off saves
-            reading a second image per sample when ``itm_weight`` is 0.
+        false_image: draw one other image per training sample (METER's `draw_false_image: 1`), which
+            [`ImageTextRetrieval`][frozenlm.tasks.ImageTextRetrieval] needs for its ITM loss (`itm_weight`); off saves
+            reading a second image per sample when `itm_weight` is 0.
         num_workers, pin_memory, max_unreadable_fraction: see
-            :class:`frozenlm.data.base.BaseDataModule`.
+            `BaseDataModule`.
         mean, std: image normalisation (CLIP's).
     """
 
@@ -162,7 +162,7 @@ class Flickr30kDataModule(VisionLanguageDataModule):
         return "val" if stage in ("val", "validate", "sanity_check") else "test"
 
     def captions(self, stage: str) -> tuple[list[str], torch.Tensor]:
-        """Every caption of ``stage``'s split and the index of its image in the split."""
+        """Every caption of `stage`'s split and the index of its image in the split."""
         images = self.splits[self.evaluation_split(stage)]
         texts = [caption for image in images for caption in image.captions]
         owners = torch.tensor([i for i, image in enumerate(images) for _ in image.captions])

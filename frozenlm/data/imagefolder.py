@@ -12,7 +12,7 @@ from frozenlm.data.base import DatasetNotFoundError, ImageDataModule, Split
 class ImageFolderDataModule(ImageDataModule):
     """One folder of images per class, in a train and a val tree (torchvision's ImageFolder convention).
 
-    On disk::
+    On disk:
 
         root/train/<class>/*.JPEG
         root/val/<class>/*.JPEG     the same class folders as train/
@@ -41,7 +41,7 @@ class ImageFolderDataModule(ImageDataModule):
         self.num_classes = len(self.classes)
 
     def class_folders(self, split: str) -> list[str]:
-        """The sorted class folder names of ``split``."""
+        """The sorted class folder names of `split`."""
         folder = self.root / split
         try:
             return find_classes(folder)[0]

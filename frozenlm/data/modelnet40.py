@@ -1,4 +1,4 @@
-"""ModelNet40 (Wu et al., CVPR 2015), as Point-BERT reads it: ``modelnet40_normal_resampled``."""
+"""ModelNet40 (Wu et al., CVPR 2015), as Point-BERT reads it: `modelnet40_normal_resampled`."""
 
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ DOWNLOAD_HINT = (
 
 
 def read_shape(path: Path) -> np.ndarray:
-    """One shape's ``x,y,z,nx,ny,nz`` rows -> float32 ``[N, 3]`` coordinates; a malformed file (a token
+    """One shape's `x,y,z,nx,ny,nz` rows -> float32 `[N, 3]` coordinates; a malformed file (a token
     that is not a number, rows not of 6 values, NaN or infinite coordinates) raises
-    :class:`DatasetFileError` naming the file and line."""
+    `DatasetFileError` naming the file and line."""
     text = path.read_text()
     try:
         values = np.array(text.replace(",", " ").split(), dtype=np.float32)
@@ -57,14 +57,14 @@ def read_shape(path: Path) -> np.ndarray:
 
 
 def normalize(points: np.ndarray) -> np.ndarray:
-    """Centred on the mean and scaled into the unit sphere (Point-BERT's ``pc_normalize``)."""
+    """Centred on the mean and scaled into the unit sphere (Point-BERT's `pc_normalize`)."""
     points = points - points.mean(axis=0)
     return points / np.sqrt((points**2).sum(axis=1)).max()
 
 
 class _ShapeFiles(Dataset):
     """Shapes read, FPS-resampled and normalised in loader workers, to build the cache; a damaged file's
-    :class:`DatasetFileError` is returned, not raised, so the main process raises it as it is."""
+    `DatasetFileError` is returned, not raised, so the main process raises it as it is."""
 
     def __init__(self, paths: list[Path], count: int) -> None:
         self.paths, self.count = paths, count
@@ -88,7 +88,7 @@ class _ShapeFiles(Dataset):
 
 
 class CachedSplit(NamedTuple):
-    """A split as its cache holds it; ``sources`` stamps each shape's file (:func:`source_stamp`)."""
+    """A split as its cache holds it; `sources` stamps each shape's file (`source_stamp`)."""
 
     points: Tensor
     labels: list[int]
@@ -97,33 +97,33 @@ class CachedSplit(NamedTuple):
 
 
 class ModelNet40DataModule(PointCloudDataModule):
-    """ModelNet40 in the ``modelnet40_normal_resampled`` layout: 9,843 training and 2,468 test CAD
+    """ModelNet40 in the `modelnet40_normal_resampled` layout: 9,843 training and 2,468 test CAD
     shapes of 40 classes, 10,000 points each.
 
-    On disk::
+    On disk:
 
         root/modelnet40_shape_names.txt        40 class names, one a line (the class order)
         root/modelnet40_{train,test}.txt       shape ids, e.g. night_stand_0001 (class: all but the last `_` part)
         root/<class>/<id>.txt                  10,000 rows `x,y,z,nx,ny,nz` (normals unused)
 
-    As Point-BERT, each shape is farthest-point-sampled once to ``cache_points`` (8,192) points and
-    normalised into the unit sphere; the result is cached as ``modelnet40_<split>_<cache_points>pts_kernelfps
-    .safetensors`` in ``cache_dir`` (default: root), built with a progress bar on first use. The cache
+    As Point-BERT, each shape is farthest-point-sampled once to `cache_points` (8,192) points and
+    normalised into the unit sphere; the result is cached as `modelnet40_<split>_<cache_points>pts_kernelfps
+    .safetensors` in `cache_dir` (default: root), built with a progress bar on first use. The cache
     stamps each shape with its file's size and modification time: a shape file replaced or repaired
     since is resampled, a damaged cache rebuilt (both said in one line). A malformed shape file (a
     token that is not a number, NaN or infinite coordinates), an empty listing or a class not in
-    ``modelnet40_shape_names.txt`` stops with :class:`~frozenlm.data.base.DatasetFileError` naming the
+    `modelnet40_shape_names.txt` stops with `DatasetFileError` naming the
     file and line. Point-BERT's
-    widely shared ``*_fps.dat`` caches are pickles, which can run code when loaded: they are refused
-    unless ``trust_pickled_cache`` is set. Ids are the shape ids.
+    widely shared `*_fps.dat` caches are pickles, which can run code when loaded: they are refused
+    unless `trust_pickled_cache` is set. Ids are the shape ids.
 
     Args:
-        root: the ``modelnet40_normal_resampled`` folder.
-        cache_points: points per shape in the cache (at least ``num_points``).
+        root: the `modelnet40_normal_resampled` folder.
+        cache_points: points per shape in the cache (at least `num_points`).
         cache_dir: where the cache is written; default root.
-        trust_pickled_cache: read Point-BERT's pickled ``modelnet40_<split>_8192pts_fps.dat`` when no
+        trust_pickled_cache: read Point-BERT's pickled `modelnet40_<split>_8192pts_fps.dat` when no
             shape files are there (only for files you trust).
-        Others: see :class:`frozenlm.data.pointcloud.PointCloudDataModule` (``num_points`` 1,024,
+        Others: see [`PointCloudDataModule`][frozenlm.data.pointcloud.PointCloudDataModule] (`num_points` 1,024,
             4,096 or 8,192 in the paper).
     """
 
@@ -148,8 +148,8 @@ class ModelNet40DataModule(PointCloudDataModule):
         self.num_classes = len(self.classes)
 
     def cache_path(self, split: str) -> Path:
-        """Where the sampled clouds of ``split`` are cached. ``kernelfps``: sampled by the pointnet2 kernel's
-        rule (:func:`~frozenlm.models.point_ops.farthest_point_sample`); the ``*pts_fps.safetensors``
+        """Where the sampled clouds of `split` are cached. `kernelfps`: sampled by the pointnet2 kernel's
+        rule (`farthest_point_sample`); the `*pts_fps.safetensors`
         caches of frozenlm before it followed that rule (it could select points with |p|^2 <= 1e-3, and
         broke ties differently) are not read."""
         return self.cache_dir / f"modelnet40_{split}_{self.cache_points}pts_kernelfps.safetensors"
@@ -200,7 +200,7 @@ class ModelNet40DataModule(PointCloudDataModule):
         return CachedSplit(tensors["points"], tensors["labels"].tolist(), ids, sources)
 
     def shapes(self, split: str) -> tuple[list[str], list[Path], list[int]]:
-        """``(ids, shape files, labels)`` of ``modelnet40_<split>.txt``."""
+        """`(ids, shape files, labels)` of `modelnet40_<split>.txt`."""
         listing = self.root / f"modelnet40_{split}.txt"
         if not listing.is_file():
             raise DatasetNotFoundError(f"ModelNet40DataModule: no {listing}. {DOWNLOAD_HINT}")
@@ -223,7 +223,7 @@ class ModelNet40DataModule(PointCloudDataModule):
         self, split: str, paths: list[Path], labels: list[int], ids: list[str], sources: list[str],
         cached: CachedSplit | None = None,
     ) -> None:  # fmt: skip
-        """FPS-resample the shapes of ``split`` whose files changed since ``cached`` (all without one) and
+        """FPS-resample the shapes of `split` whose files changed since `cached` (all without one) and
         write the cache atomically."""
         previous = {key: row for row, key in enumerate(zip(cached.ids, cached.sources))} if cached else {}
         rows = [previous.get(key) for key in zip(ids, sources)]  # the cached row of each unchanged shape

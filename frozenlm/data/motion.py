@@ -5,19 +5,19 @@ Each scene is read once (by the dataset's reader, in loader worker processes, wi
 turned into VectorNet's vectors in the focal agent's frame (origin at its last observed position, its
 heading along +x) and written as one safetensors file in a cache folder named after the
 preprocessing parameters, keyed to the files it was read from (their sizes and modification times):
-``<scenario_id>.<key>.safetensors``. An entry whose files are unchanged is never
+`<scenario_id>.<key>.safetensors`. An entry whose files are unchanged is never
 redone, so a killed preprocessing run resumes; a scene whose file was replaced or repaired is read
 again. A scene that cannot be used (unreadable file, no focal track, NaN positions, too few observed
-steps, incomplete future, non-finite map points) gets a ``<scenario_id>.<key>.skipped`` file with the
+steps, incomplete future, non-finite map points) gets a `<scenario_id>.<key>.skipped` file with the
 reason instead: counted, reported once, never trained on, and retried once its files change. More
-than ``max_skipped_fraction`` of a split skipped stops the run (:class:`TooManySkippedScenesError`); a
+than `max_skipped_fraction` of a split skipped stops the run (`TooManySkippedScenesError`); a
 damaged file that every scene needs (a city's map) stops it at once, named.
 
-Vectors are ``[x_start, y_start, x_end, y_end, a1, a2, a3, a4, is_agent, is_centreline, is_boundary,
-is_crosswalk]``: for agents, between consecutive observed positions, with ``a = (timestep / history,
-is_focal, is_vehicle, is_vulnerable)``; for map polylines, between consecutive points, with the dataset's
+Vectors are `[x_start, y_start, x_end, y_end, a1, a2, a3, a4, is_agent, is_centreline, is_boundary,
+is_crosswalk]`: for agents, between consecutive observed positions, with `a = (timestep / history,
+is_focal, is_vehicle, is_vulnerable)`; for map polylines, between consecutive points, with the dataset's
 four lane attributes (a lane's boundaries carry its lane's; crosswalks none). A batch keeps agents and
-map polylines apart, each padded to its own longest polyline (agents: ``history - 1`` vectors; map
+map polylines apart, each padded to its own longest polyline (agents: `history - 1` vectors; map
 polylines: 9), so that padding stays a small part of the vectors VectorNet's subgraph runs over.
 """
 
@@ -56,18 +56,18 @@ class UnusableSceneError(ValueError):
 
 
 class TooManySkippedScenesError(DatasetError):
-    """More of a split's scenes were unusable than the datamodule's ``max_skipped_fraction``."""
+    """More of a split's scenes were unusable than the datamodule's `max_skipped_fraction`."""
 
 
 @dataclass
 class Scene:
     """One scenario as read from disk, in world coordinates.
 
-    ``agent_positions [A, history, 2]`` (NaN where unobserved) has the focal agent first;
-    ``agent_kinds [A]`` is 0 vehicle, 1 vulnerable road user, 2 other; ``future [horizon, 2]`` is the
-    focal agent's (None in a test split); ``map_polylines`` are ``[P, 2]`` points with
-    ``map_attributes [M, 4]`` and ``map_kinds [M]`` (indices into :data:`MAP_KINDS`; None: all
-    centrelines); ``focal_heading`` (radians) when the dataset records it, else it is taken from the
+    `agent_positions [A, history, 2]` (NaN where unobserved) has the focal agent first;
+    `agent_kinds [A]` is 0 vehicle, 1 vulnerable road user, 2 other; `future [horizon, 2]` is the
+    focal agent's (None in a test split); `map_polylines` are `[P, 2]` points with
+    `map_attributes [M, 4]` and `map_kinds [M]` (indices into `MAP_KINDS`; None: all
+    centrelines); `focal_heading` (radians) when the dataset records it, else it is taken from the
     focal agent's last motion.
     """
 
@@ -83,7 +83,7 @@ class Scene:
 
 
 def resample(points: np.ndarray, count: int = MAP_POINTS) -> np.ndarray:
-    """``count`` points evenly spaced by arc length along a polyline ``[P, 2]``."""
+    """`count` points evenly spaced by arc length along a polyline `[P, 2]`."""
     lengths = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))])
     targets = np.linspace(0.0, lengths[-1], count)
     return np.stack([np.interp(targets, lengths, points[:, i]) for i in range(2)], axis=1)
@@ -158,7 +158,7 @@ def _motion_heading(observed: np.ndarray) -> float:
 
 
 def _pad(polylines: list[np.ndarray], length: int) -> Tensor:
-    """Polylines of vectors ``[V_i, 10]`` -> ``[N, length, 11]``, the last channel 1 for real vectors."""
+    """Polylines of vectors `[V_i, 10]` -> `[N, length, 11]`, the last channel 1 for real vectors."""
     out = np.zeros((len(polylines), length, VECTOR_DIM + 1), dtype=np.float32)
     for i, vectors in enumerate(polylines):
         out[i, : len(vectors), :VECTOR_DIM] = vectors[:length]
@@ -168,9 +168,9 @@ def _pad(polylines: list[np.ndarray], length: int) -> Tensor:
 
 def collate_scenes(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Scenes of different agent, map-polyline and vector counts padded into one batch, agents and map
-    polylines apart, each to its own longest polyline: ``agent_vectors [B, A, Va, 12]`` (the focal agent
-    first) with ``agent_mask [B, A, Va]``, ``map_vectors [B, M, Vm, 12]`` with ``map_mask [B, M, Vm]``,
-    and ``polyline_mask [B, A + M]`` (True for a real polyline: the tokens' order, agents first)."""
+    polylines apart, each to its own longest polyline: `agent_vectors [B, A, Va, 12]` (the focal agent
+    first) with `agent_mask [B, A, Va]`, `map_vectors [B, M, Vm, 12]` with `map_mask [B, M, Vm]`,
+    and `polyline_mask [B, A + M]` (True for a real polyline: the tokens' order, agents first)."""
     batch: dict[str, Any] = {}
     for group in ("agent", "map"):
         tensors = [s[f"{group}_vectors"] for s in samples]
@@ -212,7 +212,7 @@ class CachedScenes(Dataset):
 
 class _Preprocess(Dataset):
     """Reads, vectorises and caches one scene per item, in loader workers; returns its status, or the
-    :class:`DatasetFileError` of a damaged file every scene needs (raised by the main process)."""
+    `DatasetFileError` of a damaged file every scene needs (raised by the main process)."""
 
     def __init__(self, module: MotionDataModule, split: str, sources: list[tuple[Path, str]], folder: Path) -> None:
         self.module, self.split, self.sources, self.folder = module, split, sources, folder
@@ -239,19 +239,19 @@ class _Preprocess(Dataset):
 
 
 class MotionDataModule(BaseDataModule):
-    """Base of the Argoverse datamodules: subclasses set ``history``, ``horizon``, ``splits`` (train, val,
-    test folder names) and ``test_split``, and implement ``scene_sources(split)`` (the scene files, sorted),
-    ``scene_id(source)`` and ``read_scene(source) -> Scene``.
+    """Base of the Argoverse datamodules: subclasses set `history`, `horizon`, `splits` (train, val,
+    test folder names) and `test_split`, and implement `scene_sources(split)` (the scene files, sorted),
+    `scene_id(source)` and `read_scene(source) -> Scene`.
 
     Args:
         root: the dataset folder.
-        cache_dir: where preprocessed scenes go (default ``root/frozenlm_cache``).
+        cache_dir: where preprocessed scenes go (default `root/frozenlm_cache`).
         radius: agents and map polylines within this many metres of the focal agent's last position are kept.
-        batch_size, num_workers, pin_memory: see :class:`frozenlm.data.base.BaseDataModule`
+        batch_size, num_workers, pin_memory: see `BaseDataModule`
             (workers also preprocess).
-        predict_split: the split ``predict`` runs on (``val`` or ``test``).
+        predict_split: the split `predict` runs on (`val` or `test`).
         max_skipped_fraction: the largest fraction of a split's scenes that may be unusable (skipped,
-            named in ``*.skipped`` files) before the run stops; 0 stops at the first.
+            named in `*.skipped` files) before the run stops; 0 stops at the first.
     """
 
     history: int
@@ -286,19 +286,19 @@ class MotionDataModule(BaseDataModule):
         self.skipped: dict[str, list[str]] = {}
 
     def scene_sources(self, split: str) -> list[Path]:
-        """The files of ``split``, one per scene, in the dataset's own layout."""
+        """The files of `split`, one per scene, in the dataset's own layout."""
         raise NotImplementedError
 
     def scene_id(self, source: Path) -> str:
-        """The id of the scene ``source`` holds."""
+        """The id of the scene `source` holds."""
         raise NotImplementedError
 
     def read_scene(self, source: Path) -> Scene:
-        """The scene in ``source``, read and vectorised; raises ``UnusableSceneError`` for one that cannot be used."""
+        """The scene in `source`, read and vectorised; raises `UnusableSceneError` for one that cannot be used."""
         raise NotImplementedError
 
     def scene_files(self, source: Path) -> list[Path]:
-        """Every file ``read_scene(source)`` reads for this scene alone (shared files, such as a city's
+        """Every file `read_scene(source)` reads for this scene alone (shared files, such as a city's
         map, are not keyed: a damaged one stops the run)."""
         return [source]
 
@@ -318,7 +318,7 @@ class MotionDataModule(BaseDataModule):
         return self.cache_dir / f"{self.splits[split]}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
     def dataset(self, split: str) -> CachedScenes:
-        """The cached scenes of ``split`` (preprocessed first where the cache lacks them)."""
+        """The cached scenes of `split` (preprocessed first where the cache lacks them)."""
         if split not in self.datasets:
             folder = self.cache_folder(split)
             folder.mkdir(parents=True, exist_ok=True)
@@ -348,7 +348,7 @@ class MotionDataModule(BaseDataModule):
         return self.datasets[split]
 
     def _preprocess(self, split: str, todo: list[tuple[Path, str]], folder: Path, total: int, rank: int, world: int) -> None:
-        """Read, vectorise and cache the scenes ``todo`` (with their entry keys), in loader workers."""
+        """Read, vectorise and cache the scenes `todo` (with their entry keys), in loader workers."""
         if not todo:
             return
         where = f" (process {rank} of {world})" if world > 1 else ""
@@ -383,13 +383,13 @@ class MotionDataModule(BaseDataModule):
     collate_fn = staticmethod(collate_scenes)
 
     def prediction_file(self, path: Path) -> PredictionFile:
-        """Where ``predict`` writes: :class:`MotionPredictionsCSV` (``.csv``)."""
+        """Where `predict` writes: `MotionPredictionsCSV` (`.csv`)."""
         return MotionPredictionsCSV(path)
 
 
 class MotionPredictionsCSV(PredictionFile):
     """One CSV row per scene and mode: scenario_id, track_id, mode, probability, x and y (JSON lists of the
-    world-frame positions); written as batches finish. ``count`` is in scenes."""
+    world-frame positions); written as batches finish. `count` is in scenes."""
 
     suffixes = (".csv",)
 
@@ -412,7 +412,7 @@ class MotionPredictionsCSV(PredictionFile):
 
 
 def scene_predictions(batch: dict[str, Any]):
-    """``(scenario_id, track_id, trajectories [K, T, 2], probabilities [K])`` per scene of a predict batch."""
+    """`(scenario_id, track_id, trajectories [K, T, 2], probabilities [K])` per scene of a predict batch."""
     trajectories = batch["trajectories"].double().cpu().numpy()
     probabilities = batch["probabilities"].double().cpu().numpy()
     yield from zip(batch["scenario_id"], batch["track_id"], trajectories, probabilities)

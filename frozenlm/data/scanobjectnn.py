@@ -31,23 +31,23 @@ DOWNLOAD_HINT = (
 
 
 class ScanObjectNNDataModule(PointCloudDataModule):
-    """ScanObjectNN's official h5 files: objects with background (``obj_bg``, 2,309 / 581), without
-    (``obj_only``, same objects) and the perturbed ``hardest`` set (PB_T50_RS, 11,416 / 2,882).
+    """ScanObjectNN's official h5 files: objects with background (`obj_bg`, 2,309 / 581), without
+    (`obj_only`, same objects) and the perturbed `hardest` set (PB_T50_RS, 11,416 / 2,882).
 
-    On disk (the official ``h5_files`` download)::
+    On disk (the official `h5_files` download):
 
         root/main_split/training_objectdataset.h5                      obj_bg (and `hardest`:
         root/main_split/test_objectdataset.h5                          ..._augmentedrot_scale75.h5)
         root/main_split_nobg/{training,test}_objectdataset.h5          obj_only
 
-    Each file holds ``data`` float32 ``[N, 2048, 3]``, ``label`` ``[N]`` (0-14, in :data:`CLASSES`
-    order) and ``mask`` (the background points; not used, as in Point-BERT). The clouds are used as
-    stored (no re-centring). Ids are ``<variant>/<split>/<index>``. Needs ``h5py`` (extra ``pointcloud``).
+    Each file holds `data` float32 `[N, 2048, 3]`, `label` `[N]` (0-14, in `CLASSES`
+    order) and `mask` (the background points; not used, as in Point-BERT). The clouds are used as
+    stored (no re-centring). Ids are `<variant>/<split>/<index>`. Needs `h5py` (extra `pointcloud`).
 
     Args:
-        root: the folder holding ``main_split/`` and ``main_split_nobg/``.
-        variant: ``obj_bg``, ``obj_only`` or ``hardest``.
-        Others: see :class:`frozenlm.data.pointcloud.PointCloudDataModule`.
+        root: the folder holding `main_split/` and `main_split_nobg/`.
+        variant: `obj_bg`, `obj_only` or `hardest`.
+        Others: see [`PointCloudDataModule`][frozenlm.data.pointcloud.PointCloudDataModule].
     """
 
     classes = list(CLASSES)

@@ -32,7 +32,7 @@ DOWNLOAD_HINT = (
 
 
 def read_json(path: Path):
-    """A JSON annotation file; a damaged one raises :class:`DatasetFileError` naming it."""
+    """A JSON annotation file; a damaged one raises `DatasetFileError` naming it."""
     try:
         return json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -53,13 +53,13 @@ def class_name(template: str) -> str:
 
 
 class LabeledVideos(Dataset):
-    """A split's clips as ``{"video", "label", "id"}`` dicts, or :class:`Unreadable` for an unreadable video.
+    """A split's clips as `{"video", "label", "id"}` dicts, or `Unreadable` for an unreadable video.
 
-    ``video`` is ``[3, T, H, W]`` for ``views="train"`` (a segment-sampled, augmented clip; with
-    ``num_clips`` > 1 a list of that many dicts, each clip sampled and augmented anew, as VideoMAE's
-    ``num_sample``) and ``views="val"`` (the segment centres, centre crop), and ``[V, 3, T, H, W]`` with
-    ``V = num_clips x num_crops`` for ``views="test"``. An unreadable or missing file is dropped from
-    its batch and reported (see :class:`frozenlm.data.base.BaseDataModule`).
+    `video` is `[3, T, H, W]` for `views="train"` (a segment-sampled, augmented clip; with
+    `num_clips` > 1 a list of that many dicts, each clip sampled and augmented anew, as VideoMAE's
+    `num_sample`) and `views="val"` (the segment centres, centre crop), and `[V, 3, T, H, W]` with
+    `V = num_clips x num_crops` for `views="test"`. An unreadable or missing file is dropped from
+    its batch and reported (see `BaseDataModule`).
     """
 
     def __init__(
@@ -96,7 +96,7 @@ class LabeledVideos(Dataset):
 class SSv2DataModule(ClassificationDataModule):
     """Something-Something-v2 in its official layout, VideoMAE's fine-tuning data pipeline.
 
-    On disk (as the official download extracts)::
+    On disk (as the official download extracts):
 
         root/20bn-something-something-v2/<id>.webm    (root/videos/<id>.webm is accepted too)
         root/labels/labels.json        {"Approaching something with your camera": "0", ...}
@@ -105,22 +105,22 @@ class SSv2DataModule(ClassificationDataModule):
 
     The class of an annotation is its template with the brackets removed, looked up in labels.json.
     The validation split (24,777 videos) is the val, test and predict split: test.json has no labels.
-    Videos are decoded with PyAV (see :mod:`frozenlm.data.video_transforms`).
+    Videos are decoded with PyAV (see `video_transforms`).
 
-    Batches: ``{"video", "label", "id", "unreadable"}``; ``video`` is ``[B, 3, T, H, W]`` for train
-    (``B = batch_size x train_clips``) and val (one clip, val = segment centres, centre crop) and
-    ``[B, V, 3, T, H, W]`` for test and predict with ``V = test_clips x test_crops`` views; ``unreadable`` names the videos dropped from the batch.
+    Batches: `{"video", "label", "id", "unreadable"}`; `video` is `[B, 3, T, H, W]` for train
+    (`B = batch_size x train_clips`) and val (one clip, val = segment centres, centre crop) and
+    `[B, V, 3, T, H, W]` for test and predict with `V = test_clips x test_crops` views; `unreadable` names the videos dropped from the batch.
 
     Args:
         root: dataset directory (see above).
         batch_size: videos per batch in each process.
         num_workers, pin_memory, max_unreadable_fraction: see
-            :class:`frozenlm.data.base.BaseDataModule`.
+            `BaseDataModule`.
         num_frames: frames per clip, one per temporal segment (VideoMAE: 16).
         img_size: side of the square clips.
         train_clips: differently sampled and augmented clips of each training video in a batch, which
-            then holds ``batch_size x train_clips`` clips (VideoMAE's ``num_sample``: 2 on SSv2; its lr
-            scaling counts videos, and so does ``lr_reference_batch`` here).
+            then holds `batch_size x train_clips` clips (VideoMAE's `num_sample`: 2 on SSv2; its lr
+            scaling counts videos, and so does `lr_reference_batch` here).
         test_clips: temporal clips per test video (VideoMAE on SSv2: 2).
         test_crops: spatial crops per test clip (VideoMAE: 3).
         auto_augment: timm RandAugment recipe applied identically to the frames of a clip; None = off.

@@ -5,7 +5,7 @@ as a wheel (torchvision's video reading is deprecated; torchcodec needs a system
 header reports no frame count, so videos are decoded whole (SSv2 clips are 2-6 s at 12 fps) and
 only the sampled frames are converted to arrays.
 
-Clips are uint8 ``[T, 3, H, W]`` tensors until normalisation; the model receives ``[3, T, H, W]``.
+Clips are uint8 `[T, 3, H, W]` tensors until normalisation; the model receives `[3, T, H, W]`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class UnreadableVideoError(OSError):
 
 
 def decode_frames(path: str | Path) -> list[av.VideoFrame]:
-    """Every frame of the first video stream of ``path``; :class:`UnreadableVideoError` if there is none."""
+    """Every frame of the first video stream of `path`; `UnreadableVideoError` if there is none."""
     try:
         import av  # the optional `video` extra; imported here so image-only installs never need it
     except ImportError as error:
@@ -53,23 +53,23 @@ def decode_frames(path: str | Path) -> list[av.VideoFrame]:
 
 
 def read_clip(frames: Sequence[av.VideoFrame], indices: Sequence[int]) -> torch.Tensor:
-    """The frames at ``indices`` as a uint8 ``[T, 3, H, W]`` tensor."""
+    """The frames at `indices` as a uint8 `[T, 3, H, W]` tensor."""
     arrays = [frames[i].to_ndarray(format="rgb24") for i in indices]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
 def segment_indices(length: int, num_segments: int) -> np.ndarray:
-    """Training sampling (TSN, as VideoMAE on SSv2): the video is cut into ``num_segments`` equal
+    """Training sampling (TSN, as VideoMAE on SSv2): the video is cut into `num_segments` equal
     segments and one frame is drawn uniformly from each, so a clip spans the whole action. Videos
-    shorter than ``num_segments`` repeat frames."""
+    shorter than `num_segments` repeat frames."""
     edges = np.linspace(0, length, num_segments + 1)
     positions = edges[:-1] + np.random.random(num_segments) * np.diff(edges)
     return np.minimum(positions.astype(int), length - 1)
 
 
 def uniform_clip_indices(length: int, num_segments: int, num_clips: int) -> list[np.ndarray]:
-    """Evaluation sampling: ``num_clips`` deterministic clips over the same segments; clip ``k`` takes
-    the frame at fraction ``(k + 0.5) / num_clips`` of every segment (one clip: the segment centres)."""
+    """Evaluation sampling: `num_clips` deterministic clips over the same segments; clip `k` takes
+    the frame at fraction `(k + 0.5) / num_clips` of every segment (one clip: the segment centres)."""
     edges = np.linspace(0, length, num_segments + 1)
     return [
         np.minimum((edges[:-1] + (k + 0.5) / num_clips * np.diff(edges)).astype(int), length - 1)
@@ -81,7 +81,7 @@ class VideoTrainTransform:
     """Training augmentation of one clip, the same for every frame: random resized crop, horizontal
     flip, timm's RandAugment, normalisation, then timm's random erasing per frame (as VideoMAE).
 
-    RandAugment draws its ops and magnitudes from Python's ``random`` and NumPy; a seed drawn once per
+    RandAugment draws its ops and magnitudes from Python's `random` and NumPy; a seed drawn once per
     clip is set before each frame (and the generators restored afterwards), so every frame gets the
     identical ops and the clip stays temporally consistent.
     """
@@ -129,9 +129,9 @@ class VideoTrainTransform:
 
 
 class VideoEvalTransform:
-    """Evaluation views of one clip: the short side resized to ``img_size``, then ``num_crops`` square
+    """Evaluation views of one clip: the short side resized to `img_size`, then `num_crops` square
     crops spread along the long side (1: centre; 3: both ends and the centre, VideoMAE's test crops).
-    Returns ``[num_crops, 3, T, H, W]``."""
+    Returns `[num_crops, 3, T, H, W]`."""
 
     def __init__(
         self,

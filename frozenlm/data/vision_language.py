@@ -26,7 +26,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def clip_transform(img_size: int, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD):
-    """METER's ``clip`` transform: bicubic resize of the short side, centre crop, CLIP normalisation."""
+    """METER's `clip` transform: bicubic resize of the short side, centre crop, CLIP normalisation."""
     return transforms.Compose([
         transforms.Resize(img_size, interpolation=InterpolationMode.BICUBIC),
         transforms.CenterCrop(img_size),
@@ -36,7 +36,7 @@ def clip_transform(img_size: int, mean: tuple[float, ...] = CLIP_MEAN, std: tupl
 
 
 def read_image(path: Path, transform) -> torch.Tensor | Unreadable:
-    """The transformed image, or :class:`Unreadable` when the file cannot be decoded."""
+    """The transformed image, or `Unreadable` when the file cannot be decoded."""
     try:
         image = to_rgb(path)
     except DECODE_ERRORS as error:
@@ -45,7 +45,7 @@ def read_image(path: Path, transform) -> torch.Tensor | Unreadable:
 
 
 def read_json(path: Path, hint: str) -> Any:
-    """A JSON annotation file; a missing or damaged one raises an error naming it and ``hint``."""
+    """A JSON annotation file; a missing or damaged one raises an error naming it and `hint`."""
     if not path.is_file():
         raise DatasetNotFoundError(f"Missing {path}. {hint}")
     try:
@@ -56,7 +56,7 @@ def read_json(path: Path, hint: str) -> Any:
 
 def collate_samples(samples: list[dict | Unreadable]) -> dict[str, Any]:
     """A batch of the readable samples: tensors stacked, numbers and flags as tensors, everything else (texts, lists
-    of answers) as lists; ``unreadable`` names the dropped files as ``"path (reason)"`` (None, the padding
+    of answers) as lists; `unreadable` names the dropped files as `"path (reason)"` (None, the padding
     repeat of an unreadable sample under DDP, is dropped uncounted)."""
     samples = [s for s in samples if s is not None]
     kept = [s for s in samples if not isinstance(s, Unreadable)]
@@ -73,9 +73,9 @@ def collate_samples(samples: list[dict | Unreadable]) -> dict[str, Any]:
 
 
 class VisionLanguageDataModule(BaseDataModule):
-    """Loader settings of :class:`~frozenlm.data.base.BaseDataModule` (per-process batches,
+    """Loader settings of `BaseDataModule` (per-process batches,
     workers, unreadable images dropped and counted, exact evaluation under DDP) with
-    :func:`collate_samples` batches. Subclasses implement the four ``*_dataloader`` methods."""
+    `collate_samples` batches. Subclasses implement the four `*_dataloader` methods."""
 
     collate_fn = staticmethod(collate_samples)
 

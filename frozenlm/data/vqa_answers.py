@@ -1,5 +1,5 @@
-"""VQA answer normalisation, exactly as the VQA challenge's evaluation script does it (``processPunctuation``,
-``processDigitArticle``), and METER's answer vocabulary built with METER's ``normalize_word`` (the same two
+"""VQA answer normalisation, exactly as the VQA challenge's evaluation script does it (`processPunctuation`,
+`processDigitArticle`), and METER's answer vocabulary built with METER's `normalize_word` (the same two
 steps without the script's stripping of the text first)."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ CONTRACTIONS = _contractions()
 
 
 def normalize_punctuation(text: str) -> str:
-    """The script's ``processPunctuation``: punctuation next to a space (or any, in a text with a comma between
+    """The script's `processPunctuation`: punctuation next to a space (or any, in a text with a comma between
     digits) is deleted, otherwise replaced by a space; periods not before a digit are deleted."""
     out = text
     drop = DIGIT_COMMA.search(text) is not None
@@ -55,7 +55,7 @@ def normalize_punctuation(text: str) -> str:
 
 
 def normalize_words(text: str) -> str:
-    """The script's ``processDigitArticle``: lower case, number words to digits, articles dropped,
+    """The script's `processDigitArticle`: lower case, number words to digits, articles dropped,
     contractions restored."""
     words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
@@ -67,16 +67,16 @@ def normalize_answer(text: str) -> str:
 
 
 def normalize_word(text: str) -> str:
-    """METER's ``normalize_word`` (zdou0830/METER ``meter/utils/glossary.py`` line 168), which builds its answer
-    vocabulary: :func:`normalize_punctuation` then :func:`normalize_words` on the text as given (unlike
-    :func:`normalize_answer`, no newline replacement or strip first). Its tables (punctuation, number words,
-    articles, contractions) are the evaluation script's; its final ``replace(",", "")`` finds no comma left."""
+    """METER's `normalize_word` (zdou0830/METER `meter/utils/glossary.py` line 168), which builds its answer
+    vocabulary: `normalize_punctuation` then `normalize_words` on the text as given (unlike
+    `normalize_answer`, no newline replacement or strip first). Its tables (punctuation, number words,
+    articles, contractions) are the evaluation script's; its final `replace(",", "")` finds no comma left."""
     return normalize_words(normalize_punctuation(text)).replace(",", "")
 
 
 def answer_vocabulary(main_answers: Iterable[str], min_count: int) -> list[str]:
-    """METER's answer vocabulary (``meter/utils/write_vqa.py`` ``make_arrow``): each question's
-    ``multiple_choice_answer`` through :func:`normalize_word`, kept when at least ``min_count`` questions
+    """METER's answer vocabulary (`meter/utils/write_vqa.py` `make_arrow`): each question's
+    `multiple_choice_answer` through `normalize_word`, kept when at least `min_count` questions
     give it (METER: 9 over train2014 + val2014, 3,129 answers). Ordered most frequent first, ties
     alphabetical (METER keeps first appearance: the order only numbers the head's outputs)."""
     counts = Counter(normalize_word(answer) for answer in main_answers)

@@ -48,7 +48,7 @@ def image_path(root: Path, split: str, image_id: int) -> Path:
 
 
 def soft_score(count: int) -> float:
-    """METER's (and VQA's usual) target for an answer ``count`` of the ten annotators gave: 0.3 per
+    """METER's (and VQA's usual) target for an answer `count` of the ten annotators gave: 0.3 per
     annotator, 1 from four on (0.3 / 0.6 / 0.9 / 1.0)."""
     return min(1.0, 0.3 * count) if count < 4 else 1.0
 
@@ -62,8 +62,8 @@ class Question(NamedTuple):
 
 
 class VQASamples(Dataset):
-    """``{"image", "question", "question_id", "targets" [num_answers], "answers", "answer_type"}`` per
-    question, or :class:`~frozenlm.data.base.Unreadable` for an image that cannot be decoded."""
+    """`{"image", "question", "question_id", "targets" [num_answers], "answers", "answer_type"}` per
+    question, or `Unreadable` for an image that cannot be decoded."""
 
     def __init__(self, questions: list[Question], answer_index: dict[str, int], transform) -> None:
         self.questions, self.answer_index, self.transform = questions, answer_index, transform
@@ -91,42 +91,42 @@ class VQASamples(Dataset):
 class VQAv2DataModule(VisionLanguageDataModule):
     """VQAv2 in its official layout, METER's fine-tuning data.
 
-    On disk (the official zips and COCO's image folders, extracted into one folder)::
+    On disk (the official zips and COCO's image folders, extracted into one folder):
 
         root/v2_OpenEnded_mscoco_{train2014,val2014,test-dev2015,test2015}_questions.json
         root/v2_mscoco_{train2014,val2014}_annotations.json
         root/train2014/COCO_train2014_<12-digit image id>.jpg, root/val2014/..., root/test2015/...
 
-    The answer vocabulary is built as METER builds it (``meter/utils/write_vqa.py``): every
-    ``multiple_choice_answer`` of the ``answer_splits`` (METER: train2014 and val2014, whatever the training
-    splits), through METER's ``normalize_word``, given by at least ``min_answer_count`` questions (METER:
-    9, giving 3,129); it is cached in ``cache_dir`` and rebuilt when an annotation file changes. A
+    The answer vocabulary is built as METER builds it (`meter/utils/write_vqa.py`): every
+    `multiple_choice_answer` of the `answer_splits` (METER: train2014 and val2014, whatever the training
+    splits), through METER's `normalize_word`, given by at least `min_answer_count` questions (METER:
+    9, giving 3,129); it is cached in `cache_dir` and rebuilt when an annotation file changes. A
     question's target is METER's soft score per vocabulary answer: the human answers counted as written
     (not normalised), 0.3 per annotator who gave it, 1 from four on. Training questions none of whose human
     answers is in the vocabulary are left out, as METER leaves them out (counted and said once);
     evaluation keeps every question. Only the splits a stage needs are read (fit reads the training
     annotations; predict on test-dev reads test-dev questions only), but the vocabulary always needs the
-    training annotations: the answer head's size is linked to it (``num_classes``).
+    training annotations: the answer head's size is linked to it (`num_classes`).
 
-    Batches: ``{"image" [B, 3, S, S], "question" [str], "question_id" [B], "targets" [B, num_classes],
-    "answers" [[str] * 10], "answer_type" [str], "unreadable"}``. An image that cannot be decoded drops its
-    question from the batch and is counted (see :class:`frozenlm.data.base.BaseDataModule`).
+    Batches: `{"image" [B, 3, S, S], "question" [str], "question_id" [B], "targets" [B, num_classes],
+    "answers" [[str] * 10], "answer_type" [str], "unreadable"}`. An image that cannot be decoded drops its
+    question from the batch and is counted (see `BaseDataModule`).
 
     Args:
         root: dataset folder (see above).
         batch_size: questions per batch in each process.
         img_size: image side (METER's VQA recipe: 576).
-        train_splits: annotated splits to train on (METER: train2014 and val2014, minus ``holdout``).
+        train_splits: annotated splits to train on (METER: train2014 and val2014, minus `holdout`).
         val_split: the annotated split validation and test score.
-        holdout: when ``val_split`` is also a training split, this many of its images, with all their
+        holdout: when `val_split` is also a training split, this many of its images, with all their
             questions, are held out of training and are the validation split (METER holds out 1,000 val2014
-            images, its ``rest_val``, drawn at random; here the last by image id, so the split is fixed).
-        predict_split: the split ``predict`` answers (``test-dev2015`` for a test-dev submission).
+            images, its `rest_val`, drawn at random; here the last by image id, so the split is fixed).
+        predict_split: the split `predict` answers (`test-dev2015` for a test-dev submission).
         min_answer_count: answers given as the main answer of fewer questions are left out.
         answer_splits: the annotated splits whose main answers make the vocabulary (METER: both).
-        cache_dir: where the answer vocabulary is cached (default ``root/frozenlm_cache``).
+        cache_dir: where the answer vocabulary is cached (default `root/frozenlm_cache`).
         num_workers, pin_memory, max_unreadable_fraction: see
-            :class:`frozenlm.data.base.BaseDataModule`.
+            `BaseDataModule`.
         mean, std: image normalisation (CLIP's).
     """
 
@@ -204,7 +204,7 @@ class VQAv2DataModule(VisionLanguageDataModule):
         return answers
 
     def questions(self, split: str) -> list[Question]:
-        """The questions of ``split`` in question-id order, with their human answers when annotated."""
+        """The questions of `split` in question-id order, with their human answers when annotated."""
         if split in self._questions:
             return self._questions[split]
         path = self.root / question_file(split)
@@ -239,7 +239,7 @@ class VQAv2DataModule(VisionLanguageDataModule):
         return questions
 
     def split_questions(self, stage: str) -> list[Question]:
-        """The questions ``stage`` ("train", "val", "predict") uses, with the holdout applied."""
+        """The questions `stage` ("train", "val", "predict") uses, with the holdout applied."""
         if stage == "predict":
             return self.questions(self.predict_split)
         held = self.holdout if self.val_split in self.train_splits else 0
@@ -260,7 +260,7 @@ class VQAv2DataModule(VisionLanguageDataModule):
 
     # -- loaders -----------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        """Reads (and so checks) every file ``stage`` needs before its first batch, and refuses an empty split:
+        """Reads (and so checks) every file `stage` needs before its first batch, and refuses an empty split:
         a malformed annotation stops the run here, never in the middle of an epoch, and an empty validation
         split cannot train unvalidated (no best checkpoint would ever be written)."""
         roles = {"fit": ("train", "val"), "validate": ("val",), "test": ("val",), "predict": ("predict",)}
@@ -289,7 +289,7 @@ class VQAv2DataModule(VisionLanguageDataModule):
         )
 
     def dataset(self, stage: str) -> VQASamples:
-        """The samples ``stage`` ("train", "val", "predict") uses."""
+        """The samples `stage` ("train", "val", "predict") uses."""
         return VQASamples(self.split_questions(stage), self.answer_index, self.transform)
 
     def train_dataloader(self) -> DataLoader:
@@ -318,7 +318,7 @@ def _check_annotation(entry: Any, path: Path) -> None:
 
 
 def _typed(entry: Any, key: str, kind: type, path: Path, question_id: Any = None) -> Any:
-    """``entry[key]`` when it is a ``kind``; otherwise an error naming the file, the question and the fix."""
+    """`entry[key]` when it is a `kind`; otherwise an error naming the file, the question and the fix."""
     value = _field(entry, key, path)
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
@@ -332,7 +332,7 @@ def _typed(entry: Any, key: str, kind: type, path: Path, question_id: Any = None
 
 
 def _field(entry: Any, key: str, path: Path) -> Any:
-    """``entry[key]``; a malformed entry raises an error naming the file."""
+    """`entry[key]`; a malformed entry raises an error naming the file."""
     try:
         return entry[key]
     except (KeyError, TypeError, IndexError):
