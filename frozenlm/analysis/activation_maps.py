@@ -2,10 +2,10 @@
 
 Pang et al., "Frozen Transformers in Language Models Are Effective Visual Encoder Layers" (ICLR 2024)
 show that after the frozen LLM block the tokens of the object stand out. Two per-token maps are used
-on the patch tokens ``[B, N, C]`` (the caller strips CLS and other prefix tokens):
+on the patch tokens `[B, N, C]` (the caller strips CLS and other prefix tokens):
 
-* magnitude: ``||t_k - mean_j t_j||_2`` over channels;
-* frequency: ``||phi_k - mean_j phi_j||_2`` with ``phi_k = angle(FFT_channels(t_k))``.
+* magnitude: `||t_k - mean_j t_j||_2` over channels;
+* frequency: `||phi_k - mean_j phi_j||_2` with `phi_k = angle(FFT_channels(t_k))`.
 
 The maps are min-max normalised per image, laid on the patch grid, and scored against ground-truth
 masks by pseudo-mask IoU at the best threshold in {0.1, ..., 0.9}.
@@ -34,22 +34,22 @@ def _check_tokens(tokens: Tensor) -> Tensor:
 
 
 def magnitude_map(tokens: Tensor) -> Tensor:
-    """Magnitude map ``[B, N]``: ``||t_k - mean_j t_j||_2`` over channels (LM4VE, Pang et al., ICLR 2024)."""
+    """Magnitude map `[B, N]`: `||t_k - mean_j t_j||_2` over channels (LM4VE, Pang et al., ICLR 2024)."""
     tokens = _check_tokens(tokens)
     return (tokens - tokens.mean(dim=1, keepdim=True)).norm(dim=-1)
 
 
 def frequency_map(tokens: Tensor) -> Tensor:
-    """Frequency map ``[B, N]``: ``||phi_k - mean_j phi_j||_2``, ``phi_k = angle(FFT over channels of t_k)``.
+    """Frequency map `[B, N]`: `||phi_k - mean_j phi_j||_2`, `phi_k = angle(FFT over channels of t_k)`.
 
-    LM4VE (Pang et al., ICLR 2024); the phase angles lie in ``(-pi, pi]``.
+    LM4VE (Pang et al., ICLR 2024); the phase angles lie in `(-pi, pi]`.
     """
     phase = torch.fft.fft(_check_tokens(tokens), dim=-1).angle()
     return (phase - phase.mean(dim=1, keepdim=True)).norm(dim=-1)
 
 
 def minmax_normalize(maps: Tensor) -> Tensor:
-    """Min-max normalise each map (dim 0 indexes images) to ``[0, 1]``: ``(a - min) / (max - min)``.
+    """Min-max normalise each map (dim 0 indexes images) to `[0, 1]`: `(a - min) / (max - min)`.
 
     A constant map becomes all zeros.
     """
@@ -61,9 +61,9 @@ def minmax_normalize(maps: Tensor) -> Tensor:
 
 
 def to_patch_grid(maps: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
-    """Reshape per-token maps ``[B, N]`` to ``[B, h, w]`` in row-major patch order.
+    """Reshape per-token maps `[B, N]` to `[B, h, w]` in row-major patch order.
 
-    ``grid=None`` assumes a square grid and needs ``N`` to be a perfect square.
+    `grid=None` assumes a square grid and needs `N` to be a perfect square.
     """
     if maps.ndim != 2:
         raise ValueError(f"Expected per-token maps [B, N]; got {tuple(maps.shape)}.")
@@ -92,14 +92,14 @@ def pseudo_mask_iou(
     mask: Tensor,
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
 ) -> tuple[float, float]:
-    """Best IoU between the pseudo mask ``activation > t`` and ``mask`` over ``t`` in ``thresholds``.
+    """Best IoU between the pseudo mask `activation > t` and `mask` over `t` in `thresholds`.
 
-    LM4VE's pseudo-mask evaluation (Pang et al., ICLR 2024). ``activation [h, w]`` must lie in
-    ``[0, 1]`` (see ``minmax_normalize``); it is upsampled bilinearly to the size of ``mask [H, W]``
+    LM4VE's pseudo-mask evaluation (Pang et al., ICLR 2024). `activation [h, w]` must lie in
+    `[0, 1]` (see `minmax_normalize`); it is upsampled bilinearly to the size of `mask [H, W]`
     when the shapes differ. An empty mask matched by an empty pseudo mask scores 1.
 
     Returns:
-        ``(best_iou, best_threshold)``; ties go to the lowest threshold.
+        `(best_iou, best_threshold)`; ties go to the lowest threshold.
     """
     if activation.ndim != 2 or mask.ndim != 2:
         raise ValueError(f"Expected 2-D activation and mask; got {tuple(activation.shape)}, {tuple(mask.shape)}.")
@@ -116,9 +116,9 @@ def pseudo_mask_iou(
 
 
 def cls_attention_map(attn: Tensor, num_prefix_tokens: int = 1) -> Tensor:
-    """Attention from CLS (token 0) to the patch tokens, averaged over heads: ``[B, N - num_prefix_tokens]``.
+    """Attention from CLS (token 0) to the patch tokens, averaged over heads: `[B, N - num_prefix_tokens]`.
 
-    ``attn`` is ``[B, heads, N, N]`` with rows as queries (softmax over the last dim), as in ViT
+    `attn` is `[B, heads, N, N]` with rows as queries (softmax over the last dim), as in ViT
     (Dosovitskiy et al., ICLR 2021) attention maps; prefix tokens (CLS, distillation, registers) are
     dropped from the keys.
     """
@@ -148,11 +148,11 @@ def overlay(
     alpha: float = 0.5,
     cmap: str = "jet",
 ) -> Axes:
-    """Draw ``activation [h, w]`` (values in ``[0, 1]``), bilinearly upsampled, over ``image``.
+    """Draw `activation [h, w]` (values in `[0, 1]`), bilinearly upsampled, over `image`.
 
-    ``image`` is ``[3, H, W]`` or ``[H, W, 3]``; uint8 is shown as is, float images are min-max
-    stretched for display. Without ``ax`` a new ``matplotlib.figure.Figure`` is created (no pyplot,
-    so it works under any backend, Agg included); the figure is ``ax.figure``.
+    `image` is `[3, H, W]` or `[H, W, 3]`; uint8 is shown as is, float images are min-max
+    stretched for display. Without `ax` a new `matplotlib.figure.Figure` is created (no pyplot,
+    so it works under any backend, Agg included); the figure is `ax.figure`.
     """
     picture = _image_to_hwc(image)
     heat = _resize(torch.as_tensor(activation).detach().cpu(), picture.shape[:2]).numpy()

@@ -17,7 +17,7 @@ LOG_PREFIX = "grad_coherence"
 
 
 class _ProbeLossModule(nn.Module):
-    """Routes ``forward`` to ``probe_loss`` so that ``functional_call`` can swap the tensors it reads."""
+    """Routes `forward` to `probe_loss` so that `functional_call` can swap the tensors it reads."""
 
     def __init__(self, module: L.LightningModule) -> None:
         super().__init__()
@@ -28,11 +28,11 @@ class _ProbeLossModule(nn.Module):
 
 
 def parameter_group(name: str) -> str:
-    """Group of a parameter for ``parameters="per_block"``.
+    """Group of a parameter for `parameters="per_block"`.
 
-    The name up to its first numeric component, i.e. one block of a ``ModuleList``/``Sequential``
-    (``model.blocks.3.attn.qkv.weight`` -> ``model.blocks.3``); otherwise the module that owns it
-    (``model.head.weight`` -> ``model.head``); a parameter of the root module is its own group.
+    The name up to its first numeric component, i.e. one block of a `ModuleList`/`Sequential`
+    (`model.blocks.3.attn.qkv.weight` -> `model.blocks.3`); otherwise the module that owns it
+    (`model.head.weight` -> `model.head`); a parameter of the root module is its own group.
     """
     parts = name.split(".")
     for index, part in enumerate(parts):
@@ -42,46 +42,46 @@ def parameter_group(name: str) -> str:
 
 
 class GradientCoherenceCallback(L.Callback):
-    """Logs the gradient coherence of a fixed probe batch every ``every_n_steps`` optimizer steps.
+    """Logs the gradient coherence of a fixed probe batch every `every_n_steps` optimizer steps.
 
     GCR (Bai et al., "Frozen Language Models Are Gradient Coherence Rectifiers in Vision
     Transformers", AAAI 2025) attributes the gain of a frozen LLM block to more aligned per-sample
-    gradients. This callback measures that alignment on the first ``probe_size`` samples of the first
-    training batch (kept on the module's device) and writes to every logger, at ``trainer.global_step``:
+    gradients. This callback measures that alignment on the first `probe_size` samples of the first
+    training batch (kept on the module's device) and writes to every logger, at `trainer.global_step`:
 
-    * ``grad_coherence/m_coherence``: ``||sum_i g_i||^2 / sum_i ||g_i||^2`` (1 orthogonal .. m identical);
-    * ``grad_coherence/m_coherence_normalized``: the same divided by ``m`` (comparable across probe sizes);
-    * ``grad_coherence/mean_cosine``: mean of ``cos(g_i, g_j)`` over pairs ``i != j``.
+    * `grad_coherence/m_coherence`: `||sum_i g_i||^2 / sum_i ||g_i||^2` (1 orthogonal .. m identical);
+    * `grad_coherence/m_coherence_normalized`: the same divided by `m` (comparable across probe sizes);
+    * `grad_coherence/mean_cosine`: mean of `cos(g_i, g_j)` over pairs `i != j`.
 
-    With ``parameters="per_block"`` the same keys are also written per group (see ``parameter_group``)
-    as ``grad_coherence/<group>/<measure>``.
+    With `parameters="per_block"` the same keys are also written per group (see `parameter_group`)
+    as `grad_coherence/<group>/<measure>`.
 
     Measurements happen at step 0 (initial weights, before the first update) and after every
-    ``every_n_steps``-th update. Each one runs ``pl_module.probe_loss`` on the probe with every
+    `every_n_steps`-th update. Each one runs `pl_module.probe_loss` on the probe with every
     submodule in eval mode (dropout, drop-path and BatchNorm updates off; each submodule's own mode is
     restored after), outside the trainer's autocast (in the parameters' own dtype), through
-    ``torch.func.functional_call`` on detached parameters and buffers, so neither ``.grad`` fields nor
+    `torch.func.functional_call` on detached parameters and buffers, so neither `.grad` fields nor
     the optimizer state change.
 
-    Contract: the LightningModule defines ``probe_loss(batch: dict) -> Tensor``, the mean training
-    loss of a batch dict without mixup/cutmix, that is vmap-compatible (no ``.item()``, no
-    ``self.log``, no data-dependent Python control flow, no in-place updates of buffers). The
+    Contract: the LightningModule defines `probe_loss(batch: dict) -> Tensor`, the mean training
+    loss of a batch dict without mixup/cutmix, that is vmap-compatible (no `.item()`, no
+    `self.log`, no data-dependent Python control flow, no in-place updates of buffers). The
     probe keeps the tensor entries of the batch; other entries are dropped. The probe is not
     checkpointed: a resumed run takes a new one from its first batch.
 
-    Cost: one vmapped forward and backward of ``probe_size`` samples; memory peaks at about two copies
-    of the per-sample gradients (``2 * probe_size * P`` values) plus a float64 copy of each measured
-    slice. Bound it with ``probe_size``, a list of prefixes and ``max_params``. Only global rank 0
+    Cost: one vmapped forward and backward of `probe_size` samples; memory peaks at about two copies
+    of the per-sample gradients (`2 * probe_size * P` values) plus a float64 copy of each measured
+    slice. Bound it with `probe_size`, a list of prefixes and `max_params`. Only global rank 0
     measures; the other ranks skip the hook.
 
     Args:
         every_n_steps: measure every this many optimizer steps.
-        probe_size: number of probe samples ``m`` (fewer if the first batch is smaller).
-        parameters: ``"trainable"`` (all parameters with ``requires_grad``), ``"per_block"`` (the same,
-            plus per-group logs), or a list of parameter-name prefixes matched at ``.`` boundaries
-            (``"model.blocks.1"`` does not match ``model.blocks.10``), trainable or not.
-        max_params: upper bound on the number of selected parameter elements ``P``; exceeding it raises
-            a ``ValueError`` (subsampling coordinates would not save the per-sample backward cost).
+        probe_size: number of probe samples `m` (fewer if the first batch is smaller).
+        parameters: `"trainable"` (all parameters with `requires_grad`), `"per_block"` (the same,
+            plus per-group logs), or a list of parameter-name prefixes matched at `.` boundaries
+            (`"model.blocks.1"` does not match `model.blocks.10`), trainable or not.
+        max_params: upper bound on the number of selected parameter elements `P`; exceeding it raises
+            a `ValueError` (subsampling coordinates would not save the per-sample backward cost).
     """
 
     def __init__(
@@ -107,7 +107,7 @@ class GradientCoherenceCallback(L.Callback):
         self.history: dict[int, dict[str, float]] = {}  # global step -> the measures logged there
 
     def select_parameters(self, pl_module: L.LightningModule) -> dict[str, Tensor]:
-        """The parameters measured, by name, as chosen by ``parameters`` and bounded by ``max_params``."""
+        """The parameters measured, by name, as chosen by `parameters` and bounded by `max_params`."""
         named = dict(pl_module.named_parameters())
         if isinstance(self.parameters, str):
             selected = {name: p for name, p in named.items() if p.requires_grad}
@@ -180,7 +180,7 @@ class GradientCoherenceCallback(L.Callback):
     def measure(self, pl_module: L.LightningModule, batch: Mapping[str, Any] | None = None) -> dict[str, float]:
         """Coherence measures for the current weights, keyed as they are logged.
 
-        Uses the stored probe, or all samples of ``batch`` (e.g. from a notebook, on a checkpoint).
+        Uses the stored probe, or all samples of `batch` (e.g. from a notebook, on a checkpoint).
         """
         probe = self._probe if batch is None else batch
         if probe is None:

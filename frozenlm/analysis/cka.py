@@ -21,13 +21,13 @@ def _as_samples(features: Tensor) -> Tensor:
 def linear_cka(x: Tensor, y: Tensor) -> Tensor:
     """Linear CKA (Kornblith et al., "Similarity of Neural Network Representations Revisited", ICML 2019).
 
-    With column-centred ``X [n, d1]`` and ``Y [n, d2]``:
-    ``CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)``, in ``[0, 1]``; 1 for identical inputs and
+    With column-centred `X [n, d1]` and `Y [n, d2]`:
+    `CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)`, in `[0, 1]`; 1 for identical inputs and
     invariant to orthogonal transforms and isotropic scaling of either input.
 
-    Token tensors ``[B, N, d]`` are flattened to ``[B * N, d]``: every token is one sample, so the
-    token positions of ``x`` and ``y`` must correspond. Computed in float64. When ``n`` is smaller than
-    both widths the equal Gram-matrix form ``<X X^T, Y Y^T>_F / (||X X^T||_F ||Y Y^T||_F)`` is used,
+    Token tensors `[B, N, d]` are flattened to `[B * N, d]`: every token is one sample, so the
+    token positions of `x` and `y` must correspond. Computed in float64. When `n` is smaller than
+    both widths the equal Gram-matrix form `<X X^T, Y Y^T>_F / (||X X^T||_F ||Y Y^T||_F)` is used,
     which is cheaper. A constant input (zero variance) gives NaN.
 
     Returns:

@@ -2,13 +2,13 @@
 
 GCR (Bai et al., "Frozen Language Models Are Gradient Coherence Rectifiers in Vision Transformers",
 AAAI 2025) explains the benefit of a frozen LLM block by a rise in the alignment of per-sample
-gradients. Two standard measures of that alignment are provided, both on a matrix ``G`` of shape
-``[m, P]`` whose row ``i`` is the flattened gradient ``g_i`` of sample ``i``:
+gradients. Two standard measures of that alignment are provided, both on a matrix `G` of shape
+`[m, P]` whose row `i` is the flattened gradient `g_i` of sample `i`:
 
 * m-coherence (Chatterjee & Zielinski, "Making Coherence Out of Nothing At All: Measuring the
   Evolution of Gradient Alignment", 2020):
-  ``||sum_i g_i||^2 / sum_i ||g_i||^2``, 1 for mutually orthogonal gradients, ``m`` for identical ones.
-* mean pairwise cosine: the mean of ``cos(g_i, g_j)`` over ordered pairs ``i != j``.
+  `||sum_i g_i||^2 / sum_i ||g_i||^2`, 1 for mutually orthogonal gradients, `m` for identical ones.
+* mean pairwise cosine: the mean of `cos(g_i, g_j)` over ordered pairs `i != j`.
 
 Zero-norm rule (both measures): a zero gradient has no direction, so it counts as orthogonal to every
 other gradient (it adds nothing to either sum of m-coherence, and its cosines are 0). When every row
@@ -30,23 +30,23 @@ def per_sample_gradients(
     batch: Mapping[str, object],
     chunk_size: int | None = None,
 ) -> Tensor:
-    """Per-sample gradients ``G[i] = d loss_fn(params, batch[i:i+1]) / d params``, flattened.
+    """Per-sample gradients `G[i] = d loss_fn(params, batch[i:i+1]) / d params`, flattened.
 
-    Uses ``torch.func.vmap`` over ``torch.func.grad`` (the per-sample-gradient recipe of torch.func).
-    ``loss_fn(params, sample_batch)`` must return a scalar; each ``sample_batch`` holds one sample of
+    Uses `torch.func.vmap` over `torch.func.grad` (the per-sample-gradient recipe of torch.func).
+    `loss_fn(params, sample_batch)` must return a scalar; each `sample_batch` holds one sample of
     every tensor entry with its leading batch dimension of 1 re-added, so a loss written for batches
-    works unchanged. It must be vmap-compatible: no ``.item()``, no data-dependent Python control
-    flow, no random ops (call it with dropout off). Non-tensor entries of ``batch`` (e.g. a list of
+    works unchanged. It must be vmap-compatible: no `.item()`, no data-dependent Python control
+    flow, no random ops (call it with dropout off). Non-tensor entries of `batch` (e.g. a list of
     string ids) are dropped, because they cannot be split per sample.
 
     Args:
-        loss_fn: functional loss of ``(params, sample_batch)``.
-        params: the tensors to differentiate, by name; their order sets the column order of ``G``.
-        batch: a batch dict whose tensor entries share the leading batch size ``m``.
-        chunk_size: forwarded to ``vmap``: samples processed at once, to bound memory.
+        loss_fn: functional loss of `(params, sample_batch)`.
+        params: the tensors to differentiate, by name; their order sets the column order of `G`.
+        batch: a batch dict whose tensor entries share the leading batch size `m`.
+        chunk_size: forwarded to `vmap`: samples processed at once, to bound memory.
 
     Returns:
-        ``G`` of shape ``[m, P]``, ``P`` = total number of elements in ``params``.
+        `G` of shape `[m, P]`, `P` = total number of elements in `params`.
     """
     tensors = {key: value for key, value in batch.items() if isinstance(value, Tensor)}
     if not tensors:
@@ -70,10 +70,10 @@ def _check_rows(gradients: Tensor, min_rows: int) -> Tensor:
 
 
 def m_coherence(gradients: Tensor) -> Tensor:
-    """m-coherence ``||sum_i g_i||^2 / sum_i ||g_i||^2`` of ``gradients`` ``[m, P]`` (float64 scalar).
+    """m-coherence `||sum_i g_i||^2 / sum_i ||g_i||^2` of `gradients` `[m, P]` (float64 scalar).
 
     Chatterjee & Zielinski (2020), as used by GCR (Bai et al., AAAI 2025). Ranges over
-    ``[0, m]``: ``m`` for identical gradients, 1 for orthogonal ones, below 1 when they cancel.
+    `[0, m]`: `m` for identical gradients, 1 for orthogonal ones, below 1 when they cancel.
     Zero rows add nothing to either sum; NaN when all rows are zero.
     """
     g = _check_rows(gradients, 1)
@@ -84,11 +84,11 @@ def m_coherence(gradients: Tensor) -> Tensor:
 
 
 def mean_pairwise_cosine(gradients: Tensor) -> Tensor:
-    """Mean of ``cos(g_i, g_j)`` over the ``m (m - 1)`` ordered pairs ``i != j`` (float64 scalar).
+    """Mean of `cos(g_i, g_j)` over the `m (m - 1)` ordered pairs `i != j` (float64 scalar).
 
-    With unit rows ``u_i = g_i / ||g_i||`` (zero rows kept at zero, i.e. cosine 0 with everything),
-    ``sum_{i != j} cos(g_i, g_j) = ||sum_i u_i||^2 - sum_i ||u_i||^2``: O(m P) time and no m x m x P
-    intermediate. NaN when all rows are zero; needs ``m >= 2``.
+    With unit rows `u_i = g_i / ||g_i||` (zero rows kept at zero, i.e. cosine 0 with everything),
+    `sum_{i != j} cos(g_i, g_j) = ||sum_i u_i||^2 - sum_i ||u_i||^2`: O(m P) time and no m x m x P
+    intermediate. NaN when all rows are zero; needs `m >= 2`.
     """
     g = _check_rows(gradients, 2)
     norms = g.norm(dim=1, keepdim=True)

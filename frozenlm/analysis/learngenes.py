@@ -1,4 +1,4 @@
-"""Pictures of a decomposed ViT (:mod:`frozenlm.models.learngene`): the coefficients per block, the size
+"""Pictures of a decomposed ViT ([`learngene`][frozenlm.models.learngene]): the coefficients per block, the size
 of each gene, and accuracy against depth and genes from the learngene miniature's sweep."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from frozenlm.models.learngene import BASES, coefficients
 
 
 def plot_coefficients(depth: int = 12, genes: int = 4) -> Figure:
-    """``a(l, n)`` against the block ``l`` for each basis, one line per gene ``n``."""
+    """`a(l, n)` against the block `l` for each basis, one line per gene `n`."""
     figure = Figure(figsize=(3.2 * len(BASES), 2.8))
     for ax, basis in zip(figure.subplots(1, len(BASES), sharey=True), BASES):
         count = 2 if basis == "linear" else genes
@@ -30,7 +30,7 @@ def plot_coefficients(depth: int = 12, genes: int = 4) -> Figure:
 
 def gene_norms(state: dict[str, torch.Tensor], prefix: str = "learngenes.genes.") -> dict[int, float]:
     """The Frobenius norm of each gene (all its parameters together) in a decomposed model's state dict (the
-    model's, or its task's or checkpoint's: ``model.learngenes.genes.*``)."""
+    model's, or its task's or checkpoint's: `model.learngenes.genes.*`)."""
     squares: dict[int, float] = {}
     for key, value in state.items():
         key = key.removeprefix("model.")
@@ -41,7 +41,7 @@ def gene_norms(state: dict[str, torch.Tensor], prefix: str = "learngenes.genes."
 
 
 def plot_accuracy_vs_depth(results_csv: str | Path, metric: str = "val_acc1") -> Figure:
-    """From the miniature's ``results.csv`` (variants ``d<depth>_g<genes>`` and ``scratch_d<depth>``): the
+    """From the miniature's `results.csv` (variants `d<depth>_g<genes>` and `scratch_d<depth>`): the
     mean final metric ± sd over seeds against depth, one line per gene count and one for scratch."""
     lines: dict[str, list[tuple[int, float, float]]] = {}
     with open(results_csv, newline="") as file:

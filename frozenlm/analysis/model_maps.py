@@ -1,28 +1,28 @@
 """Activation maps of an ImageClassifier or a PointCloudClassifier at each stage of its frozen LM
 block (LM4VE's information filtering).
 
-:func:`stage_maps` runs the model on images (or point clouds) and returns, per stage, the magnitude and
-frequency maps of :mod:`frozenlm.analysis.activation_maps` on the patch grid (one value per point group
-for clouds; prefix tokens dropped), min-max normalised per input; :func:`stage_tokens` gives the tokens
+[`stage_maps`][frozenlm.analysis.model_maps.stage_maps] runs the model on images (or point clouds) and returns, per stage, the magnitude and
+frequency maps of `activation_maps` on the patch grid (one value per point group
+for clouds; prefix tokens dropped), min-max normalised per input; [`stage_tokens`][frozenlm.analysis.model_maps.stage_tokens] gives the tokens
 themselves. Stages, in order (those of
 the block only when the model has one):
 
-* ``vit``: the tokens after ViT (or Point-BERT) block ``llm_position``, where the block takes them;
-* ``adapter_in``: after ``Linear(D -> d_llm)``;
-* ``attention``: the residual stream after the (last) LM layer's attention sub-layer;
-* ``ffn``: after its feed-forward sub-layer, i.e. the LM layer's output;
-* ``adapter_out``: the block's output, after ``Linear(d_llm -> D)``;
-* ``cls_attention`` (kind ``attention``): the CLS-to-patch (-group) attention of the last block.
+* `vit`: the tokens after ViT (or Point-BERT) block `llm_position`, where the block takes them;
+* `adapter_in`: after `Linear(D -> d_llm)`;
+* `attention`: the residual stream after the (last) LM layer's attention sub-layer;
+* `ffn`: after its feed-forward sub-layer, i.e. the LM layer's output;
+* `adapter_out`: the block's output, after `Linear(d_llm -> D)`;
+* `cls_attention` (kind `attention`): the CLS-to-patch (-group) attention of the last block.
 
 Where the residual stream after attention is read depends on the family
-(:attr:`frozenlm.llm.LMFamily.attention_output`).
+(`attention_output`).
 
 timm's fused attention never forms the attention weights, so they are recomputed from the last
-block's ``qkv`` projection (captured by a hook) exactly as timm's ``Attention`` defines them:
-``softmax(q_norm(q) k_norm(k)^T * scale)``.
+block's `qkv` projection (captured by a hook) exactly as timm's `Attention` defines them:
+`softmax(q_norm(q) k_norm(k)^T * scale)`.
 
-In GCR (``llm.mode: auxiliary``) models the block is not part of inference; it is run here on the
-tokens the trunk gives at ``llm_position``, as in training.
+In GCR (`llm.mode: auxiliary`) models the block is not part of inference; it is run here on the
+tokens the trunk gives at `llm_position`, as in training.
 """
 
 from __future__ import annotations
@@ -48,11 +48,11 @@ MAP_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {"magnitude": magnitude_m
 
 
 def stage_maps(model: ImageClassifier | PointCloudClassifier, inputs: Tensor) -> dict[str, dict[str, Tensor]]:
-    """``maps[stage][kind]``: ``[B, h, w]`` maps in ``[0, 1]`` for ``images [B, 3, H, W]``, or ``[B, G]``
-    (one value per point group, in the order of the groups' centres) for ``points [B, N, 3]``.
+    """`maps[stage][kind]`: `[B, h, w]` maps in `[0, 1]` for `images [B, 3, H, W]`, or `[B, G]`
+    (one value per point group, in the order of the groups' centres) for `points [B, N, 3]`.
 
-    Kinds are ``magnitude`` and ``frequency`` for token stages and ``attention`` for
-    ``cls_attention`` (see the module docstring). The model runs in eval mode; its mode is restored.
+    Kinds are `magnitude` and `frequency` for token stages and `attention` for
+    `cls_attention` (see the module docstring). The model runs in eval mode; its mode is restored.
     """
     tokens, attention = stage_tokens(model, inputs)
     backbone = _network(model).backbone
@@ -70,8 +70,8 @@ def stage_maps(model: ImageClassifier | PointCloudClassifier, inputs: Tensor) ->
 
 @torch.no_grad()
 def stage_tokens(model: ImageClassifier | PointCloudClassifier, inputs: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-    """The tokens ``[B, N, C]`` (prefix tokens included) at each stage, in order, and the last
-    block's attention weights ``[B, heads, N, N]``, for a batch of inputs in eval mode."""
+    """The tokens `[B, N, C]` (prefix tokens included) at each stage, in order, and the last
+    block's attention weights `[B, heads, N, N]`, for a batch of inputs in eval mode."""
     network = _network(model)
     backbone, block = network.backbone, network.llm_block
     position = getattr(network, "llm_position", model.hparams.llm_position)  # the model's, normalised
@@ -118,14 +118,14 @@ def stage_tokens(model: ImageClassifier | PointCloudClassifier, inputs: Tensor) 
 
 
 def _network(model: nn.Module) -> nn.Module:
-    """The module holding ``backbone`` and ``llm_block``: the task's ``model`` (or, until every task holds
+    """The module holding `backbone` and `llm_block`: the task's `model` (or, until every task holds
     one, the task itself)."""
     network = getattr(model, "model", None)
     return network if isinstance(network, nn.Module) else model
 
 
 def pseudo_mask_scores(maps: dict[str, dict[str, Tensor]], masks: Tensor) -> dict[str, dict[str, float]]:
-    """Mean over images of the best pseudo-mask IoU of each map against ``masks [B, H, W]``."""
+    """Mean over images of the best pseudo-mask IoU of each map against `masks [B, H, W]`."""
     return {
         stage: {
             kind: sum(pseudo_mask_iou(m, mask)[0] for m, mask in zip(values, masks)) / len(masks)
@@ -143,7 +143,7 @@ def _attention_output(block: FrozenLMBlock) -> tuple[str, str]:
 
 
 def _attention_weights(attn: nn.Module, qkv: Tensor) -> Tensor:
-    """timm ``Attention``'s weights ``[B, heads, N, N]`` from its ``qkv`` projection's output."""
+    """timm `Attention`'s weights `[B, heads, N, N]` from its `qkv` projection's output."""
     batch, length, _ = qkv.shape
     q, k, _ = qkv.reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k = attn.q_norm(q), attn.k_norm(k)
@@ -151,5 +151,5 @@ def _attention_weights(attn: nn.Module, qkv: Tensor) -> Tensor:
 
 
 def _on_grid(values: Tensor, grid: tuple[int, int] | None) -> Tensor:
-    """Min-max normalised maps, on the patch grid for images (``grid``) and per token for point groups."""
+    """Min-max normalised maps, on the patch grid for images (`grid`) and per token for point groups."""
     return minmax_normalize(values if grid is None else to_patch_grid(values, grid))

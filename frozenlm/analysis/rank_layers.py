@@ -1,18 +1,18 @@
-"""``frozenlm rank-layers``: rank a language model's layers by linear CKA with a ViT (or Point-BERT) block (GCR).
+"""`frozenlm rank-layers`: rank a language model's layers by linear CKA with a ViT (or Point-BERT) block (GCR).
 
 GCR (Bai et al., AAAI 2025) finds that a frozen LM block helps more the more its output resembles
 the output of the adjacent ViT block, measured by linear CKA. This ranks candidate LM layers for one
-insertion point ``position`` (a ViT block index) on the first ``num_images`` images of a datamodule:
+insertion point `position` (a ViT block index) on the first `num_images` images of a datamodule:
 
-1. ``X`` = the tokens after ViT block ``position`` (the block's input, all tokens, CLS included);
-   the target ``Y`` = the tokens after the next ViT block ``position + 1``; at the last block there
-   is no next one, and ``Y = X`` (CKA then says how much of the trunk's representation the layer keeps).
-2. For each candidate layer, loaded alone with ``FrozenLMBlock.from_pretrained(source, [i])`` (one
-   7B layer is 0.4 GB, the whole model 13 GB) and released before the next: ``Z = layer(adapter_in(X))``,
-   the LM layer's output in ``d_llm`` channels, and ``score = linear_cka(Z, Y)``. CKA compares
+1. `X` = the tokens after ViT block `position` (the block's input, all tokens, CLS included);
+   the target `Y` = the tokens after the next ViT block `position + 1`; at the last block there
+   is no next one, and `Y = X` (CKA then says how much of the trunk's representation the layer keeps).
+2. For each candidate layer, loaded alone with `FrozenLMBlock.from_pretrained(source, [i])` (one
+   7B layer is 0.4 GB, the whole model 13 GB) and released before the next: `Z = layer(adapter_in(X))`,
+   the LM layer's output in `d_llm` channels, and `score = linear_cka(Z, Y)`. CKA compares
    representations of different widths, so no output map is fitted.
 
-Our choice of input map: the block's own ``adapter_in``, randomly initialised as training starts it,
+Our choice of input map: the block's own `adapter_in`, randomly initialised as training starts it,
 with the same seed for every candidate, so all layers see identical inputs and the ranking compares
 layers, not maps. (A map fitted to the target would let CKA reward the fit rather than the layer.)
 """
@@ -56,33 +56,33 @@ def rank_layers(
 ) -> list[dict[str, Any]]:
     """Rank the LM layers by linear CKA between their output and the adjacent ViT block's output.
 
-    The visual encoder is the trunk of an ImageClassifier or PointCloudClassifier ``checkpoint``
-    (baseline or GCR), or, without one, a timm ViT built from ``backbone``, ``img_size``,
-    ``patch_size`` and ``backbone_kwargs`` with seeded random weights. See the module docstring for
+    The visual encoder is the trunk of an ImageClassifier or PointCloudClassifier `checkpoint`
+    (baseline or GCR), or, without one, a timm ViT built from `backbone`, `img_size`,
+    `patch_size` and `backbone_kwargs` with seeded random weights. See the module docstring for
     the method.
 
     Args:
-        lm_checkpoint: the LM, as ``llm.checkpoint`` (local folder, hub id or ``pkg:package/subdir``).
-        checkpoint: a Lightning ``.ckpt`` of ``frozenlm.tasks.ImageClassifier`` or ``PointCloudClassifier``.
-        backbone: timm ViT name, when there is no ``checkpoint``.
+        lm_checkpoint: the LM, as `llm.checkpoint` (local folder, hub id or `pkg:package/subdir`).
+        checkpoint: a Lightning `.ckpt` of `frozenlm.tasks.ImageClassifier` or `PointCloudClassifier`.
+        backbone: timm ViT name, when there is no `checkpoint`.
         img_size: image size of that ViT.
         patch_size: patch size of that ViT.
-        backbone_kwargs: further ``timm.create_model`` arguments of that ViT (``depth``, ...).
-        position: ViT block index after which the LM layer would go (``llm_position``).
+        backbone_kwargs: further `timm.create_model` arguments of that ViT (`depth`, ...).
+        position: ViT block index after which the LM layer would go (`llm_position`).
         layers: candidate LM layer indices (negative from the end); default all.
-        data: datamodule whose first ``num_images`` validation images (or test clouds, sampled as
+        data: datamodule whose first `num_images` validation images (or test clouds, sampled as
             for evaluation) are used; default Digits (offline) at the ViT's image size. A Point-BERT
             trunk needs a point-cloud datamodule.
         num_images: number of images or clouds (every token of each is one CKA sample).
         batch_size: images per forward pass through an LM layer.
-        revision: hub revision of ``lm_checkpoint``.
-        dtype: dtype the LM layer runs in (``bfloat16`` halves memory).
+        revision: hub revision of `lm_checkpoint`.
+        dtype: dtype the LM layer runs in (`bfloat16` halves memory).
         device: where the ViT and the LM layers run.
-        seed: seed of the random ViT and of ``adapter_in``.
+        seed: seed of the random ViT and of `adapter_in`.
         quiet: do not print the table.
 
     Returns:
-        One row per layer, best first: ``{"rank", "layer", "cka"}``.
+        One row per layer, best first: `{"rank", "layer", "cka"}`.
     """
     trunk = _trunk(checkpoint, backbone, img_size, patch_size, backbone_kwargs, seed).to(device)
     depth = len(trunk.blocks)
@@ -131,7 +131,7 @@ def _trunk(
 
 
 def _inputs(trunk: VisionTransformer | PointBERT, data: ClassificationDataModule | None, count: int) -> torch.Tensor:
-    """The first ``count`` validation images, or test clouds sampled as the datamodule evaluates them."""
+    """The first `count` validation images, or test clouds sampled as the datamodule evaluates them."""
     if isinstance(trunk, PointBERT):
         if not isinstance(data, PointCloudDataModule):
             raise ValueError("A Point-BERT trunk needs point clouds: pass --data frozenlm.data.ScanObjectNNDataModule ...")
@@ -148,7 +148,7 @@ def _inputs(trunk: VisionTransformer | PointBERT, data: ClassificationDataModule
 def _trunk_tokens(
     trunk: VisionTransformer | PointBERT, inputs: torch.Tensor, position: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens after block ``position`` and after the next block (or the same at the last one)."""
+    """Tokens after block `position` and after the next block (or the same at the last one)."""
     adjacent = min(position + 1, len(trunk.blocks) - 1)
     captured: dict[int, torch.Tensor] = {}
     handles = [

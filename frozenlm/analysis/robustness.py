@@ -1,4 +1,4 @@
-"""Adversarial robustness of an image classifier during ``frozenlm test``: accuracy under FGSM and PGD.
+"""Adversarial robustness of an image classifier during `frozenlm test`: accuracy under FGSM and PGD.
 
 The attacks are torchattacks' (L-inf, in [0, 1] pixel space; the datamodule's normalisation is undone
 and redone by torchattacks around the model), run on every test batch next to the clean evaluation:
@@ -6,7 +6,7 @@ and redone by torchattacks around the model), run on every test batch next to th
     frozenlm test --config configs/imagenet_deit_small_llama.yaml --ckpt_path CKPT \\
         --trainer.callbacks+=frozenlm.analysis.AdversarialAccuracy
 
-logs ``test_fgsm_acc1`` and ``test_pgd_acc1`` beside ``test_acc1``. The defaults (eps 1/255; PGD 5
+logs `test_fgsm_acc1` and `test_pgd_acc1` beside `test_acc1`. The defaults (eps 1/255; PGD 5
 steps of eps/4 from a random start) are common choices for ViTs, not values published by LM4VE.
 """
 
@@ -37,10 +37,10 @@ class AdversarialAccuracy(L.Callback):
     """Top-1 accuracy on adversarial versions of each test batch (image classifiers).
 
     Args:
-        attacks: any of ``fgsm`` and ``pgd``.
+        attacks: any of `fgsm` and `pgd`.
         eps: L-inf radius in [0, 1] pixel units.
         pgd_steps: PGD iterations.
-        pgd_alpha: PGD step size; None = ``eps / 4``.
+        pgd_alpha: PGD step size; None = `eps / 4`.
     """
 
     def __init__(

@@ -12,9 +12,9 @@ MAP_COLOURS = {"centreline": "0.75", "boundary": "0.45", "crosswalk": "tab:olive
 
 
 def draw_scene(ax, batch: dict, index: int, trajectories: Tensor, probabilities: Tensor) -> None:
-    """Scene ``index`` of a collated batch in the focal agent's frame (metres): centrelines light grey,
+    """Scene `index` of a collated batch in the focal agent's frame (metres): centrelines light grey,
     lane boundaries dark grey, crosswalks olive, other agents' histories blue, the focal history black,
-    the K forecasts ``[K, T, 2]`` orange with opacity by their ``probabilities [K]``, the ground truth
+    the K forecasts `[K, T, 2]` orange with opacity by their `probabilities [K]`, the ground truth
     green when the batch has it."""
     for group in ("agent", "map"):
         polylines, mask = batch[f"{group}_vectors"][index].cpu().float(), batch[f"{group}_mask"][index].cpu()
@@ -42,8 +42,8 @@ def draw_scene(ax, batch: dict, index: int, trajectories: Tensor, probabilities:
 
 
 def scenes_figure(batch: dict, trajectories: Tensor, probabilities: Tensor, count: int = 4):
-    """A row of :func:`draw_scene` panels for the first ``count`` scenes of a batch (a pyplot-free
-    ``Figure``, so training processes draw without touching the user's backend)."""
+    """A row of `draw_scene` panels for the first `count` scenes of a batch (a pyplot-free
+    `Figure`, so training processes draw without touching the user's backend)."""
     count = min(count, len(batch["scenario_id"]))
     figure = Figure(figsize=(4 * count, 4))
     axes = figure.subplots(1, count, squeeze=False)
