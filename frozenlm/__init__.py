@@ -1,7 +1,7 @@
 """frozenlm: frozen transformer blocks from pretrained language models inside visual encoders.
 
-``frozenlm.create_model(name)`` builds a shipped config's plain model (``frozenlm.list_models()`` names
-them), ``frozenlm.load_model(checkpoint)`` gives a trained one; see :mod:`frozenlm.registry`.
+`frozenlm.create_model(name)` builds a shipped config's plain model (`frozenlm.list_models()` names
+them), `frozenlm.load_model(checkpoint)` gives a trained one; see [`registry`][frozenlm.registry].
 """
 
 from typing import Any

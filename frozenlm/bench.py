@@ -1,14 +1,14 @@
-"""``frozenlm bench``: speed of a frozen LM block's training step against its FLOP ideal.
+"""`frozenlm bench`: speed of a frozen LM block's training step against its FLOP ideal.
 
-The block (``Linear(in_dim -> d_llm)`` -> frozen LM layer(s) -> ``Linear(d_llm -> in_dim)``) is
-built with random weights from a config alone (:meth:`FrozenLMBlock.from_config`), so nothing is
+The block (`Linear(in_dim -> d_llm)` -> frozen LM layer(s) -> `Linear(d_llm -> in_dim)`) is
+built with random weights from a config alone (`FrozenLMBlock.from_config`), so nothing is
 downloaded. One training step of the block is timed: forward, then backward to the input tokens
 (which require grad, as they do inside a ViT); the frozen weights get no gradient, the two adapters do.
-How FLOPs are counted and what the ideal is: :mod:`frozenlm.measure`, which measures; this module is the
+How FLOPs are counted and what the ideal is: `measure`, which measures; this module is the
 command (its options, tables and Markdown).
 
 A second table gives the parameters and forward FLOPs of the visual trunks the block sits in
-(:func:`frozenlm.measure.trunk_flops`): DeiT-T/S/B with the patchify stem, with the convolutional stem
+(`trunk_flops`): DeiT-T/S/B with the patchify stem, with the convolutional stem
 (one block fewer) and with CAPE positions.
 """
 
@@ -64,44 +64,44 @@ def bench(
 
     Args:
         model_type: language-model family whose transformer layer is timed.
-        hidden: hidden size ``d_llm`` of the LM layer (default LLaMA-7B's, as all shape defaults:
-            ``frozenlm.llm.families.SHAPES``).
+        hidden: hidden size `d_llm` of the LM layer (default LLaMA-7B's, as all shape defaults:
+            `frozenlm.llm.families.SHAPES`).
         intermediate: feed-forward width of the LM layer.
         heads: attention heads of the LM layer.
         kv_heads: key/value heads for grouped-query attention (llama, mistral, qwen2 only); default
-            ``heads`` (plain multi-head attention, as LLaMA-7B).
+            `heads` (plain multi-head attention, as LLaMA-7B).
         lm_layers: number of consecutive frozen LM layers in the block (the paper's best ablation uses 2).
-        lora: LoRA adapters on the LM layers (``"{r: 8, alpha: 16}"``, see
-            :class:`frozenlm.llm.lora.LoRAConfig`); they train, so their weights get gradients.
+        lora: LoRA adapters on the LM layers (`"{r: 8, alpha: 16}"`, see
+            `LoRAConfig`); they train, so their weights get gradients.
         in_dim: width of the visual tokens the adapters map from and back to (ViT-S: 384).
         batch: images per step; default 1 on CPU (keeps the default CPU run to a few minutes), 64 on GPU.
         tokens: tokens per image (ViT/16 at 224 px with CLS: 197).
-        dtypes: dtypes of the frozen LM weights to compare. ``bfloat16``/``float16`` runs under
-            ``torch.autocast`` of that dtype (CUDA or CPU), as mixed-precision training does;
-            ``float32`` runs without autocast (TF32 stays at PyTorch's setting, the same for the ideal).
-            Default ``[float32, bfloat16]``, except on a CPU without native bf16 matmuls (no
-            AVX512-BF16/AMX, see ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``): ``[float32]``,
+        dtypes: dtypes of the frozen LM weights to compare. `bfloat16`/`float16` runs under
+            `torch.autocast` of that dtype (CUDA or CPU), as mixed-precision training does;
+            `float32` runs without autocast (TF32 stays at PyTorch's setting, the same for the ideal).
+            Default `[float32, bfloat16]`, except on a CPU without native bf16 matmuls (no
+            AVX512-BF16/AMX, see `torch.ops.mkldnn._is_mkldnn_bf16_supported()`): `[float32]`,
             because there the bf16 backward matmuls take an unvectorised path (minutes per step at
-            the default shape); pass ``--dtypes [float32,bfloat16]`` to time it anyway.
-        device: ``cuda``, ``cuda:1``, ``cpu``...; default ``cuda`` when available, else ``cpu``.
+            the default shape); pass `--dtypes [float32,bfloat16]` to time it anyway.
+        device: `cuda`, `cuda:1`, `cpu`...; default `cuda` when available, else `cpu`.
         repeats: timed steps per dtype (the median is reported); default 2 on CPU, 10 on GPU.
         warmup: untimed steps before timing; the peak memory is measured over them. Default 1 on
             CPU, 3 on GPU.
         seed: seed of the random LM weights and inputs.
-        trunks: also print :func:`trunk_flops`' table: parameters and FLOPs of DeiT-T/S/B with the
+        trunks: also print `trunk_flops`' table: parameters and FLOPs of DeiT-T/S/B with the
             patchify stem, the convolutional stem and CAPE positions (counted, not timed).
         quiet: do not print the tables.
-        markdown: also write the tables as Markdown to this file (``docs/benchmarks/bench.md`` is the one
-            the documentation includes; the trunk table is its section ``trunks``).
+        markdown: also write the tables as Markdown to this file (`docs/benchmarks/bench.md` is the one
+            the documentation includes; the trunk table is its section `trunks`).
 
     Returns:
-        One dict per dtype with the keys ``model_type, hidden, intermediate, heads, lm_layers,
+        One dict per dtype with the keys `model_type, hidden, intermediate, heads, lm_layers,
         lora, in_dim, batch, tokens, dtype, device, flops_forward, flops_backward, flops, block_ms,
         ideal_ms, matmul_shape, block_tflops, ideal_tflops, ratio, peak_mem_mib, mem_method,
-        weights_mib``. ``peak_mem_mib`` is the step's peak above the memory held before it (weights,
-        inputs): ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process's resident-set
-        high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``, or else ``psutil`` RSS
-        sampled every millisecond), as ``mem_method`` says. In a long-lived process (a notebook) the CPU
+        weights_mib`. `peak_mem_mib` is the step's peak above the memory held before it (weights,
+        inputs): `torch.cuda.max_memory_allocated` on CUDA; on CPU the process's resident-set
+        high-water mark (`VmHWM`, reset through `/proc/self/clear_refs`, or else `psutil` RSS
+        sampled every millisecond), as `mem_method` says. In a long-lived process (a notebook) the CPU
         figure can read low: memory freed earlier and still resident is reused without raising RSS.
     """
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -160,7 +160,7 @@ TRUNK_TITLE = "Visual trunks: forward FLOPs per 224 px image and parameters (100
 
 
 def _trunk_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """:func:`trunk_flops` rows as table cells, each with its change against its backbone's patchify row."""
+    """`trunk_flops` rows as table cells, each with its change against its backbone's patchify row."""
     reference, cells = {}, []
     for row in rows:
         base = reference.setdefault(row["backbone"], row)
@@ -173,7 +173,7 @@ def _trunk_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
 
 
 def print_trunk_table(rows: list[dict[str, Any]]) -> None:
-    """Print :func:`trunk_flops` rows, each with its change against the backbone's patchify row."""
+    """Print `trunk_flops` rows, each with its change against the backbone's patchify row."""
     from rich.console import Console
     from rich.table import Table
 
@@ -186,7 +186,7 @@ def print_trunk_table(rows: list[dict[str, Any]]) -> None:
 
 
 def markdown_trunk_table(rows: list[dict[str, Any]]) -> str:
-    """:func:`trunk_flops` rows as a Markdown table."""
+    """`trunk_flops` rows as a Markdown table."""
     lines = [f"{TRUNK_TITLE}:", "", "| " + " | ".join(TRUNK_COLUMNS) + " |", "|---|---|---|" + "---:|" * (len(TRUNK_COLUMNS) - 3)]
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in _trunk_cells(rows)]) + "\n"
 
@@ -223,7 +223,7 @@ COLUMNS = ["dtype", "GFLOP", "block ms", "ideal ms", "TFLOP/s", "ideal TFLOP/s",
 
 
 def markdown_table(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> str:
-    """``bench`` rows as a Markdown table with its title and how the figures were obtained."""
+    """`bench` rows as a Markdown table with its title and how the figures were obtained."""
     lines = [f"{_title(rows[0])}:", "", "| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
     lines += ["", _explanation(rows), *(f"Note: {note}" for note in notes)]
@@ -231,7 +231,7 @@ def markdown_table(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> str
 
 
 def print_table(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> None:
-    """Print ``bench`` rows as a rich table, with how the figures were obtained below it."""
+    """Print `bench` rows as a rich table, with how the figures were obtained below it."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table

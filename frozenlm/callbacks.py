@@ -12,17 +12,17 @@ from frozenlm.predictions import ClassPredictionsCSV, ClassPredictionsJSON, Pred
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes the predictions to one file as batches finish (:mod:`frozenlm.predictions`).
+    """Writes the predictions to one file as batches finish (`predictions`).
 
     The file is opened before the first batch, so a path that cannot be written (no permission, a
-    parent that is a file, an unknown suffix) stops ``predict`` before any work; an interrupted pass
+    parent that is a file, an unknown suffix) stops `predict` before any work; an interrupted pass
     leaves every finished batch in it. Tasks with their own formats (motion forecasting: CSV, or
-    Argoverse 2's submission ``.parquet``) provide ``prediction_file(path)``.
+    Argoverse 2's submission `.parquet`) provide `prediction_file(path)`.
 
     Args:
-        output: ``.csv`` or ``.json`` file (``.parquet`` for Argoverse 2 submissions); None writes
-            ``predictions.csv`` in the trainer's log dir. Under DDP each process writes
-            ``<stem>.rank<N><suffix>`` as it goes, and process 0 joins them into ``output`` at the end (in
+        output: `.csv` or `.json` file (`.parquet` for Argoverse 2 submissions); None writes
+            `predictions.csv` in the trainer's log dir. Under DDP each process writes
+            `<stem>.rank<N><suffix>` as it goes, and process 0 joins them into `output` at the end (in
             dataset order: the file one process writes); an interrupted pass leaves the per-process files.
     """
 
@@ -43,7 +43,7 @@ class PredictionWriter(BasePredictionWriter):
             self.file = (ClassPredictionsJSON if path.suffix == ".json" else ClassPredictionsCSV)(path, class_names)
 
     def part(self, rank: int) -> Path:
-        """The file process ``rank`` writes under DDP."""
+        """The file process `rank` writes under DDP."""
         return self.path.with_name(f"{self.path.stem}.rank{rank}{self.path.suffix}")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
@@ -64,7 +64,7 @@ class PredictionWriter(BasePredictionWriter):
 
 
 class RunSummary(Callback):
-    """Prints, at the end of ``fit``, the best monitored metric and where the logs and checkpoints are."""
+    """Prints, at the end of `fit`, the best monitored metric and where the logs and checkpoints are."""
 
     def on_fit_end(self, trainer: lightning.Trainer, pl_module) -> None:
         log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
@@ -95,9 +95,9 @@ class RunSummary(Callback):
 
 
 class ScenePlots(Callback):
-    """Draws the first ``count`` scenes of the first validation batch each epoch, with the model's K
-    forecasts shaded by score and the ground truth, to TensorBoard (``val_scenes``), for motion
-    forecasting (see :func:`frozenlm.analysis.scenes.draw_scene`).
+    """Draws the first `count` scenes of the first validation batch each epoch, with the model's K
+    forecasts shaded by score and the ground truth, to TensorBoard (`val_scenes`), for motion
+    forecasting (see `draw_scene`).
 
     Args:
         count: scenes per figure.
@@ -120,13 +120,13 @@ class ScenePlots(Callback):
 class EMA(Callback):
     """Exponential moving average of the trainable weights only (DeiT's model EMA).
 
-    Lightning's ``EMAWeightAveraging`` deep-copies the whole module and writes the copy into every
+    Lightning's `EMAWeightAveraging` deep-copies the whole module and writes the copy into every
     checkpoint, which would duplicate a frozen LM block (0.8 GB for a LLaMA-7B layer); this keeps an
     average of the parameters that train and nothing else. Validation (and test) run on the averaged
-    weights when ``evaluate_average`` is on; checkpoints keep the live weights in ``state_dict`` and
+    weights when `evaluate_average` is on; checkpoints keep the live weights in `state_dict` and
     the average in this callback's state, so a resumed run continues the same average.
 
-    Add it with ``--trainer.callbacks+=frozenlm.callbacks.EMA --trainer.callbacks.decay 0.99996``.
+    Add it with `--trainer.callbacks+=frozenlm.callbacks.EMA --trainer.callbacks.decay 0.99996`.
 
     Args:
         decay: per-step decay (DeiT: 0.99996).

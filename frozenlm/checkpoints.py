@@ -2,11 +2,11 @@
 
 Lightning writes a local checkpoint through an fsspec transaction, whose temporary file lives in the
 system temporary directory: committing it moves it across file systems, a copy that a full disk cuts
-short, leaving a truncated file under the checkpoint's name. :class:`AtomicCheckpointIO` writes the
+short, leaving a truncated file under the checkpoint's name. `AtomicCheckpointIO` writes the
 temporary file beside the target instead and renames it into place, so a checkpoint name only ever
 holds a complete file, and refuses to write weights that are NaN or infinite, so neither the best nor
-the last checkpoint is ever one that cannot be resumed; :class:`CheckpointDirectoryCheck` tries the
-checkpoint directories before the first epoch, instead of failing after an epoch of work. ``frozenlm``
+the last checkpoint is ever one that cannot be resumed; `CheckpointDirectoryCheck` tries the
+checkpoint directories before the first epoch, instead of failing after an epoch of work. `frozenlm`
 installs both in every trainer.
 """
 
@@ -42,11 +42,11 @@ class NonFiniteWeightsError(FrozenLMError, FloatingPointError):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's ``TorchCheckpointIO``, with local files written to a temporary file in the target's
+    """Lightning's `TorchCheckpointIO`, with local files written to a temporary file in the target's
     directory, flushed to disk, then renamed over the target (an atomic replace on POSIX and Windows),
-    and no checkpoint written whose ``state_dict`` holds a NaN or infinite value
-    (:class:`NonFiniteWeightsError`, naming the tensors; the checkpoints already written stay as they
-    are). Remote paths (``s3://`` ...) are written by Lightning as before."""
+    and no checkpoint written whose `state_dict` holds a NaN or infinite value
+    (`NonFiniteWeightsError`, naming the tensors; the checkpoints already written stay as they
+    are). Remote paths (`s3://` ...) are written by Lightning as before."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         check_finite_weights(checkpoint.get("state_dict", {}), path)
@@ -57,7 +57,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def check_finite_weights(state_dict: dict[str, Any], path) -> None:
-    """Raise :class:`NonFiniteWeightsError` when a floating-point tensor of ``state_dict`` is not finite."""
+    """Raise `NonFiniteWeightsError` when a floating-point tensor of `state_dict` is not finite."""
     bad = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise NonFiniteWeightsError(
@@ -96,7 +96,7 @@ def check_writable(directory: Path) -> None:
 
 
 def check_checkpoint(path: str | Path) -> None:
-    """Raise :class:`DamagedCheckpointError` when ``path`` is not a readable checkpoint, naming the newest
+    """Raise `DamagedCheckpointError` when `path` is not a readable checkpoint, naming the newest
     intact checkpoint beside it. Reads the file's structure only (tensors are memory-mapped)."""
     path = Path(path)
     try:
@@ -116,7 +116,7 @@ def check_checkpoint(path: str | Path) -> None:
 
 
 def newest_intact_checkpoint(directory: Path, exclude: Path | None = None) -> Path | None:
-    """The most recently written ``*.ckpt`` in ``directory`` that reads (links to ``exclude`` skipped)."""
+    """The most recently written `*.ckpt` in `directory` that reads (links to `exclude` skipped)."""
     excluded = exclude.resolve() if exclude is not None else None
     candidates = [p for p in directory.glob("*.ckpt") if p.is_file() and p.resolve() != excluded]
     for candidate in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
@@ -135,12 +135,12 @@ def _read(path: Path) -> None:
 
 
 class InitialWeightsError(FrozenLMError, ValueError):
-    """``--model.init_from`` names weights that do not fit the model (the message says which and the fix)."""
+    """`--model.init_from` names weights that do not fit the model (the message says which and the fix)."""
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(state dict, hyper-parameters)`` of ``--model.init_from``: a Lightning ``.ckpt`` of a frozenlm task,
-    or a ``.safetensors`` (its metadata as the hyper-parameters)."""
+    """`(state dict, hyper-parameters)` of `--model.init_from`: a Lightning `.ckpt` of a frozenlm task,
+    or a `.safetensors` (its metadata as the hyper-parameters)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -156,21 +156,21 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
 
 
 def model_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A task checkpoint's state dict in its model's names: ``model.backbone.*`` (a task holding ``self.model``)
-    becomes ``backbone.*``, as checkpoints written before it did name it; those, and plain files (a timm ViT's,
-    ``frozenlm recompose``'s), pass as they are. The inverse of :func:`frozenlm.tasks.base.migrate_model_keys`."""
+    """A task checkpoint's state dict in its model's names: `model.backbone.*` (a task holding `self.model`)
+    becomes `backbone.*`, as checkpoints written before it did name it; those, and plain files (a timm ViT's,
+    `frozenlm recompose`'s), pass as they are. The inverse of `migrate_model_keys`."""
     return {key.removeprefix("model."): value for key, value in state.items()}
 
 
 def load_initial_weights(
     module: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path, optional_prefixes: tuple[str, ...] = ()
 ) -> list[str]:
-    """Start ``module`` (a task's model) from ``state`` (read from ``source`` by :func:`read_weights`, then
-    :func:`model_state`), in the model's names (``backbone.``, ``learngenes.``, ...) or a plain timm ViT's (as
-    ``frozenlm export`` and ``frozenlm recompose`` write them; read as the model's ``backbone.``).
+    """Start `module` (a task's model) from `state` (read from `source` by `read_weights`, then
+    `model_state`), in the model's names (`backbone.`, `learngenes.`, ...) or a plain timm ViT's (as
+    `frozenlm export` and `frozenlm recompose` write them; read as the model's `backbone.`).
 
-    Every tensor of ``state`` must fit the module. The module's tensors it lacks keep their own
-    initialisation only under ``optional_prefixes`` (e.g. a frozen LM block's adapters, genes added in a
+    Every tensor of `state` must fit the module. The module's tensors it lacks keep their own
+    initialisation only under `optional_prefixes` (e.g. a frozen LM block's adapters, genes added in a
     later phase); any other gap is an error. Returns the keys left at their initialisation."""
     own = module.state_dict()
     if not any(key in own for key in state):  # a plain timm ViT: the task's backbone

@@ -1,5 +1,5 @@
-"""The ``frozenlm`` console script: the trainer commands (a LightningCLI, :mod:`frozenlm.trainer_cli`)
-plus a few analysis commands (:data:`COMMANDS`, each listed with one line by ``frozenlm --help``).
+"""The `frozenlm` console script: the trainer commands (a LightningCLI, `trainer_cli`)
+plus a few analysis commands (`COMMANDS`, each listed with one line by `frozenlm --help`).
 
     frozenlm fit --config configs/cifar100_deit.yaml --model.llm.checkpoint PATH_OR_HUB_ID
     frozenlm validate|test|predict --config ... --ckpt_path ...
@@ -44,7 +44,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter)
 
 
 def help_description() -> str:
-    """The text above ``frozenlm --help``'s options: what frozenlm is, and every command in one line."""
+    """The text above `frozenlm --help`'s options: what frozenlm is, and every command in one line."""
     width = max(map(len, COMMANDS))
     lines = [f"  frozenlm {name:<{width}}  {summary}" for name, summary in COMMANDS.items()]
     return f"{DESCRIPTION}\n\nCommands (each with --help):\n" + "\n".join(lines)
@@ -62,7 +62,7 @@ def _extra_commands() -> dict[str, Callable]:
 
 
 def run(args: list[str] | None = None) -> FrozenLMCLI | None:
-    """Run a command (``sys.argv`` when ``args`` is None); the LightningCLI of trainer commands."""
+    """Run a command (`sys.argv` when `args` is None); the LightningCLI of trainer commands."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in EXTRA_COMMANDS:
         from jsonargparse import auto_cli
@@ -83,10 +83,10 @@ def run(args: list[str] | None = None) -> FrozenLMCLI | None:
 def main() -> None:
     """The console script: its return value becomes the exit status, so it returns nothing.
 
-    An error a user can fix (:class:`~frozenlm.errors.FrozenLMError`: a configuration error, a missing
+    An error a user can fix (`FrozenLMError`: a configuration error, a missing
     dataset, a damaged or malformed file, an unwritable output, a non-finite loss; each message names
-    the file or setting and the fix) prints its reason alone (exit status 2); ``FROZENLM_DEBUG=1`` adds
-    the full traceback between two copies of it, and ``--print_config`` shows the resolved config.
+    the file or setting and the fix) prints its reason alone (exit status 2); `FROZENLM_DEBUG=1` adds
+    the full traceback between two copies of it, and `--print_config` shows the resolved config.
     """
     try:
         run()

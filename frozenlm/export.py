@@ -1,21 +1,21 @@
-"""``frozenlm export``: the plain visual trunk of a trained ImageClassifier, for use without frozenlm.
+"""`frozenlm export`: the plain visual trunk of a trained ImageClassifier, for use without frozenlm.
 
-A baseline (``llm: null``) or GCR (``llm.mode: auxiliary``) model is a plain timm ViT at inference:
+A baseline (`llm: null`) or GCR (`llm.mode: auxiliary`) model is a plain timm ViT at inference:
 the frozen LM block and the auxiliary head only shape training. Export writes that ViT's state dict
-as ``model.safetensors`` and a sibling ``model.json`` with the timm model name and the
-``timm.create_model`` keyword arguments that rebuild it:
+as `model.safetensors` and a sibling `model.json` with the timm model name and the
+`timm.create_model` keyword arguments that rebuild it:
 
     spec = json.load(open("model.json"))
     vit = timm.create_model(spec["model_name"], **spec["create_model_kwargs"])
     vit.load_state_dict(safetensors.torch.load_file("model.safetensors"))
 
 A ViT with a convolutional stem or CAPE positions has frozenlm's patch embedding, so its spec says
-``"builder": "frozenlm.models.create_vit"`` and it is rebuilt by
-``frozenlm.models.create_vit(spec["model_name"], **spec["create_model_kwargs"])``; plain ViTs say
-``"builder": "timm.create_model"``.
+`"builder": "frozenlm.models.create_vit"` and it is rebuilt by
+`frozenlm.models.create_vit(spec["model_name"], **spec["create_model_kwargs"])`; plain ViTs say
+`"builder": "timm.create_model"`.
 
-A decomposed (learngene) model is rebuilt at any depth from its first genes by ``frozenlm recompose``:
-untied, a plain timm ViT written as above; ``--tied``, the genes themselves, for a fine-tuning that keeps
+A decomposed (learngene) model is rebuilt at any depth from its first genes by `frozenlm recompose`:
+untied, a plain timm ViT written as above; `--tied`, the genes themselves, for a fine-tuning that keeps
 the blocks tied to them.
 
 Only the Lightning checkpoint is read (its hyper-parameters and tensors); the LM source is never
@@ -46,15 +46,15 @@ POINTBERT_ARGS = ("num_groups", "group_size", "embed_dim", "depth", "num_heads",
 
 
 class ExportError(FrozenLMError, ValueError):
-    """``frozenlm export`` or ``frozenlm recompose`` cannot use the checkpoint or an option given (a
+    """`frozenlm export` or `frozenlm recompose` cannot use the checkpoint or an option given (a
     missing, damaged or other kind of file, a checkpoint of another model, an output it cannot write);
     the message names the file or option and the fix."""
 
 
 def _load(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(hyper-parameters, state dict)`` of a Lightning checkpoint, the state in its model's names (``backbone.*``,
-    whether the task stored it as ``model.backbone.*`` or, before tasks held ``self.model``, ``backbone.*``), or an
-    :class:`ExportError` naming the file when it is missing, damaged or not a Lightning checkpoint (with the newest
+    """`(hyper-parameters, state dict)` of a Lightning checkpoint, the state in its model's names (`backbone.*`,
+    whether the task stored it as `model.backbone.*` or, before tasks held `self.model`, `backbone.*`), or an
+    `ExportError` naming the file when it is missing, damaged or not a Lightning checkpoint (with the newest
     intact one beside it)."""
     path = Path(checkpoint)
     fix = "give a .ckpt that `frozenlm fit` wrote (runs/<name>/version_<n>/checkpoints/)"
@@ -76,7 +76,7 @@ def _load(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
 
 
 def _read(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(hyper-parameters, trunk state dict)`` of a baseline or GCR checkpoint; inline ones are refused."""
+    """`(hyper-parameters, trunk state dict)` of a baseline or GCR checkpoint; inline ones are refused."""
     hparams, state = _load(checkpoint)
     # Checkpoints of tasks holding their network as `model` store `model.backbone.*`; older ones `backbone.*`.
     prefix = f"model.{TRUNK_PREFIX}" if any(k.startswith(f"model.{TRUNK_PREFIX}") for k in state) else TRUNK_PREFIX
@@ -92,14 +92,14 @@ def _read(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
 
 
 def read_trunk(checkpoint: str | Path, decomposed: bool = False) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
-    """``(timm model name, create_model kwargs, state dict)`` of an ImageClassifier checkpoint's ViT.
+    """`(timm model name, create_model kwargs, state dict)` of an ImageClassifier checkpoint's ViT.
 
     The kwargs include frozenlm's stem and position options when the ViT has them (then
-    ``frozenlm.models.create_vit``, not ``timm.create_model``, builds it).
+    `frozenlm.models.create_vit`, not `timm.create_model`, builds it).
 
-    Raises :class:`ExportError` (a ``ValueError``) for missing or damaged files, checkpoints of other tasks and
-    inline-mode LM blocks, and for decomposed (learngene) models unless ``decomposed`` (then the state holds
-    no blocks: :func:`recompose` adds them).
+    Raises `ExportError` (a `ValueError`) for missing or damaged files, checkpoints of other tasks and
+    inline-mode LM blocks, and for decomposed (learngene) models unless `decomposed` (then the state holds
+    no blocks: `recompose` adds them).
     """
     hparams, state = _read(checkpoint)
     if hparams.get("learngene") and not decomposed:
@@ -131,13 +131,13 @@ def export(checkpoint: str, output: str = "model.safetensors") -> Path:
     """Write the plain timm ViT of a baseline or GCR ImageClassifier checkpoint.
 
     Args:
-        checkpoint: a Lightning ``.ckpt`` of ``frozenlm.tasks.ImageClassifier`` trained with
-            ``llm: null`` or ``llm.mode: auxiliary``.
-        output: the ``.safetensors`` file to write; the timm model name and ``create_model`` kwargs
-            go to the same path with a ``.json`` suffix.
+        checkpoint: a Lightning `.ckpt` of `frozenlm.tasks.ImageClassifier` trained with
+            `llm: null` or `llm.mode: auxiliary`.
+        output: the `.safetensors` file to write; the timm model name and `create_model` kwargs
+            go to the same path with a `.json` suffix.
 
     Returns:
-        The path of the written ``.safetensors`` file.
+        The path of the written `.safetensors` file.
     """
     _check_output(output)
     name, kwargs, state = read_trunk(checkpoint)
@@ -145,7 +145,7 @@ def export(checkpoint: str, output: str = "model.safetensors") -> Path:
 
 
 def write_trunk(name: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor], output: str | Path, source: str | Path) -> Path:
-    """``output`` (``.safetensors``): a ViT's state dict, and beside it the ``.json`` that rebuilds the model."""
+    """`output` (`.safetensors`): a ViT's state dict, and beside it the `.json` that rebuilds the model."""
     builder = "frozenlm.models.create_vit" if trunk_options(kwargs) else "timm.create_model"
     spec = {"model_name": name, "builder": builder, "create_model_kwargs": kwargs, "source_checkpoint": str(source)}
     path = _save(state, output, {"format": "pt"}, json.dumps(spec, indent=2) + "\n")
@@ -154,19 +154,19 @@ def write_trunk(name: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor
 
 
 def recompose(checkpoint: str, depth: int, genes: int | None = None, output: str = "model.safetensors", tied: bool = False) -> Path:
-    """Build a ViT of ``depth`` blocks from the first ``genes`` learngenes of a decomposed model
-    (``--model.learngene``): block ``l`` is ``sum_n a(l, n) A_n`` with the coefficients of a depth-``depth``
-    ViT (:mod:`frozenlm.models.learngene`); the patch embedding, tokens, positions, norm and head are the
+    """Build a ViT of `depth` blocks from the first `genes` learngenes of a decomposed model
+    (`--model.learngene`): block `l` is `sum_n a(l, n) A_n` with the coefficients of a depth-`depth`
+    ViT ([`learngene`][frozenlm.models.learngene]); the patch embedding, tokens, positions, norm and head are the
     trained ones.
 
     Args:
-        checkpoint: a Lightning ``.ckpt`` of ``frozenlm.tasks.ImageClassifier`` with ``learngene`` set.
+        checkpoint: a Lightning `.ckpt` of `frozenlm.tasks.ImageClassifier` with `learngene` set.
         depth: blocks of the new ViT.
         genes: learngenes used (the first ones); None = all.
-        output: ``.safetensors`` to write. Untied: a plain ViT's state dict and the ``.json`` that rebuilds
-            it (as ``frozenlm export``). ``tied``: the genes and shared parts in the task's names, for
-            ``frozenlm fit --model.learngene '{genes: k}' --model.backbone_kwargs '{depth: D}'
-            --model.init_from <output>`` (the blocks stay tied to the genes while fine-tuning).
+        output: `.safetensors` to write. Untied: a plain ViT's state dict and the `.json` that rebuilds
+            it (as `frozenlm export`). `tied`: the genes and shared parts in the task's names, for
+            `frozenlm fit --model.learngene '{genes: k}' --model.backbone_kwargs '{depth: D}'
+            --model.init_from <output>` (the blocks stay tied to the genes while fine-tuning).
         tied: write the genes instead of the blocks.
 
     Returns:
@@ -207,8 +207,8 @@ def _check_output(output: str | Path) -> Path:
 
 
 def _save(state: dict[str, torch.Tensor], output: str | Path, metadata: dict[str, str], spec: str | None = None) -> Path:
-    """Write ``state`` to ``output`` (``.safetensors``) and ``spec``, when given, to the ``.json`` beside it;
-    an :class:`ExportError` naming ``--output`` when the path is not ``.safetensors`` or cannot be written."""
+    """Write `state` to `output` (`.safetensors`) and `spec`, when given, to the `.json` beside it;
+    an `ExportError` naming `--output` when the path is not `.safetensors` or cannot be written."""
     path = _check_output(output)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,5 +221,5 @@ def _save(state: dict[str, torch.Tensor], output: str | Path, metadata: dict[str
 
 
 def _removed_blocks(hparams: dict[str, Any]) -> int:
-    """Blocks ``create_vit`` takes off the requested depth (the conv stem's)."""
+    """Blocks `create_vit` takes off the requested depth (the conv stem's)."""
     return hparams.get("stem_removed_blocks", 1) if hparams.get("stem") == "conv" else 0

@@ -1,29 +1,29 @@
 """Measuring a frozen LM block and the visual trunks around it: FLOPs, time against a matmul ideal, peak memory.
 
-What ``frozenlm bench`` (:mod:`frozenlm.bench`, the command), the sweep (FLOPs per sample) and the scripts
-in ``benchmarks/`` measure with.
+What `frozenlm bench` ([`bench`][frozenlm.bench], the command), the sweep (FLOPs per sample) and the scripts
+in `benchmarks/` measure with.
 
-FLOP count of a block's training step (:func:`block_flops`; multiply-adds count 2; elementwise ops,
+FLOP count of a block's training step (`block_flops`; multiply-adds count 2; elementwise ops,
 norms, softmax and activations are not counted):
 
-* forward: ``2 * B * N * in * out`` for every linear map in the LM layer(s) and both adapters, plus
-  ``2 * B * N^2 * heads * head_dim`` for each of the two attention matmuls ``Q K^T`` and ``P V``.
-* backward: a frozen linear needs only its input gradient ``dX = dY W`` (1x its forward). The
+* forward: `2 * B * N * in * out` for every linear map in the LM layer(s) and both adapters, plus
+  `2 * B * N^2 * heads * head_dim` for each of the two attention matmuls `Q K^T` and `P V`.
+* backward: a frozen linear needs only its input gradient `dX = dY W` (1x its forward). The
   attention matmuls multiply two activations that both depend on the input, so both operands need a
-  gradient (2x their forward). The trainable adapters, and LoRA's ``A`` and ``B``, need the input and
+  gradient (2x their forward). The trainable adapters, and LoRA's `A` and `B`, need the input and
   the weight gradient (2x).
-  Recomputation (e.g. a fused attention kernel recomputing ``Q K^T`` in backward) is not counted: the
+  Recomputation (e.g. a fused attention kernel recomputing `Q K^T` in backward) is not counted: the
   count is the minimum work, so the ratio to the ideal includes such overheads.
 
-The ideal time (:func:`time_block_step`) is that of one plain ``torch.matmul`` of the same FLOPs, timed
+The ideal time (`time_block_step`) is that of one plain `torch.matmul` of the same FLOPs, timed
 in the same run and the same dtype, interleaved with the block's steps so both see the same machine
-load: ``a [m, n] @ w.T`` with ``w [n, n]`` stored like an ``nn.Linear`` weight (the layout the block's
-linears use; CPUs without native bf16 run the other layout on a much slower path), ``m, n`` chosen so
-``2 m n^2`` is the step's FLOPs (the small rounding is scaled out). ``ratio`` = block time / ideal time.
+load: `a [m, n] @ w.T` with `w [n, n]` stored like an `nn.Linear` weight (the layout the block's
+linears use; CPUs without native bf16 run the other layout on a much slower path), `m, n` chosen so
+`2 m n^2` is the step's FLOPs (the small rounding is scaled out). `ratio` = block time / ideal time.
 
-:func:`trunk_flops` gives the parameters and forward FLOPs of the visual trunks the block sits in:
+`trunk_flops` gives the parameters and forward FLOPs of the visual trunks the block sits in:
 DeiT-T/S/B with the patchify stem, with the convolutional stem (one block fewer) and with CAPE
-positions, counted by PyTorch's ``FlopCounterMode`` on the meta device (not timed); :func:`flop_counter`
+positions, counted by PyTorch's `FlopCounterMode` on the meta device (not timed); `flop_counter`
 is that counter with attention on CPU tensors counted too.
 """
 
@@ -65,11 +65,11 @@ def measure_block_step(
     lora: LoRAConfig | None = None,
 ) -> dict[str, Any]:
     """One training step (forward, then backward to the input tokens) of a frozen LM block with random
-    weights: the first ``lm_layers`` layers of ``config`` between adapters from ``in_dim``, its weights in
-    ``dtype``, on ``[batch, tokens, in_dim]`` tokens that require grad (as inside a ViT).
+    weights: the first `lm_layers` layers of `config` between adapters from `in_dim`, its weights in
+    `dtype`, on `[batch, tokens, in_dim]` tokens that require grad (as inside a ViT).
 
-    Returns ``flops_forward, flops_backward, flops`` (:func:`block_flops`), what :func:`time_block_step`
-    returns, and ``weights_mib`` (the block's parameters)."""
+    Returns `flops_forward, flops_backward, flops` (`block_flops`), what `time_block_step`
+    returns, and `weights_mib` (the block's parameters)."""
     block = FrozenLMBlock.from_config(config, list(range(lm_layers)), in_dim, dtype=dtype, seed=seed, lora=lora)
     block.to(device).train()
     flops = block_flops(block, batch, tokens)
@@ -91,9 +91,9 @@ def _cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_
 
 
 def flop_counter() -> FlopCounterMode:
-    """PyTorch's ``FlopCounterMode`` that also counts attention on CPU tensors. Its table knows the CUDA
-    attention kernels only, so the CPU's fused kernel, what ``scaled_dot_product_attention`` runs there,
-    counted 0; it gets the same closed form (``Q K^T`` and ``P V``: 2 x 2 B H N M d, backward twice that)."""
+    """PyTorch's `FlopCounterMode` that also counts attention on CPU tensors. Its table knows the CUDA
+    attention kernels only, so the CPU's fused kernel, what `scaled_dot_product_attention` runs there,
+    counted 0; it gets the same closed form (`Q K^T` and `P V`: 2 x 2 B H N M d, backward twice that)."""
     aten = torch.ops.aten
     return FlopCounterMode(
         display=False,
@@ -105,14 +105,14 @@ def flop_counter() -> FlopCounterMode:
 
 
 def trunk_flops(backbones: Sequence[str] = DEIT, img_size: int = 224) -> list[dict[str, Any]]:
-    """Parameters and forward FLOPs per image of each timm ViT in ``backbones`` in the variants of
-    ``TRUNK_VARIANTS``: patchify stem (as timm builds it), convolutional stem (Xiao et al.; one block
+    """Parameters and forward FLOPs per image of each timm ViT in `backbones` in the variants of
+    `TRUNK_VARIANTS`: patchify stem (as timm builds it), convolutional stem (Xiao et al.; one block
     fewer) and CAPE positions (no position table).
 
     FLOPs are those of matmuls and convolutions (a multiply-add counts 2) of a 1000-class model's
-    eval forward on one ``img_size`` image, counted by ``FlopCounterMode`` on the meta device.
-    Returns one row per (backbone, variant): ``backbone, stem, pos_embed, depth, params, flops,
-    embed_flops`` (the patch embedding's part).
+    eval forward on one `img_size` image, counted by `FlopCounterMode` on the meta device.
+    Returns one row per (backbone, variant): `backbone, stem, pos_embed, depth, params, flops,
+    embed_flops` (the patch embedding's part).
     """
     rows = []
     for name in backbones:
@@ -135,10 +135,10 @@ def trunk_flops(backbones: Sequence[str] = DEIT, img_size: int = 224) -> list[di
 
 
 def block_flops(block: FrozenLMBlock, batch: int, tokens: int) -> dict[str, int]:
-    """Matmul FLOPs of one forward + input-gradient backward of ``block`` on ``[batch, tokens, in_dim]``.
+    """Matmul FLOPs of one forward + input-gradient backward of `block` on `[batch, tokens, in_dim]`.
 
-    Returns ``forward``, ``backward``, ``total`` and the parts ``lm_linear``, ``attention``,
-    ``adapters`` and ``lora`` (forward FLOPs of each). Counting rule in the module docstring: backward
+    Returns `forward`, `backward`, `total` and the parts `lm_linear`, `attention`,
+    `adapters` and `lora` (forward FLOPs of each). Counting rule in the module docstring: backward
     = 1x forward for the frozen linears, 2x for the attention matmuls and 2x for the trainable
     adapters and LoRA maps.
     """
@@ -187,9 +187,9 @@ def time_block_step(
     warmup: int,
     seed: int,
 ) -> dict[str, Any]:
-    """Median times of the block's step and of the ideal matmul of ``flops`` (module docstring), and the
-    step's peak memory (over the ``warmup`` steps): ``block_ms, ideal_ms, matmul_shape, block_tflops,
-    ideal_tflops, ratio, peak_mem_mib, mem_method``."""
+    """Median times of the block's step and of the ideal matmul of `flops` (module docstring), and the
+    step's peak memory (over the `warmup` steps): `block_ms, ideal_ms, matmul_shape, block_tflops,
+    ideal_tflops, ratio, peak_mem_mib, mem_method`."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, tokens, block.in_dim, generator=generator).to(dev).requires_grad_()
     grad_out = torch.randn(batch, tokens, block.in_dim, generator=generator).to(dev)
@@ -233,14 +233,14 @@ def time_block_step(
 
 
 def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median wall time of ``repeats`` calls of ``fn`` after one warm-up call (CUDA synchronised)."""
+    """Median wall time of `repeats` calls of `fn` after one warm-up call (CUDA synchronised)."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     fn()
     return statistics.median(_timed(fn, sync) for _ in range(repeats))
 
 
 def ideal_seconds(flops: int, device: torch.device, repeats: int) -> float:
-    """The FLOP ideal: the time of one fp32 ``torch.matmul`` ``[m, n] @ [n, n].T`` scaled to ``flops``."""
+    """The FLOP ideal: the time of one fp32 `torch.matmul` `[m, n] @ [n, n].T` scaled to `flops`."""
     n = max(1, round((flops / 2) ** (1 / 3)))
     m = max(1, round(flops / (2 * n * n)))
     a, w = torch.randn(m, n, device=device), torch.randn(n, n, device=device)
@@ -256,7 +256,7 @@ def _timed(fn: Callable[[], None], sync: Callable[[], None]) -> float:
 
 
 class _PeakMemory:
-    """Peak memory of a code region above what was held when it started (bytes in ``.peak``)."""
+    """Peak memory of a code region above what was held when it started (bytes in `.peak`)."""
 
     def __init__(self, dev: torch.device) -> None:
         self.dev = dev

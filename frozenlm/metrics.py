@@ -1,6 +1,6 @@
 """Metrics shared by several tasks: image-text retrieval's Recall@K (METER's retrieval, UTA's zero-shot
-retrieval), as a function of an all-pairs score matrix and as a torchmetrics ``Metric`` that gathers the
-score rows of every process (:class:`RetrievalRecall`)."""
+retrieval), as a function of an all-pairs score matrix and as a torchmetrics `Metric` that gathers the
+score rows of every process (`RetrievalRecall`)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from torchmetrics.utilities import dim_zero_cat
 
 
 def retrieval_recalls(scores: Tensor, text_images: Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, Tensor]:
-    """Recall@k of image-text retrieval from the all-pairs ``scores [images, texts]``.
+    """Recall@k of image-text retrieval from the all-pairs `scores [images, texts]`.
 
-    ``text_images [texts]`` is each text's image. Image-to-text (``tr_r<k>``): an image counts when any of
-    its texts is among its ``k`` best-scored texts; text-to-image (``ir_r<k>``): a text counts when its image
-    is among its ``k`` best-scored images (``topk`` ranks, as METER).
+    `text_images [texts]` is each text's image. Image-to-text (`tr_r<k>`): an image counts when any of
+    its texts is among its `k` best-scored texts; text-to-image (`ir_r<k>`): a text counts when its image
+    is among its `k` best-scored images (`topk` ranks, as METER).
     """
     images = torch.arange(len(scores), device=scores.device)
     recalls = {}
@@ -32,12 +32,12 @@ def retrieval_recalls(scores: Tensor, text_images: Tensor, ks: tuple[int, ...] =
 def split_recalls(
     index: Tensor, scores: Tensor, owners: Tensor, stage: str, warn: bool = True, ks: tuple[int, ...] = (1, 5, 10)
 ) -> dict[str, Tensor]:
-    """:func:`retrieval_recalls` of an evaluation split from its score rows as the processes gathered them.
+    """`retrieval_recalls` of an evaluation split from its score rows as the processes gathered them.
 
-    ``index [R]`` is each row's image in the split (-1 for rows that only evened out the processes' shares),
-    ``scores [R, texts]``, ``owners [texts]`` each text's image. When only some images were scored
-    (``limit_val_batches``, the sanity check) the recalls are those of the scored images and their texts,
-    said in a warning unless ``warn`` is False.
+    `index [R]` is each row's image in the split (-1 for rows that only evened out the processes' shares),
+    `scores [R, texts]`, `owners [texts]` each text's image. When only some images were scored
+    (`limit_val_batches`, the sanity check) the recalls are those of the scored images and their texts,
+    said in a warning unless `warn` is False.
     """
     keep = index >= 0
     index, scores = index[keep], scores[keep].float()
@@ -58,16 +58,16 @@ def split_recalls(
 class RetrievalRecall(Metric):
     """Recall@K of image-text retrieval over an evaluation split from all-pairs score rows, exact on any number
     of processes: each process adds the rows of the images it scored, the rows of every process are gathered
-    (states concatenated, ``dist_reduce_fx="cat"``) and the recalls computed once over the split.
+    (states concatenated, `dist_reduce_fx="cat"`) and the recalls computed once over the split.
 
-    - ``start(owners, stage, warn)`` when an evaluation starts: ``owners [texts]`` is each text's image in the
+    - `start(owners, stage, warn)` when an evaluation starts: `owners [texts]` is each text's image in the
       split; resets the state.
-    - ``update(index, scores)``: ``index [B]`` the scored images' positions in the split, ``scores [B, texts]``
+    - `update(index, scores)`: `index [B]` the scored images' positions in the split, `scores [B, texts]`
       their score rows; rows that only even out the processes' shares are left out by the caller
-      (:meth:`frozenlm.tasks.BaseTask.scored`), so every image counts once.
-    - ``compute()``: ``{"tr_r<k>", "ir_r<k>"}`` for each ``k`` of ``ks`` (see :func:`retrieval_recalls`); over
-      the scored images and their texts when only some were scored (``limit_val_batches``, the sanity check),
-      said in a warning naming ``stage`` unless ``warn`` is False (:func:`split_recalls`).
+      ([`scored`][frozenlm.tasks.BaseTask.scored]), so every image counts once.
+    - `compute()`: `{"tr_r<k>", "ir_r<k>"}` for each `k` of `ks` (see `retrieval_recalls`); over
+      the scored images and their texts when only some were scored (`limit_val_batches`, the sanity check),
+      said in a warning naming `stage` unless `warn` is False (`split_recalls`).
     """
 
     full_state_update = False
@@ -81,7 +81,7 @@ class RetrievalRecall(Metric):
         self.stage, self.warn = "evaluation", True
 
     def start(self, owners: Tensor, stage: str = "evaluation", warn: bool = True) -> None:
-        """Begin an evaluation of the split whose texts belong to the images ``owners``."""
+        """Begin an evaluation of the split whose texts belong to the images `owners`."""
         self.reset()
         self.owners, self.stage, self.warn = owners, stage, warn
         # A process that scores no image still takes part in the gather, with rows of the right shape.
@@ -89,12 +89,12 @@ class RetrievalRecall(Metric):
         self.scores.append(torch.empty(0, len(owners), device=self.device))
 
     def update(self, index: Tensor, scores: Tensor) -> None:
-        """Add the score rows ``scores [B, texts]`` of the split's images ``index [B]``."""
+        """Add the score rows `scores [B, texts]` of the split's images `index [B]`."""
         self.index.append(index.to(self.device, torch.long))
         self.scores.append(scores.detach().float())
 
     def compute(self) -> dict[str, Tensor]:
-        """The recalls of the scored images (every process's), as :func:`split_recalls` gives them."""
+        """The recalls of the scored images (every process's), as `split_recalls` gives them."""
         if self.owners is None:
             raise RuntimeError("RetrievalRecall.start(owners) gives the split's texts before the first update.")
         index, scores = dim_zero_cat(self.index), dim_zero_cat(self.scores)

@@ -1,12 +1,12 @@
-"""Prediction files written while ``predict`` runs: opened (and so checked) before the first batch, and
+"""Prediction files written while `predict` runs: opened (and so checked) before the first batch, and
 written as each batch finishes, so an unwritable path costs no work and an interrupted pass keeps
 every batch it finished.
 
-A task (or its datamodule) chooses the format by the path's suffix through ``prediction_file(path)``;
-classifiers write :class:`ClassPredictionsCSV` or :class:`ClassPredictionsJSON`. Under DDP each process
+A task (or its datamodule) chooses the format by the path's suffix through `prediction_file(path)`;
+classifiers write `ClassPredictionsCSV` or `ClassPredictionsJSON`. Under DDP each process
 writes its own file, and beside it the position in the split of every sample it wrote (the batches'
-``dataset_index``, :class:`frozenlm.data.distributed.MarkedPadding`); at the end process 0 joins them into
-the requested one with the format's ``merge``, samples back in dataset order: the file a single process
+`dataset_index`, `MarkedPadding`); at the end process 0 joins them into
+the requested one with the format's `merge`, samples back in dataset order: the file a single process
 would have written, also when unreadable samples were dropped from some batches.
 """
 
@@ -25,16 +25,16 @@ from frozenlm.files import atomic_path
 
 
 class PredictionOutputError(FrozenLMError, ValueError):
-    """The predictions cannot be written where ``--predictions.output`` says (checked before the first batch)."""
+    """The predictions cannot be written where `--predictions.output` says (checked before the first batch)."""
 
 
 class PredictionFile:
-    """One predictions file: ``write(prediction)`` per batch (the dict a ``predict_step`` returns),
-    ``close()`` at the end, returning how many predictions were written.
+    """One predictions file: `write(prediction)` per batch (the dict a `predict_step` returns),
+    `close()` at the end, returning how many predictions were written.
 
-    The constructor checks the suffix against ``suffixes`` and opens the file for writing, so a path
+    The constructor checks the suffix against `suffixes` and opens the file for writing, so a path
     whose parent is a file, a directory without write permission or a wrong suffix fails at once.
-    ``streamed`` False keeps the file closed until ``close`` writes it whole (formats that cannot be
+    `streamed` False keeps the file closed until `close` writes it whole (formats that cannot be
     appended to); the directory is still checked up front.
     """
 
@@ -69,9 +69,9 @@ class PredictionFile:
         raise NotImplementedError
 
     def write_batch(self, prediction: dict[str, Any], batch: Any) -> None:
-        """:meth:`write` the predictions of ``batch`` and, when the batch carries its samples' positions in
+        """`write` the predictions of `batch` and, when the batch carries its samples' positions in
         the split (evaluation loaders under DDP), record those of the samples written (the padding that
-        evens out the processes' shares is never written) in :func:`index_path`, for :meth:`join`."""
+        evens out the processes' shares is never written) in `index_path`, for `join`."""
         from frozenlm.data.distributed import DATASET_INDEX  # (both packages import this module)
         from frozenlm.tasks.base import BaseTask
 
@@ -98,13 +98,13 @@ class PredictionFile:
 
     @classmethod
     def merge(cls, parts: list[Path], path: Path) -> int:
-        """Join the files ``parts`` (process ``r`` wrote ``parts[r]``) into ``path``, written atomically, with
-        the samples in dataset order (:func:`dataset_order`); returns how many samples it holds."""
+        """Join the files `parts` (process `r` wrote `parts[r]`) into `path`, written atomically, with
+        the samples in dataset order (`dataset_order`); returns how many samples it holds."""
         raise NotImplementedError
 
     @classmethod
     def join(cls, parts: list[Path], path: Path) -> int:
-        """:meth:`merge`, then remove the processes' files; returns how many samples ``path`` holds."""
+        """`merge`, then remove the processes' files; returns how many samples `path` holds."""
         count = cls.merge(parts, path)
         for part in parts:
             part.unlink()
@@ -113,15 +113,15 @@ class PredictionFile:
 
 
 def index_path(part: Path) -> Path:
-    """Where a process's prediction file ``part`` has the dataset positions of its samples (JSON lists)."""
+    """Where a process's prediction file `part` has the dataset positions of its samples (JSON lists)."""
     return part.with_name(part.name + ".index")
 
 
 def dataset_order(shares: list[list[Any]], parts: list[Path]) -> list[Any]:
-    """The samples of an evaluation split in dataset order from each process's share (``shares[r]``, the
-    samples process ``r`` wrote to ``parts[r]``, in the order written), by the positions it recorded
-    beside its file (:meth:`PredictionFile.write_batch`). (The sampler deals the split round-robin, but a
-    share is not every ``n``-th sample once unreadable samples were dropped from its batches.)"""
+    """The samples of an evaluation split in dataset order from each process's share (`shares[r]`, the
+    samples process `r` wrote to `parts[r]`, in the order written), by the positions it recorded
+    beside its file (`PredictionFile.write_batch`). (The sampler deals the split round-robin, but a
+    share is not every `n`-th sample once unreadable samples were dropped from its batches.)"""
     ordered = []
     for share, part in zip(shares, parts):
         lines = index_path(part).read_text().splitlines() if index_path(part).is_file() else []
@@ -136,7 +136,7 @@ def dataset_order(shares: list[list[Any]], parts: list[Path]) -> list[Any]:
 
 
 def merge_csv(parts: list[Path], path: Path, key: str) -> int:
-    """:meth:`PredictionFile.merge` of CSV files whose consecutive rows with the same ``key`` are one sample."""
+    """`PredictionFile.merge` of CSV files whose consecutive rows with the same `key` are one sample."""
     shares, header = [], None
     for part in parts:
         with part.open(newline="") as file:
@@ -171,7 +171,7 @@ def class_rows(prediction: dict[str, Any], class_names: list[str] | None) -> lis
 
 
 class ClassPredictionsCSV(PredictionFile):
-    """``id, classes, probs[, class_names]`` per sample; the lists as JSON. Valid CSV after every batch."""
+    """`id, classes, probs[, class_names]` per sample; the lists as JSON. Valid CSV after every batch."""
 
     suffixes = (".csv",)
 
@@ -197,8 +197,8 @@ class ClassPredictionsCSV(PredictionFile):
 
 class JSONRows(PredictionFile):
     """A JSON array of objects, one sample a line; the closing bracket is rewritten after every batch, so
-    the file is valid JSON whenever a batch has finished. A predict batch's rows are ``prediction["rows"]``
-    unless a subclass says otherwise (:meth:`rows`)."""
+    the file is valid JSON whenever a batch has finished. A predict batch's rows are `prediction["rows"]`
+    unless a subclass says otherwise (`rows`)."""
 
     suffixes = (".json",)
 
@@ -232,7 +232,7 @@ class JSONRows(PredictionFile):
 
 
 class ClassPredictionsJSON(JSONRows):
-    """``{"id", "classes", "probs"[, "class_names"]}`` per sample, as :class:`JSONRows`."""
+    """`{"id", "classes", "probs"[, "class_names"]}` per sample, as `JSONRows`."""
 
     def __init__(self, path: str | os.PathLike, class_names: list[str] | None = None) -> None:
         self.class_names = class_names

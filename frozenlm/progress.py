@@ -1,18 +1,18 @@
-"""Progress for logs: plain lines when the output is not a terminal (a SLURM job, ``nohup``, a pipe).
+"""Progress for logs: plain lines when the output is not a terminal (a SLURM job, `nohup`, a pipe).
 
 A rich (or tqdm) progress bar redraws one line of a terminal; written to a file it shows nothing
-until the run ends. :class:`ProgressLines` prints, instead, one flushed line at every
-``every_fraction`` of a pass (training epoch, validation, test, predict) and at least every
-``every_seconds`` in a long one, from process 0 only::
+until the run ends. `ProgressLines` prints, instead, one flushed line at every
+`every_fraction` of a pass (training epoch, validation, test, predict) and at least every
+`every_seconds` in a long one, from process 0 only:
 
     Epoch 3/99  batch 126/1251 (10%)  train_loss 2.346  5.21 it/s  elapsed 0:00:24  ETA 0:03:34
     Epoch 3/99  validation  batch 5/50 (10%)  10.3 it/s  elapsed 0:00:00  ETA 0:00:04
     Epoch 3/99  validated  val_acc1 0.5133  val_loss 1.872
 
 The epoch is counted from 0 with the last one after the slash, as the rich bar and the checkpoint names
-count; ``it/s`` is batches per second since the pass began, and ``ETA`` the rest of the pass at that rate.
-The trainer commands choose it themselves (:func:`progress_bar`): the rich bar in a terminal, these lines
-elsewhere; ``--progress.every_fraction`` and ``--progress.every_seconds`` set when lines are printed.
+count; `it/s` is batches per second since the pass began, and `ETA` the rest of the pass at that rate.
+The trainer commands choose it themselves (`progress_bar`): the rich bar in a terminal, these lines
+elsewhere; `--progress.every_fraction` and `--progress.every_seconds` set when lines are printed.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class ProgressLines(ProgressBar):
         return _Pass(label, total, started=now, last_line=now)
 
     def _next_mark(self, done: int, total: float) -> int:
-        """The batch count of the first fraction line after ``done`` batches (``total`` for the last)."""
+        """The batch count of the first fraction line after `done` batches (`total` for the last)."""
         step = self.every_fraction * total
         k = math.floor(round(done / step, 9)) + 1
         return min(math.ceil(round(k * step, 9)), int(total))
@@ -180,7 +180,7 @@ class ProgressLines(ProgressBar):
 
 
 def progress_bar(lines: ProgressLines) -> ProgressBar:
-    """The progress display for this process's standard output: the rich bar in a terminal, ``lines``
+    """The progress display for this process's standard output: the rich bar in a terminal, `lines`
     otherwise (a file or pipe, where the bar would show nothing until the run ends)."""
     isatty = getattr(sys.stdout, "isatty", None)
     return RichProgressBar() if isatty is not None and isatty() else lines

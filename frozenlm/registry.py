@@ -1,14 +1,14 @@
-"""Plain models by name, and from checkpoints: ``create_model``, ``list_models``, ``load_model``.
+"""Plain models by name, and from checkpoints: `create_model`, `list_models`, `load_model`.
 
-Every shipped config under ``configs/`` names a model; ``create_model(name)`` builds that config's model (the
-``model:`` section, through its task's ``build_model``) as a plain ``nn.Module``, without Lightning, a trainer
-or data. The frozen LM block is read from the config's ``llm.checkpoint`` (one layer, as in training);
-override it, or any other model argument, by keyword::
+Every shipped config under `configs/` names a model; `create_model(name)` builds that config's model (the
+`model:` section, through its task's `build_model`) as a plain `nn.Module`, without Lightning, a trainer
+or data. The frozen LM block is read from the config's `llm.checkpoint` (one layer, as in training);
+override it, or any other model argument, by keyword:
 
     model = frozenlm.create_model("deit_small_llama", llm={"checkpoint": "path/to/llama"})
     tokens, branch = model.forward_features(images)   # branch: the GCR tokens (training, auxiliary mode)
 
-``load_model(checkpoint)`` gives the trained model of a frozenlm checkpoint in one call (the frozen block
+`load_model(checkpoint)` gives the trained model of a frozenlm checkpoint in one call (the frozen block
 resolved from its source as when resuming; a self-contained checkpoint needs no source).
 """
 
@@ -63,18 +63,18 @@ _NOT_MODELS = ("demo", "demo_uta")
 
 
 class UnknownModelError(FrozenLMError, KeyError):
-    """``create_model`` was given a name no shipped config has."""
+    """`create_model` was given a name no shipped config has."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
 
 
 class NotAFrozenLMCheckpointError(FrozenLMError, ValueError):
-    """``load_model`` was given a file that is not a frozenlm task checkpoint."""
+    """`load_model` was given a file that is not a frozenlm task checkpoint."""
 
 
 def config_dir() -> Path:
-    """The shipped ``configs/`` folder: ``$FROZENLM_CONFIGS``, else the one beside the package (``make install``
+    """The shipped `configs/` folder: `$FROZENLM_CONFIGS`, else the one beside the package (`make install`
     installs the repository in place)."""
     folder = Path(os.environ.get("FROZENLM_CONFIGS") or Path(__file__).resolve().parent.parent / "configs")
     if not folder.is_dir():
@@ -86,16 +86,16 @@ def config_dir() -> Path:
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Every model name ``create_model`` takes (the aliases and the shipped configs' names), sorted; ``pattern``
-    filters them as shell wildcards (``"*pointbert*"``)."""
+    """Every model name `create_model` takes (the aliases and the shipped configs' names), sorted; `pattern`
+    filters them as shell wildcards (`"*pointbert*"`)."""
     stems = {p.stem for p in config_dir().glob("*.yaml")} - set(_NOT_MODELS)
     names = {alias for alias, stem in ALIASES.items() if stem in stems} | stems
     return sorted(fnmatch.filter(names, pattern))
 
 
 def model_config(name: str) -> tuple[type, dict[str, Any]]:
-    """``(task class, model arguments)`` of a model name: the config's ``model:`` section over the task's
-    defaults, ``num_classes`` from the config's datamodule when the config does not give it."""
+    """`(task class, model arguments)` of a model name: the config's `model:` section over the task's
+    defaults, `num_classes` from the config's datamodule when the config does not give it."""
     stem = ALIASES.get(name, name)
     path = config_dir() / f"{stem}.yaml"
     if stem in _NOT_MODELS or not path.is_file():
@@ -112,12 +112,12 @@ def model_config(name: str) -> tuple[type, dict[str, Any]]:
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
-    """The plain model of a shipped config (see :func:`list_models`), built without Lightning.
+    """The plain model of a shipped config (see [`list_models`][frozenlm.registry.list_models]), built without Lightning.
 
-    ``overrides`` replace the config's model arguments (a dict for ``llm`` is merged into the config's, so
-    ``llm={"checkpoint": folder}`` keeps its layers and dtype; ``llm=None`` drops the block).
+    `overrides` replace the config's model arguments (a dict for `llm` is merged into the config's, so
+    `llm={"checkpoint": folder}` keeps its layers and dtype; `llm=None` drops the block).
 
-    Example::
+    Example:
 
         >>> import frozenlm
         >>> vit = frozenlm.create_model("deit_small", num_classes=10)  # doctest: +SKIP
@@ -132,9 +132,9 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 
 
 def load_model(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The trained model (``task.model``, in eval mode) of a frozenlm ``.ckpt``, in one call.
+    """The trained model (`task.model`, in eval mode) of a frozenlm `.ckpt`, in one call.
 
-    Example::
+    Example:
 
         >>> model = frozenlm.load_model("runs/cifar100/checkpoints/last.ckpt")  # doctest: +SKIP
     """
@@ -166,7 +166,7 @@ def _resolve(class_path: str) -> type:
 
 def _data_classes(data: dict[str, Any], default: int | None) -> int | None:
     """The class count the config's datamodule reports (the CLI links it to the model): the count a datamodule
-    built from the config reports, else the class's own count (``num_classes``, or ``classes_for(**init_args)``),
+    built from the config reports, else the class's own count (`num_classes`, or `classes_for(**init_args)`),
     else the task's default (the paper's dataset: ImageNet's 1000, SSv2's 174, ModelNet40's 40...)."""
     if "class_path" not in data:
         return default

@@ -1,14 +1,14 @@
 """The start of a run on several processes: say what a process waits for while the others have not come,
 and give up after a limit with one line.
 
-Under DDP every process first meets the others at the main process's address (``MASTER_ADDR`` and
-``MASTER_PORT``, set by the cluster, torchrun or by hand; Lightning sets them for the processes it
+Under DDP every process first meets the others at the main process's address (`MASTER_ADDR` and
+`MASTER_PORT`, set by the cluster, torchrun or by hand; Lightning sets them for the processes it
 starts on one node). PyTorch waits there silently, for 30 minutes by default, when a node never comes
-(a wrong ``NODE_RANK``, a node that failed to start, a blocked port). :class:`Rendezvous` watches that
-wait from a thread of each process: every ``log_every`` seconds it prints the address, this process's
+(a wrong `NODE_RANK`, a node that failed to start, a blocked port). `Rendezvous` watches that
+wait from a thread of each process: every `log_every` seconds it prints the address, this process's
 rank, and which ranks have arrived (each process, once it reaches the main process, leaves its rank in
-the main process's store); after ``timeout`` seconds it ends the process with
-:class:`ProcessesMissingError` in one line (exit status 2).
+the main process's store); after `timeout` seconds it ends the process with
+`ProcessesMissingError` in one line (exit status 2).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ PRESENT_KEY = "frozenlm/rendezvous/rank{}"
 
 
 class ProcessesMissingError(FrozenLMError, TimeoutError):
-    """Not every process of a multi-process run came within ``--rendezvous.timeout`` seconds."""
+    """Not every process of a multi-process run came within `--rendezvous.timeout` seconds."""
 
 
 class Rendezvous:
@@ -40,7 +40,7 @@ class Rendezvous:
 
     Args:
         timeout: seconds to wait for every process to arrive before the run stops with
-            :class:`ProcessesMissingError` (PyTorch's own limit is 1800).
+            `ProcessesMissingError` (PyTorch's own limit is 1800).
         log_every: seconds between two lines saying what the process waits for (the address, this
             process's rank, the ranks present and missing).
     """
@@ -99,7 +99,7 @@ class Rendezvous:
 
 
 def _calling(thread: int, function: str) -> bool:
-    """Whether ``thread`` is inside a Python function named ``function``."""
+    """Whether `thread` is inside a Python function named `function`."""
     frame = sys._current_frames().get(thread)
     while frame is not None:
         if frame.f_code.co_name == function:
@@ -136,7 +136,7 @@ def release_processes() -> None:
     Lightning leaves a gloo process group to the interpreter's exit (it destroys NCCL's only), so gloo's
     worker threads outlive the command into the interpreter's teardown. A C++ thread that then needs the
     GIL (one still releasing the tensors of the last collective) is ended by the finalising interpreter in
-    a way C++ turns into ``std::terminate``: "terminate called without an active exception", status 134
+    a way C++ turns into `std::terminate`: "terminate called without an active exception", status 134
     (reported for about 1 run in 26 of 2 simulated nodes; PyTorch's own gloo tests met the same abort for
     the same reason, pytorch/pytorch#65231). Destroying the group joins those threads first (the DDP
     wrapper that also holds it is gone once Lightning's teardown unwrapped the model; a collection

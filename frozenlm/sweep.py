@@ -1,6 +1,6 @@
-"""``frozenlm sweep``: a grid of named variants x seeds over one base config, resumable, with one table.
+"""`frozenlm sweep`: a grid of named variants x seeds over one base config, resumable, with one table.
 
-A sweep preset (``configs/sweeps/*.yaml``)::
+A sweep preset (`configs/sweeps/*.yaml`):
 
     config: configs/demo.yaml          # the base config every run starts from
     args: [--trainer.max_epochs, "20"] # overrides for every run
@@ -16,39 +16,39 @@ A sweep preset (``configs/sweeps/*.yaml``)::
       pretrained: []
       random: [--model.llm.init, random]
 
-Each run is ``frozenlm fit --config <config> <args> <variant overrides> --seed_everything <seed>``
-(``{seed}`` and ``{output}`` in the arguments become the run's seed and the sweep's folder, e.g. to
+Each run is `frozenlm fit --config <config> <args> <variant overrides> --seed_everything <seed>`
+(`{seed}` and `{output}` in the arguments become the run's seed and the sweep's folder, e.g. to
 start from an earlier variant's checkpoint of the same seed: variants run in the preset's order),
-logged under ``<output>/<variant>/seed<seed>/`` (TensorBoard, checkpoints and the run's resolved
-``config.yaml``) and summarised in its ``result.json`` (written atomically) when it finishes. A run's
-seed also seeds a random frozen block (``llm.seed``) unless the preset sets one; the data split stays
-the datamodule's own (fixed) and is reported. Runs holding a readable ``result.json`` are never redone,
+logged under `<output>/<variant>/seed<seed>/` (TensorBoard, checkpoints and the run's resolved
+`config.yaml`) and summarised in its `result.json` (written atomically) when it finishes. A run's
+seed also seeds a random frozen block (`llm.seed`) unless the preset sets one; the data split stays
+the datamodule's own (fixed) and is reported. Runs holding a readable `result.json` are never redone,
 so a killed sweep resumes; a damaged one (truncated, empty, a key missing) is named and redone.
-With ``test: true`` each run, once trained, is scored once on the datamodule's test split with its last
-weights (the last checkpoint's: no selection on test); its ``test_*`` metrics go into ``result.json``
-(``test``) and the report compares them like the validation metric.
+With `test: true` each run, once trained, is scored once on the datamodule's test split with its last
+weights (the last checkpoint's: no selection on test); its `test_*` metrics go into `result.json`
+(`test`) and the report compares them like the validation metric.
 
-Where runs go (``launcher``): ``inline``, one after another in this process (no start-up per run), or
-with ``gpus`` one process per GPU; ``slurm``, one job per run in a SLURM job array through ``submitit``
-(``--slurm.partition``, ``--slurm.gpus_per_node``, ... :class:`SlurmOptions`), each job one process per
-GPU; ``local``, the same job objects as local processes (submitit's local executor). A job that times
-out or is preempted is resubmitted by submitit and resumes from the run's ``last.ckpt``
-(:class:`SweepJob`). Each submitted run's ``job.json`` names its job and log files.
+Where runs go (`launcher`): `inline`, one after another in this process (no start-up per run), or
+with `gpus` one process per GPU; `slurm`, one job per run in a SLURM job array through `submitit`
+(`--slurm.partition`, `--slurm.gpus_per_node`, ... `SlurmOptions`), each job one process per
+GPU; `local`, the same job objects as local processes (submitit's local executor). A job that times
+out or is preempted is resubmitted by submitit and resumes from the run's `last.ckpt`
+(`SweepJob`). Each submitted run's `job.json` names its job and log files.
 
-A run holds its folder while it trains: ``run.lock`` (its process id, host and time limit, created
+A run holds its folder while it trains: `run.lock` (its process id, host and time limit, created
 atomically), removed when it ends. A run whose folder is held is never started again, by this sweep or
 another: a lock of this host whose process has ended is stale and taken over (said in one line); one of
-another host counts as held until the run's time limit (``--slurm.timeout_min`` for ``local`` and
-``slurm`` jobs; inline runs have none) has passed, or ``--force_unlock``. A run that ends writes
-``outcome.json`` beside ``result.json`` (atomically): ``done``, or ``failed`` with the error's last line
-and the log holding its traceback (the job's log, or the run's ``error.log`` inline). The report says of
+another host counts as held until the run's time limit (`--slurm.timeout_min` for `local` and
+`slurm` jobs; inline runs have none) has passed, or `--force_unlock`. A run that ends writes
+`outcome.json` beside `result.json` (atomically): `done`, or `failed` with the error's last line
+and the log holding its traceback (the job's log, or the run's `error.log` inline). The report says of
 every run whether it is done, pending, running (its folder held) or failed (with its log), whatever
 launched it; it reads JSON and plain-text logs only, never a pickle. Failed runs do not stop the others;
-the sweep then writes its report and ends with :class:`SweepRunsFailedError` naming each (the CLI's
+the sweep then writes its report and ends with `SweepRunsFailedError` naming each (the CLI's
 one-line error, exit status 2).
 
-The report (``results.csv``, ``results.md``, ``results.png``) is rebuilt from the run folders alone
-(``frozenlm sweep --report <output>``). Each variant is compared with the baseline seed by seed: the mean
+The report (`results.csv`, `results.md`, `results.png`) is rebuilt from the run folders alone
+(`frozenlm sweep --report <output>`). Each variant is compared with the baseline seed by seed: the mean
 difference, its 95 % t interval, the paired t-test's p-value and that p-value Holm-corrected for the
 number of variants compared (a difference "survives" when the corrected p is below 0.05). Runs that are
 missing, damaged or that never validated are listed by name under the table, not averaged.
@@ -97,7 +97,7 @@ class SweepRunsFailedError(FrozenLMError, RuntimeError):
 
 
 class RunLockedError(FrozenLMError, RuntimeError):
-    """A run's folder is held by another process (its ``run.lock``); the message names the process."""
+    """A run's folder is held by another process (its `run.lock`); the message names the process."""
 
 
 # What a finished run's result.json must hold for the report.
@@ -157,7 +157,7 @@ def load_preset(path: str | Path) -> dict[str, Any]:
 
 
 def run_arguments(preset: dict[str, Any], variant: str, seed: int, output: Path) -> list[str]:
-    """The ``frozenlm fit`` arguments of one run."""
+    """The `frozenlm fit` arguments of one run."""
     def filled(arguments: list[Any]) -> list[str]:
         return [str(a).replace("{seed}", str(seed)).replace("{output}", str(output)) for a in arguments]
 
@@ -185,8 +185,8 @@ def run_arguments(preset: dict[str, Any], variant: str, seed: int, output: Path)
 def run_one(
     preset: dict[str, Any], variant: str, seed: int, output: Path, extra_args: Sequence[str] = (), write: bool = True
 ) -> dict[str, Any]:
-    """Train one run in this process (``extra_args`` after its own) and write its ``result.json``
-    (unless ``write`` is False: a process other than the first of a multi-process job)."""
+    """Train one run in this process (`extra_args` after its own) and write its `result.json`
+    (unless `write` is False: a process other than the first of a multi-process job)."""
     from frozenlm.analysis import GradientCoherenceCallback
     from frozenlm.trainer_cli import run_trainer
 
@@ -235,7 +235,7 @@ def run_folder(output: Path, variant: str, seed: int) -> Path:
 
 
 def read_result(folder: Path) -> dict[str, Any] | str:
-    """The run's ``result.json``, or why there is none to use: ``"missing"`` or ``"damaged: <reason>"``."""
+    """The run's `result.json`, or why there is none to use: `"missing"` or `"damaged: <reason>"`."""
     path = folder / "result.json"
     if not path.is_file():
         return "missing"
@@ -251,9 +251,9 @@ def read_result(folder: Path) -> dict[str, Any] | str:
 
 @torch.no_grad()
 def flops_per_sample(model: L.LightningModule, datamodule: L.LightningDataModule) -> tuple[int | None, str | None]:
-    """``(FLOPs, None)``: the model's inference forward FLOPs on one validation sample (its task's
-    ``sample_forward``: matmuls, convolutions and attention, eval mode); ``(None, why)`` when they cannot be
-    counted (a model without ``sample_forward``, no validation batch, a failing forward)."""
+    """`(FLOPs, None)`: the model's inference forward FLOPs on one validation sample (its task's
+    `sample_forward`: matmuls, convolutions and attention, eval mode); `(None, why)` when they cannot be
+    counted (a model without `sample_forward`, no validation batch, a failing forward)."""
     if not hasattr(model, "sample_forward"):
         return None, f"{type(model).__name__} has no sample_forward"
     training = model.training
@@ -272,7 +272,7 @@ def flops_per_sample(model: L.LightningModule, datamodule: L.LightningDataModule
 
 
 def _last_line(error: BaseException) -> str:
-    """``<Type>: <the last line of its message>``."""
+    """`<Type>: <the last line of its message>`."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[-1].strip()}" if lines else type(error).__name__
 
@@ -282,7 +282,7 @@ LOCK, OUTCOME, ERROR_LOG = "run.lock", "outcome.json", "error.log"
 
 
 def _process_start(pid: int) -> str | None:
-    """When process ``pid`` of this host started (Linux's ``/proc``; None elsewhere or when it is gone):
+    """When process `pid` of this host started (Linux's `/proc`; None elsewhere or when it is gone):
     tells a live holder from a later process given the same id."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
@@ -291,7 +291,7 @@ def _process_start(pid: int) -> str | None:
 
 
 def _alive(pid: int, started: str | None = None) -> bool:
-    """Whether process ``pid`` of this host runs (and is the one that started at ``started``, when known)."""
+    """Whether process `pid` of this host runs (and is the one that started at `started`, when known)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -307,10 +307,10 @@ def _utc(seconds: float) -> str:
 
 
 def lock_state(folder: Path, job: str | None = None) -> tuple[str, str] | None:
-    """The run folder's lock: None when there is none; ``("held", who)`` while its process of this host
-    runs; ``("held elsewhere", who)`` for a process of another host before the run's time limit has passed
-    (with none, until ``--force_unlock``) or an unreadable lock; else ``("stale", why)``, as is an earlier
-    attempt of ``job`` (a requeued job) on any host."""
+    """The run folder's lock: None when there is none; `("held", who)` while its process of this host
+    runs; `("held elsewhere", who)` for a process of another host before the run's time limit has passed
+    (with none, until `--force_unlock`) or an unreadable lock; else `("stale", why)`, as is an earlier
+    attempt of `job` (a requeued job) on any host."""
     path = folder / LOCK
     try:
         lock = json.loads(path.read_text())
@@ -332,9 +332,9 @@ def lock_state(folder: Path, job: str | None = None) -> tuple[str, str] | None:
 
 @contextmanager
 def hold_run(folder: Path, limit_s: float | None = None, job: str | None = None) -> Iterator[None]:
-    """Hold the run folder for the block: create its ``run.lock`` (atomically: a complete file linked
+    """Hold the run folder for the block: create its `run.lock` (atomically: a complete file linked
     into place, which fails when one exists), taking over a stale one (said in one line), and remove it
-    after. Raises :class:`RunLockedError` when another process holds it."""
+    after. Raises `RunLockedError` when another process holds it."""
     folder.mkdir(parents=True, exist_ok=True)
     path, token = folder / LOCK, uuid.uuid4().hex
     record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "limit_s": limit_s,
@@ -372,7 +372,7 @@ def hold_run(folder: Path, limit_s: float | None = None, job: str | None = None)
 
 def write_outcome(folder: Path, status: str, error: str | None = None, log: str | None = None,
                   job: str | None = None) -> None:  # fmt: skip
-    """The run's ``outcome.json`` (atomically): ``done``, or ``failed`` with the error's last line and the log
+    """The run's `outcome.json` (atomically): `done`, or `failed` with the error's last line and the log
     holding its traceback."""
     record = {"status": status, "error": error, "log": log, "job": job, "host": socket.gethostname(),
               "pid": os.getpid(), "finished": time.time()}  # fmt: skip
@@ -380,7 +380,7 @@ def write_outcome(folder: Path, status: str, error: str | None = None, log: str 
 
 
 def read_outcome(folder: Path) -> dict[str, Any] | None:
-    """The run's ``outcome.json`` (None when absent or unreadable)."""
+    """The run's `outcome.json` (None when absent or unreadable)."""
     try:
         outcome = json.loads((folder / OUTCOME).read_text())
     except (OSError, ValueError):
@@ -391,10 +391,10 @@ def read_outcome(folder: Path) -> dict[str, Any] | None:
 def run_recorded(preset: dict[str, Any], variant: str, seed: int, output: Path, extra_args: Sequence[str] = (),
                  write: bool = True, limit_s: float | None = None, job: str | None = None,
                  log: str | None = None) -> dict[str, Any]:  # fmt: skip
-    """:func:`run_one` holding the run's folder (:func:`hold_run`), recording how it ended in
-    ``outcome.json``: a failure's last line, and its traceback in ``log`` (default: the run's
-    ``error.log``), then re-raised. An interruption (Ctrl-C, a preempted job's exit) records nothing: the
-    run resumes. ``write`` False (a process other than the first of a multi-process job): run_one alone."""
+    """`run_one` holding the run's folder (`hold_run`), recording how it ended in
+    `outcome.json`: a failure's last line, and its traceback in `log` (default: the run's
+    `error.log`), then re-raised. An interruption (Ctrl-C, a preempted job's exit) records nothing: the
+    run resumes. `write` False (a process other than the first of a multi-process job): run_one alone."""
     if not write:
         return run_one(preset, variant, seed, output, extra_args, write=False)
     folder = run_folder(output, variant, seed)
@@ -413,24 +413,24 @@ def run_recorded(preset: dict[str, Any], variant: str, seed: int, output: Path, 
 
 
 class SlurmNotFoundError(FrozenLMError, RuntimeError):
-    """``--launcher slurm`` on a machine without SLURM's commands; the message suggests ``--launcher local``."""
+    """`--launcher slurm` on a machine without SLURM's commands; the message suggests `--launcher local`."""
 
 
 @dataclasses.dataclass
 class SlurmOptions:
-    """How ``--launcher slurm`` submits runs (submitit's SLURM parameters); each run is one job of a job
-    array, with one process per GPU (``srun``; Lightning reads the SLURM environment).
+    """How `--launcher slurm` submits runs (submitit's SLURM parameters); each run is one job of a job
+    array, with one process per GPU (`srun`; Lightning reads the SLURM environment).
 
     Args:
         partition, account, qos, constraint: SLURM's own (None: the cluster's default).
-        nodes: nodes per run (``--trainer.num_nodes``).
-        gpus_per_node: GPUs per node and run, one process each (``--trainer.devices``).
+        nodes: nodes per run (`--trainer.num_nodes`).
+        gpus_per_node: GPUs per node and run, one process each (`--trainer.devices`).
         cpus_per_task: CPU cores per process, for its loader workers (see docs/many_gpus.md).
         mem_gb: memory per node; None = the partition's default.
         timeout_min: time limit of one job; a run that needs longer is resubmitted and resumes.
         max_requeues: resubmissions after a timeout or a preemption before the run counts as failed.
         array_parallelism: at most this many runs of the sweep at once.
-        setup: shell lines run before each job (``module load ...``, ``source .venv/bin/activate``).
+        setup: shell lines run before each job (`module load ...`, `source .venv/bin/activate`).
     """
 
     partition: str | None = None
@@ -471,8 +471,8 @@ class SlurmOptions:
 
 
 class SweepJob(submitit.helpers.Checkpointable):
-    """One run of a sweep as a submitit job. It starts from the run's ``last.ckpt`` when there is one:
-    when a job times out or is preempted, submitit calls :meth:`checkpoint` (a resubmission of this same
+    """One run of a sweep as a submitit job. It starts from the run's `last.ckpt` when there is one:
+    when a job times out or is preempted, submitit calls `checkpoint` (a resubmission of this same
     job) and requeues it, and the next attempt resumes from the last epoch-end checkpoint."""
 
     def __init__(self, preset: dict[str, Any], output: Path, variant: str, seed: int, trainer_args: Sequence[str] = (),
@@ -496,8 +496,8 @@ class SweepJob(submitit.helpers.Checkpointable):
 
 def submit(preset: dict[str, Any], folder: Path, runs: list[tuple[str, int]], launcher: str,
            slurm: SlurmOptions, parallel: int) -> list[submitit.Job]:  # fmt: skip
-    """Submit each run as a :class:`SweepJob` (SLURM: one job array), recording its ``job.json``; with the
-    local executor, at most ``parallel`` at once, waiting for them all."""
+    """Submit each run as a `SweepJob` (SLURM: one job array), recording its `job.json`; with the
+    local executor, at most `parallel` at once, waiting for them all."""
     jobs_folder = folder / "jobs"
     if not runs:
         return []
@@ -540,7 +540,7 @@ def record_job(folder: Path, run: tuple[str, int], job: submitit.Job, launcher: 
 
 
 def _last_log_line(path: str) -> str | None:
-    """The last line of a plain-text log naming an error (``...Error: ...``), if any."""
+    """The last line of a plain-text log naming an error (`...Error: ...`), if any."""
     try:
         with open(path, "rb") as file:
             file.seek(max(0, file.seek(0, os.SEEK_END) - 65536))
@@ -556,9 +556,9 @@ _SLURM_STATES = {"PENDING": "pending", "REQUEUED": "pending", "CONFIGURING": "pe
 
 
 def run_status(folder: Path) -> str | None:
-    """Where a run without a usable ``result.json`` stands: ``running (<who holds its folder>)``,
-    ``failed (<error>; log: <path>)`` from its ``outcome.json``, else what its ``job.json`` says
-    (:func:`job_status`); None when it never started. Reads JSON and plain-text logs only."""
+    """Where a run without a usable `result.json` stands: `running (<who holds its folder>)`,
+    `failed (<error>; log: <path>)` from its `outcome.json`, else what its `job.json` says
+    (`job_status`); None when it never started. Reads JSON and plain-text logs only."""
     state = lock_state(folder)
     if state is not None and state[0] != "stale":
         return f"running ({state[1]})"
@@ -570,8 +570,8 @@ def run_status(folder: Path) -> str | None:
 
 
 def job_status(folder: Path) -> str | None:
-    """Where a submitted run stands by its ``job.json``: ``pending (...)``, ``running (...)`` or ``failed
-    (...; log: <path>)`` from the job's process (local) or SLURM's job state; None when never submitted."""
+    """Where a submitted run stands by its `job.json`: `pending (...)`, `running (...)` or `failed
+    (...; log: <path>)` from the job's process (local) or SLURM's job state; None when never submitted."""
     try:
         record = json.loads((folder / "job.json").read_text())
     except (OSError, ValueError):
@@ -601,19 +601,19 @@ def sweep(
     """Run a sweep preset (see the module docstring), then write its report; or only rebuild a report.
 
     Args:
-        preset: the sweep preset (``configs/sweeps/*.yaml``); not needed with ``report``.
-        output: where runs go; default ``runs/sweeps/<preset name>``.
-        launcher: ``inline`` (this process, or one process per GPU with ``gpus``), ``slurm`` (a submitit
-            job array, returns once submitted; ``--report`` later) or ``local`` (the same jobs as local
+        preset: the sweep preset (`configs/sweeps/*.yaml`); not needed with `report`.
+        output: where runs go; default `runs/sweeps/<preset name>`.
+        launcher: `inline` (this process, or one process per GPU with `gpus`), `slurm` (a submitit
+            job array, returns once submitted; `--report` later) or `local` (the same jobs as local
             processes, waited for).
-        gpus: with ``inline``: GPU indices to spread runs over, one process each.
-        slurm: the SLURM resources of each run (``--slurm.partition``, ``--slurm.gpus_per_node``, ...);
-            ``timeout_min`` also limits each ``local`` job.
-        parallel: with ``local``: runs at once.
+        gpus: with `inline`: GPU indices to spread runs over, one process each.
+        slurm: the SLURM resources of each run (`--slurm.partition`, `--slurm.gpus_per_node`, ...);
+            `timeout_min` also limits each `local` job.
+        parallel: with `local`: runs at once.
         report: rebuild the report of this sweep folder from its runs, and run nothing.
-        report_to: with ``report``: write the report's files into this folder instead of the sweep's
-            (which is then only read), e.g. ``docs/evidence/<regime>``.
-        force_unlock: remove the locks (``run.lock``) of runs held by another host's process before their
+        report_to: with `report`: write the report's files into this folder instead of the sweep's
+            (which is then only read), e.g. `docs/evidence/<regime>`.
+        force_unlock: remove the locks (`run.lock`) of runs held by another host's process before their
             time limit, or unreadable ones, and start those runs: only when that process is known to have
             ended. (A lock of this host whose process has ended is taken over without it.)
 
@@ -714,9 +714,9 @@ def expected_runs(preset: dict[str, Any]) -> list[tuple[str, int]]:
 
 def summarize(results: list[dict[str, Any]], baseline: str | dict[str, str]) -> list[dict[str, Any]]:
     """One row per variant: mean and sample sd over seeds of the final and best metric; the paired
-    difference of the final metric to ``baseline`` (or to the variant's own, a mapping; seeds both have) with its 95 % t interval, the paired
+    difference of the final metric to `baseline` (or to the variant's own, a mapping; seeds both have) with its 95 % t interval, the paired
     t-test's two-sided p-value and that p Holm-corrected over the variants compared; sizes, time per step,
-    and the mean gradient coherence at each measured step. ``results`` are runs with a metric."""
+    and the mean gradient coherence at each measured step. `results` are runs with a metric."""
     by_variant: dict[str, dict[int, dict[str, Any]]] = {}
     for result in results:
         by_variant.setdefault(result["variant"], {})[result["seed"]] = result
@@ -773,12 +773,12 @@ def summarize(results: list[dict[str, Any]], baseline: str | dict[str, str]) -> 
     return rows
 
 
-# The coherence measures the report summarises per variant (``grad_coherence/<name>`` in result.json).
+# The coherence measures the report summarises per variant (`grad_coherence/<name>` in result.json).
 COHERENCE_SUMMARY = ("m_coherence", "mean_cosine")
 
 
 def run_coherence(result: dict[str, Any], name: str) -> float:
-    """One run's gradient coherence ``name`` over training: the mean of its values at the recorded steps
+    """One run's gradient coherence `name` over training: the mean of its values at the recorded steps
     after step 0 (step 0 is the initialisation, before any update; it counts only when no later step was
     recorded); nan when the run recorded none."""
     by_step = {int(step): [v for k, v in values.items() if k.endswith(f"/{name}") and v is not None]
@@ -790,7 +790,7 @@ def run_coherence(result: dict[str, Any], name: str) -> float:
 
 
 def _holm(rows: list[dict[str, Any]], key: str, out: str) -> None:
-    """Holm's step-down correction of the p-values ``rows[*][key]`` (those present and finite) into ``out``."""
+    """Holm's step-down correction of the p-values `rows[*][key]` (those present and finite) into `out`."""
     tested = sorted((r for r in rows if math.isfinite(r.get(key, math.nan))), key=lambda r: r[key])
     running = 0.0
     for rank, row in enumerate(tested):  # Holm's step-down: (m - rank) x p, kept monotone, at most 1
@@ -802,7 +802,7 @@ def _holm(rows: list[dict[str, Any]], key: str, out: str) -> None:
 
 
 def _test_name(metric: str) -> str:
-    """The test split's name of a validation metric: ``val_acc1`` -> ``test_acc1``."""
+    """The test split's name of a validation metric: `val_acc1` -> `test_acc1`."""
     return "test_" + metric.removeprefix("val_")
 
 
@@ -811,14 +811,14 @@ def _sd(values: list[float]) -> float:
 
 
 def _half_interval(values: list[float]) -> float:
-    """Half-width of the 95 % Student-t interval of the mean of ``values``."""
+    """Half-width of the 95 % Student-t interval of the mean of `values`."""
     if len(values) < 2:
         return math.nan
     return float(stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
 
 
 def _paired_p(differences: list[float]) -> float:
-    """Two-sided p-value of the paired t-test that the mean of ``differences`` is 0 (nan below 2 pairs, or
+    """Two-sided p-value of the paired t-test that the mean of `differences` is 0 (nan below 2 pairs, or
     when every difference is the same)."""
     if len(differences) < 2 or len(set(differences)) == 1:
         return math.nan
@@ -826,11 +826,11 @@ def _paired_p(differences: list[float]) -> float:
 
 
 def write_report(folder: Path, into: Path | None = None) -> Path:
-    """``results.csv``, ``results.md``, ``results.png``, ``accuracy.png`` and ``coherence.png`` of the runs
-    under ``folder``, written into ``into`` (default: ``folder``; nothing is then written under ``folder``).
-    Reads ``sweep.yaml`` and each run's ``result.json`` (JSON only). Works on a sweep part-way: runs not
+    """`results.csv`, `results.md`, `results.png`, `accuracy.png` and `coherence.png` of the runs
+    under `folder`, written into `into` (default: `folder`; nothing is then written under `folder`).
+    Reads `sweep.yaml` and each run's `result.json` (JSON only). Works on a sweep part-way: runs not
     finished yet are listed as pending, runs damaged or without the metric are listed by name, and each
-    paired comparison uses the seeds both variants have. Returns ``into``."""
+    paired comparison uses the seeds both variants have. Returns `into`."""
     into = Path(into) if into is not None else folder
     preset = yaml.safe_load((folder / "sweep.yaml").read_text())
     metric = preset.get("metric", "val_acc1")
@@ -937,11 +937,11 @@ REPORT_FILES = ("results.md", "results.csv", "results.png", "accuracy.png", "coh
 
 
 def write_report_index(docs: Path, subfolder: str, names: Sequence[str]) -> Path:
-    """``docs/<subfolder>/results.txt``: for each sweep ``name`` whose report is in ``docs/<subfolder>/<name>/``
-    (:func:`write_report` ``into``), a section that includes its ``results.md`` (pymdownx.snippets) and shows
+    """`docs/<subfolder>/results.txt`: for each sweep `name` whose report is in `docs/<subfolder>/<name>/`
+    ([`write_report`][frozenlm.sweep.write_report] `into`), a section that includes its `results.md` (pymdownx.snippets) and shows
     its plots; a line saying which have no report yet. A docs page includes this one file, which always
-    exists once written, so the page names only files that exist (``check_paths``). Not a ``.md``: it is
-    no page of its own; its links are relative to ``docs``, where the including page is."""
+    exists once written, so the page names only files that exist (`check_paths`). Not a `.md`: it is
+    no page of its own; its links are relative to `docs`, where the including page is."""
     folder = Path(docs) / subfolder
     folder.mkdir(parents=True, exist_ok=True)
     lines, waiting = [], []
@@ -961,7 +961,7 @@ def write_report_index(docs: Path, subfolder: str, names: Sequence[str]) -> Path
 
 
 def _interval(mean: float, low: float, high: float, spec: str) -> str:
-    """``mean [low, high]``; ``mean (no interval)`` from one pair; ``-`` without any."""
+    """`mean [low, high]`; `mean (no interval)` from one pair; `-` without any."""
     if not math.isfinite(mean):
         return "-"
     if not math.isfinite(low):

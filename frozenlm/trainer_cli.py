@@ -1,6 +1,6 @@
-"""The trainer commands (``fit``, ``validate``, ``test``, ``predict``): frozenlm's LightningCLI.
+"""The trainer commands (`fit`, `validate`, `test`, `predict`): frozenlm's LightningCLI.
 
-:func:`run_trainer` is what the console script (:mod:`frozenlm.cli`) and sweeps (:mod:`frozenlm.sweep`)
+`run_trainer` is what the console script (`cli`) and sweeps ([`sweep`][frozenlm.sweep])
 call to run one of them; this module imports neither.
 """
 
@@ -47,10 +47,10 @@ TRAINER_DEFAULTS = {
 
 def task_checkpoints(task: BaseTask | type[BaseTask]) -> list[ModelCheckpoint]:
     """The checkpoints a run keeps unless its config lists its own ModelCheckpoint: the best epoch by the
-    metric the task declares (``task.monitor``, ``task.monitor_mode``), and the latest epoch.
+    metric the task declares (`task.monitor`, `task.monitor_mode`), and the latest epoch.
 
     Lightning writes last.ckpt only when another checkpoint is written, so the latest epoch gets its own
-    checkpoint, with last.ckpt linking to it (what ``--ckpt_path last`` resumes)."""
+    checkpoint, with last.ckpt linking to it (what `--ckpt_path last` resumes)."""
     metric = task.monitor
     name = metric.removeprefix("val_")
     best = ModelCheckpoint(
@@ -64,7 +64,7 @@ def task_checkpoints(task: BaseTask | type[BaseTask]) -> list[ModelCheckpoint]:
 
 
 def with_task_checkpoints(callbacks: list, task: BaseTask | type[BaseTask], enable_checkpointing: bool | None) -> list:
-    """``callbacks`` and :func:`task_checkpoints`, unless they list a ModelCheckpoint (a config or command
+    """`callbacks` and `task_checkpoints`, unless they list a ModelCheckpoint (a config or command
     line that names one keeps only those it names) or checkpointing is off."""
     if enable_checkpointing is False or any(isinstance(c, ModelCheckpoint) for c in callbacks):
         return list(callbacks)
@@ -73,8 +73,8 @@ def with_task_checkpoints(callbacks: list, task: BaseTask | type[BaseTask], enab
 
 class FrozenLMCLI(LightningCLI):
     """LightningCLI with the dataset's class count linked into the model, a predictions writer, progress
-    as lines where the output is not a terminal (``--progress.*``), and deliberate resumption (see
-    :meth:`_parse_ckpt_path`)."""
+    as lines where the output is not a terminal (`--progress.*`), and deliberate resumption (see
+    `_parse_ckpt_path`)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
@@ -90,9 +90,9 @@ class FrozenLMCLI(LightningCLI):
             raise ConfigurationError(error_reason(error)) from error
 
     def instantiate_trainer(self, **kwargs):
-        """The trainer, with the task's checkpoints (:func:`task_checkpoints`, unless the config lists a
+        """The trainer, with the task's checkpoints (`task_checkpoints`, unless the config lists a
         ModelCheckpoint or turns checkpointing off), a progress display (unless progress bars are off or the config brings one: the
-        rich bar in a terminal, :class:`~frozenlm.progress.ProgressLines` in a log file or pipe),
+        rich bar in a terminal, `ProgressLines` in a log file or pipe),
         atomic checkpoint writes (unless the config brings its own CheckpointIO), and a check that the
         checkpoint directories are writable before the first epoch."""
         config = self._get(self.config_init, "trainer", default={})
@@ -117,13 +117,13 @@ class FrozenLMCLI(LightningCLI):
         release_processes()
 
     def _parse_ckpt_path(self) -> None:
-        """Resolve ``--ckpt_path last`` and re-apply the checkpoint's hyper-parameters, deliberately.
+        """Resolve `--ckpt_path last` and re-apply the checkpoint's hyper-parameters, deliberately.
 
-        ``last`` means the newest ``last.ckpt`` of this config's logger (save_dir/name/version_*), and
+        `last` means the newest `last.ckpt` of this config's logger (save_dir/name/version_*), and
         the resumed run keeps logging into that version. Lightning then re-applies the model
         hyper-parameters stored in the checkpoint over the config and command line; we keep that (a
         resumed run must be the same model) but say which given values were overridden, and let the
-        frozen block's source location (``llm.checkpoint``/``llm.revision``) follow the command line,
+        frozen block's source location (`llm.checkpoint`/`llm.revision`) follow the command line,
         since weights may move between machines; the block's fingerprint still guards its identity.
         """
         subcommand = self.config.get("subcommand")
@@ -162,15 +162,15 @@ class FrozenLMCLI(LightningCLI):
 
 
 def _differences(given: Any, used: Any, key: str) -> list[tuple[str, Any, Any]]:
-    """``(dotted key, given, used)`` for each leaf where two nested hyper-parameter dicts differ (keys
-    only in ``used`` were not given, so they are not differences)."""
+    """`(dotted key, given, used)` for each leaf where two nested hyper-parameter dicts differ (keys
+    only in `used` were not given, so they are not differences)."""
     if isinstance(given, dict) and isinstance(used, dict):
         return [d for k in given if k in used for d in _differences(given[k], used[k], f"{key}.{k}")]
     return [] if given == used else [(key, given, used)]
 
 
 def error_reason(error: BaseException) -> str:
-    """The innermost cause of ``error`` as ``Type: message``: jsonargparse wraps the exception a class
+    """The innermost cause of `error` as `Type: message`: jsonargparse wraps the exception a class
     raised while being built from the config in a ValueError that lists every type it tried and dumps
     the whole config."""
     while error.__cause__ is not None:
@@ -184,8 +184,8 @@ def _model_args(config) -> dict:
 
 
 def _find_last_checkpoint(config) -> tuple[str, int | str] | None:
-    """The newest ``last.ckpt`` under the configured TensorBoard/CSV logger's versions, and its version;
-    ``last*.ckpt`` links to deleted files are passed over, named in one line."""
+    """The newest `last.ckpt` under the configured TensorBoard/CSV logger's versions, and its version;
+    `last*.ckpt` links to deleted files are passed over, named in one line."""
     logger = config.trainer.get("logger")
     init_args = logger.get("init_args", {}) if logger and not isinstance(logger, bool) else {}
     save_dir = init_args.get("save_dir") or config.trainer.get("default_root_dir") or "."
@@ -204,8 +204,8 @@ def _find_last_checkpoint(config) -> tuple[str, int | str] | None:
 
 
 def run_trainer(args: list[str] | None = None, parser_kwargs: dict[str, Any] | None = None) -> FrozenLMCLI:
-    """Run a trainer command (``sys.argv`` when ``args`` is None) and return its LightningCLI;
-    ``parser_kwargs`` go to the main parser (the console script's ``--help`` lists every command)."""
+    """Run a trainer command (`sys.argv` when `args` is None) and return its LightningCLI;
+    `parser_kwargs` go to the main parser (the console script's `--help` lists every command)."""
     return FrozenLMCLI(
         model_class=BaseTask,
         datamodule_class=LightningDataModule,
