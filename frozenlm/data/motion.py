@@ -59,6 +59,11 @@ class TooManySkippedScenesError(DatasetError):
     """More of a split's scenes were unusable than the datamodule's `max_skipped_fraction`."""
 
 
+def no_map_attributes() -> np.ndarray:
+    """An empty `[0, 4]` float32 array: a scene without map polylines."""
+    return np.zeros((0, 4), np.float32)
+
+
 @dataclass
 class Scene:
     """One scenario as read from disk, in world coordinates.
@@ -77,7 +82,7 @@ class Scene:
     agent_kinds: np.ndarray
     future: np.ndarray | None
     map_polylines: list[np.ndarray] = field(default_factory=list)
-    map_attributes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    map_attributes: np.ndarray = field(default_factory=no_map_attributes)
     map_kinds: np.ndarray | None = None
     focal_heading: float | None = None
 

@@ -24,6 +24,11 @@ from frozenlm.models.vit import ViTConfig
 Projection = Literal["auto", "linear", "mlp", "none"]
 
 
+def vit_base_trunk() -> ViTConfig:
+    """The default trunk of [`UTAStudentConfig`][frozenlm.models.UTAStudentConfig]: a ViT-B/16 without a head."""
+    return ViTConfig(backbone="vit_base_patch16_224", num_classes=0)
+
+
 @dataclass
 class UTAStudentConfig:
     """UTA's student.
@@ -42,7 +47,7 @@ class UTAStudentConfig:
             of the student's, trunc-normal 0.02 initialised).
     """
 
-    vit: ViTConfig = field(default_factory=lambda: ViTConfig(backbone="vit_base_patch16_224", num_classes=0))
+    vit: ViTConfig = field(default_factory=vit_base_trunk)
     teacher_width: int = 768
     joint_dim: int | None = None
     llm: LLMConfig | None = None
