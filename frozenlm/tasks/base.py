@@ -60,6 +60,10 @@ class BaseTask(lightning.LightningModule):
             counted as `train/nonfinite_steps_skipped`) before the run stops with
             `NonFiniteLossError`; 0 stops at the first. The weights are never updated from such
             a loss, so every checkpoint stays finite.
+
+    Examples:
+        Every task derives from it; a config names the task and its arguments:
+        `frozenlm fit --config configs/mnist_vit.yaml --model.lr 1e-3 --print_config`.
     """
 
     ignore: tuple[str, ...] = ()

@@ -31,6 +31,12 @@ class ClassificationTask(FrozenLMMixin, BaseTask):
     `mixup_switch_prob`, `distill` (a teacher, `distillation`). Batches are
     dicts with `input_key`, `label` and `id`; a loader that drops unreadable samples adds
     `unreadable` (their files), counted as `data/unreadable/<stage>`.
+
+    Examples:
+        Subclassed by [`ImageClassifier`][frozenlm.tasks.ImageClassifier],
+        [`VideoClassifier`][frozenlm.tasks.VideoClassifier] and
+        [`PointCloudClassifier`][frozenlm.tasks.PointCloudClassifier]; a new classifier family gives it a
+        `build_model` (see the architecture page).
     """
 
     input_key: str

@@ -71,6 +71,13 @@ class ImageClassifier(ClassificationTask):
         mixup_switch_prob: probability of cutmix instead of mixup when both are on.
         **kwargs: optimisation recipe, see [`BaseTask`][frozenlm.tasks.BaseTask] (lr, weight_decay,
             warmup_epochs, min_lr, ...).
+
+    Examples:
+        >>> from frozenlm.tasks import ImageClassifier
+        >>> task = ImageClassifier(backbone="vit_tiny_patch16_224", num_classes=100, img_size=32, patch_size=4)
+        >>> model = ImageClassifier.build_model(dict(task.hparams))  # the plain nn.Module it trains
+
+        From the command line, a shipped config: `frozenlm fit --config configs/cifar100_deit.yaml`.
     """
 
     input_key = "image"

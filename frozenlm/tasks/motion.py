@@ -62,6 +62,12 @@ class MotionForecaster(FrozenLMMixin, BaseTask):
         miss_threshold: metres beyond which a final position is a miss.
         **kwargs: optimisation recipe, see [`BaseTask`][frozenlm.tasks.BaseTask] (defaults: AdamW 5e-4, wd
             1e-4, cosine per step, as VectorNet re-implementations train).
+
+    Examples:
+        >>> from frozenlm.tasks import MotionForecaster
+        >>> task = MotionForecaster(horizon=30, modes=6)
+
+        From the command line: `frozenlm fit --config configs/argoverse1_vectornet_llama.yaml --data.root data/argoverse1`.
     """
 
     sample_id_key = "scenario_id"

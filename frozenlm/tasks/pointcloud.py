@@ -41,6 +41,12 @@ class PointCloudClassifier(ClassificationTask):
             1-d parameters and tokens, one lr).
         label_smoothing: label smoothing of the cross-entropy (Point-BERT: none).
         **kwargs: optimisation recipe, see [`BaseTask`][frozenlm.tasks.BaseTask].
+
+    Examples:
+        >>> from frozenlm.tasks import PointCloudClassifier
+        >>> task = PointCloudClassifier(num_classes=15)
+
+        From the command line: `frozenlm fit --config configs/scanobjectnn_hardest_pointbert_llama.yaml`.
     """
 
     input_key = "points"

@@ -51,6 +51,9 @@ class ImageTextRetrieval(VisionLanguageTask):
         eval_pairs: image-caption pairs fused per forward in evaluation.
         top_k: captions per image in the predictions file.
         **kwargs: see [`VisionLanguageTask`][frozenlm.tasks.VisionLanguageTask].
+
+    Examples:
+        From the command line: `frozenlm fit --config configs/flickr30k_meter_llama.yaml --data.root data/flickr30k`.
     """
 
     head_modules = ("itm_head",)

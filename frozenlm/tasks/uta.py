@@ -71,6 +71,11 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
         num_classes: classes of the zero-shot evaluation (linked from the datamodule by the CLI).
         lr, lr_reference_batch, weight_decay, warmup_epochs, min_lr, **kwargs: see [`BaseTask`][frozenlm.tasks.uta.BaseTask]
             (UTA: AdamW 1.5e-3 at batch 4096, wd 0.05, 1 warmup epoch, cosine to 1e-5).
+
+    Examples:
+        From the command line (pretraining against a frozen CLIP teacher, then zero-shot):
+        `frozenlm fit --config configs/imagenet21k_uta_base.yaml --data.root data/imagenet21k`.
+        The offline miniature: `frozenlm fit --config configs/demo_uta.yaml`.
     """
 
     # Zero-shot top-1; a run without zero-shot evaluation (`zeroshot: false`) keeps the best alignment loss instead.

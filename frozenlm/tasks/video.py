@@ -45,6 +45,12 @@ class VideoClassifier(ClassificationTask):
             mixup and cutmix mix whole clips (one box for all frames).
         lr, lr_reference_batch, layer_decay, min_lr, warmup_epochs, **kwargs: optimisation recipe, see
             [`BaseTask`][frozenlm.tasks.BaseTask].
+
+    Examples:
+        >>> from frozenlm.tasks import VideoClassifier
+        >>> task = VideoClassifier(backbone="small", num_classes=174, pretrained=None)  # doctest: +SKIP
+
+        From the command line: `frozenlm fit --config configs/ssv2_videomae_small_llama.yaml --data.root data/ssv2`.
     """
 
     input_key = "video"

@@ -79,6 +79,11 @@ class VisionLanguageTask(FrozenLMMixin, BaseTask):
         lr, weight_decay, betas, warmup_epochs, min_lr, lr_reference_batch, **kwargs: see
             [`BaseTask`][frozenlm.tasks.BaseTask] (METER: lr 5e-6 for a batch of 512, linear warmup over 10% of
             training then linear decay; here the decay is the base class's cosine).
+
+    Examples:
+        Subclassed by [`VisualQuestionAnswering`][frozenlm.tasks.VisualQuestionAnswering] and
+        [`ImageTextRetrieval`][frozenlm.tasks.ImageTextRetrieval]; see their configs (`configs/vqav2_meter*.yaml`,
+        `configs/flickr30k_meter*.yaml`).
     """
 
     sample_id_key = "id"

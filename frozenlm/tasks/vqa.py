@@ -56,6 +56,10 @@ class VisualQuestionAnswering(VisionLanguageTask):
             2016-2021 releases) or `"2021"` (since its 2021 fix); see `vl_metrics`.
         head_lr_mult: METER's VQA: 50 (the classifier and, in GCR, its auxiliary copy); fusion_lr_mult: 5.
         **kwargs: see [`VisionLanguageTask`][frozenlm.tasks.VisionLanguageTask].
+
+    Examples:
+        From the command line (METER from CLIP ViT-B/32 and RoBERTa-base):
+        `frozenlm fit --config configs/vqav2_meter_llama.yaml --data.root data/vqav2`.
     """
 
     sample_id_key = "question_id"
