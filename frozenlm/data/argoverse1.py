@@ -62,6 +62,12 @@ class Argoverse1DataModule(MotionDataModule):
 
     Args:
         map_dir: the folder of the vector maps (default `root/map_files`).
+
+    Examples:
+        >>> from frozenlm.data import Argoverse1DataModule
+        >>> datamodule = Argoverse1DataModule(root="data/argoverse1", batch_size=32)  # doctest: +SKIP
+
+        In a config it is the `data:` section (`configs/argoverse1_vectornet.yaml`); `--data.root` points it at your copy.
     """
 
     history, horizon = 20, 30

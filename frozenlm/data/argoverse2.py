@@ -47,6 +47,12 @@ class Argoverse2DataModule(MotionDataModule):
     Argoverse 2 models (e.g. QCNet) read beside centrelines. `predict` writes the challenge's submission parquet
     (`av2`'s `ChallengeSubmission`). Needs `av2` (extra `motion`). See
     [`MotionDataModule`][frozenlm.data.motion.MotionDataModule] for the arguments and the cache.
+
+    Examples:
+        >>> from frozenlm.data import Argoverse2DataModule
+        >>> datamodule = Argoverse2DataModule(root="data/argoverse2", batch_size=32)  # doctest: +SKIP
+
+        In a config it is the `data:` section (`configs/argoverse2_vectornet.yaml`); `--data.root` points it at your copy.
     """
 
     history, horizon = 50, 60

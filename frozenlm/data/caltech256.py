@@ -36,6 +36,12 @@ class Caltech256DataModule(ImageDataModule):
         include_clutter: keep 257.clutter as a class (257 classes) or drop it (256).
         seed: seed of the train/val split.
         Others: as `ImageDataModule`.
+
+    Examples:
+        >>> from frozenlm.data import Caltech256DataModule
+        >>> datamodule = Caltech256DataModule(root="data/caltech256", batch_size=32)  # doctest: +SKIP
+
+        In a config it is the `data:` section (`configs/caltech256_deit.yaml`); `--data.root` points it at your copy.
     """
 
     @staticmethod

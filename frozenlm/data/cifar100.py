@@ -27,6 +27,12 @@ class CIFAR100DataModule(ImageDataModule):
         root: the directory that holds (or will hold) cifar-100-python/.
         download: fetch the dataset when it is missing.
         Others: as `ImageDataModule`.
+
+    Examples:
+        >>> from frozenlm.data import CIFAR100DataModule
+        >>> datamodule = CIFAR100DataModule(root="data/cifar100", download=True, batch_size=32)  # doctest: +SKIP
+
+        In a config it is the `data:` section (`configs/cifar100_deit.yaml`); `--data.root` points it at your copy.
     """
 
     num_classes = 100

@@ -22,6 +22,10 @@ class DigitsDataModule(ImageDataModule):
         val_fraction: fraction of each class held out for validation.
         seed: seed of the train/val split.
         Others: as `ImageDataModule`.
+
+    Examples:
+        >>> from frozenlm.data import DigitsDataModule
+        >>> datamodule = DigitsDataModule(batch_size=32)  # scikit-learn's 8x8 digits: offline, no download
     """
 
     num_classes = 10

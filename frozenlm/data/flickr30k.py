@@ -112,6 +112,12 @@ class Flickr30kDataModule(VisionLanguageDataModule):
         num_workers, pin_memory, max_unreadable_fraction: see
             `BaseDataModule`.
         mean, std: image normalisation (CLIP's).
+
+    Examples:
+        >>> from frozenlm.data import Flickr30kDataModule
+        >>> datamodule = Flickr30kDataModule(root="data/flickr30k", batch_size=32)  # doctest: +SKIP
+
+        In a config it is the `data:` section (`configs/flickr30k_meter.yaml`); `--data.root` points it at your copy.
     """
 
     def __init__(

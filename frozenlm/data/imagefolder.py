@@ -24,6 +24,12 @@ class ImageFolderDataModule(ImageDataModule):
     Args:
         root: the directory that holds train/ and val/.
         Others: as `ImageDataModule`.
+
+    Examples:
+        >>> from frozenlm.data import ImageFolderDataModule
+        >>> datamodule = ImageFolderDataModule(root="data/imagenet", batch_size=32)  # doctest: +SKIP
+
+        In a config it is the `data:` section (`configs/imagenet_deit_small.yaml`); `--data.root` points it at your copy.
     """
 
     def __init__(self, root: str | Path, **kwargs):

@@ -55,6 +55,13 @@ class ImageNetVariantDataModule(ImageDataModule):
         crop_pct: eval centre-crop fraction; None = 1.0 for ImageNet-C (already 224 px centre crops),
             0.875 otherwise.
         Others: as [`ImageDataModule`][frozenlm.data.base.ImageDataModule] (only the evaluation transform is used).
+
+    Examples:
+        >>> from frozenlm.data import ImageNetVariantDataModule
+        >>> datamodule = ImageNetVariantDataModule(root="data/imagenet-r", variant="r")  # doctest: +SKIP
+
+        As a config's `data:` section (`class_path: frozenlm.data.ImageNetVariantDataModule`, `variant: r`),
+        `frozenlm test --ckpt_path` evaluates a trained checkpoint on it (see the image guide).
     """
 
     def __init__(

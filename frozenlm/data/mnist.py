@@ -151,6 +151,12 @@ class MNISTDataModule(ImageDataModule):
         train_subset: number of training images (a multiple of 10), or None for all 50,000.
         num_val: the last this many training images are the val split (10,000: the standard split).
         Others: as `ImageDataModule`.
+
+    Examples:
+        >>> from frozenlm.data import MNISTDataModule
+        >>> datamodule = MNISTDataModule(root="data", batch_size=32)  # doctest: +SKIP
+
+        In a config it is the `data:` section (`configs/mnist_vit.yaml`); `--data.root` points it at your copy.
     """
 
     num_classes = 10

@@ -125,6 +125,12 @@ class ModelNet40DataModule(PointCloudDataModule):
             shape files are there (only for files you trust).
         Others: see [`PointCloudDataModule`][frozenlm.data.pointcloud.PointCloudDataModule] (`num_points` 1,024,
             4,096 or 8,192 in the paper).
+
+    Examples:
+        >>> from frozenlm.data import ModelNet40DataModule
+        >>> datamodule = ModelNet40DataModule(root="data/modelnet40_normal_resampled", batch_size=32)  # doctest: +SKIP
+
+        In a config it is the `data:` section (`configs/modelnet40_1k_pointbert.yaml`); `--data.root` points it at your copy.
     """
 
     def __init__(

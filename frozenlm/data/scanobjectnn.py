@@ -48,6 +48,12 @@ class ScanObjectNNDataModule(PointCloudDataModule):
         root: the folder holding `main_split/` and `main_split_nobg/`.
         variant: `obj_bg`, `obj_only` or `hardest`.
         Others: see [`PointCloudDataModule`][frozenlm.data.pointcloud.PointCloudDataModule].
+
+    Examples:
+        >>> from frozenlm.data import ScanObjectNNDataModule
+        >>> datamodule = ScanObjectNNDataModule(root="data/scanobjectnn/h5_files", variant="hardest", batch_size=32)  # doctest: +SKIP
+
+        In a config it is the `data:` section (`configs/scanobjectnn_hardest_pointbert.yaml`); `--data.root` points it at your copy.
     """
 
     classes = list(CLASSES)

@@ -130,6 +130,12 @@ class SSv2DataModule(ClassificationDataModule):
         scale: area range of the clip's random resized crop.
         mean: per-channel normalisation mean.
         std: per-channel normalisation std.
+
+    Examples:
+        >>> from frozenlm.data import SSv2DataModule
+        >>> datamodule = SSv2DataModule(root="data/ssv2", num_frames=16, batch_size=32)  # doctest: +SKIP
+
+        In a config it is the `data:` section (`configs/ssv2_videomae_small.yaml`); `--data.root` points it at your copy.
     """
 
     def __init__(

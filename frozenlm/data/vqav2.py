@@ -128,6 +128,12 @@ class VQAv2DataModule(VisionLanguageDataModule):
         num_workers, pin_memory, max_unreadable_fraction: see
             `BaseDataModule`.
         mean, std: image normalisation (CLIP's).
+
+    Examples:
+        >>> from frozenlm.data import VQAv2DataModule
+        >>> datamodule = VQAv2DataModule(root="data/vqav2", batch_size=32)  # doctest: +SKIP
+
+        In a config it is the `data:` section (`configs/vqav2_meter.yaml`); `--data.root` points it at your copy.
     """
 
     def __init__(
