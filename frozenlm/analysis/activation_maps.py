@@ -34,7 +34,13 @@ def _check_tokens(tokens: Tensor) -> Tensor:
 
 
 def magnitude_map(tokens: Tensor) -> Tensor:
-    """Magnitude map `[B, N]`: `||t_k - mean_j t_j||_2` over channels (LM4VE, Pang et al., ICLR 2024)."""
+    """Magnitude map `[B, N]`: `||t_k - mean_j t_j||_2` over channels (LM4VE, Pang et al., ICLR 2024).
+
+    Examples:
+        >>> import torch
+        >>> magnitude_map(torch.randn(2, 196, 384)).shape  # one value per token
+        torch.Size([2, 196])
+    """
     tokens = _check_tokens(tokens)
     return (tokens - tokens.mean(dim=1, keepdim=True)).norm(dim=-1)
 
@@ -43,6 +49,11 @@ def frequency_map(tokens: Tensor) -> Tensor:
     """Frequency map `[B, N]`: `||phi_k - mean_j phi_j||_2`, `phi_k = angle(FFT over channels of t_k)`.
 
     LM4VE (Pang et al., ICLR 2024); the phase angles lie in `(-pi, pi]`.
+
+    Examples:
+        >>> import torch
+        >>> frequency_map(torch.randn(2, 196, 384)).shape
+        torch.Size([2, 196])
     """
     phase = torch.fft.fft(_check_tokens(tokens), dim=-1).angle()
     return (phase - phase.mean(dim=1, keepdim=True)).norm(dim=-1)
@@ -52,6 +63,11 @@ def minmax_normalize(maps: Tensor) -> Tensor:
     """Min-max normalise each map (dim 0 indexes images) to `[0, 1]`: `(a - min) / (max - min)`.
 
     A constant map becomes all zeros.
+
+    Examples:
+        >>> import torch
+        >>> minmax_normalize(torch.tensor([[1.0, 2.0, 3.0]]))
+        tensor([[0.0000, 0.5000, 1.0000]])
     """
     flat = maps.float().flatten(1)
     low = flat.min(dim=1, keepdim=True).values
@@ -64,6 +80,11 @@ def to_patch_grid(maps: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
     """Reshape per-token maps `[B, N]` to `[B, h, w]` in row-major patch order.
 
     `grid=None` assumes a square grid and needs `N` to be a perfect square.
+
+    Examples:
+        >>> import torch
+        >>> to_patch_grid(torch.rand(2, 196)).shape  # a square grid unless told
+        torch.Size([2, 14, 14])
     """
     if maps.ndim != 2:
         raise ValueError(f"Expected per-token maps [B, N]; got {tuple(maps.shape)}.")

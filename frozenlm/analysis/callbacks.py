@@ -82,6 +82,12 @@ class GradientCoherenceCallback(L.Callback):
             (`"model.blocks.1"` does not match `model.blocks.10`), trainable or not.
         max_params: upper bound on the number of selected parameter elements `P`; exceeding it raises
             a `ValueError` (subsampling coordinates would not save the per-sample backward cost).
+
+    Examples:
+        >>> from frozenlm.analysis import GradientCoherenceCallback
+        >>> callback = GradientCoherenceCallback(every_n_steps=100, probe_size=16)
+
+        In a config: `trainer.callbacks: [{class_path: frozenlm.analysis.GradientCoherenceCallback}]`.
     """
 
     def __init__(

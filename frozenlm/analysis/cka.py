@@ -32,6 +32,12 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
 
     Returns:
         A float64 scalar tensor.
+
+    Examples:
+        >>> import torch
+        >>> x = torch.randn(64, 32)
+        >>> round(linear_cka(x, 2 * x + 1).item(), 3)  # invariant to scale and shift
+        1.0
     """
     x, y = _as_samples(x).to(torch.float64), _as_samples(y).to(torch.float64)
     if x.shape[0] != y.shape[0]:

@@ -47,6 +47,17 @@ def per_sample_gradients(
 
     Returns:
         `G` of shape `[m, P]`, `P` = total number of elements in `params`.
+
+    Examples:
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 3)
+        >>> params = dict(model.named_parameters())
+        >>> def loss_fn(params, batch):
+        ...     logits = torch.func.functional_call(model, params, (batch["x"],))
+        ...     return torch.nn.functional.cross_entropy(logits, batch["y"])
+        >>> grads = per_sample_gradients(loss_fn, params, {"x": torch.randn(8, 4), "y": torch.randint(0, 3, (8,))})
+        >>> grads.shape  # one flattened gradient per sample
+        torch.Size([8, 15])
     """
     tensors = {key: value for key, value in batch.items() if isinstance(value, Tensor)}
     if not tensors:
@@ -75,6 +86,13 @@ def m_coherence(gradients: Tensor) -> Tensor:
     Chatterjee & Zielinski (2020), as used by GCR (Bai et al., AAAI 2025). Ranges over
     `[0, m]`: `m` for identical gradients, 1 for orthogonal ones, below 1 when they cancel.
     Zero rows add nothing to either sum; NaN when all rows are zero.
+
+    Examples:
+        >>> import torch
+        >>> round(m_coherence(torch.ones(4, 10)).item(), 3)  # identical gradients: m
+        4.0
+        >>> round(m_coherence(torch.eye(4)).item(), 3)  # orthogonal: 1
+        1.0
     """
     g = _check_rows(gradients, 1)
     total_sq_norm = g.square().sum()
@@ -89,6 +107,11 @@ def mean_pairwise_cosine(gradients: Tensor) -> Tensor:
     With unit rows `u_i = g_i / ||g_i||` (zero rows kept at zero, i.e. cosine 0 with everything),
     `sum_{i != j} cos(g_i, g_j) = ||sum_i u_i||^2 - sum_i ||u_i||^2`: O(m P) time and no m x m x P
     intermediate. NaN when all rows are zero; needs `m >= 2`.
+
+    Examples:
+        >>> import torch
+        >>> round(mean_pairwise_cosine(torch.eye(3)).item(), 3)
+        0.0
     """
     g = _check_rows(gradients, 2)
     norms = g.norm(dim=1, keepdim=True)

