@@ -103,6 +103,10 @@ def bench(
         high-water mark (`VmHWM`, reset through `/proc/self/clear_refs`, or else `psutil` RSS
         sampled every millisecond), as `mem_method` says. In a long-lived process (a notebook) the CPU
         figure can read low: memory freed earlier and still resident is reused without raising RSS.
+
+    Examples:
+        From the command line: `frozenlm bench` (random weights of the LLaMA-7B block shape), or
+        `frozenlm bench --help` for the shapes, dtypes and batch sizes it takes.
     """
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = dev.type == "cuda"

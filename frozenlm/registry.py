@@ -87,7 +87,13 @@ def config_dir() -> Path:
 
 def list_models(pattern: str = "*") -> list[str]:
     """Every model name `create_model` takes (the aliases and the shipped configs' names), sorted; `pattern`
-    filters them as shell wildcards (`"*pointbert*"`)."""
+    filters them as shell wildcards (`"*pointbert*"`).
+
+    Examples:
+        >>> import frozenlm
+        >>> frozenlm.list_models("cifar100_deit_*")[:3]
+        ['cifar100_deit_baseline', 'cifar100_deit_convstem', 'cifar100_deit_convstem_llama']
+    """
     stems = {p.stem for p in config_dir().glob("*.yaml")} - set(_NOT_MODELS)
     names = {alias for alias, stem in ALIASES.items() if stem in stems} | stems
     return sorted(fnmatch.filter(names, pattern))
@@ -117,10 +123,13 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     `overrides` replace the config's model arguments (a dict for `llm` is merged into the config's, so
     `llm={"checkpoint": folder}` keeps its layers and dtype; `llm=None` drops the block).
 
-    Example:
-
+    Examples:
         >>> import frozenlm
+        >>> vit = frozenlm.create_model("mnist_vit")  # the MNIST evidence's small ViT, no block
+        >>> sum(p.numel() for p in vit.parameters()) > 0
+        True
         >>> vit = frozenlm.create_model("deit_small", num_classes=10)  # doctest: +SKIP
+        >>> with_block = frozenlm.create_model("deit_small_llama", llm={"checkpoint": "path/to/llama"})  # doctest: +SKIP
     """
     task_cls, args = model_config(name)
     for key, value in overrides.items():
@@ -134,9 +143,10 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 def load_model(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """The trained model (`task.model`, in eval mode) of a frozenlm `.ckpt`, in one call.
 
-    Example:
-
-        >>> model = frozenlm.load_model("runs/cifar100/checkpoints/last.ckpt")  # doctest: +SKIP
+    Examples:
+        >>> import frozenlm, torch
+        >>> model = frozenlm.load_model("runs/cifar100_deit/version_0/checkpoints/last.ckpt")  # doctest: +SKIP
+        >>> logits = model(torch.randn(1, 3, 224, 224))  # doctest: +SKIP
     """
     from frozenlm.checkpoints import check_checkpoint
     from frozenlm.tasks.base import TASK_KEY

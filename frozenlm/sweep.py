@@ -619,6 +619,11 @@ def sweep(
 
     Raises:
         SweepRunsFailedError: after the report, when runs failed; it names each with its error and log.
+
+    Examples:
+        From the command line (the offline demo sweep, resumable):
+        `frozenlm sweep --preset configs/sweeps/demo.yaml --output runs/sweeps/demo`, then
+        `frozenlm sweep --report runs/sweeps/demo` for its table and plots.
     """
     if report_to is not None and report is None:
         raise ConfigurationError("ConfigurationError: --report_to goes with --report <sweep folder>: it says where "
