@@ -221,3 +221,16 @@ def test_the_cli_page_shows_every_commands_current_help():
         if not path.is_file() or path.read_text() != text:
             stale.append(name)
     assert not stale, f"docs/cli/ is stale for {stale}: run `make cli-help`"
+
+
+def test_every_extra_is_named_in_the_readme_and_getting_started():
+    """pyproject's optional-dependencies, each said in the install sections (and installed by `make install`)."""
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    makefile = re.search(r"^EXTRAS \?= (\S+)", (REPO / "Makefile").read_text(), re.M).group(1).split(",")
+    assert sorted(makefile) == sorted(extras), f"Makefile EXTRAS {makefile} vs pyproject {sorted(extras)}"
+    for page in ("README.md", "docs/getting_started.md"):
+        install = (REPO / page).read_text().split("## Install", 1)[1].split("\n## ", 1)[0]
+        missing = [name for name in extras if f"`{name}`" not in install]
+        assert not missing, f"{page}'s Install section does not name the extras {missing}"
