@@ -24,7 +24,7 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # slow <reason> -->` is executed by `make test-slow` (and parse-checked by `make test`).
 MARK = re.compile(r"<!--\s*docs:\s*(needs|slow)\b(.*?)-->")
 BLOCK = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
-API_PACKAGES = ("frozenlm.llm", "frozenlm.tasks", "frozenlm.data", "frozenlm.analysis")
+API_PACKAGES = ("frozenlm.llm", "frozenlm.models", "frozenlm.tasks", "frozenlm.data", "frozenlm.analysis")
 
 
 def blocks() -> list[tuple[str, str, str]]:

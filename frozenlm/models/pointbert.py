@@ -94,6 +94,7 @@ class PointBERT(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
 
     def no_weight_decay(self) -> set[str]:
+        """The parameters kept out of weight decay: the CLS token and its position."""
         return {"cls_token", "cls_pos"}
 
     def group(self, points: Tensor) -> tuple[Tensor, Tensor]:
@@ -117,6 +118,8 @@ class PointBERT(nn.Module):
         return x, pos
 
     def forward_features(self, points: Tensor) -> Tensor:
+        """The tokens (CLS, then one per group) of `points [B, N, 3]` after the blocks and the final norm; the
+        frozen block is placed by [`PointBERTClassifier`][frozenlm.models.pointbert.PointBERTClassifier]."""
         x, pos = self.embed(points)
         for block in self.blocks:
             x = block(x + pos)
