@@ -195,6 +195,8 @@ def test_config_from_hparams_and_errors(tiny_llama_checkpoint):
         ScanQA(ScanQAConfig(**TINY, mean_size=MEAN_SIZE[:3]))
     with pytest.raises(ConfigurationError, match="num_answers"):
         ScanQA(ScanQAConfig(**(TINY | {"num_answers": None}), mean_size=MEAN_SIZE))
+    with pytest.raises(ConfigurationError, match="sa_radii"):
+        tiny_model(sa_radii=[0.2, 0.4])
     with pytest.raises(ConfigurationError, match="num_points"):
         tiny_model()(make_batch(points=200))
 

@@ -162,7 +162,8 @@ class PointNet2Backbone(nn.Module):
 
     def __init__(self, config: ScanQAConfig) -> None:
         super().__init__()
-        widths = [[config.input_feature_dim, 64, 64, 128], [128, 128, 128, 256], [256, 128, 128, 256], [256, 128, 128, 256]]
+        c = config.input_feature_dim
+        widths = [[c, 64, 64, 128], [128, 128, 128, 256], [256, 128, 128, 256], [256, 128, 128, 256]]
         self.sa = nn.ModuleList(
             SetAbstraction(n, r, k, mlp)
             for n, r, k, mlp in zip(config.sa_points, config.sa_radii, config.sa_nsamples, widths, strict=True)
@@ -171,7 +172,8 @@ class PointNet2Backbone(nn.Module):
         self.fp2 = FeaturePropagation([256 + 256, 256, config.seed_feat_dim])
 
     def forward(self, points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``points [B, N, 3 + c]`` -> ``(seed_xyz [B, S, 3], seed_features [B, seed_feat_dim, S], seed_inds [B, S])``."""
+        """``points [B, N, 3 + c]`` -> ``(seed_xyz [B, S, 3], seed_features [B, seed_feat_dim, S], seed_inds
+        [B, S])``."""
         xyz = points[..., :3].contiguous()
         features = points[..., 3:].transpose(1, 2).contiguous() if points.shape[-1] > 3 else None
         levels = []
@@ -404,6 +406,12 @@ class ScanQA(nn.Module):
             raise ConfigurationError(
                 f"ScanQA's mean_size must be {config.num_size_cluster} rows [l, w, h] (num_size_cluster), got shape "
                 f"{tuple(mean_size.shape)}: link it from the SQA3D datamodule (its mean_size) or set --model.mean_size."
+            )
+        sa = (config.sa_points, config.sa_radii, config.sa_nsamples)
+        if any(len(values) != 4 for values in sa):
+            raise ConfigurationError(
+                "ScanQA's backbone has four set-abstraction layers: sa_points, sa_radii and sa_nsamples need 4 values "
+                f"each, got {[list(values) for values in sa]}."
             )
         hidden, heads, ffn, dropout = config.hidden_size, config.heads, config.ffn, config.fusion_dropout
         # Language
