@@ -8,6 +8,8 @@ Facts from SilongYong/SQA3D (``assets/data/scannet/model_util_scannet.py``, its 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 # ScannetDatasetConfig.type2class: the 18 detection classes, in class order (the last gathers every other
@@ -160,3 +162,208 @@ def vote_targets(xyz: np.ndarray, instance_labels: np.ndarray, semantic_labels: 
         votes[chosen] = centres[instance[chosen]] - xyz[chosen]
         mask[chosen] = 1
     return np.tile(votes, (1, 3)).astype(np.float32), mask
+
+
+# -- converting a raw ScanNet scan (frozenlm prepare sqa3d) --------------------------------------------------
+_PLY_TYPES = {
+    "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2", "ushort": "u2",
+    "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4", "float": "f4", "float32": "f4",
+    "double": "f8", "float64": "f8",
+}  # fmt: skip
+
+
+class SceneError(ValueError):
+    """A raw ScanNet scan that cannot be converted; the message says which file and why (prepare names and
+    counts the scene and goes on with the others)."""
+
+
+def read_ply(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A binary PLY mesh (ScanNet's ``_vh_clean_2.ply``): ``(vertices, faces)``, the vertices as a structured
+    array of the header's properties (``x, y, z, red, green, blue, alpha``) and the triangles ``[F, 3]``
+    int64. Raises :class:`SceneError` for an ASCII or truncated file, or faces that are not triangles."""
+    path = Path(path)
+    with open(path, "rb") as file:
+        data = file.read()
+    end = data.find(b"end_header\n")
+    if not data.startswith(b"ply") or end < 0:
+        raise SceneError(f"{path} is not a PLY file (no 'ply' ... 'end_header' header)")
+    header = data[:end].decode("ascii", errors="replace").splitlines()
+    body = end + len("end_header\n")
+    order, elements = None, []  # (name, count, [(property, dtype)] or ('list', count dtype, item dtype))
+    for line in header[1:]:
+        words = line.split()
+        if not words or words[0] in ("comment", "obj_info"):
+            continue
+        if words[0] == "format":
+            order = {"binary_little_endian": "<", "binary_big_endian": ">"}.get(words[1])
+            if order is None:
+                raise SceneError(f"{path} is {words[1]} PLY; only binary PLY (as ScanNet ships it) is read")
+        elif words[0] == "element":
+            elements.append((words[1], int(words[2]), []))
+        elif words[0] == "property" and elements:
+            if words[1] == "list":
+                elements[-1][2].append(("list", _PLY_TYPES[words[2]], _PLY_TYPES[words[3]]))
+            else:
+                elements[-1][2].append((words[2], _PLY_TYPES[words[1]]))
+    if order is None:
+        raise SceneError(f"{path} has no 'format' line in its header")
+    vertices, faces, offset = None, None, body
+    for name, count, properties in elements:
+        if any(p[0] == "list" for p in properties):
+            if len(properties) != 1 or name != "face":
+                raise SceneError(f"{path}: element {name!r} with list properties other than one face list")
+            _, count_type, item_type = properties[0]
+            row = np.dtype([("n", order + count_type), ("v", order + item_type, (3,))])
+            if offset + count * row.itemsize > len(data):
+                raise SceneError(f"{path} is truncated (its faces end past the file)")
+            table = np.frombuffer(data, dtype=row, count=count, offset=offset)
+            if count and (table["n"] != 3).any():
+                raise SceneError(f"{path}: faces that are not triangles (ScanNet's meshes are triangles)")
+            faces, offset = table["v"].astype(np.int64), offset + count * row.itemsize
+        else:
+            row = np.dtype([(p, order + t) for p, t in properties])
+            if offset + count * row.itemsize > len(data):
+                raise SceneError(f"{path} is truncated (its {name} element ends past the file)")
+            table = np.frombuffer(data, dtype=row, count=count, offset=offset)
+            if name == "vertex":
+                vertices = table
+            offset += count * row.itemsize
+    if vertices is None or any(key not in vertices.dtype.names for key in ("x", "y", "z", "red", "green", "blue")):
+        raise SceneError(f"{path} has no vertex element with x, y, z, red, green, blue")
+    if faces is None:
+        faces = np.zeros((0, 3), np.int64)
+    if len(faces) and (faces.min() < 0 or faces.max() >= len(vertices)):
+        raise SceneError(f"{path}: face indices outside its {len(vertices)} vertices")
+    return vertices, faces
+
+
+def vertex_normals(xyz: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Per-vertex normals as ScanRefer's ``compute_normal``: unit face normals (cross product, divided by
+    length + 1e-8) added to the vertices of each corner column with numpy's buffered fancy-index add (so a
+    vertex gets, per corner column, the normal of the last face having it there), then normalised again."""
+    normals = np.zeros(xyz.shape, dtype=xyz.dtype)
+    if len(faces) == 0:
+        return normals
+    corners = xyz[faces]
+    face_normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    face_normals /= (np.linalg.norm(face_normals, axis=1, keepdims=True) + 1e-8).astype(xyz.dtype)
+    for column in range(3):
+        normals[faces[:, column]] += face_normals  # buffered: the last face per vertex wins, as the reference
+    normals /= (np.linalg.norm(normals, axis=1, keepdims=True) + 1e-8).astype(xyz.dtype)
+    return normals
+
+
+def read_axis_alignment(path: str | Path) -> np.ndarray | None:
+    """The 4x4 ``axisAlignment`` of a scan's ``<scene>.txt`` (row-major), None when the file has none."""
+    for line in Path(path).read_text().splitlines():
+        if line.strip().startswith("axisAlignment"):
+            values = line.split("=", 1)[1].split()
+            if len(values) != 16:
+                raise SceneError(f"{path}: axisAlignment has {len(values)} values, not 16")
+            return np.array([float(v) for v in values]).reshape(4, 4)
+    return None
+
+
+def read_label_map(path: str | Path) -> dict[str, int]:
+    """``raw_category -> nyu40id`` of ScanNet's ``scannetv2-labels.combined.tsv``."""
+    import csv
+
+    with open(path, newline="") as file:
+        return {row["raw_category"]: int(row["nyu40id"]) for row in csv.DictReader(file, delimiter="\t")}
+
+
+def _boxes(xyz: np.ndarray, instance_ids: np.ndarray, object_labels: dict[int, int], count: int) -> np.ndarray:
+    boxes = np.zeros((count, 8))
+    for object_id, label in object_labels.items():
+        points = xyz[instance_ids == object_id]
+        if len(points) == 0:
+            continue
+        low, high = points.min(0), points.max(0)
+        boxes[object_id - 1] = [*((low + high) / 2), *(high - low), label, object_id - 1]
+    return boxes
+
+
+def convert_scene(scan: str | Path, label_map: dict[str, int], max_points: int = MAX_NUM_POINT) -> dict[str, np.ndarray]:
+    """One raw scan folder ``scans/<scene>`` as ScanRefer's ``batch_load_scannet_data.py`` exports it: the
+    per-scene arrays ``vert`` and ``aligned_vert`` ``[N, 9]`` float32 (xyz, rgb 0-255, normal; aligned by the
+    scan's axisAlignment), ``sem_label`` (NYU40 id) and ``ins_label`` (object id + 1, 0 unannotated) uint32,
+    ``bbox`` and ``aligned_bbox`` ``[K, 8]`` (centre, size, NYU40 id, object id) of the objects whose NYU40 id
+    is in :data:`NYU40_IDS`, boxes computed from all vertices, then at most ``max_points`` vertices kept (a
+    random subset seeded by the scene's name, so a rerun writes the same arrays). Unlike the reference, the box
+    filter also applies to a scene of one box. Raises :class:`SceneError` naming the file at fault."""
+    import json
+    import zlib
+
+    scan = Path(scan)
+    scene = scan.name
+    mesh, segs, aggregation, meta = (scan / f"{scene}{suffix}" for suffix in (
+        "_vh_clean_2.ply", "_vh_clean_2.0.010000.segs.json", ".aggregation.json", ".txt"))  # fmt: skip
+    for path in (mesh, meta):
+        if not path.is_file():
+            raise SceneError(f"{path} is missing")
+    vertices, faces = read_ply(mesh)
+    xyz = np.stack([vertices["x"], vertices["y"], vertices["z"]], 1).astype(np.float32)
+    rgb = np.stack([vertices["red"], vertices["green"], vertices["blue"]], 1).astype(np.float32)
+    points = np.concatenate([xyz, rgb, vertex_normals(xyz, faces)], 1)
+    if not np.isfinite(points).all():
+        raise SceneError(f"{mesh} holds NaN or infinite values")
+    alignment = read_axis_alignment(meta)
+    aligned = points.copy()
+    if alignment is not None:
+        aligned[:, 0:3] = np.concatenate([xyz, np.ones((len(xyz), 1), np.float32)], 1) @ alignment.T[:, 0:3]
+    count = len(points)
+    semantic = np.zeros(count, dtype=np.uint32)
+    instance = np.zeros(count, dtype=np.uint32)
+    if aggregation.is_file():
+        try:
+            groups = json.loads(aggregation.read_text())["segGroups"]
+            indices = np.asarray(json.loads(segs.read_text())["segIndices"])
+        except FileNotFoundError:
+            raise SceneError(f"{segs} is missing") from None
+        except (ValueError, KeyError, TypeError) as error:
+            raise SceneError(f"{aggregation} or {segs} is not ScanNet's JSON ({type(error).__name__}: {error})") from None
+        if len(indices) != count:
+            raise SceneError(f"{segs} labels {len(indices)} vertices, {mesh} has {count}")
+        segment_vertices: dict[int, np.ndarray] = {}
+        order = np.argsort(indices, kind="stable")
+        keys, starts = np.unique(indices[order], return_index=True)
+        for key, part in zip(keys.tolist(), np.split(order, starts[1:])):
+            segment_vertices[key] = part
+
+        def vertices_of(segments: list[int]) -> np.ndarray:
+            missing = [s for s in segments if s not in segment_vertices]
+            if missing:
+                raise SceneError(f"{aggregation} names segment {missing[0]}, which {segs} does not have")
+            return np.concatenate([segment_vertices[s] for s in segments]) if segments else np.zeros(0, np.int64)
+
+        by_label: dict[str, list[int]] = {}
+        for group in groups:
+            by_label.setdefault(group["label"], []).extend(group["segments"])
+        for label, segments in by_label.items():
+            if label not in label_map:
+                raise SceneError(f"{aggregation}: label {label!r} is not in scannetv2-labels.combined.tsv")
+            semantic[vertices_of(segments)] = label_map[label]
+        object_labels: dict[int, int] = {}
+        for group in groups:
+            object_id = int(group["objectId"]) + 1
+            for segment in group["segments"]:
+                chosen = vertices_of([segment])
+                instance[chosen] = object_id
+                object_labels.setdefault(object_id, int(semantic[chosen][0]) if len(chosen) else 0)
+        objects = len(set(object_labels))
+        if object_labels and max(object_labels) > objects:
+            raise SceneError(f"{aggregation}: object ids are not 0..{objects - 1}")
+        boxes = _boxes(points[:, 0:3], instance, object_labels, objects)
+        aligned_boxes = _boxes(aligned[:, 0:3], instance, object_labels, objects)
+        keep = np.isin(boxes[:, 6], NYU40_IDS)
+        boxes, aligned_boxes = boxes[keep], aligned_boxes[keep]
+    else:  # ScanNet's test scans have no annotation
+        boxes = aligned_boxes = np.zeros((0, 8))
+    if count > max_points:
+        chosen = np.random.default_rng(zlib.crc32(scene.encode())).choice(count, max_points, replace=False)
+        points, aligned, semantic, instance = points[chosen], aligned[chosen], semantic[chosen], instance[chosen]
+    return {"vert": points, "aligned_vert": aligned, "sem_label": semantic, "ins_label": instance,
+            "bbox": boxes, "aligned_bbox": aligned_boxes}  # fmt: skip
+
+
+SCENE_ARRAYS = ("vert", "aligned_vert", "sem_label", "ins_label", "bbox", "aligned_bbox")
