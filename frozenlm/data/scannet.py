@@ -97,8 +97,8 @@ def rotate_boxes(boxes: np.ndarray, rotation: np.ndarray, axis: str) -> np.ndarr
     rotation = np.asarray(rotation, dtype=np.float64)
     centres = boxes[:, 0:3] @ rotation.T
     across = {"x": (1, 2), "y": (0, 2), "z": (0, 1)}[axis]
-    d1, d2 = boxes[:, across[0]], boxes[:, across[1]]
     sizes = boxes[:, 3:6].copy()
+    d1, d2 = boxes[:, 3 + across[0]], boxes[:, 3 + across[1]]
     sizes[:, across[0]] = abs(rotation[0, 0]) * d1 + abs(rotation[0, 1]) * d2
     sizes[:, across[1]] = abs(rotation[1, 0]) * d1 + abs(rotation[1, 1]) * d2
     return np.concatenate([centres, sizes], axis=1)
