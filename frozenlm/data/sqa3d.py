@@ -241,7 +241,6 @@ class SQA3DQuestions(Dataset):
         return np.random.default_rng(self.questions[index].question_id)
 
     def __getitem__(self, index: int) -> dict[str, Any] | Unreadable:
-        torch.set_num_threads(1)
         record = self.questions[index]
         scene = self.scenes[record.scene_id]
         try:
@@ -425,6 +424,7 @@ class SQA3DDataModule(BaseDataModule):
         return f"SQA3DDataModule(root={self.root}, batch_size={self.batch_size}, num_points={self.num_points})"
 
     def read_split(self, split: str) -> list[Question]:
+        """All of ``split``'s questions as on disk (before the answerable filter)."""
         return read_questions(self.root, split, self.known_answers)
 
     def dataset(self, split: str) -> SQA3DQuestions:
