@@ -31,6 +31,7 @@ from frozenlm.data.glove import UNKNOWN, WordVectors, load_word_vectors
 from frozenlm.data.scannet import (
     MEAN_COLOR_RGB,
     MEAN_SIZE,
+    NYU40_IDS,
     ROTATIONS,
     box_targets,
     padded_boxes,
@@ -186,6 +187,9 @@ class SceneFiles(NamedTuple):
         for name in ("aligned_vert", "aligned_bbox"):
             if not np.isfinite(arrays[name]).all():
                 raise ValueError(f"{self.path(name)} holds NaN or infinite values")
+        # Boxes of object classes only: the reference's export skips this filter for a scene of one box (a lone
+        # wall box, or the zero placeholder of an unannotated scan, which its dataset cannot map to a class).
+        arrays["aligned_bbox"] = boxes[np.isin(boxes[:, 6], NYU40_IDS)] if len(boxes) else np.zeros((0, 8))
         return arrays
 
 
