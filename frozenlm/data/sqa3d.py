@@ -349,7 +349,7 @@ def augment_scene(
 
 
 class SQA3DDataModule(BaseDataModule):
-    """SQA3D's balanced questions (train 26,623 / val 3,261 / test 3,519 in the release) on ScanNet scenes,
+    """SQA3D's balanced questions (the release's test split: 3,519 questions on 67 scenes) on ScanNet scenes,
     with the inputs and targets of its ScanQA baseline.
 
     Each sample is one question: ``point_clouds [N, 3 + 3 + 1]`` (xyz; (rgb - [109.8, 97.2, 83.8]) / 256 with
@@ -365,8 +365,9 @@ class SQA3DDataModule(BaseDataModule):
     ``vote_label_mask [N]``; on every split, where the reference leaves test's zero); ``question_type``
     (index into :data:`QUESTION_TYPES`), ``question_id``, ``dataset_index`` and ``padding``.
 
-    The answer vocabulary is every answer of the training split, sorted (the reference's ``answer_counter``
-    built from train); train and val keep the questions whose answer is in it (the others are counted and
+    The answer vocabulary is every answer of the training split, sorted, and the soft scores count answers
+    in train (the reference reads both from a released ``answer_counter.json``, described as the answers of
+    all questions; here they are built from train, where nothing of val or test can leak); train and val keep the questions whose answer is in it (the others are counted and
     said once), test keeps all. Training draws points and augmentation from each process's seeded stream;
     evaluation draws the points from a generator seeded by the question id, so it is the same on any number
     of processes (each question scored once, :class:`~frozenlm.data.distributed.EvaluationSampler`).
