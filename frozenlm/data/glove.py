@@ -1,8 +1,8 @@
 """GloVe word vectors (Pennington et al., 2014) as SQA3D's ScanQA baseline embeds its texts: the official text
-format (``glove.840B.300d.txt``: a word then its floats on each line; ``.txt``, ``.txt.gz`` or the ``.zip``
-holding one ``.txt``) and ScanRefer's ``glove.p``, a pickled ``{word: numpy vector}`` dict, read with an
+format (`glove.840B.300d.txt`: a word then its floats on each line; `.txt`, `.txt.gz` or the `.zip`
+holding one `.txt`) and ScanRefer's `glove.p`, a pickled `{word: numpy vector}` dict, read with an
 unpickler that builds plain dicts, strings and numpy arrays and refuses anything else before it runs
-(:mod:`frozenlm.data.safe_pickle`)."""
+(`safe_pickle`)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ GLOVE_HINT = ("Download GloVe (https://nlp.stanford.edu/projects/glove/, glove.8
 
 
 class WordVectors(NamedTuple):
-    """A vocabulary and its vectors: ``vectors[i]`` (float32) is the vector of ``words[i]``."""
+    """A vocabulary and its vectors: `vectors[i]` (float32) is the vector of `words[i]`."""
 
     words: list[str]
     vectors: np.ndarray
@@ -37,17 +37,17 @@ class WordVectors(NamedTuple):
         return self.vectors.shape[1]
 
     def embed(self, tokens: Iterable[str], unknown: str = UNKNOWN) -> np.ndarray:
-        """``[len(tokens), dim]`` float32: each token's vector, ``unknown``'s for a token not in the vocabulary."""
+        """`[len(tokens), dim]` float32: each token's vector, `unknown`'s for a token not in the vocabulary."""
         index = {word: i for i, word in enumerate(self.words)}
         fallback = index[unknown]
         return self.vectors[[index.get(token, fallback) for token in tokens]].reshape(-1, self.dim)
 
 
 def load_word_vectors(path: str | Path, keep: Collection[str] | None = None, unknown: str | None = UNKNOWN) -> WordVectors:
-    """The word vectors of ``path``: a pickle (``.p``, ``.pkl``, ``.pickle``; read by :func:`read_glove_pickle`)
-    or GloVe's text format (:func:`read_glove_text`). ``keep``: only these words (and ``unknown``), to hold a
-    task's vocabulary instead of GloVe's 2.2 million words. A file without ``unknown`` (when not None) raises
-    :class:`DatasetFileError` naming it."""
+    """The word vectors of `path`: a pickle (`.p`, `.pkl`, `.pickle`; read by `read_glove_pickle`)
+    or GloVe's text format (`read_glove_text`). `keep`: only these words (and `unknown`), to hold a
+    task's vocabulary instead of GloVe's 2.2 million words. A file without `unknown` (when not None) raises
+    `DatasetFileError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise DatasetNotFoundError(f"No word-vector file {path}. {GLOVE_HINT}")
@@ -78,9 +78,9 @@ def _text_lines(path: Path) -> Iterator[IO[str]]:
 
 def read_glove_text(path: str | Path, keep: Collection[str] | None = None) -> WordVectors:
     """GloVe's text format: one word a line followed by its floats, separated by single spaces (a word may
-    itself hold spaces, as a few of glove.840B's do: the last ``dim`` fields are the vector, ``dim`` taken
-    from the first line). ``keep``: only these words. The first occurrence of a word wins. A line with
-    another number of floats, or a field that is not a number, raises :class:`DatasetFileError` naming
+    itself hold spaces, as a few of glove.840B's do: the last `dim` fields are the vector, `dim` taken
+    from the first line). `keep`: only these words. The first occurrence of a word wins. A line with
+    another number of floats, or a field that is not a number, raises `DatasetFileError` naming
     the file and line."""
     path = Path(path)
     words: list[str] = []
@@ -127,10 +127,10 @@ def _first_dim(fields: list[str], path: Path) -> int:
 
 
 def read_glove_pickle(path: str | Path, keep: Collection[str] | None = None) -> WordVectors:
-    """ScanRefer's ``glove.p``: a pickled dict ``{word: 1-d numpy vector}``, read without running anything it
-    asks for (:class:`~frozenlm.data.safe_pickle.ArraysOnlyUnpickler`: a pickle naming any callable but numpy's
-    array reconstruction raises :class:`~frozenlm.data.safe_pickle.UnsafePickleError` naming the file). Any
-    other content (not a dict of words to equal-length vectors) raises :class:`DatasetFileError`."""
+    """ScanRefer's `glove.p`: a pickled dict `{word: 1-d numpy vector}`, read without running anything it
+    asks for (`ArraysOnlyUnpickler`: a pickle naming any callable but numpy's
+    array reconstruction raises `UnsafePickleError` naming the file). Any
+    other content (not a dict of words to equal-length vectors) raises `DatasetFileError`."""
     path = Path(path)
     fix = f"Take glove.p from ScanRefer's download again, or pass GloVe's text file instead. {GLOVE_HINT}"
     try:

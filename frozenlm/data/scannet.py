@@ -1,9 +1,9 @@
 """ScanNet as ScanRefer / VoteNet detect objects in it (the detector of SQA3D's ScanQA baseline): the 18 classes,
 their NYU40 ids, the mean box size of each class, and the detection targets built from a scene's boxes and
-per-point instance labels (``box_targets``, ``vote_targets``), with the reference's augmentation of boxes.
+per-point instance labels (`box_targets`, `vote_targets`), with the reference's augmentation of boxes.
 
-Facts from SilongYong/SQA3D (``assets/data/scannet/model_util_scannet.py``, its ``meta_data/`` and
-``ScanQA/lib/sepdataset.py``, themselves from ScanRefer and VoteNet); the code is this project's own.
+Facts from SilongYong/SQA3D (`assets/data/scannet/model_util_scannet.py`, its `meta_data/` and
+`ScanQA/lib/sepdataset.py`, themselves from ScanRefer and VoteNet); the code is this project's own.
 """
 
 from __future__ import annotations
@@ -67,19 +67,19 @@ MEAN_COLOR_RGB = np.array([109.8, 97.2, 83.8])  # subtracted from 0-255 colours,
 
 
 def rotx(angle: float) -> np.ndarray:
-    """The rotation by ``angle`` (radians) about x, right-handed."""
+    """The rotation by `angle` (radians) about x, right-handed."""
     c, s = np.cos(angle), np.sin(angle)
     return np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
 
 
 def roty(angle: float) -> np.ndarray:
-    """The rotation by ``angle`` about y, right-handed."""
+    """The rotation by `angle` about y, right-handed."""
     c, s = np.cos(angle), np.sin(angle)
     return np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
 
 
 def rotz(angle: float) -> np.ndarray:
-    """The rotation by ``angle`` about z, right-handed."""
+    """The rotation by `angle` about z, right-handed."""
     c, s = np.cos(angle), np.sin(angle)
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
@@ -88,10 +88,10 @@ ROTATIONS = {"x": rotx, "y": roty, "z": rotz}
 
 
 def rotate_boxes(boxes: np.ndarray, rotation: np.ndarray, axis: str) -> np.ndarray:
-    """Axis-aligned boxes ``[K, 6]`` (centre, size) after the points are rotated by ``rotation`` about ``axis``,
-    as the reference's ``rotate_aligned_boxes_along_axis``: centres rotate; the two sizes across ``axis``,
-    ``(d1, d2)`` (y, z for x; x, z for y; x, y for z), become the extent of the rectangle +-d1/2, +-d2/2 laid
-    in the x-y plane and rotated, ``(|R00| d1 + |R01| d2, |R10| d1 + |R11| d2)``. For z that is the rotated
+    """Axis-aligned boxes `[K, 6]` (centre, size) after the points are rotated by `rotation` about `axis`,
+    as the reference's `rotate_aligned_boxes_along_axis`: centres rotate; the two sizes across `axis`,
+    `(d1, d2)` (y, z for x; x, z for y; x, y for z), become the extent of the rectangle +-d1/2, +-d2/2 laid
+    in the x-y plane and rotated, `(|R00| d1 + |R01| d2, |R10| d1 + |R11| d2)`. For z that is the rotated
     box's extent; for x and y (where the rectangle lies in the wrong plane) it scales one size by |cos|,
     at most 0.4 % at the augmentation's 5 degrees: kept, since the reference trained so."""
     rotation = np.asarray(rotation, dtype=np.float64)
@@ -105,9 +105,9 @@ def rotate_boxes(boxes: np.ndarray, rotation: np.ndarray, axis: str) -> np.ndarr
 
 
 def padded_boxes(instance_boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """A scene's boxes (``_aligned_bbox.npy`` rows: centre, size, NYU40 id, object id) as the targets hold
-    them before augmentation: ``(boxes [MAX_NUM_OBJ, 6], box_label_mask [MAX_NUM_OBJ], count)``, the first
-    ``count`` rows the scene's first boxes, the others zeros (which the augmentation moves like the rest, as
+    """A scene's boxes (`_aligned_bbox.npy` rows: centre, size, NYU40 id, object id) as the targets hold
+    them before augmentation: `(boxes [MAX_NUM_OBJ, 6], box_label_mask [MAX_NUM_OBJ], count)`, the first
+    `count` rows the scene's first boxes, the others zeros (which the augmentation moves like the rest, as
     the reference's)."""
     count = min(len(instance_boxes), MAX_NUM_OBJ)
     boxes = np.zeros((MAX_NUM_OBJ, 6))
@@ -118,16 +118,16 @@ def padded_boxes(instance_boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, in
 
 
 def semantic_classes(nyu40_ids: np.ndarray) -> np.ndarray:
-    """The class index (0..17) of each NYU40 id of ``NYU40_IDS``; ``KeyError`` for any other id."""
+    """The class index (0..17) of each NYU40 id of `NYU40_IDS`; `KeyError` for any other id."""
     return np.array([NYU40ID_TO_CLASS[int(i)] for i in nyu40_ids], dtype=np.int64)
 
 
 def box_targets(boxes: np.ndarray, instance_boxes: np.ndarray, count: int) -> dict[str, np.ndarray]:
-    """The box targets of VoteNet's losses from the (augmented) ``boxes [MAX_NUM_OBJ, 6]`` of
-    :func:`padded_boxes` and the scene's ``instance_boxes`` (their NYU40 ids): ``center_label [128, 3]``,
-    ``heading_class_label``/``heading_residual_label`` (zeros: one heading bin, axis-aligned boxes),
-    ``size_class_label`` (= the semantic class) and ``size_residual_label [128, 3]`` (size minus the
-    class's :data:`MEAN_SIZE`), ``sem_cls_label``; rows past ``count`` are 0."""
+    """The box targets of VoteNet's losses from the (augmented) `boxes [MAX_NUM_OBJ, 6]` of
+    `padded_boxes` and the scene's `instance_boxes` (their NYU40 ids): `center_label [128, 3]`,
+    `heading_class_label`/`heading_residual_label` (zeros: one heading bin, axis-aligned boxes),
+    `size_class_label` (= the semantic class) and `size_residual_label [128, 3]` (size minus the
+    class's `MEAN_SIZE`), `sem_cls_label`; rows past `count` are 0."""
     classes = np.zeros(MAX_NUM_OBJ, dtype=np.int64)
     classes[:count] = semantic_classes(instance_boxes[:count, -2])
     residuals = np.zeros((MAX_NUM_OBJ, 3))
@@ -143,10 +143,10 @@ def box_targets(boxes: np.ndarray, instance_boxes: np.ndarray, count: int) -> di
 
 
 def vote_targets(xyz: np.ndarray, instance_labels: np.ndarray, semantic_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """VoteNet's vote targets from the (sampled, augmented) points ``xyz [N, 3]``: each point of an instance
+    """VoteNet's vote targets from the (sampled, augmented) points `xyz [N, 3]`: each point of an instance
     whose NYU40 id (of its first point) is an object id votes for the centre of the instance's points'
-    extent, ``(min + max) / 2``: ``vote_label [N, 9]`` (the offset centre - point, three times) and
-    ``vote_label_mask [N]`` (1 for voting points). Label 0 (unannotated) has NYU40 id 0 and never votes."""
+    extent, `(min + max) / 2`: `vote_label [N, 9]` (the offset centre - point, three times) and
+    `vote_label_mask [N]` (1 for voting points). Label 0 (unannotated) has NYU40 id 0 and never votes."""
     votes = np.zeros((len(xyz), 3))
     mask = np.zeros(len(xyz), dtype=np.int64)
     if len(xyz):
@@ -178,9 +178,9 @@ class SceneError(ValueError):
 
 
 def read_ply(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """A binary PLY mesh (ScanNet's ``_vh_clean_2.ply``): ``(vertices, faces)``, the vertices as a structured
-    array of the header's properties (``x, y, z, red, green, blue, alpha``) and the triangles ``[F, 3]``
-    int64. Raises :class:`SceneError` for an ASCII or truncated file, or faces that are not triangles."""
+    """A binary PLY mesh (ScanNet's `_vh_clean_2.ply`): `(vertices, faces)`, the vertices as a structured
+    array of the header's properties (`x, y, z, red, green, blue, alpha`) and the triangles `[F, 3]`
+    int64. Raises `SceneError` for an ASCII or truncated file, or faces that are not triangles."""
     path = Path(path)
     with open(path, "rb") as file:
         data = file.read()
@@ -238,7 +238,7 @@ def read_ply(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def vertex_normals(xyz: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """Per-vertex normals as ScanRefer's ``compute_normal``: unit face normals (cross product, divided by
+    """Per-vertex normals as ScanRefer's `compute_normal`: unit face normals (cross product, divided by
     length + 1e-8) added to the vertices of each corner column with numpy's buffered fancy-index add (so a
     vertex gets, per corner column, the normal of the last face having it there), then normalised again."""
     normals = np.zeros(xyz.shape, dtype=xyz.dtype)
@@ -254,7 +254,7 @@ def vertex_normals(xyz: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 
 def read_axis_alignment(path: str | Path) -> np.ndarray | None:
-    """The 4x4 ``axisAlignment`` of a scan's ``<scene>.txt`` (row-major), None when the file has none."""
+    """The 4x4 `axisAlignment` of a scan's `<scene>.txt` (row-major), None when the file has none."""
     for line in Path(path).read_text().splitlines():
         if line.strip().startswith("axisAlignment"):
             values = line.split("=", 1)[1].split()
@@ -265,7 +265,7 @@ def read_axis_alignment(path: str | Path) -> np.ndarray | None:
 
 
 def read_label_map(path: str | Path) -> dict[str, int]:
-    """``raw_category -> nyu40id`` of ScanNet's ``scannetv2-labels.combined.tsv``."""
+    """`raw_category -> nyu40id` of ScanNet's `scannetv2-labels.combined.tsv`."""
     import csv
 
     with open(path, newline="") as file:
@@ -284,13 +284,13 @@ def _boxes(xyz: np.ndarray, instance_ids: np.ndarray, object_labels: dict[int, i
 
 
 def convert_scene(scan: str | Path, label_map: dict[str, int], max_points: int = MAX_NUM_POINT) -> dict[str, np.ndarray]:
-    """One raw scan folder ``scans/<scene>`` as ScanRefer's ``batch_load_scannet_data.py`` exports it: the
-    per-scene arrays ``vert`` and ``aligned_vert`` ``[N, 9]`` float32 (xyz, rgb 0-255, normal; aligned by the
-    scan's axisAlignment), ``sem_label`` (NYU40 id) and ``ins_label`` (object id + 1, 0 unannotated) uint32,
-    ``bbox`` and ``aligned_bbox`` ``[K, 8]`` (centre, size, NYU40 id, object id) of the objects whose NYU40 id
-    is in :data:`NYU40_IDS`, boxes computed from all vertices, then at most ``max_points`` vertices kept (a
+    """One raw scan folder `scans/<scene>` as ScanRefer's `batch_load_scannet_data.py` exports it: the
+    per-scene arrays `vert` and `aligned_vert` `[N, 9]` float32 (xyz, rgb 0-255, normal; aligned by the
+    scan's axisAlignment), `sem_label` (NYU40 id) and `ins_label` (object id + 1, 0 unannotated) uint32,
+    `bbox` and `aligned_bbox` `[K, 8]` (centre, size, NYU40 id, object id) of the objects whose NYU40 id
+    is in `NYU40_IDS`, boxes computed from all vertices, then at most `max_points` vertices kept (a
     random subset seeded by the scene's name, so a rerun writes the same arrays). Unlike the reference, the box
-    filter also applies to a scene of one box. Raises :class:`SceneError` naming the file at fault."""
+    filter also applies to a scene of one box. Raises `SceneError` naming the file at fault."""
     import json
     import zlib
 

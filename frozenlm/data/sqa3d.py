@@ -1,7 +1,7 @@
 """SQA3D (Ma et al., ICLR 2023): situated question answering in ScanNet scenes, read as its ScanQA baseline
-(SilongYong/SQA3D ``ScanQA/lib/sepdataset.py``, ``utils/sqa_data_2_ScanQA.py``, ``scripts/train.py``) reads it.
+(SilongYong/SQA3D `ScanQA/lib/sepdataset.py`, `utils/sqa_data_2_ScanQA.py`, `scripts/train.py`) reads it.
 
-On disk (``frozenlm prepare sqa3d`` writes it from the ScanNet and SQA3D downloads)::
+On disk (`frozenlm prepare sqa3d` writes it from the ScanNet and SQA3D downloads):
 
     root/answer_dict.json                                            [answer -> class, class -> answer]
     root/balanced/v1_balanced_questions_<split>_scannetv2.json       {"questions": [{scene_id, situation, question, question_id, ...}]}
@@ -10,7 +10,7 @@ On disk (``frozenlm prepare sqa3d`` writes it from the ScanNet and SQA3D downloa
     root/scans/<scene>/<scene>.txt                                   ScanNet's meta file (axisAlignment)
     root/glove.p (or any GloVe file given as --data.glove)
 
-Each sample is one question (see :class:`SQA3DDataModule` for the batch).
+Each sample is one question (see [`SQA3DDataModule`][frozenlm.data.sqa3d.SQA3DDataModule] for the batch).
 """
 
 from __future__ import annotations
@@ -53,15 +53,15 @@ PREPARE_HINT = ("Run `frozenlm prepare sqa3d --root <root> --source <ScanNet fol
 
 
 def question_type(question: str) -> int:
-    """The index in :data:`QUESTION_TYPES` of ``question``'s type, by its first word."""
+    """The index in `QUESTION_TYPES` of `question`'s type, by its first word."""
     words = question.split()
     return _TYPE_OF_WORD.get(words[0] if words else "", len(QUESTION_TYPES) - 1)
 
 
 def tokenize(text: str) -> list[str]:
-    """The reference's tokens: ``?`` and ``.`` get a space before them, then spaCy's blank tokenizer (no
+    """The reference's tokens: `?` and `.` get a space before them, then spaCy's blank tokenizer (no
     rules) splits on whitespace: a run of non-space characters is a token, a single space after a token is
-    dropped, and any other whitespace run is a token of its own (``"me  ?"`` -> ``me``, `` ``, ``?``).
+    dropped, and any other whitespace run is a token of its own (`"me  ?"` -> `me`, ` `, `?`).
     Case is kept."""
     text = text.replace("?", " ?").replace(".", " .")
     tokens: list[str] = []
@@ -78,14 +78,14 @@ def tokenize(text: str) -> list[str]:
 
 
 def answer_score(count: int) -> float:
-    """The soft target of an answer seen ``count`` times among the training answers: 0.3 / 0.6 / 0.9 for 1 /
-    2 / 3, 1 from 4 on (the reference's ``get_answer_score``)."""
+    """The soft target of an answer seen `count` times among the training answers: 0.3 / 0.6 / 0.9 for 1 /
+    2 / 3, 1 from 4 on (the reference's `get_answer_score`)."""
     return {0: 0.0, 1: 0.3, 2: 0.6, 3: 0.9}.get(count, 1.0) if count >= 0 else 0.0
 
 
 class Question(NamedTuple):
-    """One SQA3D question joined with its annotation; ``situation_pose``: position x, y, z and rotation
-    quaternion ``_x, _y, _z, _w`` as the annotation gives them (scene coordinates before alignment)."""
+    """One SQA3D question joined with its annotation; `situation_pose`: position x, y, z and rotation
+    quaternion `_x, _y, _z, _w` as the annotation gives them (scene coordinates before alignment)."""
 
     scene_id: str
     question_id: int
@@ -106,17 +106,17 @@ def _read_json(path: Path) -> Any:
 
 
 def question_files(root: Path, split: str) -> tuple[Path, Path]:
-    """The questions and annotations files of ``split``."""
+    """The questions and annotations files of `split`."""
     folder = Path(root) / "balanced"
     return (folder / f"v1_balanced_questions_{split}_scannetv2.json",
             folder / f"v1_balanced_sqa_annotations_{split}_scannetv2.json")  # fmt: skip
 
 
 def read_questions(root: str | Path, split: str, answers: set[str]) -> list[Question]:
-    """``split``'s questions with their annotations, in the questions file's order. The answer is the
-    annotation's first, :data:`UNKNOWN_ANSWER` when not in ``answers`` (answer_dict.json's), as the
+    """`split`'s questions with their annotations, in the questions file's order. The answer is the
+    annotation's first, `UNKNOWN_ANSWER` when not in `answers` (answer_dict.json's), as the
     reference's conversion. A file without its keys, or a question without annotation, raises
-    :class:`DatasetFileError` naming the file and question."""
+    `DatasetFileError` naming the file and question."""
     questions_path, annotations_path = question_files(Path(root), split)
     questions, annotations = _read_json(questions_path), _read_json(annotations_path)
     try:
@@ -150,7 +150,7 @@ def _question_id(value: Any) -> int:
 
 
 def read_answer_dict(root: str | Path) -> set[str]:
-    """The answers of ``answer_dict.json`` (``[answer -> class, class -> answer]``)."""
+    """The answers of `answer_dict.json` (`[answer -> class, class -> answer]`)."""
     path = Path(root) / "answer_dict.json"
     table = _read_json(path)
     if not (isinstance(table, list) and table and isinstance(table[0], dict)):
@@ -159,8 +159,8 @@ def read_answer_dict(root: str | Path) -> set[str]:
 
 
 class SceneFiles(NamedTuple):
-    """Where one scene's prepared arrays are, and what the situation needs from them: ``centre``, the
-    centre of the unaligned points' extent (SQA3D's positions are relative to it), and ``alignment``, the
+    """Where one scene's prepared arrays are, and what the situation needs from them: `centre`, the
+    centre of the unaligned points' extent (SQA3D's positions are relative to it), and `alignment`, the
     scan's 4x4 axisAlignment (identity without one, as the reference)."""
 
     scene_id: str
@@ -172,7 +172,7 @@ class SceneFiles(NamedTuple):
         return self.prefix.parent / f"{self.prefix.name}_{name}.npy"
 
     def load(self) -> dict[str, np.ndarray]:
-        """The arrays a sample needs, checked (shapes agree, values finite); ``ValueError`` naming the file."""
+        """The arrays a sample needs, checked (shapes agree, values finite); `ValueError` naming the file."""
         arrays = {}
         for name in ("aligned_vert", "ins_label", "sem_label", "aligned_bbox"):
             arrays[name] = np.load(self.path(name), allow_pickle=False)
@@ -194,8 +194,8 @@ class SceneFiles(NamedTuple):
 
 
 def scene_files(scene_id: str, scannet_data: Path, scans: Path) -> SceneFiles:
-    """:class:`SceneFiles` of ``scene_id``, reading its ``_vert.npy`` extent and meta file; ``OSError`` or
-    ``ValueError`` naming the file when one is missing or damaged."""
+    """`SceneFiles` of `scene_id`, reading its `_vert.npy` extent and meta file; `OSError` or
+    `ValueError` naming the file when one is missing or damaged."""
     prefix = scannet_data / scene_id
     vert = np.load(f"{prefix}_vert.npy", mmap_mode="r", allow_pickle=False)
     if vert.ndim != 2 or vert.shape[1] < 3 or len(vert) == 0:
@@ -209,9 +209,9 @@ def scene_files(scene_id: str, scannet_data: Path, scans: Path) -> SceneFiles:
 
 
 class SQA3DQuestions(Dataset):
-    """A split's questions as samples of :class:`SQA3DDataModule`'s batch (a dict of tensors), or
-    :class:`~frozenlm.data.base.Unreadable` for a scene whose arrays cannot be read (dropped from the batch,
-    named and counted). ``random``: draw the points and the augmentation from the process's seeded stream
+    """A split's questions as samples of [`SQA3DDataModule`][frozenlm.data.sqa3d.SQA3DDataModule]'s batch (a dict of tensors), or
+    `Unreadable` for a scene whose arrays cannot be read (dropped from the batch,
+    named and counted). `random`: draw the points and the augmentation from the process's seeded stream
     (training); otherwise every draw is seeded by the question id, so evaluation is the same on any number
     of processes and in any order."""
 
@@ -268,7 +268,7 @@ class SQA3DQuestions(Dataset):
         return sample
 
     def embed(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[max_text_length, dim]`` vectors of the first tokens (zeros after), and their count (at least 1:
+        """`[max_text_length, dim]` vectors of the first tokens (zeros after), and their count (at least 1:
         an empty text is one zero vector, which the LSTM can read)."""
         ids = ids[: self.max_text_length]
         features = np.zeros((self.max_text_length, self.vectors.shape[1]), dtype=np.float32)
@@ -279,7 +279,7 @@ class SQA3DQuestions(Dataset):
         self, arrays: dict[str, np.ndarray], scene: SceneFiles, pose: Sequence[float], rng: np.random.Generator
     ) -> dict[str, torch.Tensor]:
         """The points, detection targets and situation of one sample, augmented as the reference (when
-        ``augment``): flip x (p 0.5), flip y (p 0.5), rotate about x, y, z by U[-5, 5] degrees each, translate
+        `augment`): flip x (p 0.5), flip y (p 0.5), rotate about x, y, z by U[-5, 5] degrees each, translate
         by U{-0.5, -0.499, ..., 0.5} m per axis; points, boxes and the situation alike; votes after."""
         mesh = arrays["aligned_vert"].astype(np.float64)
         columns = [mesh[:, 0:3]]
@@ -315,8 +315,8 @@ class SQA3DQuestions(Dataset):
 def augment_scene(
     cloud: np.ndarray, boxes: np.ndarray, position: np.ndarray, quaternion: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The reference's training augmentation of one scene, in its order, on copies: the points' xyz (``cloud``'s
-    first 3 columns; colour and height untouched), the boxes ``[K, 6]`` and the situation. The flips change the
+    """The reference's training augmentation of one scene, in its order, on copies: the points' xyz (`cloud`'s
+    first 3 columns; colour and height untouched), the boxes `[K, 6]` and the situation. The flips change the
     situation's rotation matrix as the reference does (x: negate its [0, 0] and [1, 1]; y: swap its first two
     rows and columns), which for a rotation about z (all of SQA3D's) is the mirrored heading; rotations
     compose on the left."""
@@ -352,43 +352,50 @@ class SQA3DDataModule(BaseDataModule):
     """SQA3D's balanced questions (the release's test split: 3,519 questions on 67 scenes) on ScanNet scenes,
     with the inputs and targets of its ScanQA baseline.
 
-    Each sample is one question: ``point_clouds [N, 3 + 3 + 1]`` (xyz; (rgb - [109.8, 97.2, 83.8]) / 256 with
-    ``use_color``; height above the 0.99th percentile of the scene's z with ``use_height``), ``num_points``
+    Each sample is one question: `point_clouds [N, 3 + 3 + 1]` (xyz; (rgb - [109.8, 97.2, 83.8]) / 256 with
+    `use_color`; height above the 0.99th percentile of the scene's z with `use_height`), `num_points`
     drawn from the scene's prepared points (with replacement only when it has fewer); the situation and the
-    question as GloVe vectors ``[max_text_length, 300]`` (zero-padded) with their token counts (tokens as
-    :func:`tokenize`, unknown words as ``unk``); ``answer_targets [num_answers]`` (the answer's soft score by
-    its count among the training answers, :func:`answer_score`) and ``answer_class`` (its class; -100 on
-    test when the vocabulary lacks it: always wrong); ``situation_target [7]`` (position, quaternion x, y, z,
+    question as GloVe vectors `[max_text_length, 300]` (zero-padded) with their token counts (tokens as
+    `tokenize`, unknown words as `unk`); `answer_targets [num_answers]` (the answer's soft score by
+    its count among the training answers, `answer_score`) and `answer_class` (its class; -100 on
+    test when the vocabulary lacks it: always wrong); `situation_target [7]` (position, quaternion x, y, z,
     w, in aligned scene coordinates, augmented with the points); VoteNet's detection targets
-    (``center_label``, ``heading_class_label``, ``heading_residual_label``, ``size_class_label``,
-    ``size_residual_label``, ``sem_cls_label``, ``box_label_mask`` over 128 boxes; ``vote_label [N, 9]``,
-    ``vote_label_mask [N]``; on every split, where the reference leaves test's zero); ``question_type``
-    (index into :data:`QUESTION_TYPES`), ``question_id``, ``dataset_index`` and ``padding``.
+    (`center_label`, `heading_class_label`, `heading_residual_label`, `size_class_label`,
+    `size_residual_label`, `sem_cls_label`, `box_label_mask` over 128 boxes; `vote_label [N, 9]`,
+    `vote_label_mask [N]`; on every split, where the reference leaves test's zero); `question_type`
+    (index into `QUESTION_TYPES`), `question_id`, `dataset_index` and `padding`.
 
     The answer vocabulary is every answer of the training split, sorted, and the soft scores count answers
-    in train (the reference reads both from a released ``answer_counter.json``, described as the answers of
+    in train (the reference reads both from a released `answer_counter.json`, described as the answers of
     all questions; here they are built from train, where nothing of val or test can leak); train and val keep the questions whose answer is in it (the others are counted and
     said once), test keeps all. Training draws points and augmentation from each process's seeded stream;
     evaluation draws the points from a generator seeded by the question id, so it is the same on any number
-    of processes (each question scored once, :class:`~frozenlm.data.distributed.EvaluationSampler`).
+    of processes (each question scored once, `EvaluationSampler`).
     A scene a split needs whose files are missing or damaged stops setup with
-    :class:`~frozenlm.data.base.DatasetNotFoundError` / :class:`~frozenlm.data.base.DatasetFileError` naming
-    them; arrays that fail to read later drop their sample, named and counted (``max_unreadable_fraction``).
+    `DatasetNotFoundError` / `DatasetFileError` naming
+    them; arrays that fail to read later drop their sample, named and counted (`max_unreadable_fraction`).
     Predict runs on test.
 
     Args:
-        root: the prepared folder (``frozenlm prepare sqa3d``; layout in this module's docstring).
-        glove: GloVe vectors: ScanRefer's ``glove.p`` (read without running pickled code) or GloVe's text
-            format (``.txt``, ``.txt.gz``, ``.zip``); default ``root/glove.p``.
-        scannet_data: the per-scene ``.npy`` folder; default ``root/scannet_data``.
-        scans: the folder of ScanNet's ``<scene>/<scene>.txt`` meta files; default ``root/scans``.
-        batch_size, num_workers, pin_memory, max_unreadable_fraction: see :class:`~frozenlm.data.base.BaseDataModule`
+        root: the prepared folder (`frozenlm prepare sqa3d`; layout in this module's docstring).
+        glove: GloVe vectors: ScanRefer's `glove.p` (read without running pickled code) or GloVe's text
+            format (`.txt`, `.txt.gz`, `.zip`); default `root/glove.p`.
+        scannet_data: the per-scene `.npy` folder; default `root/scannet_data`.
+        scans: the folder of ScanNet's `<scene>/<scene>.txt` meta files; default `root/scans`.
+        batch_size, num_workers, pin_memory, max_unreadable_fraction: see `BaseDataModule`
             (the reference: batch 16).
         num_points: points per scene (the reference: 40,000).
-        use_color: the 3 colour channels (the reference's ``--use_color``, on in its recipes).
+        use_color: the 3 colour channels (the reference's `--use_color`, on in its recipes).
         use_height: the height channel (on in the reference).
         augment: the training augmentation (flips, rotations, translation).
         max_text_length: tokens kept of a situation or a question (100).
+
+    Examples:
+        >>> from frozenlm.data import SQA3DDataModule
+        >>> datamodule = SQA3DDataModule(root="data/sqa3d", batch_size=16)  # doctest: +SKIP
+
+        `frozenlm prepare sqa3d --root data/sqa3d --source <ScanNet> --questions <SQA3D>/assets/data/sqa_task`
+        writes that folder from your ScanNet copy and SQA3D's question files.
     """
 
     def __init__(
@@ -429,11 +436,11 @@ class SQA3DDataModule(BaseDataModule):
         return f"SQA3DDataModule(root={self.root}, batch_size={self.batch_size}, num_points={self.num_points})"
 
     def read_split(self, split: str) -> list[Question]:
-        """All of ``split``'s questions as on disk (before the answerable filter)."""
+        """All of `split`'s questions as on disk (before the answerable filter)."""
         return read_questions(self.root, split, self.known_answers)
 
     def dataset(self, split: str) -> SQA3DQuestions:
-        """The ``train``, ``val`` or ``test`` questions (built once)."""
+        """The `train`, `val` or `test` questions (built once)."""
         if split not in self.datasets:
             questions = self.read_split(split)
             if split != "test":  # the reference trains and validates on answerable questions only
@@ -462,7 +469,7 @@ class SQA3DDataModule(BaseDataModule):
         return self.datasets[split]
 
     def word_vectors(self) -> WordVectors:
-        """The GloVe vectors of every token of the splits on disk (and ``unk``), read once."""
+        """The GloVe vectors of every token of the splits on disk (and `unk`), read once."""
         if self._word_vectors is None:
             words = set()
             for split in SPLITS:
@@ -473,7 +480,7 @@ class SQA3DDataModule(BaseDataModule):
         return self._word_vectors
 
     def scene_index(self, scene_ids: list[str], split: str) -> dict[str, SceneFiles]:
-        """Each scene's :class:`SceneFiles`; stops naming the scenes whose files are missing or damaged."""
+        """Each scene's `SceneFiles`; stops naming the scenes whose files are missing or damaged."""
         scenes, missing, damaged = {}, [], []
         for scene_id in scene_ids:
             try:
@@ -525,7 +532,7 @@ PROBLEMS_FILE = "sqa3d_prepare_problems.txt"
 
 
 def scene_done(root: Path, scene_id: str) -> bool:
-    """Whether a previous run wrote every file of ``scene_id`` (each written atomically, the meta file last)."""
+    """Whether a previous run wrote every file of `scene_id` (each written atomically, the meta file last)."""
     from frozenlm.data.scannet import SCENE_ARRAYS
 
     if not (root / "scans" / scene_id / f"{scene_id}.txt").is_file():
@@ -539,11 +546,11 @@ def scene_done(root: Path, scene_id: str) -> bool:
 
 
 def prepare_sqa3d(root: str | Path, source: str | Path | None, questions: str | Path | None = None) -> str:
-    """Convert SQA3D's questions (copied from ``questions``, SQA3D's ``sqa_task`` folder, unless ``root`` holds
-    them) and the ScanNet scans they ask about (``source``/scans/<scene>/) into ``root`` in the layout of
-    :class:`SQA3DDataModule`, one scene at a time with a progress bar; scenes already written are kept
+    """Convert SQA3D's questions (copied from `questions`, SQA3D's `sqa_task` folder, unless `root` holds
+    them) and the ScanNet scans they ask about (`source`/scans/<scene>/) into `root` in the layout of
+    [`SQA3DDataModule`][frozenlm.data.sqa3d.SQA3DDataModule], one scene at a time with a progress bar; scenes already written are kept
     (resume). A scan that is missing or cannot be converted is named and counted (and listed in
-    ``root/sqa3d_prepare_problems.txt``): after converting the others, a one-line error says how many and
+    `root/sqa3d_prepare_problems.txt`): after converting the others, a one-line error says how many and
     which. Returns the summary line."""
     import shutil
     from contextlib import closing
