@@ -1,4 +1,4 @@
-"""SQA3D's ScanQA baseline (Ma et al., ICLR 2023; SilongYong/SQA3D ``ScanQA/``) with a frozen LM block after
+"""SQA3D's ScanQA baseline (Ma et al., ICLR 2023; SilongYong/SQA3D `ScanQA/`) with a frozen LM block after
 fusion (LM4VE, Pang et al., ICLR 2024).
 
     points -> PointNet++ (4 SA + 2 FP) -> 1,024 seeds -> votes -> proposals (vote aggregation + box head)
@@ -9,19 +9,19 @@ fusion (LM4VE, Pang et al., ICLR 2024).
     -> answer head on cat(s, q, o); auxiliary situation head (position + quaternion) on cat(s, o)
 
 Layer order, sizes, biases, norms, dropout and init follow the reference (read for facts, not copied): the
-PointNet++ MLPs are 1x1 convs without bias + BN + ReLU with Kaiming-normal weights (``pytorch_utils``), grouped
+PointNet++ MLPs are 1x1 convs without bias + BN + ReLU with Kaiming-normal weights (`pytorch_utils`), grouped
 xyz divided by the radius; the voting module's convs have biases and default init; the proposal head's first two
 convs have no bias; vote features are divided by their L2 norm; MCAN is post-norm with its own LayerNorm
-(``a * (x - mean) / (std + 1e-6) + b``, ``std`` unbiased), attention masks fill -1e9 (so a sample whose
+(`a * (x - mean) / (std + 1e-6) + b`, `std` unbiased), attention masks fill -1e9 (so a sample whose
 proposals are all non-objects attends uniformly, as the reference; float16's lowest value in float16), dropout
 on the attention map; the situation
-and question share one LSTM and one projection (``lang_feat_linear``). Point ops are
-:mod:`frozenlm.models.point_ops` (the CUDA kernels' semantics, in PyTorch).
+and question share one LSTM and one projection (`lang_feat_linear`). Point ops are
+`point_ops` (the CUDA kernels' semantics, in PyTorch).
 
 Four modules the reference defines are not built, since its forward never reads them (no gradient, no effect):
-``s_feat_linear``, ``q_feat_linear``, ``object_cls``, ``attflat_lstm_q`` (tests/test_scanqa_model.py counts them).
-The reference cannot run without its object mask (``use_object_mask=False`` fails on ``None.dim()``), so the mask
-is always on. The language padding mask comes from the lengths (the reference's ``sum |h| == 0`` on the packed
+`s_feat_linear`, `q_feat_linear`, `object_cls`, `attflat_lstm_q` (tests/test_scanqa_model.py counts them).
+The reference cannot run without its object mask (`use_object_mask=False` fails on `None.dim()`), so the mask
+is always on. The language padding mask comes from the lengths (the reference's `sum |h| == 0` on the packed
 LSTM's zero padding marks the same positions).
 """
 
@@ -44,31 +44,46 @@ from frozenlm.models.point_ops import (
 )  # fmt: skip
 
 
+def default_sa_points() -> list[int]:
+    """The default centres of the four set-abstraction layers: 2048, 1024, 512, 256."""
+    return [2048, 1024, 512, 256]
+
+
+def default_sa_radii() -> list[float]:
+    """The default ball-query radii of the four set-abstraction layers: 0.2, 0.4, 0.8, 1.2."""
+    return [0.2, 0.4, 0.8, 1.2]
+
+
+def default_sa_nsamples() -> list[int]:
+    """The default points per ball of the four set-abstraction layers: 64, 32, 16, 16."""
+    return [64, 32, 16, 16]
+
+
 @dataclass
 class ScanQAConfig(FromHParams):
-    """A :class:`ScanQA`; field names are the SQA3D task's flags. Defaults are the reference's (``scripts/train.py``
-    with ``--use_color --use_aux_situation``).
+    """A [`ScanQA`][frozenlm.models.scanqa.ScanQA]; field names are the SQA3D task's flags. Defaults are the reference's (`scripts/train.py`
+    with `--use_color --use_aux_situation`).
 
     Attributes:
-        num_answers: answer classes (the training answer vocabulary's size; the datamodule's ``num_answers``).
-        num_points: points per scene (informational: the model takes any count of at least ``sa_points[0]``).
+        num_answers: answer classes (the training answer vocabulary's size; the datamodule's `num_answers`).
+        num_points: points per scene (informational: the model takes any count of at least `sa_points[0]`).
         input_feature_dim: point features beyond xyz (colour 3 + height 1).
         num_proposals: object proposals (vote clusters).
         num_heading_bin, num_size_cluster, num_class: VoteNet's box parameterisation (ScanNet: 1, 18, 18).
-        mean_size: ``num_size_cluster`` rows ``[l, w, h]``, the size clusters' means (the datamodule's ``mean_size``).
+        mean_size: `num_size_cluster` rows `[l, w, h]`, the size clusters' means (the datamodule's `mean_size`).
         sa_points, sa_radii, sa_nsamples: the four set-abstraction layers' centres, ball radii, samples per ball.
         seed_feat_dim: seed (and vote) feature width.
         proposal_size: vote aggregation's MLP width (the proposals' feature width).
         vote_radius, vote_nsample: vote aggregation's ball.
         embedding_size: word vector width (GloVe 300).
         hidden_size: LSTM and fusion width.
-        lstm_dropout: dropout on the word vectors before the LSTM (the reference's ``lang_pdrop``).
-        mcan_layers, heads, ffn, fusion_dropout: the MCAN layers (each of the four stacks has ``mcan_layers``).
+        lstm_dropout: dropout on the word vectors before the LSTM (the reference's `lang_pdrop`).
+        mcan_layers, heads, ffn, fusion_dropout: the MCAN layers (each of the four stacks has `mcan_layers`).
         flat_mlp_size, flat_out_size: AttFlat's scoring MLP width and its output width.
         answer_dropout: the answer head's dropout.
         aux_dropout: the situation head's dropout.
         use_situation_aux: build and run the auxiliary situation head (position + quaternion, 7 values).
-        llm: the frozen LM block (:class:`frozenlm.llm.LLMConfig`) on the fused object tokens; None for none.
+        llm: the frozen LM block ([`LLMConfig`][frozenlm.llm.LLMConfig]) on the fused object tokens; None for none.
     """
 
     num_answers: int | None = None
@@ -79,9 +94,9 @@ class ScanQAConfig(FromHParams):
     num_size_cluster: int = 18
     num_class: int = 18
     mean_size: list[list[float]] | None = None
-    sa_points: list[int] = field(default_factory=lambda: [2048, 1024, 512, 256])
-    sa_radii: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.8, 1.2])
-    sa_nsamples: list[int] = field(default_factory=lambda: [64, 32, 16, 16])
+    sa_points: list[int] = field(default_factory=default_sa_points)
+    sa_radii: list[float] = field(default_factory=default_sa_radii)
+    sa_nsamples: list[int] = field(default_factory=default_sa_nsamples)
     seed_feat_dim: int = 256
     proposal_size: int = 128
     vote_radius: float = 0.3
@@ -105,8 +120,8 @@ class ScanQAConfig(FromHParams):
 # Detection: PointNet++, voting, proposals (VoteNet as ScanQA sizes it)
 # ------------------------------------------------------------------------------------------------------------------
 class SharedMLP(nn.Sequential):
-    """1x1 convs without bias, each + BN + ReLU, Kaiming-normal weights (pointnet2 ``SharedMLP(bn=True)``); Conv2d on
-    grouped ``[B, C, M, K]`` features, Conv1d on ``[B, C, N]``."""
+    """1x1 convs without bias, each + BN + ReLU, Kaiming-normal weights (pointnet2 `SharedMLP(bn=True)`); Conv2d on
+    grouped `[B, C, M, K]` features, Conv1d on `[B, C, N]`."""
 
     def __init__(self, sizes: list[int], dims: int = 2) -> None:
         conv, norm = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv1d, nn.BatchNorm1d)
@@ -119,8 +134,8 @@ class SharedMLP(nn.Sequential):
 
 
 class SetAbstraction(nn.Module):
-    """PointNet++ set abstraction (``PointnetSAModuleVotes``, max pooling, xyz normalised by the radius): FPS
-    centres, ball query, ``[(xyz - centre) / r, features]`` through the MLP, max over each ball."""
+    """PointNet++ set abstraction (`PointnetSAModuleVotes`, max pooling, xyz normalised by the radius): FPS
+    centres, ball query, `[(xyz - centre) / r, features]` through the MLP, max over each ball."""
 
     def __init__(self, npoint: int, radius: float, nsample: int, mlp: list[int]) -> None:
         super().__init__()
@@ -128,7 +143,7 @@ class SetAbstraction(nn.Module):
         self.mlp = SharedMLP([mlp[0] + 3, *mlp[1:]])  # + the grouped xyz
 
     def forward(self, xyz: Tensor, features: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """``xyz [B, N, 3]``, ``features [B, C, N]`` -> ``(centres [B, M, 3], features [B, C', M], indices [B, M])``."""
+        """`xyz [B, N, 3]`, `features [B, C, N]` -> `(centres [B, M, 3], features [B, C', M], indices [B, M])`."""
         if xyz.shape[1] < self.npoint:
             raise ConfigurationError(
                 f"ScanQA's set abstraction takes {self.npoint} centres from clouds of {xyz.shape[1]} points: give "
@@ -156,7 +171,7 @@ class FeaturePropagation(nn.Module):
 
 
 class PointNet2Backbone(nn.Module):
-    """ScanQA's detection backbone (``backbone_module.Pointnet2Backbone``, width 1, depth 2): four set abstractions
+    """ScanQA's detection backbone (`backbone_module.Pointnet2Backbone`, width 1, depth 2): four set abstractions
     ([c,64,64,128], [128,128,128,256], [256,128,128,256] x 2) and two feature propagations ([512,256,256] x 2)
     back to the second level's points, the seeds."""
 
@@ -172,8 +187,8 @@ class PointNet2Backbone(nn.Module):
         self.fp2 = FeaturePropagation([256 + 256, 256, config.seed_feat_dim])
 
     def forward(self, points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``points [B, N, 3 + c]`` -> ``(seed_xyz [B, S, 3], seed_features [B, seed_feat_dim, S], seed_inds
-        [B, S])``."""
+        """`points [B, N, 3 + c]` -> `(seed_xyz [B, S, 3], seed_features [B, seed_feat_dim, S], seed_inds
+        [B, S])`."""
         xyz = points[..., :3].contiguous()
         features = points[..., 3:].transpose(1, 2).contiguous() if points.shape[-1] > 3 else None
         levels = []
@@ -198,7 +213,7 @@ class VotingModule(nn.Module):
         self.bn1, self.bn2 = nn.BatchNorm1d(dim), nn.BatchNorm1d(dim)
 
     def forward(self, seed_xyz: Tensor, seed_features: Tensor) -> tuple[Tensor, Tensor]:
-        """-> ``(vote_xyz [B, S, 3], vote_features [B, dim, S])``."""
+        """-> `(vote_xyz [B, S, 3], vote_features [B, dim, S])`."""
         net = F.relu(self.bn1(self.conv1(seed_features)))
         net = F.relu(self.bn2(self.conv2(net)))
         net = self.conv3(net)
@@ -208,7 +223,7 @@ class VotingModule(nn.Module):
 class ProposalModule(nn.Module):
     """VoteNet's proposals: vote aggregation (SA on the votes, FPS of the vote positions) and the box head (two
     Conv1d without bias + BN + ReLU, then Conv1d with bias to 2 + 3 + 2H + 4S + C channels), decoded as VoteNet.
-    ``mean_size`` is a buffer (stored with the weights)."""
+    `mean_size` is a buffer (stored with the weights)."""
 
     def __init__(self, config: ScanQAConfig, mean_size: Tensor) -> None:
         super().__init__()
@@ -248,7 +263,7 @@ class ProposalModule(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Language and fusion (MCAN as SQA3D's ``mcan_sqa_module``)
+# Language and fusion (MCAN as SQA3D's `mcan_sqa_module`)
 # ------------------------------------------------------------------------------------------------------------------
 class LanguageEncoder(nn.Module):
     """Dropout on the word vectors, then a 1-layer LSTM over the packed sequence (situation and question share it)."""
@@ -259,8 +274,8 @@ class LanguageEncoder(nn.Module):
         self.lstm = nn.LSTM(embedding_size, hidden_size, num_layers=1, batch_first=True)
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """``tokens [B, L, E]`` (zero-padded), ``lengths [B]`` -> ``(outputs [B, max(lengths), H]`` zero past each
-        length, ``padding [B, max(lengths)]`` True past each length)."""
+        """`tokens [B, L, E]` (zero-padded), `lengths [B]` -> `(outputs [B, max(lengths), H]` zero past each
+        length, `padding [B, max(lengths)]` True past each length)."""
         packed = pack_padded_sequence(self.word_dropout(tokens), lengths.cpu(), batch_first=True, enforce_sorted=False)
         outputs, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True)
         padding = torch.arange(outputs.shape[1], device=outputs.device) >= lengths.to(outputs.device)[:, None]
@@ -268,7 +283,7 @@ class LanguageEncoder(nn.Module):
 
 
 class MCANLayerNorm(nn.Module):
-    """MCAN's LayerNorm: ``a * (x - mean) / (std + eps) + b`` with the unbiased std (not ``nn.LayerNorm``)."""
+    """MCAN's LayerNorm: `a * (x - mean) / (std + eps) + b` with the unbiased std (not `nn.LayerNorm`)."""
 
     def __init__(self, size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -301,7 +316,7 @@ class MultiHeadAttention(nn.Module):
         return x.view(x.shape[0], x.shape[1], self.heads, -1).transpose(1, 2)
 
     def forward(self, v: Tensor, k: Tensor, q: Tensor, padding: Tensor) -> Tensor:
-        """``padding [B, L_k]``: True at keys not attended."""
+        """`padding [B, L_k]`: True at keys not attended."""
         v, k, q = self.split(self.linear_v(v)), self.split(self.linear_k(k)), self.split(self.linear_q(q))
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
         scores = scores.masked_fill(padding[:, None, None, :], fill_value(scores))
@@ -317,7 +332,7 @@ class FeedForward(nn.Sequential):
 
 
 class SelfAttentionLayer(nn.Module):
-    """MCAN's SA (post-norm): ``x = norm1(x + drop(att(x, x))); x = norm2(x + drop(ffn(x)))``."""
+    """MCAN's SA (post-norm): `x = norm1(x + drop(att(x, x))); x = norm2(x + drop(ffn(x)))`."""
 
     def __init__(self, hidden: int, heads: int, ffn: int, dropout: float) -> None:
         super().__init__()
@@ -332,7 +347,7 @@ class SelfAttentionLayer(nn.Module):
 
 
 class GuidedAttentionLayer(nn.Module):
-    """MCAN's SGA (post-norm): self-attention on ``x``, then attention from ``x`` to the guide ``y``, then the FFN."""
+    """MCAN's SGA (post-norm): self-attention on `x`, then attention from `x` to the guide `y`, then the FFN."""
 
     def __init__(self, hidden: int, heads: int, ffn: int, dropout: float) -> None:
         super().__init__()
@@ -350,8 +365,8 @@ class GuidedAttentionLayer(nn.Module):
 
 
 class AttFlat(nn.Module):
-    """MCAN's attention pooling (one glimpse): scores ``Linear-GELU-Dropout-Linear(->1)``, masked (-1e9) softmax over
-    the tokens, the weighted sum, then ``linear_merge`` to ``out_size``."""
+    """MCAN's attention pooling (one glimpse): scores `Linear-GELU-Dropout-Linear(->1)`, masked (-1e9) softmax over
+    the tokens, the weighted sum, then `linear_merge` to `out_size`."""
 
     def __init__(self, hidden: int, mlp_size: int, out_size: int, dropout: float) -> None:
         super().__init__()
@@ -359,7 +374,7 @@ class AttFlat(nn.Module):
         self.linear_merge = nn.Linear(hidden, out_size)
 
     def forward(self, x: Tensor, padding: Tensor) -> Tensor:
-        """``x [B, L, hidden]``, ``padding [B, L]`` (True = left out) -> ``[B, out_size]``."""
+        """`x [B, L, hidden]`, `padding [B, L]` (True = left out) -> `[B, out_size]`."""
         scores = self.mlp(x)
         weights = scores.masked_fill(padding[..., None], fill_value(scores)).softmax(dim=1)
         return self.linear_merge((weights * x).sum(dim=1))
@@ -376,20 +391,20 @@ def answer_mlp(in_size: int, hidden: int, out_size: int, dropout: float) -> nn.S
 class ScanQA(nn.Module):
     """ScanQA (SQA3D's baseline) with the frozen LM block on the fused object tokens.
 
-    ``forward(batch) -> (outputs, branch)``: ``batch`` holds ``point_clouds [B, N, 3 + c]``, ``situation_tokens
-    [B, Ls, E]`` / ``situation_lengths [B]``, ``question_tokens`` / ``question_lengths``; ``outputs`` the detection
-    outputs VoteNet's losses read (``seed_xyz``, ``seed_inds``, ``vote_xyz``, ``aggregated_vote_xyz``,
-    ``objectness_scores``, ``center``, ``heading_*``, ``size_*``, ``sem_cls_scores``), ``answer_scores [B, answers]``,
-    ``situation_prediction [B, 7]`` (with ``use_situation_aux``), and what GCR's auxiliary head reads:
-    ``object_mask [B, P]`` (True = not an object, masked), the pooled ``situation_features`` /
-    ``question_features`` / ``object_features``. ``branch`` is the block's output on the fused object tokens (GCR,
-    training only), else None; :meth:`forward_aux_head` turns it into auxiliary answer logits.
+    `forward(batch) -> (outputs, branch)`: `batch` holds `point_clouds [B, N, 3 + c]`, `situation_tokens
+    [B, Ls, E]` / `situation_lengths [B]`, `question_tokens` / `question_lengths`; `outputs` the detection
+    outputs VoteNet's losses read (`seed_xyz`, `seed_inds`, `vote_xyz`, `aggregated_vote_xyz`,
+    `objectness_scores`, `center`, `heading_*`, `size_*`, `sem_cls_scores`), `answer_scores [B, answers]`,
+    `situation_prediction [B, 7]` (with `use_situation_aux`), and what GCR's auxiliary head reads:
+    `object_mask [B, P]` (True = not an object, masked), the pooled `situation_features` /
+    `question_features` / `object_features`. `branch` is the block's output on the fused object tokens (GCR,
+    training only), else None; [`forward_aux_head`][frozenlm.models.scanqa.ScanQA.forward_aux_head] turns it into auxiliary answer logits.
 
-    Submodules: ``language`` (shared LSTM), ``backbone``, ``voting``, ``proposal``, ``language_projection`` (shared
-    by situation and question), ``object_projection``, ``situation_encoder`` / ``question_encoder`` (SA stacks),
-    ``situation_guided`` / ``question_guided`` (SGA stacks), ``llm_block``, ``situation_pool`` /
-    ``question_pool`` / ``object_pool`` (AttFlat), ``answer_head``, ``situation_head``; for GCR with
-    ``llm.aux_head: separate``, ``aux_pool`` and ``aux_head`` (the object pooling and answer head's shapes).
+    Submodules: `language` (shared LSTM), `backbone`, `voting`, `proposal`, `language_projection` (shared
+    by situation and question), `object_projection`, `situation_encoder` / `question_encoder` (SA stacks),
+    `situation_guided` / `question_guided` (SGA stacks), `llm_block`, `situation_pool` /
+    `question_pool` / `object_pool` (AttFlat), `answer_head`, `situation_head`; for GCR with
+    `llm.aux_head: separate`, `aux_pool` and `aux_head` (the object pooling and answer head's shapes).
     """
 
     def __init__(self, config: ScanQAConfig) -> None:
@@ -442,7 +457,7 @@ class ScanQA(nn.Module):
             self.aux_head = answer_mlp(3 * flat, hidden, config.num_answers, config.answer_dropout)
 
     def detect(self, points: Tensor) -> dict[str, Tensor]:
-        """VoteNet on ``points [B, N, 3 + c]``: seeds, votes, proposals and their decoded boxes, and ``object_mask``
+        """VoteNet on `points [B, N, 3 + c]`: seeds, votes, proposals and their decoded boxes, and `object_mask`
         (True where the objectness argmax says "not an object")."""
         seed_xyz, seed_features, seed_inds = self.backbone(points)
         vote_xyz, vote_features = self.voting(seed_xyz, seed_features)
@@ -456,8 +471,8 @@ class ScanQA(nn.Module):
         self, situation: Tensor, situation_padding: Tensor, question: Tensor, question_padding: Tensor,
         objects: Tensor, object_padding: Tensor,
     ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor | None]:  # fmt: skip
-        """MCAN fusion, the frozen LM block, AttFlat pooling: ``((s, q, o) pooled [B, flat_out_size] each, branch)``
-        of the LSTM's ``situation`` / ``question`` tokens and the proposals' features ``objects [B, P, proposal_size]``
+        """MCAN fusion, the frozen LM block, AttFlat pooling: `((s, q, o) pooled [B, flat_out_size] each, branch)`
+        of the LSTM's `situation` / `question` tokens and the proposals' features `objects [B, P, proposal_size]`
         (paddings: True = left out)."""
         situation, question = self.language_projection(situation), self.language_projection(question)
         objects = self.object_projection(objects)
@@ -492,9 +507,9 @@ class ScanQA(nn.Module):
         return outputs, branch
 
     def forward_aux_head(self, branch: Tensor, outputs: Mapping[str, Tensor]) -> Tensor:
-        """GCR's auxiliary answer logits ``[B, answers]``: the branch's object tokens pooled (non-objects masked) beside
-        the main path's pooled situation and question, through GCR's own pooling and answer head (``llm.aux_head:
-        separate``) or the model's (``shared``)."""
+        """GCR's auxiliary answer logits `[B, answers]`: the branch's object tokens pooled (non-objects masked) beside
+        the main path's pooled situation and question, through GCR's own pooling and answer head (`llm.aux_head:
+        separate`) or the model's (`shared`)."""
         separate = self.llm_config.aux_head == "separate"
         pool, head = (self.aux_pool, self.aux_head) if separate else (self.object_pool, self.answer_head)
         objects = pool(branch, outputs["object_mask"])
