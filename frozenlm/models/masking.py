@@ -54,6 +54,16 @@ def reversed_block_mask(grid: tuple[int, int], count: int, rng: np.random.Genera
     return ~block_mask(grid, grid[0] * grid[1] - count, rng, **kwargs)
 
 
+def draw_mask(masking: str, grid: tuple[int, int], ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """A `[h, w]` mask (True = masked) of `round(ratio * h * w)` patches: `reversed_block` (UTA),
+    `block` (BEiT) or `random`."""
+    patches = grid[0] * grid[1]
+    count = round(ratio * patches)
+    if masking == "random":
+        return np.isin(np.arange(patches), rng.permutation(patches)[:count]).reshape(grid)
+    return (reversed_block_mask if masking == "reversed_block" else block_mask)(grid, count, rng)
+
+
 def kept_indices(masks: Tensor | np.ndarray) -> Tensor:
     """`[B, K]` indices (raster order, ascending) of the unmasked patches of `masks [B, h, w]`; every mask
     must keep the same number."""

@@ -25,7 +25,7 @@ from torchmetrics import MeanMetric
 from frozenlm.errors import ConfigurationError
 from frozenlm.llm import FrozenLMMixin, LLMConfig
 from frozenlm.models.clip_teacher import load_teacher
-from frozenlm.models.masking import block_mask, kept_indices, reversed_block_mask
+from frozenlm.models.masking import draw_mask, kept_indices
 from frozenlm.models.patch_embed import CAPEConfig, Stem
 from frozenlm.models.uta import UTAStudent, UTAStudentConfig
 from frozenlm.models.vit import PosEmbed, ViTConfig
@@ -152,12 +152,7 @@ class UnmaskedTokenAlignment(FrozenLMMixin, BaseTask):
     # -- masks ---------------------------------------------------------------------------------
     def draw_mask(self, rng: np.random.Generator) -> np.ndarray:
         """An `[h, w]` mask (True = masked) of `round(mask_ratio * h * w)` patches."""
-        hp = self.hparams
-        grid, patches = self.model.grid, self.model.grid[0] * self.model.grid[1]
-        count = round(hp.mask_ratio * patches)
-        if hp.masking == "random":
-            return np.isin(np.arange(patches), rng.permutation(patches)[:count]).reshape(grid)
-        return (reversed_block_mask if hp.masking == "reversed_block" else block_mask)(grid, count, rng)
+        return draw_mask(self.hparams.masking, self.model.grid, self.hparams.mask_ratio, rng)
 
     def evaluation_masks(self, ids: list[str]) -> Tensor:
         """One fixed mask per image, drawn from its id: the same on any number of processes and batch sizes."""
