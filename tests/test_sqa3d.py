@@ -1,0 +1,201 @@
+"""SQA3D's task (frozenlm/tasks/sqa3d.py): ScanQA's losses against direct loops on small inputs, the batch-norm
+momentum schedule, EM@1 per question type, and the CLI on the tiny SQA3D data (fit, validate, test, predict;
+the same metrics on 1 and 2 processes)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from frozenlm.tasks import scanqa_losses as L
+
+
+def huber(x: float) -> float:
+    return 0.5 * x * x if abs(x) <= 1.0 else abs(x) - 0.5
+
+
+def log_softmax(row: list[float]) -> list[float]:
+    top = max(row)
+    total = math.log(sum(math.exp(v - top) for v in row)) + top
+    return [v - total for v in row]
+
+
+def nearest(point, candidates, l1=False):
+    """(distance, index) of the nearest candidate, the first on ties; squared Euclidean or L1."""
+    dists = [sum(abs(p - c) if l1 else (p - c) ** 2 for p, c in zip(point, cand)) for cand in candidates]
+    best = min(range(len(dists)), key=lambda i: (dists[i], i))
+    return dists[best], best
+
+
+def test_nn_distance_is_the_nearest_point_both_ways():
+    a, b = torch.randn(2, 5, 3), torch.randn(2, 4, 3)
+    for l1 in (False, True):
+        dist1, idx1, dist2, idx2 = L.nn_distance(a, b, l1=l1)
+        for s in range(2):
+            for i in range(5):
+                d, j = nearest(a[s, i].tolist(), b[s].tolist(), l1)
+                assert dist1[s, i].item() == pytest.approx(d, rel=1e-5) and idx1[s, i].item() == j
+            for j in range(4):
+                d, i = nearest(b[s, j].tolist(), a[s].tolist(), l1)
+                assert dist2[s, j].item() == pytest.approx(d, rel=1e-5) and idx2[s, j].item() == i
+
+
+def test_vote_loss_is_the_l1_distance_to_the_nearest_of_three_votes_over_object_seeds():
+    torch.manual_seed(0)
+    B, N, S = 2, 12, 5
+    seed_inds = torch.stack([torch.randperm(N)[:S] for _ in range(B)])
+    seed_xyz, vote_xyz = torch.randn(B, S, 3), torch.randn(B, S, 3)
+    vote_label, vote_label_mask = torch.randn(B, N, 9), (torch.rand(B, N) > 0.4).long()
+    loss = L.vote_loss(seed_xyz, seed_inds, vote_xyz, vote_label, vote_label_mask)
+    total, count = 0.0, 0
+    for b in range(B):
+        for s in range(S):
+            point = seed_inds[b, s].item()
+            if not vote_label_mask[b, point]:
+                continue
+            votes = [[seed_xyz[b, s, k].item() + vote_label[b, point, 3 * j + k].item() for k in range(3)] for j in range(3)]
+            total += nearest(vote_xyz[b, s].tolist(), votes, l1=True)[0]
+            count += 1
+    assert count and loss.item() == pytest.approx(total / (count + 1e-6), rel=1e-5)
+
+
+def test_objectness_labels_by_the_near_and_far_thresholds_and_weights_the_two_classes():
+    """Aggregated votes 0.29, 0.31, 0.59 and 0.61 m from the only real box: object, not scored, not scored,
+    non-object; the padding boxes sit at the origin, far from all four, as the reference pads them."""
+    centre = torch.tensor([3.0, 2.0, 1.0])
+    distances = [0.29, 0.31, 0.59, 0.61]
+    votes = torch.stack([centre + torch.tensor([d, 0.0, 0.0]) for d in distances])[None]
+    center_label = torch.zeros(1, 4, 3)
+    center_label[0, 0] = centre
+    scores = torch.randn(1, 4, 2)
+    loss, label, mask, assignment = L.objectness_loss(votes, center_label, scores)
+    assert label.tolist() == [[1, 0, 0, 0]] and mask.tolist() == [[1.0, 0.0, 0.0, 1.0]]
+    assert assignment[0, 0].item() == 0
+    expected = [-0.8 * log_softmax(scores[0, 0].tolist())[1], -0.2 * log_softmax(scores[0, 3].tolist())[0]]
+    assert loss.item() == pytest.approx(sum(expected) / (2 + 1e-6), rel=1e-5)
+
+
+def detection_inputs(seed: int = 0, B: int = 2, P: int = 6, K: int = 4, H: int = 2, S: int = 3, C: int = 3):
+    """Random detection outputs and targets with VoteNet's shapes: P proposals, K boxes (the last padding)."""
+    g = torch.Generator().manual_seed(seed)
+    center_label = torch.randn(B, K, 3, generator=g)
+    center_label[:, -1] = 0.0  # a padding row
+    outputs = {
+        "center": torch.randn(B, P, 3, generator=g),
+        "heading_scores": torch.randn(B, P, H, generator=g),
+        "heading_residuals_normalized": torch.randn(B, P, H, generator=g),
+        "size_scores": torch.randn(B, P, S, generator=g),
+        "size_residuals_normalized": torch.randn(B, P, S, 3, generator=g),
+        "sem_cls_scores": torch.randn(B, P, C, generator=g),
+    }
+    batch = {
+        "center_label": center_label,
+        "heading_class_label": torch.randint(0, H, (B, K), generator=g),
+        "heading_residual_label": torch.rand(B, K, generator=g),
+        "size_class_label": torch.randint(0, S, (B, K), generator=g),
+        "size_residual_label": torch.randn(B, K, 3, generator=g) * 0.5,
+        "sem_cls_label": torch.randint(0, C, (B, K), generator=g),
+        "box_label_mask": torch.tensor([[1.0] * (K - 1) + [0.0]] * B),
+    }
+    label = torch.randint(0, 2, (B, P), generator=g)
+    assignment = torch.randint(0, K, (B, P), generator=g)
+    mean_size = torch.rand(S, 3, generator=g) + 0.5
+    return outputs, batch, label, assignment, mean_size
+
+
+def test_box_and_semantic_losses_match_a_loop_over_proposals():
+    outputs, batch, label, assignment, mean_size = detection_inputs()
+    parts = L.box_losses(outputs, batch, label, assignment, mean_size)
+    B, P, H = outputs["heading_scores"].shape
+    K = batch["center_label"].shape[1]
+    sums = dict.fromkeys(("center1", "heading_cls", "heading_reg", "size_cls", "size_reg", "sem_cls"), 0.0)
+    center2, objects = 0.0, label.sum().item()
+    for b in range(B):
+        boxes = batch["center_label"][b].tolist()
+        for p in range(P):
+            if not label[b, p]:
+                continue
+            k = assignment[b, p].item()
+            sums["center1"] += nearest(outputs["center"][b, p].tolist(), boxes)[0]
+            hc, sc, cc = (batch[key][b, k].item() for key in ("heading_class_label", "size_class_label", "sem_cls_label"))
+            sums["heading_cls"] -= log_softmax(outputs["heading_scores"][b, p].tolist())[hc]
+            target = batch["heading_residual_label"][b, k].item() / (math.pi / H)
+            sums["heading_reg"] += huber(outputs["heading_residuals_normalized"][b, p, hc].item() - target)
+            sums["size_cls"] -= log_softmax(outputs["size_scores"][b, p].tolist())[sc]
+            errors = [outputs["size_residuals_normalized"][b, p, sc, i].item()
+                      - batch["size_residual_label"][b, k, i].item() / mean_size[sc, i].item() for i in range(3)]  # fmt: skip
+            sums["size_reg"] += sum(huber(e) for e in errors) / 3
+            sums["sem_cls"] -= log_softmax(outputs["sem_cls_scores"][b, p].tolist())[cc]
+        for k in range(K):
+            if batch["box_label_mask"][b, k]:
+                center2 += nearest(boxes[k], outputs["center"][b].tolist())[0]
+    real = batch["box_label_mask"].sum().item()
+    expected = {name: total / (objects + 1e-6) for name, total in sums.items()}
+    expected["center"] = expected.pop("center1") + center2 / (real + 1e-6)
+    for name, value in expected.items():
+        assert parts[name].item() == pytest.approx(value, rel=1e-5), name
+
+
+def test_answer_loss_is_the_bce_summed_over_answers_over_the_batch():
+    logits, targets = torch.randn(3, 5), torch.tensor([[0.0, 0.3, 0.0, 1.0, 0.0], [0.6, 0.0, 0.0, 0.0, 0.9], [0.0] * 5])
+    total = 0.0
+    for x, t in zip(logits.flatten().tolist(), targets.flatten().tolist()):
+        sigma = 1 / (1 + math.exp(-x))
+        total -= t * math.log(sigma) + (1 - t) * math.log(1 - sigma)
+    assert L.answer_loss(logits, targets).item() == pytest.approx(total / 3, rel=1e-5)
+
+
+def test_situation_loss_is_the_position_mse_plus_the_quaternion_mse():
+    prediction, target = torch.randn(4, 7), torch.randn(4, 7)
+    loss, position, rotation = L.situation_loss(prediction, target)
+    pos = sum((prediction[b, i] - target[b, i]).item() ** 2 for b in range(4) for i in range(3)) / 12
+    rot = sum((prediction[b, i] - target[b, i]).item() ** 2 for b in range(4) for i in range(3, 7)) / 16
+    assert (position.item(), rotation.item()) == (pytest.approx(pos, rel=1e-5), pytest.approx(rot, rel=1e-5))
+    assert loss.item() == pytest.approx(pos + rot, rel=1e-5)
+
+
+def full_outputs(seed: int = 0, B: int = 2, N: int = 20, seeds: int = 8, P: int = 6, K: int = 4, answers: int = 5):
+    outputs, batch, _, _, mean_size = detection_inputs(seed, B=B, P=P, K=K, H=1, S=3, C=3)
+    g = torch.Generator().manual_seed(seed + 1)
+    outputs.update({
+        "seed_xyz": torch.randn(B, seeds, 3, generator=g), "seed_inds": torch.randint(0, N, (B, seeds), generator=g),
+        "vote_xyz": torch.randn(B, seeds, 3, generator=g),
+        "aggregated_vote_xyz": batch["center_label"].repeat(1, 2, 1)[:, :P] + 0.2 * torch.randn(B, P, 3, generator=g),
+        "objectness_scores": torch.randn(B, P, 2, generator=g), "answer_scores": torch.randn(B, answers, generator=g),
+        "situation_prediction": torch.randn(B, 7, generator=g),
+    })  # fmt: skip
+    batch.update({
+        "vote_label": torch.randn(B, N, 9, generator=g), "vote_label_mask": torch.randint(0, 2, (B, N), generator=g),
+        "answer_targets": torch.rand(B, answers, generator=g), "situation_target": torch.randn(B, 7, generator=g),
+    })  # fmt: skip
+    return outputs, batch, mean_size
+
+
+def test_the_total_is_ten_times_the_references_weighted_sum():
+    outputs, batch, mean_size = full_outputs()
+    losses = L.scanqa_losses(outputs, batch, mean_size)
+    objectness, label, _, assignment = L.objectness_loss(outputs["aggregated_vote_xyz"], batch["center_label"], outputs["objectness_scores"])
+    assert 0 < label.sum() < label.numel()  # both kinds of proposals
+    parts = L.box_losses(outputs, batch, label, assignment, mean_size)
+    box = parts["center"] + 0.1 * parts["heading_cls"] + parts["heading_reg"] + 0.1 * parts["size_cls"] + parts["size_reg"]
+    vote = L.vote_loss(outputs["seed_xyz"], outputs["seed_inds"], outputs["vote_xyz"], batch["vote_label"], batch["vote_label_mask"])
+    answer = L.answer_loss(outputs["answer_scores"], batch["answer_targets"])
+    aux = L.situation_loss(outputs["situation_prediction"], batch["situation_target"])[0]
+    expected = 10 * (1.0 * vote + 0.5 * objectness + 1.0 * box + 0.1 * parts["sem_cls"] + 0.1 * answer + 0.1 * aux)
+    assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert losses["box"].item() == pytest.approx(box.item(), rel=1e-6)
+
+    del outputs["situation_prediction"]  # without the auxiliary head: no situation term
+    assert L.scanqa_losses(outputs, batch, mean_size)["loss"].item() == pytest.approx((expected - 10 * 0.1 * aux).item(), rel=1e-6)
+
+
+def test_the_losses_have_gradients_for_every_prediction():
+    outputs, batch, mean_size = full_outputs()
+    outputs = {k: v.requires_grad_() if v.is_floating_point() else v for k, v in outputs.items()}
+    L.scanqa_losses(outputs, batch, mean_size)["loss"].backward()
+    for key in ("vote_xyz", "objectness_scores", "center", "heading_residuals_normalized", "size_scores",
+                "size_residuals_normalized", "sem_cls_scores", "answer_scores", "situation_prediction"):  # fmt: skip
+        assert outputs[key].grad is not None and outputs[key].grad.abs().sum() > 0, key
