@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from frozenlm.data.scannet import MEAN_SIZE
 from frozenlm.tasks import scanqa_losses as L
 
 
@@ -199,3 +200,195 @@ def test_the_losses_have_gradients_for_every_prediction():
     for key in ("vote_xyz", "objectness_scores", "center", "heading_residuals_normalized", "size_scores",
                 "size_residuals_normalized", "sem_cls_scores", "answer_scores", "situation_prediction"):  # fmt: skip
         assert outputs[key].grad is not None and outputs[key].grad.abs().sum() > 0, key
+
+
+# -- the task's recipe ------------------------------------------------------------------------------------------
+TINY = dict(num_answers=7, num_points=256, sa_points=[64, 32, 16, 8], sa_nsamples=[8, 8, 8, 8], seed_feat_dim=32,
+            proposal_size=32, num_proposals=8, vote_nsample=8, hidden_size=32, heads=2, ffn=64, flat_mlp_size=32,
+            flat_out_size=64)  # fmt: skip
+
+
+def test_bn_momentum_halves_every_20_epochs_down_to_0_001():
+    from frozenlm.tasks.sqa3d import bn_momentum_at
+
+    assert [bn_momentum_at(e) for e in (0, 19, 20, 39, 40, 79, 80, 180, 1000)] == [
+        0.5, 0.5, 0.25, 0.25, 0.125, 0.0625, 0.03125, 0.001, 0.001]  # fmt: skip
+
+
+def test_each_epoch_sets_the_references_momentum_on_every_batch_norm(monkeypatch):
+    """The reference steps its schedule after each epoch from -1: epoch e trains with step max(e - 1, 0)."""
+    from types import SimpleNamespace
+
+    from frozenlm.tasks.sqa3d import SQA3DTask
+
+    task = SQA3DTask(**TINY)
+    norms = [m for m in task.model.modules() if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
+    assert len(norms) > 10
+    seen = {}
+    with torch.random.fork_rng():
+        for epoch in (0, 1, 20, 21, 40, 41):
+            monkeypatch.setattr(task, "_trainer", SimpleNamespace(current_epoch=epoch, global_rank=0))
+            task.on_train_epoch_start()
+            seen[epoch] = {m.momentum for m in norms}
+    assert seen == {0: {0.5}, 1: {0.5}, 20: {0.5}, 21: {0.25}, 40: {0.25}, 41: {0.125}}
+
+
+def test_exact_match_overall_and_per_question_type():
+    from frozenlm.tasks.sqa3d import ExactMatch
+
+    metric = ExactMatch()
+    # types: What What Is Is Is How Others Which; the last (-100: no answer in the vocabulary) is always wrong
+    predicted = torch.tensor([3, 1, 0, 0, 2, 5, 4, 1])
+    target = torch.tensor([3, 2, 0, 0, 1, 5, 4, -100])
+    types = torch.tensor([0, 0, 1, 1, 1, 2, 5, 4])
+    metric.update(predicted[:5], target[:5], types[:5])  # two batches
+    metric.update(predicted[5:], target[5:], types[5:])
+    result = {k: round(v.item(), 6) for k, v in metric.compute().items()}
+    assert result == {"": round(5 / 8, 6), "_what": 0.5, "_is": round(2 / 3, 6), "_how": 1.0, "_which": 0.0, "_others": 1.0}
+
+
+def test_gcr_adds_the_branchs_answer_loss_weighted_as_the_main_answer_loss(tiny_llama_checkpoint, monkeypatch):
+    from frozenlm.tasks.sqa3d import SQA3DTask
+
+    llm = {"checkpoint": str(tiny_llama_checkpoint), "layers": [-1], "mode": "auxiliary", "aux_weight": 0.3}
+    task = SQA3DTask(**TINY, llm=llm).train()
+    logged = {}
+    monkeypatch.setattr(task, "log_dict", lambda values, **kwargs: logged.update(values))
+    monkeypatch.setattr(task, "log", lambda name, value, **kwargs: logged.update({name: value}))
+    monkeypatch.setattr(task, "finite_loss", lambda loss, batch, index: loss)
+    batch = tiny_batch(B=2, N=256, answers=7)
+    torch.manual_seed(0)
+    loss = task.training_step(batch, 0)
+    torch.manual_seed(0)  # the same dropout draws again
+    outputs, branch = task.model(batch)
+    main = L.scanqa_losses(outputs, batch, task.mean_size)["loss"]
+    aux = 10 * 0.1 * L.answer_loss(task.model.forward_aux_head(branch, outputs), batch["answer_targets"])
+    assert loss.item() == pytest.approx((main + 0.3 * aux).item(), rel=1e-5)
+    assert logged["train_loss_aux"].item() == pytest.approx(aux.item(), rel=1e-5) and "train_loss_main" in logged
+
+
+def tiny_batch(B: int, N: int, answers: int) -> dict[str, torch.Tensor]:
+    """A batch of the datamodule's keys and shapes, random."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        "point_clouds": torch.randn(B, N, 7, generator=g), "situation_tokens": torch.randn(B, 5, 300, generator=g),
+        "situation_lengths": torch.tensor([5, 3][:B]), "question_tokens": torch.randn(B, 6, 300, generator=g),
+        "question_lengths": torch.tensor([6, 2][:B]), "answer_targets": torch.rand(B, answers, generator=g),
+        "answer_class": torch.zeros(B, dtype=torch.long), "situation_target": torch.randn(B, 7, generator=g),
+        "center_label": torch.randn(B, 128, 3, generator=g), "heading_class_label": torch.zeros(B, 128, dtype=torch.long),
+        "heading_residual_label": torch.zeros(B, 128), "size_class_label": torch.randint(0, 18, (B, 128), generator=g),
+        "size_residual_label": 0.1 * torch.randn(B, 128, 3, generator=g), "sem_cls_label": torch.randint(0, 18, (B, 128), generator=g),
+        "box_label_mask": torch.ones(B, 128), "vote_label": torch.randn(B, N, 9, generator=g),
+        "vote_label_mask": torch.randint(0, 2, (B, N), generator=g), "question_type": torch.zeros(B, dtype=torch.long),
+        "question_id": torch.arange(B),
+    }  # fmt: skip
+
+
+def test_the_shipped_configs_are_the_references_recipe():
+    import yaml
+
+    from tests.cli_helpers import REPO
+
+    for name in ("sqa3d_scanqa", "sqa3d_scanqa_llama"):
+        config = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+        trainer, model, data = config["trainer"], config["model"]["init_args"], config["data"]["init_args"]
+        assert (trainer["gradient_clip_val"], trainer["gradient_clip_algorithm"]) == (1.0, "value")
+        assert (trainer["max_epochs"], trainer["val_check_interval"], trainer["check_val_every_n_epoch"]) == (50, 1000, None)
+        assert (model["lr"], model["weight_decay"], model["optimizer"], data["batch_size"], data["num_points"]) == (
+            5e-4, 1e-5, "adam", 16, 40000)  # fmt: skip
+    assert yaml.safe_load((REPO / "configs/sqa3d_scanqa_llama.yaml").read_text())["model"]["init_args"]["llm"]["layers"] == [-1]
+
+
+# -- the CLI on the tiny SQA3D -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sqa3d_fit(tmp_path_factory, tiny_llama_checkpoint):
+    """The tiny SQA3D and a 2-epoch fit of the tiny config on it: ``(args, fit CLI, last checkpoint)``."""
+    from tests.cli_helpers import last_checkpoint, run_cli
+    from tests.data.sqa3d.data import write
+
+    root = tmp_path_factory.mktemp("sqa3d")
+    args = ["--data.root", str(write(root / "data").prepared), "--model.llm.checkpoint", str(tiny_llama_checkpoint)]
+    fit = run_cli("fit", "sqa3d_llama", root / "fit", *args)
+    return args, fit, last_checkpoint(root / "fit")
+
+
+def test_fit_trains_with_adam_at_a_constant_lr_and_keeps_the_best_by_val_em1(sqa3d_fit):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    _, fit, _ = sqa3d_fit
+    trainer, task = fit.trainer, fit.model
+    (optimizer,) = trainer.optimizers
+    assert type(optimizer) is torch.optim.Adam and not trainer.lr_scheduler_configs
+    (group,) = optimizer.param_groups  # weight decay on every trainable parameter, biases and norms included
+    assert (group["lr"], group["weight_decay"]) == (5e-4, 1e-5)  # after training: constant
+    assert {id(p) for p in group["params"]} == {id(p) for p in task.parameters() if p.requires_grad}
+    assert (trainer.gradient_clip_val, trainer.gradient_clip_algorithm) == (1.0, "value")
+    best = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
+    assert [(c.monitor, c.mode) for c in best] == [("val_em1", "max")]
+    from tests.data.sqa3d.data import QUESTIONS
+
+    train_answers = {answer for split, *_, answer in QUESTIONS if split == "train"}
+    assert task.hparams.num_answers == len(task.answers) == len(train_answers)  # linked from the data
+    assert torch.equal(task.mean_size, torch.tensor(MEAN_SIZE, dtype=torch.float32))  # linked, ScanNet's
+    for key in ("train_loss_vote", "train_loss_objectness", "train_loss_box", "train_loss_answer", "train_loss_aux", "val_em1"):
+        assert torch.isfinite(trainer.callback_metrics[key]), key
+
+
+def test_test_and_predict_from_the_checkpoint(sqa3d_fit, tmp_path):
+    """Test scores the 5 test questions (2 without an answer in the vocabulary: wrong), and predict writes them,
+    whose EM@1 per type is the one test logs."""
+    import json
+
+    from frozenlm.data.sqa3d import QUESTION_TYPES
+    from tests.cli_helpers import run_cli
+
+    args, _, checkpoint = sqa3d_fit
+    ckpt = ["--ckpt_path", str(checkpoint)]
+    test = run_cli("test", "sqa3d_llama", tmp_path, *args, *ckpt).trainer.callback_metrics
+    output = tmp_path / "predictions.json"
+    run_cli("predict", "sqa3d_llama", tmp_path, *args, *ckpt, "--predictions.output", str(output))
+    rows = json.loads(output.read_text())
+    assert len(rows) == 5 and [r["question_id"] for r in rows] == sorted(r["question_id"] for r in rows)
+    assert sum(r["ground_truth"] is None for r in rows) == 2 and {r["question_type"] for r in rows} <= set(QUESTION_TYPES)
+    right = [r["answer"] == r["ground_truth"] for r in rows]
+    assert test["test_em1"].item() == pytest.approx(sum(right) / 5)
+    for kind in {r["question_type"] for r in rows}:
+        mine = [ok for ok, r in zip(right, rows) if r["question_type"] == kind]
+        assert test[f"test_em1_{kind.lower()}"].item() == pytest.approx(sum(mine) / len(mine)), kind
+
+
+@pytest.mark.slow
+def test_2_processes_train_and_score_and_write_each_question_once(sqa3d_fit, tmp_path):
+    """The fit's checkpoint validates as trained. A fit on 2 processes (gloo DDP on CPU); then the test metrics and the predictions file of its checkpoint on
+    2 processes are those of 1 (5 test questions: one process's share padded with a repeat, never scored)."""
+    import json
+
+    from tests.cli_helpers import last_checkpoint, run_cli, run_cli_subprocess
+    from tests.test_exact_evaluation import DDP, assert_same, metrics_on
+
+    args, fit, checkpoint = sqa3d_fit
+    validate = run_cli("validate", "sqa3d_llama", tmp_path / "validate", *args, "--ckpt_path", str(checkpoint))
+    for key in ("val_em1", "val_answer_loss", "val_position_mse"):  # the restored model validates as trained
+        assert validate.trainer.callback_metrics[key].item() == pytest.approx(fit.trainer.callback_metrics[key].item(), rel=1e-6)
+
+    two = [*DDP, "--trainer.devices", "2"]
+    result = run_cli_subprocess("fit", "sqa3d_llama", tmp_path / "fit2", *args, *two)
+    assert result.returncode == 0, result.stderr[-3000:]
+    common = [*args, "--ckpt_path", str(last_checkpoint(tmp_path / "fit2")), "--data.batch_size", "2"]
+    metrics = [metrics_on(tmp_path, "test", "sqa3d_llama", n, *common) for n in (1, 2)]
+    assert_same(metrics, ("test_em1",))
+    assert {"test_em1", "test_answer_loss", "test_position_mse"} <= set(metrics[0])
+
+    run_cli("predict", "sqa3d_llama", tmp_path / "predict1", *common, "--predictions.output", str(tmp_path / "one.json"))
+    result = run_cli_subprocess("predict", "sqa3d_llama", tmp_path / "predict2", *common, "--predictions.output",
+                                str(tmp_path / "two.json"), *two)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two_rows = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    assert len(one) == 5 and two_rows == one
+
+
+def test_a_constant_schedule_refuses_a_warmup():
+    from frozenlm.tasks.sqa3d import SQA3DTask
+
+    with pytest.raises(ValueError, match="constant.*warmup_epochs 0"):
+        SQA3DTask(**TINY, warmup_epochs=1.0)
