@@ -392,3 +392,16 @@ def test_a_constant_schedule_refuses_a_warmup():
 
     with pytest.raises(ValueError, match="constant.*warmup_epochs 0"):
         SQA3DTask(**TINY, warmup_epochs=1.0)
+
+
+def test_create_model_builds_the_shipped_scanqa_without_lightning(tiny_llama_checkpoint):
+    import lightning
+
+    import frozenlm
+
+    assert {"scanqa", "scanqa_llama"} <= set(frozenlm.list_models("scanqa*"))
+    model = frozenlm.create_model("scanqa_llama", num_answers=706, llm={"checkpoint": str(tiny_llama_checkpoint)})
+    assert not any(isinstance(m, lightning.LightningModule) for m in model.modules())
+    assert model.config.sa_points == [2048, 1024, 512, 256] and model.config.num_proposals == 256
+    assert model.config.mean_size == MEAN_SIZE.tolist()  # ScanNet's clusters
+    assert model.answer_head[-1].out_features == 706 and model.llm_block is not None

@@ -68,7 +68,9 @@ def vote_loss(seed_xyz: Tensor, seed_inds: Tensor, vote_xyz: Tensor, vote_label:
     return masked_mean(distance, mask)
 
 
-def objectness_loss(aggregated_vote_xyz: Tensor, center_label: Tensor, objectness_scores: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def objectness_loss(
+    aggregated_vote_xyz: Tensor, center_label: Tensor, objectness_scores: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(loss, label [B, P], mask [B, P], assignment [B, P])``: a proposal whose aggregated vote lies within
     :data:`NEAR_THRESHOLD` of a ground-truth centre is an object (label 1, assigned to that box), one beyond
     :data:`FAR_THRESHOLD` a non-object; the loss is the cross-entropy weighted :data:`OBJECTNESS_CLASS_WEIGHTS`,
@@ -82,7 +84,9 @@ def objectness_loss(aggregated_vote_xyz: Tensor, center_label: Tensor, objectnes
     return masked_mean(loss, mask), label, mask, assignment
 
 
-def box_losses(outputs: dict[str, Tensor], batch: dict[str, Tensor], label: Tensor, assignment: Tensor, mean_size: Tensor) -> dict[str, Tensor]:
+def box_losses(
+    outputs: dict[str, Tensor], batch: dict[str, Tensor], label: Tensor, assignment: Tensor, mean_size: Tensor
+) -> dict[str, Tensor]:
     """VoteNet's box losses and the semantic-class loss, over the object proposals (``label``) each against the
     ground-truth box it is assigned to: ``center`` (squared distance of each object proposal's centre to the
     nearest ground-truth centre, plus of each real box's centre to the nearest proposal centre), ``heading_cls``
@@ -99,7 +103,8 @@ def box_losses(outputs: dict[str, Tensor], batch: dict[str, Tensor], label: Tens
         return target.gather(1, index)
 
     heading_class = assigned("heading_class_label")
-    heading_cls = masked_mean(F.cross_entropy(outputs["heading_scores"].transpose(1, 2), heading_class, reduction="none"), label)
+    heading_cls = masked_mean(F.cross_entropy(outputs["heading_scores"].transpose(1, 2), heading_class, reduction="none"),
+                              label)  # fmt: skip
     heading_residual = assigned("heading_residual_label") / (math.pi / heading_bins)
     predicted_heading = outputs["heading_residuals_normalized"].gather(2, heading_class[..., None]).squeeze(-1)
     heading_reg = masked_mean(F.huber_loss(predicted_heading, heading_residual, reduction="none", delta=1.0), label)
@@ -129,13 +134,18 @@ def situation_loss(prediction: Tensor, target: Tensor, weights: LossWeights = Lo
     return weights.position * position + weights.rotation * rotation, position, rotation
 
 
-def scanqa_losses(outputs: dict[str, Tensor], batch: dict[str, Tensor], mean_size: Tensor, weights: LossWeights = LossWeights()) -> dict[str, Tensor]:
+def scanqa_losses(
+    outputs: dict[str, Tensor], batch: dict[str, Tensor], mean_size: Tensor, weights: LossWeights = LossWeights()
+) -> dict[str, Tensor]:
     """Every loss of a batch and their total (``"loss"``): ``scale x (vote x w + objectness x w + box x w + sem_cls x w
     + answer x w + aux x w)``, with ``box = center + 0.1 heading_cls + heading_reg + 0.1 size_cls + size_reg``
     (the reference's ``get_loss``). ``aux`` (the situation loss) is there when the outputs hold a
     ``situation_prediction``."""
-    losses = {"vote": vote_loss(outputs["seed_xyz"], outputs["seed_inds"], outputs["vote_xyz"], batch["vote_label"], batch["vote_label_mask"])}
-    losses["objectness"], label, _, assignment = objectness_loss(outputs["aggregated_vote_xyz"], batch["center_label"], outputs["objectness_scores"])
+    vote = vote_loss(outputs["seed_xyz"], outputs["seed_inds"], outputs["vote_xyz"], batch["vote_label"], batch["vote_label_mask"])
+    objectness, label, _, assignment = objectness_loss(
+        outputs["aggregated_vote_xyz"], batch["center_label"], outputs["objectness_scores"]
+    )
+    losses = {"vote": vote, "objectness": objectness}
     parts = box_losses(outputs, batch, label, assignment, mean_size)
     losses["box"] = parts["center"] + 0.1 * parts["heading_cls"] + parts["heading_reg"] + 0.1 * parts["size_cls"] + parts["size_reg"]
     losses.update({name: parts[name] for name in ("center", "heading_cls", "heading_reg", "size_cls", "size_reg", "sem_cls")})
@@ -143,7 +153,8 @@ def scanqa_losses(outputs: dict[str, Tensor], batch: dict[str, Tensor], mean_siz
     total = (weights.vote * losses["vote"] + weights.objectness * losses["objectness"] + weights.box * losses["box"]
              + weights.sem_cls * losses["sem_cls"] + weights.answer * losses["answer"])  # fmt: skip
     if outputs.get("situation_prediction") is not None:
-        losses["aux"], losses["position"], losses["rotation"] = situation_loss(outputs["situation_prediction"], batch["situation_target"], weights)
+        prediction, target = outputs["situation_prediction"], batch["situation_target"]
+        losses["aux"], losses["position"], losses["rotation"] = situation_loss(prediction, target, weights)
         total = total + weights.aux * losses["aux"]
     losses["loss"] = weights.scale * total
     losses["object_ratio"] = label.float().mean().detach()  # the reference's pos_ratio

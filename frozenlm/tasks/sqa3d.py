@@ -186,13 +186,16 @@ class SQA3DTask(FrozenLMMixin, BaseTask):
         # scheduler after each epoch from a counter that starts at -1, so epoch e (0-based) trains with the momentum
         # of max(e - 1, 0) steps: the first halving comes in epoch 21.
         hp = self.hparams
-        momentum = bn_momentum_at(max(self.current_epoch - 1, 0), hp.bn_momentum, hp.bn_decay_rate, hp.bn_decay_step, hp.bn_momentum_min)
+        steps = max(self.current_epoch - 1, 0)
+        momentum = bn_momentum_at(steps, hp.bn_momentum, hp.bn_decay_rate, hp.bn_decay_step, hp.bn_momentum_min)
         for module in self.model.modules():
             if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
                 module.momentum = momentum
 
     # -- steps ---------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        if not self._log_unreadable(batch, "train"):
+            return self.zero_loss()  # every sample was unreadable
         outputs, branch = self.model(batch)
         losses = scanqa_losses(outputs, batch, self.mean_size, self.weights)
         size = len(batch["answer_targets"])
@@ -209,6 +212,8 @@ class SQA3DTask(FrozenLMMixin, BaseTask):
         return self.finite_loss(loss, batch, batch_idx)
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        if not self._log_unreadable(batch, stage):
+            return
         outputs, _ = self.model(batch)
         logits, situation = outputs["answer_scores"], outputs.get("situation_prediction")
         logits, targets, classes, types, target_situation = self.scored(
@@ -245,6 +250,8 @@ class SQA3DTask(FrozenLMMixin, BaseTask):
         self._log_exact_match("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        if self.input_key not in batch:  # every sample unreadable
+            return {"rows": []}
         outputs, _ = self.model(batch)
         ids, top, classes, types = self.scored(
             batch, batch["question_id"], outputs["answer_scores"].argmax(dim=-1), batch["answer_class"], batch["question_type"]
