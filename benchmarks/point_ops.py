@@ -16,12 +16,19 @@ One JSON line per batch size. Ratios are the point: absolute times depend on the
 for stable numbers::
 
     OMP_NUM_THREADS=1 python benchmarks/point_ops.py [--device cpu|cuda] [--batches 2,8] [--points 40000]
+
+``--model scanqa`` times the whole ScanQA model instead (:class:`frozenlm.models.ScanQA` at the reference's
+sizes, 706 answers, no frozen block; its answer, situation and box outputs summed as the loss): the step is
+its forward + backward, the ops are timed by wrapping the point-op functions the model module calls (FPS of
+the four SA layers and of the vote aggregation, ball query + grouping, three_nn + interpolation, gathers of
+the centres); the ops' backward (scatters of the gathers) counts in the step, not in the ops.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -107,6 +114,74 @@ def measure(batch: int, points: int, device: torch.device, repeats: int, scale: 
     return result
 
 
+def measure_scanqa(
+    batch: int, points: int, device: torch.device, repeats: int, cpu_clock: bool = False, **config: object
+) -> dict[str, float]:
+    """The full ScanQA model's forward + backward, and the point ops' seconds inside it (see the module's notes).
+    ``cpu_clock``: the process's CPU seconds instead of wall seconds (on a CPU shared with other processes, with
+    one thread), for the step and the ops alike. ``config``: ScanQAConfig fields to change (a tiny run)."""
+    from frozenlm.models import scanqa
+
+    clock = time.process_time if cpu_clock else time.perf_counter
+
+    timings: dict[str, float] = {}
+    names = {"farthest_point_sample": "fps", "query_and_group": "ball_query", "three_nn": "three_nn",
+             "interpolation_weights": "three_nn", "three_interpolate": "three_nn", "gather_points": "gather"}  # fmt: skip
+    originals = {name: getattr(scanqa, name) for name in names}
+
+    def timed(name, fn):
+        def call(*args, **kwargs):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = clock()
+            out = fn(*args, **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            timings[names[name]] = timings.get(names[name], 0.0) + clock() - start
+            return out
+
+        return call
+
+    generator = torch.Generator().manual_seed(0)
+    cloud = torch.cat([torch.rand(batch, points, 3, generator=generator) * torch.tensor([8.0, 8.0, 3.0]),
+                       torch.randn(batch, points, 4, generator=generator)], dim=-1)  # a room, rgb + height
+    lengths = torch.tensor([12, 20] * batch)[:batch]
+    inputs = {"point_clouds": cloud, "situation_tokens": torch.randn(batch, 20, 300, generator=generator),
+              "situation_lengths": lengths, "question_tokens": torch.randn(batch, 20, 300, generator=generator),
+              "question_lengths": lengths.flip(0)}  # fmt: skip
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    torch.manual_seed(0)
+    model = scanqa.ScanQA(scanqa.ScanQAConfig(**({"num_answers": 706, "mean_size": [[1.0, 1.0, 1.0]] * 18} | config))).to(device).train()
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        outputs, _ = model(inputs)
+        (outputs["answer_scores"].sum() + outputs["situation_prediction"].sum() + outputs["center"].sum()).backward()
+
+    try:
+        for name in names:
+            setattr(scanqa, name, timed(name, originals[name]))
+        step()  # warm-up
+        timings.clear()
+        seconds = []
+        for _ in range(repeats):
+            start = clock()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds.append(clock() - start)
+    finally:
+        for name, fn in originals.items():
+            setattr(scanqa, name, fn)
+    seconds = statistics.median(seconds)
+    ops = {name: total / repeats for name, total in timings.items()}  # per step
+    return {"model": "scanqa", "device": str(device), "clock": "cpu" if cpu_clock else "wall",
+            "threads": torch.get_num_threads(), "batch": batch,
+            "points": points, "parameters": sum(p.numel() for p in model.parameters()), "step_s": round(seconds, 4),
+            **{f"{k}_s": round(v, 4) for k, v in ops.items()}, "ops_share": round(sum(ops.values()) / seconds, 3),
+            **{f"{k}_share": round(v / seconds, 3) for k, v in ops.items()}}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -114,9 +189,16 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=40000, help="points per scene (SQA3D: 40,000)")
     parser.add_argument("--scale", type=float, default=1.0, help="scale the SA layers' point counts (a quick run)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", choices=["backbone", "scanqa"], default="backbone",
+                        help="the PointNet++ backbone alone, or the whole ScanQA model")
+    parser.add_argument("--cpu-clock", action="store_true",
+                        help="--model scanqa: time in process CPU seconds (a shared CPU, one thread)")
     args = parser.parse_args()
     for batch in map(int, args.batches.split(",")):
-        print(json.dumps(measure(batch, args.points, torch.device(args.device), args.repeats, args.scale)))
+        if args.model == "scanqa":
+            print(json.dumps(measure_scanqa(batch, args.points, torch.device(args.device), args.repeats, args.cpu_clock)))
+        else:
+            print(json.dumps(measure(batch, args.points, torch.device(args.device), args.repeats, args.scale)))
 
 
 if __name__ == "__main__":

@@ -4,12 +4,16 @@ layer definitions (SilongYong/SQA3D ``ScanQA/``)."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
 from frozenlm.errors import ConfigurationError
 from frozenlm.llm import LLMConfig
 from frozenlm.models import ScanQA, ScanQAConfig
+from frozenlm.models.scanqa import AttFlat, MultiHeadAttention
 from tests.model_checks import hooked_modules
 
 # Tiny sizes: 2,000 points, 16 proposals, fusion width 32 (the PointNet++ widths are the reference's).
@@ -124,6 +128,18 @@ def test_a_scene_without_objects_attends_to_every_proposal():
     assert torch.isfinite(o).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fully_masked_attention_is_uniform_in_every_dtype(dtype):
+    torch.manual_seed(0)
+    attention, pool = MultiHeadAttention(16, 4, 0.0).to(dtype), AttFlat(16, 8, 12, 0.0).to(dtype)
+    x, pad = torch.randn(2, 5, 16, dtype=dtype), torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        attended, pooled = attention(x, x, x, pad), pool(x, pad)
+        mean_value = attention.linear_merge(attention.linear_v(x).mean(dim=1, keepdim=True)).expand_as(attended)
+    assert torch.isfinite(attended).all() and torch.isfinite(pooled).all()
+    torch.testing.assert_close(attended, mean_value, atol=2e-2, rtol=2e-2)  # uniform weights over the keys
+
+
 # -- the frozen block -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", [None, "inline", "auxiliary"])
 def test_no_hooks_and_the_branch_only_in_gcr_training(tiny_llama_checkpoint, mode):
@@ -179,6 +195,8 @@ def test_config_from_hparams_and_errors(tiny_llama_checkpoint):
         ScanQA(ScanQAConfig(**TINY, mean_size=MEAN_SIZE[:3]))
     with pytest.raises(ConfigurationError, match="num_answers"):
         ScanQA(ScanQAConfig(**(TINY | {"num_answers": None}), mean_size=MEAN_SIZE))
+    with pytest.raises(ConfigurationError, match="sa_radii"):
+        tiny_model(sa_radii=[0.2, 0.4])
     with pytest.raises(ConfigurationError, match="num_points"):
         tiny_model()(make_batch(points=200))
 
@@ -267,6 +285,21 @@ def test_parameter_count_equals_the_reference_layer_definitions():
     counts = {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()}
     assert counts == {"backbone": sum(n for *_, n in rows[:6]), "voting": rows[6][2], "proposal": rows[7][2] + rows[8][2],
                       "language": rows[9][2], "answer_head": rows[16][2], "situation_head": rows[15][2]}  # fmt: skip
+
+
+def test_the_scanqa_step_benchmark_runs_and_restores_the_point_ops():
+    """benchmarks/point_ops.py --model scanqa at a tiny size (figures reported, never asserted)."""
+    from frozenlm.models import scanqa
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "point_ops.py"
+    spec = importlib.util.spec_from_file_location("point_ops_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    before = {name: getattr(scanqa, name) for name in ("farthest_point_sample", "query_and_group", "three_nn")}
+    result = bench.measure_scanqa(batch=1, points=600, device=torch.device("cpu"), repeats=1, cpu_clock=True,
+                                  sa_points=[128, 64, 32, 16], num_proposals=8)  # fmt: skip
+    assert {"step_s", "fps_s", "ball_query_s", "three_nn_s", "ops_share"} <= set(result)
+    assert {name: getattr(scanqa, name) for name in before} == before
 
 
 @pytest.mark.slow

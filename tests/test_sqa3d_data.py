@@ -301,6 +301,19 @@ def test_missing_and_damaged_scenes_are_named(tiny, tmp_path):
     assert isinstance(sample, Unreadable) and "scene0001_00_aligned_vert.npy holds NaN" in sample.reason
 
 
+def test_boxes_of_other_classes_in_reference_prepared_scenes_are_left_out(tiny, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(tiny.prepared, root)
+    path = root / "scannet_data" / "scene0002_00_aligned_bbox.npy"
+    boxes = np.load(path)
+    np.save(path, np.concatenate([boxes, [[0, 0, 1, 5, 0.1, 2, 1, 9]]]))  # a wall box (NYU40 1)
+    sample = datamodule(root).dataset("test")[0]
+    assert sample["box_label_mask"].sum() == len(boxes) and set(sample["sem_cls_label"][: len(boxes)].tolist()) == {2, 4}
+    np.save(path, np.zeros((1, 8)))  # the reference's placeholder for a scan without annotation
+    sample = datamodule(root).dataset("test")[0]
+    assert sample["box_label_mask"].sum() == 0 and sample["vote_label_mask"].sum() > 0
+
+
 def test_prepare_converts_the_raw_scans_as_the_reference_and_resumes(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     prepare("sqa3d", str(out), str(tiny.scannet), str(tiny.sqa_task))

@@ -1,5 +1,5 @@
 """LightningDataModules: image datasets yield {"image", "label", "id"} samples, SSv2 {"video", "label", "id"},
-point clouds {"points", "label", "id"}, VQAv2 and Flickr30k images with their texts as strings."""
+point clouds {"points", "label", "id"}, SQA3D ScanNet scenes with situated questions, VQAv2 and Flickr30k images with their texts as strings."""
 
 from frozenlm.data.argoverse1 import Argoverse1DataModule
 from frozenlm.data.argoverse2 import Argoverse2DataModule
@@ -15,6 +15,7 @@ from frozenlm.data.modelnet40 import ModelNet40DataModule
 from frozenlm.data.motion import MotionDataModule
 from frozenlm.data.pointcloud import PointCloudDataModule
 from frozenlm.data.scanobjectnn import ScanObjectNNDataModule
+from frozenlm.data.sqa3d import SQA3DDataModule
 from frozenlm.data.ssv2 import SSv2DataModule
 from frozenlm.data.vqav2 import VQAv2DataModule
 
@@ -33,6 +34,7 @@ __all__ = [
     "MotionDataModule",
     "PointCloudDataModule",
     "ScanObjectNNDataModule",
+    "SQA3DDataModule",
     "SSv2DataModule",
     "VQAv2DataModule",
 ]

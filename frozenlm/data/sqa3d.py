@@ -31,6 +31,7 @@ from frozenlm.data.glove import UNKNOWN, WordVectors, load_word_vectors
 from frozenlm.data.scannet import (
     MEAN_COLOR_RGB,
     MEAN_SIZE,
+    NYU40_IDS,
     ROTATIONS,
     box_targets,
     padded_boxes,
@@ -186,6 +187,9 @@ class SceneFiles(NamedTuple):
         for name in ("aligned_vert", "aligned_bbox"):
             if not np.isfinite(arrays[name]).all():
                 raise ValueError(f"{self.path(name)} holds NaN or infinite values")
+        # Boxes of object classes only: the reference's export skips this filter for a scene of one box (a lone
+        # wall box, or the zero placeholder of an unannotated scan, which its dataset cannot map to a class).
+        arrays["aligned_bbox"] = boxes[np.isin(boxes[:, 6], NYU40_IDS)] if len(boxes) else np.zeros((0, 8))
         return arrays
 
 
@@ -241,7 +245,6 @@ class SQA3DQuestions(Dataset):
         return np.random.default_rng(self.questions[index].question_id)
 
     def __getitem__(self, index: int) -> dict[str, Any] | Unreadable:
-        torch.set_num_threads(1)
         record = self.questions[index]
         scene = self.scenes[record.scene_id]
         try:
@@ -346,7 +349,7 @@ def augment_scene(
 
 
 class SQA3DDataModule(BaseDataModule):
-    """SQA3D's balanced questions (train 26,623 / val 3,261 / test 3,519 in the release) on ScanNet scenes,
+    """SQA3D's balanced questions (the release's test split: 3,519 questions on 67 scenes) on ScanNet scenes,
     with the inputs and targets of its ScanQA baseline.
 
     Each sample is one question: ``point_clouds [N, 3 + 3 + 1]`` (xyz; (rgb - [109.8, 97.2, 83.8]) / 256 with
@@ -362,8 +365,9 @@ class SQA3DDataModule(BaseDataModule):
     ``vote_label_mask [N]``; on every split, where the reference leaves test's zero); ``question_type``
     (index into :data:`QUESTION_TYPES`), ``question_id``, ``dataset_index`` and ``padding``.
 
-    The answer vocabulary is every answer of the training split, sorted (the reference's ``answer_counter``
-    built from train); train and val keep the questions whose answer is in it (the others are counted and
+    The answer vocabulary is every answer of the training split, sorted, and the soft scores count answers
+    in train (the reference reads both from a released ``answer_counter.json``, described as the answers of
+    all questions; here they are built from train, where nothing of val or test can leak); train and val keep the questions whose answer is in it (the others are counted and
     said once), test keeps all. Training draws points and augmentation from each process's seeded stream;
     evaluation draws the points from a generator seeded by the question id, so it is the same on any number
     of processes (each question scored once, :class:`~frozenlm.data.distributed.EvaluationSampler`).
@@ -425,6 +429,7 @@ class SQA3DDataModule(BaseDataModule):
         return f"SQA3DDataModule(root={self.root}, batch_size={self.batch_size}, num_points={self.num_points})"
 
     def read_split(self, split: str) -> list[Question]:
+        """All of ``split``'s questions as on disk (before the answerable filter)."""
         return read_questions(self.root, split, self.known_answers)
 
     def dataset(self, split: str) -> SQA3DQuestions:

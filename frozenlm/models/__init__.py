@@ -9,6 +9,6 @@ from frozenlm.models.videomae import create_videomae
 from frozenlm.models.vit import ViTConfig, create_vit
 
 __all__ = [
-    "LMViT", "LMViTConfig", "METER", "METERConfig", "PointBERT", "ScanQA", "ScanQAConfig", "UTAStudent", "UTAStudentConfig", "ViTConfig",
-    "create_videomae", "create_vit",
+    "LMViT", "LMViTConfig", "METER", "METERConfig", "PointBERT", "ScanQA", "ScanQAConfig", "UTAStudent",
+    "UTAStudentConfig", "ViTConfig", "create_videomae", "create_vit",
 ]

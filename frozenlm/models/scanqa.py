@@ -13,11 +13,12 @@ PointNet++ MLPs are 1x1 convs without bias + BN + ReLU with Kaiming-normal weigh
 xyz divided by the radius; the voting module's convs have biases and default init; the proposal head's first two
 convs have no bias; vote features are divided by their L2 norm; MCAN is post-norm with its own LayerNorm
 (``a * (x - mean) / (std + 1e-6) + b``, ``std`` unbiased), attention masks fill -1e9 (so a sample whose
-proposals are all non-objects attends uniformly, as the reference), dropout on the attention map; the situation
+proposals are all non-objects attends uniformly, as the reference; float16's lowest value in float16), dropout
+on the attention map; the situation
 and question share one LSTM and one projection (``lang_feat_linear``). Point ops are
 :mod:`frozenlm.models.point_ops` (the CUDA kernels' semantics, in PyTorch).
 
-Three things the reference defines are not built, since its forward never reads them (no gradient, no effect):
+Four modules the reference defines are not built, since its forward never reads them (no gradient, no effect):
 ``s_feat_linear``, ``q_feat_linear``, ``object_cls``, ``attflat_lstm_q`` (tests/test_scanqa_model.py counts them).
 The reference cannot run without its object mask (``use_object_mask=False`` fails on ``None.dim()``), so the mask
 is always on. The language padding mask comes from the lengths (the reference's ``sum |h| == 0`` on the packed
@@ -161,7 +162,8 @@ class PointNet2Backbone(nn.Module):
 
     def __init__(self, config: ScanQAConfig) -> None:
         super().__init__()
-        widths = [[config.input_feature_dim, 64, 64, 128], [128, 128, 128, 256], [256, 128, 128, 256], [256, 128, 128, 256]]
+        c = config.input_feature_dim
+        widths = [[c, 64, 64, 128], [128, 128, 128, 256], [256, 128, 128, 256], [256, 128, 128, 256]]
         self.sa = nn.ModuleList(
             SetAbstraction(n, r, k, mlp)
             for n, r, k, mlp in zip(config.sa_points, config.sa_radii, config.sa_nsamples, widths, strict=True)
@@ -170,7 +172,8 @@ class PointNet2Backbone(nn.Module):
         self.fp2 = FeaturePropagation([256 + 256, 256, config.seed_feat_dim])
 
     def forward(self, points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``points [B, N, 3 + c]`` -> ``(seed_xyz [B, S, 3], seed_features [B, seed_feat_dim, S], seed_inds [B, S])``."""
+        """``points [B, N, 3 + c]`` -> ``(seed_xyz [B, S, 3], seed_features [B, seed_feat_dim, S], seed_inds
+        [B, S])``."""
         xyz = points[..., :3].contiguous()
         features = points[..., 3:].transpose(1, 2).contiguous() if points.shape[-1] > 3 else None
         levels = []
@@ -277,6 +280,12 @@ class MCANLayerNorm(nn.Module):
         return self.weight * (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + self.eps) + self.bias
 
 
+def fill_value(scores: Tensor) -> float:
+    """MCAN's -1e9 for masked scores (float16's lowest where -1e9 would be -inf, so that a row with every key
+    masked stays uniform, as in float32)."""
+    return max(-1e9, torch.finfo(scores.dtype).min)
+
+
 class MultiHeadAttention(nn.Module):
     """MCAN's multi-head attention: separate v / k / q / merge linears, scores / sqrt(d_head), masked keys filled
     with -1e9, softmax, dropout on the attention map."""
@@ -295,7 +304,7 @@ class MultiHeadAttention(nn.Module):
         """``padding [B, L_k]``: True at keys not attended."""
         v, k, q = self.split(self.linear_v(v)), self.split(self.linear_k(k)), self.split(self.linear_q(q))
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-        scores = scores.masked_fill(padding[:, None, None, :], -1e9)
+        scores = scores.masked_fill(padding[:, None, None, :], fill_value(scores))
         attended = self.dropout(scores.softmax(dim=-1)) @ v
         return self.linear_merge(attended.transpose(1, 2).reshape(q.shape[0], -1, q.shape[1] * q.shape[3]))
 
@@ -351,7 +360,8 @@ class AttFlat(nn.Module):
 
     def forward(self, x: Tensor, padding: Tensor) -> Tensor:
         """``x [B, L, hidden]``, ``padding [B, L]`` (True = left out) -> ``[B, out_size]``."""
-        weights = self.mlp(x).masked_fill(padding[..., None], -1e9).softmax(dim=1)
+        scores = self.mlp(x)
+        weights = scores.masked_fill(padding[..., None], fill_value(scores)).softmax(dim=1)
         return self.linear_merge((weights * x).sum(dim=1))
 
 
@@ -396,6 +406,12 @@ class ScanQA(nn.Module):
             raise ConfigurationError(
                 f"ScanQA's mean_size must be {config.num_size_cluster} rows [l, w, h] (num_size_cluster), got shape "
                 f"{tuple(mean_size.shape)}: link it from the SQA3D datamodule (its mean_size) or set --model.mean_size."
+            )
+        sa = (config.sa_points, config.sa_radii, config.sa_nsamples)
+        if any(len(values) != 4 for values in sa):
+            raise ConfigurationError(
+                "ScanQA's backbone has four set-abstraction layers: sa_points, sa_radii and sa_nsamples need 4 values "
+                f"each, got {[list(values) for values in sa]}."
             )
         hidden, heads, ffn, dropout = config.hidden_size, config.heads, config.ffn, config.fusion_dropout
         # Language
