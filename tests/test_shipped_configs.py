@@ -49,7 +49,7 @@ FAKE_DATA = {
     "frozenlm.data.Argoverse2DataModule": write_argoverse2,
     "frozenlm.data.VQAv2DataModule": write_vqav2,
     "frozenlm.data.Flickr30kDataModule": write_flickr30k,
-    "frozenlm.data.sqa3d.SQA3DDataModule": lambda root: write_sqa3d(root).prepared,
+    "frozenlm.data.SQA3DDataModule": lambda root: write_sqa3d(root).prepared,
 }
 # Samples per distinct pipeline. DeiT's RandAugment posterized to 0 bits about once in 650 images; a
 # clip draws its RandAugment ops once for all of its 16 frames (SSv2: 2 clips a video, 8,000 frames);

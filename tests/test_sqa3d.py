@@ -405,3 +405,19 @@ def test_create_model_builds_the_shipped_scanqa_without_lightning(tiny_llama_che
     assert model.config.sa_points == [2048, 1024, 512, 256] and model.config.num_proposals == 256
     assert model.config.mean_size == MEAN_SIZE.tolist()  # ScanNet's clusters
     assert model.answer_head[-1].out_features == 706 and model.llm_block is not None
+
+
+def test_a_checkpoint_of_another_vocabulary_is_refused_naming_both_sizes(monkeypatch):
+    from types import SimpleNamespace
+
+    from frozenlm.errors import ConfigurationError
+    from frozenlm.tasks.sqa3d import SQA3DTask
+
+    task = SQA3DTask(**TINY)  # 7 answers
+    data = SimpleNamespace(answer_vocabulary=[f"answer{i}" for i in range(9)])
+    monkeypatch.setattr(task, "_trainer", SimpleNamespace(datamodule=data))
+    with pytest.raises(ConfigurationError, match="has 9 answers, the model's answer head 7"):
+        task.setup("test")
+    data.answer_vocabulary = data.answer_vocabulary[:7]
+    task.setup("test")
+    assert task.answers == data.answer_vocabulary
