@@ -2,7 +2,7 @@
 as binary PLY, ``.aggregation.json``, ``_vh_clean_2.0.010000.segs.json``, ``<scene>.txt`` with axisAlignment)
 and ``scannetv2-labels.combined.tsv``; SQA3D's ``balanced/`` questions and annotations for train / val / test
 and ``answer_dict.json``; GloVe vectors as ScanRefer's pickled ``glove.p`` and as GloVe's text format; and
-the prepared layout :class:`frozenlm.data.SQA3DDataModule` reads, computed here directly (not with
+the prepared layout :class:`frozenlm.data.sqa3d.SQA3DDataModule` reads, computed here directly (not with
 ``frozenlm prepare``, which the tests check against it).
 
 Each scene is a floor (NYU40 2, no box) and a few box-shaped objects whose points come in pairs mirrored
