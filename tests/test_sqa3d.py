@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from frozenlm.data.scannet import MEAN_SIZE
 from frozenlm.tasks import scanqa_losses as L
