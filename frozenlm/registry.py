@@ -57,6 +57,8 @@ ALIASES: dict[str, str] = {
     "meter_retrieval": "flickr30k_meter",
     "meter_retrieval_llama": "flickr30k_meter_llama",
     "uta_base": "imagenet21k_uta_base",
+    "scanqa": "sqa3d_scanqa",
+    "scanqa_llama": "sqa3d_scanqa_llama",
 }
 # Configs that are not models of their own (the demos run the tiny bundled data).
 _NOT_MODELS = ("demo", "demo_uta")

@@ -72,12 +72,17 @@ def with_task_checkpoints(callbacks: list, task: BaseTask | type[BaseTask], enab
 
 
 class FrozenLMCLI(LightningCLI):
-    """LightningCLI with the dataset's class count linked into the model, a predictions writer, progress
-    as lines where the output is not a terminal (`--progress.*`), and deliberate resumption (see
-    `_parse_ckpt_path`)."""
+    """LightningCLI with the dataset's class count (SQA3D's: answers, point features, mean box sizes) linked
+    into the model, a predictions writer, progress as lines where the output is not a terminal
+    (`--progress.*`), and deliberate resumption (see `_parse_ckpt_path`)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        # SQA3D: the answer vocabulary's size, the point features and the size clusters' mean sizes (a datamodule
+        # without them links nothing)
+        parser.link_arguments("data.num_answers", "model.init_args.num_answers", apply_on="instantiate")
+        parser.link_arguments("data.input_feature_dim", "model.init_args.input_feature_dim", apply_on="instantiate")
+        parser.link_arguments("data.mean_size", "model.init_args.mean_size", compute_fn=_as_lists, apply_on="instantiate")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_class_arguments(ProgressLines, "progress")  # used when stdout is not a terminal
         parser.add_class_arguments(Rendezvous, "rendezvous")  # --rendezvous.timeout, --rendezvous.log_every
@@ -151,7 +156,8 @@ class FrozenLMCLI(LightningCLI):
             for key in ("checkpoint", "revision"):
                 init_args.llm[key] = given["llm"][key]
         resumed = _model_args(self.config[subcommand])
-        given.pop("num_classes", None)  # linked from the data, not given
+        for linked in ("num_classes", "num_answers", "input_feature_dim", "mean_size"):  # linked from the data, not given
+            given.pop(linked, None)
         changed = _differences(given, resumed, "model")
         if changed:
             lines = "\n".join(f"  {key}: {used!r} from the checkpoint (given {old!r})" for key, old, used in changed)
@@ -159,6 +165,11 @@ class FrozenLMCLI(LightningCLI):
                 f"{config.ckpt_path} was trained with other values than given; the checkpoint's are used:\n{lines}",
                 stacklevel=1,
             )
+
+
+def _as_lists(array: Any) -> list:
+    """An array (a datamodule's ``mean_size``) as nested lists of floats, as hyper-parameters hold it."""
+    return [list(map(float, row)) for row in array]
 
 
 def _differences(given: Any, used: Any, key: str) -> list[tuple[str, Any, Any]]:

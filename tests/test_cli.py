@@ -59,6 +59,7 @@ REPRODUCE_TARGETS = [
     "reproduce-argoverse2-vectornet-fullmap-llama",
     *[f"reproduce-{d}{s}" for d in ("vqav2", "flickr30k") for s in ("", "-llama")],
     "reproduce-uta-pretrain", "reproduce-uta-zeroshot", "reproduce-uta-finetune",
+    "reproduce-sqa3d", "reproduce-sqa3d-llama",
 ]
 
 

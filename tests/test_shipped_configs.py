@@ -29,6 +29,7 @@ from tests.data.imagefolder.data import write as write_imagefolder
 from tests.data.mnist.data import write as write_mnist
 from tests.data.modelnet40.data import write as write_modelnet40
 from tests.data.scanobjectnn.data import write as write_scanobjectnn
+from tests.data.sqa3d.data import write as write_sqa3d
 from tests.data.ssv2.data import write as write_ssv2
 from tests.data.vqav2.data import write as write_vqav2
 
@@ -48,12 +49,14 @@ FAKE_DATA = {
     "frozenlm.data.Argoverse2DataModule": write_argoverse2,
     "frozenlm.data.VQAv2DataModule": write_vqav2,
     "frozenlm.data.Flickr30kDataModule": write_flickr30k,
+    "frozenlm.data.SQA3DDataModule": lambda root: write_sqa3d(root).prepared,
 }
 # Samples per distinct pipeline. DeiT's RandAugment posterized to 0 bits about once in 650 images; a
 # clip draws its RandAugment ops once for all of its 16 frames (SSv2: 2 clips a video, 8,000 frames);
 # a point cloud's sampling and augmentation are a few tensor ops on the batch (FPS is the cost);
-# vision-language images are resized and cropped without random augmentation (576 px: the cost).
-IMAGE_SAMPLES, VIDEO_SAMPLES, CLOUD_SAMPLES, SCENE_SAMPLES, PAIR_SAMPLES = 4000, 250, 128, 256, 64
+# vision-language images are resized and cropped without random augmentation (576 px: the cost); an SQA3D
+# question resamples its scene to 40,000 points and builds their vote targets.
+IMAGE_SAMPLES, VIDEO_SAMPLES, CLOUD_SAMPLES, SCENE_SAMPLES, PAIR_SAMPLES, QUESTION_SAMPLES = 4000, 250, 128, 256, 64, 32
 
 
 def data_config(path: Path) -> dict:
@@ -97,10 +100,11 @@ def test_training_pipeline_survives_thousands_of_samples(configs, tmp_path):
     kind = "video" if data["class_path"].endswith("SSv2DataModule") else "image"
     kind = "points" if hasattr(datamodule, "random_views") else kind
     kind = "map_vectors" if hasattr(datamodule, "horizon") else kind  # motion: scenes preprocessed into the cache
+    kind = "point_clouds" if hasattr(datamodule, "answer_vocabulary") else kind  # SQA3D: scenes and questions
     pairs = isinstance(datamodule, VisionLanguageDataModule)
     samples, batch_size = {
         "video": (VIDEO_SAMPLES, 4), "image": (PAIR_SAMPLES if pairs else IMAGE_SAMPLES, 16 if pairs else 64),
-        "points": (CLOUD_SAMPLES, 32), "map_vectors": (SCENE_SAMPLES, 32),
+        "points": (CLOUD_SAMPLES, 32), "map_vectors": (SCENE_SAMPLES, 32), "point_clouds": (QUESTION_SAMPLES, 16),
     }[kind]  # fmt: skip
     collate = datamodule.collate_fn
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
@@ -120,6 +124,9 @@ def test_training_pipeline_survives_thousands_of_samples(configs, tmp_path):
         assert collated["points"].shape[1:] == (data["init_args"]["num_points"], 3)
     elif kind == "map_vectors":
         assert collated["target"].shape[1:] == (datamodule.horizon, 2) and collated["polyline_mask"][:, 0].all()
+    elif kind == "point_clouds":
+        assert collated[kind].shape[1:] == (data["init_args"]["num_points"], 7)
+        assert collated["vote_label"].isfinite().all() and collated["situation_target"].isfinite().all()
     else:
         size = data["init_args"].get("img_size", 224)
         assert collated[kind].shape[-2:] == (size, size)

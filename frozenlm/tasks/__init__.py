@@ -5,6 +5,7 @@ from frozenlm.tasks.classification import ClassificationTask
 from frozenlm.tasks.image import ImageClassifier
 from frozenlm.tasks.motion import MotionForecaster
 from frozenlm.tasks.pointcloud import PointCloudClassifier
+from frozenlm.tasks.sqa3d import SQA3DTask
 from frozenlm.tasks.uta import UnmaskedTokenAlignment
 from frozenlm.tasks.video import VideoClassifier
 from frozenlm.tasks.retrieval import ImageTextRetrieval
@@ -18,6 +19,7 @@ __all__ = [
     "ImageTextRetrieval",
     "MotionForecaster",
     "PointCloudClassifier",
+    "SQA3DTask",
     "UnmaskedTokenAlignment",
     "VideoClassifier",
     "VisionLanguageTask",

@@ -55,7 +55,8 @@ class BaseTask(lightning.LightningModule):
             `epoch`: once per epoch, warmup in whole epochs (Point-BERT's recipe).
         betas: Adam(W)'s betas; None for the optimizer's default (0.9, 0.999).
         schedule: after warmup, `cosine` (DeiT) or `linear` decay to `min_lr` at the last step (METER:
-            transformers' `get_polynomial_decay_schedule_with_warmup` with power 1).
+            transformers' `get_polynomial_decay_schedule_with_warmup` with power 1); or `constant`: `lr`
+            throughout, no warmup (SQA3D's ScanQA).
         max_nonfinite_steps: training steps whose loss is NaN or infinite that are skipped (no update;
             counted as `train/nonfinite_steps_skipped`) before the run stops with
             `NonFiniteLossError`; 0 stops at the first. The weights are never updated from such
@@ -94,8 +95,10 @@ class BaseTask(lightning.LightningModule):
         super().__init__()
         if schedule_interval not in ("step", "epoch"):
             raise ValueError(f"schedule_interval must be 'step' or 'epoch', got {schedule_interval!r}.")
-        if schedule not in ("cosine", "linear"):
-            raise ValueError(f"schedule must be 'cosine' or 'linear', got {schedule!r}.")
+        if schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant', got {schedule!r}.")
+        if schedule == "constant" and warmup_epochs:
+            raise ValueError(f"schedule 'constant' has no warmup: set warmup_epochs 0 (got {warmup_epochs}).")
         if max_nonfinite_steps < 0:
             raise ValueError(f"max_nonfinite_steps must be 0 or more, got {max_nonfinite_steps}.")
         self.nonfinite_steps_skipped = 0
@@ -152,6 +155,8 @@ class BaseTask(lightning.LightningModule):
         # the set-up when only max_steps bounds the run, but warmup is given in epochs, so it is done here.
         self._reseed(self._fit_first_epoch)
         self.trainer.fit_loop.setup_data()
+        if hp.get("schedule") == "constant":
+            return optimizer
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
         if hp.schedule_interval == "epoch":
