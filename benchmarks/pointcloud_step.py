@@ -11,12 +11,14 @@ Point-BERT's ModelNet40 configs), all in one run and one process, interleaved:
   subset, scale and translate), done on the device before the step;
 * ``step``: the full-size Point-BERT classifier's forward + backward (grouping included), and
   ``ideal``: one ``torch.matmul`` of the step's matmul/conv FLOPs (counted by PyTorch's
-  ``FlopCounterMode``), timed in the same run. ``--llm`` adds a frozen LLaMA-7B-shaped layer (random
+  ``FlopCounterMode``), timed in turns with the step (step, matmul, step, ...; the medians of
+  ``--repeats`` each after a warm-up). ``--llm`` adds a frozen LLaMA-7B-shaped layer (random
   weights, fp32) inline, as LM4VE.
 
-Ratios are the point: absolute times depend on the machine. Run with one thread for stable numbers::
+Ratios are the point: absolute times depend on the machine. ``--threads`` sets the CPU thread counts
+(one row each; one thread gives the most stable numbers)::
 
-    OMP_NUM_THREADS=1 python benchmarks/pointcloud_step.py [--device cpu|cuda] [--llm] [--repeats 3]
+    python benchmarks/pointcloud_step.py [--threads 1] [--settings 8192:512] [--device cpu|cuda] [--llm] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from frozenlm.data.pointcloud import PointCloudDataModule
 from frozenlm.llm import FrozenLMBlock
 from frozenlm.llm.families import SHAPES
-from frozenlm.measure import flop_counter, ideal_seconds, median_seconds
+from frozenlm.measure import flop_counter, median_seconds, step_and_ideal_seconds
 from frozenlm.models import point_ops
 from frozenlm.models.pointbert import PointBERTClassifier, PointBERTClassifierConfig
 
@@ -51,12 +53,13 @@ def measure(points: int, groups: int, batch: int, device: torch.device, llm: boo
     with flop_counter() as counter:
         step()
     flops = counter.get_total_flops()
+    step_s, ideal_s = step_and_ideal_seconds(step, flops, device, repeats)
     results = {
         "fps_loop": median_seconds(lambda: point_ops.farthest_point_sample(cloud, groups, use_fpsample=False), device, repeats),
         "grouping": median_seconds(lambda: point_ops.group_points(cloud, groups, 32), device, repeats),
         "sampling": median_seconds(lambda: datamodule.random_views(raw, 1), device, repeats),
-        "step": median_seconds(step, device, repeats),
-        "ideal": ideal_seconds(flops, device, repeats),
+        "step": step_s,
+        "ideal": ideal_s,
         "gflop": flops / 1e9,
     }
     if point_ops.fpsample is not None and device.type == "cpu":
@@ -70,20 +73,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--settings", default="1024:64,8192:512", help="points:groups pairs")
     parser.add_argument("--llm", action="store_true", help="a frozen LLaMA-7B-shaped layer inline")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps (and ideal matmuls), after a warm-up")
+    parser.add_argument("--threads", default=None, help="CPU thread counts, e.g. 1,2 (default: torch's)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"device {device}, batch {args.batch}, threads {torch.get_num_threads()}, fpsample "
+    print(f"device {device}, batch {args.batch}, {args.repeats} timed steps each, fpsample "
           f"{'installed' if point_ops.fpsample else 'not installed'}, LLM block {'yes' if args.llm else 'no'}")
-    header = ("points", "groups", "GFLOP", "step ms", "ideal ms", "step/ideal", "grouping ms", "grouping/step",
+    header = ("threads", "points", "groups", "GFLOP", "step ms", "ideal ms", "step/ideal", "grouping ms", "grouping/step",
               "sampling ms", "sampling/step", "FPS loop ms", "FPS fpsample ms")  # fmt: skip
     print(" | ".join(header))
-    for setting in args.settings.split(","):
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    for threads, setting in [(t, s) for t in thread_counts for s in args.settings.split(",")]:
+        torch.set_num_threads(threads)
         points, groups = map(int, setting.split(":"))
         r = measure(points, groups, args.batch, device, args.llm, args.repeats)
         fpsample_ms = f"{r['fps_fpsample'] * 1e3:.0f}" if "fps_fpsample" in r else "-"
         print(" | ".join([
-            str(points), str(groups), f"{r['gflop']:.0f}", f"{r['step'] * 1e3:.0f}", f"{r['ideal'] * 1e3:.0f}",
+            str(threads), str(points), str(groups), f"{r['gflop']:.0f}", f"{r['step'] * 1e3:.0f}", f"{r['ideal'] * 1e3:.0f}",
             f"{r['step'] / r['ideal']:.2f}", f"{r['grouping'] * 1e3:.0f}", f"{r['grouping'] / r['step']:.3f}",
             f"{r['sampling'] * 1e3:.0f}", f"{r['sampling'] / r['step']:.3f}", f"{r['fps_loop'] * 1e3:.0f}", fpsample_ms,
         ]))  # fmt: skip

@@ -241,10 +241,29 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int)
 
 def ideal_seconds(flops: int, device: torch.device, repeats: int) -> float:
     """The FLOP ideal: the time of one fp32 `torch.matmul` `[m, n] @ [n, n].T` scaled to `flops`."""
+    matmul, scale = _ideal_matmul(flops, device)
+    return median_seconds(matmul, device, repeats) * scale
+
+
+def step_and_ideal_seconds(step: Callable[[], object], flops: int, device: torch.device, repeats: int) -> tuple[float, float]:
+    """Median times of `step` and of its FLOP ideal (`ideal_seconds`), timed in turns (step, matmul,
+    step, matmul, ...) after one warm-up call of each, so that load from other processes falls on both."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    matmul, scale = _ideal_matmul(flops, device)
+    step(), matmul()
+    steps, ideals = [], []
+    for _ in range(repeats):
+        steps.append(_timed(step, sync))
+        ideals.append(_timed(matmul, sync) * scale)
+    return statistics.median(steps), statistics.median(ideals)
+
+
+def _ideal_matmul(flops: int, device: torch.device) -> tuple[Callable[[], torch.Tensor], float]:
+    """One fp32 matmul `[m, n] @ [n, n].T` of about `flops` and the factor from its FLOPs to `flops`."""
     n = max(1, round((flops / 2) ** (1 / 3)))
     m = max(1, round(flops / (2 * n * n)))
     a, w = torch.randn(m, n, device=device), torch.randn(n, n, device=device)
-    return median_seconds(lambda: torch.matmul(a, w.mT), device, repeats) * flops / (2 * m * n * n)
+    return (lambda: torch.matmul(a, w.mT)), flops / (2 * m * n * n)
 
 
 def _timed(fn: Callable[[], None], sync: Callable[[], None]) -> float:

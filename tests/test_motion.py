@@ -391,3 +391,44 @@ def test_gcr_decodes_its_branch_with_its_own_decoder_or_the_models(tiny_llama_ch
     task.forecast_loss(*task.model(batch), batch["target"]).backward()  # the main loss alone
     same = all(torch.equal(decoder[n], p.grad) for n, p in task.model.decoder.named_parameters())
     assert same == (aux_head == "separate")  # a shared decoder also learns from the auxiliary loss
+
+
+def masked_subgraph_reference(subgraph, vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """VectorNet's subgraph as the paper writes it: every layer on the padded vectors, each max-pool masked to
+    the polyline's real vectors (0 for an empty polyline), the last layer's output ``[nodes, max]`` pooled."""
+
+    def masked_max(nodes):
+        pooled = nodes.masked_fill(~mask[..., None], float("-inf")).amax(dim=2)
+        return torch.where(mask.any(dim=2, keepdim=True), pooled, torch.zeros_like(pooled))
+
+    x = vectors
+    for layer in subgraph.layers:
+        nodes = layer(x)
+        x = torch.cat([nodes, masked_max(nodes)[:, :, None].expand_as(nodes)], dim=-1)
+    return torch.nn.functional.normalize(masked_max(x), dim=-1)
+
+
+def test_the_subgraph_over_all_groups_at_once_matches_the_masked_definition_and_its_gradients():
+    """The subgraph runs agents and map polylines as one set of rows, padded slots filled with copies of a
+    real vector and no masks (VectorNet.polyline_features): the same features and parameter gradients as
+    each group padded and masked, in float64, with garbage in the padding and empty polylines."""
+    torch.manual_seed(0)
+    net = VectorNet(VECTOR_DIM, hidden=16).double()
+    groups = []
+    for polylines, length in ((5, 7), (4, 11)):
+        vectors = torch.randn(3, polylines, length, VECTOR_DIM, dtype=torch.float64)
+        mask = torch.rand(3, polylines, length) < 0.6
+        mask[0, 0], mask[1, 1] = False, True  # an empty polyline and a full one
+        vectors[~mask] = 1e3 * torch.randn(int((~mask).sum()), VECTOR_DIM, dtype=torch.float64)  # never read
+        groups.append((vectors, mask))
+    weights = torch.randn(3, 9, 32, dtype=torch.float64)
+    features = net.polyline_features(groups)
+    (features * weights).sum().backward()
+    ours = {name: p.grad.clone() for name, p in net.subgraph.named_parameters()}
+    net.zero_grad()
+    reference = torch.cat([masked_subgraph_reference(net.subgraph, v, m) for v, m in groups], dim=1)
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(features, reference, atol=1e-12, rtol=0)
+    assert features[0, 0].abs().max() == 0  # the empty polyline
+    for name, p in net.subgraph.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, atol=1e-10, rtol=1e-10)

@@ -35,6 +35,9 @@ from frozenlm.llm import LLMConfig, apply_block, create_block
 from frozenlm.models.config import FromHParams
 
 
+PolylineGroup = tuple[Tensor, Tensor]  # (vectors [B, N, V, C], vector_mask [B, N, V])
+
+
 class PolylineSubgraph(nn.Module):
     def __init__(self, in_dim: int, hidden: int = 64, num_layers: int = 3) -> None:
         super().__init__()
@@ -43,11 +46,87 @@ class PolylineSubgraph(nn.Module):
 
     def forward(self, vectors: Tensor, vector_mask: Tensor) -> Tensor:
         """`[B, N, V, C]` vectors -> `[B, N, 2 * hidden]` polyline features (zeros for empty polylines)."""
-        x = vectors
-        for layer in self.layers:
-            nodes = layer(x)
-            x = torch.cat([nodes, masked_max(nodes, vector_mask)[:, :, None].expand_as(nodes)], dim=-1)
-        return F.normalize(masked_max(x, vector_mask), dim=-1)
+        return self.forward_groups([(vectors, vector_mask)])
+
+    def forward_groups(self, groups: list[PolylineGroup]) -> Tensor:
+        """Groups of polylines, each `(vectors [B, N_g, V_g, C], vector_mask [B, N_g, V_g])` -> `[B, sum
+        N_g, 2 * hidden]`, the groups' features in order: one pass of every group's vectors together.
+
+        The vectors of all groups are the rows of one `[rows, C]` tensor, so each layer is one matmul, one
+        LayerNorm and one ReLU over all of them; each max-pool works on its group's rows viewed as `[B, N_g,
+        V_g, hidden]` (`MaxPoolConcat`). Padded vector slots hold a copy of their polyline's first
+        real vector (`fill_padding`), which changes no max-pool, so no layer masks. The last layer's
+        output, `[nodes, max(nodes)]`, max-pools to `[max(nodes), max(nodes)]`, taken as that."""
+        shapes = tuple(tuple(mask.shape) for _, mask in groups)
+        x = torch.cat([fill_padding(vectors, mask).reshape(-1, vectors.shape[-1]) for vectors, mask in groups])
+        for index, layer in enumerate(self.layers):
+            linear, norm, _ = layer
+            nodes = torch.relu_(norm(linear(x)))
+            x, pooled = MaxPoolConcat.apply(nodes, shapes, index < len(self.layers) - 1)
+        real = torch.cat([mask.any(dim=2) for _, mask in groups], dim=1)
+        pooled = torch.where(real[..., None], pooled, 0.0)
+        return F.normalize(torch.cat([pooled, pooled], dim=-1), dim=-1)
+
+
+def fill_padding(vectors: Tensor, vector_mask: Tensor) -> Tensor:
+    """`vectors [B, N, V, C]` with each padded slot holding a copy of its polyline's first real vector
+    (zeros for an empty polyline)."""
+    first = vector_mask.to(torch.uint8).argmax(dim=2, keepdim=True)  # the first real slot (0 if none)
+    slots = torch.arange(vector_mask.shape[2], device=vector_mask.device)
+    index = torch.where(vector_mask, slots, first)
+    filled = vectors.gather(2, index[..., None].expand_as(vectors))
+    return filled.masked_fill(~vector_mask.any(dim=2)[..., None, None], 0.0)
+
+
+class MaxPoolConcat(torch.autograd.Function):
+    """A subgraph layer's pooling: `nodes [rows, D]`, the rows of groups of `shapes` `(B, N_g, V_g)` in
+    order -> `(cat([nodes, max over each polyline's V_g rows]), [rows, 2D]` (None unless `concat`),
+    `max [B, sum N_g, D]`).
+
+    Its backward fills one gradient tensor: the max's gradient (from the concatenated half, summed over the
+    polyline's rows, and from the max itself) added in place at the first maximal row, as `torch.max`'s
+    backward does. Splitting it evenly among equal maxima instead (`amax`'s) gives the parameters the
+    same gradient here: maxima tie only between copies of a vector (`fill_padding`), whose
+    activations are the same, or at 0, where the ReLU before passes no gradient."""
+
+    @staticmethod
+    def forward(ctx, nodes: Tensor, shapes: tuple[tuple[int, int, int], ...], concat: bool):
+        width, start, pooled, indices = nodes.shape[-1], 0, [], []
+        out = nodes.new_empty(len(nodes), 2 * width) if concat else None
+        if out is not None:
+            out[:, :width] = nodes
+        for b, n, v in shapes:
+            rows = slice(start, start + b * n * v)
+            values, index = nodes[rows].view(b, n, v, width).max(dim=2, keepdim=True)
+            if out is not None:
+                out[rows, width:].view(b, n, v, width).copy_(values.expand(b, n, v, width))
+            pooled.append(values.squeeze(2))
+            indices.append(index)
+            start = rows.stop
+        ctx.save_for_backward(*indices)
+        ctx.shapes, ctx.width, ctx.rows, ctx.dtype, ctx.device = shapes, width, len(nodes), nodes.dtype, nodes.device
+        ctx.set_materialize_grads(False)
+        return out, torch.cat(pooled, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor | None, grad_pooled: Tensor | None):
+        width, start, first = ctx.width, 0, 0
+        if grad_out is None:
+            grad, grad_out_half = torch.zeros(ctx.rows, width, dtype=ctx.dtype, device=ctx.device), None
+        else:
+            grad, grad_out_half = grad_out[:, :width].contiguous(), grad_out[:, width:]
+        for (b, n, v), index in zip(ctx.shapes, ctx.saved_tensors):
+            rows = slice(start, start + b * n * v)
+            to_max = None
+            if grad_out_half is not None:
+                to_max = grad_out_half[rows].view(b, n, v, width).sum(dim=2, keepdim=True)
+            if grad_pooled is not None:
+                own = grad_pooled[:, first : first + n, None]
+                to_max = own if to_max is None else to_max + own
+            if to_max is not None:
+                grad[rows].view(b, n, v, width).scatter_add_(2, index, to_max)
+            start, first = rows.stop, first + n
+        return grad, None, None
 
 
 def masked_max(nodes: Tensor, vector_mask: Tensor) -> Tensor:
@@ -57,7 +136,6 @@ def masked_max(nodes: Tensor, vector_mask: Tensor) -> Tensor:
     return torch.where(vector_mask.any(dim=2, keepdim=True), pooled, torch.zeros_like(pooled))
 
 
-PolylineGroup = tuple[Tensor, Tensor]  # (vectors [B, N, V, C], vector_mask [B, N, V])
 GLOBAL_GRAPHS = ("paper", "multihead")
 
 
@@ -105,7 +183,7 @@ class VectorNet(nn.Module):
 
     def polyline_features(self, groups: list[PolylineGroup]) -> Tensor:
         """`[B, N, 2 * hidden]`: each group's polylines through the subgraph, concatenated in order."""
-        return torch.cat([self.subgraph(vectors, mask) for vectors, mask in groups], dim=1)
+        return self.subgraph.forward_groups(groups)
 
     @staticmethod
     def identifiers(groups: list[PolylineGroup]) -> Tensor:
