@@ -259,6 +259,31 @@ def render(results: dict) -> str:
                     for n in row["weights"].split("; ") if "stand-in" in n})  # fmt: skip
     lines += [""] + [f"Note: {n}." for n in notes]
     lines += _config_table(results)
+    lines += [
+        "",
+        "## On a GPU: benchmarks/gpu_check.sh (unrun)",
+        "",
+        "One script, under 8 minutes on a CUDA machine, random weights, nothing downloaded: the bf16 MFU of one "
+        "training step of ViT-S + the LLaMA-7B-shaped block (`imagenet_deit_small_llama`, batch 256; the step's "
+        "counted FLOPs / its median time / the GPU's dense bf16 peak), the same under 2-rank NCCL DDP when the "
+        "machine has 2 GPUs, and the video config's (`ssv2_videomae_small_llama`) peak memory at batch 24 "
+        "(`torch.cuda.max_memory_allocated`). It writes `runs/gpu_check/*.json` and prints a summary. "
+        "**It has not been run on a GPU**: none was available to this work, so no GPU figure on this page is "
+        "measured. `--dry` runs the same commands on the CPU at tiny shapes (what `tests/test_bench.py` checks).",
+        "",
+        "<!-- docs: needs a CUDA machine (--dry: a CPU, about a minute) -->",
+        "```bash",
+        "bash benchmarks/gpu_check.sh                 # --peak_tflops N where the GPU is not in its table",
+        "bash benchmarks/gpu_check.sh --dry --out /tmp/gpu_check",
+        "```",
+        "",
+        "Regenerate this page (about an hour on the shared 2-core machine; resumable):",
+        "",
+        "<!-- docs: needs about an hour of CPU -->",
+        "```bash",
+        "make performance                             # python benchmarks/performance.py [--fresh] [--render]",
+        "```",
+    ]
     return "\n".join(lines) + "\n"
 
 
