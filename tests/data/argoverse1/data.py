@@ -2,9 +2,9 @@
 `frozenlm bench --config` without the dataset); re-exported here for the tests. `python -m tests.data.argoverse1.data ROOT`
 runs `python -m frozenlm.data.fake.argoverse1 ROOT`."""
 
-import runpy
-
-from frozenlm.data.fake.argoverse1 import *  # noqa: F403
-
 if __name__ == "__main__":
+    import runpy
+
     runpy.run_module("frozenlm.data.fake.argoverse1", run_name="__main__")
+else:
+    from frozenlm.data.fake.argoverse1 import *  # noqa: F403
