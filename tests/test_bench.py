@@ -230,11 +230,11 @@ FAMILY_CONFIGS = [
     ("video_llama", "video", ["llm"]),
     ("pointcloud_llama", "point cloud", ["llm"]),
     ("motion_llama", "motion", ["llm"]),
-    ("vqa_llama", "VQA", ["llm", "towers"]),
-    ("retrieval_llama", "retrieval", ["llm", "towers"]),
     ("uta", "UTA", ["teacher"]),
 ]
-VARIANTS = [  # the image family's variants, by override (slow: the image row above covers the path)
+VARIANTS = [  # slow: METER's two families (towers written first), the image family's variants by override
+    ("vqa_llama", "VQA", ["llm", "towers"]),
+    ("retrieval_llama", "retrieval", ["llm", "towers"]),
     ("image_llama", "image (CAPE)", ["llm", "--model.pos_embed=cape"]),
     ("image_llama", "image (convstem)", ["llm", "--model.stem=conv"]),
     ("image_llama", "image (LoRA)", ["llm", "--model.llm.lora={r: 2}"]),
