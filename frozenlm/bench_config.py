@@ -134,12 +134,16 @@ def family_of(config: dict[str, Any]) -> str:
     name = TASK_FAMILIES.get(task, task.rsplit(".", 1)[-1])
     args = config["model"].get("init_args") or {}
     llm = args.get("llm") or {}
+
+    def get(obj: Any, key: str) -> Any:  # a dict from YAML, or a dataclass from the task's hparams
+        return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
     variants = [
         "learngene" if args.get("learngene") else None,
         "convstem" if args.get("stem") == "conv" else None,
         "CAPE" if args.get("pos_embed") == "cape" else None,
-        "LoRA" if llm.get("lora") else None,
-        "GCR" if llm.get("mode") == "auxiliary" else None,
+        "LoRA" if get(llm, "lora") else None,
+        "GCR" if get(llm, "mode") == "auxiliary" else None,
     ]
     variants = [v for v in variants if v]
     return f"{name} ({', '.join(variants)})" if variants else name
@@ -433,6 +437,8 @@ def measure_config(
             auto_configure_optimizers=False, args=cli_args, run=False,
         )  # fmt: skip
         model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+        # The family as built (command-line overrides included), from the task's hyper-parameters.
+        family = family_of({"model": {"class_path": parsed["model"]["class_path"], "init_args": dict(model.hparams)}})
         ideal_dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision else torch.float32
         timer = StepTimer(schedule, dev, ideal_dtype)
         trainer.callbacks.append(timer.callback)
@@ -463,7 +469,7 @@ def measure_config(
                         "step_tflops": timer.flops / step_s / 1e12})  # fmt: skip
     peak = timer.peak.peak if timer.peak is not None else None
     return {
-        "config": str(config), "family": family_of(parsed), "task": parsed["model"]["class_path"],
+        "config": str(config), "family": family, "task": parsed["model"]["class_path"],
         "datamodule": data_class, "data": data_note, "weights": "; ".join(weight_notes), "random_weights": llm_random,
         "batch": batch, "batch_source": "--batch_size" if batch_size else "config", "device": str(dev),
         "precision": precision, "params_trainable": trainable, "params_frozen": frozen, "flops_step": timer.flops,
