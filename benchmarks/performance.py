@@ -135,7 +135,7 @@ def _update(kind: str, config: str | None, row: dict | str | None, fresh: bool =
     import fcntl
 
     JSON.parent.mkdir(parents=True, exist_ok=True)
-    with open(JSON.with_suffix(".lock"), "w") as lock:
+    with open(Path(tempfile.gettempdir()) / "frozenlm-performance.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = {} if fresh or not JSON.exists() else json.loads(JSON.read_text())
         results.setdefault("timed", {})
