@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 EXTRAS ?= test,demo,video,robustness,pointcloud,motion,lora,uta,docs,gguf
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow test-all docs docs-serve cli-help notebooks demo sweep-demo sweep-learngene-demo bench clean \
+.PHONY: install test test-slow test-all docs docs-serve cli-help notebooks demo sweep-demo sweep-learngene-demo bench performance clean \
 	reproduce-mnist-evidence mnist-evidence-report mnist-data \
 	reproduce-cifar100 reproduce-cifar100-baseline \
 	reproduce-imagenet-vitt reproduce-imagenet-vitt-llama \
@@ -118,6 +118,11 @@ mnist-evidence-report: $(BIN)/frozenlm
 
 bench: $(BIN)/frozenlm
 	$(BIN)/frozenlm bench
+
+# Every family's training step against its FLOP ideal and every config's size and GPU estimates:
+# docs/performance/performance.json and docs/performance.md (resumable; about an hour on 2 shared cores).
+performance: $(BIN)/frozenlm
+	HF_HUB_OFFLINE=1 nice -n 10 $(BIN)/python benchmarks/performance.py
 
 # ---- Paper reproductions (need GPUs and the datasets; not run in CI). -------------------------
 # Point these at your copies; the LLaMA checkpoint may be a local Hugging Face folder or a hub id.

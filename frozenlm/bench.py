@@ -1,4 +1,5 @@
-"""`frozenlm bench`: speed of a frozen LM block's training step against its FLOP ideal.
+"""`frozenlm bench`: speed of a frozen LM block's training step against its FLOP ideal; with `--config`,
+of any config's whole training step (`frozenlm.bench_config`).
 
 The block (`Linear(in_dim -> d_llm)` -> frozen LM layer(s) -> `Linear(d_llm -> in_dim)`) is
 built with random weights from a config alone (`FrozenLMBlock.from_config`), so nothing is
@@ -15,7 +16,9 @@ A second table gives the parameters and forward FLOPs of the visual trunks the b
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -35,6 +38,14 @@ LLAMA_7B = SHAPES["llama-7b"]  # the default shape: the LM4VE block
 
 def bench(
     *,
+    config: str | None = None,
+    batch_size: int | None = None,
+    threads: list[int] | None = None,
+    llm_random: bool = False,
+    loader_batches: int = 5,
+    count_only: bool = False,
+    args: list[str] | None = None,
+    output: str | None = None,
     model_type: ModelType = "llama",
     hidden: int = LLAMA_7B.hidden,
     intermediate: int = LLAMA_7B.intermediate,
@@ -62,7 +73,23 @@ def bench(
     matmul of the same FLOPs and dtype measured in the same run, achieved TFLOP/s, their ratio and
     the step's peak memory. See the module docstring for how FLOPs are counted.
 
+    With ``config``, instead: one whole training step of that config (task and datamodule built as
+    ``frozenlm fit`` builds them) against a matmul of its FLOPs, at one and two threads, the loader's time
+    per batch with the config's workers, peak memory and parameter counts (:mod:`frozenlm.bench_config`
+    says how); the block options below are then unused, except ``device``, ``repeats``, ``warmup``.
+
     Args:
+        config: a trainer config (``configs/*.yaml``): bench its whole training step. Its dataset, where
+            absent, is replaced by the family's tiny generated data (:mod:`frozenlm.data.fake`).
+        batch_size: the batch with ``config`` (default: the config's ``data.batch_size``).
+        threads: CPU thread counts to time the step at, each against its own ideal (default ``[1, 2]``).
+        llm_random: with ``config``: random weights of the real shapes for every pretrained part (LM block,
+            METER's towers, teachers), nothing downloaded; the output says so.
+        loader_batches: with ``config``: batches the loader is timed over (after its first).
+        count_only: with ``config``: parameters, FLOPs and memory only (two untimed steps, no loader).
+        args: with ``config``: dotted overrides as ``frozenlm fit`` takes them, e.g.
+            ``'[--model.llm.checkpoint=/models/llama-7b]'``.
+        output: with ``config``: also write the row as JSON to this file.
         model_type: language-model family whose transformer layer is timed.
         hidden: hidden size `d_llm` of the LM layer (default LLaMA-7B's, as all shape defaults:
             `frozenlm.llm.families.SHAPES`).
@@ -108,6 +135,18 @@ def bench(
         From the command line: `frozenlm bench` (random weights of the LLaMA-7B block shape), or
         `frozenlm bench --help` for the shapes, dtypes and batch sizes it takes.
     """
+    if config is not None:
+        from frozenlm.bench_config import measure_config
+
+        row = measure_config(
+            config, batch_size=batch_size, threads=threads or [1, 2], repeats=repeats or 5, warmup=warmup or 2,
+            loader_batches=loader_batches, llm_random=llm_random, device=device, args=args or [], timed=not count_only,
+        )  # fmt: skip
+        if not quiet and not count_only:
+            print_config_table([row])
+        if output is not None:
+            write_atomically(output, json.dumps([row], indent=1) + "\n")
+        return [row]
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = dev.type == "cuda"
     batch = batch if batch is not None else (64 if on_gpu else 1)
@@ -254,6 +293,53 @@ def print_table(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> None:
     console.print(escape(_explanation(rows)), style="dim")
     for note in notes:
         console.print(escape(f"Note: {note}"), style="yellow")
+
+
+CONFIG_COLUMNS = ["family", "config", "batch", "trainable M", "frozen M", "GFLOP/sample", "threads",
+                  "step ms", "ideal ms", "step/ideal", "loader ms (workers)", "loader/step", "peak MiB"]  # fmt: skip
+
+
+def config_cells(row: dict[str, Any]) -> list[list[str]]:
+    """One line per thread count of a ``bench --config`` row (the row's own cells on its first)."""
+    lines = []
+    for i, t in enumerate(row["timings"]):
+        loader = f"{row['loader_ms']:.1f} ({row['loader_workers']})" if row["loader_ms"] is not None else "-"
+        share = f"{row['loader_per_step']:.2f}" if row["loader_per_step"] is not None else "-"
+        first = [row["family"], Path(row["config"]).stem, str(row["batch"]), f"{row['params_trainable'] / 1e6:.2f}",
+                 f"{row['params_frozen'] / 1e6:.2f}", f"{row['flops_per_sample'] / 1e9:.2f}"]  # fmt: skip
+        lines.append((first if i == 0 else [""] * len(first)) + [
+            str(t["threads"]), f"{t['step_ms']:.1f}", f"{t['ideal_ms']:.1f}", f"{t['ratio']:.2f}",
+            loader if i == 0 else "", share if i == 0 else "", f"{row['peak_mem_mib']:.0f}" if i == 0 else "",
+        ])  # fmt: skip
+    return lines
+
+
+def print_config_table(rows: list[dict[str, Any]]) -> None:
+    """Print ``bench --config`` rows, with what the figures mean and which weights and data they used."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"One training step (forward, backward, optimiser) on {rows[0]['device']}")
+    for column in CONFIG_COLUMNS:
+        table.add_column(column, justify="left" if column in ("family", "config") else "right")
+    for row in rows:
+        for cells in config_cells(row):
+            table.add_row(*cells)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    console.print(table)
+    console.print(escape(
+        "GFLOP/sample: the training step's matmul, convolution and attention FLOPs (forward + backward, "
+        "FlopCounterMode) / batch. step/ideal: median step time / median time of one matmul of the same FLOPs, "
+        "interleaved in the same run. loader: median time per batch of the training loader alone. peak: "
+        "the step's peak memory above what was held before it."
+    ), style="dim")  # fmt: skip
+    for row in rows:
+        for note in [f"data: {row['data']}", f"weights: {row['weights']}", *row["notes"]]:
+            style = "yellow" if "random" in note or "generated" in note else "dim"
+            console.print(escape(f"{Path(row['config']).stem}: {note}"), style=style)
 
 
 def _sig(value: float) -> str:

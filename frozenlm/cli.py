@@ -29,7 +29,7 @@ TRAINER_COMMANDS = {
     "predict": "predictions to a .csv or .json file (--predictions.output), written as batches finish",
 }
 EXTRA_COMMANDS = {
-    "bench": "a frozen LM block's training step: time, TFLOP/s and peak memory per dtype",
+    "bench": "a frozen LM block's training step per dtype; --config: any config's whole step vs its FLOP ideal",
     "export": "the plain ViT of a baseline or GCR checkpoint as .safetensors and its .json",
     "recompose": "a ViT of any depth from a decomposed (learngene) checkpoint's first genes",
     "rank-layers": "candidate LM layers ranked by linear CKA with the adjacent ViT block",
@@ -69,7 +69,10 @@ def run(args: list[str] | None = None) -> FrozenLMCLI | None:
 
         command = _extra_commands()[argv[0]]
         try:
-            auto_cli(command, args=argv[1:], as_positional=argv[0] == "prepare", prog=f"frozenlm {argv[0]}")
+            if argv[0] == "bench":  # its --config is a trainer config, not jsonargparse's config file
+                _run_function(command, argv[1:], prog="frozenlm bench")
+            else:
+                auto_cli(command, args=argv[1:], as_positional=argv[0] == "prepare", prog=f"frozenlm {argv[0]}")
         except FrozenLMError:  # the command's own one-line error (main prints it)
             raise
         except ValueError as error:
@@ -78,6 +81,16 @@ def run(args: list[str] | None = None) -> FrozenLMCLI | None:
             raise ConfigurationError(error_reason(error)) from error  # a class built from the arguments failed
         return None
     return run_trainer(args, parser_kwargs={"description": help_description(), "formatter_class": _HelpFormatter})
+
+
+def _run_function(function: Callable, args: list[str], prog: str) -> object:
+    """``function`` called with its arguments parsed from ``args`` (as ``auto_cli``, without ``--config``)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog=prog, description=(function.__doc__ or "").split("\n\n")[0], exit_on_error=True)
+    parser.add_function_arguments(function, as_group=False)
+    parsed = parser.instantiate(parser.parse_args(args))
+    return function(**{k: v for k, v in vars(parsed).items() if not k.startswith("__")})
 
 
 def main() -> None:

@@ -1,44 +1,10 @@
-"""Writes METER's two towers, tiny, in Hugging Face format: a CLIP vision transformer (32 px, patch 8,
-width 32) and a RoBERTa encoder (width 32) with a byte-level BPE tokenizer trained on the given texts.
-Random weights, seeded: the tests exercise loading and the model, not what pretrained towers know."""
-
-from __future__ import annotations
-
-import argparse
-from pathlib import Path
-
-import torch
-from tokenizers import ByteLevelBPETokenizer
-from transformers import CLIPVisionConfig, CLIPVisionModel, RobertaConfig, RobertaModel, RobertaTokenizer
-
-SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-
-
-def write(root: Path, texts: list[str], seed: int = 0) -> tuple[Path, Path]:
-    """``(vision folder, text folder)`` under ``root``."""
-    root = Path(root)
-    torch.manual_seed(seed)
-    vision = CLIPVisionModel(CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-        patch_size=8, projection_dim=32,
-    ))  # fmt: skip
-    vision.save_pretrained(root / "clip")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=300, min_frequency=1, special_tokens=SPECIAL_TOKENS)
-    (root / "bpe").mkdir(parents=True, exist_ok=True)
-    bpe.save_model(str(root / "bpe"))  # vocab.json and merges.txt (after a "#version" line)
-    merges = [tuple(line.split()) for line in (root / "bpe" / "merges.txt").read_text().splitlines()[1:] if line]
-    tokenizer = RobertaTokenizer(vocab=bpe.get_vocab(), merges=merges)
-    tokenizer.save_pretrained(root / "roberta")
-    text = RobertaModel(RobertaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
-    ), add_pooling_layer=False)  # fmt: skip
-    text.save_pretrained(root / "roberta")
-    return root / "clip", root / "roberta"
-
+"""Moved into the package as `frozenlm.data.fake.meter_towers` (so an installed frozenlm can write it, e.g. for
+`frozenlm bench --config` without the dataset); re-exported here for the tests. `python -m tests.data.meter.towers ROOT`
+runs `python -m frozenlm.data.fake.meter_towers ROOT`."""
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("root", type=Path, help="directory to write the towers into")
-    print(write(parser.parse_args().root, ["a red square", "what color is the circle?"]))
+    import runpy
+
+    runpy.run_module("frozenlm.data.fake.meter_towers", run_name="__main__")
+else:
+    from frozenlm.data.fake.meter_towers import *  # noqa: F403
