@@ -95,18 +95,40 @@ FAMILIES: dict[str, LMFamily] = {
         lora_attention=("attention.self.query", "attention.self.value"),
         lora_mlp=("intermediate.dense", "output.dense"), rotary=False, shape_keys=_SHAPE,
     ),  # fmt: skip
+    # Gemma 3's text layers (Gemma3ForCausalLM: 270M, 1B; the language model inside the multimodal 4B-27B):
+    # q/k norms, norms after attention and FFN as well as before them, RMSNorm scaling by (1 + w). Its
+    # sliding-window layers are windows over sequence positions: the block runs every layer as global
+    # attention over the visual tokens (no causal mask, no window).
+    "gemma3_text": _family("gemma3", "Gemma3DecoderLayer", attention_output=("pre_feedforward_layernorm", "input")),
+    "qwen3": _family("qwen3", "Qwen3DecoderLayer"),  # Qwen2 with q/k norms
+    # Phi-3 computes query, key and value with one fused map, and gate and up with another.
+    "phi3": _family("phi3", "Phi3DecoderLayer", lora_attention=("self_attn.qkv_proj",),
+                    lora_mlp=("mlp.gate_up_proj", "mlp.down_proj")),  # fmt: skip
+    # The language models inside Qwen2-VL / Qwen2.5-VL checkpoints (their text_config). Their M-RoPE (rotary
+    # over temporal, height and width sections) is computed outside the layer; the layer takes one (cos, sin)
+    # pair like LLaMA's, so the identity rotation is the same.
+    "qwen2_vl_text": _family("qwen2_vl", "Qwen2VLDecoderLayer"),
+    "qwen2_5_vl_text": _family("qwen2_5_vl", "Qwen2_5_VLDecoderLayer"),
 }
 
 
 def get_family(model_type: str) -> LMFamily:
-    """The family for a checkpoint's ``model_type``, or a clear error listing the supported ones."""
+    """The family for a language model's ``model_type``, or a clear error listing the supported ones."""
     try:
         return FAMILIES[model_type]
     except KeyError:
         raise ValueError(
             f"Unsupported language-model family model_type={model_type!r} in config.json; "
-            f"supported: {', '.join(sorted(FAMILIES))}."
+            f"supported: {', '.join(sorted(FAMILIES))}, and multimodal checkpoints (LLaVA, Qwen2-VL, Gemma 3 "
+            "...) whose language model is one of them."
         ) from None
+
+
+def text_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The language model's config inside a checkpoint's config: transformers' own accessor
+    (``get_text_config``), so LLaVA-style (``text_config``) and Qwen2-VL-style checkpoints give their
+    language model's config and a text-only one gives itself."""
+    return config.get_text_config()
 
 
 @dataclass(frozen=True)
