@@ -101,8 +101,8 @@ def prepare_smollm2(root: Path, source: Path | None) -> str:
 def prepare_gemma3(root: Path, source: Path | None) -> str:
     import hashlib
 
-    from frozenlm.files import atomic_path
-    from frozenlm.llm.gguf import _sha256, convert_gguf
+    from frozenlm.files import atomic_path, sha256_file
+    from frozenlm.llm.gguf import convert_gguf
 
     print(f"Gemma 3 270M: the Gemma Terms of Use apply ({GEMMA_TERMS}).", flush=True)
     output = root / GEMMA3_FOLDER
@@ -120,7 +120,7 @@ def prepare_gemma3(root: Path, source: Path | None) -> str:
                     part.unlink()
             found = digest.hexdigest()
         else:
-            found = _sha256(source)
+            found = sha256_file(source)
         if found != GEMMA3_SHA256:
             raise GGUFChecksumError(
                 f"{source} has sha256 {found[:16]}..., not {GEMMA3_FILE}'s {GEMMA3_SHA256[:16]}...: the file is damaged or "
