@@ -191,3 +191,21 @@ def test_multimodal_unsupported_language_model_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"model_type='gpt_neox'.*multimodal"):
         FrozenLMBlock.from_pretrained(str(tmp_path), [-1], in_dim=16)
+
+
+def test_the_docs_memory_table_is_computed_from_the_shapes():
+    """docs/frozen_block.md's per-layer memory: transformers' layer of each shape in SHAPES, counted."""
+    from frozenlm.llm.families import SHAPES
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "frozen_block.md").read_text()
+    section = page[page.index("## Choosing the block") :]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and " MiB |" in line]
+    documented = {int(line.split("|")[-4].strip().replace(",", "")): line for line in rows}
+    for name, shape in SHAPES.items():
+        count = shape.layer_parameters()
+        assert count in documented, f"{name}: {count:,} parameters per layer is not in the table"
+        cells = [cell.strip() for cell in documented[count].split("|")]
+        assert cells[-3:-1] == [f"{count * 4 / 2**20:.1f} MiB", f"{count * 2 / 2**20:.1f} MiB"], name
+        assert cells[2:9] == [shape.family, str(shape.hidden), str(shape.intermediate), str(shape.heads),
+                              str(shape.kv_heads), str(shape.head_dim or shape.hidden // shape.heads), str(shape.layers)]  # fmt: skip
+    assert len(rows) == len(SHAPES)
