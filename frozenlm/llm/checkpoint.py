@@ -20,6 +20,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
+from frozenlm.llm.families import text_config
+
 # Looked for in this order; the first present wins.
 WEIGHT_FILES = (
     "model.safetensors.index.json",
@@ -44,6 +46,8 @@ class LMCheckpoint:
         self.folder = local_folder(self.source)
         self._hub_files: set[str] | None = None
         self.config = self._load_config()
+        # The language model's config (a multimodal checkpoint's text_config; a text-only one's own).
+        self.text_config = text_config(self.config)
         self.weight_map = self._load_weight_map()
 
     def __repr__(self) -> str:
@@ -103,7 +107,11 @@ class LMCheckpoint:
         """The key prefix of the layer stack, e.g. `model.layers` in `model.layers.31.mlp.up_proj.weight`.
 
         Found from the keys rather than assumed, so `LlamaForCausalLM` (`model.layers`) and
-        `LlamaModel` (`layers`) checkpoints both work.
+        `LlamaModel` (`layers`) checkpoints both work, and so do multimodal ones: LLaVA's language
+        model is `model.language_model.layers` as transformers 5 saves it, `language_model.model.layers`
+        in older hub checkpoints, beside a vision tower that may also have a `layers` stack
+        (`model.vision_tower.encoder.layers`); when two stacks have the layer count, the one under a
+        `language_model` part is the language model's.
         """
         pattern = re.compile(rf"^((?:.+\.)?{re.escape(container)})\.(\d+)\.")
         counts: dict[str, set[int]] = defaultdict(set)
@@ -111,6 +119,8 @@ class LMCheckpoint:
             if match := pattern.match(key):
                 counts[match.group(1)].add(int(match.group(2)))
         full = [prefix for prefix, idx in counts.items() if len(idx) == num_layers]
+        if len(full) > 1:
+            full = [prefix for prefix in full if "language_model" in prefix.split(".")]
         if len(full) == 1:
             return full[0]
         found = {prefix: len(idx) for prefix, idx in counts.items()} or "none"

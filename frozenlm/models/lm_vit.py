@@ -66,6 +66,9 @@ class LMViT(nn.Module):
         self.config = config
         self.backbone = config.vit.create()
         depth, dim = len(self.backbone.blocks), self.backbone.embed_dim
+        if config.learngene is not None and config.vit.freeze_trunk:
+            raise ValueError("freeze_trunk freezes the ViT's own weights; a decomposed ViT (learngene) computes its "
+                             "blocks from genes: drop --model.freeze_trunk or --model.learngene.")  # fmt: skip
         self.learngenes = None if config.learngene is None else Learngenes(self.backbone.blocks, config.learngene)
         if not -depth <= config.llm_position < depth:
             raise IndexError(f"llm_position {config.llm_position} is out of range for a ViT with {depth} blocks.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import inspect
 import re
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import timm
 import torch
 from timm.models import VisionTransformer
 
+from frozenlm.files import sha256_file
 from frozenlm.models.config import FromHParams
 from frozenlm.models.patch_embed import CAPEConfig, PatchEmbedding, Stem
 
@@ -37,6 +39,12 @@ class ViTConfig(FromHParams):
         stem, stem_channels, stem_strides, stem_removed_blocks: the convolutional stem (see [`create_vit`][frozenlm.models.vit.create_vit]).
         pos_embed, cape: learned positions or CAPE.
         backbone_kwargs: any other timm `create_model` argument (`depth`, `embed_dim`...).
+        freeze_trunk: freeze the ViT's trunk (everything but its head): only the head, the last
+            `trainable_trunk_blocks` blocks, what `trainable_patterns` names and what is outside the ViT (the LM
+            block's adapters, an auxiliary head) train (see `freeze_trunk`).
+        trainable_trunk_blocks: with `freeze_trunk`, the last k blocks (and the final norm after them) still train.
+        trainable_patterns: with `freeze_trunk`, globs on the ViT's own parameter names (timm's: `pos_embed`,
+            `blocks.0.norm1.*`...) that still train.
     """
 
     backbone: str = "deit_small_patch16_224"
@@ -53,14 +61,69 @@ class ViTConfig(FromHParams):
     pos_embed: PosEmbed = "learn"
     cape: CAPEConfig | None = None
     backbone_kwargs: dict[str, Any] | None = None
+    freeze_trunk: bool = False
+    trainable_trunk_blocks: int = 0
+    trainable_patterns: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.freeze_trunk and (self.trainable_trunk_blocks or self.trainable_patterns):
+            raise ValueError("trainable_trunk_blocks / trainable_patterns choose what of a frozen trunk trains: "
+                             "set --model.freeze_trunk true with them.")  # fmt: skip
 
     def create(self) -> VisionTransformer:
-        """The timm ViT ([`create_vit`][frozenlm.models.vit.create_vit])."""
-        return create_vit(
+        """The timm ViT (`create_vit`), its trunk frozen with `freeze_trunk`."""
+        vit = create_vit(
             self.backbone, self.num_classes, img_size=self.img_size, patch_size=self.patch_size,
             drop_path_rate=self.drop_path_rate, pretrained=self.pretrained, pretrained_file=self.pretrained_file,
             **trunk_options(dataclasses.asdict(self)), **(self.backbone_kwargs or {}),
         )  # fmt: skip
+        if self.freeze_trunk:
+            freeze_trunk(vit, self.trainable_trunk_blocks, self.trainable_patterns, self.pretrained_file)
+        return vit
+
+
+@dataclass(frozen=True)
+class FrozenTrunk:
+    """What :func:`freeze_trunk` froze in a ViT (``vit.frozen_trunk``), for checkpoints: the frozen parameters'
+    names in the ViT, and the named file their weights came from (its path and SHA-256 when the ViT was built),
+    or None (timm's hub weights, or random ones: then the checkpoint keeps them)."""
+
+    names: tuple[str, ...]
+    pretrained_file: str | None = None
+    sha256: str | None = None
+
+
+def freeze_trunk(vit: VisionTransformer, trainable_blocks: int = 0, trainable_patterns: list[str] | None = None,
+                 pretrained_file: str | None = None) -> FrozenTrunk:  # fmt: skip
+    """Freeze a timm ViT's trunk in place: every parameter but the head's (``head.*``), the last
+    ``trainable_blocks`` blocks' and the final norm's after them (``norm.*``, ``fc_norm.*``, when
+    ``trainable_blocks`` > 0), and those matching a glob of ``trainable_patterns`` (on the ViT's own names,
+    ``fnmatch``-style). The optimizer never sees the frozen ones (it takes parameters that require grad);
+    checkpoints (:class:`frozenlm.llm.FrozenLMMixin`) leave them out when they come from ``pretrained_file``.
+    Sets and returns ``vit.frozen_trunk``."""
+    depth = len(vit.blocks)
+    if not 0 <= trainable_blocks <= depth:
+        raise ValueError(f"trainable_trunk_blocks {trainable_blocks} must be in [0, {depth}] for a ViT with {depth} blocks.")
+    names = [name for name, _ in vit.named_parameters()]
+    patterns = list(trainable_patterns or [])
+    unmatched = [pattern for pattern in patterns if not any(fnmatch.fnmatchcase(n, pattern) for n in names)]
+    if unmatched:
+        raise ValueError(
+            f"trainable_patterns {unmatched} match no parameter of the ViT; its names are timm's, e.g. "
+            f"{', '.join(names[:3])}, blocks.0.norm1.weight (globs: blocks.*.norm1.*)."
+        )
+    trainable = ["head."]
+    if trainable_blocks:
+        trainable += [f"blocks.{i}." for i in range(depth - trainable_blocks, depth)] + ["norm.", "fc_norm."]
+    frozen = []
+    for name, parameter in vit.named_parameters():
+        if name.startswith(tuple(trainable)) or any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            continue
+        parameter.requires_grad_(False)
+        frozen.append(name)
+    sha256 = sha256_file(pretrained_file) if pretrained_file is not None else None
+    vit.frozen_trunk = FrozenTrunk(tuple(frozen), pretrained_file, sha256)
+    return vit.frozen_trunk
 
 
 def create_vit(

@@ -38,6 +38,13 @@ class ImageClassifier(ClassificationTask):
         pretrained_file: start from timm weights in a local file.
         drop_path_rate: stochastic depth (DeiT: 0.1).
         backbone_kwargs: further timm `create_model` arguments (`depth`, `embed_dim`, ...).
+        freeze_trunk: freeze the ViT's trunk (a pretrained ViT kept as it is): only its head, the LM block's
+            adapters, GCR's auxiliary head, the last `trainable_trunk_blocks` blocks and what
+            `trainable_patterns` names train; the optimizer holds nothing else. Checkpoints leave the frozen
+            weights out when they come from `pretrained_file` (recording its SHA-256, checked on load).
+        trainable_trunk_blocks: with `freeze_trunk`: the last k ViT blocks (and the final norm) still train.
+        trainable_patterns: with `freeze_trunk`: globs on the ViT's own parameter names (`pos_embed`,
+            `blocks.*.norm1.*`) that still train.
         stem: `patch` (the ViT's patchify convolution) or `conv`: a convolutional stem (Xiao et
             al., NeurIPS 2021) of 3x3 convolutions + BatchNorm + ReLU and a 1x1 convolution, with
             `stem_removed_blocks` fewer transformer blocks (see [`create_vit`][frozenlm.models.create_vit]).
@@ -93,6 +100,9 @@ class ImageClassifier(ClassificationTask):
         pretrained_file: str | None = None,
         drop_path_rate: float = 0.1,
         backbone_kwargs: dict[str, Any] | None = None,
+        freeze_trunk: bool = False,
+        trainable_trunk_blocks: int = 0,
+        trainable_patterns: list[str] | None = None,
         stem: Stem = "patch",
         stem_channels: list[int] | None = None,
         stem_strides: list[int] | None = None,
