@@ -1,18 +1,18 @@
-"""Data loading throughput of each shipped pipeline, for sizing ``--data.num_workers``.
+"""Data loading throughput of each shipped pipeline, for sizing `--data.num_workers`.
 
 For the image (ImageNet, DeiT-S config), video (SSv2, VideoMAE-S), point-cloud (ScanObjectNN hardest,
 Point-BERT) and motion (Argoverse 2, VectorNet) configs, the config's own datamodule (its transforms,
 batch size and collation) reads a training epoch of data written in the real on-disk format by the test
-suite's writers, with 0 workers (the main process) and with 1 .. ``--workers`` loader processes; the
+suite's writers, with 0 workers (the main process) and with 1 .. `--workers` loader processes; the
 table gives samples per second and samples per second per worker. All in one run, so the figures
 compare with each other; absolute numbers depend on the CPU.
 
-A GPU running ``S`` samples/s (the progress bar's it/s x the batch size) needs about ``S / per-worker``
+A GPU running `S` samples/s (the progress bar's it/s x the batch size) needs about `S / per-worker`
 workers per process to never wait for data, plus headroom. The generated data is not real data:
 JPEGs of random noise (costlier to decode than photos), SSv2-sized videos (240 x 427, 45 frames) of a
 moving square (cheaper to decode than real footage), ellipsoid clouds (the decode is an array read
 either way) and the test writer's small Argoverse 2 scenes (preprocessed once into the cache, as in
-training; real scenes hold more agents and lanes). Point ``--root-<pipeline>`` at real data for
+training; real scenes hold more agents and lanes). Point `--root-<pipeline>` at real data for
 real figures::
 
     python benchmarks/loader_throughput.py [--workers 2] [--only image video] [--markdown docs/benchmarks/loader_throughput.md]
@@ -50,7 +50,7 @@ PIPELINES = {
 
 
 def datamodule(config: str, root: Path, workers: int):
-    """The config's datamodule, with ``root`` and ``workers``."""
+    """The config's datamodule, with `root` and `workers`."""
     data = yaml.safe_load((REPO / "configs" / config).read_text())["data"]
     module, name = data["class_path"].rsplit(".", 1)
     kwargs = {**data.get("init_args", {}), "root": str(root), "num_workers": workers, "pin_memory": False}

@@ -1,24 +1,24 @@
 """Measure the memory of loading one frozen layer from a large sharded checkpoint.
 
-Claim under test: ``FrozenLMBlock.from_pretrained(dir, [-1], ...)`` reads only the chosen layer's
+Claim under test: `FrozenLMBlock.from_pretrained(dir, [-1], ...)` reads only the chosen layer's
 tensors, so its peak memory tracks one layer, not the checkpoint (the reference code loads the
 whole 13.5 GB LLaMA checkpoint to take one 0.4 GB layer).
 
 What it does, without any download:
 
-1. Writes a LLaMA-shaped ``LlamaForCausalLM`` checkpoint with random bf16 weights (default: LLaMA-7B
+1. Writes a LLaMA-shaped `LlamaForCausalLM` checkpoint with random bf16 weights (default: LLaMA-7B
    layer shapes, hidden 4096 / FFN 11008 / vocab 32000, but 8 layers instead of 32: ~3.8 GB) into a
-   temporary folder (or ``--dir``), sharded like the Hugging Face hub's files
-   (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``).
+   temporary folder (or `--dir`), sharded like the Hugging Face hub's files
+   (`model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`).
 2. In a fresh Python process per measurement, imports everything first, takes the resident set
-   size (RSS) as baseline, resets the kernel's RSS high-water mark (``/proc/self/clear_refs``;
-   falls back to ``ru_maxrss``), loads, and reports the peak RSS above the baseline and the RSS
+   size (RSS) as baseline, resets the kernel's RSS high-water mark (`/proc/self/clear_refs`;
+   falls back to `ru_maxrss`), loads, and reports the peak RSS above the baseline and the RSS
    still held afterwards.
-3. Does the same for a ``pytorch_model-*.bin`` variant (written after the safetensors one is
-   deleted, so only one copy is on disk at a time) unless ``--no-bin``.
-4. For comparison (``--no-naive`` skips it), measures loading the whole ``.bin`` checkpoint the way
-   the reference code does: ``torch.load`` of every file (no mmap), which materialises all of it.
-   (``safetensors.torch.load_file`` is lazy, memory-mapped, so loading every shard with it costs
+3. Does the same for a `pytorch_model-*.bin` variant (written after the safetensors one is
+   deleted, so only one copy is on disk at a time) unless `--no-bin`.
+4. For comparison (`--no-naive` skips it), measures loading the whole `.bin` checkpoint the way
+   the reference code does: `torch.load` of every file (no mmap), which materialises all of it.
+   (`safetensors.torch.load_file` is lazy, memory-mapped, so loading every shard with it costs
    no resident memory until the tensors are read; it makes no useful comparison row.)
 
 It prints a markdown table of the measured figures only (nothing is extrapolated to 32 layers).
@@ -53,7 +53,7 @@ GB = 1e9
 # writing the checkpoint
 # --------------------------------------------------------------------------------------------
 def tensor_shapes(hidden: int, intermediate: int, layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
-    """``LlamaForCausalLM`` state-dict names and shapes (multi-head attention, as LLaMA-7B)."""
+    """`LlamaForCausalLM` state-dict names and shapes (multi-head attention, as LLaMA-7B)."""
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}"
@@ -70,7 +70,7 @@ def tensor_shapes(hidden: int, intermediate: int, layers: int, vocab: int) -> di
 
 
 def plan_shards(shapes: dict[str, tuple[int, ...]], shard_bytes: float, itemsize: int = 2) -> list[list[str]]:
-    """Group tensors, in order, into shards of at most ``shard_bytes`` (like ``save_pretrained``)."""
+    """Group tensors, in order, into shards of at most `shard_bytes` (like `save_pretrained`)."""
     shards: list[list[str]] = [[]]
     size = 0
     for name, shape in shapes.items():
@@ -136,7 +136,7 @@ def disk_bytes(folder: Path) -> int:
 # measuring, in a fresh process
 # --------------------------------------------------------------------------------------------
 def child(folder: str, how: str) -> None:
-    """Load from ``folder`` the way ``how`` says and print one JSON line of memory figures."""
+    """Load from `folder` the way `how` says and print one JSON line of memory figures."""
     import resource
 
     import psutil

@@ -3,21 +3,21 @@ against its FLOP ideal.
 
 All in one run and one process:
 
-* ``preprocess``: scenes per second turned from Argoverse 2 files (parquet + map JSON, read with av2)
-  into cached tensors, by ``--workers`` loader processes (the datamodule's own preprocessing);
-* ``load``: ms per batch of ``--batch`` cached scenes through the DataLoader and collation (what a
+* `preprocess`: scenes per second turned from Argoverse 2 files (parquet + map JSON, read with av2)
+  into cached tensors, by `--workers` loader processes (the datamodule's own preprocessing);
+* `load`: ms per batch of `--batch` cached scenes through the DataLoader and collation (what a
   training step waits for when the loader does not keep up), and the fraction of the batch's vector
   slots that hold real vectors (agents and map polylines are padded apart, each to its own longest);
-* ``step``: MotionForecaster's forward + backward on that batch (``--llm``: with a frozen
-  LLaMA-7B-shaped layer over all tokens, random weights), and ``ideal``: one ``torch.matmul`` of the
-  step's FLOPs (PyTorch's ``FlopCounterMode``), timed in turns with the step (step, matmul, step, ...;
-  the medians of ``--repeats`` each after a warm-up), at each of ``--threads`` CPU thread counts.
+* `step`: MotionForecaster's forward + backward on that batch (`--llm`: with a frozen
+  LLaMA-7B-shaped layer over all tokens, random weights), and `ideal`: one `torch.matmul` of the
+  step's FLOPs (PyTorch's `FlopCounterMode`), timed in turns with the step (step, matmul, step, ...;
+  the medians of `--repeats` each after a warm-up), at each of `--threads` CPU thread counts.
 
-Without ``--root`` it writes ``--scenes`` synthetic scenarios in the official layout (the test suite's
+Without `--root` it writes `--scenes` synthetic scenarios in the official layout (the test suite's
 writer: 3 agents and ~15 lanes per scene, smaller than real Argoverse 2 scenes, which hold tens of
-agents and lanes); point ``--root`` at real data for real figures, or ``--scenario`` at one real
-scenario's folder (its ``scenario_<id>.parquet`` and ``log_map_archive_*.json``, e.g. the one in the
-av2-api repository's ``tests/unit/test_data/forecasting_scenarios/``) to time a batch of ``--batch``
+agents and lanes); point `--root` at real data for real figures, or `--scenario` at one real
+scenario's folder (its `scenario_<id>.parquet` and `log_map_archive_*.json`, e.g. the one in the
+av2-api repository's `tests/unit/test_data/forecasting_scenarios/`) to time a batch of `--batch`
 copies of it under as many scenario ids::
 
     python benchmarks/motion_step.py [--root <argoverse2> | --scenario <folder>] [--threads 1,2] [--device cuda] [--llm]
@@ -114,8 +114,8 @@ def main() -> None:
 
 
 def copy_scenario(folder: Path, root: Path, copies: int) -> Path:
-    """An Argoverse 2 root whose train split holds ``copies`` copies of the scenario in ``folder``, each under
-    its own id (``copy-0000``, ...): a batch of real scene sizes from the one scenario at hand."""
+    """An Argoverse 2 root whose train split holds `copies` copies of the scenario in `folder`, each under
+    its own id (`copy-0000`, ...): a batch of real scene sizes from the one scenario at hand."""
     parquet = next(folder.glob("scenario_*.parquet"), None)
     maps = sorted(folder.glob("log_map_archive_*.json"))
     if parquet is None or not maps:

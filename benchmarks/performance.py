@@ -2,15 +2,15 @@
 
     python benchmarks/performance.py            # or: make performance
 
-1. ``frozenlm bench --config C --llm_random`` for each family's representative config(s) (:data:`TIMED`),
+1. `frozenlm bench --config C --llm_random` for each family's representative config(s) (`TIMED`),
    each in its own process (so one's memory cannot raise another's high-water mark): one and two threads,
    the median of 5 timed steps after warm-up, step and ideal interleaved in the same run.
-2. ``frozenlm bench --config C --llm_random --count_only --batch_size 1`` for every ``configs/*.yaml``:
+2. `frozenlm bench --config C --llm_random --count_only --batch_size 1` for every `configs/*.yaml`:
    parameters, training-step FLOPs and the activations saved for backward, per sample.
 
-Both go into ``docs/performance/performance.json`` (written after each config, so a run that stops
-resumes where it stopped; ``--fresh`` starts over), and from it ``docs/performance.md`` (the timed table and
-the GPU memory and epoch-time estimates of every config) is written. ``--render`` only rewrites the page.
+Both go into `docs/performance/performance.json` (written after each config, so a run that stops
+resumes where it stopped; `--fresh` starts over), and from it `docs/performance.md` (the timed table and
+the GPU memory and epoch-time estimates of every config) is written. `--render` only rewrites the page.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ USABLE = 0.9  # the share of a GPU's memory the estimate allows a run (CUDA cont
 
 
 def bench(config: str, batch: int | None, count_only: bool, out: Path) -> dict | str:
-    """One ``frozenlm bench --config`` row in a fresh process, or the last line of its error."""
+    """One `frozenlm bench --config` row in a fresh process, or the last line of its error."""
     command = [sys.executable, "-m", "frozenlm.cli", "bench", "--config", f"configs/{config}.yaml",
                "--llm_random", "true", "--quiet", "true", "--output", str(out), "--warmup", "1"]  # fmt: skip
     command += ["--threads", json.dumps(list(THREADS))]
@@ -111,7 +111,7 @@ def bench(config: str, batch: int | None, count_only: bool, out: Path) -> dict |
 
 
 def count(config: str) -> dict | str:
-    """A ``--count_only`` row, in this process (counts and saved activations do not depend on the process)."""
+    """A `--count_only` row, in this process (counts and saved activations do not depend on the process)."""
     import contextlib
     import io
 
@@ -131,7 +131,7 @@ def count(config: str) -> dict | str:
 
 
 def _update(kind: str, config: str | None, row: dict | str | None, fresh: bool = False) -> dict:
-    """The JSON with ``row`` set (read, changed and written under a lock: the two phases may run at once)."""
+    """The JSON with `row` set (read, changed and written under a lock: the two phases may run at once)."""
     import fcntl
 
     JSON.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +197,7 @@ def _recipe(config: str) -> tuple[int, int, str]:
 
 
 def memory_at(row: dict, batch: int) -> float:
-    """Estimated training memory (bytes) at ``batch``: weights + gradients + optimiser state + the measured
+    """Estimated training memory (bytes) at `batch`: weights + gradients + optimiser state + the measured
     saved activations per sample x batch."""
     fixed = (row["weights_mib"] + row["grads_mib"] + 2 * row["params_trainable"] * 4 / 2**20) * 2**20
     return fixed + row["activation_mib_per_sample"] * 2**20 * batch

@@ -1,23 +1,23 @@
 """The point ops' share of a PointNet++ backbone step at SQA3D's input size (40,000 points per scene).
 
-ScanQA's detector backbone (VoteNet's PointNet++, sizes from SQA3D's ``ScanQA/``): four set-abstraction
+ScanQA's detector backbone (VoteNet's PointNet++, sizes from SQA3D's `ScanQA/`): four set-abstraction
 layers (points / radius / nsample: 2048 / 0.2 / 64, 1024 / 0.4 / 32, 512 / 0.8 / 16, 256 / 1.2 / 16; MLPs
 [c,64,64,128], [128,128,256] x 3, +3 xyz each, xyz / radius) and two feature-propagation layers
 ([512,256,256] each). The backbone is built here from those sizes (1x1 convs without bias, BN, ReLU,
-max over each ball) around :mod:`frozenlm.models.point_ops`; its forward + backward is the step, and the
+max over each ball) around `frozenlm.models.point_ops`; its forward + backward is the step, and the
 ops are timed inside it:
 
-* ``fps``: FPS of each SA layer (the loop; on the CPU also through ``fpsample``, as the model would use);
-* ``ball_query``: the ball queries and grouping (gathers) of each SA layer;
-* ``three_nn``: three_nn + interpolation of the FP layers;
-* ``step``: the backbone's forward + backward (the ops included; FPS through the default path).
+* `fps`: FPS of each SA layer (the loop; on the CPU also through `fpsample`, as the model would use);
+* `ball_query`: the ball queries and grouping (gathers) of each SA layer;
+* `three_nn`: three_nn + interpolation of the FP layers;
+* `step`: the backbone's forward + backward (the ops included; FPS through the default path).
 
 One JSON line per batch size. Ratios are the point: absolute times depend on the machine. One thread
 for stable numbers::
 
     OMP_NUM_THREADS=1 python benchmarks/point_ops.py [--device cpu|cuda] [--batches 2,8] [--points 40000]
 
-``--model scanqa`` times the whole ScanQA model instead (:class:`frozenlm.models.ScanQA` at the reference's
+`--model scanqa` times the whole ScanQA model instead (`frozenlm.models.ScanQA` at the reference's
 sizes, 706 answers, no frozen block; its answer, situation and box outputs summed as the loss): the step is
 its forward + backward, the ops are timed by wrapping the point-op functions the model module calls (FPS of
 the four SA layers and of the vote aggregation, ball query + grouping, three_nn + interpolation, gathers of
@@ -49,7 +49,7 @@ def mlp(sizes: list[int], conv: type) -> nn.Sequential:
 
 
 class Backbone(nn.Module):
-    """PointNet++ as VoteNet / ScanQA size it, on point_ops; ``timings`` accumulates the ops' seconds."""
+    """PointNet++ as VoteNet / ScanQA size it, on point_ops; `timings` accumulates the ops' seconds."""
 
     def __init__(self, in_features: int = 4, scale: float = 1.0) -> None:
         super().__init__()
@@ -118,8 +118,8 @@ def measure_scanqa(
     batch: int, points: int, device: torch.device, repeats: int, cpu_clock: bool = False, **config: object
 ) -> dict[str, float]:
     """The full ScanQA model's forward + backward, and the point ops' seconds inside it (see the module's notes).
-    ``cpu_clock``: the process's CPU seconds instead of wall seconds (on a CPU shared with other processes, with
-    one thread), for the step and the ops alike. ``config``: ScanQAConfig fields to change (a tiny run)."""
+    `cpu_clock`: the process's CPU seconds instead of wall seconds (on a CPU shared with other processes, with
+    one thread), for the step and the ops alike. `config`: ScanQAConfig fields to change (a tiny run)."""
     from frozenlm.models import scanqa
 
     clock = time.process_time if cpu_clock else time.perf_counter

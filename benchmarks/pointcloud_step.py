@@ -4,18 +4,18 @@ against its FLOP ideal.
 For each setting (default: batch 32 at 1,024 points / 64 groups and at 8,192 points / 512 groups, as
 Point-BERT's ModelNet40 configs), all in one run and one process, interleaved:
 
-* ``fps_loop`` / ``fps_fpsample``: FPS of the group centres with the plain-PyTorch loop and with the
-  ``fpsample`` package (same indices), side by side;
-* ``grouping``: FPS + kNN + gathering, as the model runs it (``fpsample`` on the CPU when installed);
-* ``sampling``: the datamodule's training sampling of the batch (FPS to ``num_points x 75/64``, random
+* `fps_loop` / `fps_fpsample`: FPS of the group centres with the plain-PyTorch loop and with the
+  `fpsample` package (same indices), side by side;
+* `grouping`: FPS + kNN + gathering, as the model runs it (`fpsample` on the CPU when installed);
+* `sampling`: the datamodule's training sampling of the batch (FPS to `num_points x 75/64`, random
   subset, scale and translate), done on the device before the step;
-* ``step``: the full-size Point-BERT classifier's forward + backward (grouping included), and
-  ``ideal``: one ``torch.matmul`` of the step's matmul/conv FLOPs (counted by PyTorch's
-  ``FlopCounterMode``), timed in turns with the step (step, matmul, step, ...; the medians of
-  ``--repeats`` each after a warm-up). ``--llm`` adds a frozen LLaMA-7B-shaped layer (random
+* `step`: the full-size Point-BERT classifier's forward + backward (grouping included), and
+  `ideal`: one `torch.matmul` of the step's matmul/conv FLOPs (counted by PyTorch's
+  `FlopCounterMode`), timed in turns with the step (step, matmul, step, ...; the medians of
+  `--repeats` each after a warm-up). `--llm` adds a frozen LLaMA-7B-shaped layer (random
   weights, fp32) inline, as LM4VE.
 
-Ratios are the point: absolute times depend on the machine. ``--threads`` sets the CPU thread counts
+Ratios are the point: absolute times depend on the machine. `--threads` sets the CPU thread counts
 (one row each; one thread gives the most stable numbers)::
 
     python benchmarks/pointcloud_step.py [--threads 1] [--settings 8192:512] [--device cpu|cuda] [--llm] [--repeats 5]

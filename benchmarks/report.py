@@ -1,4 +1,4 @@
-"""What a benchmark script reports: lines printed as they come and, with ``--markdown PATH``, written to a
+"""What a benchmark script reports: lines printed as they come and, with `--markdown PATH`, written to a
 Markdown file at the end, which the documentation includes as it is (so no figure there is typed by hand)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from frozenlm.files import write_atomically
 
 
 class Report:
-    """``line(text)`` prints and keeps ``text``; ``save()`` writes the kept lines to ``path`` (if any)."""
+    """`line(text)` prints and keeps `text`; `save()` writes the kept lines to `path` (if any)."""
 
     def __init__(self, path: Path | None) -> None:
         self.path, self.lines = path, []

@@ -1,8 +1,8 @@
 """UTA in miniature, offline on 2 CPU cores: does a student aligned to a teacher's tokens inherit its zero-shot
 ability? A tiny CLIP is first trained contrastively on scikit-learn's digits with captions made of their
 class names ("a photo of the seven."); a ViT student is then aligned to it on the digits' unmasked patches
-(``configs/demo_uta.yaml`` at 32 px), and both are scored zero-shot on the held-out digits after each epoch.
-Writes ``results.json``, ``results.md`` and ``results.png`` (zero-shot accuracy per epoch) to ``--output``::
+(`configs/demo_uta.yaml` at 32 px), and both are scored zero-shot on the held-out digits after each epoch.
+Writes `results.json`, `results.md` and `results.png` (zero-shot accuracy per epoch) to `--output`::
 
     python benchmarks/uta_miniature.py [--epochs 20] [--output docs/uta_miniature]
 """

@@ -4,19 +4,19 @@ Claim under test: the frozen block runs its attention with PyTorch's scaled-dot-
 (SDPA) kernels, which never materialise the 32 x 1568 x 1568 attention matrix, so a 16-frame 224 px
 VideoMAE clip (8 x 14 x 14 = 1568 tokens of width 384) fits through a 4096-wide block.
 
-What it does, without any download: builds ``FrozenLMBlock.from_config`` with a LLaMA-7B layer's
+What it does, without any download: builds `FrozenLMBlock.from_config` with a LLaMA-7B layer's
 shapes (hidden 4096, SwiGLU 11008, 32 heads) and random weights (bf16 by default), adapters for width
 384, then, in a fresh process per measurement, runs forward + backward (to the input tokens and the
 trainable adapters, as in training; the LM layer is frozen) on one clip (under bf16 autocast for bf16
-weights), twice: with the default SDPA kernels and with SDPA forced to its ``math`` backend, which
+weights), twice: with the default SDPA kernels and with SDPA forced to its `math` backend, which
 does materialise the matrix. CPUs without native bf16 (no AVX512-BF16/AMX) run bf16 matrix products
-hundreds of times slower than fp32: measure with ``--dtype float32`` there.
+hundreds of times slower than fp32: measure with `--dtype float32` there.
 It prints the peak memory above the baseline (weights and input already resident) and, for
 comparison, the size of one materialised attention matrix.
 
-Memory: on CPU the kernel's resident-set high-water mark (``VmHWM`` in /proc/self/status, reset with
-``/proc/self/clear_refs`` just before the run; Linux only); on CUDA
-``torch.cuda.max_memory_allocated``. tracemalloc is not used: it sees only Python's allocator, not
+Memory: on CPU the kernel's resident-set high-water mark (`VmHWM` in /proc/self/status, reset with
+`/proc/self/clear_refs` just before the run; Linux only); on CUDA
+`torch.cuda.max_memory_allocated`. tracemalloc is not used: it sees only Python's allocator, not
 PyTorch's tensor memory.
 
     python benchmarks/video_block_memory.py [--device cpu|cuda] [--dtype bfloat16|float32] [--tokens 1568] [--clips 1]

@@ -73,23 +73,23 @@ def bench(
     matmul of the same FLOPs and dtype measured in the same run, achieved TFLOP/s, their ratio and
     the step's peak memory. See the module docstring for how FLOPs are counted.
 
-    With ``config``, instead: one whole training step of that config (task and datamodule built as
-    ``frozenlm fit`` builds them) against a matmul of its FLOPs, at one and two threads, the loader's time
-    per batch with the config's workers, peak memory and parameter counts (:mod:`frozenlm.bench_config`
-    says how); the block options below are then unused, except ``device``, ``repeats``, ``warmup``.
+    With `config`, instead: one whole training step of that config (task and datamodule built as
+    `frozenlm fit` builds them) against a matmul of its FLOPs, at one and two threads, the loader's time
+    per batch with the config's workers, peak memory and parameter counts (`frozenlm.bench_config`
+    says how); the block options below are then unused, except `device`, `repeats`, `warmup`.
 
     Args:
-        config: a trainer config (``configs/*.yaml``): bench its whole training step. Its dataset, where
-            absent, is replaced by the family's tiny generated data (:mod:`frozenlm.data.fake`).
-        batch_size: the batch with ``config`` (default: the config's ``data.batch_size``).
-        threads: CPU thread counts to time the step at, each against its own ideal (default ``[1, 2]``).
-        llm_random: with ``config``: random weights of the real shapes for every pretrained part (LM block,
+        config: a trainer config (`configs/*.yaml`): bench its whole training step. Its dataset, where
+            absent, is replaced by the family's tiny generated data (`frozenlm.data.fake`).
+        batch_size: the batch with `config` (default: the config's `data.batch_size`).
+        threads: CPU thread counts to time the step at, each against its own ideal (default `[1, 2]`).
+        llm_random: with `config`: random weights of the real shapes for every pretrained part (LM block,
             METER's towers, teachers), nothing downloaded; the output says so.
-        loader_batches: with ``config``: batches the loader is timed over (after its first).
-        count_only: with ``config``: parameters, FLOPs and memory only (two untimed steps, no loader).
-        args: with ``config``: dotted overrides as ``frozenlm fit`` takes them, e.g.
-            ``'[--model.llm.checkpoint=/models/llama-7b]'``.
-        output: with ``config``: also write the row as JSON to this file.
+        loader_batches: with `config`: batches the loader is timed over (after its first).
+        count_only: with `config`: parameters, FLOPs and memory only (two untimed steps, no loader).
+        args: with `config`: dotted overrides as `frozenlm fit` takes them, e.g.
+            `'[--model.llm.checkpoint=/models/llama-7b]'`.
+        output: with `config`: also write the row as JSON to this file.
         model_type: language-model family whose transformer layer is timed.
         hidden: hidden size `d_llm` of the LM layer (default LLaMA-7B's, as all shape defaults:
             `frozenlm.llm.families.SHAPES`).
@@ -300,7 +300,7 @@ CONFIG_COLUMNS = ["family", "config", "batch", "trainable M", "frozen M", "GFLOP
 
 
 def config_cells(row: dict[str, Any]) -> list[list[str]]:
-    """One line per thread count of a ``bench --config`` row (the row's own cells on its first)."""
+    """One line per thread count of a `bench --config` row (the row's own cells on its first)."""
     lines = []
     for i, t in enumerate(row["timings"]):
         loader = f"{row['loader_ms']:.1f} ({row['loader_workers']})" if row["loader_ms"] is not None else "-"
@@ -315,7 +315,7 @@ def config_cells(row: dict[str, Any]) -> list[list[str]]:
 
 
 def print_config_table(rows: list[dict[str, Any]]) -> None:
-    """Print ``bench --config`` rows, with what the figures mean and which weights and data they used."""
+    """Print `bench --config` rows, with what the figures mean and which weights and data they used."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table

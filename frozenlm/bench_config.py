@@ -1,28 +1,28 @@
-"""``frozenlm bench --config``: one whole training step of any config, against its FLOP ideal.
+"""`frozenlm bench --config`: one whole training step of any config, against its FLOP ideal.
 
-The task and datamodule are built from the config by the same LightningCLI as ``frozenlm fit``
-(:class:`frozenlm.trainer_cli.FrozenLMCLI`, ``run=False``) and trained by a Lightning ``Trainer`` for a
-few steps; a callback times each step from ``on_train_batch_start`` to ``on_train_batch_end`` (forward,
+The task and datamodule are built from the config by the same LightningCLI as `frozenlm fit`
+(`frozenlm.trainer_cli.FrozenLMCLI`, `run=False`) and trained by a Lightning `Trainer` for a
+few steps; a callback times each step from `on_train_batch_start` to `on_train_batch_end` (forward,
 backward, gradient clipping, optimiser step), plus the datamodule's and the task's
-``on_after_batch_transfer`` (device-side work such as point sampling and augmentation). The loader is
-kept out of the step (``num_workers`` 0 while stepping: a batch is read between two timed steps) and
+`on_after_batch_transfer` (device-side work such as point sampling and augmentation). The loader is
+kept out of the step (`num_workers` 0 while stepping: a batch is read between two timed steps) and
 timed on its own afterwards, with the config's workers.
 
-Protocol: the config's batch (or ``batch_size``); the first step is run under
-:func:`frozenlm.measure.flop_counter` (matmuls, convolutions and attention, forward and backward, as
-PyTorch's ``FlopCounterMode`` counts them; not timed); ``warmup`` untimed steps (the peak memory is
-measured over the last); then, for each thread count, one untimed step and ``repeats`` timed steps, each
-followed by the ideal: one plain ``torch.matmul`` ``[m, n] @ [n, n].T`` of the same FLOPs in the
-step's compute dtype (:func:`frozenlm.measure.ideal_operands`), timed right after it so both see the
-same machine load. ``ratio`` = median step / median ideal.
+Protocol: the config's batch (or `batch_size`); the first step is run under
+`frozenlm.measure.flop_counter` (matmuls, convolutions and attention, forward and backward, as
+PyTorch's `FlopCounterMode` counts them; not timed); `warmup` untimed steps (the peak memory is
+measured over the last); then, for each thread count, one untimed step and `repeats` timed steps, each
+followed by the ideal: one plain `torch.matmul` `[m, n] @ [n, n].T` of the same FLOPs in the
+step's compute dtype (`frozenlm.measure.ideal_operands`), timed right after it so both see the
+same machine load. `ratio` = median step / median ideal.
 
-Where the config's dataset is absent, :data:`DATASETS` names the tiny generated dataset of its
-datamodule (:mod:`frozenlm.data.fake`), written to a temporary folder. ``llm_random`` builds every
-pretrained part of the real shape with random weights, offline: the frozen LM block (``llm.init:
-random`` from the checkpoint's ``config.json``, or :data:`HUB_SHAPES` for a hub id not on this machine),
+Where the config's dataset is absent, `DATASETS` names the tiny generated dataset of its
+datamodule (`frozenlm.data.fake`), written to a temporary folder. `llm_random` builds every
+pretrained part of the real shape with random weights, offline: the frozen LM block (`llm.init:
+random` from the checkpoint's `config.json`, or `HUB_SHAPES` for a hub id not on this machine),
 METER's towers, UTA's CLIP teacher and DeiT-distillation teachers. The output says so.
 
-A new family is one entry in :data:`TASK_FAMILIES` (its task class) and one in :data:`DATASETS` (its
+A new family is one entry in `TASK_FAMILIES` (its task class) and one in `DATASETS` (its
 datamodule's generated data).
 """
 
@@ -63,8 +63,8 @@ TASK_FAMILIES = {
 
 @dataclass(frozen=True)
 class FakeData:
-    """A datamodule's generated stand-in: ``writer`` (``module:function`` in :mod:`frozenlm.data.fake`),
-    ``counts(n)`` its keyword arguments for at least ``n`` training samples, and ``overrides``: data settings
+    """A datamodule's generated stand-in: `writer` (`module:function` in `frozenlm.data.fake`),
+    `counts(n)` its keyword arguments for at least `n` training samples, and `overrides`: data settings
     the tiny set needs (e.g. a smaller held-out split)."""
 
     writer: str
@@ -128,7 +128,7 @@ RESULT_KEYS = (
 
 
 def family_of(config: dict[str, Any]) -> str:
-    """The family of a parsed config: its task's (:data:`TASK_FAMILIES`) with the variant that sets it apart
+    """The family of a parsed config: its task's (`TASK_FAMILIES`) with the variant that sets it apart
     (CAPE, convolutional stem, LoRA, learngene, GCR)."""
     task = config["model"]["class_path"]
     name = TASK_FAMILIES.get(task, task.rsplit(".", 1)[-1])
@@ -162,8 +162,8 @@ def machine() -> dict[str, Any]:
 
 
 def _llm_config_folder(checkpoint: str | None, folder: Path) -> tuple[str | None, str | None]:
-    """``(checkpoint to use, note)`` for random LM weights: the checkpoint itself when its config.json is on
-    this machine, else a folder with the config.json of its known shape (:data:`HUB_SHAPES`)."""
+    """`(checkpoint to use, note)` for random LM weights: the checkpoint itself when its config.json is on
+    this machine, else a folder with the config.json of its known shape (`HUB_SHAPES`)."""
     from frozenlm.llm.checkpoint import LMCheckpoint
 
     if not checkpoint:
@@ -183,7 +183,7 @@ def _llm_config_folder(checkpoint: str | None, folder: Path) -> tuple[str | None
 
 def write_lm_shape(family: str, hidden: int, intermediate: int, heads: int, layers: int, folder: str | Path,
                    kv_heads: int | None = None) -> Path:
-    """A checkpoint folder with a language model's shape and no tensors: what ``llm.init: random`` needs
+    """A checkpoint folder with a language model's shape and no tensors: what `llm.init: random` needs
     (its config.json; the empty index makes the folder a checkpoint)."""
     from frozenlm.llm.families import FAMILIES, lm_config
 
@@ -196,8 +196,8 @@ def write_lm_shape(family: str, hidden: int, intermediate: int, heads: int, laye
 
 
 def _random_weights(config: dict[str, Any], work: Path, given: dict[str, str]) -> tuple[list[str], list[str]]:
-    """Overrides that give every pretrained part of ``config``'s model random weights of its real shape,
-    offline, and the notes that say so (``given``: the command line's overrides, which win)."""
+    """Overrides that give every pretrained part of `config`'s model random weights of its real shape,
+    offline, and the notes that say so (`given`: the command line's overrides, which win)."""
     args, notes = [], []
     init = config["model"].get("init_args") or {}
     llm = init.get("llm")
@@ -230,7 +230,7 @@ def _random_weights(config: dict[str, Any], work: Path, given: dict[str, str]) -
 
 
 class StepTimer:
-    """The Lightning callback that runs the protocol of the module docstring (built by :func:`measure_config`)."""
+    """The Lightning callback that runs the protocol of the module docstring (built by `measure_config`)."""
 
     def __init__(self, schedule: list[tuple[str, int]], device: torch.device, ideal_dtype: torch.dtype) -> None:
         from lightning.pytorch.callbacks import Callback
@@ -249,7 +249,7 @@ class StepTimer:
         })()  # fmt: skip
 
     def wrap(self, hook: Callable) -> Callable:
-        """``hook`` (an ``on_after_batch_transfer``), its time counted into the step that follows."""
+        """`hook` (an `on_after_batch_transfer`), its time counted into the step that follows."""
 
         def timed(*args, **kwargs):
             self.sync()
@@ -307,8 +307,8 @@ class StepTimer:
 
 
 class SavedActivations:
-    """Bytes of the distinct tensors autograd saves for backward while active (``.bytes``), parameters of
-    ``module`` excluded: a step's activation memory, the same on any device (``saved_tensors_hooks``)."""
+    """Bytes of the distinct tensors autograd saves for backward while active (`.bytes`), parameters of
+    `module` excluded: a step's activation memory, the same on any device (`saved_tensors_hooks`)."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         self._params = {p.untyped_storage().data_ptr() for p in module.parameters()}
@@ -333,8 +333,8 @@ class SavedActivations:
 
 
 def _ideal_operands(flops: int, device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], None], float]:
-    """``(matmul, scale)``: one ``[m, n] @ [n, n].T`` with ``2 m n^2 ~= flops`` (as :mod:`frozenlm.measure`'s
-    ideal) and the factor that scales its time to exactly ``flops``."""
+    """`(matmul, scale)`: one `[m, n] @ [n, n].T` with `2 m n^2 ~= flops` (as `frozenlm.measure`'s
+    ideal) and the factor that scales its time to exactly `flops`."""
     n = max(1, round((flops / 2) ** (1 / 3)))
     m = max(1, round(flops / (2 * n * n)))
     generator = torch.Generator().manual_seed(0)
@@ -372,12 +372,12 @@ def measure_config(
     work_dir: str | Path | None = None,
     timed: bool = True,
 ) -> dict[str, Any]:
-    """One row of ``frozenlm bench --config`` (keys :data:`RESULT_KEYS`; see the module docstring).
+    """One row of `frozenlm bench --config` (keys `RESULT_KEYS`; see the module docstring).
 
-    ``args`` are dotted overrides as ``frozenlm fit`` takes them (``--model.llm.layers=[-2,-1]``).
-    ``work_dir`` holds the generated data and weights (default: a temporary folder, removed after).
-    ``timed=False`` counts only (FLOPs, parameters, saved activations: one step, no timing, no loader, no
-    peak): ``timings`` is empty and the loader and peak figures None."""
+    `args` are dotted overrides as `frozenlm fit` takes them (`--model.llm.layers=[-2,-1]`).
+    `work_dir` holds the generated data and weights (default: a temporary folder, removed after).
+    `timed=False` counts only (FLOPs, parameters, saved activations: one step, no timing, no loader, no
+    peak): `timings` is empty and the loader and peak figures None."""
     from frozenlm.trainer_cli import BaseTask, FrozenLMCLI, LightningDataModule
 
     path = Path(config)
@@ -486,7 +486,7 @@ def measure_config(
 
 
 def _loader_ms(datamodule, workers: int | None, batches: int) -> float | None:
-    """Median milliseconds between training batches after the first, the loader alone, with ``workers``."""
+    """Median milliseconds between training batches after the first, the loader alone, with `workers`."""
     if workers is not None and hasattr(datamodule, "num_workers"):
         datamodule.num_workers = workers
     loader = datamodule.train_dataloader()
@@ -507,7 +507,7 @@ def _loader_ms(datamodule, workers: int | None, batches: int) -> float | None:
 
 
 def _forward_flops(model, datamodule) -> int | None:
-    """Inference forward FLOPs of one validation sample (the sweep's count, :func:`frozenlm.sweep.flops_per_sample`)."""
+    """Inference forward FLOPs of one validation sample (the sweep's count, `frozenlm.sweep.flops_per_sample`)."""
     from frozenlm.sweep import flops_per_sample
 
     with contextlib.suppress(Exception):

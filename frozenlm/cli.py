@@ -84,7 +84,7 @@ def run(args: list[str] | None = None) -> FrozenLMCLI | None:
 
 
 def _run_function(function: Callable, args: list[str], prog: str) -> object:
-    """``function`` called with its arguments parsed from ``args`` (as ``auto_cli``, without ``--config``)."""
+    """`function` called with its arguments parsed from `args` (as `auto_cli`, without `--config`)."""
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(prog=prog, description=(function.__doc__ or "").split("\n\n")[0], exit_on_error=True)

@@ -168,7 +168,7 @@ class FrozenLMCLI(LightningCLI):
 
 
 def _as_lists(array: Any) -> list:
-    """An array (a datamodule's ``mean_size``) as nested lists of floats, as hyper-parameters hold it."""
+    """An array (a datamodule's `mean_size`) as nested lists of floats, as hyper-parameters hold it."""
     return [list(map(float, row)) for row in array]
 
 

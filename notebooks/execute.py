@@ -8,10 +8,10 @@ Each notebook runs top to bottom from the repository root, offline, on CPU, with
 rich's progress displays, and timings.
 Then:
 
-- the notebook's metadata ``frozenlm.sources_sha256`` records a hash of its code cells (their sources and
-  figure names): ``tests/test_notebooks.py`` fails, with "run make notebooks", when a cell changed since;
-- a code cell whose metadata names a figure (``"frozenlm": {"figure": "<name>"}``) has its PNG written to
-  ``docs/figures/notebooks/<name>.png``, which the guides embed; files there that no cell names are removed.
+- the notebook's metadata `frozenlm.sources_sha256` records a hash of its code cells (their sources and
+  figure names): `tests/test_notebooks.py` fails, with "run make notebooks", when a cell changed since;
+- a code cell whose metadata names a figure (`"frozenlm": {"figure": "<name>"}`) has its PNG written to
+  `docs/figures/notebooks/<name>.png`, which the guides embed; files there that no cell names are removed.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def cell_png(cell) -> bytes | None:
 
 
 def figures(notebook) -> dict[str, bytes | None]:
-    """``{figure name: PNG bytes or None}`` of the named cells of a notebook."""
+    """`{figure name: PNG bytes or None}` of the named cells of a notebook."""
     return {figure_name(c): cell_png(c) for c in notebook.cells if c.cell_type == "code" and figure_name(c)}
 
 

@@ -127,7 +127,7 @@ def get_family(model_type: str) -> LMFamily:
 
 def text_config(config: PretrainedConfig) -> PretrainedConfig:
     """The language model's config inside a checkpoint's config: transformers' own accessor
-    (``get_text_config``), so LLaVA-style (``text_config``) and Qwen2-VL-style checkpoints give their
+    (`get_text_config`), so LLaVA-style (`text_config`) and Qwen2-VL-style checkpoints give their
     language model's config and a text-only one gives itself."""
     return config.get_text_config()
 

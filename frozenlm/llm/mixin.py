@@ -29,7 +29,7 @@ from frozenlm.llm.block import FrozenLMBlock, LLMConfig, build_block, build_laye
 from frozenlm.llm.checkpoint import fingerprint
 
 CHECKPOINT_KEY = "frozen_lm"
-# Frozen ViT trunks (``--model.freeze_trunk``) whose weights come from a named file: name -> file, SHA-256, fingerprint.
+# Frozen ViT trunks (`--model.freeze_trunk`) whose weights come from a named file: name -> file, SHA-256, fingerprint.
 TRUNK_KEY = "frozen_trunk"
 
 # Frozen layers stay in eval mode on purpose (no dropout in them while the rest trains); Lightning
@@ -53,7 +53,7 @@ class FrozenLMMixin:
         return {name: m for name, m in self.named_modules() if isinstance(m, FrozenLMBlock)}
 
     def frozen_trunks(self) -> dict[str, torch.nn.Module]:
-        """Every frozen visual trunk of the module (``--model.freeze_trunk``: a ViT with ``frozen_trunk``), by name."""
+        """Every frozen visual trunk of the module (`--model.freeze_trunk`: a ViT with `frozen_trunk`), by name."""
         return {name: m for name, m in self.named_modules() if getattr(m, "frozen_trunk", None) is not None}
 
     # -- optimizer ---------------------------------------------------------------------------

@@ -84,7 +84,7 @@ class ViTConfig(FromHParams):
 
 @dataclass(frozen=True)
 class FrozenTrunk:
-    """What :func:`freeze_trunk` froze in a ViT (``vit.frozen_trunk``), for checkpoints: the frozen parameters'
+    """What `freeze_trunk` froze in a ViT (`vit.frozen_trunk`), for checkpoints: the frozen parameters'
     names in the ViT, and the named file their weights came from (its path and SHA-256 when the ViT was built),
     or None (timm's hub weights, or random ones: then the checkpoint keeps them)."""
 
@@ -95,12 +95,12 @@ class FrozenTrunk:
 
 def freeze_trunk(vit: VisionTransformer, trainable_blocks: int = 0, trainable_patterns: list[str] | None = None,
                  pretrained_file: str | None = None) -> FrozenTrunk:  # fmt: skip
-    """Freeze a timm ViT's trunk in place: every parameter but the head's (``head.*``), the last
-    ``trainable_blocks`` blocks' and the final norm's after them (``norm.*``, ``fc_norm.*``, when
-    ``trainable_blocks`` > 0), and those matching a glob of ``trainable_patterns`` (on the ViT's own names,
-    ``fnmatch``-style). The optimizer never sees the frozen ones (it takes parameters that require grad);
-    checkpoints (:class:`frozenlm.llm.FrozenLMMixin`) leave them out when they come from ``pretrained_file``.
-    Sets and returns ``vit.frozen_trunk``."""
+    """Freeze a timm ViT's trunk in place: every parameter but the head's (`head.*`), the last
+    `trainable_blocks` blocks' and the final norm's after them (`norm.*`, `fc_norm.*`, when
+    `trainable_blocks` > 0), and those matching a glob of `trainable_patterns` (on the ViT's own names,
+    `fnmatch`-style). The optimizer never sees the frozen ones (it takes parameters that require grad);
+    checkpoints (`frozenlm.llm.FrozenLMMixin`) leave them out when they come from `pretrained_file`.
+    Sets and returns `vit.frozen_trunk`."""
     depth = len(vit.blocks)
     if not 0 <= trainable_blocks <= depth:
         raise ValueError(f"trainable_trunk_blocks {trainable_blocks} must be in [0, {depth}] for a ViT with {depth} blocks.")

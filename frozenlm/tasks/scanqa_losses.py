@@ -1,13 +1,13 @@
-"""ScanQA's training losses on SQA3D, as SQA3D's ``ScanQA/lib/loss_helper.py`` (VoteNet's detection losses,
+"""ScanQA's training losses on SQA3D, as SQA3D's `ScanQA/lib/loss_helper.py` (VoteNet's detection losses,
 ScanRefer's reading of them) defines them: vote, objectness, box and semantic-class losses of the detector, which
 trains from scratch, the answer loss and the auxiliary situation loss, and their weighted sum.
 
-Every function takes the model's outputs (:class:`frozenlm.models.scanqa.ScanQA`'s dict, VoteNet's keys) and
-the batch's targets (:mod:`frozenlm.data.sqa3d`), batched; nothing loops over samples, seeds or proposals.
+Every function takes the model's outputs (`frozenlm.models.scanqa.ScanQA`'s dict, VoteNet's keys) and
+the batch's targets (`frozenlm.data.sqa3d`), batched; nothing loops over samples, seeds or proposals.
 Two of the reference's rules are kept as they are: the ground-truth boxes are matched with their padding
-(``center_label`` rows past an object count are zeros; the nearest-centre searches of the objectness and
+(`center_label` rows past an object count are zeros; the nearest-centre searches of the objectness and
 centre losses see them as boxes at the origin, as the reference's do), and every masked mean divides by
-``mask.sum() + 1e-6``.
+`mask.sum() + 1e-6`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ GT_VOTE_FACTOR = 3  # ground-truth votes per point (a point inside up to 3 boxes
 
 @dataclass(frozen=True)
 class LossWeights:
-    """The reference's weights (``scripts/train.py`` defaults; ``get_loss`` multiplies the sum by ``scale``)."""
+    """The reference's weights (`scripts/train.py` defaults; `get_loss` multiplies the sum by `scale`)."""
 
     vote: float = 1.0
     objectness: float = 0.5
@@ -41,9 +41,9 @@ class LossWeights:
 
 
 def nn_distance(a: Tensor, b: Tensor, l1: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(dist1 [B, N], idx1 [B, N], dist2 [B, M], idx2 [B, M])``: for each point of ``a [B, N, 3]`` its nearest
-    point of ``b [B, M, 3]`` and the distance to it, and the other way round; squared Euclidean distances, or
-    L1 with ``l1`` (VoteNet's ``nn_distance``)."""
+    """`(dist1 [B, N], idx1 [B, N], dist2 [B, M], idx2 [B, M])`: for each point of `a [B, N, 3]` its nearest
+    point of `b [B, M, 3]` and the distance to it, and the other way round; squared Euclidean distances, or
+    L1 with `l1` (VoteNet's `nn_distance`)."""
     diff = a[:, :, None] - b[:, None]
     dist = diff.abs().sum(-1) if l1 else diff.square().sum(-1)
     dist1, idx1 = dist.min(dim=2)
@@ -52,14 +52,14 @@ def nn_distance(a: Tensor, b: Tensor, l1: bool = False) -> tuple[Tensor, Tensor,
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """``sum(values * mask) / (sum(mask) + 1e-6)``, the reference's mean over the marked entries."""
+    """`sum(values * mask) / (sum(mask) + 1e-6)`, the reference's mean over the marked entries."""
     mask = mask.to(values.dtype)
     return (values * mask).sum() / (mask.sum() + 1e-6)
 
 
 def vote_loss(seed_xyz: Tensor, seed_inds: Tensor, vote_xyz: Tensor, vote_label: Tensor, vote_label_mask: Tensor) -> Tensor:
-    """L1 distance of each seed's vote to the nearest of its point's 3 ground-truth votes (``vote_label [B, N, 9]``:
-    offsets from the point), averaged over the seeds whose point lies in an object (``vote_label_mask [B, N]``)."""
+    """L1 distance of each seed's vote to the nearest of its point's 3 ground-truth votes (`vote_label [B, N, 9]`:
+    offsets from the point), averaged over the seeds whose point lies in an object (`vote_label_mask [B, N]`)."""
     seed_inds = seed_inds.long()
     mask = vote_label_mask.gather(1, seed_inds)
     offsets = vote_label.gather(1, seed_inds[..., None].expand(-1, -1, 3 * GT_VOTE_FACTOR))
@@ -71,9 +71,9 @@ def vote_loss(seed_xyz: Tensor, seed_inds: Tensor, vote_xyz: Tensor, vote_label:
 def objectness_loss(
     aggregated_vote_xyz: Tensor, center_label: Tensor, objectness_scores: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(loss, label [B, P], mask [B, P], assignment [B, P])``: a proposal whose aggregated vote lies within
-    :data:`NEAR_THRESHOLD` of a ground-truth centre is an object (label 1, assigned to that box), one beyond
-    :data:`FAR_THRESHOLD` a non-object; the loss is the cross-entropy weighted :data:`OBJECTNESS_CLASS_WEIGHTS`,
+    """`(loss, label [B, P], mask [B, P], assignment [B, P])`: a proposal whose aggregated vote lies within
+    `NEAR_THRESHOLD` of a ground-truth centre is an object (label 1, assigned to that box), one beyond
+    `FAR_THRESHOLD` a non-object; the loss is the cross-entropy weighted `OBJECTNESS_CLASS_WEIGHTS`,
     averaged over the proposals outside the band in between."""
     dist1, assignment, _, _ = nn_distance(aggregated_vote_xyz, center_label[..., :3])
     distance = torch.sqrt(dist1 + 1e-6)
@@ -87,12 +87,12 @@ def objectness_loss(
 def box_losses(
     outputs: dict[str, Tensor], batch: dict[str, Tensor], label: Tensor, assignment: Tensor, mean_size: Tensor
 ) -> dict[str, Tensor]:
-    """VoteNet's box losses and the semantic-class loss, over the object proposals (``label``) each against the
-    ground-truth box it is assigned to: ``center`` (squared distance of each object proposal's centre to the
-    nearest ground-truth centre, plus of each real box's centre to the nearest proposal centre), ``heading_cls``
-    and ``size_cls`` (cross-entropy), ``heading_reg`` (Huber of the normalised residual of the true bin),
-    ``size_reg`` (Huber of the true cluster's residual over its mean size ``mean_size [S, 3]``, mean over x, y, z),
-    ``sem_cls`` (cross-entropy)."""
+    """VoteNet's box losses and the semantic-class loss, over the object proposals (`label`) each against the
+    ground-truth box it is assigned to: `center` (squared distance of each object proposal's centre to the
+    nearest ground-truth centre, plus of each real box's centre to the nearest proposal centre), `heading_cls`
+    and `size_cls` (cross-entropy), `heading_reg` (Huber of the normalised residual of the true bin),
+    `size_reg` (Huber of the true cluster's residual over its mean size `mean_size [S, 3]`, mean over x, y, z),
+    `sem_cls` (cross-entropy)."""
     heading_bins = outputs["heading_scores"].shape[-1]
     dist1, _, dist2, _ = nn_distance(outputs["center"], batch["center_label"][..., :3])
     center = masked_mean(dist1, label) + masked_mean(dist2, batch["box_label_mask"])
@@ -128,7 +128,7 @@ def answer_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def situation_loss(prediction: Tensor, target: Tensor, weights: LossWeights = LossWeights()) -> tuple[Tensor, Tensor, Tensor]:
-    """``(loss, position, rotation)``: mean squared errors of the position (x, y, z) and of the quaternion."""
+    """`(loss, position, rotation)`: mean squared errors of the position (x, y, z) and of the quaternion."""
     position = F.mse_loss(prediction[:, :3], target[:, :3])
     rotation = F.mse_loss(prediction[:, 3:], target[:, 3:])
     return weights.position * position + weights.rotation * rotation, position, rotation
@@ -137,10 +137,10 @@ def situation_loss(prediction: Tensor, target: Tensor, weights: LossWeights = Lo
 def scanqa_losses(
     outputs: dict[str, Tensor], batch: dict[str, Tensor], mean_size: Tensor, weights: LossWeights = LossWeights()
 ) -> dict[str, Tensor]:
-    """Every loss of a batch and their total (``"loss"``): ``scale x (vote x w + objectness x w + box x w + sem_cls x w
-    + answer x w + aux x w)``, with ``box = center + 0.1 heading_cls + heading_reg + 0.1 size_cls + size_reg``
-    (the reference's ``get_loss``). ``aux`` (the situation loss) is there when the outputs hold a
-    ``situation_prediction``."""
+    """Every loss of a batch and their total (`"loss"`): `scale x (vote x w + objectness x w + box x w + sem_cls x w
+    + answer x w + aux x w)`, with `box = center + 0.1 heading_cls + heading_reg + 0.1 size_cls + size_reg`
+    (the reference's `get_loss`). `aux` (the situation loss) is there when the outputs hold a
+    `situation_prediction`."""
     vote = vote_loss(outputs["seed_xyz"], outputs["seed_inds"], outputs["vote_xyz"], batch["vote_label"], batch["vote_label_mask"])
     objectness, label, _, assignment = objectness_loss(
         outputs["aggregated_vote_xyz"], batch["center_label"], outputs["objectness_scores"]

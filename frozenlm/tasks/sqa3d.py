@@ -1,12 +1,12 @@
 """Situated question answering in 3D scenes (SQA3D) with the ScanQA baseline, as SQA3D trains it
-(``ScanQA/scripts/train.py``, ``lib/solver.py``), and LM4VE's frozen LM block after the fusion.
+(`ScanQA/scripts/train.py`, `lib/solver.py`), and LM4VE's frozen LM block after the fusion.
 
 The training section of the paper, in code: the detector (VoteNet on PointNet++) trains from scratch beside the
 question answering, on the sum of its losses, the answer loss and the auxiliary situation loss, x10
-(:mod:`frozenlm.tasks.scanqa_losses`); Adam, lr 5e-4, weight decay 1e-5 on every parameter, constant; batch-norm
+(`frozenlm.tasks.scanqa_losses`); Adam, lr 5e-4, weight decay 1e-5 on every parameter, constant; batch-norm
 momentum 0.5 halved every 20 epochs (floor 0.001); gradients clipped by value at 1.0 (the config's
-``trainer.gradient_clip_val`` / ``gradient_clip_algorithm: value``); validation every 1,000 iterations
-(``trainer.val_check_interval``), keeping the best checkpoint by validation EM@1.
+`trainer.gradient_clip_val` / `gradient_clip_algorithm: value`); validation every 1,000 iterations
+(`trainer.val_check_interval`), keeping the best checkpoint by validation EM@1.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ from frozenlm.tasks.scanqa_losses import LossWeights, answer_loss, scanqa_losses
 
 
 def bn_momentum_at(epoch: int, initial: float = 0.5, rate: float = 0.5, step: int = 20, minimum: float = 0.001) -> float:
-    """The reference's batch-norm momentum after ``epoch`` scheduler steps: ``max(initial x rate^floor(epoch / step),
-    minimum)``."""
+    """The reference's batch-norm momentum after `epoch` scheduler steps: `max(initial x rate^floor(epoch / step),
+    minimum)`."""
     return max(initial * rate ** (epoch // step), minimum)
 
 
 class ExactMatch(Metric):
     """EM@1 (the top answer is the ground-truth class) overall and per question type, as counts summed over the
-    processes, so exact on any number of them. ``compute()``: ``{"": overall, "_what": ..., "_others": ...}``, a
+    processes, so exact on any number of them. `compute()`: `{"": overall, "_what": ..., "_others": ...}`, a
     type without questions left out."""
 
     full_state_update = False
@@ -49,8 +49,8 @@ class ExactMatch(Metric):
         self.add_state("total", torch.zeros(len(types), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, predicted: Tensor, target: Tensor, question_type: Tensor) -> None:
-        """``predicted``, ``target`` (answer classes; -100, an unanswerable question, is never matched) and
-        ``question_type`` (indices into ``types``), one per sample."""
+        """`predicted`, `target` (answer classes; -100, an unanswerable question, is never matched) and
+        `question_type` (indices into `types`), one per sample."""
         self.correct += torch.bincount(question_type[predicted == target], minlength=len(self.types))
         self.total += torch.bincount(question_type, minlength=len(self.types))
 
@@ -61,27 +61,27 @@ class ExactMatch(Metric):
 
 
 class SQA3DPredictionsJSON(JSONRows):
-    """``[{"question_id", "answer", "ground_truth", "question_type"}, ...]``; ``ground_truth`` is null for a
+    """`[{"question_id", "answer", "ground_truth", "question_type"}, ...]`; `ground_truth` is null for a
     question whose answer is not in the vocabulary."""
 
 
 class SQA3DTask(FrozenLMMixin, BaseTask):
-    """ScanQA on SQA3D (the model: :class:`frozenlm.models.scanqa.ScanQA`); with ``llm``, the frozen block on the
-    fused object tokens before pooling (LM4VE), ``llm.mode: auxiliary`` for GCR (an auxiliary answer loss on the
-    block's branch, ``llm.aux_weight`` times it).
+    """ScanQA on SQA3D (the model: `frozenlm.models.scanqa.ScanQA`); with `llm`, the frozen block on the
+    fused object tokens before pooling (LM4VE), `llm.mode: auxiliary` for GCR (an auxiliary answer loss on the
+    block's branch, `llm.aux_weight` times it).
 
-    Metrics: ``<stage>_em1`` and ``<stage>_em1_<type>`` for What, Is, How, Can, Which, Others; the answer loss
-    (``<stage>_answer_loss``) and the situation errors (``<stage>_position_mse``, ``<stage>_rotation_mse``), each a
-    mean over samples, so every logged number is the same on any number of processes. ``predict`` writes
-    :class:`SQA3DPredictionsJSON` (``--predictions.output predictions.json``).
+    Metrics: `<stage>_em1` and `<stage>_em1_<type>` for What, Is, How, Can, Which, Others; the answer loss
+    (`<stage>_answer_loss`) and the situation errors (`<stage>_position_mse`, `<stage>_rotation_mse`), each a
+    mean over samples, so every logged number is the same on any number of processes. `predict` writes
+    `SQA3DPredictionsJSON` (`--predictions.output predictions.json`).
 
     Args:
         num_answers, mean_size: linked from the datamodule by the CLI (its answer vocabulary's size, the size
             clusters' mean sizes).
-        num_points ... use_situation_aux, llm: the model, see :class:`frozenlm.models.scanqa.ScanQAConfig`.
+        num_points ... use_situation_aux, llm: the model, see `frozenlm.models.scanqa.ScanQAConfig`.
         bn_momentum, bn_decay_rate, bn_decay_step, bn_momentum_min: the batch-norm momentum schedule.
         lr, lr_reference_batch, weight_decay, optimizer, schedule, warmup_epochs, **kwargs: see
-            :class:`frozenlm.tasks.BaseTask` (the reference's Adam, lr 5e-4 not scaled by the batch, coupled weight
+            `frozenlm.tasks.BaseTask` (the reference's Adam, lr 5e-4 not scaled by the batch, coupled weight
             decay on every parameter, constant learning rate).
     """
 
@@ -138,8 +138,8 @@ class SQA3DTask(FrozenLMMixin, BaseTask):
 
     @staticmethod
     def build_model(hparams: Mapping[str, Any], **context: Any) -> ScanQA:
-        """The plain ScanQA of these hyper-parameters (no trainer needed); ``None`` for ``mean_size`` is ScanNet's,
-        for ``sa_*`` the reference's set abstractions."""
+        """The plain ScanQA of these hyper-parameters (no trainer needed); `None` for `mean_size` is ScanNet's,
+        for `sa_*` the reference's set abstractions."""
         values = {k: v for k, v in hparams.items() if v is not None or k not in ("mean_size", "sa_points", "sa_radii", "sa_nsamples")}
         return ScanQA(ScanQAConfig.from_hparams({"mean_size": MEAN_SIZE.tolist()} | values))
 
@@ -167,11 +167,11 @@ class SQA3DTask(FrozenLMMixin, BaseTask):
         self.answers = answers
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor | None]:
-        """The model's outputs (VoteNet's, ``answer_scores``, ``situation_prediction``) and the GCR branch."""
+        """The model's outputs (VoteNet's, `answer_scores`, `situation_prediction`) and the GCR branch."""
         return self.model(batch)
 
     def sample_forward(self, batch: dict[str, Any], samples: int = 1) -> tuple[Any, tuple]:
-        """The model's forward on the first ``samples`` questions and their scenes."""
+        """The model's forward on the first `samples` questions and their scenes."""
         return self.model, ({k: v[:samples] for k, v in batch.items() if torch.is_tensor(v)},)
 
     # -- optimisation: Adam on every parameter, batch-norm momentum per epoch --------------------------------
@@ -262,5 +262,5 @@ class SQA3DTask(FrozenLMMixin, BaseTask):
         return {"rows": rows}
 
     def prediction_file(self, path: Path) -> PredictionFile:
-        """The predictions ``predict`` writes (``.json``)."""
+        """The predictions `predict` writes (`.json`)."""
         return SQA3DPredictionsJSON(path)

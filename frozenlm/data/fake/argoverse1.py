@@ -39,7 +39,7 @@ def write_map(path: Path, roads: list[np.ndarray]) -> None:
 
 
 def write(root: Path, sequences: dict[str, int] | None = None, seed: int = 0) -> Path:
-    """Write ``sequences`` (split -> count; default train 8, val 4, test_obs 2) and both cities' maps."""
+    """Write `sequences` (split -> count; default train 8, val 4, test_obs 2) and both cities' maps."""
     rng = np.random.default_rng(seed)
     roads = {city: [] for city in CITIES}
     number = 1

@@ -23,7 +23,7 @@ OBSERVED, TOTAL = 50, 110
 
 
 def path_of(origin: np.ndarray, heading: float, speed: float, turn: float, steps: int) -> np.ndarray:
-    """``[steps, 2]`` positions at 10 Hz of a vehicle turning at ``turn`` rad/s."""
+    """`[steps, 2]` positions at 10 Hz of a vehicle turning at `turn` rad/s."""
     headings = heading + turn * np.arange(steps) * 0.1
     return origin + np.cumsum(speed * 0.1 * np.stack([np.cos(headings), np.sin(headings)], 1), axis=0)
 
@@ -39,7 +39,7 @@ def track(track_id: str, positions: np.ndarray, kind: ObjectType, category: Trac
 
 
 def lane_map(points: np.ndarray) -> dict:
-    """The map JSON: lane segments of 10 m along ``points``, boundaries 1.8 m either side, and a crosswalk
+    """The map JSON: lane segments of 10 m along `points`, boundaries 1.8 m either side, and a crosswalk
     (two 12 m edges, 3 m apart) across them every 30 m."""
     lanes = {}
     for i in range(0, len(points) - 10, 10):
@@ -88,7 +88,7 @@ def scenario(scenario_id: str, rng: np.random.Generator, steps: int) -> tuple[Ar
 
 
 def write(root: Path, scenes: dict[str, int] | None = None, seed: int = 0) -> Path:
-    """Write ``scenes`` (split -> count; default train 8, val 4, test 2) under ``root``; returns root."""
+    """Write `scenes` (split -> count; default train 8, val 4, test 2) under `root`; returns root."""
     rng = np.random.default_rng(seed)
     for split, count in (scenes or {"train": 8, "val": 4, "test": 2}).items():
         for i in range(count):

@@ -1,6 +1,6 @@
 """Writes a tiny CLIP model in Hugging Face format (model and tokenizer), a stand-in for a real CLIP
 teacher: a 2-layer vision transformer (32 px, patch 8, width 32) and a 2-layer text transformer with a
-byte-level BPE tokenizer trained on the given texts. Random weights, seeded, unless ``vision_from`` gives
+byte-level BPE tokenizer trained on the given texts. Random weights, seeded, unless `vision_from` gives
 a timm ViT whose weights the vision tower takes (the same function: a teacher identical to a student)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from transformers import CLIPConfig, CLIPModel, RobertaTokenizer
 SPECIAL_TOKENS = ["<pad>", "<s>", "<unk>", "<mask>", "</s>"]
 VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
           "image_size": 32, "patch_size": 8, "hidden_act": "gelu", "layer_norm_eps": 1e-6}  # fmt: skip
-# CLIP ViT-B/16's shape (openai/clip-vit-base-patch16's config.json): ``write(..., **VIT_B16)``.
+# CLIP ViT-B/16's shape (openai/clip-vit-base-patch16's config.json): `write(..., **VIT_B16)`.
 VIT_B16 = {
     "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
                "image_size": 224, "patch_size": 16},
@@ -30,8 +30,8 @@ def write(
     root: Path, texts: list[str], seed: int = 0, vision_from: torch.nn.Module | None = None,
     vision: dict | None = None, text_shape: dict | None = None, projection_dim: int = 16,
 ) -> Path:
-    """The model folder ``root``. ``vision``, ``text_shape`` (CLIPVisionConfig / CLIPTextConfig entries) and
-    ``projection_dim`` give another shape (default: the tiny one; :data:`VIT_B16` is CLIP ViT-B/16's)."""
+    """The model folder `root`. `vision`, `text_shape` (CLIPVisionConfig / CLIPTextConfig entries) and
+    `projection_dim` give another shape (default: the tiny one; `VIT_B16` is CLIP ViT-B/16's)."""
     root = Path(root)
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=400, min_frequency=1, special_tokens=SPECIAL_TOKENS)
@@ -54,7 +54,7 @@ def write(
 
 def clip_vision_state(vit: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A timm ViT (class token, pre-norm, no patch bias, exact GELU) as the state of transformers'
-    ``CLIPVisionModel``: the same weights under CLIP's names, q/k/v split from timm's fused qkv."""
+    `CLIPVisionModel`: the same weights under CLIP's names, q/k/v split from timm's fused qkv."""
     state = {k: v.detach().clone() for k, v in vit.state_dict().items()}
     if "patch_embed.proj.bias" in state:
         raise ValueError("CLIP's patch embedding has no bias: build the ViT with pre_norm=True (timm then has none)")

@@ -22,7 +22,7 @@ TEMPLATES = (
 
 
 def write(root: Path, images: dict[str, int] | None = None, seed: int = 0) -> Path:
-    """Write the dataset under ``root`` (``images``: images per split); returns root."""
+    """Write the dataset under `root` (`images`: images per split); returns root."""
     images = images or {"train": 8, "val": 4, "test": 5}
     rng = np.random.default_rng(seed)
     root = Path(root)

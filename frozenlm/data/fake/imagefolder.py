@@ -14,7 +14,7 @@ CLASSES = ("n01440764", "n01443537", "n01484850")
 def write(
     root: Path, train_per_class: int = 4, val_per_class: int = 2, seed: int = 0, size: tuple[int, int] = (30, 40)
 ) -> Path:
-    """Write random RGB JPEGs of ``size`` (height, width; ImageNet's are ~400 x 350), plus one grayscale and
+    """Write random RGB JPEGs of `size` (height, width; ImageNet's are ~400 x 350), plus one grayscale and
     one CMYK JPEG (real ImageNet has both); returns root."""
     rng = np.random.default_rng(seed)
     for split, count in (("train", train_per_class), ("val", val_per_class)):

@@ -19,7 +19,7 @@ TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 
 TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
              "max_position_embeddings": 64}  # fmt: skip
 # METER's towers at their real shapes (openai/clip-vit-base-patch32, FacebookAI/roberta-base config.json):
-# ``write(..., **BASE)`` (random weights; the vocabulary is the BPE trained on the texts, not RoBERTa's 50,265).
+# `write(..., **BASE)` (random weights; the vocabulary is the BPE trained on the texts, not RoBERTa's 50,265).
 BASE = {
     "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
                "image_size": 224, "patch_size": 32, "projection_dim": 512},
@@ -29,7 +29,7 @@ BASE = {
 
 
 def write(root: Path, texts: list[str], seed: int = 0, vision: dict | None = None, text: dict | None = None) -> tuple[Path, Path]:
-    """``(vision folder, text folder)`` under ``root``; ``vision``, ``text``: other tower shapes (default tiny)."""
+    """`(vision folder, text folder)` under `root`; `vision`, `text`: other tower shapes (default tiny)."""
     root = Path(root)
     torch.manual_seed(seed)
     vision = CLIPVisionModel(CLIPVisionConfig(**(vision or TINY_VISION)))

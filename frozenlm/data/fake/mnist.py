@@ -47,7 +47,7 @@ def write(root: Path, num_train: int = 60, num_test: int = 20, seed: int = 0) ->
 
 def write_pickle(path: Path, num_train: int = 60, num_valid: int = 20, num_test: int = 20, seed: int = 0) -> dict:
     """A classic-format mnist.pkl.gz (float32 pixel / 256, int64 labels); returns the uint8 arrays. Protocol 4:
-    Python 3's protocol 2 would wrap the arrays' bytes in a ``_codecs.encode`` call, which the classic file
+    Python 3's protocol 2 would wrap the arrays' bytes in a `_codecs.encode` call, which the classic file
     (Python 2 strings) does not hold and the restricted reader refuses."""
     arrays = fake_arrays(num_train + num_valid, num_test, seed)
     images, labels = arrays["train_images"], arrays["train_labels"].astype(np.int64)

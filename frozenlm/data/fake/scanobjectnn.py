@@ -19,7 +19,7 @@ FILES = {
 
 
 def ellipsoids(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """``[N, 2048, 3]`` points on ellipsoids whose axes depend on the class, so classes are learnable."""
+    """`[N, 2048, 3]` points on ellipsoids whose axes depend on the class, so classes are learnable."""
     directions = rng.normal(size=(len(labels), POINTS, 3))
     directions /= np.linalg.norm(directions, axis=-1, keepdims=True)
     axes = 0.3 + 0.6 * np.stack([(labels % 3) / 2, (labels // 3 % 5) / 4, np.full(len(labels), 0.5)], axis=-1)
@@ -27,7 +27,7 @@ def ellipsoids(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def write(root: Path, train_per_class: int = 2, test_per_class: int = 1, seed: int = 0) -> Path:
-    """Write every file of the layout under ``root``; returns root."""
+    """Write every file of the layout under `root`; returns root."""
     rng = np.random.default_rng(seed)
     for folder, names in FILES.items():
         (Path(root) / folder).mkdir(parents=True, exist_ok=True)

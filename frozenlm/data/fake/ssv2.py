@@ -23,7 +23,7 @@ HEIGHT, WIDTH, SQUARE, STEP = 32, 48, 10, 3
 def moving_square(
     direction: tuple[int, int], frames: int, rng: np.random.Generator, size: tuple[int, int] = (HEIGHT, WIDTH)
 ) -> np.ndarray:
-    """``[frames, H, W, 3]`` uint8: a coloured square crossing a dark background in ``direction``."""
+    """`[frames, H, W, 3]` uint8: a coloured square crossing a dark background in `direction`."""
     height, width = size
     video = np.full((frames, height, width, 3), 20, dtype=np.uint8)
     colour = rng.integers(120, 256, 3)
@@ -37,7 +37,7 @@ def moving_square(
 
 
 def write_webm(path: Path, video: np.ndarray, fps: int = 12) -> Path:
-    """Encode ``[T, H, W, 3]`` uint8 frames as VP9 in a WebM container, as SSv2 ships them."""
+    """Encode `[T, H, W, 3]` uint8 frames as VP9 in a WebM container, as SSv2 ships them."""
     with av.open(str(path), "w", format="webm") as container:
         stream = container.add_stream("libvpx-vp9", rate=fps)
         stream.height, stream.width = video.shape[1:3]
@@ -51,7 +51,7 @@ def write_webm(path: Path, video: np.ndarray, fps: int = 12) -> Path:
 def write(
     root: Path, per_class: dict[str, int] | None = None, frames: int = 8, seed: int = 0, size: tuple[int, int] = (HEIGHT, WIDTH)
 ) -> Path:
-    """Write the dataset under ``root`` (``per_class``: videos per class of each split; ``size``: frame
+    """Write the dataset under `root` (`per_class`: videos per class of each split; `size`: frame
     height and width, SSv2's own are 240 px high); returns root."""
     per_class = per_class or {"train": 4, "validation": 2}
     rng = np.random.default_rng(seed)

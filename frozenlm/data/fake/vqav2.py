@@ -34,7 +34,7 @@ def human_answers(answer: str, rng: np.random.Generator, noise: list[str]) -> li
 
 
 def write(root: Path, images: dict[str, int] | None = None, seed: int = 0) -> Path:
-    """Write the dataset under ``root`` (``images``: images per split); returns root."""
+    """Write the dataset under `root` (`images`: images per split); returns root."""
     images = images or {"train2014": 12, "val2014": 6, "test-dev2015": 3, "test2015": 4}
     rng = np.random.default_rng(seed)
     root = Path(root)
