@@ -36,6 +36,7 @@ from timm.models import VisionTransformer
 
 from frozenlm.checkpoints import model_state, newest_intact_checkpoint
 from frozenlm.errors import FrozenLMError
+from frozenlm.llm.mixin import TRUNK_KEY
 from frozenlm.models.learngene import gene_state, genes_in, recompose_blocks
 from frozenlm.models.pointbert import PointBERT
 from frozenlm.models.vit import create_vit, trunk_options
@@ -72,6 +73,14 @@ def _load(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
         raise ExportError(f"The checkpoint {path} {problem}: {fix}{instead}.") from error
     if not isinstance(stored, dict) or not isinstance(stored.get("state_dict"), dict):
         raise ExportError(f"{path} is not a Lightning checkpoint (it holds no state_dict): {fix}.")
+    trunks = {name: meta.get("pretrained_file") for name, meta in (stored.get(TRUNK_KEY) or {}).items()}
+    if trunks:  # --model.freeze_trunk from --model.pretrained_file: the frozen weights are not in the checkpoint
+        raise ExportError(
+            f"{path} leaves its frozen trunk's weights out (--model.freeze_trunk with --model.pretrained_file; they "
+            f"are in {', '.join(sorted(map(str, trunks.values())))}), so it holds no whole trunk to export: load it "
+            f"with frozenlm.load_model('{path}'), which reads them from that file (SHA-256 checked), and save "
+            "model.backbone.state_dict() with safetensors."
+        )
     return stored.get("hyper_parameters") or {}, model_state(stored["state_dict"])
 
 

@@ -142,3 +142,34 @@ def test_settings_that_cannot_apply_are_refused(tiny_llama_checkpoint):
         task(tiny_llama_checkpoint, trainable_trunk_blocks=4)
     with pytest.raises(ValueError, match="set --model.freeze_trunk true"):
         ImageClassifier(**VIT, trainable_trunk_blocks=1)
+
+
+def test_export_refuses_a_checkpoint_that_leaves_its_frozen_trunk_out(fitted, pretrained_file, tmp_path):
+    from frozenlm.export import ExportError, export
+
+    _, _, _, path = fitted
+    with pytest.raises(ExportError) as error:
+        export(str(path), str(tmp_path / "trunk.safetensors"))
+    message = str(error.value)
+    assert "\n" not in message and "leaves its frozen trunk's weights out" in message and str(pretrained_file) in message
+    assert not (tmp_path / "trunk.safetensors").exists()
+
+
+def test_init_from_over_a_file_frozen_trunk_keeps_its_weights_in_checkpoints(tmp_path, tiny_llama_checkpoint, pretrained_file):
+    # --model.init_from replaces the pretrained file's weights: checkpoints must keep them, not name the file.
+    start = task(tiny_llama_checkpoint, pretrained_file)
+    weights = {f"model.{k}": v.clone() + (0.5 if ".blocks.0." in f".{k}" else 0.0) for k, v in start.model.state_dict().items()}
+    save_file(weights, tmp_path / "start.safetensors")
+    model = task(tiny_llama_checkpoint, pretrained_file, init_from=str(tmp_path / "start.safetensors"))
+    assert model.model.backbone.frozen_trunk.pretrained_file is None
+    trainer = fit(model, tmp_path, steps=1)
+    path = tmp_path / "init.ckpt"
+    trainer.save_checkpoint(path)
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    assert not stored[TRUNK_KEY]
+    assert torch.equal(stored["state_dict"]["model.backbone.blocks.0.attn.qkv.weight"],
+                       weights["model.backbone.blocks.0.attn.qkv.weight"])  # fmt: skip
+    restored = ImageClassifier.load_from_checkpoint(path).eval()
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(images), model.eval()(images), atol=0, rtol=0)

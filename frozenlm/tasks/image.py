@@ -134,6 +134,10 @@ class ImageClassifier(ClassificationTask):
             self.model.learngenes.use_basis(learngene.basis)
         if init_from is not None:
             self.start_from(state, stored, init_from, init_genes, init_head)
+            # A trunk frozen from --model.pretrained_file now holds init_from's weights, not the file's:
+            # checkpoints keep them (as for hub or random weights) instead of naming a file that no longer matches.
+            for trunk in self.frozen_trunks().values():
+                trunk.frozen_trunk = dataclasses.replace(trunk.frozen_trunk, pretrained_file=None, sha256=None)
 
     @staticmethod
     def build_model(hparams: Mapping[str, Any], **context: Any) -> LMViT:
