@@ -58,6 +58,7 @@ TASK_FAMILIES = {
     "frozenlm.tasks.VisualQuestionAnswering": "VQA",
     "frozenlm.tasks.ImageTextRetrieval": "retrieval",
     "frozenlm.tasks.UnmaskedTokenAlignment": "UTA",
+    "frozenlm.tasks.SQA3DTask": "3D QA",
 }
 
 
@@ -111,6 +112,7 @@ DATASETS: dict[str, FakeData | None] = {
     "frozenlm.data.Flickr30kDataModule": FakeData(
         "frozenlm.data.fake.flickr30k:write", lambda n: {"images": {"train": n, "val": 4, "test": 4}}
     ),
+    "frozenlm.data.SQA3DDataModule": FakeData("frozenlm.data.fake.sqa3d:write_prepared", lambda n: {"train_questions": n}),
 }  # fmt: skip
 
 # Language models whose shape is known offline, by hub id or folder name (random weights need only the shape).

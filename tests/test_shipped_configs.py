@@ -20,6 +20,7 @@ from PIL import Image
 
 from frozenlm.data.augment import posterize
 from frozenlm.data.vision_language import VisionLanguageDataModule
+from frozenlm.data.sqa3d import SQA3DDataModule
 from tests.data.argoverse1.data import write as write_argoverse1
 from tests.data.argoverse2.data import write as write_argoverse2
 from tests.data.caltech256.data import write as write_caltech256
@@ -100,7 +101,7 @@ def test_training_pipeline_survives_thousands_of_samples(configs, tmp_path):
     kind = "video" if data["class_path"].endswith("SSv2DataModule") else "image"
     kind = "points" if hasattr(datamodule, "random_views") else kind
     kind = "map_vectors" if hasattr(datamodule, "horizon") else kind  # motion: scenes preprocessed into the cache
-    kind = "point_clouds" if hasattr(datamodule, "answer_vocabulary") else kind  # SQA3D: scenes and questions
+    kind = "point_clouds" if isinstance(datamodule, SQA3DDataModule) else kind  # SQA3D: scenes and questions
     pairs = isinstance(datamodule, VisionLanguageDataModule)
     samples, batch_size = {
         "video": (VIDEO_SAMPLES, 4), "image": (PAIR_SAMPLES if pairs else IMAGE_SAMPLES, 16 if pairs else 64),
