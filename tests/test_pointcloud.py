@@ -4,6 +4,7 @@ recipe, and the analyses on group tokens."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import pickle
@@ -174,7 +175,13 @@ def test_modelnet40_is_resampled_once_into_a_safe_cache(modelnet40_root, monkeyp
         modelnet40_root, cache_points=256, num_points=128, batch_size=2, num_workers=0, val_fraction=0.0
     )
     assert data.num_classes == 40
-    train = data.dataset("train")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        train = data.dataset("train")  # the cache built in this process (num_workers=0) ...
+        assert torch.get_num_threads() == 2  # ... leaves the training process's thread count alone
+    finally:
+        torch.set_num_threads(threads)
     cache = modelnet40_root / "modelnet40_train_256pts_kernelfps.safetensors"
     assert cache.is_file() and len(train) == 9 and train.points.shape == (9, 256, 3)
     assert train.ids[3].startswith("night_stand_") and train.labels[3] == data.classes.index("night_stand")
@@ -468,3 +475,28 @@ def test_the_plain_model_has_no_hooks_and_returns_the_gcr_branch(tiny_llama_chec
     with pytest.raises(IndexError, match="llm_position 2 is out of range for a Point-BERT with 2 blocks"):
         PointCloudClassifier.build_model({**hparams, "llm_position": 2})
     assert hooked_modules(tiny_model(tiny_llama_checkpoint, llm=LLMConfig(checkpoint=str(tiny_llama_checkpoint), mode=mode))) == []
+
+
+def test_the_point_major_group_encoder_is_point_berts_channel_major_one():
+    """The encoder runs its kernel-1 convolutions as matmuls over [points, channels] rows: the same tokens,
+    gradients and batch-norm running statistics as Point-BERT's Conv1d over [groups, channels, points]."""
+    torch.manual_seed(0)
+    encoder = PointBERT(**TINY).encoder.double()
+    reference = copy.deepcopy(encoder)
+
+    def channel_major(module, groups):  # Point-BERT's Encoder.forward
+        batch, num_groups, size, _ = groups.shape
+        local = module.first_conv(groups.reshape(batch * num_groups, size, 3).transpose(1, 2))
+        pooled = local.max(dim=2, keepdim=True).values
+        features = module.second_conv(torch.cat([pooled.expand(-1, -1, size), local], dim=1))
+        return features.max(dim=2).values.reshape(batch, num_groups, -1)
+
+    groups, weights = torch.randn(2, 5, 8, 3, dtype=torch.float64), torch.randn(2, 5, 24, dtype=torch.float64)
+    ours, theirs = encoder(groups), channel_major(reference, groups)
+    (ours * weights).sum().backward()
+    (theirs * weights).sum().backward()
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
+    for (name, p), q in zip(encoder.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-10, rtol=1e-10, msg=name)
+    for a, b in zip(encoder.buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)

@@ -73,7 +73,7 @@ class _ShapeFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Tensor | DatasetFileError:
-        torch.set_num_threads(1)  # several workers on few cores: one thread each
+        # (one thread per loader worker is PyTorch's own setting; with num_workers=0 this is the training process)
         try:
             points = torch.from_numpy(read_shape(self.paths[index]))
             if len(points) < self.count:

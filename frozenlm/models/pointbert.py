@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
@@ -32,7 +33,14 @@ from frozenlm.models.point_ops import group_points
 
 
 class PointGroupEncoder(nn.Module):
-    """Point-BERT's mini-PointNet: `[B, G, K, 3]` re-centred groups -> `[B, G, out_dim]`."""
+    """Point-BERT's mini-PointNet: `[B, G, K, 3]` re-centred groups -> `[B, G, out_dim]`.
+
+    The parameters are Point-BERT's (`Conv1d` of kernel 1 and `BatchNorm1d`, so its checkpoints load by
+    name), but the forward runs point-major: each kernel-1 convolution as one matmul over all `B * G * K`
+    points (`[points, channels]` rows, what `nn.Linear` computes), batch norm on those rows (the same
+    statistics as over `[B * G, C, K]`), the max-pools over each group's `K` rows. The same function
+    and FLOPs as the channel-major convolutions, without their slower CPU kernels and layout copies.
+    """
 
     def __init__(self, out_dim: int = 256) -> None:
         super().__init__()
@@ -43,12 +51,23 @@ class PointGroupEncoder(nn.Module):
             nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Conv1d(512, out_dim, 1)
         )
 
+    @staticmethod
+    def pointwise(layers: nn.Sequential, rows: Tensor) -> Tensor:
+        """`layers` (kernel-1 convolutions, batch norms, activations) on `rows [points, channels]`."""
+        for layer in layers:
+            if isinstance(layer, nn.Conv1d):
+                rows = F.linear(rows, layer.weight[..., 0], layer.bias)
+            else:  # BatchNorm1d takes [N, C] rows as it takes [N, C, L]; ReLU is elementwise
+                rows = layer(rows)
+        return rows
+
     def forward(self, groups: Tensor) -> Tensor:
         batch, num_groups, size, _ = groups.shape
-        local = self.first_conv(groups.reshape(batch * num_groups, size, 3).transpose(1, 2))  # [BG, 256, K]
-        pooled = local.max(dim=2, keepdim=True).values
-        features = self.second_conv(torch.cat([pooled.expand(-1, -1, size), local], dim=1))
-        return features.max(dim=2).values.reshape(batch, num_groups, -1)
+        local = self.pointwise(self.first_conv, groups.reshape(-1, 3)).view(batch * num_groups, size, -1)  # [BG, K, 256]
+        pooled = local.max(dim=1, keepdim=True).values
+        features = torch.cat([pooled.expand(-1, size, -1), local], dim=-1).view(-1, 2 * local.shape[-1])
+        features = self.pointwise(self.second_conv, features).view(batch * num_groups, size, -1)
+        return features.max(dim=1).values.reshape(batch, num_groups, -1)
 
 
 class PointBERT(nn.Module):
