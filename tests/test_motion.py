@@ -151,6 +151,17 @@ def test_argoverse2_scenes_read_with_av2_and_cached(av2_root):
     assert other.cache_folder("train") != data.cache_folder("train")  # other parameters, other cache
 
 
+def test_preprocessing_in_the_training_process_leaves_its_thread_count_alone(av2_root, tmp_path):
+    root = Path(shutil.copytree(av2_root, tmp_path / "av2", ignore=shutil.ignore_patterns("frozenlm_cache")))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert len(Argoverse2DataModule(root, num_workers=0).dataset("val")) == 4  # preprocessed here
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_preprocessing_resumes_after_a_kill(av2_root, tmp_path, monkeypatch):
     root = Path(shutil.copytree(av2_root, tmp_path / "av2", ignore=shutil.ignore_patterns("frozenlm_cache")))
     read = []

@@ -226,7 +226,8 @@ class _Preprocess(Dataset):
         return len(self.sources)
 
     def __getitem__(self, index: int) -> str | DatasetFileError:
-        torch.set_num_threads(1)
+        # One thread per loader worker is PyTorch's own setting; with num_workers=0 this runs in the
+        # training process, whose thread count it must leave alone.
         source, key = self.sources[index]
         entry = self.folder / f"{self.module.scene_id(source)}.{key}"
         try:
