@@ -54,18 +54,40 @@ class PolylineSubgraph(nn.Module):
 
         The vectors of all groups are the rows of one `[rows, C]` tensor, so each layer is one matmul, one
         LayerNorm and one ReLU over all of them; each max-pool works on its group's rows viewed as `[B, N_g,
-        V_g, hidden]` (`MaxPoolConcat`). Padded vector slots hold a copy of their polyline's first
-        real vector (`fill_padding`), which changes no max-pool, so no layer masks. The last layer's
-        output, `[nodes, max(nodes)]`, max-pools to `[max(nodes), max(nodes)]`, taken as that."""
+        V_g, hidden]` (`PolylineMaxPool`). Padded vector slots hold a copy of their polyline's first
+        real vector (`fill_padding`), which changes no max-pool, so no layer masks. A layer's input
+        `[nodes, max(nodes)]` is never built: its Linear splits into the nodes' half, a matmul over the
+        rows, and the max's half, a matmul once per polyline added to each of its rows (the same function,
+        a third fewer FLOPs). The last layer's output, `[nodes, max(nodes)]`, max-pools to `[max(nodes),
+        max(nodes)]`, taken as that."""
         shapes = tuple(tuple(mask.shape) for _, mask in groups)
         x = torch.cat([fill_padding(vectors, mask).reshape(-1, vectors.shape[-1]) for vectors, mask in groups])
-        for index, layer in enumerate(self.layers):
-            linear, norm, _ = layer
-            nodes = torch.relu_(norm(linear(x)))
-            x, pooled = MaxPoolConcat.apply(nodes, shapes, index < len(self.layers) - 1)
+        owner = polyline_of_rows(shapes, x.device)
+        pooled = None
+        for linear, norm, _ in self.layers:
+            if pooled is None:
+                h = linear(x)
+            else:  # linear(cat([nodes, max])) = nodes W_nodes^T + (max W_max^T + b), the second once per polyline
+                width = pooled.shape[-1]
+                per_polyline = F.linear(pooled.reshape(-1, width), linear.weight[:, width:], linear.bias)
+                h = torch.addmm(per_polyline.index_select(0, owner), nodes, linear.weight[:, :width].t())
+            nodes = torch.relu_(norm(h))
+            pooled = PolylineMaxPool.apply(nodes, shapes)
         real = torch.cat([mask.any(dim=2) for _, mask in groups], dim=1)
         pooled = torch.where(real[..., None], pooled, 0.0)
         return F.normalize(torch.cat([pooled, pooled], dim=-1), dim=-1)
+
+
+def polyline_of_rows(shapes: tuple[tuple[int, int, int], ...], device: torch.device) -> Tensor:
+    """For the rows of groups of `shapes` `(B, N_g, V_g)` in order, the index of each row's polyline in
+    the `[B * sum N_g]` flattening of the pooled features (group g's polylines after the earlier groups')."""
+    total = sum(n for _, n, _ in shapes)
+    owners, first = [], 0
+    for b, n, v in shapes:
+        index = torch.arange(b, device=device)[:, None] * total + first + torch.arange(n, device=device)[None]
+        owners.append(index[..., None].expand(b, n, v).reshape(-1))
+        first += n
+    return torch.cat(owners)
 
 
 def fill_padding(vectors: Tensor, vector_mask: Tensor) -> Tensor:
@@ -78,55 +100,36 @@ def fill_padding(vectors: Tensor, vector_mask: Tensor) -> Tensor:
     return filled.masked_fill(~vector_mask.any(dim=2)[..., None, None], 0.0)
 
 
-class MaxPoolConcat(torch.autograd.Function):
-    """A subgraph layer's pooling: `nodes [rows, D]`, the rows of groups of `shapes` `(B, N_g, V_g)` in
-    order -> `(cat([nodes, max over each polyline's V_g rows]), [rows, 2D]` (None unless `concat`),
-    `max [B, sum N_g, D]`).
+class PolylineMaxPool(torch.autograd.Function):
+    """The subgraph's max-pool: `nodes [rows, D]`, the rows of groups of `shapes` `(B, N_g, V_g)` in
+    order -> `[B, sum N_g, D]`, the max over each polyline's `V_g` rows.
 
-    Its backward fills one gradient tensor: the max's gradient (from the concatenated half, summed over the
-    polyline's rows, and from the max itself) added in place at the first maximal row, as `torch.max`'s
-    backward does. Splitting it evenly among equal maxima instead (`amax`'s) gives the parameters the
-    same gradient here: maxima tie only between copies of a vector (`fill_padding`), whose
-    activations are the same, or at 0, where the ReLU before passes no gradient."""
+    Its backward fills one gradient tensor, the max's gradient added at the first maximal row, as
+    `torch.max`'s backward does per group. Splitting it evenly among equal maxima instead (`amax`'s)
+    gives the parameters the same gradient here: maxima tie only between copies of a vector
+    (`fill_padding`), whose activations are the same, or at 0, where the ReLU before passes no gradient."""
 
     @staticmethod
-    def forward(ctx, nodes: Tensor, shapes: tuple[tuple[int, int, int], ...], concat: bool):
+    def forward(ctx, nodes: Tensor, shapes: tuple[tuple[int, int, int], ...]) -> Tensor:
         width, start, pooled, indices = nodes.shape[-1], 0, [], []
-        out = nodes.new_empty(len(nodes), 2 * width) if concat else None
-        if out is not None:
-            out[:, :width] = nodes
         for b, n, v in shapes:
-            rows = slice(start, start + b * n * v)
-            values, index = nodes[rows].view(b, n, v, width).max(dim=2, keepdim=True)
-            if out is not None:
-                out[rows, width:].view(b, n, v, width).copy_(values.expand(b, n, v, width))
+            values, index = nodes[start : start + b * n * v].view(b, n, v, width).max(dim=2, keepdim=True)
             pooled.append(values.squeeze(2))
             indices.append(index)
-            start = rows.stop
+            start += b * n * v
         ctx.save_for_backward(*indices)
-        ctx.shapes, ctx.width, ctx.rows, ctx.dtype, ctx.device = shapes, width, len(nodes), nodes.dtype, nodes.device
-        ctx.set_materialize_grads(False)
-        return out, torch.cat(pooled, dim=1)
+        ctx.shapes, ctx.width, ctx.rows = shapes, width, len(nodes)
+        return torch.cat(pooled, dim=1)
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor | None, grad_pooled: Tensor | None):
-        width, start, first = ctx.width, 0, 0
-        if grad_out is None:
-            grad, grad_out_half = torch.zeros(ctx.rows, width, dtype=ctx.dtype, device=ctx.device), None
-        else:
-            grad, grad_out_half = grad_out[:, :width].contiguous(), grad_out[:, width:]
+    def backward(ctx, grad_pooled: Tensor):
+        grad = grad_pooled.new_zeros(ctx.rows, ctx.width)
+        start, first = 0, 0
         for (b, n, v), index in zip(ctx.shapes, ctx.saved_tensors):
-            rows = slice(start, start + b * n * v)
-            to_max = None
-            if grad_out_half is not None:
-                to_max = grad_out_half[rows].view(b, n, v, width).sum(dim=2, keepdim=True)
-            if grad_pooled is not None:
-                own = grad_pooled[:, first : first + n, None]
-                to_max = own if to_max is None else to_max + own
-            if to_max is not None:
-                grad[rows].view(b, n, v, width).scatter_add_(2, index, to_max)
-            start, first = rows.stop, first + n
-        return grad, None, None
+            rows = grad[start : start + b * n * v].view(b, n, v, ctx.width)
+            rows.scatter_add_(2, index, grad_pooled[:, first : first + n, None])
+            start, first = start + b * n * v, first + n
+        return grad, None
 
 
 def masked_max(nodes: Tensor, vector_mask: Tensor) -> Tensor:
