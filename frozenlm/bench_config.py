@@ -93,7 +93,8 @@ DATASETS: dict[str, FakeData | None] = {
     "frozenlm.data.DigitsDataModule": None,
     "frozenlm.data.SSv2DataModule": FakeData("frozenlm.data.fake.ssv2:write", lambda n: {"per_class": {"train": _per(n, 4), "validation": 1}}),
     "frozenlm.data.ModelNet40DataModule": FakeData(
-        "frozenlm.data.fake.modelnet40:write", lambda n: {"train_per_class": _per(n, 40), "test_per_class": 1, "points": 10_000}
+        # the generator writes shapes of 3 classes (`WITH_SHAPES`), not 40
+        "frozenlm.data.fake.modelnet40:write", lambda n: {"train_per_class": _per(n, 3), "test_per_class": 1, "points": 10_000}
     ),
     "frozenlm.data.ScanObjectNNDataModule": FakeData(
         "frozenlm.data.fake.scanobjectnn:write", lambda n: {"train_per_class": _per(n, 15), "test_per_class": 1}
@@ -456,6 +457,16 @@ def measure_config(
                 f"--config {config}: the training loader gave {timer.step} batches, {len(schedule)} needed "
                 "(a dataset smaller than the batch with drop_last?)."
             )
+        low = {str(p.dtype).removeprefix("torch."): 0 for p in model.parameters() if p.dtype != torch.float32}
+        for p in model.parameters():
+            if p.dtype != torch.float32:
+                low[str(p.dtype).removeprefix("torch.")] += p.numel()
+        if low and ideal_dtype == torch.float32:
+            notes.append(
+                "parameters kept in " + ", ".join(f"{d} ({n / 1e6:.1f} M)" for d, n in low.items()) + " as the config "
+                "keeps them (the frozen block's `llm.dtype`): their matmuls run in that dtype, the ideal in float32, "
+                "so the ratio reads low where the CPU has fast low-precision matmuls"
+            )
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -495,14 +506,22 @@ def _loader_ms(datamodule, workers: int | None, batches: int) -> float | None:
     times: list[float] = []
     iterator = iter(loader)
     next(iterator)  # workers start, first batch
+    epochs_untimed = 0
     while len(times) < batches:
         start = time.perf_counter()
         try:
             next(iterator)
-        except StopIteration:
+        except StopIteration:  # a new epoch; its first batch (workers start again) is not timed
+            epochs_untimed += 1
+            if epochs_untimed > 1:  # epochs of one batch: restarting would never time a batch
+                raise ConfigurationError(
+                    "the training loader gives one batch per epoch: too few to time it (a larger dataset "
+                    "or a smaller --batch_size)."
+                ) from None
             iterator = iter(loader)
             next(iterator)
             continue
+        epochs_untimed = 0
         times.append(time.perf_counter() - start)
     del iterator
     return statistics.median(times) * 1e3

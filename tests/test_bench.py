@@ -404,6 +404,33 @@ def test_every_datamodule_of_a_shipped_config_has_a_generated_dataset():
     assert {c["model"]["class_path"] for c in configs} <= set(TASK_FAMILIES)
 
 
+def test_modelnet40s_generated_data_holds_the_training_samples_asked_for(tmp_path):
+    from frozenlm.bench_config import DATASETS
+
+    folder = DATASETS["frozenlm.data.ModelNet40DataModule"].write(tmp_path, 12)
+    assert len((folder / "modelnet40_train.txt").read_text().split()) >= 12  # was 3 (1 per class of 3)
+
+
+def test_the_loader_timing_refuses_epochs_of_one_batch_instead_of_restarting_forever():
+    from torch.utils.data import DataLoader
+
+    from frozenlm.bench_config import _loader_ms
+    from frozenlm.errors import ConfigurationError
+
+    class OneBatch:
+        def train_dataloader(self):
+            return DataLoader(list(range(4)), batch_size=4)
+
+    with pytest.raises(ConfigurationError, match="one batch per epoch"):
+        _loader_ms(OneBatch(), None, 3)
+
+    class ThreeBatches(OneBatch):
+        def train_dataloader(self):
+            return DataLoader(list(range(6)), batch_size=2)
+
+    assert _loader_ms(ThreeBatches(), None, 5) >= 0  # across epochs: 2 timed batches per epoch of 3
+
+
 # -- benchmarks/gpu_check.sh ---------------------------------------------------------------------------------
 GPU_CHECK = Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
 
