@@ -225,6 +225,9 @@ def _random_weights(config: dict[str, Any], work: Path, given: dict[str, str]) -
         args.append(f"--model.teacher={folder}")
         stand_in = "" if "clip-vit-base-patch16" in teacher else f", a stand-in for {teacher}: its teacher's FLOPs differ"
         notes.append(f"UTA teacher: random CLIP ViT-B/16-shaped weights{stand_in}")
+    if isinstance(init.get("pretrained"), str) and "model.pretrained" not in given:  # e.g. VideoMAE's hub weights
+        args.append("--model.pretrained=null")
+        notes.append(f"backbone: random weights of the architecture {init['pretrained']} has")
     distill = init.get("distill")
     if isinstance(distill, dict) and distill.get("pretrained"):
         args.append("--model.distill.pretrained=false")

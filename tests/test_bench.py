@@ -316,6 +316,17 @@ def test_llm_random_builds_a_7b_shaped_block_from_a_hub_id_offline(tmp_path):
     assert checkpoint.weight_map == {} and "random weights" in note
 
 
+def test_llm_random_gives_a_hub_backbone_random_weights_offline(tmp_path):
+    import yaml
+
+    from frozenlm.bench_config import _random_weights
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "ssv2_videomae_base.yaml").read_text())
+    args, notes = _random_weights(config, tmp_path, {})
+    assert "--model.pretrained=null" in args and "MCG-NJU/videomae-base-ssv2" in " ".join(notes)
+    assert "--model.pretrained=null" not in _random_weights(config, tmp_path, {"model.pretrained": "folder"})[0]
+
+
 def test_step_flops_of_a_known_module_equal_the_hand_count():
     """What `bench --config` counts a step with: a frozen linear (input gradient only), a trainable linear
     (input and weight gradients) and the fused attention kernel, whose backward PyTorch counts as five
