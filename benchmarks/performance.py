@@ -5,8 +5,9 @@
 1. `frozenlm bench --config C --llm_random` for each family's representative config(s) (`TIMED`),
    each in its own process (so one's memory cannot raise another's high-water mark): one and two threads,
    the median of 5 timed steps after warm-up, step and ideal interleaved in the same run.
-2. `frozenlm bench --config C --llm_random --count_only --batch_size 1` for every `configs/*.yaml`:
-   parameters, training-step FLOPs and the activations saved for backward, per sample.
+2. `frozenlm bench --config C --llm_random --count_only --batch_size 2` for every `configs/*.yaml`, each in
+   its own process too (one process for all held 13 GB after a few 7B-shaped blocks): parameters,
+   training-step FLOPs and the activations saved for backward, per sample.
 
 Both go into `docs/performance/performance.json` (written after each config, so a run that stops
 resumes where it stopped; `--fresh` starts over), and from it `docs/performance.md` (the timed table and
@@ -43,6 +44,7 @@ TIMED = [  # in the order run: the cheaper first
     ("modelnet40_1k_pointbert", 2),
     ("imagenet21k_uta_base", 1),
     ("ssv2_videomae_small", 2),
+    ("sqa3d_scanqa", 2),
     ("vqav2_meter", 1),
     ("flickr30k_meter", 1),
     ("cifar100_deit_lora", 2),
@@ -70,8 +72,10 @@ TARGETS = {
     "vqav2_meter": "test-dev 69.60", "vqav2_meter_llama": "test-dev 70.23",
     "flickr30k_meter": "text->image R@1 49.66", "flickr30k_meter_llama": "text->image R@1 50.22",
     "imagenet_uta_base_zeroshot": "UTA-B zero-shot 77.0",
+    "sqa3d_scanqa": "test EM@1 47.20", "sqa3d_scanqa_llama": "test EM@1 48.09",
 }  # fmt: skip
 # Training samples per epoch (public dataset statistics, rounded; the configs' held-out splits ignored).
+# SQA3D is not here: its training split's size after the answerable-only filter was not readable offline.
 EPOCH_SAMPLES = {
     "CIFAR100DataModule": 50_000, "Caltech256DataModule": 21_400, "MNISTDataModule": 50_000,
     "DigitsDataModule": 1_437, "SSv2DataModule": 168_913, "ModelNet40DataModule": 9_843,
@@ -110,26 +114,6 @@ def bench(config: str, batch: int | None, count_only: bool, out: Path) -> dict |
     return json.loads(out.read_text())[0]
 
 
-def count(config: str) -> dict | str:
-    """A `--count_only` row, in this process (counts and saved activations do not depend on the process)."""
-    import contextlib
-    import io
-
-    from frozenlm.bench_config import measure_config
-
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    start = time.time()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            os.chdir(REPO)
-            row = measure_config(f"configs/{config}.yaml", batch_size=2, llm_random=True, timed=False)
-    except Exception as error:  # noqa: BLE001 (recorded in the JSON and the page)
-        lines = [line for line in str(error).strip().splitlines() if line.strip()]
-        row = f"{type(error).__name__}: {lines[-1] if lines else ''}"
-    print(f"  {config}: {time.time() - start:.0f} s", flush=True)
-    return row
-
-
 def _update(kind: str, config: str | None, row: dict | str | None, fresh: bool = False) -> dict:
     """The JSON with `row` set (read, changed and written under a lock: the two phases may run at once)."""
     import fcntl
@@ -157,10 +141,7 @@ def run(fresh: bool, only: set[str] | None, phases: Sequence[str]) -> dict:
             if (only and config not in only) or isinstance(results[kind].get(config), dict):
                 continue
             print(f"{kind} {config} (batch {batch or 'of the config'})", flush=True)
-            if kind == "timed":
-                row = bench(config, batch, False, Path(tmp) / "row.json")
-            else:
-                row = count(config)
+            row = bench(config, batch, kind == "counted", Path(tmp) / "row.json")
             results = _update(kind, config, row)
     return _update("timed", None, None)
 
@@ -219,12 +200,17 @@ def render(results: dict) -> str:
     ]
     machines = list(results.get("machines", {}).values())
     m = machines[0] if machines else {}
-    loads = [x["load_average_1min"] for x in machines if "load_average_1min" in x]
     lines += [
-        f"Machine: {m.get('cpu')}, {m.get('cores')} cores, shared with other jobs while measured (a 2-core "
-        f"machine other sessions also used: times vary from run to run, ratios less); PyTorch {m.get('torch')}, "
-        f"GPU: {m.get('gpu') or 'none'}. The 1-minute load average when each config finished: "
-        f"{min(loads, default=0):.1f} to {max(loads, default=0):.1f} on {m.get('cores')} cores (other work ran too).",
+        f"Machine: {m.get('cpu')}, {m.get('cores')} cores; PyTorch {m.get('torch')}, GPU: {m.get('gpu') or 'none'}. "
+        "The 1-minute load average when each config finished (above the core count: other work ran beside "
+        "it; times vary from run to run, ratios less): "
+        + "; ".join(
+            f"{kind} {min(v):.1f} to {max(v):.1f}"
+            for kind in ("timed", "counted")
+            if (v := [x["load_average_1min"] for k, x in results.get("machines", {}).items()
+                      if k.startswith(kind + "/") and "load_average_1min" in x])
+        )
+        + f" on {m.get('cores')} cores.",
         "",
         "## One training step of each family against its FLOP ideal",
         "",
@@ -262,14 +248,18 @@ def render(results: dict) -> str:
     lines += [""] + [f"Note: {n}." for n in notes]
     lines += [
         "",
-        "Reading it: compare the 1-thread ratios. The 2-thread ones were taken while the machine's load average was "
-        "far above its 2 cores: a step of many small operations with 2 OpenMP threads waits at every barrier for "
-        "a thread the kernel has descheduled, while the ideal (one large matmul) barely synchronises, so these "
-        "ratios measure the contention more than the code; on a dedicated machine re-run `make performance`. "
-        "Generated data differs from the real data in one way that matters for motion: the generated Argoverse 2 "
-        "scenes hold fewer map vectors than real ones, so the VectorNet step here is smaller than on real scenes "
-        "(its FLOPs and ratio: `benchmarks/motion_step.py` on a real scenario). Step / ideal is measured against "
-        "a float32 matmul on this CPU; GPU figures: the section at the end.",
+        "Reading it. The timed rows were measured with nothing else running (the load averages above). Below 1: "
+        "the configs with a LLaMA-7B-shaped block keep its weights in bfloat16 (`llm.dtype`), and this CPU has "
+        "AVX-512 BF16 matmuls, so the block (most of the FLOPs) runs in bf16 while the ideal is a float32 "
+        "matmul; run them with `--args '[\"--model.llm.dtype=float32\"]'` for a float32 ratio. Well above 1 "
+        "at 2 threads: small batches (point clouds at 2, the 1-thread ratio is the comparable one) and steps "
+        "of many small operations (motion, SQA3D), which two OpenMP threads speed up less than one large "
+        "matmul. SQA3D's PointNet++ (farthest-point sampling, ball queries, gathers) does work no FLOP count "
+        "sees. Generated data differs from the real data in one way that matters for motion: the generated "
+        "Argoverse 2 scenes hold fewer map vectors than real ones, so the VectorNet step here is smaller than on "
+        "real scenes (its FLOPs and ratio: `benchmarks/motion_step.py` on a real scenario, "
+        "[Benchmarks](benchmarks.md#whole-training-steps-motion-and-point-bert)). GPU figures: the section at "
+        "the end.",
     ]
     lines += _config_table(results)
     lines += [
