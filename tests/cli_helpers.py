@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from frozenlm.cli import run
+from frozenlm.cli import main, run
 
 CONF = Path(__file__).parent / "conf"
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +34,15 @@ def run_cli(subcommand: str, config: str, root: Path, *args: str):
             *args,
         ]
     )  # fmt: skip
+
+
+def main_args(argv: list[str]) -> None:
+    """`frozenlm <argv>` through the console entry point (`frozenlm.cli.main`, which reads `sys.argv`)."""
+    old, sys.argv = sys.argv, ["frozenlm", *argv]
+    try:
+        main()
+    finally:
+        sys.argv = old
 
 
 def cli_command(subcommand: str, config: str, root: Path, *args: str) -> list[str]:

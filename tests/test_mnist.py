@@ -14,7 +14,6 @@ import torch
 import yaml
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from frozenlm.cli import main
 from frozenlm.data.mnist import (
     ChecksumError,
     MNISTDataModule,
@@ -29,6 +28,7 @@ from frozenlm.data.mnist import (
 from frozenlm.data.base import DatasetFileError, DatasetNotFoundError
 from frozenlm.llm import FrozenLMBlock, LLMConfig
 from frozenlm.sweep import summarize, sweep
+from tests.cli_helpers import main_args
 from tests.data.mnist import data as fake_mnist
 
 
@@ -65,16 +65,6 @@ def test_the_restricted_reader_refuses_any_other_call_without_running_it(tmp_pat
     error = capsys.readouterr().err.splitlines()[0]
     assert error.startswith("frozenlm: error: UnsafePickleError: ") and str(path) in error
     assert not raw_folder(tmp_path / "out").exists()
-
-
-def main_args(argv):
-    import sys
-
-    old, sys.argv = sys.argv, ["frozenlm", *argv]
-    try:
-        main()
-    finally:
-        sys.argv = old
 
 
 def test_the_idx_writer_is_byte_exact_against_torchvision_and_an_independent_writer(tmp_path):

@@ -16,7 +16,6 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from frozenlm.cli import main
 from frozenlm.data.base import DatasetFileError, DatasetNotFoundError, Unreadable
 from frozenlm.data.glove import load_word_vectors, read_glove_pickle, read_glove_text
 from frozenlm.data.prepare import prepare
@@ -43,6 +42,7 @@ from frozenlm.data.sqa3d import (
     question_type,
     tokenize,
 )
+from tests.cli_helpers import main_args
 from tests.data.sqa3d.data import QUESTIONS, SCENES, make_scene, write
 
 NUM_POINTS = 256
@@ -362,16 +362,6 @@ def test_prepare_names_and_counts_missing_and_damaged_scans_and_converts_the_oth
     assert not list((out / "scannet_data").glob("scene0001_00_*"))
     with pytest.raises(DatasetNotFoundError, match="needs --source"):
         prepare("sqa3d", str(out), None)
-
-
-def main_args(argv):
-    import sys
-
-    old, sys.argv = sys.argv, ["frozenlm", *argv]
-    try:
-        main()
-    finally:
-        sys.argv = old
 
 
 def test_the_ply_reader_reads_scannets_binary_layout_and_refuses_others(tiny, tmp_path):
