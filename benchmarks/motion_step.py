@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from frozenlm.allocator import keep_freed_memory
 from frozenlm.data import Argoverse2DataModule
 from frozenlm.llm import FrozenLMBlock
 from frozenlm.llm.families import SHAPES
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (and ideal matmuls), after a warm-up")
     parser.add_argument("--threads", default=None, help="CPU thread counts, e.g. 1,2 (default: torch's)")
     args = parser.parse_args()
+    kept = keep_freed_memory()  # as the frozenlm command does (frozenlm.allocator)
     device = torch.device(args.device)
     work = Path(tempfile.mkdtemp())
     try:
@@ -102,7 +104,7 @@ def main() -> None:
         real = float(sum(m.sum() for m in masks) / sum(m.numel() for m in masks))
         source = f"copies of {args.scenario.name}" if args.scenario else "real" if args.root else "synthetic"
         print(f"device {device}, {count} scenes ({source}), batch {args.batch} ({tokens} polyline tokens), "
-              f"LLM block {'yes' if args.llm else 'no'}, {args.repeats} timed steps each")  # fmt: skip
+              f"LLM block {'yes' if args.llm else 'no'}, {args.repeats} timed steps each, freed memory {'kept' if kept else 'returned'}")  # fmt: skip
         print("threads | preprocess scenes/s | load ms/batch | real vector slots | GFLOP | step ms | ideal ms | step/ideal | load/step")
         for threads in [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]:
             torch.set_num_threads(threads)

