@@ -3,14 +3,15 @@
 A CPU training step allocates and frees the same tensors every step. glibc's `malloc` returns large
 freed blocks to the kernel (blocks above its mmap threshold, and free memory above its trim threshold at
 the top of the heap), so the next step's tensors come back as fresh pages, each zeroed by the kernel on
-first touch. For VectorNet at batch 32 (23,808 vector rows, many 6 MB activations) that was about
-10,000 page faults per step and a quarter of the step's time on 2 CPU threads (see docs/benchmarks.md).
+first touch. For VectorNet at batch 32 in a fresh process (23,808 vector rows, many 6 MB activations)
+that was about 10,000 page faults per step and a fifth to a quarter of the step's time on 2 CPU threads
+(see docs/benchmarks.md); how often it happens depends on what the process freed before.
 
 [`keep_freed_memory`][frozenlm.allocator.keep_freed_memory] raises both thresholds with `mallopt`, as
 the usual advice of preloading jemalloc or tcmalloc does, without preloading anything. The `frozenlm`
 command calls it first (every command: `fit`, `bench`, ...), and so do `benchmarks/motion_step.py` and
-`benchmarks/pointcloud_step.py`; call it yourself at the top of a script that trains in Python. `FROZENLM_KEEP_FREED_MEMORY=0` turns it
-off. The cost: a process holds up to `keep` bytes of freed memory beyond what it uses (its resident
+`benchmarks/pointcloud_step.py`; call it yourself at the top of a script that trains in Python.
+`FROZENLM_KEEP_FREED_MEMORY=0` turns it off. The cost: a process holds up to `keep` bytes of freed memory beyond what it uses (its resident
 size stays near its peak). Only glibc (Linux) has these settings; elsewhere it does nothing.
 """
 

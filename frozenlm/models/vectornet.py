@@ -105,9 +105,10 @@ class PolylineMaxPool(torch.autograd.Function):
     order -> `[B, sum N_g, D]`, the max over each polyline's `V_g` rows.
 
     Its backward fills one gradient tensor, the max's gradient added at one maximal row per polyline and
-    channel (the index `max_pool1d` returns), as `torch.max`'s backward does per group. Splitting it evenly among equal maxima instead (`amax`'s)
-    gives the parameters the same gradient here: maxima tie only between copies of a vector
-    (`fill_padding`), whose activations are the same, or at 0, where the ReLU before passes no gradient."""
+    channel (the index `max_pool1d` returns), as `torch.max`'s backward does per group. Splitting it
+    evenly among equal maxima instead (`amax`'s) gives the parameters the same gradient here: maxima tie
+    only between copies of a vector (`fill_padding`), whose activations are the same, or at 0, where the
+    ReLU before passes no gradient."""
 
     @staticmethod
     def forward(ctx, nodes: Tensor, shapes: tuple[tuple[int, int, int], ...]) -> Tensor:
