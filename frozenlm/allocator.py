@@ -20,29 +20,23 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import platform
-import sys
 
 ENV = "FROZENLM_KEEP_FREED_MEMORY"
 # mallopt's parameter numbers (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_applied: tuple[int, int] | None = None
 
 
 def keep_freed_memory(block: int = 64 << 20, keep: int = 1 << 30) -> bool:
     """Make glibc's malloc reuse freed memory: blocks up to `block` bytes come from the heap (not a fresh
-    mmap each), and up to `keep` bytes free at the heap's top stay there. True when applied (or already
-    applied by an earlier call); False where there is no glibc or `FROZENLM_KEEP_FREED_MEMORY=0`.
+    mmap each), and up to `keep` bytes free at the heap's top stay there. True when applied; False where
+    there is no glibc or `FROZENLM_KEEP_FREED_MEMORY=0`.
 
     Process-wide and harmless to repeat. Loader processes forked after the call inherit it.
     """
-    global _applied
     if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    if _applied == (block, keep):
-        return True
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    if not _glibc():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -51,7 +45,12 @@ def keep_freed_memory(block: int = 64 << 20, keep: int = 1 << 30) -> bool:
     # Setting either threshold by hand turns off glibc's own adjustment of both, so set both.
     if not libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(block)):
         return False
-    if not libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(keep)):
+    return bool(libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(keep)))
+
+
+def _glibc() -> bool:
+    """Whether this process runs on glibc (asked of the C library itself, no file read)."""
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # no confstr (Windows) or no such name (musl, macOS)
         return False
-    _applied = (block, keep)
-    return True

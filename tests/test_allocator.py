@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 import textwrap
@@ -12,8 +11,6 @@ import pytest
 
 import frozenlm.cli
 from frozenlm import allocator
-
-GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 # A training step in miniature: two 48 MiB activations made and freed, twenty times (glibc's default maps
 # blocks above 32 MiB afresh each time). Printed: how many of the last eight rounds faulted in fresh pages
@@ -44,7 +41,7 @@ def _faulting_rounds(keep: str) -> tuple[str, int]:
     return applied, int(rounds)
 
 
-@pytest.mark.skipif(not GLIBC, reason="mallopt's thresholds are glibc's")
+@pytest.mark.skipif(not allocator._glibc(), reason="mallopt's thresholds are glibc's")
 def test_kept_memory_is_reused_without_fresh_pages_and_returned_memory_is_not():
     applied, kept = _faulting_rounds("1")
     assert applied == "True"
