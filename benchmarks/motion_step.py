@@ -39,6 +39,7 @@ from frozenlm.data import Argoverse2DataModule
 from frozenlm.llm import FrozenLMBlock
 from frozenlm.llm.families import SHAPES
 from frozenlm.measure import flop_counter, median_seconds, step_and_ideal_seconds
+from frozenlm.models import polyline_kernel
 from frozenlm.tasks import MotionForecaster
 
 
@@ -104,7 +105,8 @@ def main() -> None:
         real = float(sum(m.sum() for m in masks) / sum(m.numel() for m in masks))
         source = f"copies of {args.scenario.name}" if args.scenario else "real" if args.root else "synthetic"
         print(f"device {device}, {count} scenes ({source}), batch {args.batch} ({tokens} polyline tokens), "
-              f"LLM block {'yes' if args.llm else 'no'}, {args.repeats} timed steps each, freed memory {'kept' if kept else 'returned'}")  # fmt: skip
+              f"LLM block {'yes' if args.llm else 'no'}, {args.repeats} timed steps each, freed memory {'kept' if kept else 'returned'}, "
+              f"subgraph {'fused CPU kernel' if polyline_kernel.usable(batch['agent_vectors']) else 'PyTorch operations'}")  # fmt: skip
         print("threads | preprocess scenes/s | load ms/batch | real vector slots | GFLOP | step ms | ideal ms | step/ideal | load/step")
         for threads in [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]:
             torch.set_num_threads(threads)

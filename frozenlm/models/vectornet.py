@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from frozenlm.data.motion import VECTOR_DIM
 from frozenlm.llm import LLMConfig, apply_block, create_block
+from frozenlm.models import polyline_kernel
 from frozenlm.models.config import FromHParams
 
 
@@ -54,40 +55,52 @@ class PolylineSubgraph(nn.Module):
 
         The vectors of all groups are the rows of one `[rows, C]` tensor, so each layer is one matmul, one
         LayerNorm and one ReLU over all of them; each max-pool works on its group's rows viewed as `[B, N_g,
-        V_g, hidden]` (`PolylineMaxPool`). Padded vector slots hold a copy of their polyline's first
-        real vector (`fill_padding`), which changes no max-pool, so no layer masks. A layer's input
+        V_g, hidden]` (`PolylineMaxPool`). On a CPU, everything after a layer's matmul (the per-polyline
+        row added, LayerNorm, ReLU, max-pool) is one fused C++ pass forward and one backward
+        ([`polyline_kernel`][frozenlm.models.polyline_kernel]; PyTorch's operations where it cannot be
+        built). Padded vector slots hold a copy of their polyline's first real vector (`fill_padding`), which changes no max-pool, so no layer masks. A layer's input
         `[nodes, max(nodes)]` is never built: its Linear splits into the nodes' half, a matmul over the
         rows, and the max's half, a matmul once per polyline added to each of its rows (the same function,
         a third fewer FLOPs). The last layer's output, `[nodes, max(nodes)]`, max-pools to `[max(nodes),
         max(nodes)]`, taken as that."""
         shapes = tuple(tuple(mask.shape) for _, mask in groups)
         x = torch.cat([fill_padding(vectors, mask).reshape(-1, vectors.shape[-1]) for vectors, mask in groups])
-        owner = polyline_of_rows(shapes, x.device)
+        ranges = polyline_ranges(shapes, x.device)
+        fused = polyline_kernel.usable(x)  # on a CPU: one C++ pass for add, LayerNorm, ReLU and max-pool
+        owner = None if fused else torch.repeat_interleave(ranges[2], ranges[1])  # each row's polyline
         pooled = None
         for linear, norm, _ in self.layers:
+            per_polyline = None
             if pooled is None:
                 h = linear(x)
             else:  # linear(cat([nodes, max])) = nodes W_nodes^T + (max W_max^T + b), the second once per polyline
                 width = pooled.shape[-1]
                 per_polyline = F.linear(pooled.reshape(-1, width), linear.weight[:, width:], linear.bias)
-                h = torch.addmm(per_polyline.index_select(0, owner), nodes, linear.weight[:, :width].t())
-            nodes = torch.relu_(norm(h))
-            pooled = PolylineMaxPool.apply(nodes, shapes)
+                h = nodes @ linear.weight[:, :width].t() if fused else torch.addmm(per_polyline.index_select(0, owner), nodes, linear.weight[:, :width].t())  # fmt: skip
+            if fused:
+                nodes, pooled = polyline_kernel.PolylineLayer.apply(h, per_polyline, norm.weight, norm.bias, ranges, norm.eps)  # fmt: skip
+                pooled = pooled.view(shapes[0][0], -1, pooled.shape[-1])
+            else:
+                nodes = torch.relu_(norm(h))
+                pooled = PolylineMaxPool.apply(nodes, shapes)
         real = torch.cat([mask.any(dim=2) for _, mask in groups], dim=1)
         pooled = torch.where(real[..., None], pooled, 0.0)
         return F.normalize(torch.cat([pooled, pooled], dim=-1), dim=-1)
 
 
-def polyline_of_rows(shapes: tuple[tuple[int, int, int], ...], device: torch.device) -> Tensor:
-    """For the rows of groups of `shapes` `(B, N_g, V_g)` in order, the index of each row's polyline in
-    the `[B * sum N_g]` flattening of the pooled features (group g's polylines after the earlier groups')."""
+def polyline_ranges(shapes: tuple[tuple[int, int, int], ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """For the rows of groups of `shapes` `(B, N_g, V_g)` in order, each polyline's `(starts, lengths, dest)`:
+    its rows are `starts[p] : starts[p] + lengths[p]`, its index in the `[B * sum N_g]` flattening of the pooled
+    features is `dest[p]` (group g's polylines after the earlier groups')."""
     total = sum(n for _, n, _ in shapes)
-    owners, first = [], 0
+    starts, lengths, dest, row, first = [], [], [], 0, 0
     for b, n, v in shapes:
-        index = torch.arange(b, device=device)[:, None] * total + first + torch.arange(n, device=device)[None]
-        owners.append(index[..., None].expand(b, n, v).reshape(-1))
-        first += n
-    return torch.cat(owners)
+        index = torch.arange(b * n, device=device)
+        starts.append(row + index * v)
+        lengths.append(torch.full_like(index, v))
+        dest.append(index.div(n, rounding_mode="floor") * total + first + index.remainder(n) if n else index)
+        row, first = row + b * n * v, first + n
+    return torch.cat(starts), torch.cat(lengths), torch.cat(dest)
 
 
 def fill_padding(vectors: Tensor, vector_mask: Tensor) -> Tensor:

@@ -1,0 +1,108 @@
+"""VectorNet's fused CPU subgraph layer (frozenlm.models.polyline_kernel) against PyTorch's own operations."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from frozenlm.data.motion import VECTOR_DIM
+from frozenlm.models import polyline_kernel
+from frozenlm.models.vectornet import VectorNet, polyline_ranges
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler to build the fused kernel"
+)
+
+
+def random_groups(dtype: torch.dtype, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Agents and lanes as the datamodules pad them: garbage in padded slots, an empty polyline, a full one,
+    polylines of one vector (their max ties with the padded copies) and a group of one polyline."""
+    generator = torch.Generator().manual_seed(seed)
+    groups = []
+    for polylines, length in ((5, 13), (9, 4), (1, 3)):
+        vectors = torch.randn(3, polylines, length, VECTOR_DIM, dtype=dtype, generator=generator)
+        mask = torch.rand(3, polylines, length, generator=generator) < 0.6
+        mask[0, 0], mask[1, -1] = False, True
+        mask[2, 0], mask[2, 0, 0] = False, True  # one real vector, copied into every padded slot
+        vectors[~mask] = 1e3
+        groups.append((vectors, mask))
+    return groups
+
+
+def subgraph_step(net: VectorNet, groups, weights: torch.Tensor, fused: bool, monkeypatch) -> tuple[torch.Tensor, dict]:
+    monkeypatch.setenv("FROZENLM_CPU_KERNELS", "1" if fused else "0")
+    net.zero_grad(set_to_none=True)
+    features = net.polyline_features(groups)
+    (features * weights).sum().backward()
+    return features.detach(), {name: p.grad.clone() for name, p in net.subgraph.named_parameters()}
+
+
+def test_the_fused_layer_gives_pytorchs_features_and_gradients_in_float64(monkeypatch):
+    """Same features and parameter gradients as Linear, LayerNorm, ReLU and max_pool1d, in float64, with
+    padding, ties and empty polylines; and the fused kernel is what ran (it builds on this machine)."""
+    torch.manual_seed(0)
+    net = VectorNet(VECTOR_DIM, hidden=16).double()
+    groups = random_groups(torch.float64)
+    assert polyline_kernel.usable(torch.zeros(1, dtype=torch.float64))
+    weights = torch.randn(3, 15, 32, dtype=torch.float64)
+    ours, our_grads = subgraph_step(net, groups, weights, True, monkeypatch)
+    theirs, their_grads = subgraph_step(net, groups, weights, False, monkeypatch)
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
+    assert ours[0, 0].abs().max() == 0  # the empty polyline
+    for name in their_grads:
+        torch.testing.assert_close(our_grads[name], their_grads[name], atol=1e-11, rtol=1e-11, msg=name)
+
+
+def test_the_fused_layer_gives_the_same_bits_on_one_and_two_threads():
+    """Rows split among threads by rows; the LayerNorm weight and bias gradients summed over fixed chunks of
+    polylines in order: float32 outputs and every gradient bit for bit the same on 1 and 2 threads."""
+    shapes = ((4, 6, 20), (4, 40, 5))
+    ranges = polyline_ranges(shapes, torch.device("cpu"))
+    rows, polylines = int(ranges[1].sum()), len(ranges[0])
+    generator = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(*s, generator=generator) for s in ((rows, 64), (polylines, 64), (64,), (64,))]
+    grads = torch.randn(rows, 64, generator=generator), torch.randn(polylines, 64, generator=generator)
+    results, threads = [], torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            nodes, pooled = polyline_kernel.PolylineLayer.apply(*leaves[:2], *leaves[2:], ranges, 1e-5)
+            torch.autograd.backward((nodes, pooled), grads)
+            results.append([nodes, pooled] + [leaf.grad for leaf in leaves])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_a_kernel_that_cannot_be_built_falls_back_with_one_warning(monkeypatch):
+    """A failed build warns once, naming the reason and the switch, and the subgraph runs PyTorch's operations."""
+    from torch.utils import cpp_extension
+
+    def broken(**kwargs):
+        raise RuntimeError("Error building extension 'frozenlm_polyline_layer': c++: not found")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    polyline_kernel.load.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="could not be built .*c\\+\\+: not found.*FROZENLM_CPU_KERNELS=0"):
+            assert not polyline_kernel.usable(torch.zeros(1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not polyline_kernel.usable(torch.zeros(1))  # once per process
+            net = VectorNet(VECTOR_DIM, hidden=8)
+            assert net.polyline_features(random_groups(torch.float32)).shape == (3, 15, 16)
+    finally:
+        polyline_kernel.load.cache_clear()
+    assert not polyline_kernel.usable(torch.zeros(1, device="meta"))  # FLOP counting on the meta device
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16-mixed: the matmuls hand over bfloat16
+        assert not polyline_kernel.usable(torch.zeros(1))
+        features = VectorNet(VECTOR_DIM, hidden=8).polyline_features(random_groups(torch.float32))
+        assert features.shape == (3, 15, 16) and features.isfinite().all()
+    assert not polyline_kernel.usable(torch.zeros(1, dtype=torch.bfloat16))
+    monkeypatch.setenv("FROZENLM_CPU_KERNELS", "0")
+    assert not polyline_kernel.usable(torch.zeros(1))
