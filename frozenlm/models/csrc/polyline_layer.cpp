@@ -25,7 +25,7 @@ constexpr int64_t kChunk = 16;  // polylines per partial sum of the weight and b
 
 // `body(first, last)` over items (polylines, chunks of them) whose rows are contiguous and in order, item i's
 // first row being `first_row(i)`: the threads split the rows evenly, not the items (an agent's polyline can
-// have seven times the rows of a lane's), each taking the items that start in its rows.
+// have five times the rows of a lane's), each taking the items that start in its rows.
 template <typename FirstRow, typename Body>
 void parallel_by_rows(int64_t items, int64_t rows, const FirstRow& first_row, const Body& body) {
   at::parallel_for(0, rows, 2048, [&](int64_t r0, int64_t r1) {
