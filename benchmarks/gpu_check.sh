@@ -3,7 +3,8 @@
 #   1. bf16 MFU of one training step of ViT-S + the LLaMA-7B-shaped frozen block (imagenet_deit_small_llama,
 #      batch 256): the step's counted FLOPs / its median time / the GPU's peak dense bf16 FLOP/s;
 #   2. the same with 2-rank NCCL DDP when the machine has 2 GPUs (time per step includes the all-reduce);
-#   3. the video config's (ssv2_videomae_small_llama) peak memory at batch 24 (torch.cuda.max_memory_allocated).
+#   3. the video config's (ssv2_videomae_small_llama) peak memory at batch 24 (torch.cuda.max_memory_allocated over
+#      a whole training step, measured after the warm-up), and its step time and MFU beside it.
 # Each is `frozenlm bench --config ... --llm_random` (frozenlm.bench_config); the figures go to $OUT/*.json
 # and a summary to stdout.
 #
@@ -65,7 +66,7 @@ else
   echo "== 2. skipped: $GPUS GPU(s), DDP needs 2"
 fi
 echo "== 3. video config, peak memory at batch $VIDEO_BATCH"
-"${BENCH[@]}" --config "$VIDEO_CONFIG" --batch_size "$VIDEO_BATCH" --count_only true \
+"${BENCH[@]}" --config "$VIDEO_CONFIG" --batch_size "$VIDEO_BATCH" --loader_batches 1 \
   --args "$(json_list ${VIDEO_ARGS[@]+"${VIDEO_ARGS[@]}"})" --output "$OUT/video_peak.json"
 
 $PYTHON - "$OUT" "$PEAK" "$DEVICE" <<'EOF'
@@ -91,8 +92,10 @@ for name in ("image_1gpu", "image_ddp2"):
                          "mfu": step["step_tflops"] * 1e12 / peak, "peak_mem_mib": row["peak_mem_mib"],
                          "weights": row["weights"]}
 video = json.loads((out / "video_peak.json").read_text())[0]
+step = video["timings"][0]
 summary["video"] = {"config": video["config"], "batch": video["batch"], "peak_mem_mib": video["peak_mem_mib"],
-                    "activation_mib_per_sample": video["activation_mib_per_sample"]}
+                    "activation_mib_per_sample": video["activation_mib_per_sample"], "step_ms": step["step_ms"],
+                    "mfu": step["step_tflops"] * 1e12 / peak}
 (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 print(json.dumps(summary, indent=1))
 EOF

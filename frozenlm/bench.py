@@ -75,7 +75,7 @@ def bench(
 
     With `config`, instead: one whole training step of that config (task and datamodule built as
     `frozenlm fit` builds them) against a matmul of its FLOPs, at one and two threads, the loader's time
-    per batch with the config's workers, peak memory and parameter counts (`frozenlm.bench_config`
+    per batch in one process and its share of the step with the config's workers, peak memory and parameter counts (`frozenlm.bench_config`
     says how); the block options below are then unused, except `device`, `repeats`, `warmup`.
 
     Args:
@@ -296,7 +296,7 @@ def print_table(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> None:
 
 
 CONFIG_COLUMNS = ["family", "config", "batch", "trainable M", "frozen M", "GFLOP/sample", "threads",
-                  "step ms", "ideal ms", "step/ideal", "loader ms (workers)", "loader/step", "peak MiB"]  # fmt: skip
+                  "step ms", "ideal ms", "step/ideal", "loader ms, 1 proc. (workers)", "loader/step", "peak MiB"]  # fmt: skip
 
 
 def config_cells(row: dict[str, Any]) -> list[list[str]]:
@@ -333,7 +333,8 @@ def print_config_table(rows: list[dict[str, Any]]) -> None:
     console.print(escape(
         "GFLOP/sample: the training step's matmul, convolution and attention FLOPs (forward + backward, "
         "FlopCounterMode) / batch. step/ideal: median step time / median time of one matmul of the same FLOPs, "
-        "interleaved in the same run. loader: median time per batch of the training loader alone. peak: "
+        "interleaved in the same run. loader: median time per batch of the training loader alone, in one process; "
+        "loader/step: that / min(workers, cores) / step (above 1 the loader cannot keep up). peak: "
         "the step's peak memory above what was held before it."
     ), style="dim")  # fmt: skip
     for row in rows:

@@ -6,14 +6,18 @@ few steps; a callback times each step from `on_train_batch_start` to `on_train_b
 backward, gradient clipping, optimiser step), plus the datamodule's and the task's
 `on_after_batch_transfer` (device-side work such as point sampling and augmentation). The loader is
 kept out of the step (`num_workers` 0 while stepping: a batch is read between two timed steps) and
-timed on its own afterwards, with the config's workers.
+timed on its own afterwards, in one process (`loader_ms`: the work of one batch; timing it through the
+config's workers would time their queue, which they fill ahead of a consumer that takes nothing); with
+the config's workers it takes `loader_ms / loader_parallel` per batch at best (`loader_parallel` =
+min(workers, CPU cores), 1 with no workers), and `loader_per_step` is that over the step: above 1, the
+loader cannot keep up.
 
 Protocol: the config's batch (or `batch_size`); the first step is run under
 `frozenlm.measure.flop_counter` (matmuls, convolutions and attention, forward and backward, as
 PyTorch's `FlopCounterMode` counts them; not timed); `warmup` untimed steps (the peak memory is
 measured over the last); then, for each thread count, one untimed step and `repeats` timed steps, each
 followed by the ideal: one plain `torch.matmul` `[m, n] @ [n, n].T` of the same FLOPs in the
-step's compute dtype (`frozenlm.measure.ideal_operands`), timed right after it so both see the
+step's compute dtype (`frozenlm.measure.ideal_shape`), timed right after it so both see the
 same machine load. `ratio` = median step / median ideal.
 
 Where the config's dataset is absent, `DATASETS` names the tiny generated dataset of its
@@ -125,7 +129,7 @@ HUB_SHAPES = {
 RESULT_KEYS = (
     "config", "family", "task", "datamodule", "data", "weights", "random_weights", "batch", "batch_source", "device", "precision",
     "params_trainable", "params_frozen", "flops_step", "flops_per_sample", "forward_flops_per_sample", "timings",
-    "loader_ms", "loader_workers", "loader_per_step", "peak_mem_mib", "mem_method", "weights_mib", "grads_mib",
+    "loader_ms", "loader_workers", "loader_parallel", "loader_per_step", "peak_mem_mib", "mem_method", "weights_mib", "grads_mib",
     "optimizer_state_mib", "activation_mib_per_sample", "step_peak_mib_per_sample", "repeats", "warmup", "notes", "machine",
 )  # fmt: skip
 
@@ -161,7 +165,9 @@ def machine() -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2), "gpu": gpu, "torch": torch.__version__, "python": platform.python_version()}
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+            "load_average_1min": round(os.getloadavg()[0], 2), "gpu": gpu, "torch": torch.__version__,
+            "python": platform.python_version()}  # fmt: skip
 
 
 def _llm_config_folder(checkpoint: str | None, folder: Path) -> tuple[str | None, str | None]:
@@ -341,8 +347,9 @@ class SavedActivations:
 def _ideal_operands(flops: int, device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], None], float]:
     """`(matmul, scale)`: one `[m, n] @ [n, n].T` with `2 m n^2 ~= flops` (as `frozenlm.measure`'s
     ideal) and the factor that scales its time to exactly `flops`."""
-    n = max(1, round((flops / 2) ** (1 / 3)))
-    m = max(1, round(flops / (2 * n * n)))
+    from frozenlm.measure import ideal_shape
+
+    m, n = ideal_shape(flops)
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(m, n, generator=generator).to(device, dtype)
     w = torch.randn(n, n, generator=generator).to(device, dtype)
@@ -453,7 +460,7 @@ def measure_config(
         with _threads(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer.fit(model, datamodule=datamodule)
-            loader_ms = _loader_ms(datamodule, workers, loader_batches) if timed else None
+            loader_ms = _loader_ms(datamodule, loader_batches) if timed else None
             forward = _forward_flops(model, datamodule)
         if timer.step < len(schedule):
             raise ConfigurationError(
@@ -484,14 +491,16 @@ def measure_config(
         timings.append({"threads": t, "step_ms": step_s * 1e3, "ideal_ms": ideal_s * 1e3, "ratio": step_s / ideal_s,
                         "step_tflops": timer.flops / step_s / 1e12})  # fmt: skip
     peak = timer.peak.peak if timer.peak is not None else None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    parallel = max(1, min(workers or 0, cores))  # the loader's processes that can run at once
     return {
         "config": str(config), "family": family, "task": parsed["model"]["class_path"],
         "datamodule": data_class, "data": data_note, "weights": "; ".join(weight_notes), "random_weights": llm_random,
         "batch": batch, "batch_source": "--batch_size" if batch_size else "config", "device": str(dev),
         "precision": precision, "params_trainable": trainable, "params_frozen": frozen, "flops_step": timer.flops,
         "flops_per_sample": timer.flops / batch, "forward_flops_per_sample": forward, "timings": timings,
-        "loader_ms": loader_ms, "loader_workers": workers,
-        "loader_per_step": loader_ms / timings[0]["step_ms"] if loader_ms is not None and timings else None,
+        "loader_ms": loader_ms, "loader_workers": workers, "loader_parallel": parallel,
+        "loader_per_step": loader_ms / parallel / timings[0]["step_ms"] if loader_ms is not None and timings else None,
         "peak_mem_mib": peak / 2**20 if peak is not None else None,
         "mem_method": timer.peak.method if timer.peak is not None else None, "weights_mib": weights / 2**20,
         "grads_mib": grads / 2**20, "optimizer_state_mib": state / 2**20,
@@ -501,10 +510,11 @@ def measure_config(
     }  # fmt: skip
 
 
-def _loader_ms(datamodule, workers: int | None, batches: int) -> float | None:
-    """Median milliseconds between training batches after the first, the loader alone, with `workers`."""
-    if workers is not None and hasattr(datamodule, "num_workers"):
-        datamodule.num_workers = workers
+def _loader_ms(datamodule, batches: int) -> float | None:
+    """Median milliseconds per training batch after the first, the loader alone, in this process (no
+    workers: the work of one batch, not the time to take it from workers' queue)."""
+    if hasattr(datamodule, "num_workers"):
+        datamodule.num_workers = 0
     loader = datamodule.train_dataloader()
     times: list[float] = []
     iterator = iter(loader)

@@ -203,8 +203,7 @@ def time_block_step(
         out.backward(grad_out.to(out.dtype))
 
     # The ideal: a [m, n] @ w.T with 2 m n^2 ~= flops, w stored like an nn.Linear weight.
-    n = max(1, round((flops / 2) ** (1 / 3)))
-    m = max(1, round(flops / (2 * n * n)))
+    m, n = ideal_shape(flops)
     a = torch.randn(m, n, generator=generator).to(dev, dtype)
     w = torch.randn(n, n, generator=generator).to(dev, dtype)
     c = torch.empty(m, n, device=dev, dtype=dtype)
@@ -258,10 +257,17 @@ def step_and_ideal_seconds(step: Callable[[], object], flops: int, device: torch
     return statistics.median(steps), statistics.median(ideals)
 
 
+def ideal_shape(flops: int) -> tuple[int, int]:
+    """`(m, n)` of the FLOP ideal `[m, n] @ [n, n].T` with `2 m n^2 ~= flops` (its time is scaled to exactly
+    `flops`): n the cube root rounded to a multiple of 64, since a width that is not one sends cuBLAS's
+    bf16 matmul to kernels several times slower (on an H200, n = 29,113 ran at about 125 TFLOP/s)."""
+    n = max(1, round((flops / 2) ** (1 / 3) / 64)) * 64
+    return max(1, round(flops / (2 * n * n))), n
+
+
 def _ideal_matmul(flops: int, device: torch.device) -> tuple[Callable[[], torch.Tensor], float]:
     """One fp32 matmul `[m, n] @ [n, n].T` of about `flops` and the factor from its FLOPs to `flops`."""
-    n = max(1, round((flops / 2) ** (1 / 3)))
-    m = max(1, round(flops / (2 * n * n)))
+    m, n = ideal_shape(flops)
     a, w = torch.randn(m, n, device=device), torch.randn(n, n, device=device)
     return (lambda: torch.matmul(a, w.mT)), flops / (2 * m * n * n)
 

@@ -12,8 +12,8 @@ import pytest
 import frozenlm.cli
 from frozenlm import allocator
 
-# A training step in miniature: two 48 MiB activations made and freed, twenty times (glibc's default maps
-# blocks above 32 MiB afresh each time). Printed: how many of the last eight rounds faulted in fresh pages
+# A training step in miniature: two 160 MiB activations made and freed, twenty times (glibc's default maps
+# blocks above 32 MiB afresh each time, and takes no mmap threshold above 64 MiB). Printed: how many of the last eight rounds faulted in fresh pages
 # for at least half of their tensors (the kernel handing out new, zeroed pages; the heap settles in the
 # first few rounds).
 ROUNDS = textwrap.dedent(
@@ -26,10 +26,10 @@ ROUNDS = textwrap.dedent(
     counts = []
     for _ in range(20):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        tensors = [torch.ones(12 << 20) for _ in range(2)]  # 2 x 48 MiB, each page touched
+        tensors = [torch.ones(40 << 20) for _ in range(2)]  # 2 x 160 MiB, each page touched
         del tensors
         counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(applied, sum(count > (48 << 20) // 4096 for count in counts[-8:]))
+    print(applied, sum(count > (160 << 20) // 4096 for count in counts[-8:]))
     """
 )
 

@@ -25,14 +25,17 @@ OBSERVED, TOTAL = 50, 110
 def path_of(origin: np.ndarray, heading: float, speed: float, turn: float, steps: int) -> np.ndarray:
     """`[steps, 2]` positions at 10 Hz of a vehicle turning at `turn` rad/s."""
     headings = heading + turn * np.arange(steps) * 0.1
-    return origin + np.cumsum(speed * 0.1 * np.stack([np.cos(headings), np.sin(headings)], 1), axis=0)
+    # Rounded to 1e-6: numpy's SIMD cos/sin differ in the last bit between CPUs (AVX-512 or not), and the
+    # files are to be the same bytes on any machine.
+    step = np.round(np.stack([np.cos(headings), np.sin(headings)], 1), 6)
+    return origin + np.cumsum(speed * 0.1 * step, axis=0)
 
 
 def track(track_id: str, positions: np.ndarray, kind: ObjectType, category: TrackCategory, steps: int) -> Track:
     velocity = np.gradient(positions, axis=0) * 10
     states = [
         ObjectState(observed=t < OBSERVED, timestep=t, position=(float(p[0]), float(p[1])),
-                    heading=float(np.arctan2(v[1], v[0])), velocity=(float(v[0]), float(v[1])))
+                    heading=round(float(np.arctan2(v[1], v[0])), 6), velocity=(float(v[0]), float(v[1])))
         for t, (p, v) in enumerate(zip(positions[:steps], velocity[:steps]))
     ]  # fmt: skip
     return Track(track_id=track_id, object_states=states, object_type=kind, category=category)
