@@ -402,7 +402,7 @@ def _config_table(results: dict) -> list[str]:
         "(attention scores under a fused kernel, workspace) are not in it. Time per epoch = GFLOPs / sample x "
         f"training samples per epoch / (peak bf16 dense tensor FLOP/s x an assumed MFU of {MFU:.0%}), on one GPU; "
         "peaks: RTX 3090 71 TFLOP/s (NVIDIA Ampere GA102 whitepaper), A100 80GB 312 TFLOP/s (A100 datasheet). "
-        "Against a GPU measurement (two configs, one H200): the next section. Paper targets: docs/reproducing.md.",
+        "Against a GPU measurement: the next section. Paper targets: docs/reproducing.md.",
         "",
         "| config | family | dataset | block | params trainable / frozen (M) | GFLOPs / sample | paper target | "
         "recipe batch per GPU x GPUs | MiB / sample | RTX 3090: largest batch, h / epoch | A100 80GB: largest batch, h / epoch |",
