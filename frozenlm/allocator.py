@@ -9,9 +9,9 @@ that was about 10,000 page faults per step and a fifth to a quarter of the step'
 
 [`keep_freed_memory`][frozenlm.allocator.keep_freed_memory] tells glibc to take every block from its
 heap (no mmap: `M_MMAP_MAX` 0) and never to trim the heap (`M_TRIM_THRESHOLD` -1), as the usual advice of
-preloading jemalloc or tcmalloc does, without preloading anything: raising the mmap threshold instead
-(64 MiB, the previous setting) left larger tensors to fresh mappings, since glibc accepts no higher
-threshold; Point-BERT at 8,192 points and batch 16 (256 MiB-1 GiB activations) took 0.5-1 million
+preloading jemalloc or tcmalloc does, without preloading anything. The previous setting raised the
+thresholds instead (mmap at 64 MiB, trim at 1 GiB): larger tensors still came from fresh mappings, and
+whenever a step freed more than 1 GiB at the heap's top it went back to the kernel; Point-BERT at 8,192 points and batch 16 (256 MiB-1 GiB activations) took 0.5-1 million
 page faults per step that way, none now, and its step 5 % less time. The `frozenlm` command calls it
 first (every command: `fit`, `bench`, ...), and so do `benchmarks/motion_step.py` and
 `benchmarks/pointcloud_step.py`; call it yourself at the top of a script that trains in Python.
