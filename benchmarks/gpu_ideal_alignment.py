@@ -11,28 +11,21 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from frozenlm.measure import ideal_shape  # noqa: E402
+from frozenlm.measure import ideal_shape, median_seconds  # noqa: E402
 
 
 def median_ms(m: int, n: int, flops: int) -> float:
+    """Median time of `[m, n] @ [n, n].T` in bf16, scaled to `flops` (as the ideal is)."""
     a = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    torch.matmul(a, w.mT, out=out)
-    times = []
-    for _ in range(5):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        torch.matmul(a, w.mT, out=out)
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * flops / (2 * m * n * n))
-    return sorted(times)[2] * 1e3
+    seconds = median_seconds(lambda: torch.matmul(a, w.mT, out=out), torch.device("cuda"), 5)
+    return seconds * flops / (2 * m * n * n) * 1e3
 
 
 def main() -> None:

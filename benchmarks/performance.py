@@ -370,15 +370,16 @@ def _gpu_section(results: dict) -> list[str]:
             + " at a multiple of 64: the ideal's width is now rounded so (`frozenlm.measure.ideal_shape`), and "
             "the run's own ratio is not the one to read.",
         ]
+    video = rows.get("video_peak")
     lines += [
         "",
         "Reading it. The memory estimate of the config table (float32 activations counted on the CPU) was "
         + (f"above the measured bf16-mixed peak in all {len(over)} runs, as it is meant to be (an upper bound)"
            if over and all(over) else "**not** above the measured peak in every run: it is no upper bound there")
         + ": under bf16 the saved activations were "
-        + (f"{rows['video_peak']['activation_mib_per_sample']:.0f} MiB per sample for the video config against "
-           f"{results['counted']['ssv2_videomae_small_llama']['activation_mib_per_sample']:.0f} counted in float32"
-           if "video_peak" in rows and isinstance(results.get("counted", {}).get("ssv2_videomae_small_llama"), dict)
+        + (f"{video['activation_mib_per_sample']:.0f} MiB per sample for the video config against "
+           f"{counted_video['activation_mib_per_sample']:.0f} counted in float32"
+           if video and isinstance(counted_video := results.get("counted", {}).get(Path(video["config"]).stem), dict)
            else "smaller")
         + (f". The measured MFU is below the {MFU:.0%} the epoch-time column assumes, so those hours read short "
            "by the ratio of the two." if max(mfus) < MFU else f". The epoch-time column assumes an MFU of {MFU:.0%}."),

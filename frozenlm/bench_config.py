@@ -391,6 +391,7 @@ def measure_config(
     `work_dir` holds the generated data and weights (default: a temporary folder, removed after).
     `timed=False` counts only (FLOPs, parameters, saved activations: one step, no timing, no loader, no
     peak): `timings` is empty and the loader and peak figures None."""
+    from frozenlm.data.base import usable_cores
     from frozenlm.trainer_cli import BaseTask, FrozenLMCLI, LightningDataModule
 
     path = Path(config)
@@ -491,8 +492,7 @@ def measure_config(
         timings.append({"threads": t, "step_ms": step_s * 1e3, "ideal_ms": ideal_s * 1e3, "ratio": step_s / ideal_s,
                         "step_tflops": timer.flops / step_s / 1e12})  # fmt: skip
     peak = timer.peak.peak if timer.peak is not None else None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    parallel = max(1, min(workers or 0, cores))  # the loader's processes that can run at once
+    parallel = max(1, min(workers or 0, usable_cores()))  # the loader's processes that can run at once
     return {
         "config": str(config), "family": family, "task": parsed["model"]["class_path"],
         "datamodule": data_class, "data": data_note, "weights": "; ".join(weight_notes), "random_weights": llm_random,

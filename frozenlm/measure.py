@@ -260,7 +260,7 @@ def step_and_ideal_seconds(step: Callable[[], object], flops: int, device: torch
 def ideal_shape(flops: int) -> tuple[int, int]:
     """`(m, n)` of the FLOP ideal `[m, n] @ [n, n].T` with `2 m n^2 ~= flops` (its time is scaled to exactly
     `flops`): n the cube root rounded to a multiple of 64, since a width that is not one sends cuBLAS's
-    bf16 matmul to kernels several times slower (on an H200, n = 29,113 ran at about 125 TFLOP/s)."""
+    bf16 matmul to kernels several times slower (on an H200, n = 29,137 ran at about 125 TFLOP/s)."""
     n = max(1, round((flops / 2) ** (1 / 3) / 64)) * 64
     return max(1, round(flops / (2 * n * n))), n
 

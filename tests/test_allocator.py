@@ -13,7 +13,7 @@ import frozenlm.cli
 from frozenlm import allocator
 
 # A training step in miniature: two 160 MiB activations made and freed, twenty times (glibc's default maps
-# blocks above 32 MiB afresh each time, and takes no mmap threshold above 64 MiB). Printed: how many of the last eight rounds faulted in fresh pages
+# blocks above 32 MiB afresh each time, and so did the previous setting's 64 MiB threshold). Printed: how many of the last eight rounds faulted in fresh pages
 # for at least half of their tensors (the kernel handing out new, zeroed pages; the heap settles in the
 # first few rounds).
 ROUNDS = textwrap.dedent(

@@ -67,10 +67,14 @@ def collate_readable(samples: list[dict | list[dict] | Unreadable | None]) -> di
     return batch
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the platform tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_num_workers() -> int:
     """Loader workers for this machine: all usable cores but one (left to the training process), at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, min(8, cores - 1))
+    return max(0, min(8, usable_cores() - 1))
 
 
 # What Pillow raises for a file it cannot decode: missing or not an image (OSError, including
