@@ -41,14 +41,16 @@ def subgraph_step(net: VectorNet, groups, weights: torch.Tensor, fused: bool, mo
     return features.detach(), {name: p.grad.clone() for name, p in net.subgraph.named_parameters()}
 
 
-def test_the_fused_layer_gives_pytorchs_features_and_gradients_in_float64(monkeypatch):
+@pytest.mark.parametrize("hidden", [64, 16, 6])
+def test_the_fused_layer_gives_pytorchs_features_and_gradients_in_float64(monkeypatch, hidden):
     """Same features and parameter gradients as Linear, LayerNorm, ReLU and max_pool1d, in float64, with
-    padding, ties and empty polylines; and the fused kernel is what ran (it builds on this machine)."""
+    padding, ties and empty polylines; and the fused kernel is what ran (it builds on this machine). Widths:
+    VectorNet's 64 (the kernel's fixed-width loops), 16 (its other loops) and 6 (not whole SIMD vectors)."""
     torch.manual_seed(0)
-    net = VectorNet(VECTOR_DIM, hidden=16).double()
+    net = VectorNet(VECTOR_DIM, hidden=hidden).double()
     groups = random_groups(torch.float64)
     assert polyline_kernel.usable(torch.zeros(1, dtype=torch.float64))
-    weights = torch.randn(3, 15, 32, dtype=torch.float64)
+    weights = torch.randn(3, 15, 2 * hidden, dtype=torch.float64)
     ours, our_grads = subgraph_step(net, groups, weights, True, monkeypatch)
     theirs, their_grads = subgraph_step(net, groups, weights, False, monkeypatch)
     torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
@@ -57,23 +59,30 @@ def test_the_fused_layer_gives_pytorchs_features_and_gradients_in_float64(monkey
         torch.testing.assert_close(our_grads[name], their_grads[name], atol=1e-11, rtol=1e-11, msg=name)
 
 
-def test_the_fused_layer_gives_the_same_bits_on_one_and_two_threads():
-    """Rows split among threads by rows; the LayerNorm weight and bias gradients summed over fixed chunks of
-    polylines in order: float32 outputs and every gradient bit for bit the same on 1 and 2 threads."""
+@pytest.mark.parametrize("keep_nodes", [True, False])
+def test_the_fused_layer_gives_the_same_bits_on_one_and_two_threads(keep_nodes):
+    """Rows split among threads by rows; the weight, LayerNorm weight and bias gradients summed over fixed
+    chunks of polylines in order: float32 outputs and every gradient bit for bit the same on 1 and 2 threads,
+    with the nodes kept (their gradient flows back) and without (the last layer)."""
     shapes = ((4, 6, 20), (4, 40, 5))
     ranges = polyline_ranges(shapes, torch.device("cpu"))
     rows, polylines = int(ranges[1].sum()), len(ranges[0])
     generator = torch.Generator().manual_seed(1)
-    inputs = [torch.randn(*s, generator=generator) for s in ((rows, 64), (polylines, 64), (64,), (64,))]
+    shapes = ((rows, 64), (64, 64), (polylines, 64), (64,), (64,))
+    inputs = [torch.randn(*s, generator=generator) for s in shapes]
     grads = torch.randn(rows, 64, generator=generator), torch.randn(polylines, 64, generator=generator)
     results, threads = [], torch.get_num_threads()
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
             leaves = [t.clone().requires_grad_() for t in inputs]
-            nodes, pooled = polyline_kernel.PolylineLayer.apply(*leaves[:2], *leaves[2:], ranges, 1e-5)
-            torch.autograd.backward((nodes, pooled), grads)
-            results.append([nodes, pooled] + [leaf.grad for leaf in leaves])
+            nodes, pooled = polyline_kernel.PolylineLayer.apply(*leaves, ranges, 1e-5, keep_nodes)
+            if keep_nodes:
+                torch.autograd.backward((nodes, pooled), grads)
+            else:
+                assert nodes is None
+                pooled.backward(grads[1])
+            results.append(([nodes] if keep_nodes else []) + [pooled] + [leaf.grad for leaf in leaves])
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*results))

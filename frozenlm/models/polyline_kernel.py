@@ -24,6 +24,7 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 SOURCE = Path(__file__).with_name("csrc") / "polyline_layer.cpp"
 
@@ -65,42 +66,58 @@ def load() -> ModuleType | None:
 
 def usable(h: Tensor) -> bool:
     """Whether the fused kernel runs on `h`: a CPU tensor of float32 or float64 outside autocast (whose
-    matmuls would hand it bfloat16), kernel enabled and built."""
+    matmuls would hand it bfloat16) and outside a `TorchDispatchMode` such as PyTorch's `FlopCounterMode`
+    (which sees only PyTorch's operations, so counts the same function's matmuls there), kernel enabled and
+    built."""
     return (
         h.device.type == "cpu"
         and h.dtype in (torch.float32, torch.float64)
         and not torch.is_autocast_enabled("cpu")
+        and not is_in_torch_dispatch_mode()
         and enabled()
         and load() is not None
     )
 
 
 class PolylineLayer(torch.autograd.Function):
-    """`(h [rows, D], per_polyline [P, D] or None, weight, bias, ranges, eps)` -> `(nodes [rows, D], pooled
-    [P, D])`: `relu(layer_norm(h + per_polyline[owner]))` and its max over each polyline's rows, where
-    `ranges = (starts, lengths, dest)` say that polyline `p` is rows `starts[p] : starts[p] + lengths[p]`,
-    pooled into row `dest[p]`."""
+    """`(inputs [rows, K], weight [D, K], per_polyline [P, D] or None, norm_weight, norm_bias, ranges, eps,
+    keep_nodes)` -> `(nodes [rows, D] or None, pooled [P, D])`: `nodes = relu(layer_norm(inputs @ weight.T +
+    per_polyline[owner]))` and `pooled` its max over each polyline's rows, where `ranges = (starts, lengths,
+    dest)` say that polyline `p` is rows `starts[p] : starts[p] + lengths[p]`, pooled into row `dest[p]`.
+    Without `keep_nodes` (the last layer, whose nodes only feed the max-pool) the nodes are neither written
+    nor returned."""
 
     @staticmethod
-    def forward(ctx, h, per_polyline, weight, bias, ranges, eps):
+    def forward(ctx, inputs, weight, per_polyline, norm_weight, norm_bias, ranges, eps, keep_nodes):
         starts, lengths, dest = ranges
-        h = h.contiguous()
+        inputs, weight = inputs.contiguous(), weight.contiguous()
         per_polyline = None if per_polyline is None else per_polyline.contiguous()
-        nodes, pooled, argmax, mean, rstd = load().forward(
-            h, per_polyline, weight.contiguous(), bias.contiguous(), starts, lengths, dest, len(dest), eps
+        pre, nodes, pooled, argmax, mean, rstd = load().forward(
+            inputs, weight.t().contiguous(), per_polyline, norm_weight.contiguous(), norm_bias.contiguous(),
+            starts, lengths, dest, len(dest), eps, keep_nodes,
         )
-        ctx.save_for_backward(h, per_polyline, nodes, weight, mean, rstd, argmax)
-        ctx.ranges = ranges
-        ctx.set_materialize_grads(False)  # the last layer's nodes go unused: no zero gradient made for them
-        return nodes, pooled
+        ctx.save_for_backward(inputs, weight, pre, nodes, pooled, norm_weight, mean, rstd, argmax)
+        ctx.ranges, ctx.keep_nodes, ctx.has_per_polyline = ranges, keep_nodes, per_polyline is not None
+        ctx.set_materialize_grads(False)  # no zero gradient made for nodes that go unused
+        return (nodes if keep_nodes else None), pooled
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_nodes, grad_pooled):
-        h, per_polyline, nodes, weight, mean, rstd, argmax = ctx.saved_tensors
-        grad_nodes = None if grad_nodes is None else grad_nodes.contiguous()
-        grad_pooled = nodes.new_zeros(argmax.shape) if grad_pooled is None else grad_pooled.contiguous()
-        grad_h, grad_per_polyline, grad_weight, grad_bias = load().backward(
-            grad_nodes, grad_pooled, h, per_polyline, nodes, weight, mean, rstd, argmax, *ctx.ranges
+        inputs, weight, pre, nodes, pooled, norm_weight, mean, rstd, argmax = ctx.saved_tensors
+        grad_nodes = grad_nodes.contiguous() if grad_nodes is not None and ctx.keep_nodes else None
+        grad_pooled = pooled.new_zeros(pooled.shape) if grad_pooled is None else grad_pooled.contiguous()
+        grad_inputs, grad_weight, grad_per_polyline, grad_gamma, grad_beta = load().backward(
+            grad_nodes, grad_pooled, inputs, weight, pre, nodes, pooled, norm_weight, mean, rstd, argmax,
+            *ctx.ranges, ctx.needs_input_grad[0], ctx.has_per_polyline,
         )
-        return grad_h, grad_per_polyline if per_polyline is not None else None, grad_weight, grad_bias, None, None
+        return (
+            grad_inputs if ctx.needs_input_grad[0] else None,
+            grad_weight,
+            grad_per_polyline if ctx.has_per_polyline else None,
+            grad_gamma,
+            grad_beta,
+            None,
+            None,
+            None,
+        )
