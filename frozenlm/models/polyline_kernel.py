@@ -1,14 +1,18 @@
-"""VectorNet's subgraph layer fused for CPUs: `[per-polyline row added] -> LayerNorm -> ReLU -> max-pool per
-polyline` as one C++ pass forward and one backward (`csrc/polyline_layer.cpp`), where PyTorch's own
-operations take about ten passes over the `[rows, 64]` activations (an add, LayerNorm, ReLU, the pool; in
-backward a zero fill, a scatter, the two gradients' sum, the ReLU's and LayerNorm's backward, an index_add).
+"""VectorNet's subgraph layer fused for CPUs: `matmul -> [per-polyline row added] -> LayerNorm -> ReLU ->
+max-pool per polyline` as one C++ pass forward and one backward (`csrc/polyline_layer.cpp`), where PyTorch's
+own operations take about twelve passes over the `[rows, 64]` activations (the matmul, an add, LayerNorm,
+ReLU, the pool; in backward a zero fill, a scatter, the two gradients' sum, the ReLU's and LayerNorm's
+backward, an index_add and two matmuls). The kernel works through chunks of 16 polylines: the chunk's
+matmul (a register-blocked kernel, faster than a BLAS call on these thin `[rows, 64] x [64, 64]` shapes),
+then its rows through the rest while they are in cache; backward, both of the matmul's gradients from the
+chunk's LayerNorm gradients while those are in cache.
 
 Built with `torch.utils.cpp_extension` on first use in a process that needs it (about 40 s with two cores;
 cached under `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, so later runs load it at once),
 for CPU tensors of float32 or float64 in training or inference. Where it cannot be built (no C++ compiler
 or OpenMP, another platform) it says why once and [`PolylineSubgraph`][frozenlm.models.vectornet.PolylineSubgraph]
-runs PyTorch's operations, the same function; `FROZENLM_CPU_KERNELS=0` turns it off. On GPUs the subgraph
-always runs PyTorch's operations.
+runs PyTorch's operations, the same function; `FROZENLM_CPU_KERNELS=0` turns it off. On GPUs, under
+autocast and under a `TorchDispatchMode` (such as the FLOP counter) the subgraph runs PyTorch's operations.
 """
 
 from __future__ import annotations

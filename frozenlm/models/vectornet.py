@@ -55,8 +55,8 @@ class PolylineSubgraph(nn.Module):
 
         The vectors of all groups are the rows of one `[rows, C]` tensor, so each layer is one matmul, one
         LayerNorm and one ReLU over all of them; each max-pool works on its group's rows viewed as `[B, N_g,
-        V_g, hidden]` (`PolylineMaxPool`). On a CPU, everything after a layer's matmul (the per-polyline
-        row added, LayerNorm, ReLU, max-pool) is one fused C++ pass forward and one backward
+        V_g, hidden]` (`PolylineMaxPool`). On a CPU, each layer (matmul, per-polyline row added,
+        LayerNorm, ReLU, max-pool) is one fused C++ pass forward and one backward
         ([`polyline_kernel`][frozenlm.models.polyline_kernel]; PyTorch's operations where it cannot be
         built). Padded vector slots hold a copy of their polyline's first real vector (`fill_padding`), which changes no max-pool, so no layer masks. A layer's input
         `[nodes, max(nodes)]` is never built: its Linear splits into the nodes' half, a matmul over the
