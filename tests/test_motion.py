@@ -336,6 +336,12 @@ def test_vectornet_identifier_is_the_minimum_start_and_the_paper_global_graph():
     q, k, v = graph.query(nodes), graph.key(nodes), graph.value(nodes)
     scores = (q @ k.transpose(1, 2)).masked_fill(~polyline_mask[:, None], float("-inf"))  # no 1/sqrt(d), no out-proj
     torch.testing.assert_close(graph(nodes, polyline_mask), scores.softmax(-1) @ v)
+    # a scene with no real polyline attends to nothing, as scaled_dot_product_attention: 0, finite gradients
+    nodes.requires_grad_()
+    out = graph(nodes, torch.tensor([[False] * 5, [True, True, True, False, False]]))
+    assert out[0].abs().max() == 0 and out.isfinite().all()
+    out.sum().backward()
+    assert nodes.grad.isfinite().all() and all(p.grad.isfinite().all() for p in graph.parameters())
     assert not any("out_proj" in name for name, _ in net.named_parameters())
     assert any("out_proj" in name for name, _ in VectorNet(VECTOR_DIM, hidden=8, global_graph="multihead").named_parameters())
 

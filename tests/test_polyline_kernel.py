@@ -64,7 +64,7 @@ def test_the_fused_layer_gives_the_same_bits_on_one_and_two_threads(keep_nodes):
     """Rows split among threads by rows; the weight, LayerNorm weight and bias gradients summed over fixed
     chunks of polylines in order: float32 outputs and every gradient bit for bit the same on 1 and 2 threads,
     with the nodes kept (their gradient flows back) and without (the last layer)."""
-    shapes = ((4, 6, 20), (4, 40, 5))
+    shapes = ((4, 60, 20), (4, 100, 5))  # 6,800 rows: above the 2,048 rows a thread takes at least
     ranges = polyline_ranges(shapes, torch.device("cpu"))
     rows, polylines = int(ranges[1].sum()), len(ranges[0])
     generator = torch.Generator().manual_seed(1)
@@ -115,3 +115,37 @@ def test_a_kernel_that_cannot_be_built_falls_back_with_one_warning(monkeypatch):
     assert not polyline_kernel.usable(torch.zeros(1, dtype=torch.bfloat16))
     monkeypatch.setenv("FROZENLM_CPU_KERNELS", "0")
     assert not polyline_kernel.usable(torch.zeros(1))
+
+
+def test_polylines_without_rows_and_ranges_that_do_not_tile_the_rows():
+    """Polylines of no rows pool to 0 and add nothing to any gradient (float64, against PyTorch's operations
+    on the other polylines' rows); ranges that skip or overrun rows are refused before any row is read."""
+    generator = torch.Generator().manual_seed(2)
+    lengths = torch.tensor([3] * 16 + [0] * 16 + [2])
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+    dest = torch.arange(len(lengths))
+    rows, width = int(lengths.sum()), 8
+    tensors = [torch.randn(*s, generator=generator, dtype=torch.float64) for s in ((rows, 5), (width, 5), (len(lengths), width), (width,), (width,))]  # fmt: skip
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    pooled = polyline_kernel.PolylineLayer.apply(*leaves, (starts, lengths, dest), 1e-5, False)[1]
+    weights = torch.randn(pooled.shape, generator=generator, dtype=torch.float64)
+    for size in range(8, 129, 8):  # freed NaN blocks of the sizes the backward's buffers take: garbage to reuse
+        torch.full((size,), float("nan"), dtype=torch.float64)
+    (pooled * weights).sum().backward()
+
+    inputs, weight, per_polyline, gamma, beta = [t.clone().requires_grad_() for t in tensors]
+    owner = torch.repeat_interleave(dest, lengths)
+    nodes = torch.relu(torch.nn.functional.layer_norm(inputs @ weight.T + per_polyline[owner], (width,), gamma, beta, 1e-5))  # fmt: skip
+    index = owner[:, None].expand(-1, width)
+    expected = torch.zeros(len(lengths), width, dtype=torch.float64).scatter_reduce(0, index, nodes, "amax", include_self=False)  # fmt: skip
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(pooled, expected, atol=1e-12, rtol=0)
+    assert pooled[16:32].abs().max() == 0
+    for leaf, theirs in zip(leaves, (inputs, weight, per_polyline, gamma, beta)):
+        torch.testing.assert_close(leaf.grad, theirs.grad, atol=1e-11, rtol=1e-11)
+
+    for bad_starts, message in ((starts + 1, "do not follow"), (starts[:-1], "one length")):
+        with pytest.raises(RuntimeError, match=message):
+            polyline_kernel.PolylineLayer.apply(*tensors, (bad_starts, lengths, dest), 1e-5, False)
+    with pytest.raises(RuntimeError, match="the polylines hold 50 rows, the inputs 51"):
+        polyline_kernel.PolylineLayer.apply(torch.cat([tensors[0], tensors[0][:1]]), *tensors[1:], (starts, lengths, dest), 1e-5, False)  # fmt: skip

@@ -189,7 +189,10 @@ class PaperGlobalGraph(nn.Module):
         bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
         query, key, value = F.linear(nodes, weight, bias).chunk(3, dim=-1)
         scores = (query @ key.transpose(1, 2)).masked_fill(~polyline_mask[:, None, :], float("-inf"))
-        return scores.softmax(dim=-1) @ value
+        # a scene without a real polyline attends to nothing (0, as scaled_dot_product_attention gives), its
+        # softmax's NaN kept out of the output and, through masked_fill's backward, out of the gradients
+        weights = scores.softmax(dim=-1).masked_fill(~polyline_mask.any(dim=-1)[:, None, None], 0.0)
+        return weights @ value
 
 
 class MultiheadGlobalGraph(nn.MultiheadAttention):

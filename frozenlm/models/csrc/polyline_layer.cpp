@@ -265,6 +265,7 @@ void backward_kernel(const T* __restrict__ grad_nodes, const T* __restrict__ gra
       // of grad_pre^T [D, rows] x inputs [rows, K]
       if (grad_inputs)
         matmul<T>(chunk_rows, grad_pre.data(), D, 1, D, weight, K, K, grad_inputs + row0 * K, K, false);
+      if (chunk_rows == 0) std::fill(partial_weight + k * D * K, partial_weight + (k + 1) * D * K, T(0));
       for (int64_t s = 0; s < chunk_rows; s += kRowBlock)
         matmul<T>(D, grad_pre.data() + s * D, 1, D, std::min(kRowBlock, chunk_rows - s), inputs + (row0 + s) * K, K, K,
                   partial_weight + k * D * K, K, s > 0);
@@ -272,15 +273,26 @@ void backward_kernel(const T* __restrict__ grad_nodes, const T* __restrict__ gra
   });
 }
 
+// The polylines' ranges, checked to tile the rows in order (polyline p's rows right after p - 1's, the last
+// ending at the last row) and to pool into rows below pooled_rows: every row and pooled row read is in bounds.
 Ranges check(const torch::Tensor& inputs, const torch::Tensor& starts, const torch::Tensor& lengths,
-             const torch::Tensor& dest) {
+             const torch::Tensor& dest, int64_t pooled_rows) {
   TORCH_CHECK(inputs.device().is_cpu() && inputs.dim() == 2 && inputs.is_contiguous(),
               "inputs must be a contiguous [rows, K] CPU tensor");
   for (const auto* t : {&starts, &lengths, &dest})
-    TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous() && t->numel() == starts.numel(),
-                "starts, lengths and dest must be contiguous int64 tensors of one length");
-  return {starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), dest.data_ptr<int64_t>(), starts.numel(),
-          inputs.size(0)};
+    TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->device().is_cpu() && t->is_contiguous() &&
+                    t->numel() == starts.numel(),
+                "starts, lengths and dest must be contiguous int64 CPU tensors of one length");
+  const Ranges ranges{starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), dest.data_ptr<int64_t>(),
+                      starts.numel(), inputs.size(0)};
+  int64_t row = 0;
+  for (int64_t p = 0; p < ranges.polylines; ++p) {
+    TORCH_CHECK(ranges.starts[p] == row && ranges.lengths[p] >= 0, "polyline ", p, "'s rows do not follow the previous polyline's");
+    TORCH_CHECK(ranges.dest[p] >= 0 && ranges.dest[p] < pooled_rows, "polyline ", p, " pools outside the pooled rows");
+    row += ranges.lengths[p];
+  }
+  TORCH_CHECK(row == ranges.rows, "the polylines hold ", row, " rows, the inputs ", ranges.rows);
+  return ranges;
 }
 
 // The chunks' partial sums [chunks, n] in order, on one thread: the same bits on any number of threads.
@@ -304,9 +316,14 @@ torch::Tensor sum_chunks(const torch::Tensor& partial) {
 std::vector<torch::Tensor> forward(torch::Tensor inputs, torch::Tensor weight_t, std::optional<torch::Tensor> per_polyline,
                                    torch::Tensor gamma, torch::Tensor beta, torch::Tensor starts, torch::Tensor lengths,
                                    torch::Tensor dest, int64_t pooled_rows, double eps, bool keep_nodes) {
-  const Ranges ranges = check(inputs, starts, lengths, dest);
+  const Ranges ranges = check(inputs, starts, lengths, dest, pooled_rows);
   const int64_t R = inputs.size(0), K = inputs.size(1), D = weight_t.size(1);
   TORCH_CHECK(weight_t.is_contiguous() && weight_t.size(0) == K, "weight_t must be a contiguous [K, D] tensor");
+  TORCH_CHECK(!per_polyline || (per_polyline->is_contiguous() && per_polyline->size(0) == pooled_rows &&
+                                per_polyline->size(1) == D),
+              "per_polyline must be a contiguous [pooled_rows, D] tensor");
+  TORCH_CHECK(gamma.is_contiguous() && beta.is_contiguous() && gamma.numel() == D && beta.numel() == D,
+              "the LayerNorm weight and bias must be contiguous [D] tensors");
   auto options = inputs.options();
   auto pre = torch::empty({R, D}, options);
   auto nodes = keep_nodes ? torch::empty({R, D}, options) : torch::empty({0, D}, options);
@@ -333,16 +350,24 @@ std::vector<torch::Tensor> backward(std::optional<torch::Tensor> grad_nodes, tor
                                     torch::Tensor pooled, torch::Tensor gamma, torch::Tensor mean, torch::Tensor rstd,
                                     torch::Tensor argmax, torch::Tensor starts, torch::Tensor lengths, torch::Tensor dest,
                                     bool need_inputs, bool has_per_polyline) {
-  const Ranges ranges = check(inputs, starts, lengths, dest);
+  const Ranges ranges = check(inputs, starts, lengths, dest, pooled.size(0));
   const int64_t K = inputs.size(1), D = pre.size(1), chunks = ranges.chunks();
   TORCH_CHECK(weight.is_contiguous() && weight.size(0) == D && weight.size(1) == K, "weight must be a contiguous [D, K] tensor");
+  TORCH_CHECK(grad_pooled.is_contiguous() && grad_pooled.sizes() == pooled.sizes(), "grad_pooled must be contiguous, pooled's shape");
+  TORCH_CHECK(!grad_nodes || (grad_nodes->is_contiguous() && grad_nodes->sizes() == pre.sizes() &&
+                              nodes.sizes() == pre.sizes()),
+              "grad_nodes needs the kept nodes, both contiguous [rows, D]");
   auto options = inputs.options();
   torch::Tensor grad_inputs = need_inputs ? torch::empty_like(inputs) : torch::Tensor();
   torch::Tensor grad_per_polyline = has_per_polyline ? torch::zeros_like(pooled) : torch::Tensor();
   auto partial_weight = torch::empty({chunks, D * K}, options);  // every chunk writes its own partial sums
   auto partial_gamma = torch::empty({chunks, D}, options);
   auto partial_beta = torch::empty({chunks, D}, options);
-  if (need_inputs && chunks == 0) grad_inputs.zero_();
+  if (ranges.rows == 0) {  // no thread runs: nothing to sum
+    partial_weight.zero_();
+    partial_gamma.zero_();
+    partial_beta.zero_();
+  }
   AT_DISPATCH_FLOATING_TYPES(inputs.scalar_type(), "polyline_layer_backward", [&] {
     auto kernel = D == 64 ? backward_kernel<scalar_t, 64> : backward_kernel<scalar_t, 0>;
     kernel(grad_nodes ? grad_nodes->data_ptr<scalar_t>() : nullptr, grad_pooled.data_ptr<scalar_t>(),
