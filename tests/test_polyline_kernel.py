@@ -119,7 +119,8 @@ def test_a_kernel_that_cannot_be_built_falls_back_with_one_warning(monkeypatch):
 
 def test_polylines_without_rows_and_ranges_that_do_not_tile_the_rows():
     """Polylines of no rows pool to 0 and add nothing to any gradient (float64, against PyTorch's operations
-    on the other polylines' rows); ranges that skip or overrun rows are refused before any row is read."""
+    on the other polylines' rows); ranges that skip or overrun rows, or pool two polylines into one row, are
+    refused before any row is read."""
     generator = torch.Generator().manual_seed(2)
     lengths = torch.tensor([3] * 16 + [0] * 16 + [2])
     starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
@@ -144,8 +145,10 @@ def test_polylines_without_rows_and_ranges_that_do_not_tile_the_rows():
     for leaf, theirs in zip(leaves, (inputs, weight, per_polyline, gamma, beta)):
         torch.testing.assert_close(leaf.grad, theirs.grad, atol=1e-11, rtol=1e-11)
 
-    for bad_starts, message in ((starts + 1, "do not follow"), (starts[:-1], "one length")):
+    twice = torch.cat([dest[:-1], dest[:1]])  # the last polyline pooled into the first one's row
+    for bad, message in (((starts + 1, lengths, dest), "do not follow"), ((starts[:-1], lengths, dest), "one length"),
+                         ((starts, lengths, twice), "pools into row 0 as an earlier polyline does")):  # fmt: skip
         with pytest.raises(RuntimeError, match=message):
-            polyline_kernel.PolylineLayer.apply(*tensors, (bad_starts, lengths, dest), 1e-5, False)
+            polyline_kernel.PolylineLayer.apply(*tensors, bad, 1e-5, False)
     with pytest.raises(RuntimeError, match="the polylines hold 50 rows, the inputs 51"):
         polyline_kernel.PolylineLayer.apply(torch.cat([tensors[0], tensors[0][:1]]), *tensors[1:], (starts, lengths, dest), 1e-5, False)  # fmt: skip

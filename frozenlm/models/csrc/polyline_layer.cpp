@@ -217,8 +217,7 @@ void backward_kernel(const T* __restrict__ grad_nodes, const T* __restrict__ gra
       for (int64_t c = 0; c < D; ++c) { pg[c] = 0; pb[c] = 0; }
       for (int64_t p = k * kChunk; p < ranges.chunk_end(k); ++p) {
         const int64_t start = ranges.starts[p], n = ranges.lengths[p], q = ranges.dest[p];
-        T* __restrict__ grad_add = grad_per_polyline ? grad_per_polyline + q * D : nullptr;
-        if (grad_add) for (int64_t c = 0; c < D; ++c) grad_add[c] = 0;
+        T* __restrict__ grad_add = grad_per_polyline ? grad_per_polyline + q * D : nullptr;  // zeroed by the caller
         const T* __restrict__ gp = grad_pooled + q * D;
         const T* __restrict__ best = pooled + q * D;
         const int32_t* __restrict__ arg = argmax + q * D;
@@ -274,7 +273,8 @@ void backward_kernel(const T* __restrict__ grad_nodes, const T* __restrict__ gra
 }
 
 // The polylines' ranges, checked to tile the rows in order (polyline p's rows right after p - 1's, the last
-// ending at the last row) and to pool into rows below pooled_rows: every row and pooled row read is in bounds.
+// ending at the last row) and to pool into distinct rows below pooled_rows: every row and pooled row read is in
+// bounds, and no two threads write one pooled row.
 Ranges check(const torch::Tensor& inputs, const torch::Tensor& starts, const torch::Tensor& lengths,
              const torch::Tensor& dest, int64_t pooled_rows) {
   TORCH_CHECK(inputs.device().is_cpu() && inputs.dim() == 2 && inputs.is_contiguous(),
@@ -286,9 +286,12 @@ Ranges check(const torch::Tensor& inputs, const torch::Tensor& starts, const tor
   const Ranges ranges{starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), dest.data_ptr<int64_t>(),
                       starts.numel(), inputs.size(0)};
   int64_t row = 0;
+  std::vector<bool> taken(pooled_rows);
   for (int64_t p = 0; p < ranges.polylines; ++p) {
     TORCH_CHECK(ranges.starts[p] == row && ranges.lengths[p] >= 0, "polyline ", p, "'s rows do not follow the previous polyline's");
     TORCH_CHECK(ranges.dest[p] >= 0 && ranges.dest[p] < pooled_rows, "polyline ", p, " pools outside the pooled rows");
+    TORCH_CHECK(!taken[ranges.dest[p]], "polyline ", p, " pools into row ", ranges.dest[p], " as an earlier polyline does");
+    taken[ranges.dest[p]] = true;
     row += ranges.lengths[p];
   }
   TORCH_CHECK(row == ranges.rows, "the polylines hold ", row, " rows, the inputs ", ranges.rows);
