@@ -68,7 +68,7 @@ def test_the_fused_layer_gives_the_same_bits_on_one_and_two_threads(keep_nodes):
     ranges = polyline_ranges(shapes, torch.device("cpu"))
     rows, polylines = int(ranges[1].sum()), len(ranges[0])
     generator = torch.Generator().manual_seed(1)
-    shapes = ((rows, 64), (64, 64), (polylines, 64), (64,), (64,))
+    shapes = ((rows, 64), (64, 128), (64,), (polylines, 64), (64,), (64,))  # the nodes, [nodes, previous max]'s Linear
     inputs = [torch.randn(*s, generator=generator) for s in shapes]
     grads = torch.randn(rows, 64, generator=generator), torch.randn(polylines, 64, generator=generator)
     results, threads = [], torch.get_num_threads()
@@ -117,16 +117,27 @@ def test_a_kernel_that_cannot_be_built_falls_back_with_one_warning(monkeypatch):
     assert not polyline_kernel.usable(torch.zeros(1))
 
 
+def reference_layer(inputs, weight, bias, previous, gamma, beta, lengths, dest, eps=1e-5):
+    """PyTorch's operations for `PolylineLayer` with `previous` (and the pooled max as a scatter_reduce)."""
+    width = weight.shape[0]
+    owner = torch.repeat_interleave(dest, lengths)
+    nodes = torch.relu(torch.nn.functional.layer_norm(torch.cat([inputs, previous[owner]], -1) @ weight.T + bias, (width,), gamma, beta, eps))  # fmt: skip
+    index = owner[:, None].expand(-1, width)
+    return torch.zeros(len(lengths), width, dtype=inputs.dtype).scatter_reduce(0, index, nodes, "amax", include_self=False)  # fmt: skip
+
+
 def test_polylines_without_rows_and_ranges_that_do_not_tile_the_rows():
-    """Polylines of no rows pool to 0 and add nothing to any gradient (float64, against PyTorch's operations
-    on the other polylines' rows); ranges that skip or overrun rows, or pool two polylines into one row, are
+    """Polylines of no rows pool to 0 and add nothing to any gradient but their previous pooled row's (float64,
+    against PyTorch's operations on the other polylines' rows, pooled rows in another order than the polylines);
+    ranges that skip or overrun rows, or pool two polylines into one row, and tensors of the wrong shape are
     refused before any row is read."""
     generator = torch.Generator().manual_seed(2)
     lengths = torch.tensor([3] * 16 + [0] * 16 + [2])
     starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
-    dest = torch.arange(len(lengths))
-    rows, width = int(lengths.sum()), 8
-    tensors = [torch.randn(*s, generator=generator, dtype=torch.float64) for s in ((rows, 5), (width, 5), (len(lengths), width), (width,), (width,))]  # fmt: skip
+    dest = torch.randperm(len(lengths), generator=generator)
+    rows, width, previous = int(lengths.sum()), 8, 4
+    sizes = ((rows, 5), (width, 5 + previous), (width,), (len(lengths), previous), (width,), (width,))
+    tensors = [torch.randn(*s, generator=generator, dtype=torch.float64) for s in sizes]
     leaves = [t.clone().requires_grad_() for t in tensors]
     pooled = polyline_kernel.PolylineLayer.apply(*leaves, (starts, lengths, dest), 1e-5, False)[1]
     weights = torch.randn(pooled.shape, generator=generator, dtype=torch.float64)
@@ -134,21 +145,133 @@ def test_polylines_without_rows_and_ranges_that_do_not_tile_the_rows():
         torch.full((size,), float("nan"), dtype=torch.float64)
     (pooled * weights).sum().backward()
 
-    inputs, weight, per_polyline, gamma, beta = [t.clone().requires_grad_() for t in tensors]
-    owner = torch.repeat_interleave(dest, lengths)
-    nodes = torch.relu(torch.nn.functional.layer_norm(inputs @ weight.T + per_polyline[owner], (width,), gamma, beta, 1e-5))  # fmt: skip
-    index = owner[:, None].expand(-1, width)
-    expected = torch.zeros(len(lengths), width, dtype=torch.float64).scatter_reduce(0, index, nodes, "amax", include_self=False)  # fmt: skip
+    theirs = [t.clone().requires_grad_() for t in tensors]
+    expected = reference_layer(*theirs, lengths, dest)
     (expected * weights).sum().backward()
     torch.testing.assert_close(pooled, expected, atol=1e-12, rtol=0)
-    assert pooled[16:32].abs().max() == 0
-    for leaf, theirs in zip(leaves, (inputs, weight, per_polyline, gamma, beta)):
-        torch.testing.assert_close(leaf.grad, theirs.grad, atol=1e-11, rtol=1e-11)
+    assert pooled[dest[16:32]].abs().max() == 0
+    for leaf, their in zip(leaves, theirs):
+        torch.testing.assert_close(leaf.grad, their.grad, atol=1e-11, rtol=1e-11)
 
     twice = torch.cat([dest[:-1], dest[:1]])  # the last polyline pooled into the first one's row
     for bad, message in (((starts + 1, lengths, dest), "do not follow"), ((starts[:-1], lengths, dest), "one length"),
-                         ((starts, lengths, twice), "pools into row 0 as an earlier polyline does")):  # fmt: skip
+                         ((starts, lengths, twice), f"pools into row {int(dest[0])} as an earlier polyline does"),
+                         ((starts, lengths, dest + 1), "pools outside the pooled rows")):  # fmt: skip
         with pytest.raises(RuntimeError, match=message):
             polyline_kernel.PolylineLayer.apply(*tensors, bad, 1e-5, False)
     with pytest.raises(RuntimeError, match="the polylines hold 50 rows, the inputs 51"):
         polyline_kernel.PolylineLayer.apply(torch.cat([tensors[0], tensors[0][:1]]), *tensors[1:], (starts, lengths, dest), 1e-5, False)  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"weight_t must be a contiguous \[K \+ W, D\] tensor"):
+        polyline_kernel.PolylineLayer.apply(tensors[0], *tensors[1:3], tensors[3][:, :2], *tensors[4:], (starts, lengths, dest), 1e-5, False)  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"previous must be a contiguous \[polylines, W\] tensor"):
+        polyline_kernel.PolylineLayer.apply(*tensors[:3], tensors[3][1:], *tensors[4:], (starts, lengths, dest), 1e-5, False)  # fmt: skip
+
+
+def test_a_scene_of_empty_polylines_only():
+    """All polylines without rows (no row to split among threads): every pooled row 0 and every gradient
+    written, the previous pooled rows' too (float64, against PyTorch's operations)."""
+    lengths = torch.zeros(40, dtype=torch.long)
+    starts, dest = torch.zeros(40, dtype=torch.long), torch.arange(40).flip(0)
+    generator = torch.Generator().manual_seed(3)
+    sizes = ((0, 5), (8, 5 + 4), (8,), (40, 4), (8,), (8,))
+    tensors = [torch.randn(*s, generator=generator, dtype=torch.float64) for s in sizes]
+    for size in range(8, 2049, 8):  # NaN garbage where the outputs and partial sums will be allocated
+        torch.full((size,), float("nan"), dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    pooled = polyline_kernel.PolylineLayer.apply(*leaves, (starts, lengths, dest), 1e-5, False)[1]
+    weights = torch.randn(pooled.shape, generator=generator, dtype=torch.float64)
+    (pooled * weights).sum().backward()
+    assert pooled.abs().max() == 0
+    theirs = [t.clone().requires_grad_() for t in tensors]
+    (reference_layer(*theirs, lengths, dest) * weights).sum().backward()
+    for leaf, their in zip(leaves, theirs):
+        torch.testing.assert_close(leaf.grad, their.grad, atol=0, rtol=0)
+
+
+def test_the_rows_and_identifiers_in_one_pass_are_pytorchs(monkeypatch):
+    """`polyline_rows` and `polyline_identifiers` (one C++ pass each) give exactly what PyTorch's operations give:
+    the padded rows, ranges and real polylines of `forward_groups`, and `VectorNet.identifiers` (a NaN start
+    coordinate included); vectors that need a gradient take PyTorch's rows and still the fused layers."""
+    from frozenlm.models.vectornet import padded_rows
+
+    groups = random_groups(torch.float32, seed=4)
+    groups[1][0][1, 2, 1, 0] = float("nan")  # a real vector's start x
+    wide = [torch.cat([vectors, torch.randn(*vectors.shape[:3], 1)], dim=-1) for vectors, _ in groups]
+    groups = [(w[..., :-1], mask) for w, (_, mask) in zip(wide, groups)]  # views, as the collated batch's
+    assert not groups[0][0].is_contiguous()
+    assert groups[1][1][1, 2, 1]
+    shapes = tuple(tuple(mask.shape) for _, mask in groups)
+    assert polyline_kernel.takes_groups(groups)
+    rows, ranges, real = polyline_kernel.polyline_rows(groups)
+    torch.testing.assert_close(rows, padded_rows(groups), rtol=0, atol=0, equal_nan=True)  # NaN copied alike
+    assert all(torch.equal(a, b) for a, b in zip(ranges, polyline_ranges(shapes, torch.device("cpu"))))
+    assert torch.equal(real, torch.cat([mask.any(dim=2) for _, mask in groups], dim=1))
+    ours = polyline_kernel.polyline_identifiers(groups)
+    monkeypatch.setenv("FROZENLM_CPU_KERNELS", "0")
+    theirs = VectorNet.identifiers(groups)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+    assert ours[1, 5 + 2, 0].isnan() and ours.isnan().sum() == 1
+    monkeypatch.setenv("FROZENLM_CPU_KERNELS", "1")
+
+    leaves = [(vectors.clone().requires_grad_(), mask) for vectors, mask in random_groups(torch.float64)]
+    assert not polyline_kernel.takes_groups(leaves)
+    net = VectorNet(VECTOR_DIM, hidden=8).double()
+    fused = net.polyline_features(leaves)
+    fused.sum().backward()
+    grads = [vectors.grad.clone() for vectors, _ in leaves]
+    monkeypatch.setenv("FROZENLM_CPU_KERNELS", "0")
+    for vectors, _ in leaves:
+        vectors.grad = None
+    plain = net.polyline_features(leaves)
+    plain.sum().backward()
+    torch.testing.assert_close(fused, plain, atol=1e-12, rtol=0)
+    for ours, (vectors, _) in zip(grads, leaves):
+        torch.testing.assert_close(ours, vectors.grad, atol=1e-11, rtol=1e-11)
+
+
+def test_the_paper_global_graph_in_one_pass_is_pytorchs(monkeypatch):
+    """The global graph's attention in C++ (`PolylineAttention`, a scene at a time) against PyTorch's
+    operations in float64: outputs and the gradients of the nodes and of P_Q, P_K, P_V, with padded polylines,
+    a scene of real ones only and a scene without any (0, finite gradients); float32 bits the same on 1 and 2
+    threads."""
+    from frozenlm.models.vectornet import PaperGlobalGraph
+
+    torch.manual_seed(5)
+    graph = PaperGlobalGraph(16).double()
+    mask = torch.rand(4, 7) < 0.6
+    mask[0], mask[1], mask[2, 0] = True, False, True
+    nodes = torch.randn(4, 7, 16, dtype=torch.float64)
+    weights = torch.randn(4, 7, 16, dtype=torch.float64)
+
+    def run(fused: bool):
+        monkeypatch.setenv("FROZENLM_CPU_KERNELS", "1" if fused else "0")
+        graph.zero_grad(set_to_none=True)
+        leaf = nodes.clone().requires_grad_()
+        out = graph(leaf, mask)
+        (out * weights).sum().backward()
+        return out.detach(), [leaf.grad] + [p.grad for p in graph.parameters()]
+
+    calls = []
+    apply = polyline_kernel.PolylineAttention.apply
+    monkeypatch.setattr(polyline_kernel.PolylineAttention, "apply", lambda *args: calls.append(1) or apply(*args))
+    ours, our_grads = run(True)
+    theirs, their_grads = run(False)
+    assert calls == [1]  # the C++ attention ran once, in the first run only
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
+    assert ours[1].abs().max() == 0 and all(g.isfinite().all() for g in our_grads)
+    for a, b in zip(our_grads, their_grads):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
+
+    monkeypatch.setenv("FROZENLM_CPU_KERNELS", "1")
+    qkv = torch.randn(64, 56, 3 * 128)
+    results, threads = [], torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            leaf = qkv.clone().requires_grad_()
+            out = polyline_kernel.PolylineAttention.apply(leaf, torch.arange(56) < torch.arange(64)[:, None])
+            out.backward(torch.ones_like(out))
+            results.append((out, leaf.grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))

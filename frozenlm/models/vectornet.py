@@ -58,16 +58,19 @@ class PolylineSubgraph(nn.Module):
         V_g, hidden]` (`PolylineMaxPool`). On a CPU, each layer (matmul, per-polyline row added,
         LayerNorm, ReLU, max-pool) is one fused C++ pass forward and one backward
         ([`polyline_kernel`][frozenlm.models.polyline_kernel]; PyTorch's operations where it cannot be
-        built). Padded vector slots hold a copy of their polyline's first real vector (`fill_padding`), which changes no max-pool, so no layer masks. A layer's input
+        built). Padded vector slots hold a copy of their polyline's first real vector (`padded_rows`), which changes no max-pool, so no layer masks. A layer's input
         `[nodes, max(nodes)]` is never built: its Linear splits into the nodes' half, a matmul over the
         rows, and the max's half, a matmul once per polyline added to each of its rows (the same function,
         a third fewer FLOPs). The last layer's output, `[nodes, max(nodes)]`, max-pools to `[max(nodes),
         max(nodes)]`, taken as that."""
         shapes = tuple(tuple(mask.shape) for _, mask in groups)
-        x = torch.cat([fill_padding(vectors, mask).reshape(-1, vectors.shape[-1]) for vectors, mask in groups])
+        if polyline_kernel.takes_groups(groups):  # on a CPU: the rows in one C++ pass, each layer in one
+            return self._fused_layers(*polyline_kernel.polyline_rows(groups))
+        x = padded_rows(groups)
         ranges = polyline_ranges(shapes, x.device)
-        if polyline_kernel.usable(x):  # on a CPU: each layer one C++ pass (matmul, add, LayerNorm, ReLU, max-pool)
-            return self._fused_layers(x, ranges, shapes, groups)
+        real = torch.cat([mask.any(dim=2) for _, mask in groups], dim=1)
+        if polyline_kernel.usable(x):  # vectors that need a gradient: each layer one C++ pass
+            return self._fused_layers(x, ranges, real)
         owner = torch.repeat_interleave(ranges[2], ranges[1])  # each row's polyline
         pooled = None
         for linear, norm, _ in self.layers:
@@ -79,28 +82,20 @@ class PolylineSubgraph(nn.Module):
                 h = torch.addmm(per_polyline.index_select(0, owner), nodes, linear.weight[:, :width].t())
             nodes = torch.relu_(norm(h))
             pooled = PolylineMaxPool.apply(nodes, shapes)
-        return self._features(pooled, groups)
+        return self._features(pooled, real)
 
-    def _fused_layers(self, x: Tensor, ranges: tuple[Tensor, Tensor, Tensor], shapes, groups: list[PolylineGroup]) -> Tensor:
-        """`forward_groups` through [`polyline_kernel`][frozenlm.models.polyline_kernel]: the same function,
-        the first layer's bias as every polyline's row."""
-        inputs, pooled, batch = x, None, shapes[0][0]
+    def _fused_layers(self, x: Tensor, ranges: tuple[Tensor, Tensor, Tensor], real: Tensor) -> Tensor:
+        """`forward_groups` through [`polyline_kernel`][frozenlm.models.polyline_kernel]: the same function, each
+        layer's whole Linear (the nodes' half over the rows, the max's half and the bias once per polyline) in it."""
+        inputs, pooled = x, None
         for index, (linear, norm, _) in enumerate(self.layers):
-            if pooled is None:
-                weight, per_polyline = linear.weight, linear.bias.expand(len(ranges[2]), -1)
-            else:
-                width = pooled.shape[-1]
-                weight = linear.weight[:, :width]
-                per_polyline = F.linear(pooled.reshape(-1, width), linear.weight[:, width:], linear.bias)
             keep_nodes = index < len(self.layers) - 1
-            inputs, pooled = polyline_kernel.PolylineLayer.apply(inputs, weight, per_polyline, norm.weight, norm.bias, ranges, norm.eps, keep_nodes)  # fmt: skip
-            pooled = pooled.view(batch, -1, pooled.shape[-1])
-        return self._features(pooled, groups)
+            inputs, pooled = polyline_kernel.PolylineLayer.apply(inputs, linear.weight, linear.bias, pooled, norm.weight, norm.bias, ranges, norm.eps, keep_nodes)  # fmt: skip
+        return polyline_kernel.PolylineFeatures.apply(pooled, real.reshape(-1), 1e-12).view(*real.shape, -1)
 
     @staticmethod
-    def _features(pooled: Tensor, groups: list[PolylineGroup]) -> Tensor:
-        """The last layer's max-pool `[B, N, hidden]` -> the polyline features (0 for empty polylines)."""
-        real = torch.cat([mask.any(dim=2) for _, mask in groups], dim=1)
+    def _features(pooled: Tensor, real: Tensor) -> Tensor:
+        """The last layer's max-pool `[B, N, hidden]` -> the polyline features (0 for the polylines not `real`)."""
         pooled = torch.where(real[..., None], pooled, 0.0)
         return F.normalize(torch.cat([pooled, pooled], dim=-1), dim=-1)
 
@@ -120,14 +115,22 @@ def polyline_ranges(shapes: tuple[tuple[int, int, int], ...], device: torch.devi
     return torch.cat(starts), torch.cat(lengths), torch.cat(dest)
 
 
-def fill_padding(vectors: Tensor, vector_mask: Tensor) -> Tensor:
-    """`vectors [B, N, V, C]` with each padded slot holding a copy of its polyline's first real vector
-    (zeros for an empty polyline)."""
-    first = vector_mask.to(torch.uint8).argmax(dim=2, keepdim=True)  # the first real slot (0 if none)
-    slots = torch.arange(vector_mask.shape[2], device=vector_mask.device)
-    index = torch.where(vector_mask, slots, first)
-    filled = vectors.gather(2, index[..., None].expand_as(vectors))
-    return filled.masked_fill(~vector_mask.any(dim=2)[..., None, None], 0.0)
+def padded_rows(groups: list[PolylineGroup]) -> Tensor:
+    """The groups' vectors as the rows `[sum B N_g V_g, C]` of the subgraph, in order, each padded slot holding a
+    copy of its polyline's first real vector (zeros for every slot of an empty polyline): one `index_select`
+    over the vectors and a zero row."""
+    flat, index, rows = [], [], 0
+    for vectors, mask in groups:
+        b, n, v, c = vectors.shape
+        first = mask.to(torch.uint8).argmax(dim=2, keepdim=True)  # the first real slot (0 if none)
+        slot = torch.where(mask, torch.arange(v, device=mask.device), first)
+        source = slot + (torch.arange(b * n, device=mask.device) * v + rows).view(b, n, 1)
+        index.append(source.masked_fill(~mask.any(dim=2, keepdim=True), -1).reshape(-1))  # -1: the zero row
+        flat.append(vectors.reshape(-1, c))
+        rows += b * n * v
+    flat.append(groups[0][0].new_zeros(1, groups[0][0].shape[-1]))
+    index = torch.cat(index)
+    return torch.cat(flat).index_select(0, torch.where(index < 0, rows, index))
 
 
 class PolylineMaxPool(torch.autograd.Function):
@@ -137,7 +140,7 @@ class PolylineMaxPool(torch.autograd.Function):
     Its backward fills one gradient tensor, the max's gradient added at one maximal row per polyline and
     channel (the index `max_pool1d` returns), as `torch.max`'s backward does per group. Splitting it
     evenly among equal maxima instead (`amax`'s) gives the parameters the same gradient here: maxima tie
-    only between copies of a vector (`fill_padding`), whose activations are the same, or at 0, where the
+    only between copies of a vector (`padded_rows`), whose activations are the same, or at 0, where the
     ReLU before passes no gradient."""
 
     @staticmethod
@@ -182,12 +185,16 @@ class PaperGlobalGraph(nn.Module):
         self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
 
     def forward(self, nodes: Tensor, polyline_mask: Tensor) -> Tensor:
-        # P_Q, P_K and P_V as one matmul (the three Linears' weights stacked), the attention as two batched
-        # matmuls around a masked softmax: at VectorNet's tens of tokens faster on a CPU than three matmuls
-        # and PyTorch's fused attention kernel (whose forward and backward took 6 % of the training step)
+        # P_Q, P_K and P_V as one matmul (the three Linears' weights stacked), the attention on a CPU a scene at
+        # a time in C++ (`polyline_kernel.PolylineAttention`), elsewhere two batched matmuls around a masked
+        # softmax: at VectorNet's tens of tokens faster on a CPU than three matmuls and PyTorch's fused
+        # attention kernel (whose forward and backward took 6 % of the training step)
         weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
         bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        query, key, value = F.linear(nodes, weight, bias).chunk(3, dim=-1)
+        qkv = F.linear(nodes, weight, bias)
+        if polyline_kernel.usable(qkv) and polyline_mask.dtype == torch.bool:  # on a CPU: a scene at a time in C++
+            return polyline_kernel.PolylineAttention.apply(qkv, polyline_mask)
+        query, key, value = qkv.chunk(3, dim=-1)
         scores = (query @ key.transpose(1, 2)).masked_fill(~polyline_mask[:, None, :], float("-inf"))
         # a scene without a real polyline attends to nothing (0, as scaled_dot_product_attention gives), its
         # softmax's NaN kept out of the output and, through masked_fill's backward, out of the gradients
@@ -231,12 +238,18 @@ class VectorNet(nn.Module):
     @staticmethod
     def identifiers(groups: list[PolylineGroup]) -> Tensor:
         """`[B, N, 2]`: the minimum start coordinates of each polyline's real vectors (0 for padding)."""
+        if polyline_kernel.takes_groups(groups):  # one C++ pass, where these operations take about twenty
+            return polyline_kernel.polyline_identifiers(groups)
         starts = [masked_max(-vectors[..., :2], mask).neg() for vectors, mask in groups]
         return torch.cat(starts, dim=1)
 
     def interact(self, features: Tensor, identifiers: Tensor, polyline_mask: Tensor) -> Tensor:
         """The global graph over polyline `features` plus their embedded `identifiers`."""
-        tokens = self.global_graph(features + self.identifier(identifiers), polyline_mask)
+        # the identifiers' Linear as addmm of its weight transposed into a row-major copy: its gradient is then
+        # identifiers^T [2, B N] x grad [B N, dim], where F.linear's backward takes grad^T [dim, B N] x
+        # identifiers [B N, 2], a shape MKL runs about 6x slower
+        embedded = torch.addmm(self.identifier.bias, identifiers.reshape(-1, 2), self.identifier.weight.t().contiguous())
+        tokens = self.global_graph(features + embedded.view_as(features), polyline_mask)
         return tokens.masked_fill(~polyline_mask[..., None], 0.0)
 
     def forward(self, groups: list[PolylineGroup], polyline_mask: Tensor) -> Tensor:
