@@ -275,3 +275,20 @@ def test_the_paper_global_graph_in_one_pass_is_pytorchs(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_a_batch_without_polylines_and_a_nan_feature(monkeypatch):
+    """No polyline at all gives PyTorch's empty `[B, 0, 2 * hidden]`; a NaN in a polyline's last max-pool gives
+    NaN features and a NaN gradient, as `F.normalize`'s."""
+    net = VectorNet(VECTOR_DIM, hidden=8)
+    groups = [(torch.randn(2, 0, 5, VECTOR_DIM), torch.zeros(2, 0, 5, dtype=torch.bool))]
+    assert net.polyline_features(groups).shape == (2, 0, 16)
+    pooled = torch.tensor([[float("nan"), 1.0, 2.0], [3.0, 0.0, 4.0]], dtype=torch.float64, requires_grad=True)
+    features = polyline_kernel.PolylineFeatures.apply(pooled, torch.tensor([True, True]), 1e-12)
+    features.sum().backward()
+    theirs = pooled.detach().clone().requires_grad_()
+    expected = torch.nn.functional.normalize(torch.cat([theirs, theirs], dim=-1), dim=-1)
+    expected.sum().backward()
+    torch.testing.assert_close(features, expected, equal_nan=True)
+    torch.testing.assert_close(pooled.grad, theirs.grad, equal_nan=True)
+    assert pooled.grad[0].isnan().all()

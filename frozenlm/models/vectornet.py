@@ -91,7 +91,7 @@ class PolylineSubgraph(nn.Module):
         for index, (linear, norm, _) in enumerate(self.layers):
             keep_nodes = index < len(self.layers) - 1
             inputs, pooled = polyline_kernel.PolylineLayer.apply(inputs, linear.weight, linear.bias, pooled, norm.weight, norm.bias, ranges, norm.eps, keep_nodes)  # fmt: skip
-        return polyline_kernel.PolylineFeatures.apply(pooled, real.reshape(-1), 1e-12).view(*real.shape, -1)
+        return polyline_kernel.PolylineFeatures.apply(pooled, real.reshape(-1), 1e-12).view(*real.shape, 2 * pooled.shape[-1])
 
     @staticmethod
     def _features(pooled: Tensor, real: Tensor) -> Tensor:

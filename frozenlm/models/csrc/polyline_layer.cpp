@@ -686,7 +686,7 @@ torch::Tensor features_backward(torch::Tensor grad, torch::Tensor pooled, torch:
       scalar_t squares = 0, dot = 0;
       for (int64_t c = 0; c < D; ++c) { squares += v[c] * v[c]; dot += (gp[c] + gp[D + c]) * v[c]; }
       const scalar_t norm = std::sqrt(2 * squares);
-      if (norm > static_cast<scalar_t>(eps)) {  // d/dv of [v, v] / |[v, v]|
+      if (!(norm <= static_cast<scalar_t>(eps))) {  // d/dv of [v, v] / |[v, v]| (NaN passes, as PyTorch's)
         for (int64_t c = 0; c < D; ++c) out[c] = (gp[c] + gp[D + c]) / norm - v[c] * (2 * dot / (norm * norm * norm));
       } else {
         for (int64_t c = 0; c < D; ++c) out[c] = (gp[c] + gp[D + c]) / static_cast<scalar_t>(eps);
