@@ -37,6 +37,7 @@ from frozenlm.models.config import FromHParams
 
 
 PolylineGroup = tuple[Tensor, Tensor]  # (vectors [B, N, V, C], vector_mask [B, N, V])
+FEATURE_EPS = 1e-12  # the polyline features' normalisation (F.normalize's default), in both of the subgraph's paths
 
 
 class PolylineSubgraph(nn.Module):
@@ -91,13 +92,14 @@ class PolylineSubgraph(nn.Module):
         for index, (linear, norm, _) in enumerate(self.layers):
             keep_nodes = index < len(self.layers) - 1
             inputs, pooled = polyline_kernel.PolylineLayer.apply(inputs, linear.weight, linear.bias, pooled, norm.weight, norm.bias, ranges, norm.eps, keep_nodes)  # fmt: skip
-        return polyline_kernel.PolylineFeatures.apply(pooled, real.reshape(-1), 1e-12).view(*real.shape, 2 * pooled.shape[-1])
+        features = polyline_kernel.PolylineFeatures.apply(pooled, real.reshape(-1), FEATURE_EPS)
+        return features.view(*real.shape, 2 * pooled.shape[-1])
 
     @staticmethod
     def _features(pooled: Tensor, real: Tensor) -> Tensor:
         """The last layer's max-pool `[B, N, hidden]` -> the polyline features (0 for the polylines not `real`)."""
         pooled = torch.where(real[..., None], pooled, 0.0)
-        return F.normalize(torch.cat([pooled, pooled], dim=-1), dim=-1)
+        return F.normalize(torch.cat([pooled, pooled], dim=-1), dim=-1, eps=FEATURE_EPS)
 
 
 def polyline_ranges(shapes: tuple[tuple[int, int, int], ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
